@@ -1,0 +1,388 @@
+"""The `rankfold` command line: fills a config and calls the pipeline. Heavy imports are lazy so
+`rankfold --help` answers at once; every RankfoldError becomes one line and exit code 1."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Compress trained CNNs with low-rank tensor decompositions; export and validate ONNX.",
+)
+
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="resnet20|32|44|56|110, digits-cnn, torchvision:NAME, or path/to/file.py:factory"
+    ),
+]
+WeightsOpt = Annotated[
+    Path | None, typer.Option("--weights", "-w", help="Checkpoint (.pt/.th state dict) to load.")
+]
+ShapeOpt = Annotated[
+    str | None, typer.Option("--input-shape", help="C,H,W for models without a known input shape.")
+]
+LeafOpt = Annotated[
+    list[str] | None, typer.Option("--leaf", help="Module name to keep whole when tracing.")
+]
+
+
+def _friendly(func):
+    """Turn rankfold's typed errors into one line on stderr and exit code 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from rankfold.passes.errors import RankfoldError
+
+        try:
+            return func(*args, **kwargs)
+        except RankfoldError as exc:
+            typer.secho(f"error: {exc}", fg="red", err=True)
+            raise typer.Exit(code=1) from None
+        except KeyboardInterrupt:
+            typer.secho("interrupted; files already written are complete", fg="yellow", err=True)
+            raise typer.Exit(code=130) from None
+
+    return wrapper
+
+
+def _shape(text: str | None) -> tuple[int, int, int] | None:
+    from rankfold.passes.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        c, h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(
+            f"--input-shape '{text}' must be three integers C,H,W, e.g. 3,32,32"
+        ) from None
+    return c, h, w
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    from rankfold.passes.errors import ConfigError
+
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} '{text}' must be comma-separated integers, e.g. 1,8") from None
+
+
+def _rank_value(text: str) -> int | float | list[int]:
+    from rankfold.passes.errors import ConfigError
+
+    try:
+        if "," in text:
+            return [int(v) for v in text.split(",")]
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        raise ConfigError(
+            f"rank '{text}' must be an integer, a ratio like 0.25, or integers like 32,16"
+        ) from None
+
+
+@app.command()
+@_friendly
+def analyze(
+    model: ModelArg,
+    weights: WeightsOpt = None,
+    input_shape: ShapeOpt = None,
+    leaf: LeafOpt = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the table as JSON.")
+    ] = None,
+) -> None:
+    """Per-layer table: shapes, parameters and MACs on the traced shapes."""
+    import torch
+    from rich.table import Table
+
+    from rankfold.converter.ui import console
+    from rankfold.models import load_model
+    from rankfold.passes import analyze as analyze_layers
+    from rankfold.passes import trace
+    from rankfold.runtime.files import atomic_write_json
+
+    net, spec = load_model(model, weights, _shape(input_shape))
+    result = analyze_layers(trace(net, torch.zeros(1, *spec.input_shape), leaf or []))
+    table = Table(title=f"{model}: {result.total_params:,} params, {result.total_macs:,} MACs")
+    for column in ("layer", "type", "input", "output", "kernel", "params", "MACs", "share"):
+        table.add_column(
+            column, justify="right" if column in ("params", "MACs", "share") else "left"
+        )
+    for layer in result.layers:
+        table.add_row(
+            layer.name,
+            layer.type,
+            "×".join(map(str, layer.in_shape)),
+            "×".join(map(str, layer.out_shape)),
+            "×".join(map(str, layer.kernel_size)),
+            f"{layer.params:,}",
+            f"{layer.macs:,}",
+            f"{layer.macs / max(result.total_macs, 1):.1%}",
+        )
+    console.print(table)
+    if json_out is not None:
+        atomic_write_json(
+            json_out,
+            {
+                "model": model,
+                "params": result.total_params,
+                "macs": result.total_macs,
+                "layers": [layer.to_dict() for layer in result.layers],
+            },
+        )
+
+
+@app.command()
+@_friendly
+def compress(
+    model: ModelArg,
+    method: Annotated[
+        str | None, typer.Option(help="svd, tucker2, cp (see `rankfold methods`).")
+    ] = None,
+    macs_reduction: Annotated[
+        float | None, typer.Option(help="Whole-model MAC reduction target, e.g. 2.")
+    ] = None,
+    params_reduction: Annotated[
+        float | None, typer.Option(help="Whole-model parameter reduction target.")
+    ] = None,
+    rank: Annotated[
+        str | None, typer.Option(help="Rank for every layer: 16, a ratio 0.25, or 32,16.")
+    ] = None,
+    layer_rank: Annotated[
+        list[str] | None,
+        typer.Option("--layer-rank", help="NAME_OR_GLOB=RANK per-layer override (repeatable)."),
+    ] = None,
+    skip: Annotated[
+        list[str] | None,
+        typer.Option(help="Layer name, glob, parent or type (Linear, Conv2d) to keep."),
+    ] = None,
+    weights: WeightsOpt = None,
+    input_shape: ShapeOpt = None,
+    leaf: LeafOpt = None,
+    plan: Annotated[Path | None, typer.Option(help="Replay a saved plan.json.")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="YAML/JSON config; options override it.")
+    ] = None,
+    eval_data: Annotated[
+        Path | None, typer.Option(help=".npz (x uint8 N×C×H×W, y) or ImageFolder directory.")
+    ] = None,
+    eval_limit: Annotated[
+        int | None, typer.Option(help="Use the first N evaluation samples.")
+    ] = None,
+    train_data: Annotated[
+        Path | None, typer.Option(help="Training data, reserved for recalibration/fine-tuning.")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out"),
+    provider: Annotated[str | None, typer.Option(help="onnxruntime provider: cpu or cuda.")] = None,
+    batch: Annotated[str | None, typer.Option(help="Latency batch sizes, e.g. 1,8.")] = None,
+    no_latency: Annotated[
+        bool, typer.Option("--no-latency", help="Skip latency measurement.")
+    ] = False,
+    seed: Annotated[int | None, typer.Option(help="Seed for factorizations.")] = None,
+) -> None:
+    """Decompose MODEL, export original and compressed ONNX, validate, and write a report."""
+    from rankfold.converter.config import build_config, load_config_file, merge
+    from rankfold.converter.pipeline import run_compress
+    from rankfold.passes.errors import ConfigError
+
+    if train_data is not None:
+        raise ConfigError(
+            "--train-data is reserved for BatchNorm recalibration and fine-tuning, which this "
+            "version does not run yet; leave it out"
+        )
+    overrides: dict[str, Any] = {}
+    for item in layer_rank or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--layer-rank '{item}' must look like NAME_OR_GLOB=RANK")
+        overrides[key] = {"rank": _rank_value(value)}
+    cli: dict[str, Any] = {
+        "model": model,
+        "weights": weights,
+        "input_shape": _shape(input_shape),
+        "leaf_modules": leaf or None,
+        "plan": plan,
+        "eval_data": eval_data,
+        "eval_limit": eval_limit,
+        "seed": seed,
+        "ranks": {
+            "method": method,
+            "macs_reduction": macs_reduction,
+            "params_reduction": params_reduction,
+            "rank": None if rank is None else _rank_value(rank),
+            "layers": overrides or None,
+            "skip": skip or None,
+        },
+        "latency": {
+            "provider": provider,
+            "batch": None if batch is None else _int_list(batch, "--batch"),
+            "enabled": False if no_latency else None,
+        },
+    }
+    base = load_config_file(config) if config is not None else {}
+    settings = build_config(merge(base, cli), source=str(config) if config else "options")
+    result = run_compress(settings, out)
+    _print_summary(result.report, out)
+
+
+def _print_summary(report: dict[str, Any], out: Path) -> None:
+    from rich.table import Table
+
+    from rankfold.converter.ui import console
+
+    table = Table(title=f"{report['model']} — {report['method']}")
+    table.add_column("layer")
+    table.add_column("method")
+    table.add_column("rank")
+    table.add_column("MACs", justify="right")
+    table.add_column("rel. error", justify="right")
+    table.add_column("status / reason")
+    for row in report["layers"]:
+        table.add_row(
+            row["name"],
+            row["method"] or "-",
+            "×".join(map(str, row["rank"] or [])) or "-",
+            f"{row['original_macs']:,} → {row['macs']:,}",
+            "-" if row["rel_error"] is None else f"{row['rel_error']:.3f}",
+            row["reason"] if row["status"] == "skipped" else row["status"],
+        )
+    console.print(table)
+    acc = lambda v: "n/a" if v is None else f"{v:.2%}"  # noqa: E731
+    lines = [
+        f"MACs {report['original']['macs']:,} → {report['compressed']['macs']:,} "
+        f"({report['macs_reduction']:.2f}×), params {report['params_reduction']:.2f}× fewer",
+        f"accuracy: original {acc(report['original']['accuracy'])}, decomposed "
+        f"{acc(report['compressed']['accuracy_decomposed'])}, ONNX {acc(report['onnx']['accuracy'])}",
+        f"ONNX parity: max abs diff {report['onnx']['max_abs_diff']:.2e} "
+        f"(tolerance {report['onnx']['atol']:.0e})",
+    ]
+    if report["latency"]:
+        for row in report["latency"]["per_batch"]:
+            lines.append(
+                f"latency ({report['latency']['provider']}, batch {row['batch']}): "
+                f"{row['original_ms']:.2f} ms → {row['compressed_ms']:.2f} ms "
+                f"({row['speedup']:.2f}× faster)"
+            )
+    lines.append(
+        f"wrote {out}/: model.onnx original.onnx plan.json model.pt report.json layers.png"
+    )
+    for line in lines:
+        console.print(line)
+
+
+@app.command()
+@_friendly
+def validate(
+    onnx_path: Annotated[Path, typer.Argument(help="model.onnx to check.")],
+    eval_data: Annotated[Path | None, typer.Option(help="Data to measure accuracy on.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Model name for preprocessing (default: from model.pt beside)."),
+    ] = None,
+    eval_limit: Annotated[int | None, typer.Option(help="Use the first N samples.")] = None,
+    provider: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    atol: Annotated[float, typer.Option(help="Parity tolerance.")] = 1e-4,
+) -> None:
+    """Check an exported model: ONNX checker, parity with the PyTorch model beside it, accuracy."""
+    from rankfold.converter.ui import console
+    from rankfold.converter.validation import validate_export
+
+    result = validate_export(onnx_path, eval_data, model, eval_limit, provider, atol)
+    for key, value in result.items():
+        console.print(f"{key}: {value}")
+    if result.get("parity_passed") is False:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+@_friendly
+def bench(
+    onnx_path: Annotated[Path, typer.Argument(help="Compressed model.onnx.")],
+    baseline: Annotated[Path, typer.Option(help="Original model's ONNX to compare against.")],
+    batch: Annotated[str, typer.Option(help="Batch sizes, e.g. 1,8.")] = "1",
+    provider: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    warmup: Annotated[int, typer.Option(help="Untimed runs per batch size.")] = 5,
+    repeats: Annotated[int, typer.Option(help="Timed runs per batch size (median).")] = 30,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the table as JSON.")
+    ] = None,
+) -> None:
+    """Latency of the compressed vs the original ONNX model, measured side by side."""
+    from rich.table import Table
+
+    from rankfold.converter.ui import console, progress_bar
+    from rankfold.converter.validation import onnx_input_shape
+    from rankfold.runtime import compare_latency
+    from rankfold.runtime.files import atomic_write_json
+
+    sizes = _int_list(batch, "--batch")
+    shape = onnx_input_shape(onnx_path)
+    with progress_bar("latency", total=len(sizes) * 2 * (warmup + repeats)) as advance:
+        rows = compare_latency(
+            baseline,
+            onnx_path,
+            shape,
+            sizes,
+            provider=provider,
+            warmup=warmup,
+            repeats=repeats,
+            progress=lambda _: advance(),
+        )
+    table = Table(title=f"{onnx_path} vs {baseline} ({provider})")
+    for column in ("batch", "original ms", "compressed ms", "speedup"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(
+            str(row.batch),
+            f"{row.original_ms:.3f}",
+            f"{row.compressed_ms:.3f}",
+            f"{row.speedup:.2f}×",
+        )
+    console.print(table)
+    if json_out is not None:
+        atomic_write_json(json_out, {"provider": provider, "rows": [r.to_dict() for r in rows]})
+    sys.stdout.write(json.dumps([r.to_dict() for r in rows]) + "\n")
+
+
+@app.command()
+@_friendly
+def methods() -> None:
+    """List the decomposition methods."""
+    from rankfold.converter.ui import console
+    from rankfold.passes import METHODS
+
+    for name, method in METHODS.items():
+        doc = (type(method).__doc__ or "").strip().splitlines()[0]
+        console.print(f"[bold]{name}[/bold] ({', '.join(method.rank_names)}): {doc}")
+
+
+@app.command()
+@_friendly
+def demo(
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out/demo"),
+    epochs: Annotated[int, typer.Option(help="Training epochs for the digits CNN.")] = 8,
+    method: Annotated[str, typer.Option(help="Decomposition method.")] = "tucker2",
+    macs_reduction: Annotated[float, typer.Option(help="MAC reduction target.")] = 2.0,
+) -> None:
+    """Offline demo: train a small CNN on scikit-learn's digits, compress, export, validate."""
+    from rankfold.converter.demo import run_demo
+
+    report = run_demo(out, epochs=epochs, method=method, macs_reduction=macs_reduction)
+    _print_summary(report, out)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Typed, strict configuration: unknown keys are errors with a did-you-mean, loadable from YAML/JSON.
+
+The CLI only fills a `CompressConfig` and hands it to the pipeline; a YAML file can hold the same
+settings (`rankfold compress --config run.yaml`), with command-line options taking precedence.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from rankfold.passes.errors import ConfigError
+from rankfold.passes.plan import RankPolicy
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ExportConfig(_Strict):
+    opset: int = Field(default=18, ge=18)  # torch's ONNX exporter emits opset 18 and later
+    atol: float = Field(default=1e-4, gt=0)
+    parity_samples: int = Field(default=64, ge=1)
+
+
+class LatencyConfig(_Strict):
+    enabled: bool = True
+    provider: Literal["cpu", "cuda"] = "cpu"
+    batch: list[int] = Field(default_factory=lambda: [1])
+    warmup: int = Field(default=5, ge=0)
+    repeats: int = Field(default=30, ge=1)
+    threads: int | None = Field(default=None, ge=1)
+
+    @field_validator("batch")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if not value or any(b < 1 for b in value):
+            raise ValueError("batch sizes must be integers ≥ 1")
+        return value
+
+
+class CompressConfig(_Strict):
+    """Everything one `rankfold compress` run needs."""
+
+    model: str
+    weights: Path | None = None
+    input_shape: tuple[int, int, int] | None = None
+    leaf_modules: list[str] = Field(default_factory=list)
+    ranks: RankPolicy = Field(default_factory=RankPolicy)
+    plan: Path | None = None
+    eval_data: Path | None = None
+    eval_limit: int | None = Field(default=None, ge=1)
+    train_data: Path | None = None
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    latency: LatencyConfig = Field(default_factory=LatencyConfig)
+    seed: int = 0
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names valid at a location like ('ranks', 'layers', 'conv1')."""
+    current: Any = model
+    for part in loc[:-1]:
+        if (
+            isinstance(current, type)
+            and issubclass(current, BaseModel)
+            and part in current.model_fields
+        ):
+            annotation = current.model_fields[part].annotation
+            args = getattr(annotation, "__args__", ())
+            current = next(
+                (
+                    a
+                    for a in (annotation, *args)
+                    if isinstance(a, type) and issubclass(a, BaseModel)
+                ),
+                annotation,
+            )
+            if getattr(annotation, "__origin__", None) is dict:
+                current = args[1]
+        elif current is not None and getattr(current, "__origin__", None) is dict:
+            current = current.__args__[1]
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def config_error(exc: ValidationError, model: type[BaseModel], source: str) -> ConfigError:
+    """One line for the first problem, with a did-you-mean for unrecognised keys."""
+    # A misspelt key also shows up as a missing one: report the misspelling.
+    error = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    loc = tuple(error["loc"])
+    where = ".".join(str(p) for p in loc)
+    if error["type"] == "extra_forbidden":
+        valid = _fields_at(model, loc)
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f" — did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+        return ConfigError(f"{source}: unrecognised key '{where}'{hint}")
+    if error["type"] == "missing":
+        return ConfigError(f"{source}: missing required setting '{where}'")
+    message = error["msg"].removeprefix("Value error, ")
+    return ConfigError(f"{source}: invalid value for '{where}': {message}")
+
+
+def build_config(data: dict[str, Any], source: str = "configuration") -> CompressConfig:
+    try:
+        return CompressConfig.model_validate(data)
+    except ValidationError as exc:
+        raise config_error(exc, CompressConfig, source) from None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON mapping (validated later, merged with command-line options)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; pass an existing .yaml or .json file")
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(
+            f"config file {path} cannot be parsed ({first}); fix its syntax"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings at the top level")
+    return data
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Nested merge: command-line values (not None) override the file's."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

@@ -1,0 +1,295 @@
+"""The pipeline: load → trace → analyze → plan → decompose → export → validate → report.
+
+Each arrow is one function from `rankfold.passes` / `rankfold.runtime`; this module only chains
+them. `compress` is the Python API; `CompressionResult.save` exports, validates and writes every
+artefact atomically; `run_compress` is what the CLI calls.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from rankfold.converter.config import CompressConfig
+from rankfold.converter.report import plot_layers
+from rankfold.converter.ui import progress_bar
+from rankfold.models import ArrayDataset, ModelSpec, batches, check_finite, load_dataset, load_model
+from rankfold.models import normalize as normalize_images
+from rankfold.passes import (
+    DecompositionReport,
+    ModelAnalysis,
+    Plan,
+    analyze,
+    decompose,
+    plan_cost,
+    restructure,
+    select_ranks,
+    trace,
+)
+from rankfold.passes.errors import ConfigError, ModelLoadError, OutputError
+from rankfold.runtime import (
+    check_onnx,
+    check_parity,
+    compare_latency,
+    export_onnx,
+    onnx_accuracy,
+    parity_error,
+    resolve_providers,
+    torch_accuracy,
+)
+from rankfold.runtime.files import atomic_path, atomic_write_json
+
+MODEL_FILE_FORMAT = "rankfold-model-1"
+
+
+@dataclass
+class CompressionResult:
+    """The compressed model, how it was made, and what was measured so far."""
+
+    config: CompressConfig
+    spec: ModelSpec | None
+    original: fx.GraphModule
+    compressed: fx.GraphModule
+    analysis: ModelAnalysis
+    plan: Plan
+    decomposition: DecompositionReport
+    example_input: torch.Tensor
+    eval_data: ArrayDataset | None = None
+    accuracy: dict[str, float | None] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, out_dir: str | Path) -> dict[str, Any]:
+        """Write plan.json, model.pt, original.onnx, model.onnx, report.json and layers.png.
+
+        Export, ONNX check, parity, ONNX accuracy and latency happen here. When parity fails the
+        report is still written, then a ValidationError is raised.
+        """
+        out = prepare_output_dir(out_dir)
+        latency_cfg = self.config.latency
+        if latency_cfg.enabled:
+            resolve_providers(latency_cfg.provider)  # an unusable provider fails before any work
+        self.plan.save(out / "plan.json")
+        save_model(self, out / "model.pt")
+        original_onnx, model_onnx = out / "original.onnx", out / "model.onnx"
+        opset = self.config.export.opset
+        export_onnx(self.original, self.example_input, original_onnx, opset=opset)
+        export_onnx(self.compressed, self.example_input, model_onnx, opset=opset)
+        check_onnx(original_onnx)
+        onnx_opset = check_onnx(model_onnx)
+        provider = latency_cfg.provider
+        parity = check_parity(
+            self.compressed,
+            model_onnx,
+            self._parity_inputs(),
+            provider=provider,
+            atol=self.config.export.atol,
+        )
+        onnx_acc = None
+        if self.eval_data is not None and self.spec is not None:
+            onnx_acc = onnx_accuracy(
+                model_onnx, batches(self.eval_data, self.spec), provider=provider
+            )
+        latency = None
+        if latency_cfg.enabled:
+            shape = tuple(self.example_input.shape[1:])
+            runs = len(latency_cfg.batch) * 2 * (latency_cfg.warmup + latency_cfg.repeats)
+            with progress_bar("latency", total=runs) as advance:
+                latency = compare_latency(
+                    original_onnx,
+                    model_onnx,
+                    shape,
+                    latency_cfg.batch,
+                    provider=provider,
+                    warmup=latency_cfg.warmup,
+                    repeats=latency_cfg.repeats,
+                    threads=latency_cfg.threads,
+                    progress=lambda _: advance(),
+                )
+        self.report = build_report(self, model_onnx, onnx_opset, parity, onnx_acc, latency)
+        atomic_write_json(out / "report.json", self.report)
+        plot_layers(
+            self.report["layers"],
+            out / "layers.png",
+            f"{self.config.model}: {self.plan.method}, "
+            f"{self.report['macs_reduction']:.2f}× fewer MACs",
+        )
+        if not parity.passed:
+            raise parity_error(parity)
+        return self.report
+
+    def _parity_inputs(self) -> torch.Tensor:
+        n = self.config.export.parity_samples
+        if self.eval_data is not None and self.spec is not None:
+            return normalize_images(self.eval_data.x[:n], self.spec)
+        generator = torch.Generator().manual_seed(self.config.seed)
+        return torch.randn((n, *self.example_input.shape[1:]), generator=generator)
+
+
+def prepare_output_dir(out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise OutputError(
+            f"output directory {out} is not writable ({exc.strerror}); choose another --out"
+        ) from None
+    return out
+
+
+def compress(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    config: CompressConfig,
+    spec: ModelSpec | None = None,
+) -> CompressionResult:
+    """Trace, plan and decompose `model`; measure accuracy when `config.eval_data` is set.
+
+    `spec` (input shape, classes, mean/std) is needed to read evaluation data.
+    """
+    check_finite(model)
+    model.eval()
+    original = trace(model, example_inputs, config.leaf_modules)
+    analysis = analyze(original)
+    if config.plan is not None:
+        plan = Plan.load(config.plan)
+    else:
+        plan = select_ranks(analysis, config.ranks, model_name=config.model)
+    with progress_bar("decompose", total=len(plan.decomposed())) as advance:
+        compressed, decomposition = decompose(
+            original, analysis, plan, seed=config.seed, progress=advance
+        )
+    compressed.eval()
+    result = CompressionResult(
+        config, spec, original, compressed, analysis, plan, decomposition, example_inputs
+    )
+    if config.eval_data is not None:
+        if spec is None:
+            raise ConfigError("evaluation data needs the model's spec (mean/std); pass spec=")
+        result.eval_data = load_dataset(config.eval_data, spec, limit=config.eval_limit)
+        result.accuracy["original"] = torch_accuracy(original, batches(result.eval_data, spec))
+        result.accuracy["decomposed"] = torch_accuracy(compressed, batches(result.eval_data, spec))
+    return result
+
+
+def run_compress(config: CompressConfig, out_dir: str | Path) -> CompressionResult:
+    """The CLI's `compress`: load the model by name, compress, save, validate."""
+    prepare_output_dir(out_dir)  # an unwritable --out fails before minutes of work
+    model, spec = load_model(config.model, config.weights, config.input_shape)
+    example = torch.zeros(1, *spec.input_shape)
+    result = compress(model, example, config, spec)
+    result.save(out_dir)
+    return result
+
+
+def build_report(
+    result: CompressionResult, model_onnx: Path, opset: int, parity, onnx_acc, latency
+) -> dict[str, Any]:
+    analysis, plan = result.analysis, result.plan
+    cost = plan_cost(analysis, plan)
+    first = latency[0] if latency else None
+    return {
+        "model": result.config.model,
+        "method": plan.method,
+        "target": plan.target,
+        "original": {
+            "params": analysis.total_params,
+            "macs": analysis.total_macs,
+            "accuracy": result.accuracy.get("original"),
+        },
+        "compressed": {
+            "params": cost.params,
+            "macs": cost.macs,
+            "accuracy_decomposed": result.accuracy.get("decomposed"),
+        },
+        "macs_reduction": analysis.total_macs / cost.macs,
+        "params_reduction": analysis.total_params / cost.params,
+        "onnx": {
+            "path": str(model_onnx),
+            "opset": opset,
+            "max_abs_diff": parity.max_abs_diff,
+            "max_rel_diff": parity.max_rel_diff,
+            "atol": parity.atol,
+            "parity_passed": parity.passed,
+            "accuracy": onnx_acc,
+        },
+        "latency": None
+        if first is None
+        else {
+            "provider": result.config.latency.provider,
+            "batch": first.batch,
+            "original_ms": first.original_ms,
+            "compressed_ms": first.compressed_ms,
+            "speedup": first.speedup,
+            "per_batch": [row.to_dict() for row in latency],
+        },
+        "eval_data": None
+        if result.eval_data is None
+        else {"path": str(result.config.eval_data), "samples": len(result.eval_data)},
+        "layers": [row.to_dict() for row in result.decomposition.layers],
+    }
+
+
+def save_model(result: CompressionResult, path: Path) -> Path:
+    """State dict + plan + how to rebuild the architecture (see `restore`)."""
+    payload = {
+        "format": MODEL_FILE_FORMAT,
+        "model": result.config.model,
+        "input_shape": list(result.example_input.shape[1:]),
+        "leaf_modules": list(result.config.leaf_modules),
+        "plan": result.plan.model_dump(),
+        "state_dict": result.compressed.state_dict(),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def restore(path: str | Path, model: nn.Module | None = None) -> fx.GraphModule:
+    """Rebuild a compressed model from `model.pt` (or its folder): architecture + plan + weights.
+
+    `model` is the uncompressed architecture; by default it is rebuilt from the saved model name.
+    """
+    payload = read_model_file(path)
+    input_shape = tuple(payload["input_shape"])
+    if model is None:
+        model, _ = load_model(payload["model"], None, input_shape)
+    example = torch.zeros(1, *input_shape)
+    original = trace(model.eval(), example, payload["leaf_modules"])
+    rebuilt = restructure(original, analyze(original), Plan.model_validate(payload["plan"]))
+    try:
+        rebuilt.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise ModelLoadError(
+            f"{path} does not fit model '{payload['model']}' with its plan "
+            f"({str(exc).splitlines()[0]})"
+        ) from None
+    return rebuilt.eval()
+
+
+def read_model_file(path: str | Path) -> dict[str, Any]:
+    """The payload `save_model` wrote, checked."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.is_file():
+        raise ModelLoadError(
+            f"{path} not found; pass the model.pt (or folder) a compress run wrote"
+        )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelLoadError(f"{path} is not a readable rankfold model ({first})") from None
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FILE_FORMAT:
+        raise ModelLoadError(f"{path} is not a rankfold model file (expected {MODEL_FILE_FORMAT})")
+    return payload
+
+
+__all__ = ["CompressionResult", "compress", "read_model_file", "restore", "run_compress"]

@@ -1,0 +1,31 @@
+"""Console output: rich progress bars and tables, on stderr so stdout stays machine-readable."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+console = Console(stderr=True)
+
+
+@contextmanager
+def progress_bar(description: str, total: int) -> Iterator[Callable[..., None]]:
+    """Yield `advance(label="")`, which moves the bar one step and shows the label."""
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[label]}"),
+        console=console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task(description, total=total, label="")
+
+        def advance(label: object = "") -> None:
+            progress.update(task, advance=1, label=str(label))
+
+        yield advance

@@ -1,0 +1,67 @@
+"""`rankfold validate` and `rankfold bench` helpers for ONNX files made earlier."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from rankfold.models import batches, load_dataset, load_model
+from rankfold.models import normalize as normalize_images
+from rankfold.passes.errors import ConfigError, ExportError
+from rankfold.runtime import check_onnx, check_parity, onnx_accuracy
+
+
+def onnx_input_shape(path: str | Path) -> tuple[int, int, int]:
+    """The (C, H, W) of the model's single input; the batch axis may be dynamic."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path} not found; pass an .onnx file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises several types on a bad file
+        raise ExportError(f"{path} is not a readable ONNX model ({type(exc).__name__})") from None
+    dims = model.graph.input[0].type.tensor_type.shape.dim[1:]
+    if len(dims) != 3 or any(not d.HasField("dim_value") for d in dims):
+        raise ExportError(f"{path} must take one N×C×H×W input with fixed C, H, W")
+    return tuple(int(d.dim_value) for d in dims)
+
+
+def validate_export(
+    onnx_path: Path,
+    eval_data: Path | None,
+    model_name: str | None,
+    eval_limit: int | None,
+    provider: str,
+    atol: float,
+) -> dict[str, Any]:
+    """ONNX full check; parity against the PyTorch model saved beside it; accuracy on data."""
+    from rankfold.converter.pipeline import read_model_file, restore
+
+    result: dict[str, Any] = {"path": str(onnx_path), "opset": check_onnx(onnx_path)}
+    model_file = Path(onnx_path).parent / "model.pt"
+    payload = read_model_file(model_file) if model_file.is_file() else None
+    name = model_name or (payload["model"] if payload else None)
+    spec = load_model(name, None, onnx_input_shape(onnx_path))[1] if name else None
+    data = None
+    if eval_data is not None:
+        if spec is None:
+            raise ConfigError(
+                "accuracy needs the model's preprocessing: pass --model NAME, or keep model.pt "
+                "beside the ONNX file"
+            )
+        data = load_dataset(eval_data, spec, limit=eval_limit)
+        result["samples"] = len(data)
+        result["accuracy"] = onnx_accuracy(onnx_path, batches(data, spec), provider=provider)
+    if payload is not None:
+        compressed = restore(model_file)
+        if data is not None:
+            inputs = normalize_images(data.x[:64], spec)
+        else:
+            shape = tuple(payload["input_shape"])
+            inputs = torch.randn((16, *shape), generator=torch.Generator().manual_seed(0))
+        parity = check_parity(compressed, onnx_path, inputs, provider=provider, atol=atol)
+        result.update(max_abs_diff=parity.max_abs_diff, atol=atol, parity_passed=parity.passed)
+    return result

@@ -1,0 +1,30 @@
+"""torch.fx passes: trace → analyze → select_ranks (a Plan) → decompose (a new GraphModule + report)."""
+
+from rankfold.passes.analysis import LayerInfo, ModelAnalysis, analyze
+from rankfold.passes.decompose import DecompositionReport, LayerReport, decompose, restructure
+from rankfold.passes.errors import RankfoldError
+from rankfold.passes.methods import METHODS, Method, get_method, register_method
+from rankfold.passes.plan import LayerOverride, LayerPlan, Plan, RankPolicy, plan_cost, select_ranks
+from rankfold.passes.tracing import trace
+
+__all__ = [
+    "METHODS",
+    "DecompositionReport",
+    "LayerInfo",
+    "LayerOverride",
+    "LayerPlan",
+    "LayerReport",
+    "Method",
+    "ModelAnalysis",
+    "Plan",
+    "RankPolicy",
+    "RankfoldError",
+    "analyze",
+    "decompose",
+    "get_method",
+    "plan_cost",
+    "register_method",
+    "restructure",
+    "select_ranks",
+    "trace",
+]

@@ -1,0 +1,154 @@
+"""Per-layer analysis of a traced model: shapes, parameters and MACs on the real traced shapes.
+
+MACs (multiply-accumulates) are per sample: a conv costs H_out·W_out·T·(S/groups)·kh·kw, a linear
+layer in·out per position. Model totals count conv and linear layers, the usual convention.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from torch import fx, nn
+
+_CONV_TYPES = (nn.Conv2d,)
+_UNSUPPORTED_TYPES = (
+    nn.Conv1d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One conv/linear call site; shapes exclude the batch dimension."""
+
+    name: str
+    type: str  # "Conv2d" | "Linear" | another conv type (then unsupported)
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    in_features: int  # S (channels or features)
+    out_features: int  # T
+    kernel_size: tuple[int, ...] = (1, 1)
+    stride: tuple[int, ...] = (1, 1)
+    padding: tuple[int, ...] | str = (0, 0)
+    dilation: tuple[int, ...] = (1, 1)
+    groups: int = 1
+    bias: bool = False
+    padding_mode: str = "zeros"
+    calls: int = 1
+
+    @property
+    def is_conv(self) -> bool:
+        return self.type == "Conv2d"
+
+    @property
+    def kernel_area(self) -> int:
+        return math.prod(self.kernel_size)
+
+    @property
+    def in_positions(self) -> int:
+        """Spatial positions (conv) or leading positions (linear) of the input, per sample."""
+        return (
+            math.prod(self.in_shape[:-1]) if self.type == "Linear" else math.prod(self.in_shape[1:])
+        )
+
+    @property
+    def out_positions(self) -> int:
+        return (
+            math.prod(self.out_shape[:-1])
+            if self.type == "Linear"
+            else math.prod(self.out_shape[1:])
+        )
+
+    @property
+    def params(self) -> int:
+        weight = self.out_features * (self.in_features // self.groups) * self.kernel_area
+        return weight + (self.out_features if self.bias else 0)
+
+    @property
+    def macs(self) -> int:
+        per_position = self.out_features * (self.in_features // self.groups) * self.kernel_area
+        return self.out_positions * per_position * self.calls
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "params": self.params, "macs": self.macs}
+
+
+@dataclass(frozen=True)
+class ModelAnalysis:
+    layers: tuple[LayerInfo, ...]
+    total_params: int  # every parameter of the model
+    total_macs: int  # conv + linear MACs
+
+    def layer(self, name: str) -> LayerInfo:
+        for info in self.layers:
+            if info.name == name:
+                return info
+        raise KeyError(name)
+
+
+def _shape(node: fx.Node) -> tuple[int, ...]:
+    meta = node.meta.get("tensor_meta")
+    if meta is None:
+        raise ValueError(
+            f"node {node.name} has no shape; trace the model with rankfold.passes.trace"
+        )
+    return tuple(int(d) for d in meta.shape[1:])
+
+
+def _dims(value: int | tuple[int, ...], n: int) -> tuple[int, ...]:
+    return (value,) * n if isinstance(value, int) else tuple(int(v) for v in value)
+
+
+def analyze(gm: fx.GraphModule) -> ModelAnalysis:
+    """One LayerInfo per conv/linear module called in the graph (shapes from `trace`)."""
+    calls: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if isinstance(module, (nn.Linear, *_CONV_TYPES, *_UNSUPPORTED_TYPES)):
+                calls.setdefault(node.target, []).append(node)
+    layers = []
+    for name, nodes in calls.items():
+        module = gm.get_submodule(name)
+        node = nodes[0]
+        in_shape, out_shape = _shape(node.args[0]), _shape(node)
+        if isinstance(module, nn.Linear):
+            info = LayerInfo(
+                name,
+                "Linear",
+                in_shape,
+                out_shape,
+                module.in_features,
+                module.out_features,
+                bias=module.bias is not None,
+                calls=len(nodes),
+            )
+        else:
+            n = len(module.kernel_size)
+            padding = (
+                module.padding if isinstance(module.padding, str) else _dims(module.padding, n)
+            )
+            info = LayerInfo(
+                name,
+                type(module).__name__,
+                in_shape,
+                out_shape,
+                module.in_channels,
+                module.out_channels,
+                kernel_size=_dims(module.kernel_size, n),
+                stride=_dims(module.stride, n),
+                padding=padding,
+                dilation=_dims(module.dilation, n),
+                groups=module.groups,
+                bias=module.bias is not None,
+                padding_mode=module.padding_mode,
+                calls=len(nodes),
+            )
+        layers.append(info)
+    total_params = sum(p.numel() for p in gm.parameters())
+    total_macs = sum(info.macs for info in layers)
+    return ModelAnalysis(tuple(layers), total_params, total_macs)

@@ -1,0 +1,151 @@
+"""Graph surgery: swap each planned layer for its factorized block at the same dotted name.
+
+The input GraphModule is never changed: the pass deep-copies it (as torch.fx's `fuse(inplace=False)`
+does), fills each block from the original weights, and returns the new module with a per-layer
+report. `restructure` builds the same blocks without factorizing, so a saved state dict can be
+loaded into them (that is how a compressed model is restored from its plan).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from torch import fx, nn
+
+from rankfold.passes.analysis import LayerInfo, ModelAnalysis
+from rankfold.passes.errors import DecompositionError
+from rankfold.passes.methods import FactorizedBlock, get_method
+from rankfold.passes.plan import LayerPlan, Plan
+
+
+@dataclass
+class LayerReport:
+    name: str
+    type: str
+    method: str | None
+    rank: list[int] | None
+    params: int  # after the pass (the original's when skipped)
+    macs: int
+    original_params: int
+    original_macs: int
+    rel_error: float | None
+    status: str  # "decomposed" | "skipped"
+    reason: str
+    seconds: float = 0.0
+    extras: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        row = asdict(self)
+        row.update(row.pop("extras"))
+        return row
+
+
+@dataclass
+class DecompositionReport:
+    layers: list[LayerReport]
+
+    def by_name(self) -> dict[str, LayerReport]:
+        return {row.name: row for row in self.layers}
+
+
+def _replace(gm: fx.GraphModule, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(gm.get_submodule(parent_name) if parent_name else gm, child, module)
+
+
+def _checked_layer(gm: fx.GraphModule, analysis: ModelAnalysis, entry: LayerPlan) -> LayerInfo:
+    try:
+        layer = analysis.layer(entry.name)
+        module = gm.get_submodule(entry.name)
+    except (KeyError, AttributeError):
+        raise DecompositionError(
+            f"plan names layer '{entry.name}', which this model does not have; "
+            "make the plan with this model"
+        ) from None
+    if type(module).__name__ != entry.type:
+        raise DecompositionError(
+            f"plan expects '{entry.name}' to be {entry.type} but the model has "
+            f"{type(module).__name__}; make the plan with this model"
+        )
+    return layer
+
+
+def restructure(gm: fx.GraphModule, analysis: ModelAnalysis, plan: Plan) -> fx.GraphModule:
+    """A copy of `gm` with every planned layer replaced by an unfilled block of the planned shape."""
+    new = copy.deepcopy(gm)
+    for entry in plan.decomposed():
+        layer = _checked_layer(new, analysis, entry)
+        _replace(new, entry.name, get_method(entry.method).build(layer, tuple(entry.ranks)))
+    new.recompile()
+    return new
+
+
+def decompose(
+    gm: fx.GraphModule,
+    analysis: ModelAnalysis,
+    plan: Plan,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[fx.GraphModule, DecompositionReport]:
+    """Apply `plan` to a copy of `gm`; returns the new module and one report row per layer."""
+    new = copy.deepcopy(gm)
+    rows = []
+    for entry in plan.layers:
+        layer = _checked_layer(new, analysis, entry)
+        if not entry.decompose:
+            rows.append(
+                LayerReport(
+                    entry.name,
+                    entry.type,
+                    None,
+                    None,
+                    layer.params,
+                    layer.macs,
+                    layer.params,
+                    layer.macs,
+                    None,
+                    "skipped",
+                    entry.reason,
+                )
+            )
+            continue
+        method = get_method(entry.method)
+        ranks = tuple(entry.ranks)
+        original_module = new.get_submodule(entry.name)
+        start = time.perf_counter()
+        block: FactorizedBlock = method.build(layer, ranks)
+        block.to(original_module.weight.device, original_module.weight.dtype)
+        try:
+            filled = method.fill(block, original_module, seed)
+        except (ValueError, ArithmeticError, RuntimeError) as exc:
+            raise DecompositionError(
+                f"pass decompose failed on layer '{entry.name}' ({method.name}, ranks {list(ranks)}): "
+                f"{str(exc).splitlines()[0]}; try other ranks or skip the layer"
+            ) from None
+        _replace(new, entry.name, block)
+        cost = method.cost(layer, ranks)
+        rows.append(
+            LayerReport(
+                entry.name,
+                entry.type,
+                method.name,
+                list(ranks),
+                cost.params,
+                cost.macs,
+                layer.params,
+                layer.macs,
+                filled.rel_error,
+                "decomposed",
+                entry.reason,
+                seconds=time.perf_counter() - start,
+                extras=filled.extras,
+            )
+        )
+        if progress is not None:
+            progress(entry.name)
+    new.recompile()
+    new.graph.lint()
+    return new, DecompositionReport(rows)

@@ -1,0 +1,80 @@
+"""Trace a model with torch.fx and record every node's output shape.
+
+An untraceable model gets a TraceError naming the innermost module being traced when tracing broke,
+and the fix (mark it a leaf, or remove data-dependent Python control flow from it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from rankfold.passes.errors import TraceError
+
+
+class _RecordingTracer(fx.Tracer):
+    """fx tracer that remembers which module it is inside, and treats named modules as leaves."""
+
+    def __init__(self, leaf_modules: Sequence[str] = ()) -> None:
+        super().__init__()
+        self.leaf_modules = set(leaf_modules)
+        self.failed_in: tuple[str, str] | None = None  # innermost (name, type) that raised
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self.leaf_modules or super().is_leaf_module(
+            m, module_qualified_name
+        )
+
+    def call_module(self, m, forward, args, kwargs):  # noqa: ANN001 (fx's signature)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = (self.path_of_module(m), type(m).__name__)
+            raise
+
+
+def trace(
+    model: nn.Module, example_input: torch.Tensor, leaf_modules: Sequence[str] = ()
+) -> fx.GraphModule:
+    """Symbolically trace `model` and run shape propagation on `example_input`.
+
+    Every node gets `node.meta["tensor_meta"]` (shape, dtype). The returned GraphModule shares its
+    submodules with `model`; passes deep-copy before they change anything.
+    """
+    tracer = _RecordingTracer(leaf_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # fx raises many types; all mean "cannot trace here"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if tracer.failed_in is None:
+            raise TraceError(
+                f"torch.fx cannot trace {type(model).__name__}.forward: {reason}; remove "
+                "data-dependent Python control flow from it, or move it into a submodule marked a leaf"
+            ) from None
+        name, kind = tracer.failed_in
+        raise TraceError(
+            f"torch.fx cannot trace module '{name}' ({kind}): {reason}; mark it a leaf "
+            f"(--leaf {name}) so it is kept whole, or remove data-dependent Python control flow"
+        ) from None
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example_input)
+    except Exception as exc:
+        root = exc
+        while root.__cause__ is not None:  # ShapeProp wraps the real error in a node dump
+            root = root.__cause__
+        reason = str(root).splitlines()[0] if str(root) else type(root).__name__
+        raise TraceError(
+            f"the traced model fails on an input of shape {tuple(example_input.shape)}: {reason}; "
+            "check the model's input shape (--input-shape)"
+        ) from None
+    finally:
+        gm.train(was_training)
+    return gm

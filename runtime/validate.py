@@ -1,0 +1,162 @@
+"""Compare an exported ONNX model with its PyTorch source: output parity and top-1 accuracy."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from rankfold.passes.errors import ConfigError, DataError, ValidationError
+from rankfold.runtime.export import eval_mode
+from rankfold.runtime.providers import create_session, single_input_name
+
+# Guards the relative difference against all-zero reference outputs.
+_TINY = float(np.finfo(np.float32).tiny)
+
+
+@dataclass
+class ParityReport:
+    """Largest output differences between onnxruntime and PyTorch over `n_samples` inputs."""
+
+    max_abs_diff: float
+    max_rel_diff: float
+    atol: float
+    n_samples: int
+    passed: bool
+
+    def to_dict(self) -> dict[str, float | int | bool | None]:
+        """Plain dict; non-finite diffs (NaN/inf outputs) become None, as strict JSON has no inf."""
+        return {
+            key: (None if isinstance(value, float) and not math.isfinite(value) else value)
+            for key, value in asdict(self).items()
+        }
+
+
+def check_parity(
+    module: nn.Module,
+    onnx_path: str | Path,
+    inputs: torch.Tensor,
+    provider: str = "cpu",
+    atol: float = 1e-4,
+    batch_size: int = 64,
+) -> ParityReport:
+    """Run `inputs` through both models and report the differences.
+
+    Never raises on a mismatch: the caller decides, e.g. with `parity_error`.
+    max_rel_diff = max|a - b| / max|a| with a the PyTorch output.
+    """
+    if inputs.dim() < 1 or len(inputs) == 0:
+        raise DataError("no inputs to compare ONNX and PyTorch on; pass at least one sample")
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}; pass a positive batch size")
+    session = create_session(onnx_path, provider)
+    name = single_input_name(session, onnx_path)
+    device = _device_of(module)
+    max_abs = 0.0
+    max_ref = 0.0
+    finite = True
+    with eval_mode(module), torch.no_grad():
+        for chunk in inputs.float().split(batch_size):
+            expected = _logits(module(chunk.to(device)))
+            actual = session.run(None, {name: chunk.cpu().numpy()})[0]
+            if actual.shape != expected.shape:
+                raise ValidationError(
+                    f"ONNX output shape {tuple(actual.shape)} differs from PyTorch "
+                    f"{tuple(expected.shape)}; {onnx_path} was not exported from this model, "
+                    "re-export it"
+                )
+            if not (np.isfinite(expected).all() and np.isfinite(actual).all()):
+                finite = False
+                continue
+            max_abs = max(max_abs, float(np.max(np.abs(actual - expected))))
+            max_ref = max(max_ref, float(np.max(np.abs(expected))))
+    if not finite:
+        max_abs = math.inf
+    max_rel = max_abs / max(max_ref, _TINY)
+    return ParityReport(
+        max_abs_diff=max_abs,
+        max_rel_diff=max_rel,
+        atol=atol,
+        n_samples=len(inputs),
+        passed=finite and max_abs <= atol,
+    )
+
+
+def parity_error(report: ParityReport) -> ValidationError:
+    """The one-line error for a failed parity check."""
+    if report.passed:
+        raise ValueError("parity_error needs a failed ParityReport; this one passed")
+    if not math.isfinite(report.max_abs_diff):
+        return ValidationError(
+            f"ONNX or PyTorch output has NaN/inf on {report.n_samples} inputs; check the weights "
+            "and inputs are finite and re-export the model"
+        )
+    return ValidationError(
+        f"ONNX output differs from PyTorch: max abs diff {report.max_abs_diff:.1e} > tolerance "
+        f"{_short(report.atol)} on {report.n_samples} inputs "
+        f"(max rel diff {report.max_rel_diff:.1e}); "
+        "a rel diff near 1e-6 is float32 rounding (raise --atol), a larger one means an op was "
+        "exported wrongly (re-export with another opset or report the model)"
+    )
+
+
+def onnx_accuracy(
+    onnx_path: str | Path,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    provider: str = "cpu",
+) -> float:
+    """Top-1 accuracy (fraction in [0, 1]) of the ONNX model on labelled batches."""
+    session = create_session(onnx_path, provider)
+    name = single_input_name(session, onnx_path)
+    correct = 0
+    total = 0
+    for x, y in batches:
+        logits = session.run(None, {name: x.float().cpu().numpy()})[0]
+        correct += int((logits.argmax(axis=1) == y.cpu().numpy()).sum())
+        total += len(y)
+    return _fraction(correct, total)
+
+
+def torch_accuracy(
+    module: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> float:
+    """Top-1 accuracy (fraction in [0, 1]) of `module` in eval mode on labelled batches."""
+    device = _device_of(module)
+    correct = 0
+    total = 0
+    with eval_mode(module), torch.no_grad():
+        for x, y in batches:
+            predictions = _logits(module(x.float().to(device))).argmax(axis=1)
+            correct += int((predictions == y.cpu().numpy()).sum())
+            total += len(y)
+    return _fraction(correct, total)
+
+
+def _logits(output: object) -> np.ndarray:
+    if not isinstance(output, torch.Tensor):
+        raise ValidationError(
+            f"the model's forward returns {type(output).__name__}, not one logits tensor; wrap "
+            "the model so forward returns only the logits"
+        )
+    return output.detach().float().cpu().numpy()
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    parameter = next(module.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _short(value: float) -> str:
+    """1e-04 rather than 1.0e-04, but 2.5e-04 kept whole."""
+    return f"{value:.1e}".replace(".0e", "e")
+
+
+def _fraction(correct: int, total: int) -> float:
+    if total == 0:
+        raise DataError("no labelled samples to score; the data set is empty")
+    return correct / total
