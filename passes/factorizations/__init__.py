@@ -1,0 +1,18 @@
+"""Factorizations as pure functions on weight tensors (float64 NumPy in, small result objects out).
+
+Nothing here knows about torch.nn or graphs; `rankfold.passes.blocks` builds layers from the results.
+"""
+
+from rankfold.passes.factorizations.cp import CPFactors, cp_als, cp_sensitivity
+from rankfold.passes.factorizations.svd import SVDFactors, truncated_svd
+from rankfold.passes.factorizations.tucker import Tucker2Factors, tucker2
+
+__all__ = [
+    "CPFactors",
+    "SVDFactors",
+    "Tucker2Factors",
+    "cp_als",
+    "cp_sensitivity",
+    "truncated_svd",
+    "tucker2",
+]
