@@ -137,8 +137,9 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     for key, value in overrides.items():
         if value is None:
             continue
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
+        if isinstance(value, dict):
+            current = merged.get(key)
+            merged[key] = merge(current if isinstance(current, dict) else {}, value)
         else:
             merged[key] = value
     return merged

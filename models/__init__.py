@@ -1,0 +1,43 @@
+"""Models (CIFAR ResNets, torchvision, the digits demo, user files), checkpoints and datasets."""
+
+from rankfold.models.checkpoint import check_finite, load_weights, read_state_dict, sha256_file
+from rankfold.models.data import (
+    ArrayDataset,
+    batches,
+    data_dir,
+    load_dataset,
+    normalize,
+    read_idx,
+    shared_file,
+)
+from rankfold.models.digits import (
+    DIGITS_SPEC,
+    DigitsCNN,
+    digits_splits,
+    train_digits_cnn,
+)
+from rankfold.models.spec import ModelSpec
+from rankfold.models.zoo import SHARED_CHECKPOINTS, list_models, load_model, register_model
+
+__all__ = [
+    "DIGITS_SPEC",
+    "SHARED_CHECKPOINTS",
+    "ArrayDataset",
+    "DigitsCNN",
+    "ModelSpec",
+    "batches",
+    "check_finite",
+    "data_dir",
+    "digits_splits",
+    "list_models",
+    "load_dataset",
+    "load_model",
+    "load_weights",
+    "normalize",
+    "read_idx",
+    "read_state_dict",
+    "register_model",
+    "sha256_file",
+    "shared_file",
+    "train_digits_cnn",
+]

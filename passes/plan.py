@@ -226,7 +226,7 @@ def select_ranks(analysis: ModelAnalysis, policy: RankPolicy, model_name: str = 
                 LayerPlan(
                     name=layer.name,
                     type=layer.type,
-                    reason=f"skipped: {share:.2%} of the model's MACs is below min_macs_share "
+                    reason=f"skipped: {share:.2%} of MACs < min_macs_share "
                     f"{policy.min_macs_share:.2%}",
                 )
             )

@@ -4,11 +4,23 @@ Nothing here knows about torch.nn or graphs; `rankfold.passes.blocks` builds lay
 """
 
 from rankfold.passes.factorizations.cp import CPFactors, cp_als, cp_sensitivity
+from rankfold.passes.factorizations.epc import (
+    EPCResult,
+    Tucker2CPFactors,
+    cp_epc,
+    max_cp_rank,
+    tucker2_cp,
+)
 from rankfold.passes.factorizations.svd import SVDFactors, truncated_svd
 from rankfold.passes.factorizations.tucker import Tucker2Factors, tucker2
 
 __all__ = [
     "CPFactors",
+    "EPCResult",
+    "Tucker2CPFactors",
+    "cp_epc",
+    "max_cp_rank",
+    "tucker2_cp",
     "SVDFactors",
     "Tucker2Factors",
     "cp_als",

@@ -75,7 +75,7 @@ def cp_als(tensor: np.ndarray, rank: int, seed: int = 0, n_iter_max: int = 300) 
     return CPFactors(np.asarray(weights), tuple(np.asarray(f) for f in factors))
 
 
-def cp_sensitivity(cp: CPFactors, scale_mode: int | None = None) -> float:
+def cp_sensitivity(cp: CPFactors, scale_mode: int | None = 1) -> float:
     """Expected squared change of the reconstruction per unit Gaussian noise on the factors.
 
     For factor matrices U_n that carry all the scale, i.i.d. N(0, σ²) noise E_n on their entries
@@ -83,11 +83,12 @@ def cp_sensitivity(cp: CPFactors, scale_mode: int | None = None) -> float:
     other factors); the cross terms have zero mean, so E‖ΔK‖²/σ² is exactly
     ss = Σ_n I_n · Σ_r Π_{m≠n} ‖u_{m,r}‖²  (Phan et al., ECCV 2020).
     ss depends on how λ is split among the factors, so it must be evaluated for the split that is
-    perturbed: unit-norm columns and
-      - scale_mode=None: |λ_r|^{1/N} on every factor, the balanced split the layer chain deploys
-        (`blocks.balanced`); ss = (Σ_n I_n) · Σ_r |λ_r|^{2(N−1)/N};
-      - scale_mode=n: all of λ in mode n, the split EPC optimises;
-        ss = I_n·R + (Σ_{m≠n} I_m) · Σ_r λ_r², so minimising Σ λ_r² minimises it.
+    perturbed (Monte-Carlo agrees only then): unit-norm columns and
+      - scale_mode=n (default 1, the T mode of K = S×T×(kh·kw)): all of λ in mode n, the split
+        the issue's formula and EPC assume; ss = I_n·R + (Σ_{m≠n} I_m) · Σ_r λ_r², so
+        minimising Σ λ_r² minimises it;
+      - scale_mode=None: |λ_r|^{1/N} on every factor (a balanced split);
+        ss = (Σ_n I_n) · Σ_r |λ_r|^{2(N−1)/N}, which EPC need not reduce.
     Degenerate CP solutions, with huge cancelling components, have huge sensitivity even when
     their error is small.
     """

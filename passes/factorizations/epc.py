@@ -1,0 +1,304 @@
+"""Stable CP by Error Preserving Correction (EPC), and the hybrid Tucker-2 + CP (TKD-CPD).
+
+Hand-written: no maintained library (tensorly, scipy, TensorLy-Torch) implements EPC, so this
+module codes the published method (Phan et al., "Stable low-rank tensor decomposition for
+compression of convolutional neural network", ECCV 2020) from its math.
+
+Problem.  ALS often returns a *degenerate* CP: a few nearly collinear components with huge,
+cancelling weights. The fit is fine but the factors are extremely sensitive to perturbation
+(`cp.cp_sensitivity`), so the compressed layer chain fine-tunes badly. EPC keeps the ALS error
+δ = ‖K − K_ALS‖ and looks for the most stable model with that error:
+
+    min Σ_r λ_r²   s.t.   ‖K − [[λ; U_1, …, U_N]]‖_F ≤ δ,   unit-norm columns in every U_n.
+
+Update for mode n (derivation).  Normalise all other modes and put the whole scale into
+U = U_n (I_n×R), so Σ λ_r² = ‖U‖_F². With Z the Khatri–Rao product of the other factors,
+G = K_(n) Z (the MTTKRP) and Γ = ZᵀZ (the Hadamard product of the other Grams),
+
+    ‖K_(n) − U Zᵀ‖² = ‖K‖² − 2 tr(UᵀG) + tr(U Γ Uᵀ).
+
+The Lagrangian ‖U‖² + μ(error − τ²) is stationary at U(η) = G (Γ + ηI)⁻¹ with η = 1/μ. With
+Γ = Q diag(γ) Qᵀ, F = G Q and φ_r = ‖F[:, r]‖², U(η) = F diag(1/(γ+η)) Qᵀ and
+
+    ‖U(η)‖² = Σ φ_r / (γ_r + η)²                      (decreasing in η)
+    e(η)    = ‖K‖² − Σ φ_r (γ_r + 2η) / (γ_r + η)²     (increasing in η)
+            = e(0) + Σ (φ_r / γ_r) · (η / (γ_r + η))².
+
+The second form of e(η) has no cancellation, so η is found from it: the largest η with
+e(η) = τ² (Brent's method on log η), where τ² = δ² when the least-squares error e(0) ≤ δ², else
+the current error (the error never grows). The problem is convex, so that U(η) is the
+minimum-norm model within the bound; the old U is feasible, hence Σ λ² never increases. The
+error of every accepted update is recomputed exactly from the residual (not from the formula),
+and an update that would break the bound (or raise Σ λ²) through rounding is shrunk toward
+η = 0 or dropped: in floating point Σ λ² never rises and the error stays ≤ τ²·(1 + 1e-10).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import tensorly as tl
+from scipy.optimize import brentq
+from tensorly.tenalg import khatri_rao
+
+from rankfold.passes.factorizations.cp import CPFactors, cp_als, cp_sensitivity
+from rankfold.passes.factorizations.tucker import tucker2
+
+# Eigenvalues of Γ below this are floored: Γ has a unit diagonal, so this is relative to 1.
+_GAMMA_FLOOR = 1e-10
+# Slack on the error bound for rounding in the exactly recomputed residual.
+_BOUND_RTOL = 1e-10
+
+
+@dataclass(frozen=True)
+class EPCResult:
+    """EPC output and its history (`sum_sq_weights[0]`, `errors[0]` describe the start)."""
+
+    cp: CPFactors  # unit-norm columns, all scale in the weights
+    als: CPFactors  # the starting model
+    rel_error: float
+    als_rel_error: float
+    sensitivity: float
+    sensitivity_before: float
+    sum_sq_weights: tuple[float, ...]  # Σ λ_r² at the start, then after each sweep
+    errors: tuple[float, ...]  # ‖K − model‖_F at the start, then after each sweep
+    n_sweeps: int
+
+
+def max_cp_rank(shape: Sequence[int]) -> int:
+    """min_n Π_{m≠n} I_m: slicing along the largest mode gives an exact CP of that rank."""
+    sizes = [int(s) for s in shape]
+    return min(math.prod(sizes[:n] + sizes[n + 1 :]) for n in range(len(sizes)))
+
+
+def _check_rank(rank: int, shape: tuple[int, ...]) -> None:
+    bound = max_cp_rank(shape)
+    if not 1 <= rank <= bound:
+        raise ValueError(
+            f"CP rank {rank} is outside [1, {bound}] for a tensor of shape {shape} "
+            f"(rank {bound} already fits it exactly); choose a rank from 1 to {bound}"
+        )
+
+
+def _as_tensor(tensor: np.ndarray) -> np.ndarray:
+    array = np.asarray(tensor, dtype=np.float64)
+    if array.ndim < 2:
+        raise ValueError(f"CP needs a tensor with at least 2 modes, got shape {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"tensor of shape {array.shape} contains NaN or inf")
+    return array
+
+
+def _unit_columns(u: np.ndarray, fallback: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(directions, norms) of u's columns; a zero column keeps its previous unit direction."""
+    norms = np.linalg.norm(u, axis=0)
+    alive = norms > 0
+    directions = fallback.copy()
+    directions[:, alive] = u[:, alive] / norms[alive]
+    return directions, norms
+
+
+def _solve_eta(ratio: np.ndarray, gamma: np.ndarray, target: float) -> float:
+    """Largest η ≥ 0 with h(η) = Σ ratio_r (η/(γ_r+η))² ≤ target (h rises from 0 to Σ ratio)."""
+    if target <= 0.0:
+        return 0.0
+
+    def excess(log_eta: float) -> float:
+        share = 1.0 / (1.0 + gamma * math.exp(-log_eta))
+        return float(np.sum(ratio * share * share)) - target
+
+    # Beyond these bounds every share is within e⁻⁴⁰ of 0 or 1, so h is flat to rounding.
+    lo = math.log(float(gamma.min())) - 40.0
+    hi = math.log(float(gamma.max())) + 40.0
+    if excess(lo) >= 0.0:
+        return 0.0
+    if excess(hi) <= 0.0:
+        return math.exp(hi)
+    return math.exp(brentq(excess, lo, hi, xtol=1e-12, maxiter=200))
+
+
+def _residual_sq(unfolded: np.ndarray, u: np.ndarray, z: np.ndarray) -> float:
+    diff = unfolded - u @ z.T
+    return float(np.sum(diff * diff))
+
+
+def _update_mode(
+    unfolded: np.ndarray,
+    z: np.ndarray,
+    gamma_matrix: np.ndarray,
+    direction: np.ndarray,
+    weights: np.ndarray,
+    err_now: float,
+    delta_sq: float,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Minimum-norm update of one mode within the error bound.
+
+    Returns the new (unit directions, weights, exact squared error); the model is returned
+    unchanged when no candidate keeps both the bound and Σ λ² ≤ its current value.
+    """
+    gamma, q = np.linalg.eigh(gamma_matrix)
+    gamma = np.maximum(gamma, _GAMMA_FLOOR)
+    f = (unfolded @ z) @ q
+    phi = np.sum(f * f, axis=0)
+    err_ls = _residual_sq(unfolded, (f / gamma) @ q.T, z)
+    tau_sq = delta_sq if delta_sq >= err_ls else err_now
+    limit = tau_sq * (1.0 + _BOUND_RTOL)
+    sum_now = float(np.sum(weights**2))
+
+    eta = _solve_eta(phi / gamma, gamma, tau_sq - err_ls)
+    # The formula is exact only in exact arithmetic (and for unfloored γ): check the true error
+    # of the renormalised model, and back off toward the least-squares end if rounding pushed it
+    # over the bound.
+    for _ in range(40):
+        new_direction, new_weights = _unit_columns((f / (gamma + eta)) @ q.T, direction)
+        err = _residual_sq(unfolded, new_direction * new_weights, z)
+        if err <= limit and float(np.sum(new_weights**2)) <= sum_now:
+            return new_direction, new_weights, err
+        if eta == 0.0:
+            break
+        eta = eta * 0.25 if eta > 1e-300 else 0.0
+    return direction, weights, err_now
+
+
+def epc(
+    tensor: np.ndarray,
+    init: CPFactors,
+    delta: float | None = None,
+    max_sweeps: int = 300,
+    tol: float = 1e-6,
+    patience: int = 3,
+) -> EPCResult:
+    """EPC from `init`: minimise Σλ² keeping ‖K − model‖ ≤ δ (default: the error of `init`).
+
+    Stops after `patience` consecutive sweeps whose relative change of Σλ² is below `tol`, or
+    after `max_sweeps`.
+    """
+    k = _as_tensor(tensor)
+    if init.shape != k.shape:
+        raise ValueError(f"CP model of shape {init.shape} does not match tensor shape {k.shape}")
+    _check_rank(init.rank, k.shape)
+    if max_sweeps < 0 or patience < 1 or not tol >= 0.0:
+        raise ValueError(
+            f"need max_sweeps ≥ 0, patience ≥ 1, tol ≥ 0; got {max_sweeps}, {patience}, {tol}"
+        )
+    start = init.normalized()
+    directions = [np.array(f, dtype=np.float64) for f in start.factors]
+    for d in directions:
+        # A zero column (weight 0) still needs a unit direction for Γ's unit diagonal.
+        d[0, np.linalg.norm(d, axis=0) == 0] = 1.0
+    # Signs live in the directions so that λ stays ≥ 0.
+    directions[0] = directions[0] * np.where(start.weights < 0, -1.0, 1.0)
+    weights = np.abs(start.weights).astype(np.float64)
+    unfolded = [tl.unfold(k, n) for n in range(k.ndim)]
+    # Every error, this one included, comes from the same residual computation.
+    err_sq = _residual_sq(
+        unfolded[0], directions[0] * weights, khatri_rao(directions, skip_matrix=0)
+    )
+    if delta is None:
+        delta = math.sqrt(err_sq)
+    if not (math.isfinite(delta) and delta >= 0.0):
+        raise ValueError(f"EPC error bound delta must be a finite number ≥ 0, got {delta}")
+    delta_sq = float(delta) ** 2
+
+    sums = [float(np.sum(weights**2))]
+    errors = [math.sqrt(err_sq)]
+    calm = 0
+    sweeps = 0
+    while sweeps < max_sweeps and calm < patience:
+        for n in range(k.ndim):
+            z = khatri_rao(directions, skip_matrix=n)
+            grams = [d.T @ d for m, d in enumerate(directions) if m != n]
+            directions[n], weights, err_sq = _update_mode(
+                unfolded[n],
+                z,
+                np.prod(grams, axis=0),
+                directions[n],
+                weights,
+                err_sq,
+                delta_sq,
+            )
+        sweeps += 1
+        sums.append(float(np.sum(weights**2)))
+        errors.append(math.sqrt(err_sq))
+        change = abs(sums[-2] - sums[-1])
+        calm = calm + 1 if change <= tol * max(sums[-2], 1e-300) else 0
+
+    cp = CPFactors(weights, tuple(directions))
+    return EPCResult(
+        cp=cp,
+        als=init,
+        rel_error=cp.rel_error(k),
+        als_rel_error=init.rel_error(k),
+        sensitivity=cp_sensitivity(cp),
+        sensitivity_before=cp_sensitivity(init),
+        sum_sq_weights=tuple(sums),
+        errors=tuple(errors),
+        n_sweeps=sweeps,
+    )
+
+
+def cp_epc(
+    tensor: np.ndarray, rank: int, seed: int = 0, als_iter: int = 500, **epc_kwargs: object
+) -> EPCResult:
+    """CP by ALS (`cp_als`), then EPC with δ = the ALS error (unless `delta` is passed)."""
+    k = _as_tensor(tensor)
+    _check_rank(rank, k.shape)
+    als = cp_als(k, rank, seed=seed, n_iter_max=als_iter)
+    return epc(k, als, **epc_kwargs)
+
+
+@dataclass(frozen=True)
+class Tucker2CPFactors:
+    """Tucker-2 on the channel modes with an EPC-CP core.
+
+    Layer chain: 1×1 conv S→R_S (in_factorᵀ), 1×1 conv R_S→R (CP mode 0), depthwise kh×kw on R
+    channels (CP mode 2), 1×1 conv R→R_T (CP mode 1 · diag λ), 1×1 conv R_T→T (out_factor).
+    """
+
+    in_factor: np.ndarray  # S×R_S
+    out_factor: np.ndarray  # T×R_T
+    core: EPCResult  # CP of the Tucker core reshaped to R_S×R_T×(kh·kw)
+    kernel_size: tuple[int, int]
+
+    @property
+    def ranks(self) -> tuple[int, int, int]:
+        """(R_T, R_S, R): Tucker output and input ranks, CP rank."""
+        return self.out_factor.shape[1], self.in_factor.shape[1], self.core.cp.rank
+
+    @property
+    def sensitivity(self) -> float:
+        """`cp_sensitivity` of the CP core (orthonormal Tucker factors carry it to W unchanged)."""
+        return self.core.sensitivity
+
+    def reconstruct(self) -> np.ndarray:
+        """The kernel T×S×kh×kw."""
+        r_s, r_t = self.in_factor.shape[1], self.out_factor.shape[1]
+        core = self.core.cp.reconstruct().reshape(r_s, r_t, *self.kernel_size)
+        return np.einsum("bahw,ta,sb->tshw", core, self.out_factor, self.in_factor)
+
+    def rel_error(self, kernel: np.ndarray) -> float:
+        return float(
+            np.linalg.norm(kernel - self.reconstruct()) / max(np.linalg.norm(kernel), 1e-300)
+        )
+
+
+def tucker2_cp(
+    kernel: np.ndarray, rank_out: int, rank_in: int, rank_cp: int, seed: int = 0
+) -> Tucker2CPFactors:
+    """Hybrid TKD-CPD: Tucker-2 (ranks R_T, R_S) of W, then `cp_epc` of the core (R_S×R_T×kh·kw)."""
+    w = np.asarray(kernel, dtype=np.float64)
+    if w.ndim != 4:
+        raise ValueError(f"tucker2_cp expects a conv kernel T×S×kh×kw, got shape {w.shape}")
+    kh, kw = w.shape[2:]
+    _check_rank(rank_cp, (rank_in, rank_out, kh * kw))  # before the Tucker work, not after
+    tucker = tucker2(w, rank_out, rank_in, seed=seed)
+    core = tucker.core.transpose(1, 0, 2, 3).reshape(rank_in, rank_out, kh * kw)
+    return Tucker2CPFactors(
+        in_factor=tucker.in_factor,
+        out_factor=tucker.out_factor,
+        core=cp_epc(core, rank_cp, seed=seed),
+        kernel_size=(kh, kw),
+    )

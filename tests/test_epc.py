@@ -1,0 +1,267 @@
+"""EPC (stable CP), CP sensitivity and the hybrid Tucker-2 + CP: pure math on NumPy tensors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import tensorly as tl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.optimize import minimize
+from tensorly.decomposition import parafac
+from tensorly.tenalg import khatri_rao
+
+from rankfold.passes.factorizations.cp import CPFactors, cp_sensitivity
+from rankfold.passes.factorizations.epc import _update_mode, cp_epc, epc, max_cp_rank, tucker2_cp
+
+BOUND = 1.0 + 1e-6  # allowed relative excess of the error over δ
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=0)
+
+
+def _random_cp(shape: tuple[int, ...], weights: np.ndarray, seed: int) -> CPFactors:
+    rng = np.random.default_rng(seed)
+    factors = tuple(rng.standard_normal((size, len(weights))) for size in shape)
+    return CPFactors(np.asarray(weights, dtype=np.float64), factors)
+
+
+def _split(cp: CPFactors, scale_mode: int | None) -> list[np.ndarray]:
+    """The factor matrices that carry the scale, as `cp_sensitivity` documents the split."""
+    unit = cp.normalized()
+    if scale_mode is not None:
+        return list(unit.absorbed(scale_mode))
+    share = np.abs(unit.weights) ** (1.0 / len(unit.factors))
+    factors = [f * share for f in unit.factors]
+    factors[0] = factors[0] * np.sign(unit.weights)
+    return factors
+
+
+def _monte_carlo_sensitivity(factors: list[np.ndarray], samples: int, seed: int) -> float:
+    """Mean of ‖K(U + σE) − K(U)‖² / σ² over Gaussian E, with σ small enough for first order."""
+    rng = np.random.default_rng(seed)
+    sigma = 1e-6 * min(float(np.abs(f).max()) for f in factors)
+    base = np.einsum("ir,jr,kr->ijk", *factors)
+    noisy = [f + sigma * rng.standard_normal((samples, *f.shape)) for f in factors]
+    change = np.einsum("bir,bjr,bkr->bijk", *noisy) - base
+    return float(np.mean(np.sum(change**2, axis=(1, 2, 3)))) / sigma**2
+
+
+UNBALANCED = CPFactors(
+    np.array([1e-2, 0.7, 3.0, 80.0]),
+    tuple(
+        f * scale
+        for f, scale in zip(_random_cp((6, 5, 4), np.ones(4), seed=3).factors, (1e3, 1.0, 1e-3))
+    ),
+)
+
+
+@pytest.mark.parametrize("scale_mode", [None, 0, 1, 2])
+@pytest.mark.parametrize(
+    "cp",
+    [_random_cp((6, 5, 4), np.array([1.0, 0.8, 1.3]), seed=1), UNBALANCED],
+    ids=["random", "unbalanced"],
+)
+def test_sensitivity_matches_monte_carlo(cp: CPFactors, scale_mode: int | None) -> None:
+    estimate = _monte_carlo_sensitivity(_split(cp, scale_mode), samples=8000, seed=7)
+    assert cp_sensitivity(cp, scale_mode) == pytest.approx(estimate, rel=0.05)
+
+
+def test_sensitivity_closed_forms_and_split_dependence() -> None:
+    cp = UNBALANCED
+    sizes = np.array(cp.shape)
+    weights = cp.normalized().weights
+    for n in range(3):
+        expected = sizes[n] * cp.rank + (sizes.sum() - sizes[n]) * np.sum(weights**2)
+        assert cp_sensitivity(cp, n) == pytest.approx(expected, rel=1e-12)
+    balanced = sizes.sum() * np.sum(np.abs(weights) ** (4.0 / 3.0))
+    assert cp_sensitivity(cp, None) == pytest.approx(balanced, rel=1e-12)
+    # The split matters: with one large λ the one-mode split is far more sensitive.
+    assert cp_sensitivity(cp) > 10.0 * cp_sensitivity(cp, None)
+
+
+def _planted_degenerate(seed: int, shape: tuple[int, ...], n_normal: int) -> tuple[np.ndarray, int]:
+    """Two nearly collinear rank-1 terms with weights ±300, `n_normal` ordinary ones, 1 % noise."""
+    rng = np.random.default_rng(seed)
+    first = [_unit(rng.standard_normal((size, 1))) for size in shape]
+    second = [_unit(a + 0.03 * _unit(rng.standard_normal(a.shape))) for a in first]
+    normal = [_unit(rng.standard_normal((size, n_normal))) for size in shape]
+    factors = [np.hstack(group) for group in zip(first, second, normal)]
+    weights = np.r_[300.0, -300.0, rng.uniform(1.0, 2.0, n_normal)]
+    tensor = tl.cp_to_tensor((weights, factors))
+    noise = rng.standard_normal(tensor.shape)
+    tensor = tensor + 0.01 * np.linalg.norm(tensor) / math.sqrt(tensor.size) * noise
+    return tensor, n_normal + 2
+
+
+@pytest.mark.parametrize(("seed", "shape"), [(9, (9, 8, 3)), (4, (8, 7, 3))])
+def test_epc_repairs_degenerate_als(seed: int, shape: tuple[int, ...]) -> None:
+    tensor, rank = _planted_degenerate(seed, shape, n_normal=3)
+    # Plain tensorly ALS from a random start (not cp_als, whose tuning may change) stalls in the
+    # swamp of the planted pair with huge cancelling weights.
+    weights, factors = parafac(
+        tensor, rank, init="random", n_iter_max=500, tol=1e-8, random_state=0,
+        normalize_factors=True,
+    )  # fmt: skip
+    als = CPFactors(np.asarray(weights), tuple(np.asarray(f) for f in factors))
+    delta = float(np.linalg.norm(tensor - als.reconstruct()))
+    als_sum = float(np.sum(als.normalized().weights ** 2))
+    assert als_sum > 1e4  # degenerate: the normal components alone have Σλ² < 12
+
+    result = epc(tensor, als)
+    assert max(result.errors) <= delta * BOUND
+    assert result.rel_error <= result.als_rel_error * BOUND
+    assert result.sum_sq_weights[0] == pytest.approx(als_sum, rel=1e-12)
+    assert result.sum_sq_weights[-1] * 5.0 <= als_sum
+    assert result.sensitivity * 5.0 <= result.sensitivity_before
+    assert result.sensitivity == pytest.approx(cp_sensitivity(result.cp, 1), rel=1e-12)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(
+    shape=st.lists(st.integers(2, 6), min_size=3, max_size=4).map(tuple),
+    rank_seed=st.integers(0, 1000),
+    seed=st.integers(0, 1000),
+)
+def test_epc_invariants_on_random_tensors(
+    shape: tuple[int, ...], rank_seed: int, seed: int
+) -> None:
+    tensor = np.random.default_rng(seed).standard_normal(shape)
+    rank = 1 + rank_seed % min(max_cp_rank(shape), 6)
+    result = cp_epc(tensor, rank, seed=seed, max_sweeps=60)
+
+    delta = result.errors[0]
+    assert delta == pytest.approx(np.linalg.norm(tensor - result.als.reconstruct()), rel=1e-12)
+    sums = np.array(result.sum_sq_weights)
+    errors = np.array(result.errors)
+    assert np.all(np.isfinite(sums)) and np.all(np.isfinite(errors))
+    assert np.all(errors <= delta * BOUND)
+    assert np.all(np.diff(sums) <= 0.0)  # exactly: an update that would raise it is dropped
+    assert len(sums) == len(errors) == result.n_sweeps + 1
+    cp = result.cp
+    assert all(np.all(np.isfinite(f)) for f in cp.factors)
+    assert np.all(cp.weights >= 0)
+    for f in cp.factors:
+        np.testing.assert_allclose(np.linalg.norm(f, axis=0), 1.0, rtol=1e-12)
+    assert result.rel_error == pytest.approx(errors[-1] / np.linalg.norm(tensor), rel=1e-9)
+    assert math.isfinite(result.sensitivity)
+    assert result.sensitivity <= result.sensitivity_before * (1.0 + 1e-12)
+
+
+def test_larger_delta_buys_more_stability_and_smaller_never_raises_error() -> None:
+    tensor = np.random.default_rng(0).standard_normal((6, 5, 4))
+    base = cp_epc(tensor, 4, seed=0, max_sweeps=100)
+    delta = base.errors[0]
+
+    loose = epc(tensor, base.als, delta=1.2 * delta, max_sweeps=100)
+    assert max(loose.errors) <= 1.2 * delta * BOUND
+    assert loose.sum_sq_weights[-1] < base.sum_sq_weights[-1]
+
+    # δ below the start's error: the bound is the current error, which must never grow.
+    tight = epc(tensor, base.als, delta=0.5 * delta, max_sweeps=100)
+    errors = np.array(tight.errors)
+    assert np.all(np.diff(errors) <= 1e-9 * errors[0])
+    assert tight.sum_sq_weights[-1] <= tight.sum_sq_weights[0]
+
+
+def test_no_nan_from_zero_columns_or_a_bound_that_allows_zero() -> None:
+    rng = np.random.default_rng(2)
+    tensor = rng.standard_normal((5, 4, 3))
+    start = _random_cp((5, 4, 3), np.array([1.0, 0.0, 2.0]), seed=2)
+    start = CPFactors(start.weights, (start.factors[0] * [1.0, 0.0, 1.0], *start.factors[1:]))
+    start_error = float(np.linalg.norm(tensor - start.reconstruct()))
+    # δ ≥ ‖K‖ lets the zero model in: EPC must shrink every weight to ~0, not divide by it.
+    loose = 2.0 * max(start_error, float(np.linalg.norm(tensor)))
+    for delta in (None, loose):
+        result = epc(tensor, start, delta=delta, max_sweeps=20)
+        assert all(np.all(np.isfinite(f)) for f in result.cp.factors)
+        assert np.all(np.isfinite(result.cp.weights))
+        assert np.all(np.isfinite(result.errors)) and math.isfinite(result.sensitivity)
+        for f in result.cp.factors:
+            np.testing.assert_allclose(np.linalg.norm(f, axis=0), 1.0, rtol=1e-12)
+        assert max(result.errors) <= (start_error if delta is None else delta) * BOUND
+    assert result.sum_sq_weights[-1] < 1e-12 * result.sum_sq_weights[0]
+
+
+def test_max_cp_rank() -> None:
+    assert max_cp_rank((32, 32, 9)) == 288
+    assert max_cp_rank((2, 3, 4)) == 6
+    assert max_cp_rank((7, 3)) == 3
+
+
+@pytest.mark.parametrize("rank", [0, 7])
+def test_rank_out_of_range_is_refused(rank: int) -> None:
+    tensor = np.ones((2, 3, 4))
+    with pytest.raises(ValueError, match=r"\[1, 6\].*\(2, 3, 4\)"):
+        cp_epc(tensor, rank)
+    with pytest.raises(ValueError, match=rf"CP rank {rank} .*\[1, 6\]"):
+        epc(tensor, _random_cp((2, 3, 4), np.ones(rank), seed=0))
+
+
+def test_tucker2_cp_rank_bound_is_refused() -> None:
+    kernel = np.random.default_rng(0).standard_normal((6, 5, 3, 3))
+    with pytest.raises(ValueError, match=r"CP rank 50 .*\[1, 6\].*\(3, 2, 9\)"):
+        tucker2_cp(kernel, rank_out=2, rank_in=3, rank_cp=50)
+
+
+@pytest.mark.parametrize(("rank_out", "rank_in"), [(4, 3), (6, 5)], ids=["tucker", "full"])
+def test_tucker2_cp_recovers_exact_structure(rank_out: int, rank_in: int) -> None:
+    """A kernel built as Tucker-2 (ranks 4, 3) with a rank-3 CP core is reproduced exactly."""
+    rng = np.random.default_rng(11)
+    t, s, kh, kw, rank_cp = 6, 5, 3, 3, 3
+    core_cp = _random_cp((3, 4, kh * kw), rng.uniform(1.0, 2.0, rank_cp), seed=12)
+    core = core_cp.reconstruct().reshape(3, 4, kh, kw).transpose(1, 0, 2, 3)
+    kernel = np.einsum(
+        "abhw,ta,sb->tshw", core, rng.standard_normal((t, 4)), rng.standard_normal((s, 3))
+    )
+
+    hybrid = tucker2_cp(kernel, rank_out, rank_in, rank_cp, seed=0)
+    assert hybrid.reconstruct().shape == kernel.shape
+    assert hybrid.ranks == (rank_out, rank_in, rank_cp)
+    assert hybrid.kernel_size == (kh, kw)
+    assert hybrid.rel_error(kernel) < 1e-6
+    assert hybrid.core.rel_error < 1e-6
+    assert hybrid.sensitivity == hybrid.core.sensitivity
+    assert math.isfinite(hybrid.sensitivity)
+
+
+def test_mode_update_is_the_constrained_minimum_of_a_generic_solver() -> None:
+    """One EPC mode update equals SLSQP on min ‖U‖² s.t. ‖K_(0) − U Zᵀ‖² ≤ τ² (a convex QCQP)."""
+    rng = np.random.default_rng(0)
+    tensor = rng.standard_normal((5, 4, 3))
+    others = [_unit(rng.standard_normal((size, 3))) for size in tensor.shape[1:]]
+    z = khatri_rao([np.ones((5, 3)), *others], skip_matrix=0)
+    unfolded = tl.unfold(tensor, 0)
+    least_squares = np.linalg.lstsq(z, unfolded.T, rcond=None)[0].T
+    err_ls = float(np.sum((unfolded - least_squares @ z.T) ** 2))
+    # Start at the least-squares model and allow 30 % of the way to the zero model's error.
+    tau_sq = err_ls + 0.3 * (float(np.sum(tensor**2)) - err_ls)
+    weights = np.linalg.norm(least_squares, axis=0)
+    gram = np.prod([d.T @ d for d in others], axis=0)
+    _, new_weights, err = _update_mode(
+        unfolded, z, gram, least_squares / weights, weights, err_ls, tau_sq
+    )
+    assert err == pytest.approx(tau_sq, rel=1e-9)  # the bound is active at the optimum
+
+    def residual(u: np.ndarray) -> float:
+        return float(np.sum((unfolded - u.reshape(-1, 3) @ z.T) ** 2))
+
+    def slack_gradient(u: np.ndarray) -> np.ndarray:
+        return (2.0 * (unfolded - u.reshape(-1, 3) @ z.T) @ z).ravel()
+
+    generic = minimize(
+        lambda u: float(np.sum(u**2)),
+        least_squares.ravel(),
+        jac=lambda u: 2.0 * u,
+        constraints=[
+            {"type": "ineq", "fun": lambda u: tau_sq - residual(u), "jac": slack_gradient}
+        ],
+        method="SLSQP",
+        options={"ftol": 1e-12, "maxiter": 1000},
+    )
+    assert generic.success and residual(generic.x) <= tau_sq * (1 + 1e-8)
+    assert np.sum(new_weights**2) == pytest.approx(generic.fun, rel=1e-6)
+    assert np.sum(new_weights**2) < 0.9 * np.sum(weights**2)
