@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from threadpoolctl import threadpool_limits
 from torch import fx, nn
 
 from rankfold.passes.analysis import LayerInfo, ModelAnalysis
@@ -119,7 +120,10 @@ def decompose(
         block: FactorizedBlock = method.build(layer, ranks)
         block.to(original_module.weight.device, original_module.weight.dtype)
         try:
-            filled = method.fill(block, original_module, seed)
+            # Kernels are small matrices: multi-threaded BLAS only adds contention (an SVD of
+            # 64×576 takes 4 ms on one thread and 63 ms on two busy cores).
+            with threadpool_limits(limits=1, user_api="blas"):
+                filled = method.fill(block, original_module, seed)
         except (ValueError, ArithmeticError, RuntimeError) as exc:
             raise DecompositionError(
                 f"pass decompose failed on layer '{entry.name}' ({method.name}, ranks {list(ranks)}): "

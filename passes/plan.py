@@ -138,8 +138,15 @@ def _resolved_override(policy: RankPolicy, layer: LayerInfo) -> tuple[LayerOverr
     return LayerOverride(**merged), source
 
 
-def normalize_ranks(method: Method, layer: LayerInfo, spec: RankSpec) -> Ranks:
-    """The one rank normaliser: an int, a ratio or a list becomes valid integer ranks, or an error."""
+def normalize_ranks(
+    method: Method, layer: LayerInfo, spec: RankSpec, strict: bool = True
+) -> tuple[Ranks, str]:
+    """The one rank normaliser: an int, a ratio or a list becomes valid integer ranks.
+
+    Strict (a rank given for this layer): out-of-range or enlarging ranks are errors. Not strict
+    (one rank for all layers): ranks are clamped to the valid range, and the note says so.
+    Returns the ranks and a note ("" when nothing was clamped).
+    """
     if isinstance(spec, float):
         ratio_ranks = method.ranks_from_ratio(layer, spec)
         ranks = tuple(min(r, m) for r, m in zip(ratio_ranks, method.max_ranks(layer)))
@@ -151,14 +158,18 @@ def normalize_ranks(method: Method, layer: LayerInfo, spec: RankSpec) -> Ranks:
             f"{method.name} takes {len(limits)} rank(s) ({', '.join(method.rank_names)}) but layer "
             f"'{layer.name}' was given {list(ranks)}; give {len(limits)} value(s)"
         )
+    note = ""
     for value, limit, label in zip(ranks, limits, method.rank_names):
         if not 1 <= value <= limit:
-            raise PlanError(
-                f"{label} {value} for layer '{layer.name}' ({method.name}) is impossible; "
-                f"choose a value in [1, {limit}]"
-            )
+            if strict:
+                raise PlanError(
+                    f"{label} {value} for layer '{layer.name}' ({method.name}) is impossible; "
+                    f"choose a value in [1, {limit}]"
+                )
+            note = f"clamped to the maximum {list(limits)}"
+    ranks = tuple(min(max(v, 1), m) for v, m in zip(ranks, limits))
     cost = method.cost(layer, ranks)
-    if cost.params > layer.params or cost.macs > layer.macs:
+    if strict and not _smaller(cost, layer):
         largest = [c for c in method.candidates(layer) if _smaller(method.cost(layer, c), layer)]
         hint = f"at most {list(largest[-1])}" if largest else "skip the layer"
         raise PlanError(
@@ -166,7 +177,7 @@ def normalize_ranks(method: Method, layer: LayerInfo, spec: RankSpec) -> Ranks:
             f"({cost.params:,} params / {cost.macs:,} MACs vs {layer.params:,} / {layer.macs:,}); "
             f"choose ranks {hint}"
         )
-    return ranks
+    return ranks, note
 
 
 def _smaller(cost: Cost, layer: LayerInfo) -> bool:
@@ -208,15 +219,26 @@ def select_ranks(analysis: ModelAnalysis, policy: RankPolicy, model_name: str = 
         note = f" ({note})" if note else ""
         rank_spec = override.rank if override.rank is not None else policy.rank
         if rank_spec is not None and (override.rank is not None or reduction is None):
-            ranks = normalize_ranks(method, layer, rank_spec)
-            origin = f"layers['{source}']" if override.rank is not None else "global rank"
+            per_layer = override.rank is not None
+            ranks, clamped = normalize_ranks(method, layer, rank_spec, strict=per_layer)
+            if not _smaller(method.cost(layer, ranks), layer):
+                entries.append(
+                    LayerPlan(
+                        name=layer.name,
+                        type=layer.type,
+                        reason=f"skipped: global rank {rank_spec} would not make it smaller",
+                    )
+                )
+                continue
+            origin = f"layers['{source}']" if per_layer else "global rank"
+            clamped = f", {clamped}" if clamped else ""
             entries.append(
                 LayerPlan(
                     name=layer.name,
                     type=layer.type,
                     method=method.name,
                     ranks=list(ranks),
-                    reason=f"explicit rank {rank_spec} from {origin}{note}",
+                    reason=f"explicit rank {rank_spec} from {origin}{clamped}{note}",
                 )
             )
             continue

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from threadpoolctl import threadpool_limits
 
 from rankfold.models.data import data_dir as _data_dir
 
@@ -15,6 +16,7 @@ from rankfold.models.data import data_dir as _data_dir
 def _deterministic_torch() -> None:
     # Two cores run the whole suite; extra intra-op threads only add contention.
     torch.set_num_threads(1)
+    threadpool_limits(limits=1)
     torch.manual_seed(0)
 
 

@@ -1,0 +1,795 @@
+"""Fine-tune a compressed model, distilling from the original: resumable, deterministic, DDP-ready.
+
+The factor structure (the ranks) stays fixed; by default every weight trains, or only the
+decomposed blocks (`train_only_decomposed`). The loss mixes knowledge distillation from the
+original model (KL divergence of temperature-softened logits, Hinton et al. 2015) with the label
+loss. Defaults that work for the zoo models: SGD, lr 0.01, momentum 0.9, weight decay 5e-4, cosine
+decay to zero per step, batch 128, T = 4, alpha = 0.9 (AdamW: lr 1e-3, weight decay 0.05).
+
+Reproducibility: each epoch's shuffling and augmentation come from a NumPy generator seeded by
+(seed, epoch), and the model, optimizer, scheduler and torch RNG states are checkpointed at every
+epoch end, so a run killed and resumed ends with exactly the weights of an uninterrupted run (on
+CPU with a fixed thread count; GPU kernels may add nondeterminism of their own).
+
+Multi-GPU / multi-machine: started under torchrun (WORLD_SIZE > 1), training runs under
+DistributedDataParallel (nccl on CUDA, gloo on CPU). Every global batch of `batch_size` examples is
+split across ranks as DistributedSampler does (rank r takes every world-size-th example), and each
+rank's loss is scaled so that DDP's gradient average equals the gradient of the global batch mean:
+for a model without BatchNorm the result equals single-process training. BatchNorm layers
+normalize with their own rank's shard statistics (standard DDP behaviour; SyncBatchNorm would need
+GPUs), and their running statistics are taken from rank 0 at each epoch end. Only rank 0 prints
+and writes checkpoints; on resume it reads the checkpoint and sends it to the other ranks, so the
+checkpoint directory need not be shared between machines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import matplotlib
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from torch import nn
+
+from rankfold.converter.config import config_error
+from rankfold.converter.ui import console, progress_bar
+from rankfold.models import ArrayDataset, ModelSpec, normalize
+from rankfold.passes.errors import ConfigError, DataError
+from rankfold.runtime.export import eval_mode
+from rankfold.runtime.files import atomic_path
+
+matplotlib.use("Agg")  # files only; no display here or in CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+CHECKPOINT_FORMAT = "rankfold-finetune-1"
+LAST_CHECKPOINT = "finetune_last.pt"
+BEST_CHECKPOINT = "finetune_best.pt"
+DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-3}
+DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 0.05}
+CIFAR_PADDING = 4
+# Settings that do not change the trained weights, so a resumed run may change them.
+_RESUME_FREE = ("eval_batch_size",)
+
+
+class FinetuneConfig(BaseModel):
+    """Fine-tuning settings; `lr` and `weight_decay` default per optimizer (see module doc)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(default=0, ge=0)  # 0: no fine-tuning
+    lr: float | None = Field(default=None, gt=0)  # None: 0.01 (SGD) or 1e-3 (AdamW)
+    batch_size: int = Field(default=128, ge=1)  # the global batch, split across DDP ranks
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = Field(default=0.9, ge=0, lt=1)  # SGD only
+    weight_decay: float | None = Field(default=None, ge=0)  # None: 5e-4 (SGD) or 0.05 (AdamW)
+    distill: bool = True
+    temperature: float = Field(default=4.0, gt=0)
+    alpha: float = Field(default=0.9, ge=0, le=1)  # weight of the distillation term
+    augment: Literal["auto", "cifar", "none"] = "auto"  # auto: cifar for 3×32×32 inputs
+    train_only_decomposed: bool = False
+    amp: bool = True  # mixed precision, on CUDA only
+    seed: int = 0
+    eval_batch_size: int = Field(default=256, ge=1)
+
+    @model_validator(mode="after")
+    def _optimizer_defaults(self) -> FinetuneConfig:
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.optimizer]
+        if self.weight_decay is None:
+            self.weight_decay = DEFAULT_WEIGHT_DECAY[self.optimizer]
+        return self
+
+
+def finetune_config(
+    settings: Mapping[str, Any], source: str = "fine-tuning settings"
+) -> FinetuneConfig:
+    """A FinetuneConfig from a mapping; invalid settings give a one-line ConfigError."""
+    try:
+        return FinetuneConfig.model_validate(dict(settings))
+    except ValidationError as exc:
+        raise config_error(exc, FinetuneConfig, source) from None
+
+
+@dataclass
+class FinetuneResult:
+    """Per-epoch history (epoch, loss, train_accuracy, eval_accuracy, lr, seconds) and the best."""
+
+    history: list[dict[str, Any]]
+    best_epoch: int | None
+    best_accuracy: float | None
+    resumed_from: int | None  # the completed epoch a resumed run continued from
+
+    @property
+    def final_accuracy(self) -> float | None:
+        """Eval accuracy of the weights the model was left with (best, else the last epoch's)."""
+        if self.best_accuracy is not None:
+            return self.best_accuracy
+        return self.history[-1]["eval_accuracy"] if self.history else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    reduction: Literal["mean", "none"] = "mean",
+) -> torch.Tensor:
+    """alpha·T²·KL(softmax(teacher/T) ‖ softmax(student/T)) + (1 − alpha)·CE(student, labels).
+
+    The T² factor keeps the distillation gradients' scale independent of T (Hinton et al. 2015).
+    `reduction="none"` gives one loss per example; "mean" averages them.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    student_logits = student_logits.float()
+    log_student = F.log_softmax(student_logits / temperature, dim=1)
+    log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    kl = F.kl_div(log_student, log_teacher, reduction="none", log_target=True).sum(dim=1)
+    ce = F.cross_entropy(student_logits, labels, reduction="none")
+    per_example = alpha * temperature**2 * kl + (1 - alpha) * ce
+    return per_example.mean() if reduction == "mean" else per_example
+
+
+def finetune(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    train: ArrayDataset,
+    spec: ModelSpec,
+    config: FinetuneConfig,
+    checkpoint_dir: str | Path,
+    eval_data: ArrayDataset | None = None,
+    resume: bool = False,
+    decomposed_names: Sequence[str] = (),
+) -> FinetuneResult:
+    """Train `student` in place; leave it with the best-eval weights (the last without eval data).
+
+    `teacher` (the original model) is needed when `config.distill`. `decomposed_names` are the
+    dotted names of the factorized blocks, needed for `train_only_decomposed`. Checkpoints go to
+    `checkpoint_dir` (finetune_last.pt every epoch, finetune_best.pt at each new best); with
+    `resume` a run continues from finetune_last.pt. Ctrl-C leaves the last complete checkpoint and
+    re-raises. The student is returned in eval mode.
+    """
+    if config.epochs == 0:
+        return FinetuneResult([], None, None, None)
+    _check_inputs(student, teacher, train, spec, config, eval_data)
+    directory = Path(checkpoint_dir)
+    device = _device_of(student)
+    saved_flags = [(p, p.requires_grad) for p in student.parameters()]
+    rank, world, created_group = _init_distributed(device)
+    try:
+        if len(train) < world:
+            raise DataError(
+                f"the training data has {len(train)} example(s) for {world} processes; give at "
+                "least one example per process"
+            )
+        if world > 1 and device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+            student.to(device)
+            if teacher is not None:
+                teacher.to(device)
+        trainable = _select_trainable(student, config, decomposed_names)
+        with _isolated_rng(device):
+            return _Trainer(
+                student, teacher, train, spec, config, directory, eval_data, device, rank, world
+            ).run(trainable, resume, decomposed_names)
+    finally:
+        for parameter, flag in saved_flags:
+            parameter.requires_grad_(flag)
+        student.eval()
+        if created_group:
+            dist.destroy_process_group()
+
+
+class _Trainer:
+    """One fine-tuning run; split out of `finetune` so each step reads on its own."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        train: ArrayDataset,
+        spec: ModelSpec,
+        config: FinetuneConfig,
+        directory: Path,
+        eval_data: ArrayDataset | None,
+        device: torch.device,
+        rank: int,
+        world: int,
+    ) -> None:
+        self.student, self.train, self.spec, self.config = student, train, spec, config
+        self.teacher = teacher if config.distill else None
+        self.directory, self.eval_data, self.device = directory, eval_data, device
+        self.rank, self.world = rank, world
+        self.augment = config.augment == "cifar" or (
+            config.augment == "auto" and spec.input_shape == (3, 32, 32)
+        )
+        self.amp_dtype = _amp_dtype(device, config.amp)
+        self.fingerprint = {
+            "train": _fingerprint(train),
+            "eval": None if eval_data is None else _fingerprint(eval_data),
+        }
+        self.steps_per_epoch = len(_global_batches(len(train), config.batch_size, world, 0, 0)[0])
+
+    # ---- the run ------------------------------------------------------------------------------
+
+    def run(
+        self, trainable: list[nn.Parameter], resume: bool, decomposed: Sequence[str]
+    ) -> FinetuneResult:
+        config = self.config
+        optimizer = _optimizer(trainable, config)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=config.epochs * self.steps_per_epoch
+        )
+        scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        model: nn.Module = self.student
+        if self.world > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(self.student, device_ids=device_ids)
+
+        state = _RunState()
+        payload = self._read_checkpoint() if resume else None
+        if payload is not None:
+            self._restore(payload, optimizer, scheduler, scaler, state)
+            self._note(f"resuming fine-tuning after epoch {state.epoch}/{config.epochs}")
+        else:
+            if resume:
+                self._note(f"no checkpoint in {self.directory}; fine-tuning starts fresh")
+            torch.manual_seed(config.seed + self.rank)
+            random.seed(config.seed)
+            np.random.seed(config.seed)
+            # An epoch-0 checkpoint: Ctrl-C during the first epoch still leaves one to resume.
+            self._save_last(optimizer, scheduler, scaler, state)
+        resumed_from = state.epoch if payload is not None else None
+
+        frozen = _frozen_modules(self.student, decomposed) if config.train_only_decomposed else []
+        for epoch in range(state.epoch + 1, config.epochs + 1):
+            start = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            loss, train_accuracy = self._train_epoch(
+                model, optimizer, scheduler, scaler, frozen, epoch
+            )
+            self._sync_buffers()
+            eval_accuracy = None if self.eval_data is None else self._evaluate(self.eval_data)
+            state.epoch = epoch
+            state.history.append(
+                {
+                    "epoch": epoch,
+                    "loss": loss,
+                    "train_accuracy": train_accuracy,
+                    "eval_accuracy": eval_accuracy,
+                    "lr": lr,
+                    "seconds": time.perf_counter() - start,
+                }
+            )
+            improved = eval_accuracy is not None and (
+                state.best_accuracy is None or eval_accuracy > state.best_accuracy
+            )
+            if improved:
+                state.best_epoch, state.best_accuracy = epoch, eval_accuracy
+                state.best_model = _cpu_state(self.student)
+                self._save_best(state)
+            self._save_last(optimizer, scheduler, scaler, state)
+            self._report_epoch(state.history[-1], improved)
+
+        if state.best_model is not None:
+            self.student.load_state_dict(state.best_model)
+        return FinetuneResult(state.history, state.best_epoch, state.best_accuracy, resumed_from)
+
+    def _train_epoch(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        scaler: torch.amp.GradScaler,
+        frozen: list[nn.Module],
+        epoch: int,
+    ) -> tuple[float, float]:
+        config = self.config
+        model.train()
+        for module in frozen:
+            module.eval()  # frozen layers keep their BatchNorm statistics too
+        groups, rng = _global_batches(
+            len(self.train), config.batch_size, self.world, config.seed, epoch
+        )
+        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, examples (this rank)
+        description = f"fine-tune {epoch}/{config.epochs}"
+        with self._progress(description, len(groups)) as advance:
+            for indices in groups:
+                # Augmentation is drawn for the whole global batch on every rank, then sliced,
+                # so each example gets the same crop and flip whatever the world size.
+                crops = _crop_flip_params(rng, len(indices)) if self.augment else None
+                local = slice(self.rank, None, self.world)
+                images = self.train.x[indices[local]]
+                if crops is not None:
+                    images = _crop_flip(images, *(part[local] for part in crops))
+                x = normalize(images, self.spec).to(self.device, non_blocking=True)
+                y = torch.from_numpy(self.train.y[indices[local]]).to(self.device)
+                with self._autocast():
+                    logits = model(x)
+                    if self.teacher is not None:
+                        teacher_logits = self._teacher_logits(self.teacher, x)
+                        per_example = kd_loss(
+                            logits, teacher_logits, y, config.temperature, config.alpha, "none"
+                        )
+                    else:
+                        per_example = F.cross_entropy(logits.float(), y, reduction="none")
+                # Sum over this rank's share of the global batch, scaled so that DDP's average
+                # over ranks is the mean over the global batch even when shares differ in size.
+                loss = per_example.sum() * (self.world / len(indices))
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                correct = (logits.detach().argmax(1) == y).sum()
+                totals += torch.tensor(
+                    [float(per_example.detach().sum()), float(correct), len(y)],
+                    dtype=torch.float64,
+                )
+                advance(
+                    f"loss {totals[0] / totals[2]:.3f}  acc {100 * totals[1] / totals[2]:.1f} %"
+                )
+        totals = self._all_reduce(totals)
+        return float(totals[0] / totals[2]), float(totals[1] / totals[2])
+
+    @staticmethod
+    def _teacher_logits(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with eval_mode(teacher), torch.no_grad():
+            return teacher(x.to(_device_of(teacher))).to(x.device)
+
+    def _evaluate(self, data: ArrayDataset) -> float:
+        """Top-1 accuracy on `data`, each rank scoring its share."""
+        indices = np.arange(self.rank, len(data), self.world)
+        totals = torch.zeros(2, dtype=torch.float64)
+        with eval_mode(self.student), torch.no_grad(), self._autocast():
+            for start in range(0, len(indices), self.config.eval_batch_size):
+                part = indices[start : start + self.config.eval_batch_size]
+                x = normalize(data.x[part], self.spec).to(self.device)
+                y = torch.from_numpy(data.y[part]).to(self.device)
+                correct = (self.student(x).argmax(1) == y).sum()
+                totals += torch.tensor([float(correct), len(part)], dtype=torch.float64)
+        totals = self._all_reduce(totals)
+        return float(totals[0] / totals[1])
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def _save_last(self, optimizer, scheduler, scaler, state: _RunState) -> None:
+        if self.rank != 0:
+            return
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": state.epoch,
+            "config": self.config.model_dump(),
+            "data": self.fingerprint,
+            "world_size": self.world,
+            "model": self.student.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "history": state.history,
+            "best_epoch": state.best_epoch,
+            "best_accuracy": state.best_accuracy,
+            "best_model": state.best_model,
+            "rng": _rng_state(self.device),
+        }
+        _save(payload, self.directory / LAST_CHECKPOINT)
+
+    def _save_best(self, state: _RunState) -> None:
+        if self.rank != 0:
+            return
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": state.best_epoch,
+            "eval_accuracy": state.best_accuracy,
+            "config": self.config.model_dump(),
+            "model": state.best_model,
+        }
+        _save(payload, self.directory / BEST_CHECKPOINT)
+
+    def _read_checkpoint(self) -> dict[str, Any] | None:
+        """Rank 0 reads finetune_last.pt (None when absent) and sends it to the other ranks."""
+        payload = None
+        if self.rank == 0:
+            payload = _load_checkpoint(self.directory / LAST_CHECKPOINT)
+        if self.world > 1:
+            box = [payload]
+            dist.broadcast_object_list(box, src=0)
+            payload = box[0]
+        return payload
+
+    def _restore(self, payload, optimizer, scheduler, scaler, state: _RunState) -> None:
+        path = self.directory / LAST_CHECKPOINT
+        ours = self.config.model_dump()
+        theirs = payload["config"]
+        changed = [
+            f"{key}={theirs.get(key)!r} (now {ours[key]!r})"
+            for key in ours
+            if key not in _RESUME_FREE and theirs.get(key) != ours[key]
+        ]
+        if changed:
+            raise ConfigError(
+                f"{path} was made with other settings: {', '.join(changed[:3])}; resume with the "
+                "same settings, or start over without --resume"
+            )
+        for which in ("train", "eval"):
+            if payload["data"][which] != self.fingerprint[which]:
+                raise ConfigError(
+                    f"{path} was made with other {which} data; resume with the same data, or "
+                    "start over without --resume"
+                )
+        try:
+            self.student.load_state_dict(payload["model"])
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"{path} holds weights of another model ({str(exc).splitlines()[0]}); resume "
+                "with the same model and plan, or start over without --resume"
+            ) from None
+        if payload["world_size"] != self.world:
+            self._note(
+                f"the checkpoint was written by {payload['world_size']} process(es), this run has "
+                f"{self.world}; the result will differ slightly from an uninterrupted run"
+            )
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        scaler.load_state_dict(payload["scaler"])
+        _set_rng_state(payload["rng"], self.device)
+        state.epoch = payload["epoch"]
+        state.history = list(payload["history"])
+        state.best_epoch = payload["best_epoch"]
+        state.best_accuracy = payload["best_accuracy"]
+        state.best_model = payload["best_model"]
+
+    # ---- distributed and console helpers ------------------------------------------------------
+
+    def _all_reduce(self, totals: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return totals
+        # nccl reduces device tensors only; float64 keeps the counts exact.
+        reduced = totals.to(self.device)
+        dist.all_reduce(reduced)
+        return reduced.cpu()
+
+    def _sync_buffers(self) -> None:
+        """Give every rank rank 0's BatchNorm statistics, so evaluation and checkpoints agree."""
+        if self.world == 1:
+            return
+        for buffer in self.student.buffers():
+            dist.broadcast(buffer, src=0)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+
+    def _progress(self, description: str, total: int) -> contextlib.AbstractContextManager:
+        if self.rank != 0:
+            return contextlib.nullcontext(lambda label="": None)
+        return progress_bar(description, total)
+
+    def _note(self, message: str) -> None:
+        if self.rank == 0:
+            console.print(f"[yellow]{message}[/yellow]")
+
+    def _report_epoch(self, row: dict[str, Any], improved: bool) -> None:
+        if self.rank != 0:
+            return
+        evaluated = (
+            ""
+            if row["eval_accuracy"] is None
+            else f", eval {100 * row['eval_accuracy']:.2f} %" + (" (best)" if improved else "")
+        )
+        console.print(
+            f"epoch {row['epoch']}/{self.config.epochs}: loss {row['loss']:.4f}, train "
+            f"{100 * row['train_accuracy']:.2f} %{evaluated}, lr {row['lr']:.2e}, "
+            f"{row['seconds']:.0f} s"
+        )
+
+
+@dataclass
+class _RunState:
+    epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_accuracy: float | None = None
+    best_model: dict[str, torch.Tensor] | None = None
+
+
+def plot_history(
+    history: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    title: str,
+    reference: Mapping[str, float | None] | None = None,
+) -> Path:
+    """Accuracy per epoch (train and eval), with dashed lines for `reference` accuracies."""
+    epochs = [row["epoch"] for row in history]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    train = [100 * row["train_accuracy"] for row in history]
+    ax.plot(epochs, train, marker="o", label="train (augmented, running)", color="#9aa5b1")
+    scored = [
+        (row["epoch"], 100 * row["eval_accuracy"])
+        for row in history
+        if row["eval_accuracy"] is not None
+    ]
+    if scored:
+        ax.plot(*zip(*scored), marker="o", label="eval", color="#2b7bba")
+    colors = ("#d1495b", "#edae49", "#00798c", "#30638e")
+    for (label, value), color in zip((reference or {}).items(), colors * 4):
+        if value is not None:
+            ax.axhline(100 * value, linestyle="--", linewidth=1, color=color, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("top-1 accuracy (%)")
+    if epochs:
+        ax.set_xticks(epochs if len(epochs) <= 20 else epochs[:: max(1, len(epochs) // 10)])
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+
+def _global_batches(
+    n: int, batch_size: int, world: int, seed: int, epoch: int
+) -> tuple[list[np.ndarray], np.random.Generator]:
+    """This epoch's global batches (a seeded permutation, cut in order) and the generator.
+
+    A last partial batch smaller than the world size is dropped, so every rank gets an example.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n)
+    groups = [order[start : start + batch_size] for start in range(0, n, batch_size)]
+    if len(groups) > 1 and len(groups[-1]) < world:
+        groups.pop()
+    return groups, rng
+
+
+def _crop_flip_params(
+    rng: np.random.Generator, n: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    offsets = rng.integers(0, 2 * CIFAR_PADDING + 1, size=(2, n))
+    return offsets[0], offsets[1], rng.random(n) < 0.5
+
+
+def _crop_flip(images: np.ndarray, top: np.ndarray, left: np.ndarray, flip: np.ndarray):
+    """Zero-pad by 4, crop back to H×W at (top, left), mirror where `flip`: CIFAR augmentation.
+
+    Vectorised over the batch by hand: torchvision's transforms draw one crop per call from the
+    global RNG, and these parameters must come from the per-epoch generator.
+    """
+    n, _, height, width = images.shape
+    pad = CIFAR_PADDING
+    padded = np.pad(images, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    rows = top[:, None] + np.arange(height)
+    cols = left[:, None] + np.arange(width)
+    cols = np.where(flip[:, None], cols[:, ::-1], cols)
+    # Advanced indices split by a slice go first: the result is N×H×W×C.
+    cropped = padded[np.arange(n)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    return np.ascontiguousarray(cropped.transpose(0, 3, 1, 2))
+
+
+def _fingerprint(data: ArrayDataset) -> str:
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(data.x).data)
+    digest.update(np.ascontiguousarray(data.y).data)
+    return f"{len(data)}:{digest.hexdigest()[:16]}"
+
+
+# ---- checks and setup ----------------------------------------------------------------------------
+
+
+def _check_inputs(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    train: ArrayDataset,
+    spec: ModelSpec,
+    config: FinetuneConfig,
+    eval_data: ArrayDataset | None,
+) -> None:
+    # Configs built without validation (model_construct) are checked here too.
+    if not (config.lr is not None and config.lr > 0):
+        raise ConfigError(f"learning rate must be > 0, got {config.lr}; pass e.g. --lr 0.01")
+    if config.epochs < 0:
+        raise ConfigError(f"epochs must be >= 0, got {config.epochs}")
+    if config.batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {config.batch_size}")
+    if config.distill and teacher is None:
+        raise ConfigError(
+            "distillation needs the original model as teacher; pass it, or turn it off "
+            "(--no-distill)"
+        )
+    for name, data in (("training", train), ("evaluation", eval_data)):
+        if data is None:
+            continue
+        if tuple(data.x.shape[1:]) != spec.input_shape:
+            raise DataError(
+                f"{name} images are {'×'.join(map(str, data.x.shape[1:]))} but model "
+                f"'{spec.name}' takes {'×'.join(map(str, spec.input_shape))}; give matching data"
+            )
+        low, high = int(data.y.min()), int(data.y.max())
+        if low < 0 or high >= spec.num_classes:
+            raise DataError(
+                f"{name} labels span [{low}, {high}] but model '{spec.name}' has "
+                f"{spec.num_classes} classes; labels must lie in [0, {spec.num_classes - 1}]"
+            )
+    with eval_mode(student), torch.no_grad():
+        probe = student(normalize(train.x[:2], spec).to(_device_of(student)))
+    if probe.ndim != 2 or probe.shape[1] != spec.num_classes:
+        raise ConfigError(
+            f"the model outputs shape {tuple(probe.shape)} but model '{spec.name}' has "
+            f"{spec.num_classes} classes; fine-tuning needs N×{spec.num_classes} logits"
+        )
+
+
+def _select_trainable(
+    student: nn.Module, config: FinetuneConfig, decomposed: Sequence[str]
+) -> list[nn.Parameter]:
+    """The parameters to train; with train_only_decomposed, the others stop requiring grad."""
+    if not config.train_only_decomposed:
+        trainable = [p for p in student.parameters() if p.requires_grad]
+    else:
+        if not decomposed:
+            raise ConfigError(
+                "train_only_decomposed needs the names of the decomposed blocks; pass "
+                "decomposed_names, or train all weights"
+            )
+        chosen = set()
+        for name in decomposed:
+            try:
+                block = student.get_submodule(name)
+            except AttributeError:
+                raise ConfigError(
+                    f"decomposed block '{name}' is not in the model; pass names from its plan"
+                ) from None
+            chosen.update(id(p) for p in block.parameters())
+        trainable = []
+        for parameter in student.parameters():
+            parameter.requires_grad_(id(parameter) in chosen)
+            if id(parameter) in chosen:
+                trainable.append(parameter)
+    if not trainable:
+        raise ConfigError("the model has no trainable parameters; nothing to fine-tune")
+    return trainable
+
+
+def _frozen_modules(student: nn.Module, decomposed: Sequence[str]) -> list[nn.Module]:
+    """Modules outside every decomposed block (they run in eval mode while training)."""
+    return [
+        module
+        for name, module in student.named_modules()
+        if not any(name == block or name.startswith(block + ".") for block in decomposed)
+    ]
+
+
+def _optimizer(parameters: list[nn.Parameter], config: FinetuneConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            parameters,
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            nesterov=config.momentum > 0,
+        )
+    return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _init_distributed(device: torch.device) -> tuple[int, int, bool]:
+    """(rank, world size, whether we created the process group) from torchrun's environment."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, False
+    created = False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        created = True
+    return dist.get_rank(), dist.get_world_size(), created
+
+
+def _amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    if not enabled or device.type != "cuda":
+        return None
+    # bfloat16 keeps float32's range (no loss scaling); float16 on GPUs without it.
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    parameter = next(module.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().to("cpu", copy=True) for key, value in module.state_dict().items()}
+
+
+# ---- RNG state and files -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _isolated_rng(device: torch.device) -> Iterator[None]:
+    """Seed and checkpoint RNGs freely inside; the caller's RNG states come back afterwards."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """All RNG states, as tensors and plain values (so the file loads with weights_only=True)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _save(payload: dict[str, Any], path: Path) -> None:
+    # Write-then-rename: Ctrl-C or a crash mid-write leaves the previous file whole.
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(
+            f"checkpoint {path} is unreadable ({first}); delete it, or start over without --resume"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(
+            f"{path} is not a rankfold fine-tuning checkpoint; delete it, or start over without "
+            "--resume"
+        )
+    return payload
+
+
+__all__ = [
+    "BEST_CHECKPOINT",
+    "LAST_CHECKPOINT",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "finetune",
+    "finetune_config",
+    "kd_loss",
+    "plot_history",
+]
