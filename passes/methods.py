@@ -259,7 +259,9 @@ class CPMethod(Method):
         return FactorizedBlock(stages, layer.name, self.name, ranks)
 
     def factorize(self, tensor: np.ndarray, rank: int, seed: int):
-        return cp_als(tensor, rank, seed=seed), {}
+        # 100 sweeps stopped at 1e-6: near ALS's error without drifting into degenerate
+        # components whose float32 cancellation breaks ONNX parity (see cp_als).
+        return cp_als(tensor, rank, seed=seed, n_iter_max=100, tol=1e-6, linesearch=False), {}
 
     def fill(self, block: FactorizedBlock, original: nn.Module, seed: int) -> FillResult:
         kernel = kernel_array(original)
