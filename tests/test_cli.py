@@ -1,0 +1,313 @@
+"""Every CLI command on a tiny model, and every bad input as a one-line error with nothing half-written."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rankfold.converter.cli import app
+from rankfold.converter.pipeline import restore
+from rankfold.models.digits import DigitsCNN, digits_splits
+from rankfold.runtime import create_session
+
+runner = CliRunner()
+REPORT_KEYS = {
+    "model",
+    "method",
+    "original",
+    "compressed",
+    "macs_reduction",
+    "params_reduction",
+    "onnx",
+    "latency",
+    "layers",
+}
+LAYER_KEYS = {"name", "type", "method", "rank", "params", "macs", "rel_error", "status", "reason"}
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def error_line(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def no_temp_files(folder: Path) -> bool:
+    return not any(p.name.endswith(".tmp") for p in folder.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> dict[str, Path]:
+    """A briefly trained digits CNN checkpoint and the digits test split as .npz."""
+    root = tmp_path_factory.mktemp("digits")
+    train, test = digits_splits()
+    torch.manual_seed(0)
+    model = DigitsCNN()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x = (torch.from_numpy(train.x).float() / 255 - 0.3054) / 0.3760
+    y = torch.from_numpy(train.y)
+    for _ in range(3):
+        for i in range(0, len(x), 64):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[i : i + 64]), y[i : i + 64]).backward()
+            optimizer.step()
+    torch.save(model.state_dict(), root / "digits.pt")
+    np.savez(root / "digits.npz", x=test.x, y=test.y)
+    return {"weights": root / "digits.pt", "data": root / "digits.npz", "root": root}
+
+
+@pytest.fixture(scope="module")
+def compressed(digits, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("out") / "run"
+    result = invoke(
+        "compress",
+        "digits-cnn",
+        "--weights",
+        digits["weights"],
+        "--method",
+        "tucker2",
+        "--macs-reduction",
+        "2",
+        "--eval-data",
+        digits["data"],
+        "--out",
+        out,
+        "--batch",
+        "1,4",
+        "--seed",
+        "0",
+    )
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_compress_writes_every_artefact_and_report(compressed):
+    for name in (
+        "model.onnx",
+        "original.onnx",
+        "plan.json",
+        "model.pt",
+        "report.json",
+        "layers.png",
+    ):
+        assert (compressed / name).stat().st_size > 0, name
+    report = json.loads((compressed / "report.json").read_text())
+    assert REPORT_KEYS <= report.keys()
+    assert {"params", "macs", "accuracy"} <= report["original"].keys()
+    assert {"params", "macs", "accuracy_decomposed"} <= report["compressed"].keys()
+    assert {"path", "opset", "max_abs_diff", "accuracy"} <= report["onnx"].keys()
+    assert {"provider", "batch", "original_ms", "compressed_ms", "speedup"} <= report[
+        "latency"
+    ].keys()
+    assert [row["batch"] for row in report["latency"]["per_batch"]] == [1, 4]
+    assert all(LAYER_KEYS <= row.keys() for row in report["layers"])
+    assert abs(report["macs_reduction"] / 2 - 1) <= 0.05
+    assert report["onnx"]["max_abs_diff"] <= 1e-4 and report["onnx"]["opset"] >= 17
+    assert report["original"]["accuracy"] > 0.9
+    assert report["onnx"]["accuracy"] == pytest.approx(
+        report["compressed"]["accuracy_decomposed"], abs=0.003
+    )
+    statuses = {row["name"]: row["status"] for row in report["layers"]}
+    assert statuses["conv2"] == "decomposed" and statuses["fc"] == "skipped"
+    assert no_temp_files(compressed)
+
+
+def test_restore_matches_exported_onnx(compressed, digits):
+    model = restore(compressed)
+    x = torch.randn(3, 1, 8, 8)
+    session = create_session(compressed / "model.onnx")
+    (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert np.abs(model(x).detach().numpy() - onnx_out).max() <= 1e-4
+
+
+def test_plan_replay_reproduces_ranks(compressed, digits, tmp_path):
+    result = invoke(
+        "compress",
+        "digits-cnn",
+        "--weights",
+        digits["weights"],
+        "--plan",
+        compressed / "plan.json",
+        "--out",
+        tmp_path / "replay",
+        "--no-latency",
+    )
+    assert result.exit_code == 0, result.output
+    first = json.loads((compressed / "plan.json").read_text())
+    again = json.loads((tmp_path / "replay" / "plan.json").read_text())
+    assert [e["ranks"] for e in first["layers"]] == [e["ranks"] for e in again["layers"]]
+
+
+def test_validate_reports_accuracy_and_parity(compressed, digits):
+    result = invoke("validate", compressed / "model.onnx", "--eval-data", digits["data"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((compressed / "report.json").read_text())
+    assert f"accuracy: {report['onnx']['accuracy']}" in result.output
+    assert "parity_passed: True" in result.output
+
+
+def test_bench_prints_table_and_writes_json(compressed, tmp_path):
+    result = invoke(
+        "bench",
+        compressed / "model.onnx",
+        "--baseline",
+        compressed / "original.onnx",
+        "--batch",
+        "1,2",
+        "--warmup",
+        "1",
+        "--repeats",
+        "3",
+        "--json",
+        tmp_path / "bench.json",
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [row["batch"] for row in rows] == [1, 2]
+    assert all(row["original_ms"] > 0 and row["compressed_ms"] > 0 for row in rows)
+
+
+def test_analyze_and_methods():
+    result = invoke("analyze", "digits-cnn")
+    assert result.exit_code == 0 and "conv2" in result.output and "MACs" in result.output
+    result = invoke("methods")
+    assert result.exit_code == 0
+    assert all(name in result.output for name in ("svd", "tucker2", "cp"))
+
+
+@pytest.mark.slow
+def test_demo_runs_offline(tmp_path):
+    result = invoke("demo", "--out", tmp_path / "demo", "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert report["onnx"]["max_abs_diff"] <= 1e-4
+    assert abs(report["macs_reduction"] / 2 - 1) <= 0.05
+
+
+def _compress(digits, out: Path, *extra: str):
+    return invoke(
+        "compress",
+        "digits-cnn",
+        "--weights",
+        digits["weights"],
+        "--method",
+        "tucker2",
+        "--macs-reduction",
+        "2",
+        "--out",
+        out,
+        "--no-latency",
+        *extra,
+    )
+
+
+def test_bad_model_and_weights(digits, tmp_path):
+    result = invoke(
+        "compress", "resnet21", "--method", "cp", "--macs-reduction", "2", "--out", tmp_path
+    )
+    assert result.exit_code == 1 and "did you mean" in error_line(result)
+    result = _compress({"weights": tmp_path / "missing.pt"}, tmp_path / "o")
+    assert result.exit_code == 1 and "missing.pt" in error_line(result)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    result = _compress({"weights": corrupt}, tmp_path / "o")
+    assert result.exit_code == 1 and "corrupt.pt" in error_line(result)
+    state = torch.load(digits["weights"], weights_only=True)
+    state["conv2.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    result = _compress({"weights": tmp_path / "nan.pt"}, tmp_path / "o")
+    assert result.exit_code == 1 and "conv2.weight" in error_line(result)
+    assert not (tmp_path / "o" / "report.json").exists()
+
+
+def test_checkpoint_of_another_model_names_keys(data_dir, tmp_path):
+    result = invoke(
+        "compress",
+        "resnet56",
+        "--weights",
+        data_dir / "weights/resnet20-12fca82f.th",
+        "--method",
+        "cp",
+        "--macs-reduction",
+        "2",
+        "--out",
+        tmp_path,
+    )
+    assert result.exit_code == 1
+    line = error_line(result)
+    assert "missing" in line and "layer1.3" in line and "resnet56" in line
+
+
+def test_bad_data(digits, tmp_path):
+    _, test = digits_splits()
+    buffer = io.BytesIO()
+    np.savez(buffer, x=test.x[:, :, :4, :], y=test.y)
+    (tmp_path / "shape.npz").write_bytes(buffer.getvalue())
+    result = _compress(digits, tmp_path / "o", "--eval-data", tmp_path / "shape.npz")
+    assert result.exit_code == 1 and "shape" in error_line(result)
+    labels = test.y.copy()
+    labels[0] = 17
+    np.savez(tmp_path / "labels.npz", x=test.x, y=labels)
+    result = _compress(digits, tmp_path / "o", "--eval-data", tmp_path / "labels.npz")
+    assert result.exit_code == 1 and "label" in error_line(result).lower()
+
+
+def test_impossible_rank_and_budget(digits, tmp_path):
+    result = _compress(digits, tmp_path / "o", "--macs-reduction", "1000")
+    assert result.exit_code == 1 and "impossible" in error_line(result)
+    result = _compress(digits, tmp_path / "o", "--layer-rank", "conv2=999")
+    assert result.exit_code == 1 and "conv2" in error_line(result)
+    result = _compress(digits, tmp_path / "o", "--method", "tuker2")
+    assert result.exit_code == 1 and "did you mean 'tucker2'" in error_line(result)
+
+
+def test_unwritable_output(digits, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    result = _compress(digits, blocker / "out")
+    assert result.exit_code == 1 and "not writable" in error_line(result)
+
+
+def test_parity_failure_still_writes_report(digits, tmp_path):
+    config = tmp_path / "strict.yaml"
+    config.write_text("export:\n  atol: 1.0e-12\n")
+    out = tmp_path / "o"
+    result = _compress(digits, out, "--config", config)
+    assert result.exit_code == 1 and "differs from PyTorch" in error_line(result)
+    report = json.loads((out / "report.json").read_text())
+    assert report["onnx"]["parity_passed"] is False
+    assert no_temp_files(out)
+
+
+def test_config_typo_and_cuda_and_untraceable(digits, tmp_path):
+    config = tmp_path / "typo.yaml"
+    config.write_text("ranks:\n  rnak: 3\n")
+    result = _compress(digits, tmp_path / "o", "--config", config)
+    assert result.exit_code == 1 and "did you mean 'rank'" in error_line(result)
+    result = _compress(digits, tmp_path / "o2", "--provider", "cuda")
+    if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
+        assert result.exit_code == 1 and "onnxruntime-gpu" in error_line(result)
+    source = tmp_path / "branchy.py"
+    source.write_text(
+        "import torch\nfrom torch import nn\n"
+        "RANKFOLD_SPEC = {'input_shape': [3, 8, 8], 'num_classes': 4, 'mean': [0, 0, 0], 'std': [1, 1, 1]}\n"
+        "class Gate(nn.Module):\n    def forward(self, x):\n        return x if x.sum() > 0 else -x\n"
+        "class Net(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.conv = nn.Conv2d(3, 16, 3)\n        self.gate = Gate()\n"
+        "        self.fc = nn.Linear(16, 4)\n"
+        "    def forward(self, x):\n        return self.fc(self.gate(self.conv(x)).mean((2, 3)))\n"
+        "def build():\n    return Net()\n"
+    )
+    result = invoke("analyze", f"{source}:build")
+    assert result.exit_code == 1 and "--leaf gate" in error_line(result)
+    result = invoke("analyze", f"{source}:build", "--leaf", "gate")
+    assert result.exit_code == 0 and "conv" in result.output
