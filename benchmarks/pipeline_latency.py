@@ -1,0 +1,97 @@
+"""End-to-end compression + ONNX latency of original vs compressed, measured side by side.
+
+    python benchmarks/pipeline_latency.py --model torchvision:resnet18 --method cp --macs-reduction 3
+
+Runs the normal pipeline (`run_compress`), prints a table, writes
+benchmarks/results/pipeline_<model>_<method>_<x>.json and appends a section to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+from rankfold.converter import CompressConfig, LatencyConfig, run_compress
+from rankfold.passes import RankPolicy
+from rankfold.runtime.files import atomic_write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="torchvision:resnet18")
+    parser.add_argument("--weights", default=None)
+    parser.add_argument("--method", default="cp")
+    parser.add_argument("--macs-reduction", type=float, default=3.0)
+    parser.add_argument("--batch", default="1,8")
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--out", default="/tmp/rankfold-bench")
+    parser.add_argument("--no-record", action="store_true", help="Do not append to BENCHMARKS.md.")
+    args = parser.parse_args()
+
+    config = CompressConfig(
+        model=args.model,
+        weights=args.weights,
+        ranks=RankPolicy(method=args.method, macs_reduction=args.macs_reduction),
+        latency=LatencyConfig(
+            batch=[int(b) for b in args.batch.split(",")], warmup=10, repeats=args.repeats
+        ),
+    )
+    start = time.perf_counter()
+    report = run_compress(config, args.out).report
+    seconds = time.perf_counter() - start
+    reduction = report["macs_reduction"]
+    rows = [
+        {
+            **row,
+            "macs_reduction": reduction,
+            "speedup_per_mac_reduction": row["speedup"] / reduction,
+        }
+        for row in report["latency"]["per_batch"]
+    ]
+    header = "| batch | original ms | compressed ms | speedup | MAC reduction | speedup / MAC reduction |"
+    lines = [header, "|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(
+            f"| {row['batch']} | {row['original_ms']:.2f} | {row['compressed_ms']:.2f} | "
+            f"{row['speedup']:.2f}× | {reduction:.2f}× | {row['speedup_per_mac_reduction']:.2f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    tag = f"{args.model.replace(':', '_')}_{args.method}_{args.macs_reduction:g}x"
+    atomic_write_json(
+        ROOT / "benchmarks" / "results" / f"pipeline_{tag}.json",
+        {
+            "args": vars(args),
+            "seconds": seconds,
+            "rows": rows,
+            "params_reduction": report["params_reduction"],
+            "onnx_max_abs_diff": report["onnx"]["max_abs_diff"],
+        },
+    )
+    if args.no_record:
+        return
+    command = (
+        f"python benchmarks/pipeline_latency.py --model {args.model} --method {args.method} "
+        f"--macs-reduction {args.macs_reduction:g} --batch {args.batch} --repeats {args.repeats}"
+    )
+    section = (
+        f"\n## Pipeline latency: {args.model}, {args.method}, {args.macs_reduction:g}× MACs\n\n"
+        f"Command: `{command}`  \nMachine: 2-core x86-64 CPU ({platform.processor() or 'x86_64'}), "
+        f"24 GiB, no GPU; onnxruntime CPU provider, default threads.  \n"
+        f"Date: {datetime.date.today().isoformat()}. Whole run (decompose, export, validate, time): "
+        f"{seconds:.0f} s. Params {report['params_reduction']:.2f}× fewer; ONNX parity max abs diff "
+        f"{report['onnx']['max_abs_diff']:.1e}. Medians of {args.repeats} interleaved runs.\n\n"
+        f"{table}\n"
+    )
+    with open(ROOT / "BENCHMARKS.md", "a", encoding="utf-8") as handle:
+        handle.write(section)
+
+
+if __name__ == "__main__":
+    main()

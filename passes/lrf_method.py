@@ -1,0 +1,128 @@
+"""`cp-lrf`: CP with low-rank factor matrices as a conv layer chain.
+
+The kernel as K = S×T×(kh·kw) gets a rank-R CP whose channel factors are low rank,
+A_S = U_S V_Sᵀ (rank L_S) and A_T = U_T V_Tᵀ (rank L_T); the spatial factor is free. Layers:
+1×1 S→L_S (U_Sᵀ), 1×1 L_S→R (V_S), depthwise kh×kw on R (original geometry), 1×1 R→L_T (V_Tᵀ),
+1×1 L_T→T (U_T, bias). An adjacent pair of 1×1 convs runs at one resolution, so it is merged
+into one S→R (or R→T) conv whenever that costs fewer parameters and MACs: S·R ≤ L_S·(S+R)
+(R·T ≤ L_T·(R+T)). The decision depends on the ranks alone, so a plan rebuilds the same block.
+Params: [S·R | L_S(S+R)] + R·kh·kw + [R·T | L_T(R+T)] (+T bias).
+MACs: H_in·W_in·[S·R | L_S(S+R)] + H_out·W_out·(R·kh·kw + [R·T | L_T(R+T)]).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+from torch import nn
+
+from rankfold.passes.analysis import LayerInfo
+from rankfold.passes.blocks import FactorizedBlock, copy_bias, pointwise, set_weight, spatial_like
+from rankfold.passes.errors import PlanError
+from rankfold.passes.factorizations.epc import max_cp_rank
+from rankfold.passes.factorizations.lrf_cp import lrf_cp
+from rankfold.passes.methods import (
+    Cost,
+    FillResult,
+    Method,
+    Ranks,
+    cp_tensor,
+    kernel_array,
+    register_method,
+)
+
+
+def merge_in(s: int, r: int, l_s: int) -> bool:
+    return s * r <= l_s * (s + r)
+
+
+def merge_out(t: int, r: int, l_t: int) -> bool:
+    return r * t <= l_t * (r + t)
+
+
+class CPLRFMethod(Method):
+    """CP with low-rank factor matrices: R components on rank-L_S / rank-L_T channel factors."""
+
+    name = "cp-lrf"
+    rank_names = ("rank", "rank_in", "rank_out")
+
+    def max_ranks(self, layer: LayerInfo) -> Ranks:
+        s, t, k = layer.in_features, layer.out_features, layer.kernel_area
+        return (max_cp_rank((s, t, k)), s, t)
+
+    def normalize_ranks(self, layer: LayerInfo, ranks) -> Ranks:
+        values = super().normalize_ranks(layer, ranks)
+        if len(values) == 3 and (values[1] > values[0] or values[2] > values[0]):
+            raise PlanError(
+                f"cp-lrf factor ranks {list(values[1:])} of layer '{layer.name}' exceed the CP "
+                f"rank {values[0]}; give rank_in, rank_out ≤ rank"
+            )
+        return values
+
+    def cost(self, layer: LayerInfo, ranks: Ranks) -> Cost:
+        r, l_s, l_t = ranks
+        s, t, k = layer.in_features, layer.out_features, layer.kernel_area
+        inner = s * r if merge_in(s, r, l_s) else l_s * (s + r)
+        outer = r * t if merge_out(t, r, l_t) else l_t * (r + t)
+        bias = t if layer.bias else 0
+        macs = layer.in_positions * inner + layer.out_positions * (r * k + outer)
+        return Cost(params=inner + r * k + outer + bias, macs=macs * layer.calls)
+
+    def _family(self, layer: LayerInfo, fraction: float) -> Ranks:
+        """Factor ranks a fraction of the channels, CP rank their sum (capped by the core's)."""
+        s, t, k = layer.in_features, layer.out_features, layer.kernel_area
+        l_s, l_t = max(1, round(fraction * s)), max(1, round(fraction * t))
+        r = max(l_s, l_t, min(l_s + l_t, max_cp_rank((l_s, l_t, k))))
+        return (r, l_s, l_t)
+
+    def candidates(self, layer: LayerInfo) -> list[Ranks]:
+        steps = np.linspace(0, 1, 2 * max(layer.in_features, layer.out_features) + 1)[1:]
+        family = sorted(
+            {self._family(layer, f) for f in steps}, key=lambda c: self.cost(layer, c).macs
+        )
+        return self._grow_until_not_smaller(layer, family)
+
+    def ranks_from_ratio(self, layer: LayerInfo, ratio: float) -> Ranks:
+        return self._family(layer, ratio)
+
+    def build(self, layer: LayerInfo, ranks: Ranks) -> FactorizedBlock:
+        r, l_s, l_t = ranks
+        s, t = layer.in_features, layer.out_features
+        stages: OrderedDict[str, nn.Module] = OrderedDict()
+        if merge_in(s, r, l_s):
+            stages["pointwise_in"] = pointwise(s, r)
+        else:
+            stages["pointwise_in"] = pointwise(s, l_s)
+            stages["core_in"] = pointwise(l_s, r)
+        stages["depthwise"] = spatial_like(layer, r, r, groups=r)
+        if merge_out(t, r, l_t):
+            stages["pointwise_out"] = pointwise(r, t, bias=layer.bias)
+        else:
+            stages["core_out"] = pointwise(r, l_t)
+            stages["pointwise_out"] = pointwise(l_t, t, bias=layer.bias)
+        return FactorizedBlock(stages, layer.name, self.name, ranks)
+
+    def fill(self, block: FactorizedBlock, original: nn.Module, seed: int) -> FillResult:
+        kernel = kernel_array(original)
+        tensor = cp_tensor(kernel)
+        r, l_s, l_t = block.ranks
+        fitted = lrf_cp(tensor, r, [l_s, l_t, None], seed=seed, max_sweeps=200, tol=1e-7)
+        factors = fitted.factors.absorbed(1)
+        (u_s, u_t, spatial), (v_s, v_t, _) = factors.left, factors.right
+        if "core_in" in block._modules:
+            set_weight(block.pointwise_in, u_s.T[:, :, None, None])
+            set_weight(block.core_in, v_s[:, :, None, None])
+        else:
+            set_weight(block.pointwise_in, (u_s @ v_s.T).T[:, :, None, None])
+        set_weight(block.depthwise, spatial.T.reshape(r, 1, *kernel.shape[2:]))
+        if "core_out" in block._modules:
+            set_weight(block.core_out, v_t.T[:, :, None, None])
+            set_weight(block.pointwise_out, u_t[:, :, None, None])
+        else:
+            set_weight(block.pointwise_out, (u_t @ v_t.T)[:, :, None, None])
+        copy_bias(block.pointwise_out, original)
+        return FillResult(fitted.rel_error, {"lrf_params": float(fitted.factors.n_params)})
+
+
+register_method(CPLRFMethod())

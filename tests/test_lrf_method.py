@@ -1,0 +1,96 @@
+"""The cp-lrf layer chain: exact against its reconstructed kernel, exact cost, budget, ONNX parity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rankfold.passes import (
+    RankPolicy,
+    analyze,
+    decompose,
+    get_method,
+    plan_cost,
+    select_ranks,
+    trace,
+)
+from rankfold.passes.errors import PlanError
+from rankfold.passes.factorizations.lrf_cp import lrf_cp
+from rankfold.passes.lrf_method import merge_in, merge_out
+from rankfold.passes.methods import cp_tensor
+from rankfold.runtime import check_parity, export_onnx
+
+
+def _layer(conv: nn.Conv2d, x: torch.Tensor):
+    gm = trace(nn.Sequential(conv), x)
+    return analyze(gm).layers[0]
+
+
+@pytest.mark.parametrize(
+    "s,t,ranks,stride,padding",
+    [
+        (12, 10, (8, 3, 2), 1, 1),  # both pairs stay factorised
+        (6, 5, (9, 6, 5), 2, (1, 0)),  # both pairs merged into one 1×1
+        (16, 4, (10, 3, 4), 1, "same"),  # mixed
+    ],
+)
+def test_block_equals_conv_with_reconstructed_kernel(s, t, ranks, stride, padding):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(s, t, 3, stride=stride, padding=padding, bias=True).double()
+    x = torch.randn(2, s, 9, 9, dtype=torch.float64)
+    layer = _layer(conv, x)
+    method = get_method("cp-lrf")
+    block = method.build(layer, ranks).double()
+    result = method.fill(block, conv, seed=0)
+    r, l_s, l_t = ranks
+    assert ("core_in" not in block._modules) == merge_in(s, r, l_s)
+    assert ("core_out" not in block._modules) == merge_out(t, r, l_t)
+    kernel = conv.weight.detach().numpy()
+    fitted = lrf_cp(cp_tensor(kernel), r, [l_s, l_t, None], seed=0, max_sweeps=200, tol=1e-7)
+    assert result.rel_error == pytest.approx(fitted.rel_error, rel=1e-9)
+    rebuilt = fitted.factors.reconstruct().reshape(s, t, 3, 3).transpose(1, 0, 2, 3)
+    reference = nn.Conv2d(s, t, 3, stride=stride, padding=padding).double()
+    reference.weight.data.copy_(torch.from_numpy(np.ascontiguousarray(rebuilt)))
+    reference.bias.data.copy_(conv.bias.data)
+    expected = reference(x)
+    assert float(((block(x) - expected).norm() / expected.norm()).detach()) < 1e-5
+    cost = method.cost(layer, ranks)
+    assert cost.params == sum(p.numel() for p in block.parameters())
+
+
+def test_factor_rank_above_cp_rank_is_refused():
+    conv = nn.Conv2d(8, 8, 3)
+    layer = _layer(conv, torch.randn(1, 8, 6, 6))
+    with pytest.raises(PlanError, match="exceed the CP rank"):
+        get_method("cp-lrf").normalize_ranks(layer, [4, 6, 2])
+
+
+def test_pipeline_budget_and_onnx_parity(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 24, 3, padding=1),
+        nn.BatchNorm2d(24),
+        nn.ReLU(),
+        nn.Conv2d(24, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    ).eval()
+    x = torch.randn(4, 3, 16, 16)
+    gm = trace(model, x)
+    analysis = analyze(gm)
+    plan = select_ranks(analysis, RankPolicy(method="cp-lrf", macs_reduction=2.0, min_macs_share=0))
+    achieved = analysis.total_macs / plan_cost(analysis, plan).macs
+    assert abs(achieved / 2 - 1) <= 0.05
+    compressed, report = decompose(gm, analysis, plan)
+    rows = report.by_name()
+    assert rows["3"].method == "cp-lrf" and len(rows["3"].rank) == 3
+    export_onnx(compressed, x, tmp_path / "m.onnx")
+    parity = check_parity(compressed, tmp_path / "m.onnx", x, atol=1e-4)
+    assert parity.passed, parity
