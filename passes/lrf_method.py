@@ -126,3 +126,45 @@ class CPLRFMethod(Method):
 
 
 register_method(CPLRFMethod())
+
+
+def error_bounded_ranks(
+    gm: nn.Module, analysis, rel_error: float, rank_fraction: float = 1.0, seed: int = 0
+) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """Per-layer (R, L_S, L_T) whose LRF-CPD meets relative error `rel_error`, before any surgery.
+
+    R is `rank_fraction` of the layer's CP break-even rank; `lrf_cp_auto` then picks the smallest
+    factor ranks within the bound. Layers whose block would not be smaller than the layer, or that
+    cannot reach the bound at that R, are returned in the second dict with the reason.
+    """
+    from threadpoolctl import threadpool_limits
+
+    from rankfold.passes.factorizations.lrf_cp import lrf_cp_auto
+    from rankfold.passes.methods import METHODS, method_for_layer
+
+    method = METHODS["cp-lrf"]
+    ranks: dict[str, list[int]] = {}
+    skipped: dict[str, str] = {}
+    for layer in analysis.layers:
+        chosen, _ = method_for_layer("cp-lrf", layer)
+        if chosen is not method or method.unsupported_reason(layer):
+            continue
+        (r,) = METHODS["cp"].ranks_from_ratio(layer, rank_fraction)
+        tensor = cp_tensor(kernel_array(gm.get_submodule(layer.name)))
+        try:
+            with threadpool_limits(limits=1, user_api="blas"):
+                fitted = lrf_cp_auto(tensor, r, rel_error, seed=seed, constrained_modes=(0, 1))
+        except ValueError as exc:
+            skipped[layer.name] = f"LRF-CPD at rank {r} cannot reach error {rel_error:g} ({exc})"
+            continue
+        l_s, l_t = (
+            v.shape[1] if v is not None else min(n, r)
+            for v, n in zip(fitted.factors.right[:2], tensor.shape[:2])
+        )
+        candidate = (r, l_s, l_t)
+        cost = method.cost(layer, candidate)
+        if cost.params >= layer.params or cost.macs >= layer.macs:
+            skipped[layer.name] = f"error {rel_error:g} needs ranks {list(candidate)}, not smaller"
+            continue
+        ranks[layer.name] = list(candidate)
+    return ranks, skipped

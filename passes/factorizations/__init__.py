@@ -11,6 +11,7 @@ from rankfold.passes.factorizations.epc import (
     max_cp_rank,
     tucker2_cp,
 )
+from rankfold.passes.factorizations.lrf_cp import LRFCPFactors, LRFCPResult, lrf_cp, lrf_cp_auto
 from rankfold.passes.factorizations.svd import SVDFactors, truncated_svd
 from rankfold.passes.factorizations.tucker import Tucker2Factors, tucker2
 
@@ -21,6 +22,10 @@ __all__ = [
     "cp_epc",
     "max_cp_rank",
     "tucker2_cp",
+    "LRFCPFactors",
+    "LRFCPResult",
+    "lrf_cp",
+    "lrf_cp_auto",
     "SVDFactors",
     "Tucker2Factors",
     "cp_als",
