@@ -179,8 +179,30 @@ def compress(
         int | None, typer.Option(help="Use the first N evaluation samples.")
     ] = None,
     train_data: Annotated[
-        Path | None, typer.Option(help="Training data, reserved for recalibration/fine-tuning.")
+        Path | None,
+        typer.Option(help="Training data: BatchNorm recalibration, and fine-tuning if asked."),
     ] = None,
+    train_limit: Annotated[
+        int | None, typer.Option(help="Use the first N training samples.")
+    ] = None,
+    recalibrate: Annotated[
+        bool, typer.Option(help="Recalibrate BatchNorm (bias correction without BN).")
+    ] = True,
+    finetune_epochs: Annotated[
+        int | None, typer.Option(help="Fine-tuning epochs after decomposition (0: none).")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (SGD 0.01, AdamW 1e-3).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Fine-tuning batch size.")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="sgd or adamw.")] = None,
+    distill: Annotated[
+        bool | None, typer.Option("--distill/--no-distill", help="Distil from the original.")
+    ] = None,
+    train_only_decomposed: Annotated[
+        bool, typer.Option(help="Train only the factorized blocks.")
+    ] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue an interrupted fine-tuning in --out.")
+    ] = False,
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out"),
     provider: Annotated[str | None, typer.Option(help="onnxruntime provider: cpu or cuda.")] = None,
     batch: Annotated[str | None, typer.Option(help="Latency batch sizes, e.g. 1,8.")] = None,
@@ -194,11 +216,6 @@ def compress(
     from rankfold.converter.pipeline import run_compress
     from rankfold.passes.errors import ConfigError
 
-    if train_data is not None:
-        raise ConfigError(
-            "--train-data is reserved for BatchNorm recalibration and fine-tuning, which this "
-            "version does not run yet; leave it out"
-        )
     overrides: dict[str, Any] = {}
     for item in layer_rank or []:
         key, sep, value = item.partition("=")
@@ -213,6 +230,18 @@ def compress(
         "plan": plan,
         "eval_data": eval_data,
         "eval_limit": eval_limit,
+        "train_data": train_data,
+        "train_limit": train_limit,
+        "recalibrate": None if recalibrate else False,
+        "resume": resume or None,
+        "finetune": {
+            "epochs": finetune_epochs,
+            "lr": lr,
+            "batch_size": batch_size,
+            "optimizer": optimizer,
+            "distill": distill,
+            "train_only_decomposed": train_only_decomposed or None,
+        },
         "seed": seed,
         "ranks": {
             "method": method,
@@ -261,7 +290,9 @@ def _print_summary(report: dict[str, Any], out: Path) -> None:
         f"MACs {report['original']['macs']:,} → {report['compressed']['macs']:,} "
         f"({report['macs_reduction']:.2f}×), params {report['params_reduction']:.2f}× fewer",
         f"accuracy: original {acc(report['original']['accuracy'])}, decomposed "
-        f"{acc(report['compressed']['accuracy_decomposed'])}, ONNX {acc(report['onnx']['accuracy'])}",
+        f"{acc(report['compressed']['accuracy_decomposed'])}, recalibrated "
+        f"{acc(report['compressed']['accuracy_recalibrated'])}, fine-tuned "
+        f"{acc(report['compressed']['accuracy_finetuned'])}, ONNX {acc(report['onnx']['accuracy'])}",
         f"ONNX parity: max abs diff {report['onnx']['max_abs_diff']:.2e} "
         f"(tolerance {report['onnx']['atol']:.0e})",
     ]
@@ -270,7 +301,7 @@ def _print_summary(report: dict[str, Any], out: Path) -> None:
             lines.append(
                 f"latency ({report['latency']['provider']}, batch {row['batch']}): "
                 f"{row['original_ms']:.2f} ms → {row['compressed_ms']:.2f} ms "
-                f"({row['speedup']:.2f}× faster)"
+                f"(speedup {row['speedup']:.2f}×)"
             )
     lines.append(
         f"wrote {out}/: model.onnx original.onnx plan.json model.pt report.json layers.png"
@@ -372,11 +403,18 @@ def demo(
     epochs: Annotated[int, typer.Option(help="Training epochs for the digits CNN.")] = 8,
     method: Annotated[str, typer.Option(help="Decomposition method.")] = "tucker2",
     macs_reduction: Annotated[float, typer.Option(help="MAC reduction target.")] = 2.0,
+    finetune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 5,
 ) -> None:
-    """Offline demo: train a small CNN on scikit-learn's digits, compress, export, validate."""
+    """Offline demo: train a CNN on scikit-learn's digits, compress, fine-tune, export, validate."""
     from rankfold.converter.demo import run_demo
 
-    report = run_demo(out, epochs=epochs, method=method, macs_reduction=macs_reduction)
+    report = run_demo(
+        out,
+        epochs=epochs,
+        method=method,
+        macs_reduction=macs_reduction,
+        finetune_epochs=finetune_epochs,
+    )
     _print_summary(report, out)
 
 

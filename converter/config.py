@@ -6,7 +6,6 @@ settings (`rankfold compress --config run.yaml`), with command-line options taki
 
 from __future__ import annotations
 
-import difflib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from rankfold.converter.finetune import FinetuneConfig
+from rankfold.converter.strict import config_error
 from rankfold.passes.errors import ConfigError
 from rankfold.passes.plan import RankPolicy
 
@@ -56,54 +57,14 @@ class CompressConfig(_Strict):
     eval_data: Path | None = None
     eval_limit: int | None = Field(default=None, ge=1)
     train_data: Path | None = None
+    train_limit: int | None = Field(default=None, ge=1)
+    # With train_data: BatchNorm recalibration (or bias correction for BN-free models).
+    recalibrate: bool = True
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    resume: bool = False
     export: ExportConfig = Field(default_factory=ExportConfig)
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
     seed: int = 0
-
-
-def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
-    """Field names valid at a location like ('ranks', 'layers', 'conv1')."""
-    current: Any = model
-    for part in loc[:-1]:
-        if (
-            isinstance(current, type)
-            and issubclass(current, BaseModel)
-            and part in current.model_fields
-        ):
-            annotation = current.model_fields[part].annotation
-            args = getattr(annotation, "__args__", ())
-            current = next(
-                (
-                    a
-                    for a in (annotation, *args)
-                    if isinstance(a, type) and issubclass(a, BaseModel)
-                ),
-                annotation,
-            )
-            if getattr(annotation, "__origin__", None) is dict:
-                current = args[1]
-        elif current is not None and getattr(current, "__origin__", None) is dict:
-            current = current.__args__[1]
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
-    return []
-
-
-def config_error(exc: ValidationError, model: type[BaseModel], source: str) -> ConfigError:
-    """One line for the first problem, with a did-you-mean for unrecognised keys."""
-    # A misspelt key also shows up as a missing one: report the misspelling.
-    error = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-    loc = tuple(error["loc"])
-    where = ".".join(str(p) for p in loc)
-    if error["type"] == "extra_forbidden":
-        valid = _fields_at(model, loc)
-        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-        hint = f" — did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
-        return ConfigError(f"{source}: unrecognised key '{where}'{hint}")
-    if error["type"] == "missing":
-        return ConfigError(f"{source}: missing required setting '{where}'")
-    message = error["msg"].removeprefix("Value error, ")
-    return ConfigError(f"{source}: invalid value for '{where}': {message}")
 
 
 def build_config(data: dict[str, Any], source: str = "configuration") -> CompressConfig:

@@ -1,6 +1,7 @@
 """`rankfold demo`: the whole pipeline offline on scikit-learn's digits, in well under 3 minutes.
 
-It goes through the same files a user would: the trained checkpoint and the test split are
+Train a small CNN, compress it, recalibrate BatchNorm and fine-tune with distillation, export,
+validate. It goes through the same files a user would: the checkpoint and the data splits are
 written to the output folder and read back by the normal `compress` path.
 """
 
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from rankfold.converter.config import CompressConfig, LatencyConfig
+from rankfold.converter.finetune import FinetuneConfig
 from rankfold.converter.pipeline import prepare_output_dir, run_compress
 from rankfold.converter.ui import progress_bar
 from rankfold.models.digits import digits_splits, train_digits_cnn
@@ -22,10 +24,14 @@ from rankfold.runtime.files import atomic_path, atomic_write_bytes
 
 
 def run_demo(
-    out_dir: str | Path, epochs: int = 8, method: str = "tucker2", macs_reduction: float = 2.0
+    out_dir: str | Path,
+    epochs: int = 8,
+    method: str = "tucker2",
+    macs_reduction: float = 2.0,
+    finetune_epochs: int = 5,
 ) -> dict[str, Any]:
     out = prepare_output_dir(out_dir)
-    _, test = digits_splits()
+    train, test = digits_splits()
     with progress_bar("train digits-cnn", total=epochs) as advance:
         model = train_digits_cnn(
             epochs=epochs, progress=lambda epoch, acc: advance(f"train acc {acc:.1%}")
@@ -33,15 +39,18 @@ def run_demo(
     weights = out / "digits-cnn.pt"
     with atomic_path(weights) as tmp:
         torch.save(model.state_dict(), tmp)
-    test_file = out / "digits_test.npz"
-    buffer = io.BytesIO()
-    np.savez(buffer, x=test.x, y=test.y)
-    atomic_write_bytes(test_file, buffer.getvalue())
+    train_file, test_file = out / "digits_train.npz", out / "digits_test.npz"
+    for path, split in ((train_file, train), (test_file, test)):
+        buffer = io.BytesIO()
+        np.savez(buffer, x=split.x, y=split.y)
+        atomic_write_bytes(path, buffer.getvalue())
     config = CompressConfig(
         model="digits-cnn",
         weights=weights,
         eval_data=test_file,
+        train_data=train_file,
         ranks=RankPolicy(method=method, macs_reduction=macs_reduction),
+        finetune=FinetuneConfig(epochs=finetune_epochs, lr=0.01, batch_size=64),
         latency=LatencyConfig(batch=[1, 32]),
     )
     return run_compress(config, out).report

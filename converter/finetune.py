@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
-from rankfold.converter.config import config_error
+from rankfold.converter.strict import config_error
 from rankfold.converter.ui import console, progress_bar
 from rankfold.models import ArrayDataset, ModelSpec, normalize
 from rankfold.passes.errors import ConfigError, DataError
@@ -305,7 +305,8 @@ class _Trainer:
         config = self.config
         model.train()
         for module in frozen:
-            module.eval()  # frozen layers keep their BatchNorm statistics too
+            # Not eval(), which recurses into the blocks: frozen BatchNorms keep their statistics.
+            module.training = False
         groups, rng = _global_batches(
             len(self.train), config.batch_size, self.world, config.seed, epoch
         )
@@ -429,8 +430,8 @@ class _Trainer:
                 f"{path} was made with other settings: {', '.join(changed[:3])}; resume with the "
                 "same settings, or start over without --resume"
             )
-        for which in ("train", "eval"):
-            if payload["data"][which] != self.fingerprint[which]:
+        for key, which in (("train", "training"), ("eval", "evaluation")):
+            if payload["data"][key] != self.fingerprint[key]:
                 raise ConfigError(
                     f"{path} was made with other {which} data; resume with the same data, or "
                     "start over without --resume"

@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from rankfold.converter.config import CompressConfig
+from rankfold.converter.finetune import FinetuneResult, finetune, plot_history
 from rankfold.converter.report import plot_layers
 from rankfold.converter.ui import progress_bar
 from rankfold.models import ArrayDataset, ModelSpec, batches, check_finite, load_dataset, load_model
@@ -32,6 +33,7 @@ from rankfold.passes import (
     trace,
 )
 from rankfold.passes.errors import ConfigError, ModelLoadError, OutputError
+from rankfold.passes.recalibrate import correct_bias, has_batchnorm, recalibrate_bn
 from rankfold.runtime import (
     check_onnx,
     check_parity,
@@ -61,6 +63,8 @@ class CompressionResult:
     example_input: torch.Tensor
     eval_data: ArrayDataset | None = None
     accuracy: dict[str, float | None] = field(default_factory=dict)
+    recalibration: str | None = None  # "batchnorm" | "bias" when recovery ran
+    finetuning: FinetuneResult | None = None
     report: dict[str, Any] = field(default_factory=dict)
 
     def save(self, out_dir: str | Path) -> dict[str, Any]:
@@ -118,6 +122,9 @@ class CompressionResult:
             f"{self.config.model}: {self.plan.method}, "
             f"{self.report['macs_reduction']:.2f}× fewer MACs",
         )
+        if self.finetuning is not None and self.finetuning.history:
+            title = f"{self.config.model}: fine-tuning"
+            plot_history(self.finetuning.history, out / "finetune.png", title)
         if not parity.passed:
             raise parity_error(parity)
         return self.report
@@ -148,10 +155,12 @@ def compress(
     example_inputs: torch.Tensor,
     config: CompressConfig,
     spec: ModelSpec | None = None,
+    workdir: str | Path | None = None,
 ) -> CompressionResult:
-    """Trace, plan and decompose `model`; measure accuracy when `config.eval_data` is set.
+    """Trace, plan and decompose `model`, then recover accuracy when `config.train_data` is set.
 
-    `spec` (input shape, classes, mean/std) is needed to read evaluation data.
+    `spec` (input shape, classes, mean/std) is needed to read data. Fine-tuning checkpoints go to
+    `workdir` (default: a temporary folder, so only `--resume` needs a fixed one).
     """
     check_finite(model)
     model.eval()
@@ -169,13 +178,57 @@ def compress(
     result = CompressionResult(
         config, spec, original, compressed, analysis, plan, decomposition, example_inputs
     )
+    if (config.eval_data or config.train_data) and spec is None:
+        raise ConfigError("reading data needs the model's spec (mean/std); pass spec=")
     if config.eval_data is not None:
-        if spec is None:
-            raise ConfigError("evaluation data needs the model's spec (mean/std); pass spec=")
         result.eval_data = load_dataset(config.eval_data, spec, limit=config.eval_limit)
-        result.accuracy["original"] = torch_accuracy(original, batches(result.eval_data, spec))
-        result.accuracy["decomposed"] = torch_accuracy(compressed, batches(result.eval_data, spec))
+        result.accuracy["original"] = _accuracy(original, result)
+        result.accuracy["decomposed"] = _accuracy(compressed, result)
+    if config.train_data is not None:
+        train = load_dataset(config.train_data, spec, limit=config.train_limit)
+        if workdir is None:
+            with tempfile.TemporaryDirectory(prefix="rankfold-") as scratch:
+                recover(result, train, Path(scratch))
+        else:
+            recover(result, train, Path(workdir))
+    elif config.finetune.epochs > 0:
+        raise ConfigError("fine-tuning needs training data: pass --train-data")
     return result
+
+
+def _accuracy(module: nn.Module, result: CompressionResult) -> float | None:
+    if result.eval_data is None or result.spec is None:
+        return None
+    return torch_accuracy(module, batches(result.eval_data, result.spec))
+
+
+def recover(result: CompressionResult, train: ArrayDataset, workdir: Path) -> None:
+    """BatchNorm recalibration (bias correction without BN), then optional fine-tuning."""
+    config, spec = result.config, result.spec
+    decomposed = [entry.name for entry in result.plan.decomposed()]
+    if config.recalibrate and decomposed:
+        inputs = batches(train, spec, batch_size=256)
+        if has_batchnorm(result.compressed):
+            recalibrate_bn(result.compressed, inputs)
+            result.recalibration = "batchnorm"
+        else:
+            correct_bias(result.original, result.compressed, decomposed, inputs, max_batches=8)
+            result.recalibration = "bias"
+        result.accuracy["recalibrated"] = _accuracy(result.compressed, result)
+    if config.finetune.epochs > 0:
+        teacher = result.original if config.finetune.distill else None
+        result.finetuning = finetune(
+            result.compressed,
+            teacher,
+            train,
+            spec,
+            config.finetune,
+            workdir / "checkpoints",
+            eval_data=result.eval_data,
+            resume=config.resume,
+            decomposed_names=decomposed,
+        )
+        result.accuracy["finetuned"] = _accuracy(result.compressed, result)
 
 
 def run_compress(config: CompressConfig, out_dir: str | Path) -> CompressionResult:
@@ -183,7 +236,7 @@ def run_compress(config: CompressConfig, out_dir: str | Path) -> CompressionResu
     prepare_output_dir(out_dir)  # an unwritable --out fails before minutes of work
     model, spec = load_model(config.model, config.weights, config.input_shape)
     example = torch.zeros(1, *spec.input_shape)
-    result = compress(model, example, config, spec)
+    result = compress(model, example, config, spec, workdir=out_dir)
     result.save(out_dir)
     return result
 
@@ -207,6 +260,12 @@ def build_report(
             "params": cost.params,
             "macs": cost.macs,
             "accuracy_decomposed": result.accuracy.get("decomposed"),
+            "accuracy_recalibrated": result.accuracy.get("recalibrated"),
+            "accuracy_finetuned": result.accuracy.get("finetuned"),
+        },
+        "recovery": {
+            "recalibration": result.recalibration,
+            "finetune": None if result.finetuning is None else result.finetuning.to_dict(),
         },
         "macs_reduction": analysis.total_macs / cost.macs,
         "params_reduction": analysis.total_params / cost.params,

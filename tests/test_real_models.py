@@ -7,6 +7,7 @@ import json
 import pytest
 
 from rankfold.converter import CompressConfig, LatencyConfig, run_compress
+from rankfold.converter.finetune import FinetuneConfig
 from rankfold.passes import RankPolicy
 
 pytestmark = pytest.mark.slow
@@ -29,3 +30,26 @@ def test_resnet20_each_method_at_2x(data_dir, tmp_path, method):
     accuracy = report["compressed"]["accuracy_decomposed"]
     assert 0 < accuracy <= report["original"]["accuracy"]
     assert report["onnx"]["accuracy"] == pytest.approx(accuracy, abs=0.002)
+
+
+def test_resnet20_tucker2_at_2x_recovers_to_80_percent(data_dir, tmp_path):
+    """Uniform Tucker-2 at 2× loses most accuracy; recalibration + one distilled epoch bring it back."""
+    config = CompressConfig(
+        model="resnet20",
+        weights=data_dir / "weights/resnet20-12fca82f.th",
+        eval_data=data_dir / "cifar10/test_lossless_1017.npz",
+        train_data=data_dir / "cifar10/train_lossless_5085.npz",
+        ranks=RankPolicy(method="tucker2", macs_reduction=2.0),
+        finetune=FinetuneConfig(epochs=1),
+        latency=LatencyConfig(enabled=False),
+    )
+    run_compress(config, tmp_path)
+    report = json.loads((tmp_path / "report.json").read_text())
+    compressed = report["compressed"]
+    assert abs(report["macs_reduction"] / 2 - 1) <= 0.05
+    assert report["onnx"]["max_abs_diff"] <= 1e-4
+    assert compressed["accuracy_decomposed"] < compressed["accuracy_recalibrated"]
+    assert compressed["accuracy_finetuned"] >= 0.80
+    assert report["onnx"]["accuracy"] == pytest.approx(compressed["accuracy_finetuned"], abs=0.002)
+    assert report["recovery"]["recalibration"] == "batchnorm"
+    assert (tmp_path / "finetune.png").stat().st_size > 0

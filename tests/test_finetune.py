@@ -1,0 +1,406 @@
+"""Fine-tuning with distillation (converter/finetune.py): loss, checkpoints, resume, freezing."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rankfold.converter import finetune as ft
+from rankfold.converter.finetune import (
+    BEST_CHECKPOINT,
+    LAST_CHECKPOINT,
+    FinetuneConfig,
+    finetune,
+    finetune_config,
+    kd_loss,
+    plot_history,
+)
+from rankfold.models import ArrayDataset, ModelSpec
+from rankfold.passes.blocks import FactorizedBlock
+from rankfold.passes.errors import ConfigError, DataError
+
+SPEC = ModelSpec(
+    name="tiny", input_shape=(3, 12, 12), num_classes=4, mean=(0.5,) * 3, std=(0.25,) * 3
+)
+
+
+class Tiny(nn.Module):
+    """Conv + BN + dropout: BN buffers and the dropout RNG both have to survive a resume."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.block = FactorizedBlock(
+            OrderedDict(
+                pointwise_in=nn.Conv2d(8, 4, 1, bias=False),
+                core=nn.Conv2d(4, 4, 3, padding=1, bias=False),
+                pointwise_out=nn.Conv2d(4, 8, 1),
+            ),
+            source="block",
+            method="tucker2",
+            ranks=(4, 4),
+        )
+        self.bn2 = nn.BatchNorm2d(8)
+        self.drop = nn.Dropout(0.2)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.block(x)))
+        return self.fc(self.drop(x.mean((2, 3))))
+
+
+def tiny(seed: int) -> Tiny:
+    torch.manual_seed(seed)
+    return Tiny().eval()
+
+
+def synthetic(n: int, seed: int) -> ArrayDataset:
+    """Noise images whose class sets which colour channel is brighter: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    x = rng.integers(0, 160, size=(n, 3, 12, 12))
+    for c in range(3):
+        x[:, c] += np.where(y == c, 90, 0)[:, None, None]
+    return ArrayDataset(x.astype(np.uint8), y)
+
+
+TRAIN = synthetic(128, 0)
+EVAL = synthetic(40, 1)
+
+
+def config(**settings) -> FinetuneConfig:
+    base = {"epochs": 3, "batch_size": 16, "augment": "cifar", "lr": 0.1}
+    return FinetuneConfig(**{**base, **settings})
+
+
+# ---- loss and configuration ----------------------------------------------------------------------
+
+
+def test_kd_loss_matches_a_hand_computation() -> None:
+    student = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
+    teacher = np.array([[1.0, 1.5, -0.5], [-1.0, 0.0, 2.0]])
+    labels = np.array([0, 2])
+    t, alpha = 3.0, 0.7
+
+    def log_softmax(z: np.ndarray) -> np.ndarray:
+        z = z - z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+    p_teacher = np.exp(log_softmax(teacher / t))
+    kl = (p_teacher * (np.log(p_teacher) - log_softmax(student / t))).sum(axis=1)
+    ce = -log_softmax(student)[np.arange(2), labels]
+    expected = alpha * t**2 * kl + (1 - alpha) * ce
+
+    args = (torch.tensor(student), torch.tensor(teacher), torch.tensor(labels), t, alpha)
+    per_example = kd_loss(*args, reduction="none")
+    np.testing.assert_allclose(per_example.numpy(), expected, rtol=1e-6)
+    assert float(kd_loss(*args)) == pytest.approx(expected.mean(), rel=1e-6)
+    # alpha 0 is plain cross-entropy; a student equal to its teacher has no distillation loss.
+    assert float(kd_loss(*args[:3], t, 0.0)) == pytest.approx(ce.mean(), rel=1e-6)
+    same = torch.tensor(teacher)
+    assert float(kd_loss(same, same, args[2], t, 1.0)) == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ValueError, match="temperature"):
+        kd_loss(*args[:3], 0.0, alpha)
+    with pytest.raises(ValueError, match="alpha"):
+        kd_loss(*args[:3], t, 1.5)
+
+
+def test_config_defaults_depend_on_the_optimizer() -> None:
+    sgd = FinetuneConfig()
+    assert (sgd.epochs, sgd.lr, sgd.weight_decay, sgd.batch_size) == (0, 0.01, 5e-4, 128)
+    assert (sgd.distill, sgd.temperature, sgd.alpha, sgd.augment) == (True, 4.0, 0.9, "auto")
+    adamw = FinetuneConfig(optimizer="adamw")
+    assert (adamw.lr, adamw.weight_decay) == (1e-3, 0.05)
+    assert FinetuneConfig(optimizer="adamw", lr=3e-4, weight_decay=0.0).lr == 3e-4
+    # The resolved values round-trip, as a checkpoint's saved config must.
+    assert FinetuneConfig.model_validate(adamw.model_dump()) == adamw
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"lr": 0}, "'lr': Input should be greater than 0"),
+        ({"lr": -0.1}, "'lr': Input should be greater than 0"),
+        ({"epochs": -1}, "'epochs': Input should be greater than or equal to 0"),
+        ({"batch_size": 0}, "'batch_size': Input should be greater than or equal to 1"),
+        ({"optimiser": "sgd"}, "did you mean 'optimizer'"),
+    ],
+)
+def test_bad_settings_give_one_line_errors(settings: dict, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        finetune_config(settings)
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def unchecked(**settings) -> FinetuneConfig:
+    """A config built without validation, as code (not the CLI) might make one."""
+    return FinetuneConfig.model_construct(**{**config().model_dump(), **settings})
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path: Path) -> None:
+    student, teacher = tiny(0), tiny(1)
+    cases = [
+        (DataError, "labels span \\[1, 7\\] but model 'tiny' has 4 classes", {}),
+        (ConfigError, "learning rate must be > 0", {"config": unchecked(lr=0.0)}),
+        (ConfigError, "needs the original model as teacher", {"teacher": None}),
+        (DataError, "images are 1×12×12 but model 'tiny' takes 3×12×12", {}),
+    ]
+    bad_labels = ArrayDataset(TRAIN.x, TRAIN.y * 2 + 1)
+    bad_shape = ArrayDataset(TRAIN.x[:, :1], TRAIN.y)
+    for (error, words, override), train in zip(cases, (bad_labels, TRAIN, TRAIN, bad_shape)):
+        kwargs = {"teacher": teacher, "config": config(), **override}
+        with pytest.raises(error, match=words) as info:
+            finetune(student, kwargs["teacher"], train, SPEC, kwargs["config"], tmp_path)
+        assert "\n" not in str(info.value)
+    with pytest.raises(DataError, match="the dataset is empty") as info:
+        finetune(student, teacher, ArrayDataset(TRAIN.x[:0], TRAIN.y[:0]), SPEC, config(), tmp_path)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="outputs shape \\(2, 4\\) but model 'ten' has 10"):
+        finetune(
+            student,
+            teacher,
+            TRAIN,
+            dataclasses.replace(SPEC, name="ten", num_classes=10),
+            config(),
+            tmp_path,
+        )
+    assert not any(tmp_path.iterdir())  # nothing written before the checks pass
+
+
+# ---- training, checkpoints and resume ------------------------------------------------------------
+
+
+def test_finetune_learns_and_keeps_the_best_epoch(tmp_path: Path) -> None:
+    student, teacher = tiny(0), tiny(1)
+    result = finetune(
+        student, teacher, TRAIN, SPEC, config(epochs=4, distill=False), tmp_path, eval_data=EVAL
+    )
+    assert [row["epoch"] for row in result.history] == [1, 2, 3, 4]
+    assert set(result.history[0]) == {
+        "epoch",
+        "loss",
+        "train_accuracy",
+        "eval_accuracy",
+        "lr",
+        "seconds",
+    }
+    assert result.history[0]["lr"] == pytest.approx(0.1)
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    accuracies = [row["eval_accuracy"] for row in result.history]
+    assert result.best_accuracy == max(accuracies) >= 0.7
+    assert result.best_epoch == 1 + accuracies.index(max(accuracies))
+    assert result.resumed_from is None and not student.training
+
+    best = torch.load(tmp_path / BEST_CHECKPOINT, weights_only=True)
+    last = torch.load(tmp_path / LAST_CHECKPOINT, weights_only=True)
+    assert best["epoch"] == result.best_epoch and last["epoch"] == 4
+    for key, value in student.state_dict().items():
+        assert torch.equal(value, best["model"][key])
+    assert {"model", "optimizer", "scheduler", "history", "rng", "config"} <= set(last)
+
+
+def _run(tmp_path: Path, name: str, interrupt_at: int | None = None, resume: bool = False):
+    """A fresh student trained 3 epochs; optionally Ctrl-C at the given forward call."""
+    student, teacher = tiny(0), tiny(1)
+    calls = {"n": 0}
+
+    def interrupt(*_):
+        calls["n"] += 1
+        if calls["n"] == interrupt_at:
+            raise KeyboardInterrupt
+
+    handle = student.fc.register_forward_hook(interrupt)
+    try:
+        result = finetune(
+            student, teacher, TRAIN, SPEC, config(), tmp_path / name, eval_data=EVAL, resume=resume
+        )
+    finally:
+        handle.remove()
+    return student, result
+
+
+def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
+    reference, reference_result = _run(tmp_path, "ref")
+    # Forward calls per epoch: 8 training steps + 1 eval batch (+ 1 input probe at the start).
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "cut", interrupt_at=1 + 9 + 9 + 2)  # in epoch 3's second step
+    directory = tmp_path / "cut"
+    assert sorted(p.name for p in directory.iterdir()) == [BEST_CHECKPOINT, LAST_CHECKPOINT]
+    saved = torch.load(directory / LAST_CHECKPOINT, weights_only=True)
+    assert saved["epoch"] == 2 and len(saved["history"]) == 2
+
+    resumed, result = _run(tmp_path, "cut", resume=True)
+    assert result.resumed_from == 2
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    strip = [{k: v for k, v in row.items() if k != "seconds"} for row in result.history]
+    expected = [
+        {k: v for k, v in row.items() if k != "seconds"} for row in reference_result.history
+    ]
+    assert strip == expected
+    assert result.best_epoch == reference_result.best_epoch
+
+    # A finished run resumed again trains nothing and keeps its result.
+    again, finished = _run(tmp_path, "cut", resume=True)
+    assert finished.resumed_from == 3 and len(finished.history) == 3
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in reference.state_dict().items())
+
+
+def test_interrupt_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch) -> None:
+    real_save = torch.save
+
+    def flaky_save(payload, path, *args, **kwargs):
+        if payload.get("epoch") == 2 and "optimizer" in payload:
+            Path(path).write_bytes(b"PK\x03\x04 half a file")
+            raise KeyboardInterrupt
+        return real_save(payload, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", flaky_save)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "run")
+    monkeypatch.setattr(torch, "save", real_save)
+    directory = tmp_path / "run"
+    assert sorted(p.name for p in directory.iterdir()) == [BEST_CHECKPOINT, LAST_CHECKPOINT]
+    assert torch.load(directory / LAST_CHECKPOINT, weights_only=True)["epoch"] == 1
+    _, result = _run(tmp_path, "run", resume=True)
+    assert result.resumed_from == 1 and len(result.history) == 3
+
+
+def test_resume_checks_settings_and_starts_fresh_without_a_checkpoint(tmp_path, capsys) -> None:
+    student, teacher = tiny(0), tiny(1)
+    result = finetune(student, teacher, TRAIN, SPEC, config(epochs=1), tmp_path, resume=True)
+    assert result.resumed_from is None and len(result.history) == 1
+    assert "starts fresh" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="other settings: lr=0.1 \\(now 0.02\\)") as info:
+        finetune(student, teacher, TRAIN, SPEC, config(epochs=1, lr=0.02), tmp_path, resume=True)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="other training data"):
+        finetune(student, teacher, synthetic(128, 5), SPEC, config(epochs=1), tmp_path, resume=True)
+    (tmp_path / LAST_CHECKPOINT).write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="is unreadable"):
+        finetune(student, teacher, TRAIN, SPEC, config(epochs=1), tmp_path, resume=True)
+
+
+def test_train_only_decomposed_freezes_everything_else(tmp_path: Path) -> None:
+    student, teacher = tiny(0), tiny(1)
+    before = copy.deepcopy(student.state_dict())
+    seen: list[dict[str, bool]] = []
+    modes: list[bool] = []
+
+    def record(module, *_):
+        seen.append({name: p.requires_grad for name, p in student.named_parameters()})
+        modes.append(student.block.training)
+
+    handle = student.register_forward_hook(record)
+    finetune(
+        student,
+        teacher,
+        TRAIN,
+        SPEC,
+        config(epochs=2, train_only_decomposed=True),
+        tmp_path,
+        decomposed_names=["block"],
+    )
+    handle.remove()
+    training_calls = [flags for flags, training in zip(seen, modes) if training]
+    assert len(training_calls) == 16  # 2 epochs of 8 steps
+    for flags in training_calls:
+        assert {name for name, grad in flags.items() if grad} == {
+            "block.pointwise_in.weight",
+            "block.core.weight",
+            "block.pointwise_out.weight",
+            "block.pointwise_out.bias",
+        }
+    after = student.state_dict()
+    for key, value in before.items():
+        unchanged = torch.equal(value, after[key])
+        # BatchNorm statistics outside the block are frozen too (eval mode while training).
+        assert unchanged == (not key.startswith("block.")), key
+    assert all(p.requires_grad for p in student.parameters())  # the caller's flags come back
+    with pytest.raises(ConfigError, match="needs the names of the decomposed blocks"):
+        finetune(student, teacher, TRAIN, SPEC, config(train_only_decomposed=True), tmp_path)
+    with pytest.raises(ConfigError, match="'blok' is not in the model"):
+        finetune(
+            student,
+            teacher,
+            TRAIN,
+            SPEC,
+            config(train_only_decomposed=True),
+            tmp_path,
+            decomposed_names=["blok"],
+        )
+
+
+def test_zero_epochs_is_a_no_op(tmp_path: Path) -> None:
+    student = tiny(0)
+    before = copy.deepcopy(student.state_dict())
+    result = finetune(student, None, TRAIN, SPEC, FinetuneConfig(), tmp_path / "never")
+    assert result.history == [] and result.best_epoch is None
+    assert not (tmp_path / "never").exists()
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())
+
+
+def test_cifar_augmentation_crops_with_zero_padding_and_flips() -> None:
+    images = np.arange(2 * 3 * 12 * 12, dtype=np.int64).reshape(2, 3, 12, 12).astype(np.uint8)
+    centre = ft._crop_flip(images, np.array([4, 0]), np.array([4, 8]), np.array([False, True]))
+    assert centre.shape == images.shape and centre.dtype == np.uint8
+    np.testing.assert_array_equal(centre[0], images[0])  # offset 4 of padding 4: unchanged
+    # Second image: 4 rows of zero padding on top, shifted 4 columns left, then mirrored.
+    np.testing.assert_array_equal(centre[1, :, :4], 0)
+    shifted = np.zeros((3, 12, 12), dtype=np.uint8)
+    shifted[:, 4:, :8] = images[1, :, :8, 4:]
+    np.testing.assert_array_equal(centre[1], shifted[:, :, ::-1])
+
+
+def test_plot_history_writes_a_png(tmp_path: Path) -> None:
+    history = [
+        {"epoch": 1, "loss": 1.0, "train_accuracy": 0.5, "eval_accuracy": 0.6, "lr": 0.01},
+        {"epoch": 2, "loss": 0.5, "train_accuracy": 0.7, "eval_accuracy": 0.8, "lr": 0.005},
+    ]
+    path = plot_history(history, tmp_path / "curve.png", "test", {"original": 0.9})
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    unevaluated = [{**row, "eval_accuracy": None} for row in history]
+    assert plot_history(unevaluated, tmp_path / "train_only.png", "t").stat().st_size > 5000
+
+
+# ---- recovery on real (bundled) data -------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_finetuning_recovers_digits_accuracy(tmp_path: Path) -> None:
+    from rankfold.models import DIGITS_SPEC, batches, digits_splits, train_digits_cnn
+    from rankfold.passes import RankPolicy, analyze, decompose, select_ranks, trace
+    from rankfold.runtime import torch_accuracy
+
+    train, test = digits_splits(0)
+    model = train_digits_cnn(seed=0)
+    original = trace(model, torch.zeros(1, *DIGITS_SPEC.input_shape))
+    analysis = analyze(original)
+    plan = select_ranks(analysis, RankPolicy(method="tucker2", macs_reduction=2.0), "digits-cnn")
+    compressed, _ = decompose(original, analysis, plan)
+    accuracy = {"original": torch_accuracy(original, batches(test, DIGITS_SPEC))}
+    accuracy["decomposed"] = torch_accuracy(compressed, batches(test, DIGITS_SPEC))
+    assert accuracy["decomposed"] < accuracy["original"] - 0.05
+
+    result = finetune(
+        compressed,
+        original,
+        train,
+        DIGITS_SPEC,
+        FinetuneConfig(epochs=3),
+        tmp_path,
+        eval_data=test,
+        decomposed_names=[entry.name for entry in plan.decomposed()],
+    )
+    accuracy["finetuned"] = torch_accuracy(compressed, batches(test, DIGITS_SPEC))
+    assert accuracy["finetuned"] == pytest.approx(result.best_accuracy)
+    assert accuracy["finetuned"] >= accuracy["original"] - 0.02, accuracy
