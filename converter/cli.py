@@ -76,6 +76,16 @@ def _int_list(text: str, option: str) -> list[int]:
         raise ConfigError(f"{option} '{text}' must be comma-separated integers, e.g. 1,8") from None
 
 
+def _round_to(text: str | None) -> int | str | None:
+    from rankfold.passes.errors import ConfigError
+
+    if text is None or text == "auto":
+        return text
+    if not text.isdigit():
+        raise ConfigError(f"--round-to '{text}' must be auto, 0 (off) or a positive integer")
+    return int(text)
+
+
 def _rank_value(text: str) -> int | float | list[int]:
     from rankfold.passes.errors import ConfigError
 
@@ -165,6 +175,10 @@ def compress(
         list[str] | None,
         typer.Option(help="Layer name, glob, parent or type (Linear, Conv2d) to keep."),
     ] = None,
+    round_to: Annotated[
+        str | None,
+        typer.Option(help="Align budgeted ranks to multiples: auto (CPU channel block), N, or 0."),
+    ] = None,
     weights: WeightsOpt = None,
     input_shape: ShapeOpt = None,
     leaf: LeafOpt = None,
@@ -250,6 +264,7 @@ def compress(
             "rank": None if rank is None else _rank_value(rank),
             "layers": overrides or None,
             "skip": skip or None,
+            "round_to": _round_to(round_to),
         },
         "latency": {
             "provider": provider,

@@ -3,15 +3,21 @@
 Per-layer settings follow a fixed precedence (global < module type < glob or parent name < exact
 name); keys are strings, never module objects. A budget (`macs_reduction` / `params_reduction`) is
 met by a uniform allocation: every budgeted layer keeps the same fraction of its own cost, the
-fraction found by bisection, then single rank steps close the remaining gap.
+fraction found by bisection, then single rank steps close the remaining gap without exceeding it.
+`draft_plan` and `allocate` are the shared machinery of every budgeted selector
+(`rankfold.passes.selection`): a draft decides all layers but the budgeted slots, and `allocate`
+fits one option per slot into the budget.
 """
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
 import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -21,6 +27,7 @@ from rankfold.passes.methods import Cost, Method, Ranks, get_method, method_for_
 from rankfold.runtime.files import atomic_write_json
 
 RankSpec = int | float | list[int]
+Selector = Literal["uniform", "energy", "error", "vbmf", "eps-search", "pars"]
 
 
 def _check_rank_spec(value: RankSpec | None) -> RankSpec | None:
@@ -59,6 +66,19 @@ class RankPolicy(BaseModel):
     layers: dict[str, LayerOverride] = Field(default_factory=dict)
     skip: list[str] = Field(default_factory=list)
     min_macs_share: float = Field(default=0.005, ge=0, lt=1)
+    # Budgeted ranks of 2·round_to and more are multiples of it. onnxruntime's CPU convolutions
+    # work on channel blocks (16 with AVX-512, 8 with AVX2) and wrap other channel counts in
+    # layout reorders: ResNet-18 CP at 3× ran 1.91× faster with raw ranks, 2.79× rounded to 16.
+    # "auto" takes this CPU's block; explicit per-layer ranks are never rounded.
+    round_to: Annotated[int, Field(ge=0)] | Literal["auto"] | None = "auto"
+    # How budgeted ranks are chosen (rankfold.passes.selection.resolve_plan): uniform keeps the
+    # same fraction of every layer's cost; the others rank layers by a criterion.
+    select: Selector = "uniform"
+    # Without a budget: the per-layer criterion itself. With one, the criterion's threshold is
+    # moved until the model fits the budget, so these values only matter without a budget.
+    energy: float = Field(default=0.95, gt=0, le=1)  # retained energy of the unfoldings
+    rel_error: float = Field(default=0.3, gt=0, lt=1)  # relative reconstruction error
+    epsilon: float = Field(default=0.01, ge=0, lt=1)  # eps-search: accuracy drop, a fraction
 
     _check = field_validator("rank")(classmethod(lambda cls, v: _check_rank_spec(v)))
 
@@ -180,28 +200,126 @@ def normalize_ranks(
     return ranks, note
 
 
+def cpu_channel_block() -> int | None:
+    """onnxruntime's CPU channel block on this machine: 16 (AVX-512), 8 (AVX2), else None."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return None
+    return 16 if "avx512f" in flags else 8 if "avx2" in flags else None
+
+
+def resolve_round_to(value: int | str | None) -> int | None:
+    """"auto" → this CPU's channel block; 0 or None → no rounding."""
+    return cpu_channel_block() if value == "auto" else (value or None)
+
+
+def _aligned(ranks: Ranks, multiple: int | None) -> bool:
+    """Small ranks stay free (rounding them would cost too much accuracy); larger ones align."""
+    return multiple is None or all(r < 2 * multiple or r % multiple == 0 for r in ranks)
+
+
 def _smaller(cost: Cost, layer: LayerInfo) -> bool:
     return cost.params < layer.params and cost.macs < layer.macs
 
 
-def select_ranks(analysis: ModelAnalysis, policy: RankPolicy, model_name: str = "model") -> Plan:
-    """Resolve per-layer methods and ranks (explicit, ratio or budget) into a Plan."""
+@dataclass(frozen=True)
+class Budget:
+    """A whole-model target: `metric` ("macs" or "params") divided by `reduction`."""
+
+    metric: str
+    reduction: float
+    total: int  # the original model's cost
+    fixed: int  # cost of everything outside the budgeted layers (explicit ranks included)
+
+    @property
+    def goal(self) -> float:
+        return self.total / self.reduction
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A layer whose ranks a selector chooses: where its entry sits in the plan, and its method."""
+
+    index: int
+    layer: LayerInfo
+    method: Method
+    note: str
+    round_to: int | None = None
+
+    def candidates(self) -> list[Ranks]:
+        """The method's candidate ranks that make the layer smaller, by increasing cost."""
+        return [
+            c
+            for c in self.method.candidates(self.layer)
+            if _smaller(self.method.cost(self.layer, c), self.layer) and _aligned(c, self.round_to)
+        ]
+
+    def cost(self, ranks: Ranks | None, metric: str) -> int:
+        """The block's cost at `ranks`; None means the layer is kept whole."""
+        if ranks is None:
+            return getattr(self.layer, metric)
+        return self.method.cost(self.layer, ranks).get(metric)
+
+
+@dataclass
+class PlanDraft:
+    """A plan whose budgeted layers are still open: every other layer is already decided."""
+
+    model_name: str
+    policy: RankPolicy
+    entries: list[LayerPlan]
+    slots: list[Slot]
+    budget: Budget | None
+
+    def finish(self, choices: Sequence[Ranks | None], reasons: Sequence[str]) -> Plan:
+        """The plan with slot i at `choices[i]` (None: kept whole), explained by `reasons[i]`."""
+        entries = list(self.entries)
+        for slot, ranks, reason in zip(self.slots, choices, reasons, strict=True):
+            note = f" ({slot.note})" if slot.note and ranks is not None else ""
+            entries[slot.index] = LayerPlan(
+                name=slot.layer.name,
+                type=slot.layer.type,
+                method=None if ranks is None else slot.method.name,
+                ranks=None if ranks is None else list(ranks),
+                reason=f"{reason}{note}",
+            )
+        target = None
+        if self.budget is not None:
+            target = {f"{self.budget.metric}_reduction": float(self.budget.reduction)}
+        return Plan(model=self.model_name, method=self.policy.method, target=target, layers=entries)
+
+
+def draft_plan(
+    analysis: ModelAnalysis,
+    policy: RankPolicy,
+    model_name: str = "model",
+    needs_ranks: bool = True,
+) -> PlanDraft:
+    """Decide every layer a selector does not choose: skips, unsupported layers, explicit ranks.
+
+    The rest become slots. With `needs_ranks`, a policy without a budget or ranks is an error
+    (selectors that find ranks themselves pass False).
+    """
     get_method(policy.method)  # an unknown method fails before anything else
     metric = "params" if policy.params_reduction else "macs"
     reduction = policy.params_reduction or policy.macs_reduction
     if policy.params_reduction and policy.macs_reduction:
         raise ConfigError("give either --macs-reduction or --params-reduction, not both")
     if (
-        reduction is None
+        needs_ranks
+        and reduction is None
         and policy.rank is None
         and not any(o.rank for o in policy.layers.values())
     ):
         raise ConfigError(
             "no ranks to use: give --macs-reduction X, --params-reduction X or --rank"
         )
+    # A selector chooses ranks for every layer without an explicit rank, budget or not.
+    selector_ranks = policy.select != "uniform"
 
     entries: list[LayerPlan] = []
-    budgeted: list[tuple[int, LayerInfo, Method, str]] = []
+    slots: list[Slot] = []
     for layer in analysis.layers:
         override, source = _resolved_override(policy, layer)
         if override.skip:
@@ -216,9 +334,11 @@ def select_ranks(analysis: ModelAnalysis, policy: RankPolicy, model_name: str = 
                 LayerPlan(name=layer.name, type=layer.type, reason=f"skipped: {why_not}")
             )
             continue
-        note = f" ({note})" if note else ""
+        note_text = f" ({note})" if note else ""
         rank_spec = override.rank if override.rank is not None else policy.rank
-        if rank_spec is not None and (override.rank is not None or reduction is None):
+        if rank_spec is not None and (
+            override.rank is not None or (reduction is None and not selector_ranks)
+        ):
             per_layer = override.rank is not None
             ranks, clamped = normalize_ranks(method, layer, rank_spec, strict=per_layer)
             if not _smaller(method.cost(layer, ranks), layer):
@@ -238,7 +358,7 @@ def select_ranks(analysis: ModelAnalysis, policy: RankPolicy, model_name: str = 
                     type=layer.type,
                     method=method.name,
                     ranks=list(ranks),
-                    reason=f"explicit rank {rank_spec} from {origin}{clamped}{note}",
+                    reason=f"explicit rank {rank_spec} from {origin}{clamped}{note_text}",
                 )
             )
             continue
@@ -262,24 +382,56 @@ def select_ranks(analysis: ModelAnalysis, policy: RankPolicy, model_name: str = 
                 )
             )
             continue
-        budgeted.append((len(entries), layer, method, note))
+        slots.append(Slot(len(entries), layer, method, note, resolve_round_to(policy.round_to)))
         entries.append(LayerPlan(name=layer.name, type=layer.type, reason="pending"))
 
-    target = None
+    budget = None
     if reduction is not None:
-        chosen = _allocate_uniform(analysis, entries, budgeted, metric, reduction)
-        for (index, layer, method, note), ranks in zip(budgeted, chosen):
-            keep = method.cost(layer, ranks).get(metric) / max(getattr(layer, metric), 1)
-            entries[index] = LayerPlan(
-                name=layer.name,
-                type=layer.type,
-                method=method.name,
-                ranks=list(ranks),
-                reason=f"uniform allocation for {reduction:g}× {metric}: keeps {keep:.0%} of the "
-                f"layer's {metric}{note}",
-            )
-        target = {f"{metric}_reduction": float(reduction)}
-    return Plan(model=model_name, method=policy.method, target=target, layers=entries)
+        total = analysis.total_params if metric == "params" else analysis.total_macs
+        fixed = total - sum(getattr(slot.layer, metric) for slot in slots)
+        for entry in entries:  # explicit ranks already chosen change the fixed part
+            if entry.decompose:
+                layer = analysis.layer(entry.name)
+                cost = get_method(entry.method).cost(layer, tuple(entry.ranks)).get(metric)
+                fixed += cost - getattr(layer, metric)
+        budget = Budget(metric=metric, reduction=float(reduction), total=total, fixed=fixed)
+    return PlanDraft(model_name, policy, entries, slots, budget)
+
+
+def select_ranks(analysis: ModelAnalysis, policy: RankPolicy, model_name: str = "model") -> Plan:
+    """Resolve per-layer methods and ranks (explicit, ratio or uniform budget) into a Plan.
+
+    Only the uniform allocation lives here; the other selectors are in
+    `rankfold.passes.selection.resolve_plan`.
+    """
+    if policy.select != "uniform":
+        raise ConfigError(
+            f"select_ranks does uniform allocation only; call "
+            f"rankfold.passes.selection.resolve_plan for --select {policy.select}"
+        )
+    draft = draft_plan(analysis, policy, model_name)
+    budget = draft.budget
+    if budget is None:
+        return draft.finish([], [])
+    ladders = [slot.candidates() for slot in draft.slots]
+    costs = [
+        [slot.cost(c, budget.metric) for c in ladder] for slot, ladder in zip(draft.slots, ladders)
+    ]
+    sizes = [getattr(slot.layer, budget.metric) for slot in draft.slots]
+
+    def level(j: int, keep: float) -> int:
+        """The largest candidate within `keep` of the layer's cost (the smallest at least)."""
+        return max(bisect.bisect_right(costs[j], keep * sizes[j]) - 1, 0)
+
+    indices, _ = allocate(draft, ladders, level, 0.0, 1.0)
+    reasons = []
+    for slot, ladder, i in zip(draft.slots, ladders, indices):
+        keep = slot.cost(ladder[i], budget.metric) / max(getattr(slot.layer, budget.metric), 1)
+        reasons.append(
+            f"uniform allocation for {budget.reduction:g}× {budget.metric}: keeps {keep:.0%} of "
+            f"the layer's {budget.metric}"
+        )
+    return draft.finish([ladder[i] for ladder, i in zip(ladders, indices)], reasons)
 
 
 def plan_cost(analysis: ModelAnalysis, plan: Plan) -> Cost:
@@ -293,69 +445,69 @@ def plan_cost(analysis: ModelAnalysis, plan: Plan) -> Cost:
     return Cost(params=params, macs=macs)
 
 
-def _allocate_uniform(
-    analysis: ModelAnalysis,
-    entries: list[LayerPlan],
-    budgeted: list[tuple[int, LayerInfo, Method, str]],
-    metric: str,
-    reduction: float,
-) -> list[Ranks]:
-    total = analysis.total_params if metric == "params" else analysis.total_macs
-    fixed = total - sum(getattr(layer, metric) for _, layer, _, _ in budgeted)
-    for entry in entries:  # explicit ranks already chosen change the fixed part
-        if entry.decompose:
-            layer = analysis.layer(entry.name)
-            cost = get_method(entry.method).cost(layer, tuple(entry.ranks)).get(metric)
-            fixed += cost - getattr(layer, metric)
-    goal = total / reduction
-    if not budgeted:
-        raise PlanError(
-            f"no layer is left to compress for {reduction:g}× {metric}; remove skips or explicit ranks"
-        )
-    families = [
-        (
-            [c for c in method.candidates(layer) if _smaller(method.cost(layer, c), layer)],
-            layer,
-            method,
-        )
-        for _, layer, method, _ in budgeted
-    ]
-    costs = [[method.cost(layer, c).get(metric) for c in fam] for fam, layer, method in families]
+def allocate(
+    draft: PlanDraft,
+    ladders: Sequence[Sequence[Ranks | None]],
+    level: Callable[[int, float], int],
+    low: float,
+    high: float,
+) -> tuple[list[int], float]:
+    """Fit the budget: one index into each slot's ladder, with the total at most the goal.
 
-    def pick(keep: float) -> list[int]:
-        """Per layer, the largest candidate within `keep` of its cost (the smallest at least)."""
-        chosen = []
-        for (_, layer, _), layer_costs in zip(families, costs):
-            limit = keep * getattr(layer, metric)
-            index = max((i for i, c in enumerate(layer_costs) if c <= limit), default=0)
-            chosen.append(index)
-        return chosen
+    A ladder lists a slot's options by increasing cost (None: keep the layer whole), and
+    `level(j, x)` is the index slot j takes at setting x, non-decreasing in x. The largest x in
+    [low, high] whose total fits is found by bisection; then single ladder steps, cheapest layers
+    first, use what is left of the budget without ever exceeding it. Returns the indices and x.
+    """
+    budget = draft.budget
+    if budget is None:
+        raise ValueError("allocate needs a plan draft with a budget")
+    metric, goal = budget.metric, budget.goal
+    if not draft.slots:
+        raise PlanError(
+            f"no layer is left to compress for {budget.reduction:g}× {metric}; remove skips or "
+            "explicit ranks"
+        )
+    costs = [
+        [slot.cost(option, metric) for option in ladder]
+        for slot, ladder in zip(draft.slots, ladders, strict=True)
+    ]
 
     def total_of(indices: list[int]) -> int:
-        return fixed + sum(layer_costs[i] for layer_costs, i in zip(costs, indices))
+        return budget.fixed + sum(c[i] for c, i in zip(costs, indices))
 
-    smallest = total_of([0] * len(families))
+    def pick(x: float) -> list[int]:
+        return [min(max(level(j, x), 0), len(c) - 1) for j, c in enumerate(costs)]
+
+    smallest = budget.fixed + sum(c[0] for c in costs)
     if smallest > goal:
         raise PlanError(
-            f"{reduction:g}× {metric} reduction is impossible: at the smallest ranks the model keeps "
-            f"{smallest:,} {metric} (at most {total / smallest:.2f}×); lower the target or skip fewer layers"
+            f"{budget.reduction:g}× {metric} reduction is impossible: at the smallest ranks the "
+            f"model keeps {smallest:,} {metric} (at most {budget.total / smallest:.2f}×); lower "
+            "the target or skip fewer layers"
         )
-    low, high = 0.0, 1.0
-    for _ in range(50):
-        mid = (low + high) / 2
-        if total_of(pick(mid)) <= goal:
-            low = mid
-        else:
-            high = mid
+    if total_of(pick(high)) <= goal:
+        low = high
+    else:
+        for _ in range(60):
+            mid = (low + high) / 2
+            if total_of(pick(mid)) <= goal:
+                low = mid
+            else:
+                high = mid
     indices = pick(low)
-    # Single rank steps, cheapest first, while they bring the total closer to the goal.
+    if total_of(indices) > goal:  # a level function may give more than index 0 at `low`
+        indices = [0] * len(costs)
+    # Single steps up a ladder, cheapest layers first, while the total stays within the goal.
+    total = total_of(indices)
+    order = sorted(range(len(costs)), key=lambda j: getattr(draft.slots[j].layer, metric))
     improved = True
     while improved:
         improved = False
-        for j in sorted(range(len(indices)), key=lambda j: getattr(families[j][1], metric)):
-            if indices[j] + 1 < len(costs[j]):
-                trial = indices.copy()
-                trial[j] += 1
-                if abs(total_of(trial) - goal) < abs(total_of(indices) - goal):
-                    indices, improved = trial, True
-    return [fam[i] for (fam, _, _), i in zip(families, indices)]
+        for j in order:
+            i = indices[j]
+            if i + 1 < len(costs[j]) and total + costs[j][i + 1] - costs[j][i] <= goal:
+                total += costs[j][i + 1] - costs[j][i]
+                indices[j] = i + 1
+                improved = True
+    return indices, low
