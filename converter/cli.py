@@ -156,7 +156,8 @@ def analyze(
 def compress(
     model: ModelArg,
     method: Annotated[
-        str | None, typer.Option(help="svd, tucker2, cp (see `rankfold methods`).")
+        str | None,
+        typer.Option(help="svd, tucker2, cp, cp-epc, tucker2-cp, cp-lrf (`rankfold methods`)."),
     ] = None,
     macs_reduction: Annotated[
         float | None, typer.Option(help="Whole-model MAC reduction target, e.g. 2.")
