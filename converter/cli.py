@@ -176,6 +176,16 @@ def compress(
         list[str] | None,
         typer.Option(help="Layer name, glob, parent or type (Linear, Conv2d) to keep."),
     ] = None,
+    select: Annotated[
+        str | None,
+        typer.Option(help="Rank selector: uniform, energy, error, vbmf, eps-search, pars."),
+    ] = None,
+    trials: Annotated[int | None, typer.Option(help="pars: number of trials.")] = None,
+    storage: Annotated[
+        str | None, typer.Option(help="pars: optuna storage (sqlite:///f.db, journal file, …).")
+    ] = None,
+    study_name: Annotated[str | None, typer.Option(help="pars: study name (resumable).")] = None,
+    workers: Annotated[int | None, typer.Option(help="pars: worker processes.")] = None,
     round_to: Annotated[
         str | None,
         typer.Option(help="Align budgeted ranks to multiples: auto (CPU channel block), N, or 0."),
@@ -266,6 +276,13 @@ def compress(
             "layers": overrides or None,
             "skip": skip or None,
             "round_to": _round_to(round_to),
+            "select": select,
+        },
+        "search": {
+            "trials": trials,
+            "storage": storage,
+            "study_name": study_name,
+            "workers": workers,
         },
         "latency": {
             "provider": provider,

@@ -17,6 +17,7 @@ from rankfold.converter.finetune import FinetuneConfig
 from rankfold.converter.strict import config_error
 from rankfold.passes.errors import ConfigError
 from rankfold.passes.plan import RankPolicy
+from rankfold.passes.search import SearchConfig
 
 
 class _Strict(BaseModel):
@@ -53,6 +54,7 @@ class CompressConfig(_Strict):
     input_shape: tuple[int, int, int] | None = None
     leaf_modules: list[str] = Field(default_factory=list)
     ranks: RankPolicy = Field(default_factory=RankPolicy)
+    search: SearchConfig = Field(default_factory=SearchConfig)
     plan: Path | None = None
     eval_data: Path | None = None
     eval_limit: int | None = Field(default=None, ge=1)

@@ -8,6 +8,7 @@ artefact atomically; `run_compress` is what the CLI calls.
 from __future__ import annotations
 
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,12 @@ from rankfold.passes import (
     decompose,
     plan_cost,
     restructure,
-    select_ranks,
     trace,
 )
 from rankfold.passes.errors import ConfigError, ModelLoadError, OutputError
 from rankfold.passes.recalibrate import correct_bias, has_batchnorm, recalibrate_bn
+from rankfold.passes.search import Calibration, plot_search
+from rankfold.passes.selection import DATA_DRIVEN, progress_total, resolve_plan
 from rankfold.runtime import (
     check_onnx,
     check_parity,
@@ -65,6 +67,7 @@ class CompressionResult:
     accuracy: dict[str, float | None] = field(default_factory=dict)
     recalibration: str | None = None  # "batchnorm" | "bias" when recovery ran
     finetuning: FinetuneResult | None = None
+    selection: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
 
     def save(self, out_dir: str | Path) -> dict[str, Any]:
@@ -122,6 +125,8 @@ class CompressionResult:
             f"{self.config.model}: {self.plan.method}, "
             f"{self.report['macs_reduction']:.2f}× fewer MACs",
         )
+        if self.selection.get("selector") == "pars":
+            plot_search(self.selection, out / "search.png")
         if self.finetuning is not None and self.finetuning.history:
             title = f"{self.config.model}: fine-tuning"
             plot_history(self.finetuning.history, out / "finetune.png", title)
@@ -164,36 +169,77 @@ def compress(
     """
     check_finite(model)
     model.eval()
+    if (config.eval_data or config.train_data) and spec is None:
+        raise ConfigError("reading data needs the model's spec (mean/std); pass spec=")
+    if config.finetune.epochs > 0 and config.train_data is None:
+        raise ConfigError("fine-tuning needs training data: pass --train-data")
+    train = None
+    if config.train_data is not None:
+        train = load_dataset(config.train_data, spec, limit=config.train_limit)
     original = trace(model, example_inputs, config.leaf_modules)
     analysis = analyze(original)
-    if config.plan is not None:
-        plan = Plan.load(config.plan)
-    else:
-        plan = select_ranks(analysis, config.ranks, model_name=config.model)
+    plan, selection = _plan(original, analysis, config, spec, train)
     with progress_bar("decompose", total=len(plan.decomposed())) as advance:
         compressed, decomposition = decompose(
             original, analysis, plan, seed=config.seed, progress=advance
         )
     compressed.eval()
     result = CompressionResult(
-        config, spec, original, compressed, analysis, plan, decomposition, example_inputs
+        config,
+        spec,
+        original,
+        compressed,
+        analysis,
+        plan,
+        decomposition,
+        example_inputs,
+        selection=selection,
     )
-    if (config.eval_data or config.train_data) and spec is None:
-        raise ConfigError("reading data needs the model's spec (mean/std); pass spec=")
     if config.eval_data is not None:
         result.eval_data = load_dataset(config.eval_data, spec, limit=config.eval_limit)
         result.accuracy["original"] = _accuracy(original, result)
         result.accuracy["decomposed"] = _accuracy(compressed, result)
-    if config.train_data is not None:
-        train = load_dataset(config.train_data, spec, limit=config.train_limit)
+    if train is not None:
         if workdir is None:
             with tempfile.TemporaryDirectory(prefix="rankfold-") as scratch:
                 recover(result, train, Path(scratch))
         else:
             recover(result, train, Path(workdir))
-    elif config.finetune.epochs > 0:
-        raise ConfigError("fine-tuning needs training data: pass --train-data")
     return result
+
+
+def _plan(
+    original: fx.GraphModule,
+    analysis: ModelAnalysis,
+    config: CompressConfig,
+    spec: ModelSpec | None,
+    train: ArrayDataset | None,
+) -> tuple[Plan, dict[str, Any]]:
+    """A saved plan, or the one the configured selector chooses (with its report)."""
+    if config.plan is not None:
+        return Plan.load(config.plan), {"selector": "plan file", "path": str(config.plan)}
+    policy, search = config.ranks, config.search
+    calibration = None
+    if policy.select in DATA_DRIVEN and train is not None:
+        calibration = Calibration.from_dataset(
+            train,
+            spec,
+            samples=search.calib_samples,
+            bn_samples=search.bn_samples,
+            batch_size=search.batch_size,
+        )
+    total = progress_total(policy, analysis, search)
+    with progress_bar(f"select ({policy.select})", total) if total else nullcontext() as advance:
+        return resolve_plan(
+            original,
+            analysis,
+            policy,
+            config.model,
+            calibration,
+            search,
+            progress=advance,
+            seed=config.seed,
+        )
 
 
 def _accuracy(module: nn.Module, result: CompressionResult) -> float | None:

@@ -1,0 +1,342 @@
+"""Data-driven selection: decomposition cache, eps-search, PARS, storages, resumption, workers."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import optuna
+import pytest
+import torch
+
+from rankfold.models import DIGITS_SPEC, digits_splits, train_digits_cnn
+from rankfold.passes import analyze, decompose, plan_cost, trace
+from rankfold.passes.errors import ConfigError
+from rankfold.passes.methods import get_method
+from rankfold.passes.plan import RankPolicy, draft_plan
+from rankfold.passes.search import (
+    DecompositionCache,
+    Evaluator,
+    open_storage,
+    pareto_front,
+    slot_choices,
+)
+from rankfold.passes.selection import Calibration, SearchConfig, plot_search, resolve_plan
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """A trained digits CNN (BatchNorm), traced, with a calibration split of its training data."""
+    model = train_digits_cnn(epochs=3)
+    gm = trace(model, torch.zeros(1, *DIGITS_SPEC.input_shape))
+    train, _ = digits_splits()
+    calibration = Calibration.from_dataset(train, DIGITS_SPEC, samples=300, bn_samples=200)
+    return gm, analyze(gm), calibration
+
+
+def _policy(**kwargs) -> RankPolicy:
+    return RankPolicy(method="tucker2", min_macs_share=0, **kwargs)
+
+
+def test_calibration_splits_are_disjoint_then_shared():
+    train, _ = digits_splits()
+    calibration = Calibration.from_dataset(train, DIGITS_SPEC, samples=300, bn_samples=200)
+    assert len(calibration.inputs) == 300 and len(calibration.bn_inputs) == 200
+    assert torch.equal(calibration.labels, torch.from_numpy(train.y[200:500]))
+    small = Calibration.from_dataset(train.subset(250), DIGITS_SPEC, samples=300, bn_samples=200)
+    assert len(small.inputs) == 250 and len(small.bn_inputs) == 200
+
+
+def test_cached_blocks_equal_decompose_and_are_reused_from_disk(digits, tmp_path):
+    gm, analysis, calibration = digits
+    plan, _ = resolve_plan(gm, analysis, _policy(macs_reduction=2.5), "digits")
+    reference, _ = decompose(gm, analysis, plan, seed=3)
+    draft = draft_plan(analysis, _policy(macs_reduction=2.5))
+    choices = {e.name: (get_method(e.method), tuple(e.ranks)) for e in plan.decomposed()}
+    first = DecompositionCache(tmp_path, seed=3)
+    evaluator = Evaluator(gm, analysis, calibration, first)
+    built = evaluator.build(choices)
+    x = calibration.inputs[:16]
+    assert torch.allclose(built(x), reference(x), atol=1e-5)
+    assert first.misses == len(choices) and first.hits == 0
+    second = DecompositionCache(tmp_path, seed=3)
+    Evaluator(gm, analysis, calibration, second).build(choices)
+    assert second.misses == 0 and second.hits == len(choices)
+    # The key is the weights' hash: changed weights (or another seed) are new entries.
+    changed = copy.deepcopy(gm)
+    name = next(iter(choices))
+    with torch.no_grad():
+        changed.get_submodule(name).weight.mul_(1.01)
+    module, method_ranks = changed.get_submodule(name), choices[name]
+    assert second.key(module, *method_ranks) != second.key(gm.get_submodule(name), *method_ranks)
+    assert DecompositionCache(tmp_path, seed=4).key(gm.get_submodule(name), *method_ranks) != (
+        second.key(gm.get_submodule(name), *method_ranks)
+    )
+    # A damaged entry is recomputed, not trusted.
+    for path in tmp_path.rglob("*.pt"):
+        path.write_bytes(b"not a torch file")
+    third = DecompositionCache(tmp_path, seed=3)
+    assert torch.allclose(Evaluator(gm, analysis, calibration, third).build(choices)(x), built(x))
+    assert third.misses == len(choices)
+    assert len(draft.slots) >= len(choices)
+
+
+def test_eps_search_takes_the_smallest_rank_within_epsilon(digits, tmp_path):
+    gm, analysis, calibration = digits
+    epsilon = 0.02
+    search = SearchConfig(cache_dir=tmp_path)
+    steps = []
+    plan, report = resolve_plan(
+        gm,
+        analysis,
+        _policy(select="eps-search", epsilon=epsilon),
+        "digits",
+        calibration,
+        search,
+        progress=steps.append,
+    )
+    assert len(steps) == len(report["layers"])
+    tolerance = 0.5 / len(calibration.labels)
+    draft = draft_plan(analysis, _policy(select="eps-search"), needs_ranks=False)
+    for slot, row in zip(draft.slots, report["layers"]):
+        drops = {tuple(e["ranks"]): e["drop"] for e in row["evaluations"]}
+        ladder = slot.candidates()
+        if row["ranks"] is None:
+            assert drops[ladder[-1]] > epsilon + tolerance
+            continue
+        assert drops[tuple(row["ranks"])] <= epsilon + tolerance
+        index = ladder.index(tuple(row["ranks"]))
+        if index > 0:  # binary search evaluated the next smaller candidate, and it failed
+            assert drops[ladder[index - 1]] > epsilon + tolerance
+    # Re-measure one chosen layer alone: the drop the report states is what it costs.
+    chosen = next(e for e in plan.layers if e.decompose)
+    evaluator = Evaluator(gm, analysis, calibration, DecompositionCache(tmp_path))
+    alone = evaluator.evaluate({chosen.name: (get_method(chosen.method), tuple(chosen.ranks))})
+    row = next(r for r in report["layers"] if r["layer"] == chosen.name)
+    assert report["baseline_accuracy"] - alone["accuracy"] == pytest.approx(row["drop"], abs=1e-9)
+
+
+def test_eps_search_keeps_layers_that_miss_epsilon_whole(digits, tmp_path, monkeypatch):
+    gm, analysis, calibration = digits
+    # A layer whose every replacement costs accuracy must stay whole: make one layer's blocks
+    # useless by zeroing their weights, so even its largest candidate misses ε.
+    victim = draft_plan(analysis, _policy(select="eps-search"), needs_ranks=False).slots[0].layer
+    original_block = DecompositionCache.block
+
+    def broken(self, module, layer, method, ranks):
+        block = original_block(self, module, layer, method, ranks)
+        if layer.name == victim.name:
+            with torch.no_grad():
+                for parameter in block.parameters():
+                    parameter.zero_()
+        return block
+
+    monkeypatch.setattr(DecompositionCache, "block", broken)
+    plan, report = resolve_plan(
+        gm,
+        analysis,
+        _policy(select="eps-search", epsilon=0.02, macs_reduction=2.0),
+        "digits",
+        calibration,
+        SearchConfig(cache_dir=tmp_path),
+    )
+    entry = next(e for e in plan.layers if e.name == victim.name)
+    assert not entry.decompose and "eps-search: kept whole" in entry.reason
+    assert plan_cost(analysis, plan).macs <= analysis.total_macs / 2.0
+    assert report["budget_scale"] > 0
+
+
+def test_eps_search_in_two_processes_matches_one(digits, tmp_path):
+    gm, analysis, calibration = digits
+    policy = _policy(select="eps-search", epsilon=0.03, macs_reduction=2.5)
+    one, _ = resolve_plan(gm, analysis, policy, "d", calibration, SearchConfig(cache_dir=tmp_path))
+    two, report = resolve_plan(
+        gm, analysis, policy, "d", calibration, SearchConfig(cache_dir=tmp_path, workers=2)
+    )
+    assert report["workers"] == 2
+    assert [e.ranks for e in one.layers] == [e.ranks for e in two.layers]
+
+
+def test_pars_best_plan_within_budget_with_table_pareto_and_plot(digits, tmp_path):
+    gm, analysis, calibration = digits
+    steps = []
+    search = SearchConfig(trials=12, cache_dir=tmp_path / "cache", seed=1)
+    plan, report = resolve_plan(
+        gm,
+        analysis,
+        _policy(select="pars", macs_reduction=3.0),
+        "digits",
+        calibration,
+        search,
+        progress=steps.append,
+    )
+    goal = analysis.total_macs / 3.0
+    cost = plan_cost(analysis, plan)
+    assert cost.macs <= goal and report["macs"] == cost.macs
+    table = report["table"]
+    assert len(table) == 12 == len(steps) == report["trials_complete"]
+    assert all(row["state"] == "COMPLETE" and row["macs"] <= goal for row in table)
+    assert table[0]["seed"] == "uniform"  # the baseline is always trial 0
+    best = max(table, key=lambda row: row["proxy"])
+    assert report["best"]["proxy"] == best["proxy"] >= table[0]["proxy"]
+    assert report["best"]["macs"] == cost.macs  # the returned plan is the best trial's
+    assert report["pareto"] == pareto_front(table) and report["pareto"]
+    assert report["decompositions_computed"] > 0
+    path = plot_search(report, tmp_path / "search.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Every decomposition of the search is in the cache: the same search again computes none.
+    _, again = resolve_plan(
+        gm, analysis, _policy(select="pars", macs_reduction=3.0), "digits", calibration, search
+    )
+    assert again["decompositions_computed"] == 0
+    assert [r["proxy"] for r in again["table"]] == [r["proxy"] for r in table]
+
+
+def test_pars_tpe_sampler_and_kd_proxy(digits, tmp_path):
+    gm, analysis, calibration = digits
+    search = SearchConfig(trials=6, sampler="tpe", proxy="kd", cache_dir=tmp_path)
+    plan, report = resolve_plan(
+        gm, analysis, _policy(select="pars", params_reduction=2.0), "d", calibration, search
+    )
+    assert plan_cost(analysis, plan).params <= analysis.total_params / 2.0
+    assert report["sampler"] == "tpe" and report["trials_complete"] == 6
+    assert all(row["proxy"] == pytest.approx(-row["kd"]) for row in report["table"])
+
+
+def test_pars_on_a_batchnorm_free_model_uses_bias_correction(digits, tmp_path):
+    from torch.fx.experimental.optimization import fuse
+
+    gm, _, calibration = digits
+    fused = trace(fuse(gm), torch.zeros(1, *DIGITS_SPEC.input_shape))  # BN folded into convs
+    analysis = analyze(fused)
+    evaluator = Evaluator(fused, analysis, calibration, DecompositionCache(tmp_path))
+    assert not evaluator.uses_bn
+    draft = draft_plan(analysis, _policy(macs_reduction=3.0))
+    choices = slot_choices(draft, [slot.candidates()[0] for slot in draft.slots])
+    model = evaluator.build(choices)
+    name = next(iter(choices))
+    before = model.get_submodule(name)[-1].bias.detach().clone()
+    evaluator.recalibrate(model, list(choices))
+    assert not torch.allclose(model.get_submodule(name)[-1].bias, before)
+    _, report = resolve_plan(
+        fused,
+        analysis,
+        _policy(select="pars", macs_reduction=3.0),
+        "fused",
+        calibration,
+        SearchConfig(trials=3, cache_dir=tmp_path),
+    )
+    assert report["calibration"]["recalibration"] == "bias correction"
+
+
+def test_storage_urls_and_fingerprint_mismatch(digits, tmp_path):
+    gm, analysis, calibration = digits
+    assert isinstance(open_storage(f"journal:{tmp_path / 'a.log'}"), optuna.storages.JournalStorage)
+    assert isinstance(open_storage(str(tmp_path / "b.log")), optuna.storages.JournalStorage)
+    assert isinstance(open_storage(f"sqlite:///{tmp_path / 'c.db'}"), optuna.storages.RDBStorage)
+    for bad in ("nonsense", "postgresql+nodriver://x@localhost/db"):
+        with pytest.raises(ConfigError, match="cannot open search storage") as info:
+            open_storage(bad)
+        assert "\n" not in str(info.value)
+    search = SearchConfig(
+        trials=2, storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s", cache_dir=tmp_path
+    )
+    resolve_plan(gm, analysis, _policy(select="pars", macs_reduction=3.0), "d", calibration, search)
+    with pytest.raises(ConfigError, match="study 's' .* another model, budget"):
+        resolve_plan(
+            gm, analysis, _policy(select="pars", macs_reduction=2.0), "d", calibration, search
+        )
+
+
+RUNNER = textwrap.dedent(
+    """
+    import sys, torch
+    torch.set_num_threads(1)
+    from rankfold.passes import analyze, trace
+    from rankfold.passes.plan import RankPolicy
+    from rankfold.passes.selection import SearchConfig, resolve_plan
+    payload = torch.load(sys.argv[1], weights_only=False)
+    gm = trace(payload["gm"], torch.zeros(1, 1, 8, 8))  # pickling drops the traced shapes
+    search = SearchConfig(**payload["search"])
+    policy = RankPolicy(method="tucker2", min_macs_share=0, select="pars", macs_reduction=3.0)
+    resolve_plan(gm, analyze(gm), policy, "digits", payload["calibration"], search)
+    """
+)
+
+
+def _completed(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    study = optuna.load_study(study_name=name, storage=open_storage(storage))
+    return study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def test_pars_resumes_after_a_kill(digits, tmp_path):
+    gm, analysis, calibration = digits
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    settings = {"trials": 10_000, "storage": storage, "study_name": "k", "cache_dir": str(tmp_path)}
+    torch.save({"gm": gm, "calibration": calibration, "search": settings}, tmp_path / "job.pt")
+    (tmp_path / "runner.py").write_text(RUNNER)
+    process = subprocess.Popen(
+        [sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "job.pt")]
+    )
+    try:
+        deadline = time.monotonic() + 120
+        done: list = []
+        while len(done) < 3:
+            assert process.poll() is None, "the search process died on its own"
+            assert time.monotonic() < deadline, "the search process made no progress"
+            time.sleep(0.5)
+            try:
+                done = _completed(storage, "k")
+            except KeyError:  # the study does not exist yet
+                done = []
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    before = {t.number: t.value for t in _completed(storage, "k")}
+    target = len(before) + 3
+    search = SearchConfig(**{**settings, "trials": target})
+    plan, report = resolve_plan(
+        gm, analysis, _policy(select="pars", macs_reduction=3.0), "digits", calibration, search
+    )
+    study = optuna.load_study(study_name="k", storage=open_storage(storage))
+    states = [t.state for t in study.get_trials()]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == target == report["trials_complete"]
+    assert optuna.trial.TrialState.RUNNING not in states  # the killed trial was failed
+    assert states.count(optuna.trial.TrialState.FAIL) <= 1
+    assert report["trials_resumed"] == len(before)
+    after = {t.number: t.value for t in _completed(storage, "k")}
+    assert {n: after[n] for n in before} == before  # earlier trials kept, not redone
+    assert plan_cost(analysis, plan).macs <= analysis.total_macs / 3.0
+
+
+def test_two_workers_finish_the_requested_trials_without_loss_or_duplicates(digits, tmp_path):
+    gm, analysis, calibration = digits
+    storage = f"journal:{tmp_path / 'study.log'}"
+    search = SearchConfig(trials=16, storage=storage, study_name="w", workers=2, cache_dir=tmp_path)
+    steps = []
+    _, report = resolve_plan(
+        gm,
+        analysis,
+        _policy(select="pars", macs_reduction=3.0),
+        "d",
+        calibration,
+        search,
+        progress=steps.append,
+    )
+    study = optuna.load_study(study_name="w", storage=open_storage(storage))
+    trials = study.get_trials()
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 16 == report["trials_complete"] == len(steps)
+    assert len({t.number for t in complete}) == 16
+    # Anything else is a surplus trial that stepped back before running (at most one per worker).
+    others = [t for t in trials if t.state != optuna.trial.TrialState.COMPLETE]
+    assert all(t.user_attrs.get("surplus") for t in others) and len(others) <= 2
+    assert {t.user_attrs["worker"] for t in complete} == {0, 1}
+    sampled = [tuple(sorted(t.params.items())) for t in complete if "seed" not in t.user_attrs]
+    assert len(set(sampled)) == len(sampled)  # the two samplers drew different configurations
