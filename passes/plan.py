@@ -66,7 +66,8 @@ class RankPolicy(BaseModel):
     layers: dict[str, LayerOverride] = Field(default_factory=dict)
     skip: list[str] = Field(default_factory=list)
     min_macs_share: float = Field(default=0.005, ge=0, lt=1)
-    # Budgeted ranks of 4·round_to and more are multiples of it. onnxruntime's CPU convolutions
+    # Budgeted ranks of round_to and more are multiples of it (dropped, with a note, when the
+    # aligned ranks cannot meet the budget within 5 %, as on small models). onnxruntime's CPU convolutions
     # work on channel blocks (16 with AVX-512, 8 with AVX2) and wrap other channel counts in
     # layout reorders: ResNet-18 CP at 3× ran 1.91× faster with raw ranks, 2.79× rounded to 16.
     # "auto" takes this CPU's block; explicit per-layer ranks are never rounded.
@@ -210,13 +211,13 @@ def cpu_channel_block() -> int | None:
 
 
 def resolve_round_to(value: int | str | None) -> int | None:
-    """"auto" → this CPU's channel block; 0 or None → no rounding."""
+    """ "auto" → this CPU's channel block; 0 or None → no rounding."""
     return cpu_channel_block() if value == "auto" else (value or None)
 
 
 def _aligned(ranks: Ranks, multiple: int | None) -> bool:
-    """Ranks below four blocks stay free: one block step there would miss the budget by too much."""
-    return multiple is None or all(r < 4 * multiple or r % multiple == 0 for r in ranks)
+    """Ranks below one block stay free; larger ones must fill whole blocks."""
+    return multiple is None or all(r < multiple or r % multiple == 0 for r in ranks)
 
 
 def _smaller(cost: Cost, layer: LayerInfo) -> bool:
@@ -409,6 +410,23 @@ def select_ranks(analysis: ModelAnalysis, policy: RankPolicy, model_name: str = 
             f"select_ranks does uniform allocation only; call "
             f"rankfold.passes.selection.resolve_plan for --select {policy.select}"
         )
+    plan = _uniform(analysis, policy, model_name)
+    if policy.round_to is None or plan.target is None:
+        return plan
+    ((metric_key, reduction),) = plan.target.items()
+    metric = metric_key.removesuffix("_reduction")
+    total = analysis.total_params if metric == "params" else analysis.total_macs
+    achieved = total / getattr(plan_cost(analysis, plan), metric)
+    if abs(achieved / reduction - 1) <= 0.05:
+        return plan
+    # Channel blocks too coarse for this model: exact budget first, speed second.
+    free = _uniform(analysis, policy.model_copy(update={"round_to": None}), model_name)
+    for entry in free.decomposed():
+        entry.reason += f" (ranks not aligned: aligned ones reach only {achieved:.2f}×)"
+    return free
+
+
+def _uniform(analysis: ModelAnalysis, policy: RankPolicy, model_name: str) -> Plan:
     draft = draft_plan(analysis, policy, model_name)
     budget = draft.budget
     if budget is None:
