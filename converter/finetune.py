@@ -221,9 +221,7 @@ class _Trainer:
         self.teacher = teacher if config.distill else None
         self.directory, self.eval_data, self.device = directory, eval_data, device
         self.rank, self.world = rank, world
-        self.augment = config.augment == "cifar" or (
-            config.augment == "auto" and spec.input_shape == (3, 32, 32)
-        )
+        self.augment = _augments(config.augment, spec)
         self.amp_dtype = _amp_dtype(device, config.amp)
         self.fingerprint = {
             "train": _fingerprint(train),
@@ -410,13 +408,18 @@ class _Trainer:
 
     def _read_checkpoint(self) -> dict[str, Any] | None:
         """Rank 0 reads finetune_last.pt (None when absent) and sends it to the other ranks."""
-        payload = None
+        payload, problem = None, None
         if self.rank == 0:
-            payload = _load_checkpoint(self.directory / LAST_CHECKPOINT)
+            try:
+                payload = _load_checkpoint(self.directory / LAST_CHECKPOINT)
+            except ConfigError as exc:
+                problem = str(exc)  # sent along, so no rank waits for a payload that never comes
         if self.world > 1:
-            box = [payload]
+            box = [(payload, problem)]
             dist.broadcast_object_list(box, src=0)
-            payload = box[0]
+            payload, problem = box[0]
+        if problem is not None:
+            raise ConfigError(problem)
         return payload
 
     def _restore(self, payload, optimizer, scheduler, scaler, state: _RunState) -> None:
@@ -568,6 +571,37 @@ def _global_batches(
     if len(groups) > 1 and len(groups[-1]) < world:
         groups.pop()
     return groups, rng
+
+
+def training_batches(
+    data: ArrayDataset,
+    spec: ModelSpec,
+    batch_size: int = 256,
+    augment: Literal["auto", "cifar", "none"] = "auto",
+    seed: int = 0,
+) -> Iterator[torch.Tensor]:
+    """Normalised inputs in order, augmented as fine-tuning does: for BatchNorm recalibration.
+
+    A network's BatchNorm statistics come from augmented training images and the layers after
+    each BN are adapted to them, so re-estimating them on clean images costs accuracy: ResNet-20's
+    own statistics re-estimated on the 5,085 clean CIFAR training images score 88.6 % instead of
+    91.6 % on test_lossless_1017 (on the test images themselves 88.1 %), and on the same images
+    with crop + flip 91.4 %. The augmentation is drawn from a generator seeded by `seed`.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    rng = np.random.default_rng([seed, 0])
+    crop = _augments(augment, spec)
+    for start in range(0, len(data), batch_size):
+        images = data.x[start : start + batch_size]
+        if crop:
+            images = _crop_flip(images, *_crop_flip_params(rng, len(images)))
+        yield normalize(images, spec)
+
+
+def _augments(augment: str, spec: ModelSpec) -> bool:
+    """Whether CIFAR-style crop + flip applies ("auto": for 3×32×32 inputs)."""
+    return augment == "cifar" or (augment == "auto" and spec.input_shape == (3, 32, 32))
 
 
 def _crop_flip_params(
@@ -796,4 +830,5 @@ __all__ = [
     "finetune_config",
     "kd_loss",
     "plot_history",
+    "training_batches",
 ]

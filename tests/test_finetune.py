@@ -116,10 +116,10 @@ def test_kd_loss_matches_a_hand_computation() -> None:
 
 def test_config_defaults_depend_on_the_optimizer() -> None:
     sgd = FinetuneConfig()
-    assert (sgd.epochs, sgd.lr, sgd.weight_decay, sgd.batch_size) == (0, 0.01, 5e-4, 128)
+    assert (sgd.epochs, sgd.lr, sgd.weight_decay, sgd.batch_size) == (0, 1e-3, 5e-4, 128)
     assert (sgd.distill, sgd.temperature, sgd.alpha, sgd.augment) == (True, 4.0, 0.9, "auto")
     adamw = FinetuneConfig(optimizer="adamw")
-    assert (adamw.lr, adamw.weight_decay) == (1e-3, 0.05)
+    assert (adamw.lr, adamw.weight_decay) == (3e-4, 0.05)
     assert FinetuneConfig(optimizer="adamw", lr=3e-4, weight_decay=0.0).lr == 3e-4
     # The resolved values round-trip, as a checkpoint's saved config must.
     assert FinetuneConfig.model_validate(adamw.model_dump()) == adamw
@@ -404,3 +404,18 @@ def test_finetuning_recovers_digits_accuracy(tmp_path: Path) -> None:
     accuracy["finetuned"] = torch_accuracy(compressed, batches(test, DIGITS_SPEC))
     assert accuracy["finetuned"] == pytest.approx(result.best_accuracy)
     assert accuracy["finetuned"] >= accuracy["original"] - 0.02, accuracy
+
+
+def test_training_batches_augment_reproducibly() -> None:
+    spec = dataclasses.replace(SPEC, input_shape=(3, 12, 12))
+    plain = list(ft.training_batches(TRAIN, spec, batch_size=50, augment="none"))
+    assert [len(x) for x in plain] == [50, 50, 28]
+    torch.testing.assert_close(torch.cat(plain), ft.normalize(TRAIN.x, spec), atol=0, rtol=0)
+    first = torch.cat(list(ft.training_batches(TRAIN, spec, 50, augment="cifar", seed=3)))
+    again = torch.cat(list(ft.training_batches(TRAIN, spec, 50, augment="cifar", seed=3)))
+    other = torch.cat(list(ft.training_batches(TRAIN, spec, 50, augment="cifar", seed=4)))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert not torch.equal(first, torch.cat(plain))
+    # "auto" augments only 3×32×32 inputs (CIFAR); these 12×12 images stay as they are.
+    auto = torch.cat(list(ft.training_batches(TRAIN, spec, 50, augment="auto", seed=3)))
+    assert torch.equal(auto, torch.cat(plain))

@@ -40,7 +40,7 @@ def digits():
 
 
 def _policy(**kwargs) -> RankPolicy:
-    return RankPolicy(method="tucker2", min_macs_share=0, **kwargs)
+    return RankPolicy(method="tucker2", min_macs_share=0, round_to=None, **kwargs)
 
 
 def test_calibration_splits_are_disjoint_then_shared():
@@ -263,7 +263,7 @@ RUNNER = textwrap.dedent(
     payload = torch.load(sys.argv[1], weights_only=False)
     gm = trace(payload["gm"], torch.zeros(1, 1, 8, 8))  # pickling drops the traced shapes
     search = SearchConfig(**payload["search"])
-    policy = RankPolicy(method="tucker2", min_macs_share=0, select="pars", macs_reduction=3.0)
+    policy = RankPolicy(method="tucker2", min_macs_share=0, select="pars", macs_reduction=3.0, round_to=None)
     resolve_plan(gm, analyze(gm), policy, "digits", payload["calibration"], search)
     """
 )

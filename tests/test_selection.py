@@ -138,7 +138,9 @@ def test_no_returned_plan_exceeds_its_budget(traced, select, method, metric, red
 
 def test_error_selector_within_budget_and_same_bound_for_every_layer(traced, tmp_path):
     gm, analysis = traced
-    policy = RankPolicy(method="tucker2", select="error", macs_reduction=3, min_macs_share=0)
+    policy = RankPolicy(
+        method="tucker2", select="error", macs_reduction=3, min_macs_share=0, round_to=None
+    )
     plan, report = resolve_plan(
         gm, analysis, policy, "net", search=SearchConfig(cache_dir=tmp_path)
     )
@@ -228,7 +230,9 @@ def test_spectral_selectors_refuse_cp_with_the_fix(traced):
 
 def test_error_selector_without_budget_picks_the_smallest_rank_within_the_bound(traced, tmp_path):
     gm, analysis = traced
-    policy = RankPolicy(method="svd", select="error", rel_error=0.6, min_macs_share=0)
+    policy = RankPolicy(
+        method="svd", select="error", rel_error=0.6, min_macs_share=0, round_to=None
+    )
     plan, report = resolve_plan(
         gm, analysis, policy, "net", search=SearchConfig(cache_dir=tmp_path)
     )

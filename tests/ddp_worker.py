@@ -1,0 +1,71 @@
+"""Fine-tune a small BatchNorm-free model; run by tests/test_ddp.py under torchrun and in-process.
+
+Usage: python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py OUT
+Each rank saves its final weights and history to OUT/rank<r>.pt. The model has no BatchNorm
+because under DDP each rank normalizes with its own shard's statistics (SyncBatchNorm needs
+GPUs), which would make two-process training legitimately differ from one process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from rankfold.converter.finetune import FinetuneConfig, FinetuneResult, finetune
+from rankfold.models import ArrayDataset, ModelSpec
+
+SPEC = ModelSpec(
+    name="ddp-tiny", input_shape=(3, 10, 10), num_classes=3, mean=(0.5,) * 3, std=(0.25,) * 3
+)
+# 99 examples in global batches of 24: the last batch (3) splits unevenly over two ranks (2 + 1).
+CONFIG = FinetuneConfig(epochs=2, batch_size=24, lr=0.05, augment="cifar", seed=7)
+
+
+def make_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 3),
+    ).eval()
+
+
+def make_data(n: int, seed: int) -> ArrayDataset:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    x = rng.integers(0, 150, size=(n, 3, 10, 10))
+    for c in range(3):
+        x[:, c] += np.where(y == c, 100, 0)[:, None, None]
+    return ArrayDataset(x.astype(np.uint8), y)
+
+
+def run(checkpoint_dir: Path) -> tuple[nn.Module, FinetuneResult]:
+    """The same training in one process or under torchrun: student, teacher and data fixed."""
+    student, teacher = make_model(0), make_model(1)
+    result = finetune(
+        student,
+        teacher,
+        make_data(99, 0),
+        SPEC,
+        CONFIG,
+        checkpoint_dir,
+        eval_data=make_data(31, 1),  # odd: the ranks score 16 and 15 examples
+    )
+    return student, result
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    out = Path(sys.argv[1])
+    model, outcome = run(out / "checkpoints")
+    rank = int(os.environ["RANK"])
+    torch.save({"state": model.state_dict(), "history": outcome.history}, out / f"rank{rank}.pt")
