@@ -180,6 +180,12 @@ def compress(
         str | None,
         typer.Option(help="Rank selector: uniform, energy, error, vbmf, eps-search, pars."),
     ] = None,
+    rel_error: Annotated[
+        float | None,
+        typer.Option(
+            help="--select error: relative error bound per layer (cp-lrf: LRF-CPD ranks)."
+        ),
+    ] = None,
     trials: Annotated[int | None, typer.Option(help="pars: number of trials.")] = None,
     storage: Annotated[
         str | None, typer.Option(help="pars: optuna storage (sqlite:///f.db, journal file, …).")
@@ -276,7 +282,8 @@ def compress(
             "layers": overrides or None,
             "skip": skip or None,
             "round_to": _round_to(round_to),
-            "select": select,
+            "select": "error" if rel_error is not None and select is None else select,
+            "rel_error": rel_error,
         },
         "search": {
             "trials": trials,

@@ -30,9 +30,12 @@ from rankfold.passes import (
     decompose,
     plan_cost,
     restructure,
+    select_ranks,
     trace,
 )
 from rankfold.passes.errors import ConfigError, ModelLoadError, OutputError
+from rankfold.passes.lrf_method import error_bounded_ranks
+from rankfold.passes.plan import LayerOverride
 from rankfold.passes.recalibrate import correct_bias, has_batchnorm, recalibrate_bn
 from rankfold.passes.search import Calibration, plot_search
 from rankfold.passes.selection import DATA_DRIVEN, progress_total, resolve_plan
@@ -219,6 +222,8 @@ def _plan(
     if config.plan is not None:
         return Plan.load(config.plan), {"selector": "plan file", "path": str(config.plan)}
     policy, search = config.ranks, config.search
+    if policy.method == "cp-lrf" and policy.select == "error":
+        return _lrf_error_plan(original, analysis, config)
     calibration = None
     if policy.select in DATA_DRIVEN and train is not None:
         calibration = Calibration.from_dataset(
@@ -240,6 +245,37 @@ def _plan(
             progress=advance,
             seed=config.seed,
         )
+
+
+def _lrf_error_plan(
+    original: fx.GraphModule, analysis: ModelAnalysis, config: CompressConfig
+) -> tuple[Plan, dict[str, Any]]:
+    """cp-lrf under an error bound: LRF-CPD picks each layer's factor ranks, then the plan.
+
+    The bound is resolved into explicit per-layer ranks before any surgery, so the plan still
+    says what will happen and can be replayed.
+    """
+    policy = config.ranks
+    bound = policy.rel_error
+    chosen, why_not = error_bounded_ranks(original, analysis, bound, seed=config.seed)
+    others = [layer.name for layer in analysis.layers if layer.name not in chosen]
+    explicit = {name: LayerOverride(rank=ranks) for name, ranks in chosen.items()}
+    resolved = policy.model_copy(
+        update={
+            "select": "uniform",
+            "layers": {**explicit, **policy.layers},
+            "skip": [*policy.skip, *others],
+        }
+    )
+    plan = select_ranks(analysis, resolved, config.model)
+    for entry in plan.layers:
+        if entry.name in chosen and entry.decompose:
+            entry.reason = f"LRF-CPD within relative error {bound:g}: (R, L_S, L_T) = {entry.ranks}"
+        elif entry.name in why_not:
+            entry.reason = f"skipped: {why_not[entry.name]}"
+        elif entry.name in others and entry.reason.startswith("skipped by config"):
+            entry.reason = "skipped: no error-bounded LRF-CPD for this layer (k×k convs only)"
+    return plan, {"selector": "error", "method": "cp-lrf", "rel_error": bound}
 
 
 def _accuracy(module: nn.Module, result: CompressionResult) -> float | None:

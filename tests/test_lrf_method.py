@@ -94,3 +94,28 @@ def test_pipeline_budget_and_onnx_parity(tmp_path):
     export_onnx(compressed, x, tmp_path / "m.onnx")
     parity = check_parity(compressed, tmp_path / "m.onnx", x, atol=1e-4)
     assert parity.passed, parity
+
+
+def test_error_bound_resolves_into_per_layer_ranks(tmp_path):
+    from rankfold.converter import CompressConfig, compress
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 24, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(24, 10),
+    ).eval()
+    config = CompressConfig(
+        model="tiny", ranks=RankPolicy(method="cp-lrf", select="error", rel_error=0.4)
+    )
+    result = compress(model, torch.zeros(1, 3, 8, 8), config)
+    rows = [row for row in result.decomposition.layers if row.status == "decomposed"]
+    assert rows and all(row.method == "cp-lrf" and len(row.rank) == 3 for row in rows)
+    assert all(row.rel_error <= 0.4 + 1e-9 for row in rows)
+    assert all("within relative error 0.4" in row.reason for row in rows)
+    fc = result.decomposition.by_name()["6"]
+    assert fc.status == "skipped" and "k×k convs only" in fc.reason
