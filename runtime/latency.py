@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -9,9 +10,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnx.shape_inference
 import onnxruntime
 
-from rankfold.passes.errors import ConfigError
+from rankfold.passes.errors import ConfigError, ExportError, ProviderError
 from rankfold.runtime.providers import create_session, single_input_name
 
 Progress = Callable[[int], None]
@@ -143,3 +146,124 @@ def _check_arguments(
             f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}; "
             "pass e.g. --warmup 5 --repeats 30"
         )
+
+
+# Columns of the bench table: (key in a bench row, header, format).
+BENCH_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("batch", "batch", "{}"),
+    ("original_ms", "original ms", "{:.3f}"),
+    ("compressed_ms", "compressed ms", "{:.3f}"),
+    ("speedup", "speedup", "{:.2f}×"),
+    ("mac_reduction", "MAC reduction", "{:.2f}×"),
+    ("speedup_per_mac_reduction", "speedup / MAC red.", "{:.2f}"),
+)
+
+
+def bench_rows(results: Sequence[LatencyResult], mac_reduction: float) -> list[dict]:
+    """One dict per batch size: the latency result plus the MAC reduction and how much of it
+    became speed (speedup / MAC reduction; 1.0 means every saved MAC saved time)."""
+    if not mac_reduction > 0:
+        raise ValueError(f"mac_reduction must be positive, got {mac_reduction}")
+    return [
+        {
+            **row.to_dict(),
+            "mac_reduction": mac_reduction,
+            "speedup_per_mac_reduction": row.speedup / mac_reduction,
+        }
+        for row in results
+    ]
+
+
+def format_bench_row(row: dict) -> list[str]:
+    """A bench row's cells, formatted as BENCH_COLUMNS says (for text or rich tables)."""
+    return [fmt.format(row[key]) for key, _, fmt in BENCH_COLUMNS]
+
+
+def bench_providers(
+    original_path: str | Path,
+    compressed_path: str | Path,
+    input_shape: tuple[int, int, int],
+    batch_sizes: Sequence[int],
+    providers: Sequence[str] = ("cpu",),
+    mac_reduction: float | None = None,
+    warmup: int = 5,
+    repeats: int = 30,
+    threads: int | None = None,
+) -> dict:
+    """The bench table for each provider, as JSON-ready data.
+
+    `mac_reduction` defaults to the ratio of the two files' conv/linear MACs (`onnx_macs`). A
+    provider this machine cannot run (e.g. cuda without onnxruntime-gpu or a GPU) is recorded
+    as {"skipped": reason} instead of failing the whole bench.
+    """
+    if mac_reduction is None:
+        mac_reduction = onnx_macs(original_path) / onnx_macs(compressed_path)
+    out: dict = {
+        "original": str(original_path),
+        "compressed": str(compressed_path),
+        "input_shape": list(input_shape),
+        "mac_reduction": mac_reduction,
+        "threads": threads,
+        "providers": {},
+    }
+    for provider in providers:
+        try:
+            results = compare_latency(
+                original_path,
+                compressed_path,
+                input_shape,
+                batch_sizes,
+                provider=provider,
+                warmup=warmup,
+                repeats=repeats,
+                threads=threads,
+            )
+        except ProviderError as exc:
+            out["providers"][provider] = {"skipped": str(exc)}
+            continue
+        out["providers"][provider] = {"rows": bench_rows(results, mac_reduction)}
+    return out
+
+
+def onnx_macs(path: str | Path) -> int:
+    """Per-sample multiply-accumulates of an ONNX model's Conv, Gemm and MatMul nodes.
+
+    The same convention as `rankfold.passes.analyze` (conv + linear layers), read from the file
+    with onnx shape inference at batch 1, so a bench of two ONNX files needs no report.
+    No library here counts MACs of an ONNX graph, hence this small counter.
+    """
+    model = onnx.load(str(path))
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if dims and not dims[0].dim_value:
+            dims[0].dim_value = 1  # a symbolic batch axis: count one sample
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except onnx.shape_inference.InferenceError as exc:
+        raise ExportError(
+            f"cannot infer shapes of {path} to count MACs ({exc}); re-export it"
+        ) from None
+    shapes: dict[str, list[int]] = {
+        init.name: list(init.dims) for init in inferred.graph.initializer
+    }
+    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        shapes[value.name] = [d.dim_value for d in dims]
+    total = 0
+    for node in inferred.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul"):
+            continue
+        out, a, b = (shapes.get(name) for name in (node.output[0], *node.input[:2]))
+        if not out or not a or not b or 0 in out or 0 in a or 0 in b:
+            raise ExportError(
+                f"cannot count MACs of {node.op_type} node '{node.name}' in {path}: its shapes are "
+                "not static; export the model with a fixed input size"
+            )
+        if node.op_type == "Conv":
+            total += math.prod(out) * math.prod(b[1:])  # outputs × (C_in/groups · kh · kw)
+        elif node.op_type == "Gemm":
+            trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
+            total += math.prod(out) * (a[0] if trans_a else a[-1])
+        else:
+            total += math.prod(out) * a[-1]
+    return total

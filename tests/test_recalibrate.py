@@ -221,3 +221,22 @@ def test_bias_correction_bad_inputs() -> None:
     with pytest.raises(ConfigError, match="no per-channel bias"):
         bn_model = trace(SmallBN().eval(), torch.zeros(1, 3, 8, 8))
         correct_bias(bn_model, copy.deepcopy(bn_model), ["bn"], data)
+
+
+@pytest.mark.slow
+def test_resnet20_statistics_need_the_training_augmentation(data_dir) -> None:
+    """Re-estimating the original's own BN statistics: clean images cost accuracy, crop+flip not."""
+    from rankfold.converter.finetune import training_batches
+    from rankfold.models import batches, load_dataset, load_model
+    from rankfold.runtime import torch_accuracy
+
+    model, spec = load_model("resnet20", data_dir / "weights/resnet20-12fca82f.th")
+    train = load_dataset(data_dir / "cifar10/train_lossless_5085.npz", spec, limit=2560)
+    test = load_dataset(data_dir / "cifar10/test_lossless_1017.npz", spec)
+    original = torch_accuracy(model, batches(test, spec))
+    clean = copy.deepcopy(model)
+    recalibrate_bn(clean, batches(train, spec, 256))
+    augmented = copy.deepcopy(model)
+    recalibrate_bn(augmented, training_batches(train, spec, 256))
+    assert torch_accuracy(clean, batches(test, spec)) < original - 0.015
+    assert torch_accuracy(augmented, batches(test, spec)) == pytest.approx(original, abs=0.005)

@@ -1,0 +1,156 @@
+"""Latency-aware plan passes: revert blocks that are not faster, round ranks to fast multiples.
+
+Both passes read measured times from a `LatencyTable` (the layer's real input shape and batch, on
+the deployment provider) and return a new Plan; the reasons say what was measured, so a report
+shows why a layer was kept whole or why its rank moved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from rankfold.passes.analysis import LayerInfo, ModelAnalysis
+from rankfold.passes.errors import ConfigError
+from rankfold.passes.methods import Method, Ranks, get_method
+from rankfold.passes.plan import LayerPlan, Plan
+
+if TYPE_CHECKING:  # passes stay importable without onnxruntime; the table is passed in
+    from rankfold.runtime.latency_model import LatencyTable
+
+Batches = int | Sequence[int]
+
+
+def fmt_ms(value: float) -> str:
+    """Milliseconds with two decimals, or three significant digits below 0.1 ms."""
+    return f"{value:.2f}" if value >= 0.1 else f"{value:.3g}"
+
+
+def _batches(batch: Batches) -> list[int]:
+    values = [batch] if isinstance(batch, int) else list(batch)
+    if not values or any(int(b) < 1 for b in values):
+        raise ConfigError(f"batch sizes must be positive integers, got {values}; pass e.g. 1,8")
+    return [int(b) for b in values]
+
+
+def gate_plan(
+    plan: Plan,
+    analysis: ModelAnalysis,
+    table: LatencyTable,
+    batch: Batches,
+    margin: float = 0.05,
+) -> Plan:
+    """Revert every planned layer whose block is not at least `margin` faster than the layer.
+
+    With several batch sizes a block must win at each of them (the deployed model runs them
+    all). A kept layer's reason gains the measured times; a reverted one is skipped with
+    "reverted by latency gate: block X ms vs layer Y ms (batch B, provider)" at its worst batch.
+    """
+    if not 0 <= margin < 1:
+        raise ConfigError(f"latency margin must lie in [0, 1), got {margin}; pass e.g. 0.05")
+    sizes = _batches(batch)
+    layers = []
+    for entry in plan.layers:
+        if not entry.decompose:
+            layers.append(entry)
+            continue
+        layer = analysis.layer(entry.name)
+        times = [
+            (b, table.block_ms(layer, entry.method, entry.ranks, b), table.layer_ms(layer, b))
+            for b in sizes
+        ]
+        worst_batch, block, original = max(times, key=lambda t: t[1] / t[2])
+        where = f"batch {worst_batch}, {table.provider}"
+        if block > (1 - margin) * original:
+            layers.append(
+                LayerPlan(
+                    name=entry.name,
+                    type=entry.type,
+                    reason=f"reverted by latency gate: block {fmt_ms(block)} ms vs layer "
+                    f"{fmt_ms(original)} ms ({where})",
+                )
+            )
+        else:
+            layers.append(
+                entry.model_copy(
+                    update={
+                        "reason": f"{entry.reason}; latency {fmt_ms(block)} ms vs "
+                        f"{fmt_ms(original)} ms ({where})"
+                    }
+                )
+            )
+    return plan.model_copy(update={"layers": layers})
+
+
+def rounded_ranks(method: Method, layer: LayerInfo, ranks: Ranks, multiple: int) -> Ranks | None:
+    """Each rank moved to its nearest multiple of `multiple` (ties upwards), or None.
+
+    Nearest, not "whichever is faster": rounding down is nearly always faster (fewer MACs) and
+    would quietly compress more than planned; nearest keeps the MAC budget on average. A rank
+    already a multiple, or in a mode too small to hold one (e.g. 3 input channels), stays. When
+    the nearest ranks exceed the method's maximum or do not make the layer smaller (in params
+    and MACs), the multiples below are used instead; None when nothing valid differs from
+    `ranks`.
+    """
+    nearest, below = [], []
+    for value, limit in zip(ranks, method.max_ranks(layer)):
+        if value % multiple == 0 or limit < multiple:
+            nearest.append(value)
+            below.append(value)
+            continue
+        low = max(value // multiple * multiple, multiple)
+        high = low + multiple if value > low else low
+        up = high if high <= limit and high - value <= value - low else low
+        nearest.append(up)
+        below.append(low)
+    for candidate in (tuple(nearest), tuple(below)):
+        cost = method.cost(layer, candidate)
+        if cost.params < layer.params and cost.macs < layer.macs:
+            return None if candidate == tuple(ranks) else candidate
+    return None
+
+
+def round_ranks(
+    plan: Plan,
+    analysis: ModelAnalysis,
+    table: LatencyTable,
+    multiple: int,
+    batch: Batches,
+) -> Plan:
+    """Per planned layer, move to the rounded ranks (see `rounded_ranks`) when measured faster.
+
+    The rounded block must be faster than the planned one at every batch size; the reason
+    records the move and both times. Only the planned and the rounded ranks are timed.
+    """
+    if multiple < 2:
+        raise ConfigError(f"--round-to must be an integer >= 2 (e.g. 8 or 16), got {multiple}")
+    sizes = _batches(batch)
+    layers = []
+    for entry in plan.layers:
+        if not entry.decompose:
+            layers.append(entry)
+            continue
+        layer = analysis.layer(entry.name)
+        method = get_method(entry.method)
+        planned = tuple(entry.ranks)
+        candidate = rounded_ranks(method, layer, planned, multiple)
+        if candidate is None:
+            layers.append(entry)
+            continue
+        base = {b: table.block_ms(layer, method.name, planned, b) for b in sizes}
+        times = {b: table.block_ms(layer, method.name, candidate, b) for b in sizes}
+        if not all(times[b] < base[b] for b in sizes):
+            layers.append(entry)
+            continue
+        first = sizes[0]
+        layers.append(
+            entry.model_copy(
+                update={
+                    "ranks": list(candidate),
+                    "reason": f"{entry.reason}; rounded {list(planned)} → {list(candidate)} "
+                    f"(multiple of {multiple}): {fmt_ms(times[first])} ms vs "
+                    f"{fmt_ms(base[first])} ms (batch {first}, {table.provider})",
+                }
+            )
+        )
+    return plan.model_copy(update={"layers": layers})

@@ -1,0 +1,436 @@
+"""Per-layer latency model: time a layer and its factorized blocks in onnxruntime, cache the times.
+
+Each candidate (the original layer, or a method's block at given ranks) is built from the layer's
+geometry with random weights (dense kernels run at the same speed whatever the values), written
+as a tiny ONNX graph and timed at the layer's real input shape and batch on the chosen provider.
+Times are net of onnxruntime's fixed per-run overhead (measured once per table on a one-element
+Identity graph), so a block of three nodes is not flattered against a one-node layer by a cost
+both pay once per `run` call but a whole model pays once in total.
+
+The cache is one JSON file per (provider, machine, threads): the machine is the CPU model string,
+the core count and the onnxruntime version (plus the GPU name for CUDA); entries are keyed by the
+layer geometry, the block (method and ranks) and the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from rankfold.passes.analysis import LayerInfo
+from rankfold.passes.errors import ConfigError, OutputError
+from rankfold.passes.methods import Method, Ranks, get_method
+from rankfold.runtime.files import atomic_write_json
+from rankfold.runtime.providers import create_session
+
+CACHE_FORMAT = "rankfold-latency-1"
+CACHE_ENV = "RANKFOLD_LATENCY_CACHE"
+# Opset 19: Pad's "wrap" mode (circular padding) needs it; Conv/Gemm/MatMul are unchanged.
+TIMING_OPSET = 19
+_PAD_MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+
+def default_cache_dir() -> Path:
+    """$RANKFOLD_LATENCY_CACHE, else $XDG_CACHE_HOME/rankfold/latency, else ~/.cache/..."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "rankfold" / "latency"
+
+
+def machine_id(provider: str = "cpu") -> dict[str, str | int]:
+    """What the times depend on besides the graph: CPU model, cores, onnxruntime (and GPU)."""
+    ident: dict[str, str | int] = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count() or 1,
+        "onnxruntime": onnxruntime.__version__,
+    }
+    if provider == "cuda":
+        ident["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "unknown"
+    return ident
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def layer_geometry(layer: LayerInfo) -> dict:
+    """Everything about a layer that changes its run time (not its name or call count)."""
+    return {
+        "type": layer.type,
+        "in_shape": list(layer.in_shape),
+        "out_shape": list(layer.out_shape),
+        "in_features": layer.in_features,
+        "out_features": layer.out_features,
+        "kernel_size": list(layer.kernel_size),
+        "stride": list(layer.stride),
+        "padding": layer.padding if isinstance(layer.padding, str) else list(layer.padding),
+        "dilation": list(layer.dilation),
+        "groups": layer.groups,
+        "bias": layer.bias,
+        "padding_mode": layer.padding_mode,
+    }
+
+
+def layer_module(layer: LayerInfo) -> nn.Module:
+    """The original layer rebuilt from its geometry, with random weights."""
+    if layer.type == "Linear":
+        return nn.Linear(layer.in_features, layer.out_features, bias=layer.bias)
+    if layer.type != "Conv2d":
+        raise ValueError(f"layer '{layer.name}' is {layer.type}; only Conv2d and Linear are timed")
+    return nn.Conv2d(
+        layer.in_features,
+        layer.out_features,
+        kernel_size=layer.kernel_size,
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        groups=layer.groups,
+        bias=layer.bias,
+        padding_mode=layer.padding_mode,
+    )
+
+
+def module_to_onnx(module: nn.Module, input_shape: Sequence[int]) -> onnx.ModelProto:
+    """A Conv2d, a Linear, or a Sequential of them as an ONNX graph with a symbolic batch axis.
+
+    Written node by node with onnx.helper rather than torch.onnx.export: the torch.export-based
+    exporter takes ~1.9 s per single block here (a ResNet table needs hundreds of blocks) and
+    the TorchScript one is deprecated; these graphs have the same Conv/Gemm/MatMul nodes
+    the exporter writes, in ~1 ms.
+    """
+    layers = list(module) if isinstance(module, nn.Sequential) else [module]
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    shape = list(input_shape)
+    current = "input"
+    for index, sub in enumerate(layers):
+        out = "output" if index == len(layers) - 1 else f"t{index}"
+        if isinstance(sub, nn.Conv2d):
+            shape = _conv_nodes(sub, f"l{index}", current, out, shape, nodes, inits)
+        elif isinstance(sub, nn.Linear):
+            shape = _linear_nodes(sub, f"l{index}", current, out, shape, nodes, inits)
+        else:
+            raise ValueError(f"cannot time {type(sub).__name__}; blocks must be Conv2d/Linear")
+        current = out
+    graph = helper.make_graph(
+        nodes,
+        "latency_probe",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *input_shape])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", *shape])],
+        initializer=inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", TIMING_OPSET)])
+
+
+def _weight(name: str, tensor: torch.Tensor) -> onnx.TensorProto:
+    return numpy_helper.from_array(tensor.detach().cpu().float().numpy(), name)
+
+
+def _conv_nodes(
+    conv: nn.Conv2d,
+    name: str,
+    x: str,
+    y: str,
+    shape: list[int],
+    nodes: list[onnx.NodeProto],
+    inits: list[onnx.TensorProto],
+) -> list[int]:
+    _, height, width = shape
+    before, after = [], []
+    for k, d, p in zip(conv.kernel_size, conv.dilation, _pair(conv.padding)):
+        if p == "same":  # torch puts the odd extra pixel at the end
+            total = d * (k - 1)
+            before.append(total // 2)
+            after.append(total - total // 2)
+        else:
+            pad = 0 if p == "valid" else int(p)
+            before.append(pad)
+            after.append(pad)
+    inits.append(_weight(f"{name}.w", conv.weight))
+    inputs = [x, f"{name}.w"]
+    if conv.bias is not None:
+        inits.append(_weight(f"{name}.b", conv.bias))
+        inputs.append(f"{name}.b")
+    conv_pads = before + after
+    if conv.padding_mode != "zeros" and any(conv_pads):
+        padded = f"{name}.padded"
+        inits.append(
+            numpy_helper.from_array(
+                np.array([0, 0, *before, 0, 0, *after], dtype=np.int64), f"{name}.pads"
+            )
+        )
+        nodes.append(
+            helper.make_node(
+                "Pad", [x, f"{name}.pads"], [padded], mode=_PAD_MODES[conv.padding_mode]
+            )
+        )
+        inputs[0] = padded
+        conv_pads = [0, 0, 0, 0]
+    nodes.append(
+        helper.make_node(
+            "Conv",
+            inputs,
+            [y],
+            kernel_shape=list(conv.kernel_size),
+            strides=list(conv.stride),
+            dilations=list(conv.dilation),
+            pads=conv_pads,
+            group=conv.groups,
+        )
+    )
+    out_hw = [
+        (size + b + a - d * (k - 1) - 1) // s + 1
+        for size, b, a, k, s, d in zip(
+            (height, width), before, after, conv.kernel_size, conv.stride, conv.dilation
+        )
+    ]
+    return [conv.out_channels, *out_hw]
+
+
+def _pair(padding: str | int | tuple[int, ...]) -> tuple:
+    if isinstance(padding, str):
+        return (padding, padding)
+    return (padding, padding) if isinstance(padding, int) else tuple(padding)
+
+
+def _linear_nodes(
+    linear: nn.Linear,
+    name: str,
+    x: str,
+    y: str,
+    shape: list[int],
+    nodes: list[onnx.NodeProto],
+    inits: list[onnx.TensorProto],
+) -> list[int]:
+    # The exporter writes Gemm for batch × features inputs and MatMul (+ Add) otherwise.
+    if len(shape) == 1:
+        inits.append(_weight(f"{name}.w", linear.weight))
+        inputs = [x, f"{name}.w"]
+        if linear.bias is not None:
+            inits.append(_weight(f"{name}.b", linear.bias))
+            inputs.append(f"{name}.b")
+        nodes.append(helper.make_node("Gemm", inputs, [y], transB=1))
+    else:
+        inits.append(_weight(f"{name}.wt", linear.weight.T.contiguous()))
+        if linear.bias is None:
+            nodes.append(helper.make_node("MatMul", [x, f"{name}.wt"], [y]))
+        else:
+            inits.append(_weight(f"{name}.b", linear.bias))
+            nodes.append(helper.make_node("MatMul", [x, f"{name}.wt"], [f"{name}.mm"]))
+            nodes.append(helper.make_node("Add", [f"{name}.mm", f"{name}.b"], [y]))
+    return [*shape[:-1], linear.out_features]
+
+
+class LatencyTable:
+    """Measured milliseconds of layers and their factorized blocks, cached per machine/provider.
+
+    `block_ms` / `layer_ms` time on first use and read the cache afterwards. Timing: `warmup`
+    untimed runs, then the median of `repeats` samples, each sample the mean of enough runs to
+    last `min_sample_ms` (tiny layers run in microseconds, below the timer's noise).
+    """
+
+    def __init__(
+        self,
+        provider: str = "cpu",
+        cache_dir: str | Path | None = None,
+        threads: int | None = None,
+        warmup: int = 2,
+        repeats: int = 7,
+        min_sample_ms: float = 2.0,
+    ) -> None:
+        if warmup < 0 or repeats < 1 or min_sample_ms < 0:
+            raise ConfigError(
+                f"latency table needs warmup >= 0, repeats >= 1 and min_sample_ms >= 0, got "
+                f"{warmup}, {repeats}, {min_sample_ms}; pass e.g. warmup=2, repeats=7"
+            )
+        if threads is not None and threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {threads}; pass a positive thread count")
+        self.provider = provider.strip().lower()
+        self.threads = threads
+        self.warmup, self.repeats, self.min_sample_ms = warmup, repeats, min_sample_ms
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.machine = machine_id(self.provider)
+        digest = hashlib.sha256(
+            json.dumps(
+                {"machine": self.machine, "provider": self.provider, "threads": threads},
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()[:16]
+        self.path = self.cache_dir / f"{self.provider}-{digest}.json"
+        self.entries: dict[str, float] = self._read_cache()
+        self.measured = 0  # timings run by this table (cache misses)
+        self._overhead: float | None = None
+        self.cache_error: str | None = None  # set when the cache file could not be written
+
+    def layer_ms(self, layer: LayerInfo, batch: int) -> float:
+        """Milliseconds per run of the original layer on `batch` inputs of its traced shape."""
+        return self._lookup(layer, "original", (), batch, lambda: layer_module(layer))
+
+    def block_ms(
+        self, layer: LayerInfo, method_name: str, ranks: Sequence[int], batch: int
+    ) -> float:
+        """Milliseconds per run of `method_name`'s block for `layer` at `ranks`."""
+        method: Method = get_method(method_name)
+        ranks = tuple(int(r) for r in ranks)
+        return self._lookup(layer, method.name, ranks, batch, lambda: method.build(layer, ranks))
+
+    def key(self, layer: LayerInfo, block: str, ranks: Ranks, batch: int) -> str:
+        return json.dumps(
+            {"layer": layer_geometry(layer), "block": block, "ranks": list(ranks), "batch": batch},
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+
+    def _lookup(self, layer: LayerInfo, block: str, ranks: Ranks, batch: int, build) -> float:
+        if batch < 1:
+            raise ConfigError(f"batch must be >= 1, got {batch}; pass e.g. 1 or 8")
+        key = self.key(layer, block, ranks, batch)
+        if key not in self.entries:
+            # Fixed random weights (reruns time the same graph), without touching the caller's RNG.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = module_to_onnx(build().eval(), layer.in_shape)
+            raw = self._time(model, (batch, *layer.in_shape))
+            # Floor at 1 % of the raw time: the overhead estimate is itself noisy.
+            self.entries[key] = max(raw - self.overhead_ms(), 0.01 * raw)
+            self.measured += 1
+            self._write_cache()
+        return self.entries[key]
+
+    def overhead_ms(self) -> float:
+        """onnxruntime's fixed cost per `run` call: an Identity on one element (not cached)."""
+        if self._overhead is None:
+            x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1])
+            y = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 1])
+            graph = helper.make_graph(
+                [helper.make_node("Identity", ["input"], ["output"])], "overhead", [x], [y]
+            )
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", TIMING_OPSET)])
+            self._overhead = self._time(model, (1, 1))
+        return self._overhead
+
+    def _time(self, model: onnx.ModelProto, shape: tuple[int, ...]) -> float:
+        with tempfile.TemporaryDirectory(prefix="rankfold-latency-") as folder:
+            path = Path(folder) / "probe.onnx"
+            onnx.save(model, str(path))
+            session = create_session(path, self.provider, self.threads)
+        device = "cuda" if self.provider == "cuda" else "cpu"
+        x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+        # I/O binding keeps inputs and outputs on the provider's device, so a CUDA time is the
+        # kernels' time, not host↔device copies; on CPU it is the plain run.
+        binding = session.io_binding()
+        binding.bind_ortvalue_input("input", onnxruntime.OrtValue.ortvalue_from_numpy(x, device, 0))
+        binding.bind_output("output", device)
+        start = time.perf_counter()
+        for _ in range(max(self.warmup, 1)):
+            session.run_with_iobinding(binding)
+        first = (time.perf_counter() - start) * 1e3 / max(self.warmup, 1)
+        inner = min(1000, max(1, math.ceil(self.min_sample_ms / max(first, 1e-4))))
+        samples = []
+        for _ in range(self.repeats):
+            start = time.perf_counter()
+            for _ in range(inner):
+                session.run_with_iobinding(binding)
+            samples.append((time.perf_counter() - start) * 1e3 / inner)
+        return statistics.median(samples)
+
+    def _read_cache(self) -> dict[str, float]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return {}  # no cache yet, or a damaged one: measure again and rewrite it
+        if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
+            return {}
+        entries = data.get("entries")
+        if not isinstance(entries, dict):
+            return {}
+        return {k: float(v) for k, v in entries.items() if isinstance(v, (int, float))}
+
+    def _write_cache(self) -> None:
+        # Another process may have added entries since we read the file: merge, do not clobber.
+        merged = {**self._read_cache(), **self.entries}
+        self.entries = merged
+        try:
+            atomic_write_json(
+                self.path,
+                {
+                    "format": CACHE_FORMAT,
+                    "provider": self.provider,
+                    "threads": self.threads,
+                    "machine": self.machine,
+                    "entries": merged,
+                },
+            )
+        except (OutputError, OSError) as exc:
+            # The table still works from memory; an unwritable cache only costs re-timing.
+            self.cache_error = f"latency cache {self.path} not written ({exc})"
+
+
+class LatencyMetric:
+    """Measured latency as the cost a budgeted rank selector allocates (--target latency).
+
+    `layer(layer)` is the original layer's ms; `block(layer, method, ranks)` the block's ms,
+    interpolated in MACs between `anchors` measured candidates of the method's family (timing
+    every candidate would take minutes); `total(analysis)` sums the conv/linear layers, the
+    same convention as MAC totals. Interpolated times never decrease with MACs, so "the largest
+    candidate within a budget" stays well defined despite timing noise.
+    """
+
+    name = "latency"
+
+    def __init__(self, table: LatencyTable, batch: int, anchors: int = 6) -> None:
+        if anchors < 2:
+            raise ConfigError(f"anchors must be >= 2, got {anchors}")
+        self.table, self.batch, self.anchors = table, batch, anchors
+        self._curves: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+
+    def layer(self, layer: LayerInfo) -> float:
+        return self.table.layer_ms(layer, self.batch)
+
+    def total(self, analysis) -> float:
+        return sum(self.layer(layer) for layer in analysis.layers)
+
+    def block(self, layer: LayerInfo, method: Method, ranks: Sequence[int]) -> float:
+        macs, times = self._curve(layer, method)
+        return float(np.interp(method.cost(layer, tuple(ranks)).macs, macs, times))
+
+    def _curve(self, layer: LayerInfo, method: Method) -> tuple[np.ndarray, np.ndarray]:
+        key = (layer.name, method.name)
+        if key not in self._curves:
+            family = [
+                c
+                for c in method.candidates(layer)
+                if method.cost(layer, c).macs < layer.macs
+                and method.cost(layer, c).params < layer.params
+            ] or method.candidates(layer)[:1]
+            family_macs = np.array([method.cost(layer, c).macs for c in family], dtype=float)
+            targets = np.linspace(family_macs[0], family_macs[-1], self.anchors)
+            picks = sorted({int(np.argmin(np.abs(family_macs - t))) for t in targets})
+            macs = family_macs[picks]
+            times = np.array(
+                [self.table.block_ms(layer, method.name, family[i], self.batch) for i in picks]
+            )
+            self._curves[key] = (macs, np.maximum.accumulate(times))
+        return self._curves[key]

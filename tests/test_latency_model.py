@@ -1,0 +1,426 @@
+"""Latency model, latency gate, rank rounding and the bench table (rankfold issue #7)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+from torch import nn
+
+from rankfold.passes import RankPolicy, analyze, select_ranks, trace
+from rankfold.passes.analysis import LayerInfo, ModelAnalysis
+from rankfold.passes.blocks import FactorizedBlock, pointwise, spatial_like
+from rankfold.passes.errors import ConfigError, ProviderError
+from rankfold.passes.latency_gate import gate_plan, round_ranks, rounded_ranks
+from rankfold.passes.methods import METHODS, CPMethod, get_method
+from rankfold.passes.plan import LayerPlan, Plan
+from rankfold.runtime import export_onnx
+from rankfold.runtime.latency import (
+    BENCH_COLUMNS,
+    LatencyResult,
+    bench_providers,
+    bench_rows,
+    format_bench_row,
+    onnx_macs,
+)
+from rankfold.runtime.latency_model import (
+    LatencyMetric,
+    LatencyTable,
+    layer_module,
+    machine_id,
+    module_to_onnx,
+)
+from rankfold.runtime.providers import resolve_providers
+
+
+def conv_layer(
+    name: str = "conv",
+    channels: tuple[int, int] = (16, 16),
+    hw: int = 16,
+    kernel: int = 3,
+    **geometry,
+) -> LayerInfo:
+    """The LayerInfo `analyze` gives a conv with this geometry (padding k//2 unless given)."""
+    conv = nn.Conv2d(*channels, kernel, **{"padding": kernel // 2, **geometry})
+    (layer,) = analyze(trace(nn.Sequential(conv), torch.zeros(1, channels[0], hw, hw))).layers
+    return dataclasses.replace(layer, name=name)
+
+
+def one_layer_analysis(layer: LayerInfo) -> ModelAnalysis:
+    return ModelAnalysis((layer,), layer.params, layer.macs)
+
+
+def plan_for(layer: LayerInfo, method: str, ranks: list[int]) -> Plan:
+    entry = LayerPlan(name=layer.name, type=layer.type, method=method, ranks=ranks, reason="test")
+    return Plan(model="m", method=method, layers=[entry])
+
+
+@pytest.fixture
+def table(tmp_path: Path) -> LatencyTable:
+    return LatencyTable("cpu", cache_dir=tmp_path / "cache", threads=1, repeats=3)
+
+
+class FakeTable:
+    """Deterministic times: a layer costs 1 ms; a block's time is given per ranks."""
+
+    provider = "fake"
+
+    def __init__(self, times: dict[tuple[int, ...], float], default: float = 0.5) -> None:
+        self.times, self.default = times, default
+        self.calls: list[tuple] = []
+
+    def layer_ms(self, layer: LayerInfo, batch: int) -> float:
+        return 1.0
+
+    def block_ms(self, layer: LayerInfo, method: str, ranks, batch: int) -> float:
+        self.calls.append((method, tuple(ranks), batch))
+        return self.times.get(tuple(ranks), self.default) * (1 + 0.1 * (batch > 1))
+
+
+class LinearTable(FakeTable):
+    """A block costs 0.01 ms per unit of its first rank."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+
+    def block_ms(self, layer: LayerInfo, method: str, ranks, batch: int) -> float:
+        self.calls.append((method, tuple(ranks), batch))
+        return 0.01 * ranks[0]
+
+
+# --- probe graphs -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["svd", "tucker2", "cp"])
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        {"stride": (2, 2)},
+        {"dilation": (2, 2), "padding": "same", "padding_mode": "reflect"},
+        {"padding": (1, 1), "padding_mode": "circular"},
+    ],
+)
+def test_probe_graph_computes_what_the_block_computes(method: str, geometry: dict) -> None:
+    layer = conv_layer(channels=(6, 10), hw=9, bias=True, **geometry)
+    torch.manual_seed(0)
+    modules = [
+        layer_module(layer),
+        get_method(method).build(layer, (3,) * 2 if method == "tucker2" else (4,)),
+    ]
+    x = torch.randn(2, *layer.in_shape)
+    for module in modules:
+        module.eval()
+        session = onnxruntime.InferenceSession(
+            module_to_onnx(module, layer.in_shape).SerializeToString(),
+            providers=["CPUExecutionProvider"],
+        )
+        actual = session.run(None, {"input": x.numpy()})[0]
+        with torch.no_grad():
+            expected = module(x).numpy()
+        assert actual.shape == expected.shape
+        np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5)
+
+
+def test_probe_graph_for_linear_blocks() -> None:
+    torch.manual_seed(0)
+    for shape in [(12,), (5, 12)]:
+        block = nn.Sequential(nn.Linear(12, 3, bias=False), nn.Linear(3, 7))
+        x = torch.randn(4, *shape)
+        session = onnxruntime.InferenceSession(
+            module_to_onnx(block, shape).SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        with torch.no_grad():
+            expected = block(x).numpy()
+        np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], expected, atol=1e-5)
+
+
+# --- the table and its cache --------------------------------------------------------------------
+
+
+def test_cache_is_keyed_by_provider_shape_and_batch(table: LatencyTable, tmp_path: Path) -> None:
+    layer = conv_layer(hw=16)
+    rng = torch.get_rng_state()
+    first = table.layer_ms(layer, 1)
+    assert torch.equal(torch.get_rng_state(), rng)  # random probe weights, caller's RNG intact
+    assert first > 0 and table.measured == 1
+    assert table.layer_ms(layer, 1) == first and table.measured == 1  # cached
+    table.layer_ms(layer, 2)
+    assert table.measured == 2  # another batch is another entry
+    table.layer_ms(conv_layer(hw=8), 1)
+    assert table.measured == 3  # another input shape is another entry
+    table.layer_ms(conv_layer(name="other_name", hw=16), 1)
+    assert table.measured == 3  # same geometry under another name: same entry
+    table.block_ms(layer, "cp", [4], 1)
+    assert table.measured == 4
+
+    data = json.loads(table.path.read_text())
+    assert data["provider"] == "cpu" and data["machine"] == machine_id("cpu")
+    assert data["machine"]["onnxruntime"] == onnxruntime.__version__
+    assert len(data["entries"]) == 4
+
+    again = LatencyTable("cpu", cache_dir=tmp_path / "cache", threads=1, repeats=3)
+    assert again.path == table.path
+    assert again.layer_ms(layer, 1) == first and again.measured == 0
+
+    cuda = LatencyTable("cuda", cache_dir=tmp_path / "cache", threads=1)
+    assert cuda.path != table.path and cuda.path.name.startswith("cuda-")
+    assert cuda.entries == {}
+    other_threads = LatencyTable("cpu", cache_dir=tmp_path / "cache", threads=2)
+    assert other_threads.path != table.path and other_threads.entries == {}
+
+
+def test_damaged_cache_is_measured_again(table: LatencyTable, tmp_path: Path) -> None:
+    table.path.parent.mkdir(parents=True)
+    table.path.write_text("{not json")
+    fresh = LatencyTable("cpu", cache_dir=tmp_path / "cache", threads=1, repeats=3)
+    assert fresh.entries == {}
+    fresh.layer_ms(conv_layer(), 1)
+    assert len(json.loads(fresh.path.read_text())["entries"]) == 1
+
+
+def test_unwritable_cache_still_measures(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    table = LatencyTable(cache_dir=blocker / "cache", repeats=2)
+    assert table.layer_ms(conv_layer(hw=8), 1) > 0
+    assert table.cache_error is not None and "not written" in table.cache_error
+
+
+def test_table_rejects_bad_settings(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="repeats >= 1"):
+        LatencyTable(cache_dir=tmp_path, repeats=0)
+    with pytest.raises(ConfigError, match="threads"):
+        LatencyTable(cache_dir=tmp_path, threads=0)
+    with pytest.raises(ConfigError, match="batch"):
+        LatencyTable(cache_dir=tmp_path).layer_ms(conv_layer(), 0)
+
+
+def test_cache_dir_comes_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RANKFOLD_LATENCY_CACHE", str(tmp_path / "env"))
+    assert LatencyTable().path.parent == tmp_path / "env"
+
+
+def test_cuda_table_measures_or_skips_with_the_reason(tmp_path: Path) -> None:
+    try:
+        resolve_providers("cuda")
+    except ProviderError as exc:
+        pytest.skip(str(exc))
+    cuda = LatencyTable("cuda", cache_dir=tmp_path)
+    layer = conv_layer(channels=(64, 64), hw=32)
+    assert cuda.layer_ms(layer, 8) > 0
+    assert cuda.block_ms(layer, "cp", [16], 8) > 0
+
+
+# --- the latency gate ---------------------------------------------------------------------------
+
+
+class HugeDetour(CPMethod):
+    """A method that reports CP's cost but builds a block through 1024 channels: slow on purpose."""
+
+    name = "huge_detour"
+
+    def build(self, layer: LayerInfo, ranks) -> FactorizedBlock:
+        stages = OrderedDict(
+            up=pointwise(layer.in_features, 1024),
+            spatial=spatial_like(layer, 1024, 1024, groups=1024),
+            down=pointwise(1024, layer.out_features),
+        )
+        return FactorizedBlock(stages, layer.name, self.name, ranks)
+
+
+def test_gate_reverts_an_artificially_slow_block_and_keeps_a_fast_one(
+    table: LatencyTable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(METHODS, "huge_detour", HugeDetour())
+    slow = conv_layer("slow", channels=(16, 16), hw=16)
+    fast = conv_layer("fast", channels=(64, 64), hw=32)
+    analysis = ModelAnalysis((slow, fast), 0, slow.macs + fast.macs)
+    plan = Plan(
+        model="m",
+        method="cp",
+        layers=[
+            LayerPlan(name="slow", type="Conv2d", method="huge_detour", ranks=[4], reason="a"),
+            LayerPlan(name="fast", type="Conv2d", method="cp", ranks=[8], reason="b"),
+        ],
+    )
+    gated = gate_plan(plan, analysis, table, batch=[1, 2], margin=0.05)
+    reverted, kept = gated.layers
+    assert not reverted.decompose and reverted.method is None
+    assert reverted.reason.startswith("reverted by latency gate: block ")
+    assert "ms vs layer" in reverted.reason and "cpu)" in reverted.reason
+    block_ms = table.block_ms(slow, "huge_detour", [4], 1)
+    assert block_ms > 3 * table.layer_ms(slow, 1)  # 1024-channel detour vs a 16-channel conv
+    assert kept.decompose and kept.ranks == [8] and kept.reason.startswith("b; latency ")
+    assert table.block_ms(fast, "cp", [8], 1) < 0.5 * table.layer_ms(fast, 1)
+    assert plan.layers[0].decompose  # the input plan is unchanged
+
+
+def test_gate_margin_and_worst_batch() -> None:
+    layer = conv_layer()
+    plan = plan_for(layer, "cp", [4])
+    analysis = one_layer_analysis(layer)
+    # 0.92 ms at batch 1 and 1.012 ms at batch 8 against a 1 ms layer.
+    table = FakeTable({(4,): 0.92})
+    assert gate_plan(plan, analysis, table, 1, margin=0.05).layers[0].decompose
+    assert not gate_plan(plan, analysis, table, 1, margin=0.10).layers[0].decompose
+    worst = gate_plan(plan, analysis, table, [1, 8], margin=0.0).layers[0]
+    assert worst.reason == (
+        "reverted by latency gate: block 1.01 ms vs layer 1.00 ms (batch 8, fake)"
+    )
+    with pytest.raises(ConfigError, match="margin"):
+        gate_plan(plan, analysis, table, 1, margin=1.0)
+    with pytest.raises(ConfigError, match="batch"):
+        gate_plan(plan, analysis, table, [], margin=0.05)
+
+
+# --- rank rounding ------------------------------------------------------------------------------
+
+
+def test_rounded_ranks_go_to_the_nearest_valid_multiple() -> None:
+    cp, tucker = get_method("cp"), get_method("tucker2")
+    layer = conv_layer(channels=(64, 64), hw=8)
+    assert rounded_ranks(cp, layer, (37,), 8) == (40,)
+    assert rounded_ranks(cp, layer, (35,), 8) == (32,)
+    assert rounded_ranks(cp, layer, (36,), 8) == (40,)  # ties go up
+    assert rounded_ranks(cp, layer, (32,), 8) is None  # already a multiple
+    assert rounded_ranks(cp, layer, (3,), 8) == (8,)  # 0 is not a rank
+    assert rounded_ranks(tucker, layer, (37, 43), 8) == (40, 40)
+    stem = conv_layer(channels=(3, 64), hw=8)
+    # rank_in is capped by 3 input channels and stays; 28 would go up to 32, which makes the
+    # block larger than the 3→64 layer, so it goes down to 16 instead.
+    assert rounded_ranks(tucker, stem, (28, 3), 16) == (16, 3)
+    assert tucker.cost(stem, (32, 3)).params > stem.params
+    # (61, 61) → 64 is the full, larger layer; 56 is the valid multiple below.
+    assert rounded_ranks(tucker, layer, (61, 61), 8) == (56, 56)
+
+
+def test_round_ranks_switches_only_when_measured_faster() -> None:
+    layer = conv_layer(channels=(64, 64), hw=8)
+    analysis = one_layer_analysis(layer)
+    plan = plan_for(layer, "cp", [37])
+    faster = FakeTable({(37,): 0.5, (32,): 0.3, (40,): 0.40})
+    rounded = round_ranks(plan, analysis, faster, 8, [1, 8]).layers[0]
+    assert rounded.ranks == [40]  # nearest, though 32 would be faster still
+    assert rounded.reason == (
+        "test; rounded [37] → [40] (multiple of 8): 0.40 ms vs 0.50 ms (batch 1, fake)"
+    )
+    assert {c[1] for c in faster.calls} == {(37,), (40,)}  # only planned and rounded are timed
+
+    slower = FakeTable({(37,): 0.5, (40,): 0.6})
+    kept = round_ranks(plan, analysis, slower, 8, 1).layers[0]
+    assert kept.ranks == [37] and kept.reason == "test"
+    with pytest.raises(ConfigError, match="round-to"):
+        round_ranks(plan, analysis, slower, 1, 1)
+
+
+def test_round_and_gate_a_real_plan_with_measured_times(table: LatencyTable) -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 48, 3, padding=1), nn.ReLU()
+    ).eval()
+    gm = trace(model, torch.zeros(1, 3, 16, 16))
+    analysis = analyze(gm)
+    plan = select_ranks(analysis, RankPolicy(method="tucker2", macs_reduction=2.0), "seq")
+    rounded = round_ranks(plan, analysis, table, 8, 1)
+    gated = gate_plan(rounded, analysis, table, 1)
+    for before, after in zip(plan.layers, gated.layers):
+        assert after.name == before.name
+        if after.decompose:
+            assert "latency" in after.reason
+            layer = analysis.layer(after.name)
+            assert table.block_ms(layer, after.method, after.ranks, 1) <= 0.95 * table.layer_ms(
+                layer, 1
+            )
+        else:
+            assert after.reason.startswith(("skipped", "reverted by latency gate"))
+    # Everything here is measured once per geometry and batch: a second pass costs nothing.
+    measured = table.measured
+    gate_plan(round_ranks(plan, analysis, table, 8, 1), analysis, table, 1)
+    assert table.measured == measured
+
+
+# --- latency as the budgeted cost ---------------------------------------------------------------
+
+
+def test_latency_metric_interpolates_between_measured_anchors() -> None:
+    layer = conv_layer(channels=(32, 32), hw=8)
+    cp = get_method("cp")
+    table = LinearTable()
+    metric = LatencyMetric(table, batch=1, anchors=4)  # type: ignore[arg-type]
+    assert metric.layer(layer) == 1.0
+    assert metric.total(one_layer_analysis(layer)) == 1.0
+    # ms is linear in rank and CP's MACs are linear in rank: interpolation is exact.
+    for rank in (1, 7, 20):
+        assert metric.block(layer, cp, (rank,)) == pytest.approx(0.01 * rank, rel=1e-9)
+    values = [metric.block(layer, cp, c) for c in cp.candidates(layer)]
+    assert values == sorted(values)
+    with pytest.raises(ConfigError, match="anchors"):
+        LatencyMetric(table, 1, anchors=1)  # type: ignore[arg-type]
+
+
+# --- the bench table ----------------------------------------------------------------------------
+
+
+def test_bench_rows_add_mac_reduction_and_its_share() -> None:
+    rows = bench_rows([LatencyResult(1, 4.0, 2.0, 2.0), LatencyResult(8, 30.0, 12.0, 2.5)], 2.5)
+    assert rows[0] == {
+        "batch": 1,
+        "original_ms": 4.0,
+        "compressed_ms": 2.0,
+        "speedup": 2.0,
+        "mac_reduction": 2.5,
+        "speedup_per_mac_reduction": pytest.approx(0.8),
+    }
+    assert rows[1]["speedup_per_mac_reduction"] == pytest.approx(1.0)
+    assert format_bench_row(rows[0]) == ["1", "4.000", "2.000", "2.00×", "2.50×", "0.80"]
+    assert len(BENCH_COLUMNS) == 6
+    with pytest.raises(ValueError, match="positive"):
+        bench_rows([], 0.0)
+
+
+def test_bench_providers_counts_macs_and_skips_cuda_with_the_reason(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3)).eval()
+    layer = conv_layer(channels=(32, 32), hw=8, padding=0)
+    compressed = nn.Sequential(original[0], original[1], get_method("cp").build(layer, (8,))).eval()
+    x = torch.zeros(1, 3, 8, 8)
+    a = export_onnx(original, x, tmp_path / "a.onnx")
+    b = export_onnx(compressed, x, tmp_path / "b.onnx")
+    macs_a = 8 * 8 * 32 * 3 * 9 + 6 * 6 * 32 * 32 * 9
+    macs_b = 8 * 8 * 32 * 3 * 9 + 8 * 8 * 32 * 8 + 6 * 6 * 8 * (9 + 32)
+    assert onnx_macs(a) == macs_a and onnx_macs(b) == macs_b
+    table = bench_providers(
+        a, b, (3, 8, 8), [1, 2], ("cpu", "cuda"), warmup=1, repeats=3, threads=1
+    )
+    assert table["mac_reduction"] == pytest.approx(macs_a / macs_b)
+    rows = table["providers"]["cpu"]["rows"]
+    assert [row["batch"] for row in rows] == [1, 2]
+    assert all(row["original_ms"] > 0 and row["compressed_ms"] > 0 for row in rows)
+    try:
+        resolve_providers("cuda")
+    except ProviderError as exc:
+        assert table["providers"]["cuda"] == {"skipped": str(exc)}
+    else:
+        assert len(table["providers"]["cuda"]["rows"]) == 2
+    json.dumps(table, allow_nan=False)
+
+
+def test_onnx_macs_matches_the_analysis_of_a_traced_model(tmp_path: Path) -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 10),
+    ).eval()
+    x = torch.zeros(1, 3, 8, 8)
+    assert (
+        onnx_macs(export_onnx(model, x, tmp_path / "m.onnx")) == analyze(trace(model, x)).total_macs
+    )
