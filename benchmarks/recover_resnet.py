@@ -76,7 +76,7 @@ GOAL_DROP_PT = 0.3
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("resnet20", "resnet56"), default="resnet20")
-    parser.add_argument("--method", choices=("cp",), default="cp")
+    parser.add_argument("--method", choices=("cp", "cp-epc", "tucker2"), default="cp")
     parser.add_argument("--macs-reduction", type=float, default=2.0)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--lr", type=float, default=None)

@@ -86,6 +86,32 @@ def _round_to(text: str | None) -> int | str | None:
     return int(text)
 
 
+TARGETS = ("macs", "params", "latency")
+
+
+def _budget(
+    target: str | None,
+    reduction: float | None,
+    macs_reduction: float | None,
+    params_reduction: float | None,
+) -> dict[str, float | None]:
+    """The policy's budget fields from --target/--reduction and the --macs/--params shorthands."""
+    from rankfold.passes.errors import ConfigError
+
+    budget = {"macs_reduction": macs_reduction, "params_reduction": params_reduction}
+    if target is not None and target not in TARGETS:
+        raise ConfigError(f"--target '{target}' is unknown; choose one of {', '.join(TARGETS)}")
+    if reduction is None:
+        if target is not None and budget.get(f"{target}_reduction") is None:
+            raise ConfigError(f"--target {target} needs --reduction X (e.g. --reduction 2)")
+        return budget
+    key = f"{target or 'macs'}_reduction"
+    if budget.get(key) is not None:
+        raise ConfigError(f"give --reduction or --{key.replace('_', '-')}, not both")
+    budget[key] = reduction
+    return budget
+
+
 def _rank_value(text: str) -> int | float | list[int]:
     from rankfold.passes.errors import ConfigError
 
@@ -165,6 +191,17 @@ def compress(
     params_reduction: Annotated[
         float | None, typer.Option(help="Whole-model parameter reduction target.")
     ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            help="What --reduction budgets: macs (default), params, or latency (each layer and "
+            "block timed in onnxruntime on --provider at the first --batch size)."
+        ),
+    ] = None,
+    reduction: Annotated[
+        float | None,
+        typer.Option(help="Reduction of --target, e.g. 3 (--target latency: 3× faster)."),
+    ] = None,
     rank: Annotated[
         str | None, typer.Option(help="Rank for every layer: 16, a ratio 0.25, or 32,16.")
     ] = None,
@@ -240,6 +277,25 @@ def compress(
     no_latency: Annotated[
         bool, typer.Option("--no-latency", help="Skip latency measurement.")
     ] = False,
+    latency_gate: Annotated[
+        bool | None,
+        typer.Option(
+            "--latency-gate/--no-latency-gate",
+            help="Time each planned block against its layer (--provider, every --batch) and keep "
+            "the layer whole unless the block is --gate-margin faster; with --round-to, ranks "
+            "first move to the multiple where that measures faster.",
+        ),
+    ] = None,
+    gate_margin: Annotated[
+        float | None, typer.Option(help="Latency gate: how much faster a block must be (0.05).")
+    ] = None,
+    cleanup: Annotated[
+        bool | None,
+        typer.Option(
+            "--cleanup/--no-cleanup",
+            help="Fold BatchNorm, merge 1×1 convs and drop identities before export.",
+        ),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for factorizations.")] = None,
 ) -> None:
     """Decompose MODEL, export original and compressed ONNX, validate, and write a report."""
@@ -276,8 +332,7 @@ def compress(
         "seed": seed,
         "ranks": {
             "method": method,
-            "macs_reduction": macs_reduction,
-            "params_reduction": params_reduction,
+            **_budget(target, reduction, macs_reduction, params_reduction),
             "rank": None if rank is None else _rank_value(rank),
             "layers": overrides or None,
             "skip": skip or None,
@@ -295,7 +350,10 @@ def compress(
             "provider": provider,
             "batch": None if batch is None else _int_list(batch, "--batch"),
             "enabled": False if no_latency else None,
+            "gate": latency_gate,
+            "gate_margin": gate_margin,
         },
+        "export": {"cleanup": cleanup},
     }
     base = load_config_file(config) if config is not None else {}
     settings = build_config(merge(base, cli), source=str(config) if config else "options")
@@ -336,6 +394,20 @@ def _print_summary(report: dict[str, Any], out: Path) -> None:
         f"ONNX parity: max abs diff {report['onnx']['max_abs_diff']:.2e} "
         f"(tolerance {report['onnx']['atol']:.0e})",
     ]
+    gate = (report.get("selection") or {}).get("latency_gate")
+    if gate:
+        lines.append(
+            f"latency gate ({gate['provider']}, batch {','.join(map(str, gate['batch']))}, margin "
+            f"{gate['margin']:.0%}): {len(gate['reverted'])} layer(s) kept whole, "
+            f"{len(gate['rounded'])} rank(s) rounded, {gate['measurements']} new timings"
+        )
+    if report.get("cleanup"):
+        done = report["cleanup"]["compressed"]
+        lines.append(
+            f"clean-up before export: {done['batchnorms_folded']} BatchNorm(s) folded into convs, "
+            f"{done['batchnorms_folded_into_blocks']} into blocks, {done['convs_merged']} 1×1 "
+            f"pair(s) merged, {done['identities_dropped']} identity op(s) dropped"
+        )
     if report["latency"]:
         for row in report["latency"]["per_batch"]:
             lines.append(
@@ -380,48 +452,67 @@ def bench(
     onnx_path: Annotated[Path, typer.Argument(help="Compressed model.onnx.")],
     baseline: Annotated[Path, typer.Option(help="Original model's ONNX to compare against.")],
     batch: Annotated[str, typer.Option(help="Batch sizes, e.g. 1,8.")] = "1",
-    provider: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    provider: Annotated[
+        str, typer.Option(help="Providers, e.g. cpu or cpu,cuda (an unusable one is skipped).")
+    ] = "cpu",
     warmup: Annotated[int, typer.Option(help="Untimed runs per batch size.")] = 5,
     repeats: Annotated[int, typer.Option(help="Timed runs per batch size (median).")] = 30,
+    threads: Annotated[
+        int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores).")
+    ] = None,
+    macs_reduction: Annotated[
+        float | None,
+        typer.Option(help="MAC reduction to relate speed to (default: counted in both files)."),
+    ] = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the table as JSON.")
     ] = None,
 ) -> None:
-    """Latency of the compressed vs the original ONNX model, measured side by side."""
+    """Latency of the compressed vs the original ONNX model, side by side, per provider.
+
+    Columns: batch, original ms, compressed ms, speedup, MAC reduction, and speedup / MAC
+    reduction (1.0: every saved MAC saved time)."""
     from rich.table import Table
 
     from rankfold.converter.ui import console, progress_bar
     from rankfold.converter.validation import onnx_input_shape
-    from rankfold.runtime import compare_latency
+    from rankfold.passes.errors import ProviderError
     from rankfold.runtime.files import atomic_write_json
+    from rankfold.runtime.latency import BENCH_COLUMNS, bench_providers, format_bench_row
 
     sizes = _int_list(batch, "--batch")
+    providers = [p.strip().lower() for p in provider.split(",") if p.strip()]
     shape = onnx_input_shape(onnx_path)
-    with progress_bar("latency", total=len(sizes) * 2 * (warmup + repeats)) as advance:
-        rows = compare_latency(
+    runs = len(providers) * len(sizes) * 2 * repeats
+    with progress_bar("latency", total=runs) as advance:
+        data = bench_providers(
             baseline,
             onnx_path,
             shape,
             sizes,
-            provider=provider,
+            providers,
+            macs_reduction,
             warmup=warmup,
             repeats=repeats,
+            threads=threads,
             progress=lambda _: advance(),
         )
-    table = Table(title=f"{onnx_path} vs {baseline} ({provider})")
-    for column in ("batch", "original ms", "compressed ms", "speedup"):
-        table.add_column(column, justify="right")
-    for row in rows:
-        table.add_row(
-            str(row.batch),
-            f"{row.original_ms:.3f}",
-            f"{row.compressed_ms:.3f}",
-            f"{row.speedup:.2f}×",
-        )
-    console.print(table)
+    for name, result in data["providers"].items():
+        if "skipped" in result:
+            console.print(f"{name}: skipped ({result['skipped']})")
+            continue
+        table = Table(title=f"{onnx_path} vs {baseline} ({name})")
+        for _, header, _ in BENCH_COLUMNS:
+            table.add_column(header, justify="right")
+        for row in result["rows"]:
+            table.add_row(*format_bench_row(row))
+        console.print(table)
     if json_out is not None:
-        atomic_write_json(json_out, {"provider": provider, "rows": [r.to_dict() for r in rows]})
-    sys.stdout.write(json.dumps([r.to_dict() for r in rows]) + "\n")
+        atomic_write_json(json_out, data)
+    sys.stdout.write(json.dumps(data) + "\n")
+    if all("skipped" in result for result in data["providers"].values()):
+        reasons = "; ".join(result["skipped"] for result in data["providers"].values())
+        raise ProviderError(f"no provider could run: {reasons}")
 
 
 @app.command()

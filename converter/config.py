@@ -28,6 +28,9 @@ class ExportConfig(_Strict):
     opset: int = Field(default=18, ge=18)  # torch's ONNX exporter emits opset 18 and later
     atol: float = Field(default=1e-4, gt=0)
     parity_samples: int = Field(default=64, ge=1)
+    # Fold BatchNorm, merge adjacent 1×1 convs and drop identities before export
+    # (rankfold.passes.cleanup); parity is still checked against the uncleaned model.
+    cleanup: bool = True
 
 
 class LatencyConfig(_Strict):
@@ -37,6 +40,13 @@ class LatencyConfig(_Strict):
     warmup: int = Field(default=5, ge=0)
     repeats: int = Field(default=30, ge=1)
     threads: int | None = Field(default=None, ge=1)
+    # Latency gate: after planning, measure every planned block against its layer at each batch
+    # size (per-layer table, cached per machine and provider) and keep the layer whole unless
+    # the block is `gate_margin` faster; with round_to, ranks first move to the multiple when
+    # that measures faster.
+    gate: bool = False
+    gate_margin: float = Field(default=0.05, ge=0, lt=1)
+    cache_dir: Path | None = None  # the latency table's cache (default ~/.cache/rankfold/latency)
 
     @field_validator("batch")
     @classmethod

@@ -33,9 +33,12 @@ from rankfold.passes import (
     select_ranks,
     trace,
 )
+from rankfold.passes.cleanup import cleanup
 from rankfold.passes.errors import ConfigError, ModelLoadError, OutputError
+from rankfold.passes.latency_gate import gate_plan, round_ranks
 from rankfold.passes.lrf_method import error_bounded_ranks
-from rankfold.passes.plan import LayerOverride
+from rankfold.passes.methods import get_method
+from rankfold.passes.plan import LayerOverride, draft_plan, resolve_round_to
 from rankfold.passes.recalibrate import correct_bias, has_batchnorm, recalibrate_bn
 from rankfold.passes.search import Calibration, plot_search
 from rankfold.passes.selection import DATA_DRIVEN, progress_total, resolve_plan
@@ -50,6 +53,7 @@ from rankfold.runtime import (
     torch_accuracy,
 )
 from rankfold.runtime.files import atomic_path, atomic_write_json
+from rankfold.runtime.latency_model import LatencyMetric, LatencyTable
 
 MODEL_FILE_FORMAT = "rankfold-model-1"
 
@@ -69,6 +73,7 @@ class CompressionResult:
     eval_data: ArrayDataset | None = None
     accuracy: dict[str, float | None] = field(default_factory=dict)
     recalibration: str | None = None  # "batchnorm" | "bias" when recovery ran
+    cleanup: dict[str, dict[str, int]] | None = None  # what the export clean-up did
     finetuning: FinetuneResult | None = None
     selection: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
@@ -76,8 +81,10 @@ class CompressionResult:
     def save(self, out_dir: str | Path) -> dict[str, Any]:
         """Write plan.json, model.pt, original.onnx, model.onnx, report.json and layers.png.
 
-        Export, ONNX check, parity, ONNX accuracy and latency happen here. When parity fails the
-        report is still written, then a ValidationError is raised.
+        Clean-up (BN folding, 1×1 merging, identity dropping; on both models, so latency compares
+        like with like), export, ONNX check, parity of model.onnx with the uncleaned PyTorch
+        model, ONNX accuracy and latency happen here. When parity fails the report is still
+        written, then a ValidationError is raised.
         """
         out = prepare_output_dir(out_dir)
         latency_cfg = self.config.latency
@@ -87,8 +94,13 @@ class CompressionResult:
         save_model(self, out / "model.pt")
         original_onnx, model_onnx = out / "original.onnx", out / "model.onnx"
         opset = self.config.export.opset
-        export_onnx(self.original, self.example_input, original_onnx, opset=opset)
-        export_onnx(self.compressed, self.example_input, model_onnx, opset=opset)
+        original, compressed = self.original, self.compressed
+        if self.config.export.cleanup:
+            original, original_counts = cleanup(self.original)
+            compressed, compressed_counts = cleanup(self.compressed)
+            self.cleanup = {"original": original_counts, "compressed": compressed_counts}
+        export_onnx(original, self.example_input, original_onnx, opset=opset)
+        export_onnx(compressed, self.example_input, model_onnx, opset=opset)
         check_onnx(original_onnx)
         onnx_opset = check_onnx(model_onnx)
         provider = latency_cfg.provider
@@ -107,7 +119,7 @@ class CompressionResult:
         latency = None
         if latency_cfg.enabled:
             shape = tuple(self.example_input.shape[1:])
-            runs = len(latency_cfg.batch) * 2 * (latency_cfg.warmup + latency_cfg.repeats)
+            runs = len(latency_cfg.batch) * 2 * latency_cfg.repeats
             with progress_bar("latency", total=runs) as advance:
                 latency = compare_latency(
                     original_onnx,
@@ -181,7 +193,15 @@ def compress(
         train = load_dataset(config.train_data, spec, limit=config.train_limit)
     original = trace(model, example_inputs, config.leaf_modules)
     analysis = analyze(original)
-    plan, selection = _plan(original, analysis, config, spec, train)
+    table = None
+    if config.latency.gate or config.ranks.latency_reduction:
+        resolve_providers(config.latency.provider)  # an unusable provider fails before timing
+        table = LatencyTable(
+            config.latency.provider, config.latency.cache_dir, config.latency.threads
+        )
+    plan, selection = _plan(original, analysis, config, spec, train, table)
+    if config.latency.gate and config.plan is None:  # a saved plan is replayed as it is
+        plan, selection["latency_gate"] = _gate(plan, analysis, config, table)
     with progress_bar("decompose", total=len(plan.decomposed())) as advance:
         compressed, decomposition = decompose(
             original, analysis, plan, seed=config.seed, progress=advance
@@ -217,6 +237,7 @@ def _plan(
     config: CompressConfig,
     spec: ModelSpec | None,
     train: ArrayDataset | None,
+    table: LatencyTable | None = None,
 ) -> tuple[Plan, dict[str, Any]]:
     """A saved plan, or the one the configured selector chooses (with its report)."""
     if config.plan is not None:
@@ -224,6 +245,9 @@ def _plan(
     policy, search = config.ranks, config.search
     if policy.method == "cp-lrf" and policy.select == "error":
         return _lrf_error_plan(original, analysis, config)
+    measured = None
+    if policy.latency_reduction:
+        measured = _latency_metric(analysis, config, table)
     calibration = None
     if policy.select in DATA_DRIVEN and train is not None:
         calibration = Calibration.from_dataset(
@@ -235,7 +259,7 @@ def _plan(
         )
     total = progress_total(policy, analysis, search)
     with progress_bar(f"select ({policy.select})", total) if total else nullcontext() as advance:
-        return resolve_plan(
+        plan, selection = resolve_plan(
             original,
             analysis,
             policy,
@@ -244,7 +268,71 @@ def _plan(
             search,
             progress=advance,
             seed=config.seed,
+            measured=measured,
         )
+    if measured is not None:
+        selection["latency_ms"] = _predicted_latency(analysis, plan, measured)
+    return plan, selection
+
+
+def _predicted_latency(analysis: ModelAnalysis, plan: Plan, measured: LatencyMetric) -> dict:
+    """Summed conv/linear times (the latency budget's convention) before and after `plan`."""
+    entries = {entry.name: entry for entry in plan.decomposed()}
+    planned = 0.0
+    for layer in analysis.layers:
+        entry = entries.get(layer.name)
+        if entry is None:
+            planned += measured.layer(layer)
+        else:
+            planned += measured.block(layer, get_method(entry.method), entry.ranks)
+    original = measured.total(analysis)
+    return {
+        "batch": measured.batch,
+        "original": original,
+        "planned": planned,
+        "reduction": original / planned,
+    }
+
+
+def _latency_metric(
+    analysis: ModelAnalysis, config: CompressConfig, table: LatencyTable
+) -> LatencyMetric:
+    """Measured per-layer times at the first --batch size, timed up front under a progress bar."""
+    metric = LatencyMetric(table, batch=config.latency.batch[0])
+    counted = config.ranks.model_copy(update={"latency_reduction": None})
+    slots = draft_plan(analysis, counted, config.model, needs_ranks=False).slots
+    pairs = [(slot.layer, slot.method) for slot in slots]
+    with progress_bar("latency table", total=len(analysis.layers) + len(pairs)) as advance:
+        metric.warm(analysis, pairs, progress=advance)
+    return metric
+
+
+def _gate(
+    plan: Plan, analysis: ModelAnalysis, config: CompressConfig, table: LatencyTable
+) -> tuple[Plan, dict[str, Any]]:
+    """Measured rank rounding (with round_to), then the latency gate; returns what changed."""
+    batch, multiple = config.latency.batch, resolve_round_to(config.ranks.round_to)
+    planned = len(plan.decomposed())
+    with progress_bar("latency gate", total=planned * (2 if multiple else 1)) as advance:
+        rounded = plan
+        if multiple:
+            rounded = round_ranks(plan, analysis, table, multiple, batch, progress=advance)
+        gated = gate_plan(rounded, analysis, table, batch, config.latency.gate_margin, advance)
+    before = {entry.name: entry.ranks for entry in plan.layers}
+    summary = {
+        "provider": table.provider,
+        "batch": batch,
+        "margin": config.latency.gate_margin,
+        "round_to": multiple,
+        "rounded": [e.name for e in rounded.decomposed() if e.ranks != before[e.name]],
+        "reverted": [
+            e.name for e, g in zip(rounded.layers, gated.layers) if e.decompose and not g.decompose
+        ],
+        "measurements": table.measured,
+        "cache": str(table.path),
+        "cache_error": table.cache_error,
+    }
+    return gated, summary
 
 
 def _lrf_error_plan(
@@ -345,6 +433,8 @@ def build_report(
             "accuracy_recalibrated": result.accuracy.get("recalibrated"),
             "accuracy_finetuned": result.accuracy.get("finetuned"),
         },
+        "selection": result.selection,
+        "cleanup": result.cleanup,
         "recovery": {
             "recalibration": result.recalibration,
             "finetune": None if result.finetuning is None else result.finetuning.to_dict(),

@@ -7,7 +7,7 @@ shows why a layer was kept whole or why its rank moved.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from rankfold.passes.analysis import LayerInfo, ModelAnalysis
@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # passes stay importable without onnxruntime; the table is pa
     from rankfold.runtime.latency_model import LatencyTable
 
 Batches = int | Sequence[int]
+Progress = Callable[[str], None]
 
 
 def fmt_ms(value: float) -> str:
@@ -39,12 +40,14 @@ def gate_plan(
     table: LatencyTable,
     batch: Batches,
     margin: float = 0.05,
+    progress: Progress | None = None,
 ) -> Plan:
     """Revert every planned layer whose block is not at least `margin` faster than the layer.
 
     With several batch sizes a block must win at each of them (the deployed model runs them
     all). A kept layer's reason gains the measured times; a reverted one is skipped with
     "reverted by latency gate: block X ms vs layer Y ms (batch B, provider)" at its worst batch.
+    `progress(name)` is called once per planned layer.
     """
     if not 0 <= margin < 1:
         raise ConfigError(f"latency margin must lie in [0, 1), got {margin}; pass e.g. 0.05")
@@ -55,6 +58,8 @@ def gate_plan(
             layers.append(entry)
             continue
         layer = analysis.layer(entry.name)
+        if progress is not None:
+            progress(entry.name)
         times = [
             (b, table.block_ms(layer, entry.method, entry.ranks, b), table.layer_ms(layer, b))
             for b in sizes
@@ -116,11 +121,13 @@ def round_ranks(
     table: LatencyTable,
     multiple: int,
     batch: Batches,
+    progress: Progress | None = None,
 ) -> Plan:
     """Per planned layer, move to the rounded ranks (see `rounded_ranks`) when measured faster.
 
     The rounded block must be faster than the planned one at every batch size; the reason
     records the move and both times. Only the planned and the rounded ranks are timed.
+    `progress(name)` is called once per planned layer.
     """
     if multiple < 2:
         raise ConfigError(f"--round-to must be an integer >= 2 (e.g. 8 or 16), got {multiple}")
@@ -131,6 +138,8 @@ def round_ranks(
             layers.append(entry)
             continue
         layer = analysis.layer(entry.name)
+        if progress is not None:
+            progress(entry.name)
         method = get_method(entry.method)
         planned = tuple(entry.ranks)
         candidate = rounded_ranks(method, layer, planned, multiple)

@@ -1,9 +1,10 @@
 """Decide, then do: resolve every layer's method and ranks into a Plan before any surgery.
 
 Per-layer settings follow a fixed precedence (global < module type < glob or parent name < exact
-name); keys are strings, never module objects. A budget (`macs_reduction` / `params_reduction`) is
-met by a uniform allocation: every budgeted layer keeps the same fraction of its own cost, the
-fraction found by bisection, then single rank steps close the remaining gap without exceeding it.
+name); keys are strings, never module objects. A budget (`macs_reduction`, `params_reduction`,
+or `latency_reduction` priced by a measured `CostModel`) is met by a uniform allocation: every
+budgeted layer keeps the same fraction of its own cost, the fraction found by bisection, then
+single rank steps close the remaining gap without exceeding it.
 `draft_plan` and `allocate` are the shared machinery of every budgeted selector
 (`rankfold.passes.selection`): a draft decides all layers but the budgeted slots, and `allocate`
 fits one option per slot into the budget.
@@ -17,7 +18,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -63,14 +64,19 @@ class RankPolicy(BaseModel):
     rank: RankSpec | None = None
     macs_reduction: float | None = Field(default=None, gt=1)
     params_reduction: float | None = Field(default=None, gt=1)
+    # --target latency: the sum of the conv/linear layers' measured times divided by this
+    # (a speedup of those layers), priced by a CostModel such as runtime.LatencyMetric.
+    latency_reduction: float | None = Field(default=None, gt=1)
     layers: dict[str, LayerOverride] = Field(default_factory=dict)
     skip: list[str] = Field(default_factory=list)
     min_macs_share: float = Field(default=0.005, ge=0, lt=1)
     # In layers at least four blocks wide, budgeted ranks of round_to and more are multiples of it
-    # (dropped, with a note, when aligned ranks cannot meet the budget within 5 %). onnxruntime's CPU convolutions
-    # work on channel blocks (16 with AVX-512, 8 with AVX2) and wrap other channel counts in
-    # layout reorders: ResNet-18 CP at 3× ran 1.91× faster with raw ranks, 2.79× rounded to 16.
-    # "auto" takes this CPU's block; explicit per-layer ranks are never rounded.
+    # (dropped, with a note, when aligned ranks cannot meet the budget within 5 %). onnxruntime's
+    # CPU convolutions work on channel blocks (16 with AVX-512, 8 with AVX2) and wrap other
+    # channel counts in layout reorders: ResNet-18 CP at 3× ran 1.91× faster with raw ranks,
+    # 2.79× rounded to 16. "auto" takes this CPU's block; explicit per-layer ranks are never
+    # rounded. With the latency gate, the other layers' ranks move to a multiple when measured
+    # faster (rankfold.passes.latency_gate.round_ranks).
     round_to: Annotated[int, Field(ge=0)] | Literal["auto"] | None = "auto"
     # How budgeted ranks are chosen (rankfold.passes.selection.resolve_plan): uniform keeps the
     # same fraction of every layer's cost; the others rank layers by a criterion.
@@ -224,14 +230,26 @@ def _smaller(cost: Cost, layer: LayerInfo) -> bool:
     return cost.params < layer.params and cost.macs < layer.macs
 
 
+class CostModel(Protocol):
+    """Measured cost of layers and blocks (milliseconds for latency), for non-analytic budgets."""
+
+    name: str
+
+    def layer(self, layer: LayerInfo) -> float: ...
+
+    def block(self, layer: LayerInfo, method: Method, ranks: Sequence[int]) -> float: ...
+
+    def total(self, analysis: ModelAnalysis) -> float: ...
+
+
 @dataclass(frozen=True)
 class Budget:
-    """A whole-model target: `metric` ("macs" or "params") divided by `reduction`."""
+    """A whole-model target: `metric` ("macs", "params" or "latency") divided by `reduction`."""
 
     metric: str
     reduction: float
-    total: int  # the original model's cost
-    fixed: int  # cost of everything outside the budgeted layers (explicit ranks included)
+    total: float  # the original model's cost
+    fixed: float  # cost of everything outside the budgeted layers (explicit ranks included)
 
     @property
     def goal(self) -> float:
@@ -247,6 +265,7 @@ class Slot:
     method: Method
     note: str
     round_to: int | None = None
+    measured: CostModel | None = None  # prices the "latency" metric
 
     def candidates(self) -> list[Ranks]:
         """The method's candidate ranks that make the layer smaller, by increasing cost."""
@@ -263,8 +282,14 @@ class Slot:
         widest = max(self.layer.in_features, self.layer.out_features)
         return self.round_to if self.round_to and widest >= 4 * self.round_to else None
 
-    def cost(self, ranks: Ranks | None, metric: str) -> int:
+    def cost(self, ranks: Ranks | None, metric: str) -> float:
         """The block's cost at `ranks`; None means the layer is kept whole."""
+        if metric == "latency":
+            if self.measured is None:
+                raise ConfigError("a latency budget needs measured times (a CostModel)")
+            if ranks is None:
+                return self.measured.layer(self.layer)
+            return self.measured.block(self.layer, self.method, ranks)
         if ranks is None:
             return getattr(self.layer, metric)
         return self.method.cost(self.layer, ranks).get(metric)
@@ -303,17 +328,31 @@ def draft_plan(
     policy: RankPolicy,
     model_name: str = "model",
     needs_ranks: bool = True,
+    measured: CostModel | None = None,
 ) -> PlanDraft:
     """Decide every layer a selector does not choose: skips, unsupported layers, explicit ranks.
 
     The rest become slots. With `needs_ranks`, a policy without a budget or ranks is an error
-    (selectors that find ranks themselves pass False).
+    (selectors that find ranks themselves pass False). A latency budget needs `measured`.
     """
     get_method(policy.method)  # an unknown method fails before anything else
-    metric = "params" if policy.params_reduction else "macs"
-    reduction = policy.params_reduction or policy.macs_reduction
-    if policy.params_reduction and policy.macs_reduction:
-        raise ConfigError("give either --macs-reduction or --params-reduction, not both")
+    targets = {
+        "macs": policy.macs_reduction,
+        "params": policy.params_reduction,
+        "latency": policy.latency_reduction,
+    }
+    given = [name for name, value in targets.items() if value is not None]
+    if len(given) > 1:
+        raise ConfigError(
+            f"give one budget, not {' and '.join(given)} reductions: pick one --target"
+        )
+    metric = given[0] if given else "macs"
+    reduction = targets[metric]
+    if metric == "latency" and measured is None:
+        raise ConfigError(
+            "a latency budget needs measured layer times: run it through the pipeline "
+            "(--target latency) or pass measured=LatencyMetric(...)"
+        )
     if (
         needs_ranks
         and reduction is None
@@ -390,35 +429,46 @@ def draft_plan(
                 )
             )
             continue
-        slots.append(Slot(len(entries), layer, method, note, resolve_round_to(policy.round_to)))
+        slots.append(
+            Slot(len(entries), layer, method, note, resolve_round_to(policy.round_to), measured)
+        )
         entries.append(LayerPlan(name=layer.name, type=layer.type, reason="pending"))
 
     budget = None
     if reduction is not None:
-        total = analysis.total_params if metric == "params" else analysis.total_macs
-        fixed = total - sum(getattr(slot.layer, metric) for slot in slots)
+        if metric == "latency":
+            total = measured.total(analysis)
+        else:
+            total = analysis.total_params if metric == "params" else analysis.total_macs
+        fixed = total - sum(slot.cost(None, metric) for slot in slots)
         for entry in entries:  # explicit ranks already chosen change the fixed part
             if entry.decompose:
                 layer = analysis.layer(entry.name)
-                cost = get_method(entry.method).cost(layer, tuple(entry.ranks)).get(metric)
-                fixed += cost - getattr(layer, metric)
+                explicit = Slot(-1, layer, get_method(entry.method), "", None, measured)
+                fixed += explicit.cost(tuple(entry.ranks), metric) - explicit.cost(None, metric)
         budget = Budget(metric=metric, reduction=float(reduction), total=total, fixed=fixed)
     return PlanDraft(model_name, policy, entries, slots, budget)
 
 
-def select_ranks(analysis: ModelAnalysis, policy: RankPolicy, model_name: str = "model") -> Plan:
+def select_ranks(
+    analysis: ModelAnalysis,
+    policy: RankPolicy,
+    model_name: str = "model",
+    measured: CostModel | None = None,
+) -> Plan:
     """Resolve per-layer methods and ranks (explicit, ratio or uniform budget) into a Plan.
 
     Only the uniform allocation lives here; the other selectors are in
-    `rankfold.passes.selection.resolve_plan`.
+    `rankfold.passes.selection.resolve_plan`. `measured` prices a latency budget.
     """
     if policy.select != "uniform":
         raise ConfigError(
             f"select_ranks does uniform allocation only; call "
             f"rankfold.passes.selection.resolve_plan for --select {policy.select}"
         )
-    plan = _uniform(analysis, policy, model_name)
-    if policy.round_to is None or plan.target is None:
+    plan = _uniform(analysis, policy, model_name, measured)
+    # Aligned ranks are the fast ones: a latency budget keeps them whatever the MACs.
+    if policy.round_to is None or plan.target is None or policy.latency_reduction:
         return plan
     ((metric_key, reduction),) = plan.target.items()
     metric = metric_key.removesuffix("_reduction")
@@ -433,8 +483,10 @@ def select_ranks(analysis: ModelAnalysis, policy: RankPolicy, model_name: str = 
     return free
 
 
-def _uniform(analysis: ModelAnalysis, policy: RankPolicy, model_name: str) -> Plan:
-    draft = draft_plan(analysis, policy, model_name)
+def _uniform(
+    analysis: ModelAnalysis, policy: RankPolicy, model_name: str, measured: CostModel | None = None
+) -> Plan:
+    draft = draft_plan(analysis, policy, model_name, measured=measured)
     budget = draft.budget
     if budget is None:
         return draft.finish([], [])
@@ -442,7 +494,7 @@ def _uniform(analysis: ModelAnalysis, policy: RankPolicy, model_name: str) -> Pl
     costs = [
         [slot.cost(c, budget.metric) for c in ladder] for slot, ladder in zip(draft.slots, ladders)
     ]
-    sizes = [getattr(slot.layer, budget.metric) for slot in draft.slots]
+    sizes = [slot.cost(None, budget.metric) for slot in draft.slots]
 
     def level(j: int, keep: float) -> int:
         """The largest candidate within `keep` of the layer's cost (the smallest at least)."""
@@ -451,7 +503,7 @@ def _uniform(analysis: ModelAnalysis, policy: RankPolicy, model_name: str) -> Pl
     indices, _ = allocate(draft, ladders, level, 0.0, 1.0)
     reasons = []
     for slot, ladder, i in zip(draft.slots, ladders, indices):
-        keep = slot.cost(ladder[i], budget.metric) / max(getattr(slot.layer, budget.metric), 1)
+        keep = slot.cost(ladder[i], budget.metric) / max(slot.cost(None, budget.metric), 1e-12)
         reasons.append(
             f"uniform allocation for {budget.reduction:g}× {budget.metric}: keeps {keep:.0%} of "
             f"the layer's {budget.metric}"
@@ -498,7 +550,7 @@ def allocate(
         for slot, ladder in zip(draft.slots, ladders, strict=True)
     ]
 
-    def total_of(indices: list[int]) -> int:
+    def total_of(indices: list[int]) -> float:
         return budget.fixed + sum(c[i] for c, i in zip(costs, indices))
 
     def pick(x: float) -> list[int]:
@@ -506,9 +558,10 @@ def allocate(
 
     smallest = budget.fixed + sum(c[0] for c in costs)
     if smallest > goal:
+        kept = f"{smallest:.3g} ms" if metric == "latency" else f"{smallest:,.0f} {metric}"
         raise PlanError(
             f"{budget.reduction:g}× {metric} reduction is impossible: at the smallest ranks the "
-            f"model keeps {smallest:,} {metric} (at most {budget.total / smallest:.2f}×); lower "
+            f"model keeps {kept} (at most {budget.total / smallest:.2f}×); lower "
             "the target or skip fewer layers"
         )
     if total_of(pick(high)) <= goal:
@@ -525,7 +578,7 @@ def allocate(
         indices = [0] * len(costs)
     # Single steps up a ladder, cheapest layers first, while the total stays within the goal.
     total = total_of(indices)
-    order = sorted(range(len(costs)), key=lambda j: getattr(draft.slots[j].layer, metric))
+    order = sorted(range(len(costs)), key=lambda j: draft.slots[j].cost(None, metric))
     improved = True
     while improved:
         improved = False

@@ -536,7 +536,7 @@ def eps_search(
         def level(j: int, x: float) -> int:
             return _last_within(costs[j], x * targets[j])
 
-        high = max(getattr(s.layer, metric) / max(t, 1) for s, t in zip(draft.slots, targets))
+        high = max(s.cost(None, metric) / max(t, 1e-12) for s, t in zip(draft.slots, targets))
         indices, scale = allocate(draft, ladders, level, 0.0, max(high, 1.0))
         choices = [lad[i] for lad, i in zip(ladders, indices)]
         eps_total = budget.fixed + sum(targets)
@@ -544,7 +544,7 @@ def eps_search(
             reason
             if ranks is None
             else f"{reason}; scaled to {budget.reduction:g}× {metric} "
-            f"(ε-ranks give {budget.total / max(eps_total, 1):.2f}×)"
+            f"(ε-ranks give {budget.total / max(eps_total, 1e-12):.2f}×)"
             for reason, ranks in zip(reasons, choices)
         ]
     report = {
@@ -592,7 +592,7 @@ class ParsSpace:
             np.array([slot.cost(option, metric) for option in ladder])
             for slot, ladder in zip(draft.slots, self.ladders)
         ]
-        self.sizes = [getattr(slot.layer, metric) for slot in draft.slots]
+        self.sizes = [slot.cost(None, metric) for slot in draft.slots]
 
     def choices(self, shares: Sequence[float]) -> Choices:
         def level(j: int, x: float) -> int:

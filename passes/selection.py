@@ -33,6 +33,7 @@ from rankfold.passes.analysis import ModelAnalysis
 from rankfold.passes.errors import ConfigError
 from rankfold.passes.methods import Ranks
 from rankfold.passes.plan import (
+    CostModel,
     Plan,
     PlanDraft,
     RankPolicy,
@@ -66,19 +67,21 @@ def resolve_plan(
     search: SearchConfig | None = None,
     progress: Callable[..., None] | None = None,
     seed: int = 0,
+    measured: CostModel | None = None,
 ) -> tuple[Plan, dict[str, Any]]:
     """The plan `policy.select` chooses, and a JSON-serialisable report of how it chose.
 
     `gm`/`analysis` come from `trace`/`analyze`; `calibration` is required by eps-search and
     pars; `search` holds their settings (defaults otherwise); `progress(label)` is called once per
     finished trial (pars) or layer (eps-search), see `progress_total`; `seed` is the
-    factorization seed the pipeline will decompose with, so searched blocks are the final ones.
+    factorization seed the pipeline will decompose with, so searched blocks are the final ones;
+    `measured` prices a latency budget (`policy.latency_reduction`).
     """
     start = time.perf_counter()
     search = search or SearchConfig()
     select = policy.select
     if select == "uniform":
-        plan = select_ranks(analysis, policy, model_name)
+        plan = select_ranks(analysis, policy, model_name, measured)
         return plan, _summary({"selector": "uniform"}, analysis, plan, start)
     if policy.rank is not None:
         raise ConfigError(
@@ -90,7 +93,7 @@ def resolve_plan(
             f"--select {select} needs calibration data; pass --train-data (labelled images, "
             "e.g. cifar10/train_lossless_5085.npz)"
         )
-    draft = draft_plan(analysis, policy, model_name, needs_ranks=False)
+    draft = draft_plan(analysis, policy, model_name, needs_ranks=False, measured=measured)
     if select == "pars" and draft.budget is None:
         raise ConfigError(
             "--select pars searches under a budget; give --macs-reduction or --params-reduction"
@@ -129,7 +132,9 @@ def progress_total(policy: RankPolicy, analysis: ModelAnalysis, search: SearchCo
     if policy.select == "pars":
         return (search or SearchConfig()).trials
     if policy.select == "eps-search":
-        return len(draft_plan(analysis, policy, needs_ranks=False).slots)
+        # Slots do not depend on the budget's metric: count them under a MAC one.
+        counted = policy.model_copy(update={"latency_reduction": None})
+        return len(draft_plan(analysis, counted, needs_ranks=False).slots)
     return 0
 
 

@@ -189,8 +189,9 @@ def bench_providers(
     warmup: int = 5,
     repeats: int = 30,
     threads: int | None = None,
+    progress: Progress | None = None,
 ) -> dict:
-    """The bench table for each provider, as JSON-ready data.
+    """The bench table for each provider, as JSON-ready data (`progress` as in compare_latency).
 
     `mac_reduction` defaults to the ratio of the two files' conv/linear MACs (`onnx_macs`). A
     provider this machine cannot run (e.g. cuda without onnxruntime-gpu or a GPU) is recorded
@@ -217,6 +218,7 @@ def bench_providers(
                 warmup=warmup,
                 repeats=repeats,
                 threads=threads,
+                progress=progress,
             )
         except ProviderError as exc:
             out["providers"][provider] = {"skipped": str(exc)}

@@ -409,6 +409,18 @@ class LatencyMetric:
     def layer(self, layer: LayerInfo) -> float:
         return self.table.layer_ms(layer, self.batch)
 
+    def warm(self, analysis, pairs: Sequence[tuple[LayerInfo, Method]], progress=None) -> None:
+        """Time every layer, then each (layer, method)'s anchor blocks, now rather than lazily
+        (so a progress bar can show it): `progress(name)` once per layer and once per pair."""
+        for layer in analysis.layers:
+            self.layer(layer)
+            if progress is not None:
+                progress(layer.name)
+        for layer, method in pairs:
+            self._curve(layer, method)
+            if progress is not None:
+                progress(layer.name)
+
     def total(self, analysis) -> float:
         return sum(self.layer(layer) for layer in analysis.layers)
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -15,6 +17,8 @@ from rankfold.converter.cli import app
 from rankfold.converter.pipeline import restore
 from rankfold.models.digits import DigitsCNN, digits_splits
 from rankfold.runtime import create_session
+from rankfold.runtime.latency import onnx_macs
+from rankfold.runtime.latency_model import LatencyTable
 
 runner = CliRunner()
 REPORT_KEYS = {
@@ -121,6 +125,20 @@ def test_compress_writes_every_artefact_and_report(compressed):
     assert no_temp_files(compressed)
 
 
+def test_export_folds_every_batchnorm_and_keeps_parity(compressed):
+    """Clean-up runs before export on both models: no BatchNormalization node is left in either
+    ONNX file, and model.onnx still matches the uncleaned PyTorch model to 1e-4."""
+    report = json.loads((compressed / "report.json").read_text())
+    for which, name in (("compressed", "model.onnx"), ("original", "original.onnx")):
+        done = report["cleanup"][which]
+        assert done["batchnorms_folded"] + done["batchnorms_folded_into_blocks"] == 3, which
+        ops = {node.op_type for node in onnx.load(str(compressed / name)).graph.node}
+        assert "BatchNormalization" not in ops and "Conv" in ops, (name, ops)
+    # conv2 and conv3 are Tucker-2 blocks: their BN folds into the block's last 1×1 stage.
+    assert report["cleanup"]["compressed"]["batchnorms_folded_into_blocks"] >= 2
+    assert report["onnx"]["max_abs_diff"] <= 1e-4 and report["onnx"]["parity_passed"]
+
+
 def test_restore_matches_exported_onnx(compressed, digits):
     model = restore(compressed)
     x = torch.randn(3, 1, 8, 8)
@@ -171,9 +189,95 @@ def test_bench_prints_table_and_writes_json(compressed, tmp_path):
         tmp_path / "bench.json",
     )
     assert result.exit_code == 0, result.output
-    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    rows = bench["providers"]["cpu"]["rows"]
     assert [row["batch"] for row in rows] == [1, 2]
     assert all(row["original_ms"] > 0 and row["compressed_ms"] > 0 for row in rows)
+    # The MAC reduction is counted in the two ONNX files: the same as the report's.
+    report = json.loads((compressed / "report.json").read_text())
+    for row in rows:
+        assert row["mac_reduction"] == pytest.approx(report["macs_reduction"], rel=1e-9)
+        assert row["speedup_per_mac_reduction"] == pytest.approx(
+            row["speedup"] / row["mac_reduction"]
+        )
+    assert json.loads(result.output.strip().splitlines()[-1]) == bench  # stdout: the same JSON
+
+
+def test_bench_with_only_an_unusable_provider_is_one_line_error(compressed, tmp_path):
+    if "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers():
+        pytest.skip("this machine runs the CUDA provider")
+    out = tmp_path / "bench.json"
+    result = invoke(
+        "bench", compressed / "model.onnx", "--baseline", compressed / "original.onnx",
+        "--provider", "cuda", "--repeats", "1", "--json", out,
+    )  # fmt: skip
+    assert result.exit_code == 1 and "no provider could run" in error_line(result)
+    assert json.loads(out.read_text())["providers"]["cuda"]["skipped"]
+
+
+def test_latency_gate_decides_every_planned_layer_by_measurement(
+    compressed, digits, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("RANKFOLD_LATENCY_CACHE", str(tmp_path / "latency-cache"))
+    out = tmp_path / "gated"
+    result = _compress(digits, out, "--latency-gate", "--batch", "1,2")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    gate = report["selection"]["latency_gate"]
+    assert gate["provider"] == "cpu" and gate["batch"] == [1, 2] and gate["margin"] == 0.05
+    rows = {row["name"]: row for row in report["layers"]}
+    for name in gate["reverted"]:
+        assert rows[name]["status"] == "skipped"
+        assert rows[name]["reason"].startswith("reverted by latency gate: block ")
+    kept = [row for row in rows.values() if row["status"] == "decomposed"]
+    assert all(" ms vs " in row["reason"] and "batch " in row["reason"] for row in kept)
+    ungated = json.loads((compressed / "plan.json").read_text())  # same model, method, budget
+    planned = {e["name"] for e in ungated["layers"] if e["method"]}
+    assert {row["name"] for row in kept} | set(gate["reverted"]) == planned
+    plan = json.loads((out / "plan.json").read_text())
+    assert {e["name"] for e in plan["layers"] if e["method"]} == {row["name"] for row in kept}
+
+
+def modelled_time(self, model: onnx.ModelProto, shape: tuple[int, ...]) -> float:
+    """A deterministic stand-in for timing a probe graph: 0.05 ms per node + 1e-5 ms per MAC."""
+    path = Path(tempfile.mkdtemp()) / "probe.onnx"
+    onnx.save(model, str(path))
+    macs = (
+        onnx_macs(path)
+        if len(model.graph.node) and model.graph.node[0].op_type != "Identity"
+        else 0
+    )
+    return 0.05 * len(model.graph.node) + 1e-5 * macs * shape[0]
+
+
+def test_latency_target_budgets_measured_time(digits, tmp_path, monkeypatch):
+    # Timing noise on a shared machine would move the achievable speedup: model the times.
+    monkeypatch.setenv("RANKFOLD_LATENCY_CACHE", str(tmp_path / "latency-cache"))
+    monkeypatch.setattr(LatencyTable, "_time", modelled_time)
+
+    def run(out: Path, *budget: str):
+        return invoke(
+            "compress", "digits-cnn", "--weights", digits["weights"], "--method", "cp",
+            *budget, "--out", out, "--no-latency",
+        )  # fmt: skip
+
+    out = tmp_path / "latency"
+    result = run(out, "--target", "latency", "--reduction", "1.5")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["target"] == {"latency_reduction": 1.5}
+    predicted = report["selection"]["latency_ms"]
+    assert predicted["planned"] <= predicted["original"] / 1.5 * (1 + 1e-9)
+    assert 1.5 <= predicted["reduction"] <= 1.5 * 1.1  # the budget is used, not overshot
+    # Blocks pay per node, so the same time buys fewer MACs than a MAC budget of 1.5× would.
+    assert report["macs_reduction"] > 1.5
+    for args, message in (
+        (("--target", "latency"), "--target latency needs --reduction"),
+        (("--target", "flops", "--reduction", "2"), "--target 'flops' is unknown"),
+        (("--reduction", "2", "--macs-reduction", "2"), "not both"),
+    ):
+        result = run(tmp_path / "bad", *args)
+        assert result.exit_code == 1 and message in error_line(result), result.output
 
 
 def test_analyze_and_methods():

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from rankfold.passes import RankPolicy, analyze, select_ranks, trace
+from rankfold.passes import RankPolicy, analyze, plan_cost, select_ranks, trace
 from rankfold.passes.analysis import LayerInfo, ModelAnalysis
 from rankfold.passes.blocks import FactorizedBlock, pointwise, spatial_like
 from rankfold.passes.errors import ConfigError, ProviderError
@@ -424,3 +424,46 @@ def test_onnx_macs_matches_the_analysis_of_a_traced_model(tmp_path: Path) -> Non
     assert (
         onnx_macs(export_onnx(model, x, tmp_path / "m.onnx")) == analyze(trace(model, x)).total_macs
     )
+
+
+# --- a latency budget (--target latency) --------------------------------------------------------
+
+
+class MacsTimes:
+    """A CostModel: 0.2 ms per node plus 1 ms per million MACs (blocks have several nodes)."""
+
+    name = "latency"
+
+    def layer(self, layer: LayerInfo) -> float:
+        return 0.2 + layer.macs / 1e6
+
+    def block(self, layer: LayerInfo, method, ranks) -> float:
+        return 0.2 * len(method.build(layer, tuple(ranks))) + method.cost(layer, ranks).macs / 1e6
+
+    def total(self, analysis: ModelAnalysis) -> float:
+        return sum(self.layer(layer) for layer in analysis.layers)
+
+
+def test_latency_budget_is_met_in_measured_time_not_macs() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(16, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1)
+    )
+    analysis = analyze(trace(model, torch.zeros(1, 16, 16, 16)))
+    times = MacsTimes()
+    policy = RankPolicy(method="cp", latency_reduction=2.0, round_to=None)
+    plan = select_ranks(analysis, policy, measured=times)
+    assert plan.target == {"latency_reduction": 2.0}
+    planned = sum(
+        times.block(layer, get_method(entry.method), entry.ranks)
+        if entry.decompose
+        else times.layer(layer)
+        for layer, entry in zip(analysis.layers, plan.layers)
+    )
+    original = times.total(analysis)
+    assert planned <= original / 2.0 and planned >= original / 2.0 * 0.95  # used, not overshot
+    # Each CP block pays three extra nodes (0.6 ms), so 2× in time needs more than 2× in MACs.
+    assert analysis.total_macs / plan_cost(analysis, plan).macs > 2.0
+    with pytest.raises(ConfigError, match="latency budget needs measured"):
+        select_ranks(analysis, policy)
+    with pytest.raises(ConfigError, match="give one budget"):
+        select_ranks(analysis, policy.model_copy(update={"macs_reduction": 2.0}), measured=times)
