@@ -8,6 +8,9 @@ allocation), then three variants of the plan:
                layer whose block is not 5 % faster than the layer at both batch sizes;
   round16+gate ranks moved to their nearest multiple of 16 where the table says that is faster
                (--round-to), then the gate;
+  latency+gate the budget in measured time instead of MACs (--target latency: the target read
+               as a speedup of the conv layers at batch 1, priced by the same table), then the
+               gate;
 each then decomposed → cleaned up (BN folding, 1×1 merging, identity dropping) → exported to
 ONNX → timed on ORT CPU against the original model side by side (alternating runs), batch 1
 and 8, one thread.
@@ -54,11 +57,12 @@ from rankfold.passes import (  # noqa: E402
     trace,
 )
 from rankfold.passes.cleanup import cleanup  # noqa: E402
+from rankfold.passes.errors import PlanError  # noqa: E402
 from rankfold.passes.latency_gate import gate_plan, round_ranks  # noqa: E402
 from rankfold.runtime import compare_latency, export_onnx  # noqa: E402
 from rankfold.runtime.files import atomic_write_json  # noqa: E402
 from rankfold.runtime.latency import bench_rows  # noqa: E402
-from rankfold.runtime.latency_model import LatencyTable, machine_id  # noqa: E402
+from rankfold.runtime.latency_model import LatencyMetric, LatencyTable, machine_id  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -128,6 +132,7 @@ def main() -> None:
 
     cache = Path(tempfile.mkdtemp(prefix="rankfold-deploy-cache-"))  # a fresh table per run
     table = LatencyTable("cpu", cache_dir=cache, threads=1)
+    metric = LatencyMetric(table, batch=batches[0])
     rows = []
     work = Path(tempfile.mkdtemp(prefix="rankfold-deploy-"))
     for key in args.models.split(","):
@@ -152,12 +157,23 @@ def main() -> None:
                     batches,
                     margin=args.margin,
                 )
-                table_s = time.perf_counter() - table_start
                 variants = [
                     ("plan", plan),
                     ("gate", gated),
                     (f"round{args.round_to}+gate", rounded),
                 ]
+                try:
+                    timed = select_ranks(
+                        analysis,
+                        RankPolicy(method=method, latency_reduction=target),
+                        key,
+                        measured=metric,
+                    )
+                    timed = gate_plan(timed, analysis, table, batches, margin=args.margin)
+                    variants.append(("latency+gate", timed))
+                except PlanError as exc:  # e.g. 4× faster convs is out of reach
+                    notes.append(f"{key} {method} latency {target:g}×: {exc}")
+                table_s = time.perf_counter() - table_start
                 for index, (variant, chosen) in enumerate(variants):
                     # Factorize for real only where it is affordable and the variant is final.
                     real = build == "decompose" and index == len(variants) - 1
