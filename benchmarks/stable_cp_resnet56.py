@@ -58,10 +58,11 @@ from rankfold.passes import (  # noqa: E402
     select_ranks,
     trace,
 )
+from rankfold.passes.blocks import merge_in, merge_out  # noqa: E402
 from rankfold.passes.factorizations import cp_als  # noqa: E402
 from rankfold.passes.methods import METHODS, CPMethod  # noqa: E402
 from rankfold.passes.recalibrate import recalibrate_bn  # noqa: E402
-from rankfold.passes.stable_methods import CPEPCMethod, merge_in, merge_out  # noqa: E402
+from rankfold.passes.stable_methods import CPEPCMethod  # noqa: E402
 from rankfold.runtime import torch_accuracy  # noqa: E402
 from rankfold.runtime.files import atomic_path, atomic_write_json  # noqa: E402
 

@@ -71,3 +71,73 @@ def balanced(columns: list[np.ndarray], weights: np.ndarray) -> list[np.ndarray]
     scaled = [c * share for c in columns]
     scaled[-1] = scaled[-1] * np.sign(weights)
     return scaled
+
+
+# The 5-stage block shared by `cp-lrf` and `tucker2-cp`: 1×1 S→L_in, 1×1 L_in→R, depthwise kh×kw
+# on R (the layer's geometry), 1×1 R→L_out, 1×1 L_out→T (bias). Each adjacent 1×1 pair runs at
+# one resolution, so it is one conv whenever that costs no more; the decision depends on shapes
+# and ranks alone, so a saved plan rebuilds the same block.
+
+
+def merge_in(s: int, inner: int, r: int) -> bool:
+    """Whether 1×1 S→L_in then 1×1 L_in→R become one 1×1 S→R: S·R ≤ L_in·(S+R)."""
+    return s * r <= inner * (s + r)
+
+
+def merge_out(t: int, inner: int, r: int) -> bool:
+    """Whether 1×1 R→L_out then 1×1 L_out→T become one 1×1 R→T: R·T ≤ L_out·(R+T)."""
+    return r * t <= inner * (r + t)
+
+
+def five_stage_cost(layer: LayerInfo, r: int, inner_in: int, inner_out: int) -> tuple[int, int]:
+    """(params, MACs) of the 5-stage block: [S·R | L_in(S+R)] + R·kh·kw + [R·T | L_out(R+T)]
+    (+T bias) parameters; the input side runs at the input positions, the rest at the output's."""
+    s, t, k = layer.in_features, layer.out_features, layer.kernel_area
+    side_in = s * r if merge_in(s, inner_in, r) else inner_in * (s + r)
+    side_out = r * t if merge_out(t, inner_out, r) else inner_out * (r + t)
+    bias = t if layer.bias else 0
+    macs = layer.in_positions * side_in + layer.out_positions * (r * k + side_out)
+    return side_in + r * k + side_out + bias, macs * layer.calls
+
+
+def five_stage_block(
+    layer: LayerInfo, r: int, inner_in: int, inner_out: int, method: str, ranks
+) -> FactorizedBlock:
+    s, t = layer.in_features, layer.out_features
+    stages: OrderedDict[str, nn.Module] = OrderedDict()
+    if merge_in(s, inner_in, r):
+        stages["pointwise_in"] = pointwise(s, r)
+    else:
+        stages["pointwise_in"] = pointwise(s, inner_in)
+        stages["core_in"] = pointwise(inner_in, r)
+    stages["depthwise"] = spatial_like(layer, r, r, groups=r)
+    if merge_out(t, inner_out, r):
+        stages["pointwise_out"] = pointwise(r, t, bias=layer.bias)
+    else:
+        stages["core_out"] = pointwise(r, inner_out)
+        stages["pointwise_out"] = pointwise(inner_out, t, bias=layer.bias)
+    return FactorizedBlock(stages, layer.name, method, ranks)
+
+
+def fill_five_stage(
+    block: FactorizedBlock,
+    project_in: np.ndarray,
+    core_in: np.ndarray,
+    spatial: np.ndarray,
+    core_out: np.ndarray,
+    project_out: np.ndarray,
+) -> None:
+    """Set the block's weights from the five maps (as matrices: L_in×S, R×L_in, R×kh×kw,
+    L_out×R, T×L_out); a merged pair gets their product."""
+    if "core_in" in block._modules:
+        set_weight(block.pointwise_in, project_in[:, :, None, None])
+        set_weight(block.core_in, core_in[:, :, None, None])
+    else:
+        set_weight(block.pointwise_in, (core_in @ project_in)[:, :, None, None])
+    r = spatial.shape[0]
+    set_weight(block.depthwise, spatial.reshape(r, 1, *spatial.shape[1:]))
+    if "core_out" in block._modules:
+        set_weight(block.core_out, core_out[:, :, None, None])
+        set_weight(block.pointwise_out, project_out[:, :, None, None])
+    else:
+        set_weight(block.pointwise_out, (project_out @ core_out)[:, :, None, None])

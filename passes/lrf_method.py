@@ -12,13 +12,17 @@ MACs: H_in·W_in·[S·R | L_S(S+R)] + H_out·W_out·(R·kh·kw + [R·T | L_T(R+T
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import numpy as np
 from torch import nn
 
 from rankfold.passes.analysis import LayerInfo
-from rankfold.passes.blocks import FactorizedBlock, copy_bias, pointwise, set_weight, spatial_like
+from rankfold.passes.blocks import (
+    FactorizedBlock,
+    copy_bias,
+    fill_five_stage,
+    five_stage_block,
+    five_stage_cost,
+)
 from rankfold.passes.errors import PlanError
 from rankfold.passes.factorizations.epc import max_cp_rank
 from rankfold.passes.factorizations.lrf_cp import lrf_cp
@@ -31,14 +35,6 @@ from rankfold.passes.methods import (
     kernel_array,
     register_method,
 )
-
-
-def merge_in(s: int, r: int, l_s: int) -> bool:
-    return s * r <= l_s * (s + r)
-
-
-def merge_out(t: int, r: int, l_t: int) -> bool:
-    return r * t <= l_t * (r + t)
 
 
 class CPLRFMethod(Method):
@@ -62,12 +58,8 @@ class CPLRFMethod(Method):
 
     def cost(self, layer: LayerInfo, ranks: Ranks) -> Cost:
         r, l_s, l_t = ranks
-        s, t, k = layer.in_features, layer.out_features, layer.kernel_area
-        inner = s * r if merge_in(s, r, l_s) else l_s * (s + r)
-        outer = r * t if merge_out(t, r, l_t) else l_t * (r + t)
-        bias = t if layer.bias else 0
-        macs = layer.in_positions * inner + layer.out_positions * (r * k + outer)
-        return Cost(params=inner + r * k + outer + bias, macs=macs * layer.calls)
+        params, macs = five_stage_cost(layer, r, l_s, l_t)
+        return Cost(params=params, macs=macs)
 
     def _family(self, layer: LayerInfo, fraction: float) -> Ranks:
         """Factor ranks a fraction of the channels, CP rank their sum (capped by the core's)."""
@@ -88,20 +80,7 @@ class CPLRFMethod(Method):
 
     def build(self, layer: LayerInfo, ranks: Ranks) -> FactorizedBlock:
         r, l_s, l_t = ranks
-        s, t = layer.in_features, layer.out_features
-        stages: OrderedDict[str, nn.Module] = OrderedDict()
-        if merge_in(s, r, l_s):
-            stages["pointwise_in"] = pointwise(s, r)
-        else:
-            stages["pointwise_in"] = pointwise(s, l_s)
-            stages["core_in"] = pointwise(l_s, r)
-        stages["depthwise"] = spatial_like(layer, r, r, groups=r)
-        if merge_out(t, r, l_t):
-            stages["pointwise_out"] = pointwise(r, t, bias=layer.bias)
-        else:
-            stages["core_out"] = pointwise(r, l_t)
-            stages["pointwise_out"] = pointwise(l_t, t, bias=layer.bias)
-        return FactorizedBlock(stages, layer.name, self.name, ranks)
+        return five_stage_block(layer, r, l_s, l_t, self.name, ranks)
 
     def fill(self, block: FactorizedBlock, original: nn.Module, seed: int) -> FillResult:
         kernel = kernel_array(original)
@@ -110,17 +89,7 @@ class CPLRFMethod(Method):
         fitted = lrf_cp(tensor, r, [l_s, l_t, None], seed=seed, max_sweeps=200, tol=1e-7)
         factors = fitted.factors.absorbed(1)
         (u_s, u_t, spatial), (v_s, v_t, _) = factors.left, factors.right
-        if "core_in" in block._modules:
-            set_weight(block.pointwise_in, u_s.T[:, :, None, None])
-            set_weight(block.core_in, v_s[:, :, None, None])
-        else:
-            set_weight(block.pointwise_in, (u_s @ v_s.T).T[:, :, None, None])
-        set_weight(block.depthwise, spatial.T.reshape(r, 1, *kernel.shape[2:]))
-        if "core_out" in block._modules:
-            set_weight(block.core_out, v_t.T[:, :, None, None])
-            set_weight(block.pointwise_out, u_t[:, :, None, None])
-        else:
-            set_weight(block.pointwise_out, (u_t @ v_t.T)[:, :, None, None])
+        fill_five_stage(block, u_s.T, v_s, spatial.T.reshape(r, *kernel.shape[2:]), v_t.T, u_t)
         copy_bias(block.pointwise_out, original)
         return FillResult(fitted.rel_error, {"lrf_params": float(fitted.factors.n_params)})
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections import OrderedDict
 
 import numpy as np
 from torch import nn
@@ -27,9 +26,9 @@ from rankfold.passes.blocks import (
     FactorizedBlock,
     balanced,
     copy_bias,
-    pointwise,
-    set_weight,
-    spatial_like,
+    fill_five_stage,
+    five_stage_block,
+    five_stage_cost,
 )
 from rankfold.passes.errors import PlanError
 from rankfold.passes.factorizations import (
@@ -104,16 +103,6 @@ class CPEPCMethod(CPMethod):
         return result.cp, _epc_extras(result, result.als_rel_error)
 
 
-def merge_in(s: int, r_in: int, r: int) -> bool:
-    """Whether 1×1 S→R_S then 1×1 R_S→R is merged into one 1×1 S→R (never costlier)."""
-    return s * r <= r_in * (s + r)
-
-
-def merge_out(t: int, r_out: int, r: int) -> bool:
-    """Whether 1×1 R→R_T then 1×1 R_T→T is merged into one 1×1 R→T (never costlier)."""
-    return r * t <= r_out * (r + t)
-
-
 class Tucker2CPMethod(Method):
     """Tucker-2 on the channels, EPC-CP of the core: 1×1 S→R_S→R, depthwise, 1×1 R→R_T→T."""
 
@@ -160,12 +149,8 @@ class Tucker2CPMethod(Method):
 
     def cost(self, layer: LayerInfo, ranks: Ranks) -> Cost:
         r_out, r_in, r = ranks
-        s, t, k = layer.in_features, layer.out_features, layer.kernel_area
-        side_in = s * r if merge_in(s, r_in, r) else r_in * (s + r)
-        side_out = r * t if merge_out(t, r_out, r) else r_out * (r + t)
-        bias = t if layer.bias else 0
-        macs = layer.in_positions * side_in + layer.out_positions * (r * k + side_out)
-        return Cost(params=side_in + r * k + side_out + bias, macs=macs * layer.calls)
+        params, macs = five_stage_cost(layer, r, r_in, r_out)
+        return Cost(params=params, macs=macs)
 
     def _family(self, layer: LayerInfo, fraction: float) -> Ranks:
         """Tucker ranks in proportion to the channels, CP rank `cp_per_tucker_rank` × the larger.
@@ -194,20 +179,7 @@ class Tucker2CPMethod(Method):
 
     def build(self, layer: LayerInfo, ranks: Ranks) -> FactorizedBlock:
         r_out, r_in, r = ranks
-        s, t = layer.in_features, layer.out_features
-        stages: OrderedDict[str, nn.Module] = OrderedDict()
-        if merge_in(s, r_in, r):
-            stages["pointwise_in"] = pointwise(s, r)
-        else:
-            stages["pointwise_in"] = pointwise(s, r_in)
-            stages["core_in"] = pointwise(r_in, r)
-        stages["depthwise"] = spatial_like(layer, r, r, groups=r)
-        if merge_out(t, r_out, r):
-            stages["pointwise_out"] = pointwise(r, t, bias=layer.bias)
-        else:
-            stages["core_out"] = pointwise(r, r_out)
-            stages["pointwise_out"] = pointwise(r_out, t, bias=layer.bias)
-        return FactorizedBlock(stages, layer.name, self.name, ranks)
+        return five_stage_block(layer, r, r_in, r_out, self.name, ranks)
 
     def fill(self, block: FactorizedBlock, original: nn.Module, seed: int) -> FillResult:
         kernel = kernel_array(original)
@@ -225,17 +197,9 @@ class Tucker2CPMethod(Method):
         )
         unit = hybrid.core.cp.normalized()
         a, b, c = balanced(list(unit.factors), unit.weights)  # R_S×R, R_T×R, (kh·kw)×R
-        if merge_in(s, r_in, r):
-            set_weight(block.pointwise_in, (hybrid.in_factor @ a).T[:, :, None, None])
-        else:
-            set_weight(block.pointwise_in, hybrid.in_factor.T[:, :, None, None])
-            set_weight(block.core_in, a.T[:, :, None, None])
-        set_weight(block.depthwise, c.T.reshape(r, 1, kh, kw))
-        if merge_out(t, r_out, r):
-            set_weight(block.pointwise_out, (hybrid.out_factor @ b)[:, :, None, None])
-        else:
-            set_weight(block.core_out, b[:, :, None, None])
-            set_weight(block.pointwise_out, hybrid.out_factor[:, :, None, None])
+        fill_five_stage(
+            block, hybrid.in_factor.T, a.T, c.T.reshape(r, kh, kw), b, hybrid.out_factor
+        )
         copy_bias(block.pointwise_out, original)
         # The same Tucker factors with the ALS core: what EPC started from, on the whole kernel.
         with_als = dataclasses.replace(

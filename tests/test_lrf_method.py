@@ -18,7 +18,7 @@ from rankfold.passes import (
 )
 from rankfold.passes.errors import PlanError
 from rankfold.passes.factorizations.lrf_cp import lrf_cp
-from rankfold.passes.lrf_method import merge_in, merge_out
+from rankfold.passes.blocks import merge_in, merge_out
 from rankfold.passes.methods import cp_tensor
 from rankfold.runtime import check_parity, export_onnx
 
@@ -45,8 +45,8 @@ def test_block_equals_conv_with_reconstructed_kernel(s, t, ranks, stride, paddin
     block = method.build(layer, ranks).double()
     result = method.fill(block, conv, seed=0)
     r, l_s, l_t = ranks
-    assert ("core_in" not in block._modules) == merge_in(s, r, l_s)
-    assert ("core_out" not in block._modules) == merge_out(t, r, l_t)
+    assert ("core_in" not in block._modules) == merge_in(s, l_s, r)
+    assert ("core_out" not in block._modules) == merge_out(t, l_t, r)
     kernel = conv.weight.detach().numpy()
     fitted = lrf_cp(cp_tensor(kernel), r, [l_s, l_t, None], seed=0, max_sweeps=200, tol=1e-7)
     assert result.rel_error == pytest.approx(fitted.rel_error, rel=1e-9)

@@ -21,10 +21,11 @@ from rankfold.passes import (
     select_ranks,
     trace,
 )
+from rankfold.passes.blocks import merge_in, merge_out
 from rankfold.passes.errors import PlanError
 from rankfold.passes.factorizations import max_cp_rank
 from rankfold.passes.methods import METHODS, cp_tensor
-from rankfold.passes.stable_methods import CPEPCMethod, Tucker2CPMethod, merge_in, merge_out
+from rankfold.passes.stable_methods import CPEPCMethod, Tucker2CPMethod
 from rankfold.runtime import check_parity, export_onnx
 
 BOUND = 1.0 + 1e-6  # allowed relative excess of EPC's error over the ALS error
