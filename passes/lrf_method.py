@@ -3,11 +3,8 @@
 The kernel as K = S×T×(kh·kw) gets a rank-R CP whose channel factors are low rank,
 A_S = U_S V_Sᵀ (rank L_S) and A_T = U_T V_Tᵀ (rank L_T); the spatial factor is free. Layers:
 1×1 S→L_S (U_Sᵀ), 1×1 L_S→R (V_S), depthwise kh×kw on R (original geometry), 1×1 R→L_T (V_Tᵀ),
-1×1 L_T→T (U_T, bias). An adjacent pair of 1×1 convs runs at one resolution, so it is merged
-into one S→R (or R→T) conv whenever that costs fewer parameters and MACs: S·R ≤ L_S·(S+R)
-(R·T ≤ L_T·(R+T)). The decision depends on the ranks alone, so a plan rebuilds the same block.
-Params: [S·R | L_S(S+R)] + R·kh·kw + [R·T | L_T(R+T)] (+T bias).
-MACs: H_in·W_in·[S·R | L_S(S+R)] + H_out·W_out·(R·kh·kw + [R·T | L_T(R+T)]).
+1×1 L_T→T (U_T, bias): the 5-stage block of `rankfold.passes.blocks` (adjacent 1×1 pairs merged
+when cheaper), with L_in = L_S and L_out = L_T.
 """
 
 from __future__ import annotations

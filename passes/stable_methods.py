@@ -6,11 +6,8 @@ does not grow and the components' total energy Σλ² (hence the sensitivity) fa
 
 `tucker2-cp` is Tucker-2 on the channel modes (ranks R_T, R_S) with an EPC-CP (rank R) of the
 R_S×R_T×(kh·kw) core. Layers: 1×1 S→R_S, 1×1 R_S→R, depthwise kh×kw on R (original geometry),
-1×1 R→R_T, 1×1 R_T→T (bias). Two adjacent 1×1 convs run at one resolution, so each pair is merged
-into one S→R (R→T) conv whenever that costs no more: S·R ≤ R_S·(S+R) (R·T ≤ R_T·(R+T)). The
-decision depends on the shapes and ranks alone, so a saved plan rebuilds the same block.
-Params: [S·R | R_S(S+R)] + R·kh·kw + [R·T | R_T(R+T)] (+T bias).
-MACs: H_in·W_in·[S·R | R_S(S+R)] + H_out·W_out·(R·kh·kw + [R·T | R_T(R+T)]).
+1×1 R→R_T, 1×1 R_T→T (bias): the 5-stage block of `rankfold.passes.blocks` (adjacent 1×1 pairs
+merged when cheaper), with L_in = R_S and L_out = R_T.
 """
 
 from __future__ import annotations
