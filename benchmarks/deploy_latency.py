@@ -2,12 +2,15 @@
 
 Grid: torchvision ResNet-18 (224², random init) and CIFAR ResNet-56 (the shared pretrained
 weights), each compressed with CP / CP-EPC / Tucker-2 at 2×, 3× and 4× fewer MACs (uniform
-allocation), then three variants of the plan:
+allocation, ranks aligned to the CPU's channel block where the layer is ≥ 4 blocks wide), then
+four variants of the plan:
   plan         the MAC-budgeted plan as it is;
-  gate         the latency gate (per-layer table at batch 1 and 8, margin 5 %) reverts every
-               layer whose block is not 5 % faster than the layer at both batch sizes;
-  round16+gate ranks moved to their nearest multiple of 16 where the table says that is faster
-               (--round-to), then the gate;
+  gate         what `--latency-gate` does: per-layer table at batch 1 and 8; each other rank
+               moves to its nearest multiple of 16 where the table says that is faster, then
+               every layer whose block is not 5 % faster than the layer at both batch sizes
+               reverts to the layer;
+  gate+eff0.9  the same with `--gate-efficiency 0.9`: a block must also be ≥ 0.9 × its own MAC
+               reduction faster, or its layer reverts;
   latency+gate the budget in measured time instead of MACs (--target latency: the target read
                as a speedup of the conv layers at batch 1, priced by the same table), then the
                gate;
@@ -112,7 +115,8 @@ def main() -> None:
     parser.add_argument("--targets", default="2,3,4")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--margin", type=float, default=0.05)
-    parser.add_argument("--round-to", type=int, default=16, help="multiple for the rounded variant")
+    parser.add_argument("--round-to", type=int, default=16, help="multiple for measured rounding")
+    parser.add_argument("--efficiency", type=float, default=0.9, help="gate+eff minimum")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", type=Path, default=RESULTS / "deploy_latency.json")
@@ -149,18 +153,20 @@ def main() -> None:
                 started = time.perf_counter()
                 plan = select_ranks(analysis, RankPolicy(method=method, macs_reduction=target), key)
                 measured, table_start = table.measured, time.perf_counter()
-                gated = gate_plan(plan, analysis, table, batches, margin=args.margin)
-                rounded = gate_plan(
-                    round_ranks(plan, analysis, table, args.round_to, batches),
+                rounded = round_ranks(plan, analysis, table, args.round_to, batches)
+                gated = gate_plan(rounded, analysis, table, batches, margin=args.margin)
+                efficient = gate_plan(
+                    rounded,
                     analysis,
                     table,
                     batches,
                     margin=args.margin,
+                    min_efficiency=args.efficiency,
                 )
                 variants = [
                     ("plan", plan),
                     ("gate", gated),
-                    (f"round{args.round_to}+gate", rounded),
+                    (f"gate+eff{args.efficiency:g}", efficient),
                 ]
                 try:
                     timed = select_ranks(
@@ -248,6 +254,7 @@ def main() -> None:
         "batches": batches,
         "margin": args.margin,
         "round_to": args.round_to,
+        "min_efficiency": args.efficiency,
         "warmup": args.warmup,
         "repeats": args.repeats,
         "notes": notes,

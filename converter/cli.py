@@ -289,6 +289,13 @@ def compress(
     gate_margin: Annotated[
         float | None, typer.Option(help="Latency gate: how much faster a block must be (0.05).")
     ] = None,
+    gate_efficiency: Annotated[
+        float | None,
+        typer.Option(
+            help="Latency gate: also keep a layer whole unless its block's speedup is at least "
+            "this share of its MAC reduction (e.g. 0.9; default 0, off)."
+        ),
+    ] = None,
     cleanup: Annotated[
         bool | None,
         typer.Option(
@@ -352,6 +359,7 @@ def compress(
             "enabled": False if no_latency else None,
             "gate": latency_gate,
             "gate_margin": gate_margin,
+            "gate_efficiency": gate_efficiency,
         },
         "export": {"cleanup": cleanup},
     }

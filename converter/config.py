@@ -46,6 +46,8 @@ class LatencyConfig(_Strict):
     # that measures faster.
     gate: bool = False
     gate_margin: float = Field(default=0.05, ge=0, lt=1)
+    # Also revert blocks whose speedup is below this share of their MAC reduction (0: off).
+    gate_efficiency: float = Field(default=0.0, ge=0, le=1)
     cache_dir: Path | None = None  # the latency table's cache (default ~/.cache/rankfold/latency)
 
     @field_validator("batch")

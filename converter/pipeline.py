@@ -317,12 +317,21 @@ def _gate(
         rounded = plan
         if multiple:
             rounded = round_ranks(plan, analysis, table, multiple, batch, progress=advance)
-        gated = gate_plan(rounded, analysis, table, batch, config.latency.gate_margin, advance)
+        gated = gate_plan(
+            rounded,
+            analysis,
+            table,
+            batch,
+            config.latency.gate_margin,
+            advance,
+            min_efficiency=config.latency.gate_efficiency,
+        )
     before = {entry.name: entry.ranks for entry in plan.layers}
     summary = {
         "provider": table.provider,
         "batch": batch,
         "margin": config.latency.gate_margin,
+        "min_efficiency": config.latency.gate_efficiency,
         "round_to": multiple,
         "rounded": [e.name for e in rounded.decomposed() if e.ranks != before[e.name]],
         "reverted": [

@@ -41,16 +41,24 @@ def gate_plan(
     batch: Batches,
     margin: float = 0.05,
     progress: Progress | None = None,
+    min_efficiency: float = 0.0,
 ) -> Plan:
     """Revert every planned layer whose block is not at least `margin` faster than the layer.
 
-    With several batch sizes a block must win at each of them (the deployed model runs them
+    With `min_efficiency` > 0 a block must also turn its saved MACs into time: its speedup over
+    the layer must be at least `min_efficiency` × its MAC reduction (a block 1.2× faster for 4×
+    fewer MACs has efficiency 0.3), so the model's speedup tracks its MAC reduction.
+    With several batch sizes a block must pass at each of them (the deployed model runs them
     all). A kept layer's reason gains the measured times; a reverted one is skipped with
     "reverted by latency gate: block X ms vs layer Y ms (batch B, provider)" at its worst batch.
     `progress(name)` is called once per planned layer.
     """
     if not 0 <= margin < 1:
         raise ConfigError(f"latency margin must lie in [0, 1), got {margin}; pass e.g. 0.05")
+    if not 0 <= min_efficiency <= 1:
+        raise ConfigError(
+            f"minimum efficiency must lie in [0, 1], got {min_efficiency}; pass e.g. 0.9"
+        )
     sizes = _batches(batch)
     layers = []
     for entry in plan.layers:
@@ -66,13 +74,21 @@ def gate_plan(
         ]
         worst_batch, block, original = max(times, key=lambda t: t[1] / t[2])
         where = f"batch {worst_batch}, {table.provider}"
-        if block > (1 - margin) * original:
+        mac_reduction = layer.macs / get_method(entry.method).cost(layer, entry.ranks).macs
+        efficiency = original / block / mac_reduction
+        if block > (1 - margin) * original or efficiency < min_efficiency:
+            why = (
+                ""
+                if block > (1 - margin) * original
+                else f"; {original / block:.2f}× faster for {mac_reduction:.2f}× fewer MACs, "
+                f"efficiency {efficiency:.2f} < {min_efficiency:g}"
+            )
             layers.append(
                 LayerPlan(
                     name=entry.name,
                     type=entry.type,
                     reason=f"reverted by latency gate: block {fmt_ms(block)} ms vs layer "
-                    f"{fmt_ms(original)} ms ({where})",
+                    f"{fmt_ms(original)} ms ({where}){why}",
                 )
             )
         else:

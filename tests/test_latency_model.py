@@ -281,6 +281,26 @@ def test_gate_margin_and_worst_batch() -> None:
         gate_plan(plan, analysis, table, [], margin=0.05)
 
 
+def test_gate_efficiency_reverts_blocks_that_waste_their_mac_savings() -> None:
+    layer = conv_layer()
+    plan = plan_for(layer, "cp", [4])
+    analysis = one_layer_analysis(layer)
+    mac_reduction = layer.macs / get_method("cp").cost(layer, (4,)).macs
+    table = FakeTable({(4,): 0.5})  # 2× faster at batch 1
+    efficiency = 2.0 / mac_reduction
+    assert 0 < efficiency < 1
+    kept = gate_plan(plan, analysis, table, 1, min_efficiency=efficiency * 0.99).layers[0]
+    assert kept.decompose
+    reverted = gate_plan(plan, analysis, table, 1, min_efficiency=efficiency * 1.01).layers[0]
+    assert not reverted.decompose
+    assert reverted.reason.endswith(
+        f"2.00× faster for {mac_reduction:.2f}× fewer MACs, efficiency {efficiency:.2f} < "
+        f"{efficiency * 1.01:g}"
+    )
+    with pytest.raises(ConfigError, match="efficiency"):
+        gate_plan(plan, analysis, table, 1, min_efficiency=1.5)
+
+
 # --- rank rounding ------------------------------------------------------------------------------
 
 
