@@ -673,9 +673,35 @@ def _alive(pid: int) -> bool:
     return True
 
 
+WORKER_ATTR = "rankfold_worker:"
+
+
+def register_worker(study: optuna.Study) -> None:
+    """Record this process in the study, so its orphaned trials can be told from live ones."""
+    study.set_user_attr(f"{WORKER_ATTR}{HOST}:{os.getpid()}", time.time())
+
+
+def _others_all_dead_here(study: optuna.Study) -> bool:
+    """Whether every other process that ever worked on the study ran on this host and is gone."""
+    for key in study.user_attrs:
+        if not key.startswith(WORKER_ATTR):
+            continue
+        host, _, pid = key.removeprefix(WORKER_ATTR).rpartition(":")
+        if int(pid) == os.getpid() and host == HOST:
+            continue
+        if host != HOST or _alive(int(pid)):
+            return False
+    return True
+
+
 def fail_dead_trials(study: optuna.Study) -> int:
     """Mark RUNNING trials of dead processes on this host as FAIL (journal files have no
-    heartbeat); RDB storages also fail stale trials by heartbeat. Returns how many were failed."""
+    heartbeat); RDB storages also fail stale trials by heartbeat. Returns how many were failed.
+
+    A trial is RUNNING from the moment optuna creates it, before its sampler has run and before
+    the objective can record the process id; a process killed in that window leaves a trial
+    without one. Such trials are failed when no other registered worker can still own them.
+    """
     import optuna
     from optuna.trial import TrialState
 
@@ -683,9 +709,16 @@ def fail_dead_trials(study: optuna.Study) -> int:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
     failed = 0
+    orphans_are_dead: bool | None = None
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         attrs = trial.user_attrs
-        if attrs.get("host") == HOST and "pid" in attrs and not _alive(int(attrs["pid"])):
+        if "pid" in attrs:
+            dead = attrs.get("host") == HOST and not _alive(int(attrs["pid"]))
+        else:
+            if orphans_are_dead is None:
+                orphans_are_dead = _others_all_dead_here(study)
+            dead = orphans_are_dead
+        if dead:
             try:
                 study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
                 failed += 1
@@ -747,13 +780,13 @@ class ParsRun:
         target = search.trials
 
         def objective(trial: optuna.Trial) -> float:
+            trial.set_user_attr("host", HOST)
+            trial.set_user_attr("pid", os.getpid())
+            trial.set_user_attr("worker", worker)
             if self._surplus(study, trial.number, target):
                 trial.set_user_attr("surplus", True)
                 study.stop()
                 raise optuna.TrialPruned()
-            trial.set_user_attr("host", HOST)
-            trial.set_user_attr("pid", os.getpid())
-            trial.set_user_attr("worker", worker)
             start = time.perf_counter()
             misses = self.evaluator.cache.misses
             shares = [
@@ -777,6 +810,7 @@ class ParsRun:
                 on_trial(study)
 
         fail_dead_trials(study)
+        register_worker(study)
         study.optimize(objective, n_trials=None, timeout=search.timeout, callbacks=[enough])
 
     @staticmethod

@@ -20,10 +20,14 @@ from rankfold.passes.errors import ConfigError
 from rankfold.passes.methods import get_method
 from rankfold.passes.plan import RankPolicy, draft_plan
 from rankfold.passes.search import (
+    HOST,
+    WORKER_ATTR,
     DecompositionCache,
     Evaluator,
+    fail_dead_trials,
     open_storage,
     pareto_front,
+    register_worker,
     slot_choices,
 )
 from rankfold.passes.selection import Calibration, SearchConfig, plot_search, resolve_plan
@@ -272,6 +276,28 @@ RUNNER = textwrap.dedent(
 def _completed(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
     study = optuna.load_study(study_name=name, storage=open_storage(storage))
     return study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def test_trial_orphaned_before_it_recorded_its_process_is_failed(tmp_path):
+    """A worker killed while optuna's sampler still prepares a trial leaves it RUNNING without a
+    pid; it is failed once every other registered worker is gone, and kept while one lives."""
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    study = optuna.create_study(storage=storage, study_name="orphan")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    study.set_user_attr(f"{WORKER_ATTR}{HOST}:{int(gone.stdout)}", 0.0)
+    study.set_user_attr(
+        f"{WORKER_ATTR}{HOST}:{os.getppid()}", 0.0
+    )  # alive: the test runner's parent
+    orphan = study.ask()  # RUNNING, no pid attribute
+    assert fail_dead_trials(study) == 0  # a live worker may still own it
+    assert study.get_trials()[orphan.number].state == optuna.trial.TrialState.RUNNING
+    fresh = optuna.create_study(storage=storage, study_name="only-dead")
+    fresh.set_user_attr(f"{WORKER_ATTR}{HOST}:{int(gone.stdout)}", 0.0)
+    register_worker(fresh)  # this process: never counted as an owner of old trials
+    lost = fresh.ask()
+    assert fail_dead_trials(fresh) == 1
+    assert fresh.get_trials()[lost.number].state == optuna.trial.TrialState.FAIL
 
 
 def test_pars_resumes_after_a_kill(digits, tmp_path):
