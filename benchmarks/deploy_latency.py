@@ -13,7 +13,7 @@ four variants of the plan:
                reduction faster, or its layer reverts;
   latency+gate the budget in measured time instead of MACs (--target latency: the target read
                as a speedup of the conv layers at batch 1, priced by the same table), then the
-               gate;
+               measured rounding and the gate, as `--target latency --latency-gate` does;
 each then decomposed → cleaned up (BN folding, 1×1 merging, identity dropping) → exported to
 ONNX → timed on ORT CPU against the original model side by side (alternating runs), batch 1
 and 8, one thread.
@@ -175,6 +175,7 @@ def main() -> None:
                         key,
                         measured=metric,
                     )
+                    timed = round_ranks(timed, analysis, table, args.round_to, batches)
                     timed = gate_plan(timed, analysis, table, batches, margin=args.margin)
                     variants.append(("latency+gate", timed))
                 except PlanError as exc:  # e.g. 4× faster convs is out of reach

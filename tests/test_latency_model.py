@@ -385,6 +385,26 @@ def test_latency_metric_interpolates_between_measured_anchors() -> None:
         LatencyMetric(table, 1, anchors=1)  # type: ignore[arg-type]
 
 
+def test_latency_metric_lets_no_slow_small_block_hide_faster_larger_ones() -> None:
+    """Off-block ranks can run slower than larger aligned ones: an anchor counts as the fastest
+    time at its MACs or above, never as the slowest below."""
+    layer = conv_layer(channels=(32, 32), hw=8)
+    cp = get_method("cp")
+
+    class OffBlockSlow(LinearTable):
+        def block_ms(self, layer: LayerInfo, method: str, ranks, batch: int) -> float:
+            return 0.9 if ranks[0] < 16 else 0.01 * ranks[0]
+
+    metric = LatencyMetric(OffBlockSlow(), batch=1, anchors=8)  # type: ignore[arg-type]
+    values = [metric.block(layer, cp, c) for c in cp.candidates(layer)]
+    assert values == sorted(values)  # still non-decreasing in MACs
+    # Between two aligned anchors the (linear) times interpolate exactly, unraised by rank < 16.
+    assert metric.block(layer, cp, (64,)) == pytest.approx(0.64, rel=1e-9)
+    # Anchors at ranks 1, 19, 37, …: rank 1 (0.9 ms measured) counts as rank 19's 0.19 ms.
+    assert metric.block(layer, cp, (1,)) == pytest.approx(0.19, rel=1e-9)
+    assert metric.block(layer, cp, (37,)) == pytest.approx(0.37, rel=1e-9)
+
+
 # --- the bench table ----------------------------------------------------------------------------
 
 
