@@ -278,6 +278,7 @@ def _completed(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test asks trials by hand
 def test_trial_orphaned_before_it_recorded_its_process_is_failed(tmp_path):
     """A worker killed while optuna's sampler still prepares a trial leaves it RUNNING without a
     pid; it is failed once every other registered worker is gone, and kept while one lives."""
