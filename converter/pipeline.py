@@ -37,8 +37,7 @@ from rankfold.passes.cleanup import cleanup
 from rankfold.passes.errors import ConfigError, ModelLoadError, OutputError
 from rankfold.passes.latency_gate import gate_plan, round_ranks
 from rankfold.passes.lrf_method import error_bounded_ranks
-from rankfold.passes.methods import get_method
-from rankfold.passes.plan import LayerOverride, draft_plan, resolve_round_to
+from rankfold.passes.plan import LayerOverride, budgeted_slots, resolve_round_to
 from rankfold.passes.recalibrate import correct_bias, has_batchnorm, recalibrate_bn
 from rankfold.passes.search import Calibration, plot_search
 from rankfold.passes.selection import DATA_DRIVEN, progress_total, resolve_plan
@@ -277,15 +276,7 @@ def _plan(
 
 def _predicted_latency(analysis: ModelAnalysis, plan: Plan, measured: LatencyMetric) -> dict:
     """Summed conv/linear times (the latency budget's convention) before and after `plan`."""
-    entries = {entry.name: entry for entry in plan.decomposed()}
-    planned = 0.0
-    for layer in analysis.layers:
-        entry = entries.get(layer.name)
-        if entry is None:
-            planned += measured.layer(layer)
-        else:
-            planned += measured.block(layer, get_method(entry.method), entry.ranks)
-    original = measured.total(analysis)
+    original, planned = measured.total(analysis), measured.plan_total(analysis, plan)
     return {
         "batch": measured.batch,
         "original": original,
@@ -299,8 +290,7 @@ def _latency_metric(
 ) -> LatencyMetric:
     """Measured per-layer times at the first --batch size, timed up front under a progress bar."""
     metric = LatencyMetric(table, batch=config.latency.batch[0])
-    counted = config.ranks.model_copy(update={"latency_reduction": None})
-    slots = draft_plan(analysis, counted, config.model, needs_ranks=False).slots
+    slots = budgeted_slots(analysis, config.ranks, config.model)
     pairs = [(slot.layer, slot.method) for slot in slots]
     with progress_bar("latency table", total=len(analysis.layers) + len(pairs)) as advance:
         metric.warm(analysis, pairs, progress=advance)

@@ -450,6 +450,13 @@ def draft_plan(
     return PlanDraft(model_name, policy, entries, slots, budget)
 
 
+def budgeted_slots(analysis: ModelAnalysis, policy: RankPolicy, model_name: str = "model"):
+    """The layers a selector will choose ranks for; they do not depend on the budget's metric,
+    so no measured times are needed to list them (e.g. to size a progress bar)."""
+    unpriced = policy.model_copy(update={"latency_reduction": None})
+    return draft_plan(analysis, unpriced, model_name, needs_ranks=False).slots
+
+
 def select_ranks(
     analysis: ModelAnalysis,
     policy: RankPolicy,

@@ -39,6 +39,7 @@ from rankfold.passes.plan import (
     RankPolicy,
     Slot,
     allocate,
+    budgeted_slots,
     draft_plan,
     plan_cost,
     select_ranks,
@@ -132,9 +133,7 @@ def progress_total(policy: RankPolicy, analysis: ModelAnalysis, search: SearchCo
     if policy.select == "pars":
         return (search or SearchConfig()).trials
     if policy.select == "eps-search":
-        # Slots do not depend on the budget's metric: count them under a MAC one.
-        counted = policy.model_copy(update={"latency_reduction": None})
-        return len(draft_plan(analysis, counted, needs_ranks=False).slots)
+        return len(budgeted_slots(analysis, policy))
     return 0
 
 

@@ -427,6 +427,16 @@ class LatencyMetric:
     def total(self, analysis) -> float:
         return sum(self.layer(layer) for layer in analysis.layers)
 
+    def plan_total(self, analysis, plan) -> float:
+        """`total` with `plan` applied: its blocks' times in place of their layers'."""
+        blocks = {entry.name: entry for entry in plan.decomposed()}
+        return sum(
+            self.block(layer, get_method(blocks[layer.name].method), blocks[layer.name].ranks)
+            if layer.name in blocks
+            else self.layer(layer)
+            for layer in analysis.layers
+        )
+
     def block(self, layer: LayerInfo, method: Method, ranks: Sequence[int]) -> float:
         macs, times = self._curve(layer, method)
         return float(np.interp(method.cost(layer, tuple(ranks)).macs, macs, times))
