@@ -136,7 +136,7 @@ def main() -> None:
 
     cache = Path(tempfile.mkdtemp(prefix="rankfold-deploy-cache-"))  # a fresh table per run
     table = LatencyTable("cpu", cache_dir=cache, threads=1)
-    metric = LatencyMetric(table, batch=batches[0])
+    metric = LatencyMetric(table, batch=batches[0], round_to=args.round_to)
     rows = []
     work = Path(tempfile.mkdtemp(prefix="rankfold-deploy-"))
     for key in args.models.split(","):

@@ -195,7 +195,8 @@ def compress(
         str | None,
         typer.Option(
             help="What --reduction budgets: macs (default), params, or latency (each layer and "
-            "block timed in onnxruntime on --provider at the first --batch size)."
+            "block timed in onnxruntime on --provider at the first --batch size; ranks then "
+            "move to the --round-to multiple where measured faster)."
         ),
     ] = None,
     reduction: Annotated[
@@ -404,9 +405,13 @@ def _print_summary(report: dict[str, Any], out: Path) -> None:
     ]
     gate = (report.get("selection") or {}).get("latency_gate")
     if gate:
+        where = f"{gate['provider']}, batch {','.join(map(str, gate['batch']))}"
         lines.append(
-            f"latency gate ({gate['provider']}, batch {','.join(map(str, gate['batch']))}, margin "
-            f"{gate['margin']:.0%}): {len(gate['reverted'])} layer(s) kept whole, "
+            f"latency gate ({where}, margin {gate['margin']:.0%}): {len(gate['reverted'])} "
+            f"layer(s) kept whole, {len(gate['rounded'])} rank(s) rounded, "
+            f"{gate['measurements']} new timings"
+            if gate["gate"]
+            else f"measured rank rounding ({where}, multiple of {gate['round_to']}): "
             f"{len(gate['rounded'])} rank(s) rounded, {gate['measurements']} new timings"
         )
     if report.get("cleanup"):

@@ -198,9 +198,14 @@ def compress(
         table = LatencyTable(
             config.latency.provider, config.latency.cache_dir, config.latency.threads
         )
-    plan, selection = _plan(original, analysis, config, spec, train, table)
-    if config.latency.gate and config.plan is None:  # a saved plan is replayed as it is
+    plan, selection, measured = _plan(original, analysis, config, spec, train, table)
+    # A saved plan is replayed as it is. A latency budget priced ranks as the measured rounding
+    # will move them, so it rounds even without the gate.
+    rounds = config.ranks.latency_reduction and resolve_round_to(config.ranks.round_to)
+    if config.plan is None and (config.latency.gate or rounds):
         plan, selection["latency_gate"] = _gate(plan, analysis, config, table)
+    if measured is not None:  # priced after the rounding and the gate
+        selection["latency_ms"] = _predicted_latency(analysis, plan, measured)
     with progress_bar("decompose", total=len(plan.decomposed())) as advance:
         compressed, decomposition = decompose(
             original, analysis, plan, seed=config.seed, progress=advance
@@ -237,13 +242,14 @@ def _plan(
     spec: ModelSpec | None,
     train: ArrayDataset | None,
     table: LatencyTable | None = None,
-) -> tuple[Plan, dict[str, Any]]:
-    """A saved plan, or the one the configured selector chooses (with its report)."""
+) -> tuple[Plan, dict[str, Any], LatencyMetric | None]:
+    """A saved plan, or the one the configured selector chooses (with its report), and the
+    latency metric that priced it (--target latency)."""
     if config.plan is not None:
-        return Plan.load(config.plan), {"selector": "plan file", "path": str(config.plan)}
+        return Plan.load(config.plan), {"selector": "plan file", "path": str(config.plan)}, None
     policy, search = config.ranks, config.search
     if policy.method == "cp-lrf" and policy.select == "error":
-        return _lrf_error_plan(original, analysis, config)
+        return (*_lrf_error_plan(original, analysis, config), None)
     measured = None
     if policy.latency_reduction:
         measured = _latency_metric(analysis, config, table)
@@ -269,9 +275,7 @@ def _plan(
             seed=config.seed,
             measured=measured,
         )
-    if measured is not None:
-        selection["latency_ms"] = _predicted_latency(analysis, plan, measured)
-    return plan, selection
+    return plan, selection, measured
 
 
 def _predicted_latency(analysis: ModelAnalysis, plan: Plan, measured: LatencyMetric) -> dict:
@@ -289,7 +293,9 @@ def _latency_metric(
     analysis: ModelAnalysis, config: CompressConfig, table: LatencyTable
 ) -> LatencyMetric:
     """Measured per-layer times at the first --batch size, timed up front under a progress bar."""
-    metric = LatencyMetric(table, batch=config.latency.batch[0])
+    metric = LatencyMetric(
+        table, batch=config.latency.batch[0], round_to=resolve_round_to(config.ranks.round_to)
+    )
     slots = budgeted_slots(analysis, config.ranks, config.model)
     pairs = [(slot.layer, slot.method) for slot in slots]
     with progress_bar("latency table", total=len(analysis.layers) + len(pairs)) as advance:
@@ -300,26 +306,30 @@ def _latency_metric(
 def _gate(
     plan: Plan, analysis: ModelAnalysis, config: CompressConfig, table: LatencyTable
 ) -> tuple[Plan, dict[str, Any]]:
-    """Measured rank rounding (with round_to), then the latency gate; returns what changed."""
+    """Measured rank rounding (with round_to), then the latency gate if asked for; returns
+    what changed."""
     batch, multiple = config.latency.batch, resolve_round_to(config.ranks.round_to)
     planned = len(plan.decomposed())
-    with progress_bar("latency gate", total=planned * (2 if multiple else 1)) as advance:
-        rounded = plan
+    steps = (1 if multiple else 0) + (1 if config.latency.gate else 0)
+    with progress_bar("latency gate", total=planned * steps) as advance:
+        rounded = gated = plan
         if multiple:
-            rounded = round_ranks(plan, analysis, table, multiple, batch, progress=advance)
-        gated = gate_plan(
-            rounded,
-            analysis,
-            table,
-            batch,
-            config.latency.gate_margin,
-            advance,
-            min_efficiency=config.latency.gate_efficiency,
-        )
+            rounded = gated = round_ranks(plan, analysis, table, multiple, batch, progress=advance)
+        if config.latency.gate:
+            gated = gate_plan(
+                rounded,
+                analysis,
+                table,
+                batch,
+                config.latency.gate_margin,
+                advance,
+                min_efficiency=config.latency.gate_efficiency,
+            )
     before = {entry.name: entry.ranks for entry in plan.layers}
     summary = {
         "provider": table.provider,
         "batch": batch,
+        "gate": config.latency.gate,
         "margin": config.latency.gate_margin,
         "min_efficiency": config.latency.gate_efficiency,
         "round_to": multiple,

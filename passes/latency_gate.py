@@ -103,6 +103,14 @@ def gate_plan(
     return plan.model_copy(update={"layers": layers})
 
 
+def on_block(method: Method, layer: LayerInfo, ranks: Ranks, multiple: int) -> bool:
+    """Every rank a multiple of `multiple`, or in a mode too small to hold one."""
+    return all(
+        value % multiple == 0 or limit < multiple
+        for value, limit in zip(ranks, method.max_ranks(layer))
+    )
+
+
 def rounded_ranks(method: Method, layer: LayerInfo, ranks: Ranks, multiple: int) -> Ranks | None:
     """Each rank moved to its nearest multiple of `multiple` (ties upwards), or None.
 
@@ -113,6 +121,8 @@ def rounded_ranks(method: Method, layer: LayerInfo, ranks: Ranks, multiple: int)
     and MACs), the multiples below are used instead; None when nothing valid differs from
     `ranks`.
     """
+    if on_block(method, layer, ranks, multiple):
+        return None
     nearest, below = [], []
     for value, limit in zip(ranks, method.max_ranks(layer)):
         if value % multiple == 0 or limit < multiple:

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from rankfold.converter.cli import app
 from rankfold.converter.pipeline import restore
 from rankfold.models.digits import DigitsCNN, digits_splits
+from rankfold.passes.plan import resolve_round_to
 from rankfold.runtime import create_session
 from rankfold.runtime.latency import onnx_macs
 from rankfold.runtime.latency_model import LatencyTable
@@ -271,6 +272,13 @@ def test_latency_target_budgets_measured_time(digits, tmp_path, monkeypatch):
     assert 1.5 <= predicted["reduction"] <= 1.5 * 1.1  # the budget is used, not overshot
     # Blocks pay per node, so the same time buys fewer MACs than a MAC budget of 1.5× would.
     assert report["macs_reduction"] > 1.5
+    # The budget priced ranks as the measured rounding deploys them, so it rounds (no gate).
+    rounding = report["selection"].get("latency_gate")
+    if resolve_round_to("auto"):
+        assert rounding["gate"] is False and rounding["reverted"] == []
+        assert rounding["round_to"] == resolve_round_to("auto")
+    else:
+        assert rounding is None
     for args, message in (
         (("--target", "latency"), "--target latency needs --reduction"),
         (("--target", "flops", "--reduction", "2"), "--target 'flops' is unknown"),

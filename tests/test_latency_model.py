@@ -405,6 +405,35 @@ def test_latency_metric_lets_no_slow_small_block_hide_faster_larger_ones() -> No
     assert metric.block(layer, cp, (37,)) == pytest.approx(0.37, rel=1e-9)
 
 
+def test_latency_metric_prices_ranks_as_the_measured_rounding_deploys_them() -> None:
+    """ResNet-56's 16-channel layers: off-block ranks run slower than the next block-aligned one.
+    With round_to an aligned rank is priced from aligned anchors only, and an off-block rank at
+    most what its rounded ranks cost, since `round_ranks` moves it there when that is faster."""
+    layer = conv_layer(channels=(32, 32), hw=8)
+    cp = get_method("cp")
+
+    class OffBlockSlow(LinearTable):
+        def block_ms(self, layer: LayerInfo, method: str, ranks, batch: int) -> float:
+            self.calls.append((method, tuple(ranks), batch))
+            return 0.01 * ranks[0] + (0 if ranks[0] % 16 == 0 else 0.5)
+
+    table = OffBlockSlow()
+    free = LatencyMetric(table, batch=1, anchors=6)  # type: ignore[arg-type]
+    rounding = LatencyMetric(table, batch=1, anchors=6, round_to=16)  # type: ignore[arg-type]
+    # Without rounding one curve runs through slow off-block anchors: rank 16 looks slow.
+    assert free.block(layer, cp, (16,)) > 0.5
+    # Aligned anchors are linear in rank, so aligned ranks interpolate exactly.
+    for rank in (16, 32, 48, 64):
+        assert rounding.block(layer, cp, (rank,)) == pytest.approx(0.01 * rank, rel=1e-9)
+    # Rank 20 rounds to 16 and rank 30 to 32; each costs what it will deploy as.
+    assert rounding.block(layer, cp, (20,)) == pytest.approx(0.16, rel=1e-9)
+    assert rounding.block(layer, cp, (30,)) == pytest.approx(0.32, rel=1e-9)
+    values = [rounding.block(layer, cp, c) for c in cp.candidates(layer)]
+    assert values == sorted(values)
+    with pytest.raises(ConfigError, match="round_to"):
+        LatencyMetric(table, 1, round_to=1)  # type: ignore[arg-type]
+
+
 # --- the bench table ----------------------------------------------------------------------------
 
 
