@@ -15,14 +15,24 @@ WIDTHS = (16, 32, 64)
 
 
 class SubsampleShortcut(nn.Module):
-    """Option-A shortcut: keep every second pixel, zero-pad channels by `pad` on each side."""
+    """Option-A shortcut: keep every second pixel, zero-pad channels by `pad` on each side.
 
-    def __init__(self, pad: int) -> None:
+    Computed as a stride-2 1×1 conv with a fixed 0/1 kernel (not slicing and padding): the
+    result is identical, and onnxruntime keeps the whole residual stage in its blocked NCHWc
+    layout, where a Slice/Pad shortcut forced every later add and ReLU out of it (ResNet-56:
+    reorders, adds and ReLUs cost ~0.3 ms of a 3 ms run at batch 1).
+    """
+
+    def __init__(self, in_planes: int, pad: int) -> None:
         super().__init__()
         self.pad = pad
+        kernel = torch.zeros(in_planes + 2 * pad, in_planes, 1, 1)
+        kernel[pad : pad + in_planes, :, 0, 0] = torch.eye(in_planes)
+        # Not in the state dict: checkpoints have no such key, and it is not a weight.
+        self.register_buffer("kernel", kernel, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+        return F.conv2d(x, self.kernel, stride=2)
 
     def extra_repr(self) -> str:
         return f"pad={self.pad}"
@@ -39,7 +49,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != planes:
-            self.shortcut = SubsampleShortcut(planes // 4)
+            self.shortcut = SubsampleShortcut(in_planes, planes // 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from rankfold.models import (
@@ -108,10 +109,17 @@ def test_resnet_known_sizes_and_shortcut_is_plain_module() -> None:
     x = torch.randn(2, 3, 32, 32)
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         torch.testing.assert_close(clone(x), model(x), atol=0, rtol=0)
-    shortcut = SubsampleShortcut(8)
+    shortcut = SubsampleShortcut(16, 8)
     y = shortcut(torch.ones(1, 16, 4, 4))
     assert y.shape == (1, 32, 2, 2) and float(y[:, 8:24].min()) == 1.0
     assert float(y[:, :8].abs().max()) == 0.0 and float(y[:, 24:].abs().max()) == 0.0
+    # The fixed 1×1 conv is exactly option A's slicing and zero padding.
+    x = torch.randn(3, 16, 9, 9)
+    sliced = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 8, 8))
+    torch.testing.assert_close(shortcut(x), sliced, atol=0, rtol=0)
+    assert "kernel" not in model.state_dict() and not any(
+        "shortcut" in k for k in model.state_dict()
+    )
 
 
 # ---------------------------------------------------------------- zoo
