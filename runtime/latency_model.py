@@ -453,7 +453,8 @@ class LatencyMetric:
 
     def _curve(self, layer: LayerInfo, method: Method) -> tuple[np.ndarray, np.ndarray]:
         """(MACs, ms) of every smaller candidate, sorted by MACs, enveloped."""
-        key = (layer.name, method.name)
+        # By geometry, not name: one metric may price models that share layer names.
+        key = (json.dumps(layer_geometry(layer), sort_keys=True), method.name)
         if key not in self._curves:
             family = [
                 c

@@ -432,6 +432,11 @@ def test_latency_metric_prices_ranks_as_the_measured_rounding_deploys_them() -> 
     assert values == sorted(values)
     with pytest.raises(ConfigError, match="round_to"):
         LatencyMetric(table, 1, round_to=1)  # type: ignore[arg-type]
+    # Curves belong to a geometry: a same-named layer of another model is priced afresh.
+    wide = conv_layer(channels=(64, 64), hw=8)
+    assert wide.name == layer.name
+    assert rounding.block(wide, cp, (64,)) == pytest.approx(0.64, rel=1e-9)
+    assert rounding.block(wide, cp, (128,)) == pytest.approx(1.28, rel=1e-9)
 
 
 # --- the bench table ----------------------------------------------------------------------------
