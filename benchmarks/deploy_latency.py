@@ -224,6 +224,12 @@ def main() -> None:
                                 ),
                                 "parity_max_abs_diff": diff,
                                 "cleanup": counts,
+                                # What the --target latency budget predicted (batch 1).
+                                "table_speedup_b1": (
+                                    metric.total(analysis) / metric.plan_total(analysis, chosen)
+                                    if variant == "latency+gate"
+                                    else None
+                                ),
                                 "table_new_measurements": table.measured - measured,
                                 "table_seconds": table_s,
                                 **row,
@@ -267,19 +273,33 @@ def main() -> None:
 
 
 def print_markdown(rows: list[dict], notes: list[str]) -> None:
+    """One line per model/method/target/variant, its batch sizes side by side (BENCHMARKS.md)."""
+    grouped: dict[tuple, list[dict]] = {}
+    for r in rows:
+        grouped.setdefault((r["model"], r["method"], r["target"], r["variant"]), []).append(r)
+    batches = sorted({r["batch"] for r in rows})
+    per_batch = " | ".join(
+        f"b{b} ms orig → comp | b{b} speedup | b{b} speedup/MACs×" for b in batches
+    )
     print()
     print(
-        "| model | method | target | variant | MACs × | reverted | rounded | batch | "
-        "original ms | compressed ms | speedup | speedup / MACs × | slowest block / layer |"
+        f"| model | method | target | variant | MACs × | reverted / rounded | {per_batch} | "
+        "slowest block/layer |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
+    print("|---|---|---|---|---:|---:|" + "---:|---:|---:|" * len(batches) + "---:|")
+    for (model, method, target, variant), group in grouped.items():
+        first = group[0]
+        cells = []
+        for b in batches:
+            r = next(x for x in group if x["batch"] == b)
+            ms = f"{r['original_ms']:.2f} → {r['compressed_ms']:.2f}"
+            if r["original_ms"] >= 100:
+                ms = f"{r['original_ms']:.1f} → {r['compressed_ms']:.1f}"
+            cells.append(f"{ms} | {r['speedup']:.2f} | {r['speedup_per_mac_reduction']:.2f}")
         print(
-            f"| {r['model']} | {r['method']} | {r['target']:g}× | {r['variant']} | "
-            f"{r['mac_reduction']:.2f} | {r['reverted_layers']} | {r['rounded_layers']} | "
-            f"{r['batch']} | {r['original_ms']:.2f} | {r['compressed_ms']:.2f} | "
-            f"{r['speedup']:.2f} | {r['speedup_per_mac_reduction']:.2f} | "
-            f"{r['max_block_over_layer_ms']:.2f} |"
+            f"| {model} | {method} | {target:g}× | {variant} | {first['mac_reduction']:.2f} | "
+            f"{first['reverted_layers']} / {first['rounded_layers']} | {' | '.join(cells)} | "
+            f"{first['max_block_over_layer_ms']:.2f} |"
         )
     for note in notes:
         print(f"\n{note}")

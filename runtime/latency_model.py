@@ -7,6 +7,14 @@ Times are net of onnxruntime's fixed per-run overhead (measured once per table o
 Identity graph), so a block of three nodes is not flattered against a one-node layer by a cost
 both pay once per `run` call but a whole model pays once in total.
 
+On CPU a conv is timed in context: onnxruntime runs a model's convs in its blocked NCHWc layout
+and converts at the model's edges only, but a lone conv pays both conversions, and a block whose
+ranks are off the channel block runs in plain NCHW, paying conversions in a model that a lone
+probe does not. So conv probes sit between two depthwise 1×1 convs, as a layer sits between its
+neighbours, and the time of that context (timed on its own, per shape) is taken off. (Not from
+onnxruntime's profiler: its per-node times carry ~2 µs of its own per node, as much as a
+small conv's.)
+
 The cache is one JSON file per (provider, machine, threads): the machine is the CPU model string,
 the core count and the onnxruntime version (plus the GPU name for CUDA); entries are keyed by the
 layer geometry, the block (method and ranks) and the batch.
@@ -39,11 +47,12 @@ from rankfold.passes.methods import Method, Ranks, get_method
 from rankfold.runtime.files import atomic_write_json
 from rankfold.runtime.providers import create_session
 
-CACHE_FORMAT = "rankfold-latency-1"
+CACHE_FORMAT = "rankfold-latency-2"  # 2: convs timed in context
 CACHE_ENV = "RANKFOLD_LATENCY_CACHE"
 # Opset 19: Pad's "wrap" mode (circular padding) needs it; Conv/Gemm/MatMul are unchanged.
 TIMING_OPSET = 19
 _PAD_MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+CONTEXT_IN, CONTEXT_OUT = "context_in", "context_out"
 
 
 def default_cache_dir() -> Path:
@@ -113,9 +122,13 @@ def layer_module(layer: LayerInfo) -> nn.Module:
     )
 
 
-def module_to_onnx(module: nn.Module, input_shape: Sequence[int]) -> onnx.ModelProto:
+def module_to_onnx(
+    module: nn.Module, input_shape: Sequence[int], context: bool = False
+) -> onnx.ModelProto:
     """A Conv2d, a Linear, or a Sequential of them as an ONNX graph with a symbolic batch axis.
 
+    With `context` (image inputs only) the graph is CONTEXT_IN → module → CONTEXT_OUT, two
+    depthwise 1×1 convs standing in for the layers around it in a model.
     Written node by node with onnx.helper rather than torch.onnx.export: the torch.export-based
     exporter takes ~1.9 s per single block here (a ResNet table needs hundreds of blocks) and
     the TorchScript one is deprecated; these graphs have the same Conv/Gemm/MatMul nodes
@@ -125,9 +138,12 @@ def module_to_onnx(module: nn.Module, input_shape: Sequence[int]) -> onnx.ModelP
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
     shape = list(input_shape)
+    context = context and len(shape) == 3
     current = "input"
+    if context:
+        current = _context_conv(CONTEXT_IN, "input", shape[0], nodes, inits)
     for index, sub in enumerate(layers):
-        out = "output" if index == len(layers) - 1 else f"t{index}"
+        out = "output" if index == len(layers) - 1 and not context else f"t{index}"
         if isinstance(sub, nn.Conv2d):
             shape = _conv_nodes(sub, f"l{index}", current, out, shape, nodes, inits)
         elif isinstance(sub, nn.Linear):
@@ -135,6 +151,8 @@ def module_to_onnx(module: nn.Module, input_shape: Sequence[int]) -> onnx.ModelP
         else:
             raise ValueError(f"cannot time {type(sub).__name__}; blocks must be Conv2d/Linear")
         current = out
+    if context:
+        _context_conv(CONTEXT_OUT, current, shape[0], nodes, inits, output="output")
     graph = helper.make_graph(
         nodes,
         "latency_probe",
@@ -143,6 +161,26 @@ def module_to_onnx(module: nn.Module, input_shape: Sequence[int]) -> onnx.ModelP
         initializer=inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", TIMING_OPSET)])
+
+
+def _context_conv(
+    name: str,
+    x: str,
+    channels: int,
+    nodes: list[onnx.NodeProto],
+    inits: list[onnx.TensorProto],
+    output: str | None = None,
+) -> str:
+    """A depthwise 1×1 conv named `name` (its output `name`.y unless given); returns the output."""
+    weight = np.random.default_rng(0).standard_normal((channels, 1, 1, 1)).astype(np.float32)
+    inits.append(numpy_helper.from_array(weight, f"{name}.w"))
+    y = output or f"{name}.y"
+    nodes.append(
+        helper.make_node(
+            "Conv", [x, f"{name}.w"], [y], name=name, group=channels, kernel_shape=[1, 1]
+        )
+    )
+    return y
 
 
 def _weight(name: str, tensor: torch.Tensor) -> onnx.TensorProto:
@@ -310,12 +348,16 @@ class LatencyTable:
         key = self.key(layer, block, ranks, batch)
         if key not in self.entries:
             # Fixed random weights (reruns time the same graph), without touching the caller's RNG.
+            # NCHWc layouts are onnxruntime's CPU kernels'; a linear layer has no image input.
+            context = self.provider == "cpu" and len(layer.in_shape) == 3
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
-                model = module_to_onnx(build().eval(), layer.in_shape)
-            raw = self._time(model, (batch, *layer.in_shape))
+                model = module_to_onnx(build().eval(), layer.in_shape, context=context)
+            shape = (batch, *layer.in_shape)
+            raw = self._time(model, shape)
+            around = self.context_ms(layer.in_shape, layer.out_shape, batch) if context else 0.0
             # Floor at 1 % of the raw time: the overhead estimate is itself noisy.
-            self.entries[key] = max(raw - self.overhead_ms(), 0.01 * raw)
+            self.entries[key] = max(raw - self.overhead_ms() - around, 0.01 * raw)
             self.measured += 1
             self._write_cache()
         return self.entries[key]
@@ -331,6 +373,21 @@ class LatencyTable:
             model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", TIMING_OPSET)])
             self._overhead = self._time(model, (1, 1))
         return self._overhead
+
+    def context_ms(self, in_shape: Sequence[int], out_shape: Sequence[int], batch: int) -> float:
+        """What the context convs and edge conversions add to a conv probe (net of the run
+        overhead): half a two-conv context chain on the input shape (one conversion in, one
+        context conv) plus half of one on the output shape (one context conv, one conversion
+        out), taking the conversions in and out as equally costly. Cached per shape and batch."""
+        return sum(self._chain_ms(shape, batch) for shape in (in_shape, out_shape)) / 2
+
+    def _chain_ms(self, shape: Sequence[int], batch: int) -> float:
+        key = json.dumps({"context": list(shape), "batch": batch}, separators=(",", ":"))
+        if key not in self.entries:
+            chain = module_to_onnx(nn.Sequential(), shape, context=True)
+            self.entries[key] = max(self._time(chain, (batch, *shape)) - self.overhead_ms(), 0.0)
+            self._write_cache()
+        return self.entries[key]
 
     def _time(self, model: onnx.ModelProto, shape: tuple[int, ...]) -> float:
         with tempfile.TemporaryDirectory(prefix="rankfold-latency-") as folder:

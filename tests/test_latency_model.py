@@ -11,7 +11,9 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
+from onnx import numpy_helper
 from torch import nn
+from torch.nn import functional as F
 
 from rankfold.passes import RankPolicy, analyze, plan_cost, select_ranks, trace
 from rankfold.passes.analysis import LayerInfo, ModelAnalysis
@@ -30,6 +32,8 @@ from rankfold.runtime.latency import (
     onnx_macs,
 )
 from rankfold.runtime.latency_model import (
+    CONTEXT_IN,
+    CONTEXT_OUT,
     LatencyMetric,
     LatencyTable,
     layer_module,
@@ -127,6 +131,35 @@ def test_probe_graph_computes_what_the_block_computes(method: str, geometry: dic
         np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5)
 
 
+def test_context_probe_is_the_block_between_two_depthwise_convs(table: LatencyTable) -> None:
+    """A conv is timed between stand-ins for its neighbours (a depthwise 1×1 conv each side);
+    the context's own time, timed per shape, is what the table takes off."""
+    layer = conv_layer(channels=(16, 32), hw=8, stride=2)
+    block = get_method("cp").build(layer, (16,)).eval()
+    probe = module_to_onnx(block, layer.in_shape, context=True)
+    convs = [node for node in probe.graph.node if node.op_type == "Conv"]
+    assert [node.name for node in convs[:: len(convs) - 1]] == [CONTEXT_IN, CONTEXT_OUT]
+    assert [c.attribute[0].i for c in (convs[0], convs[-1])] == [16, 32]  # depthwise groups
+    weights = {init.name: numpy_helper.to_array(init) for init in probe.graph.initializer}
+    x = torch.randn(2, *layer.in_shape)
+    with torch.no_grad():
+        inner = F.conv2d(x, torch.from_numpy(weights[f"{CONTEXT_IN}.w"]), groups=16)
+        expected = F.conv2d(block(inner), torch.from_numpy(weights[f"{CONTEXT_OUT}.w"]), groups=32)
+    session = onnxruntime.InferenceSession(
+        probe.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    actual = session.run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(actual, expected.numpy(), rtol=0, atol=1e-5)
+    # The context is timed once per shape and batch, then read from the cache.
+    around = table.context_ms(layer.in_shape, layer.out_shape, 1)
+    measured = table.measured
+    assert around > 0 and table.context_ms(layer.in_shape, layer.out_shape, 1) == around
+    assert table.measured == measured and len(table.entries) == 2
+    # Linear layers have no layout to keep: their probes carry no context.
+    linear = module_to_onnx(nn.Linear(12, 3), (12,), context=True)
+    assert [node.op_type for node in linear.graph.node] == ["Gemm"]
+
+
 def test_probe_graph_for_linear_blocks() -> None:
     torch.manual_seed(0)
     for shape in [(12,), (5, 12)]:
@@ -162,7 +195,14 @@ def test_cache_is_keyed_by_provider_shape_and_batch(table: LatencyTable, tmp_pat
     data = json.loads(table.path.read_text())
     assert data["provider"] == "cpu" and data["machine"] == machine_id("cpu")
     assert data["machine"]["onnxruntime"] == onnxruntime.__version__
-    assert len(data["entries"]) == 4
+    timed = [json.loads(key) for key in data["entries"]]
+    assert sum("block" in key for key in timed) == 4
+    # Plus the conv context, once per shape and batch: 16×16 at batch 1 and 2, 8×8 at batch 1.
+    assert sorted((k["context"][1], k["batch"]) for k in timed if "context" in k) == [
+        (8, 1),
+        (16, 1),
+        (16, 2),
+    ]
 
     again = LatencyTable("cpu", cache_dir=tmp_path / "cache", threads=1, repeats=3)
     assert again.path == table.path
@@ -181,7 +221,8 @@ def test_damaged_cache_is_measured_again(table: LatencyTable, tmp_path: Path) ->
     fresh = LatencyTable("cpu", cache_dir=tmp_path / "cache", threads=1, repeats=3)
     assert fresh.entries == {}
     fresh.layer_ms(conv_layer(), 1)
-    assert len(json.loads(fresh.path.read_text())["entries"]) == 1
+    entries = json.loads(fresh.path.read_text())["entries"]
+    assert len(entries) == 2 and fresh.measured == 1  # the layer and its context
 
 
 def test_unwritable_cache_still_measures(tmp_path: Path) -> None:
