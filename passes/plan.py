@@ -498,10 +498,13 @@ def _uniform(
     if budget is None:
         return draft.finish([], [])
     ladders = [slot.candidates() for slot in draft.slots]
-    costs = [
-        [slot.cost(c, budget.metric) for c in ladder] for slot, ladder in zip(draft.slots, ladders)
-    ]
-    sizes = [slot.cost(None, budget.metric) for slot in draft.slots]
+    # A latency budget still keeps the same share of MACs in every layer, the share set by the
+    # measured total: measured time is flat over wide rank ranges (ranks 1 to 16 of a 16-channel
+    # CP layer run alike), and a share of each layer's time would fall off such a plateau to
+    # rank 1 for a microsecond.
+    by = "macs" if budget.metric == "latency" else budget.metric
+    costs = [[slot.cost(c, by) for c in ladder] for slot, ladder in zip(draft.slots, ladders)]
+    sizes = [slot.cost(None, by) for slot in draft.slots]
 
     def level(j: int, keep: float) -> int:
         """The largest candidate within `keep` of the layer's cost (the smallest at least)."""
@@ -510,11 +513,14 @@ def _uniform(
     indices, _ = allocate(draft, ladders, level, 0.0, 1.0)
     reasons = []
     for slot, ladder, i in zip(draft.slots, ladders, indices):
-        keep = slot.cost(ladder[i], budget.metric) / max(slot.cost(None, budget.metric), 1e-12)
-        reasons.append(
-            f"uniform allocation for {budget.reduction:g}× {budget.metric}: keeps {keep:.0%} of "
-            f"the layer's {budget.metric}"
-        )
+        keep = slot.cost(ladder[i], by) / max(slot.cost(None, by), 1e-12)
+        reason = f"uniform allocation for {budget.reduction:g}× {budget.metric}: keeps {keep:.0%} "
+        if by != budget.metric:
+            time = slot.cost(ladder[i], budget.metric) / slot.cost(None, budget.metric)
+            reason += f"of the layer's {by} ({time:.0%} of its time)"
+        else:
+            reason += f"of the layer's {by}"
+        reasons.append(reason)
     return draft.finish([ladder[i] for ladder, i in zip(ladders, indices)], reasons)
 
 
