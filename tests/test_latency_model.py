@@ -140,7 +140,7 @@ def test_context_probe_is_the_block_between_two_depthwise_convs(table: LatencyTa
     convs = [node for node in probe.graph.node if node.op_type == "Conv"]
     assert [node.name for node in convs[:: len(convs) - 1]] == [CONTEXT_IN, CONTEXT_OUT]
     assert [c.attribute[0].i for c in (convs[0], convs[-1])] == [16, 32]  # depthwise groups
-    weights = {init.name: numpy_helper.to_array(init) for init in probe.graph.initializer}
+    weights = {i.name: numpy_helper.to_array(i).copy() for i in probe.graph.initializer}
     x = torch.randn(2, *layer.in_shape)
     with torch.no_grad():
         inner = F.conv2d(x, torch.from_numpy(weights[f"{CONTEXT_IN}.w"]), groups=16)
