@@ -121,8 +121,6 @@ def rounded_ranks(method: Method, layer: LayerInfo, ranks: Ranks, multiple: int)
     and MACs), the multiples below are used instead; None when nothing valid differs from
     `ranks`.
     """
-    if on_block(method, layer, ranks, multiple):
-        return None
     nearest, below = [], []
     for value, limit in zip(ranks, method.max_ranks(layer)):
         if value % multiple == 0 or limit < multiple:

@@ -513,14 +513,15 @@ class LatencyMetric:
         # By geometry, not name: one metric may price models that share layer names.
         key = (json.dumps(layer_geometry(layer), sort_keys=True), method.name)
         if key not in self._curves:
-            family = [
+            costs = {c: method.cost(layer, c) for c in method.candidates(layer)}
+            smaller = [
                 c
-                for c in method.candidates(layer)
-                if method.cost(layer, c).macs < layer.macs
-                and method.cost(layer, c).params < layer.params
-            ] or method.candidates(layer)[:1]
-            family.sort(key=lambda c: method.cost(layer, c).macs)
-            macs = np.array([method.cost(layer, c).macs for c in family], dtype=float)
+                for c, cost in costs.items()
+                if cost.macs < layer.macs and cost.params < layer.params
+            ]
+            family = smaller or list(costs)[:1]
+            family.sort(key=lambda c: costs[c].macs)
+            macs = np.array([costs[c].macs for c in family], dtype=float)
             block = self.round_to
             on = [c for c in family if block and on_block(method, layer, c, block)]
             on_set = set(on)
