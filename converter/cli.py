@@ -297,6 +297,14 @@ def compress(
             "this share of its MAC reduction (e.g. 0.9; default 0, off)."
         ),
     ] = None,
+    calibrate: Annotated[
+        int | None,
+        typer.Option(
+            help="--target latency: re-plan up to N times until the whole exported model, timed "
+            "against the original, is --reduction faster (default 2; 0 trusts the per-layer "
+            "table)."
+        ),
+    ] = None,
     cleanup: Annotated[
         bool | None,
         typer.Option(
@@ -361,6 +369,7 @@ def compress(
             "gate": latency_gate,
             "gate_margin": gate_margin,
             "gate_efficiency": gate_efficiency,
+            "calibrate": calibrate,
         },
         "export": {"cleanup": cleanup},
     }
@@ -413,6 +422,19 @@ def _print_summary(report: dict[str, Any], out: Path) -> None:
             if gate["gate"]
             else f"measured rank rounding ({where}, multiple of {gate['round_to']}): "
             f"{len(gate['rounded'])} rank(s) rounded, {gate['measurements']} new timings"
+        )
+    calibration = (report.get("selection") or {}).get("latency_calibration")
+    if calibration:
+        steps = ", ".join(
+            f"{r['requested']:.2f}× → {r['measured']:.2f}×"
+            if r["measured"]
+            else f"{r['requested']:.2f}× out of reach"
+            for r in calibration["rounds"]
+        )
+        lines.append(
+            f"latency calibration ({calibration['provider']}, batch {calibration['batch']}, "
+            f"table → whole model): {steps}; kept {calibration['requested']:.2f}× "
+            f"(measured {calibration['measured']:.2f}× for target {calibration['target']:.2f}×)"
         )
     if report.get("cleanup"):
         done = report["cleanup"]["compressed"]

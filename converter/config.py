@@ -49,6 +49,9 @@ class LatencyConfig(_Strict):
     # Also revert blocks whose speedup is below this share of their MAC reduction (0: off).
     gate_efficiency: float = Field(default=0.0, ge=0, le=1)
     cache_dir: Path | None = None  # the latency table's cache (default ~/.cache/rankfold/latency)
+    # --target latency: re-plans after timing the whole exported model at the first batch size
+    # (the per-layer table misses per-node and between-layer costs); 0 trusts the table.
+    calibrate: int = Field(default=2, ge=0, le=10)
 
     @field_validator("batch")
     @classmethod

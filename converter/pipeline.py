@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from rankfold.converter.calibration import PlanTimer, calibrate, calibration_summary
 from rankfold.converter.config import CompressConfig
 from rankfold.converter.finetune import FinetuneResult, finetune, plot_history
 from rankfold.converter.report import plot_layers
@@ -34,7 +35,7 @@ from rankfold.passes import (
     trace,
 )
 from rankfold.passes.cleanup import cleanup
-from rankfold.passes.errors import ConfigError, ModelLoadError, OutputError
+from rankfold.passes.errors import ConfigError, ModelLoadError, OutputError, PlanError
 from rankfold.passes.latency_gate import gate_plan, round_ranks
 from rankfold.passes.lrf_method import error_bounded_ranks
 from rankfold.passes.plan import LayerOverride, budgeted_slots, resolve_round_to
@@ -198,14 +199,7 @@ def compress(
         table = LatencyTable(
             config.latency.provider, config.latency.cache_dir, config.latency.threads
         )
-    plan, selection, measured = _plan(original, analysis, config, spec, train, table)
-    # A saved plan is replayed as it is. A latency budget priced ranks as the measured rounding
-    # will move them, so it rounds even without the gate.
-    rounds = config.ranks.latency_reduction and resolve_round_to(config.ranks.round_to)
-    if config.plan is None and (config.latency.gate or rounds):
-        plan, selection["latency_gate"] = _gate(plan, analysis, config, table)
-    if measured is not None:  # priced after the rounding and the gate
-        selection["latency_ms"] = _predicted_latency(analysis, plan, measured)
+    plan, selection = _choose_plan(original, analysis, example_inputs, config, spec, train, table)
     with progress_bar("decompose", total=len(plan.decomposed())) as advance:
         compressed, decomposition = decompose(
             original, analysis, plan, seed=config.seed, progress=advance
@@ -235,24 +229,88 @@ def compress(
     return result
 
 
+def _choose_plan(
+    original: fx.GraphModule,
+    analysis: ModelAnalysis,
+    example_inputs: torch.Tensor,
+    config: CompressConfig,
+    spec: ModelSpec | None,
+    train: ArrayDataset | None,
+    table: LatencyTable | None,
+) -> tuple[Plan, dict[str, Any]]:
+    """The plan to decompose with and how it was chosen; a latency budget is met as measured
+    on the whole exported model (`latency.calibrate` re-plans) unless calibration is off."""
+    if config.plan is not None:
+        return Plan.load(config.plan), {"selector": "plan file", "path": str(config.plan)}
+    policy = config.ranks
+    measured = None
+    if policy.latency_reduction:
+        measured = _latency_metric(analysis, config, table)
+    if measured is None or config.latency.calibrate == 0:
+        return _resolved_plan(original, analysis, config, spec, train, table, measured)
+    # Uniform allocation re-plans in milliseconds; a search would run again every round, so
+    # the other selectors run once, at the reduction the uniform rounds found.
+    proxy = policy.select != "uniform"
+
+    def planned_at(requested: float, select: str = "uniform") -> tuple[Plan, dict[str, Any]]:
+        ranks = policy.model_copy(update={"latency_reduction": requested, "select": select})
+        at = config.model_copy(update={"ranks": ranks})
+        return _resolved_plan(original, analysis, at, spec, train, table, measured)
+
+    with PlanTimer(original, analysis, example_inputs, config) as timer:
+        calibrated = calibrate(
+            policy.latency_reduction,
+            planned_at,
+            lambda chosen, requested: timer(chosen[0], f"plan at {requested:.2f}×"),
+            config.latency.calibrate,
+        )
+        if calibrated.plan is None:  # the target itself is out of reach
+            raise PlanError(calibrated.rounds[0].error)
+        summary = calibration_summary(calibrated, config, proxy)
+        plan, selection = calibrated.plan
+        if proxy:
+            plan, selection = planned_at(calibrated.requested, policy.select)
+            summary["measured"] = timer(plan, f"{policy.select} plan").measured
+    selection["latency_calibration"] = summary
+    return plan, selection
+
+
+def _resolved_plan(
+    original: fx.GraphModule,
+    analysis: ModelAnalysis,
+    config: CompressConfig,
+    spec: ModelSpec | None,
+    train: ArrayDataset | None,
+    table: LatencyTable | None,
+    measured: LatencyMetric | None,
+) -> tuple[Plan, dict[str, Any]]:
+    """The selector's plan, then measured rank rounding and the latency gate when asked for.
+
+    A latency budget priced ranks as the measured rounding will move them, so it rounds even
+    without the gate.
+    """
+    plan, selection = _plan(original, analysis, config, spec, train, measured)
+    rounds = config.ranks.latency_reduction and resolve_round_to(config.ranks.round_to)
+    if config.latency.gate or rounds:
+        plan, selection["latency_gate"] = _gate(plan, analysis, config, table)
+    if measured is not None:  # priced after the rounding and the gate
+        selection["latency_ms"] = _predicted_latency(analysis, plan, measured)
+    return plan, selection
+
+
 def _plan(
     original: fx.GraphModule,
     analysis: ModelAnalysis,
     config: CompressConfig,
     spec: ModelSpec | None,
     train: ArrayDataset | None,
-    table: LatencyTable | None = None,
-) -> tuple[Plan, dict[str, Any], LatencyMetric | None]:
-    """A saved plan, or the one the configured selector chooses (with its report), and the
-    latency metric that priced it (--target latency)."""
-    if config.plan is not None:
-        return Plan.load(config.plan), {"selector": "plan file", "path": str(config.plan)}, None
+    measured: LatencyMetric | None,
+) -> tuple[Plan, dict[str, Any]]:
+    """The plan the configured selector chooses, with its report; `measured` prices a latency
+    budget (--target latency)."""
     policy, search = config.ranks, config.search
     if policy.method == "cp-lrf" and policy.select == "error":
-        return (*_lrf_error_plan(original, analysis, config), None)
-    measured = None
-    if policy.latency_reduction:
-        measured = _latency_metric(analysis, config, table)
+        return _lrf_error_plan(original, analysis, config)
     calibration = None
     if policy.select in DATA_DRIVEN and train is not None:
         calibration = Calibration.from_dataset(
@@ -275,7 +333,7 @@ def _plan(
             seed=config.seed,
             measured=measured,
         )
-    return plan, selection, measured
+    return plan, selection
 
 
 def _predicted_latency(analysis: ModelAnalysis, plan: Plan, measured: LatencyMetric) -> dict:

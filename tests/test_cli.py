@@ -13,12 +13,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from rankfold.converter import calibration
+from rankfold.converter.calibration import TOLERANCE
 from rankfold.converter.cli import app
 from rankfold.converter.pipeline import restore
 from rankfold.models.digits import DigitsCNN, digits_splits
 from rankfold.passes.plan import resolve_round_to
 from rankfold.runtime import create_session
-from rankfold.runtime.latency import onnx_macs
+from rankfold.runtime.latency import LatencyResult, onnx_macs
 from rankfold.runtime.latency_model import LatencyTable
 
 runner = CliRunner()
@@ -263,7 +265,7 @@ def test_latency_target_budgets_measured_time(digits, tmp_path, monkeypatch):
         )  # fmt: skip
 
     out = tmp_path / "latency"
-    result = run(out, "--target", "latency", "--reduction", "1.5")
+    result = run(out, "--target", "latency", "--reduction", "1.5", "--calibrate", "0")
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["target"] == {"latency_reduction": 1.5}
@@ -286,6 +288,44 @@ def test_latency_target_budgets_measured_time(digits, tmp_path, monkeypatch):
     ):
         result = run(tmp_path / "bad", *args)
         assert result.exit_code == 1 and message in error_line(result), result.output
+
+
+def modelled_model_ms(path: Path, batch: int) -> float:
+    """The whole-model counterpart of `modelled_time`, plus 3 ms per run that no layer pays."""
+    return 3.0 + 0.05 * len(onnx.load(str(path)).graph.node) + 1e-5 * onnx_macs(path) * batch
+
+
+def modelled_compare(original, compressed, shape, batch_sizes, **timing) -> list[LatencyResult]:
+    ms = [modelled_model_ms(Path(p), batch_sizes[0]) for p in (original, compressed)]
+    return [LatencyResult(batch_sizes[0], ms[0], ms[1], ms[0] / ms[1])]
+
+
+def test_latency_target_is_met_on_the_whole_model(digits, tmp_path, monkeypatch):
+    # The table prices conv/linear layers; the whole model also pays for its other nodes, so
+    # the table's 1.5× is less in the model until calibration asks the table for more.
+    monkeypatch.setenv("RANKFOLD_LATENCY_CACHE", str(tmp_path / "latency-cache"))
+    monkeypatch.setattr(LatencyTable, "_time", modelled_time)
+    monkeypatch.setattr(calibration, "compare_latency", modelled_compare)
+    out = tmp_path / "calibrated"
+    result = invoke(
+        "compress", "digits-cnn", "--weights", digits["weights"], "--method", "cp",
+        "--target", "latency", "--reduction", "1.5", "--out", out, "--no-latency",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "latency calibration" in result.output
+    report = json.loads((out / "report.json").read_text())
+    calibrated = report["selection"]["latency_calibration"]
+    first, *_ = rounds = calibrated["rounds"]
+    assert first["requested"] == 1.5 and first["measured"] < 1.5 / (1 + TOLERANCE)
+    assert 1 < len(rounds) <= 3  # calibrate defaults to 2 re-plans
+    assert abs(calibrated["measured"] / 1.5 - 1) <= TOLERANCE
+    assert calibrated["requested"] > 1.5
+    # The kept plan is the one deployed: its exported model measures what its round did.
+    files = ("original.onnx", "model.onnx")
+    original_ms, deployed_ms = (modelled_model_ms(out / name, 1) for name in files)
+    deployed = original_ms / deployed_ms
+    assert deployed == pytest.approx(calibrated["measured"], rel=1e-9)
+    assert report["selection"]["latency_ms"]["reduction"] >= calibrated["requested"] * (1 - 1e-9)
 
 
 def test_analyze_and_methods():

@@ -31,6 +31,7 @@ from rankfold.runtime import (
     compare_latency,
     create_session,
     export_onnx,
+    latency,
     measure_latency,
     onnx_accuracy,
     parity_error,
@@ -340,6 +341,39 @@ def test_measure_and_compare_latency(tiny: tuple[TinyCNN, Path], tmp_path: Path)
         assert result.original_ms > 0 and result.compressed_ms > 0
         assert result.speedup == pytest.approx(result.original_ms / result.compressed_ms, rel=1e-12)
         assert result.to_dict()["batch"] == result.batch
+
+
+def test_compare_latency_alternates_in_blocks(monkeypatch, tmp_path: Path) -> None:
+    # Sessions that log their runs: a model is timed in blocks, each after untimed runs, so it
+    # never runs right after the other model (whose pool may still spin, weights still cached).
+    log: list[str] = []
+
+    class LoggedSession:
+        def __init__(self, name: str, ms: float) -> None:
+            self.name, self.ms = name, ms
+
+        def run(self, outputs, feed) -> None:
+            log.append(self.name)
+
+    sessions = {"a.onnx": LoggedSession("a", 2.0), "b.onnx": LoggedSession("b", 0.5)}
+    monkeypatch.setattr(latency, "create_session", lambda path, *a: sessions[Path(path).name])
+    monkeypatch.setattr(latency, "single_input_name", lambda session, path: "input")
+
+    def timed(session, feed) -> float:
+        log.append(session.name.upper())
+        return session.ms
+
+    monkeypatch.setattr(latency, "_timed_run", timed)
+    (result,) = compare_latency(
+        tmp_path / "a.onnx", tmp_path / "b.onnx", SHAPE, [1], warmup=1, repeats=12
+    )
+    assert result.speedup == pytest.approx(4.0)
+    warm, block = latency.SWITCH_WARMUP, latency.SWITCH_BLOCK
+    timed_part = "".join(log)[2:]  # after one warm-up run of each
+    assert timed_part == (
+        "a" * warm + "A" * block + "b" * warm + "B" * block
+    ) * 2 + "a" * warm + "A" * 2 + "b" * warm + "B" * 2
+    assert timed_part.count("A") == timed_part.count("B") == 12
 
 
 def test_latency_rejects_bad_arguments(tiny: tuple[TinyCNN, Path]) -> None:
