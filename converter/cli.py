@@ -196,7 +196,8 @@ def compress(
         typer.Option(
             help="What --reduction budgets: macs (default), params, or latency (each layer and "
             "block timed in onnxruntime on --provider at the first --batch size; ranks then "
-            "move to the --round-to multiple where measured faster)."
+            "move to the --round-to multiple where measured faster; the whole model is then "
+            "timed and re-planned, see --calibrate)."
         ),
     ] = None,
     reduction: Annotated[
