@@ -327,6 +327,23 @@ def test_latency_target_is_met_on_the_whole_model(digits, tmp_path, monkeypatch)
     assert deployed == pytest.approx(calibrated["measured"], rel=1e-9)
     assert report["selection"]["latency_ms"]["reduction"] >= calibrated["requested"] * (1 - 1e-9)
 
+    # Another selector runs once, at the reduction the uniform rounds found, and is timed too.
+    out = tmp_path / "energy"
+    result = invoke(
+        "compress", "digits-cnn", "--weights", digits["weights"], "--method", "tucker2",
+        "--select", "energy", "--target", "latency", "--reduction", "1.5", "--out", out,
+        "--no-latency",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    energy, calibrated = report["selection"], report["selection"]["latency_calibration"]
+    assert energy["selector"] == "energy" and "stand-in" in calibrated["selector"]
+    assert calibrated["rounds"][0]["requested"] == 1.5 and len(calibrated["rounds"]) > 1
+    original_ms, deployed_ms = (modelled_model_ms(out / name, 1) for name in files)
+    assert calibrated["measured"] == pytest.approx(
+        original_ms / deployed_ms, rel=1e-9
+    )
+
 
 def test_analyze_and_methods():
     result = invoke("analyze", "digits-cnn")
