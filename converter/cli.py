@@ -425,7 +425,9 @@ def _print_summary(report: dict[str, Any], out: Path) -> None:
             f"{len(gate['rounded'])} rank(s) rounded, {gate['measurements']} new timings"
         )
     calibration = (report.get("selection") or {}).get("latency_calibration")
-    if calibration:
+    if calibration and "skipped" in calibration:
+        lines.append(f"latency calibration skipped: {calibration['skipped']}")
+    elif calibration:
         steps = ", ".join(
             f"{r['requested']:.2f}× → {r['measured']:.2f}×"
             if r["measured"]

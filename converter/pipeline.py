@@ -248,6 +248,16 @@ def _choose_plan(
         measured = _latency_metric(analysis, config, table)
     if measured is None or config.latency.calibrate == 0:
         return _resolved_plan(original, analysis, config, spec, train, table, measured)
+    if policy.select == "pars" and config.search.storage is not None:
+        # A stored study is keyed by its budget; a calibrated one moves with timing noise, and
+        # the next run could not resume the study.
+        plan, selection = _resolved_plan(original, analysis, config, spec, train, table, measured)
+        selection["latency_calibration"] = {
+            "skipped": "a --storage study is keyed by its budget, which calibration would move "
+            "with timing noise (and the study could not resume): the per-layer table's budget "
+            "is used"
+        }
+        return plan, selection
     # Uniform allocation re-plans in milliseconds; a search would run again every round, so
     # the other selectors run once, at the reduction the uniform rounds found.
     proxy = policy.select != "uniform"

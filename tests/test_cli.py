@@ -345,6 +345,31 @@ def test_latency_target_is_met_on_the_whole_model(digits, tmp_path, monkeypatch)
     )
 
 
+def test_latency_calibration_leaves_a_stored_search_resumable(digits, tmp_path, monkeypatch):
+    # A --storage study is keyed by its budget: a budget moved by timing noise could not resume.
+    monkeypatch.setenv("RANKFOLD_LATENCY_CACHE", str(tmp_path / "latency-cache"))
+    monkeypatch.setattr(LatencyTable, "_time", modelled_time)
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("calibration timed a model")
+
+    monkeypatch.setattr(calibration, "compare_latency", no_timing)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    for _ in range(2):  # the second run resumes the same study
+        out = tmp_path / "pars"
+        result = invoke(
+            "compress", "digits-cnn", "--weights", digits["weights"], "--method", "tucker2",
+            "--select", "pars", "--trials", "2", "--storage", storage, "--study-name", "s",
+            "--train-data", digits["data"], "--target", "latency", "--reduction", "1.3",
+            "--out", out, "--no-latency",
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert "latency calibration skipped: a --storage study is keyed" in result.output
+    selection = json.loads((out / "report.json").read_text())["selection"]
+    assert selection["selector"] == "pars" and "skipped" in selection["latency_calibration"]
+    assert selection["latency_ms"]["reduction"] >= 1.3 * (1 - 1e-9)
+
+
 def test_analyze_and_methods():
     result = invoke("analyze", "digits-cnn")
     assert result.exit_code == 0 and "conv2" in result.output and "MACs" in result.output
