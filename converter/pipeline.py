@@ -16,7 +16,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from rankfold.converter.calibration import PlanTimer, calibrate, calibration_summary
+from rankfold.converter.calibration import (
+    CalibrationRound,
+    PlanTimer,
+    calibrate,
+    calibration_summary,
+)
 from rankfold.converter.config import CompressConfig
 from rankfold.converter.finetune import FinetuneResult, finetune, plot_history
 from rankfold.converter.report import plot_layers
@@ -268,11 +273,17 @@ def _choose_plan(
         return _resolved_plan(original, analysis, at, spec, train, table, measured)
 
     with PlanTimer(original, analysis, example_inputs, config) as timer:
+        timed: dict[str, CalibrationRound] = {}
+
+        def measure(chosen: tuple[Plan, dict[str, Any]], requested: float) -> CalibrationRound:
+            # Nearby requests often round and gate to the same plan: time each plan once.
+            key = repr([(e.name, e.method, e.ranks) for e in chosen[0].decomposed()])
+            if key not in timed:
+                timed[key] = timer(chosen[0], f"plan at {requested:.2f}×")
+            return timed[key]
+
         calibrated = calibrate(
-            policy.latency_reduction,
-            planned_at,
-            lambda chosen, requested: timer(chosen[0], f"plan at {requested:.2f}×"),
-            config.latency.calibrate,
+            policy.latency_reduction, planned_at, measure, config.latency.calibrate
         )
         if calibrated.plan is None:  # the target itself is out of reach
             raise PlanError(calibrated.rounds[0].error)

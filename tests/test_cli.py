@@ -305,7 +305,13 @@ def test_latency_target_is_met_on_the_whole_model(digits, tmp_path, monkeypatch)
     # the table's 1.5× is less in the model until calibration asks the table for more.
     monkeypatch.setenv("RANKFOLD_LATENCY_CACHE", str(tmp_path / "latency-cache"))
     monkeypatch.setattr(LatencyTable, "_time", modelled_time)
-    monkeypatch.setattr(calibration, "compare_latency", modelled_compare)
+    timings: list[Path] = []
+
+    def counted_compare(original, compressed, *args, **kwargs):
+        timings.append(Path(compressed))
+        return modelled_compare(original, compressed, *args, **kwargs)
+
+    monkeypatch.setattr(calibration, "compare_latency", counted_compare)
     out = tmp_path / "calibrated"
     result = invoke(
         "compress", "digits-cnn", "--weights", digits["weights"], "--method", "cp",
@@ -328,6 +334,7 @@ def test_latency_target_is_met_on_the_whole_model(digits, tmp_path, monkeypatch)
     assert report["selection"]["latency_ms"]["reduction"] >= calibrated["requested"] * (1 - 1e-9)
 
     # Another selector runs once, at the reduction the uniform rounds found, and is timed too.
+    timings.clear()
     out = tmp_path / "energy"
     result = invoke(
         "compress", "digits-cnn", "--weights", digits["weights"], "--method", "tucker2",
@@ -339,6 +346,10 @@ def test_latency_target_is_met_on_the_whole_model(digits, tmp_path, monkeypatch)
     energy, calibrated = report["selection"], report["selection"]["latency_calibration"]
     assert energy["selector"] == "energy" and "stand-in" in calibrated["selector"]
     assert calibrated["rounds"][0]["requested"] == 1.5 and len(calibrated["rounds"]) > 1
+    # Each distinct plan is timed once (nearby requests can round to the same plan), then the
+    # energy plan.
+    distinct = {(r["macs_reduction"], r["compressed_ms"]) for r in calibrated["rounds"]}
+    assert len(timings) == len(distinct) + 1
     original_ms, deployed_ms = (modelled_model_ms(out / name, 1) for name in files)
     assert calibrated["measured"] == pytest.approx(
         original_ms / deployed_ms, rel=1e-9
