@@ -573,6 +573,13 @@ def demo(
     method: Annotated[str, typer.Option(help="Decomposition method.")] = "tucker2",
     macs_reduction: Annotated[float, typer.Option(help="MAC reduction target.")] = 2.0,
     finetune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 5,
+    latency_gate: Annotated[
+        bool,
+        typer.Option(
+            "--latency-gate/--no-latency-gate",
+            help="Keep layers whole whose block is not faster in onnxruntime.",
+        ),
+    ] = True,
 ) -> None:
     """Offline demo: train a CNN on scikit-learn's digits, compress, fine-tune, export, validate."""
     from rankfold.converter.demo import run_demo
@@ -583,6 +590,7 @@ def demo(
         method=method,
         macs_reduction=macs_reduction,
         finetune_epochs=finetune_epochs,
+        latency_gate=latency_gate,
     )
     _print_summary(report, out)
 

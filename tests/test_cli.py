@@ -395,7 +395,21 @@ def test_demo_runs_offline(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert report["onnx"]["max_abs_diff"] <= 1e-4
+    # The latency gate keeps whole what is not faster: at most the planned 2× fewer MACs, and
+    # every layer kept whole says so.
+    gate = report["selection"]["latency_gate"]
+    assert gate["gate"] and 1 <= report["macs_reduction"] <= 2 * 1.05
+    for row in report["layers"]:
+        if row["name"] in gate["reverted"]:
+            assert row["status"] == "skipped" and "reverted by latency gate" in row["reason"]
+    result = invoke(
+        "demo", "--out", tmp_path / "plain", "--epochs", "1", "--finetune-epochs", "0",
+        "--no-latency-gate",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "plain" / "report.json").read_text())
     assert abs(report["macs_reduction"] / 2 - 1) <= 0.05
+    assert "latency_gate" not in report["selection"]
 
 
 def _compress(digits, out: Path, *extra: str):
