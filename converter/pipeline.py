@@ -17,10 +17,10 @@ import torch
 from torch import fx, nn
 
 from rankfold.converter.calibration import (
-    CalibrationRound,
     PlanTimer,
     calibrate,
     calibration_summary,
+    export_as_deployed,
 )
 from rankfold.converter.config import CompressConfig
 from rankfold.converter.finetune import FinetuneResult, finetune, plot_history
@@ -39,7 +39,6 @@ from rankfold.passes import (
     select_ranks,
     trace,
 )
-from rankfold.passes.cleanup import cleanup
 from rankfold.passes.errors import ConfigError, ModelLoadError, OutputError, PlanError
 from rankfold.passes.latency_gate import gate_plan, round_ranks
 from rankfold.passes.lrf_method import error_bounded_ranks
@@ -51,7 +50,6 @@ from rankfold.runtime import (
     check_onnx,
     check_parity,
     compare_latency,
-    export_onnx,
     onnx_accuracy,
     parity_error,
     resolve_providers,
@@ -98,14 +96,15 @@ class CompressionResult:
         self.plan.save(out / "plan.json")
         save_model(self, out / "model.pt")
         original_onnx, model_onnx = out / "original.onnx", out / "model.onnx"
-        opset = self.config.export.opset
-        original, compressed = self.original, self.compressed
+        counts = {
+            name: export_as_deployed(module, self.example_input, path, self.config.export)
+            for name, module, path in (
+                ("original", self.original, original_onnx),
+                ("compressed", self.compressed, model_onnx),
+            )
+        }
         if self.config.export.cleanup:
-            original, original_counts = cleanup(self.original)
-            compressed, compressed_counts = cleanup(self.compressed)
-            self.cleanup = {"original": original_counts, "compressed": compressed_counts}
-        export_onnx(original, self.example_input, original_onnx, opset=opset)
-        export_onnx(compressed, self.example_input, model_onnx, opset=opset)
+            self.cleanup = counts
         check_onnx(original_onnx)
         onnx_opset = check_onnx(model_onnx)
         provider = latency_cfg.provider
@@ -273,17 +272,11 @@ def _choose_plan(
         return _resolved_plan(original, analysis, at, spec, train, table, measured)
 
     with PlanTimer(original, analysis, example_inputs, config) as timer:
-        timed: dict[str, CalibrationRound] = {}
-
-        def measure(chosen: tuple[Plan, dict[str, Any]], requested: float) -> CalibrationRound:
-            # Nearby requests often round and gate to the same plan: time each plan once.
-            key = repr([(e.name, e.method, e.ranks) for e in chosen[0].decomposed()])
-            if key not in timed:
-                timed[key] = timer(chosen[0], f"plan at {requested:.2f}×")
-            return timed[key]
-
         calibrated = calibrate(
-            policy.latency_reduction, planned_at, measure, config.latency.calibrate
+            policy.latency_reduction,
+            planned_at,
+            lambda chosen, requested: timer(chosen[0], f"plan at {requested:.2f}×"),
+            config.latency.calibrate,
         )
         if calibrated.plan is None:  # the target itself is out of reach
             raise PlanError(calibrated.rounds[0].error)
