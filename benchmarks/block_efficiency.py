@@ -29,9 +29,9 @@ import torch  # noqa: E402
 
 from rankfold.models import load_model  # noqa: E402
 from rankfold.passes import analyze, trace  # noqa: E402
+from rankfold.passes.core import atomic_write_json  # noqa: E402
 from rankfold.passes.latency_gate import on_block  # noqa: E402
 from rankfold.passes.methods import get_method  # noqa: E402
-from rankfold.runtime.files import atomic_write_json  # noqa: E402
 from rankfold.runtime.latency_model import LatencyTable, machine_id  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -68,10 +68,9 @@ from rankfold.passes import (  # noqa: E402
     trace,
 )
 from rankfold.passes.cleanup import cleanup  # noqa: E402
-from rankfold.passes.errors import PlanError  # noqa: E402
+from rankfold.passes.core import PlanError, atomic_write_json  # noqa: E402
 from rankfold.passes.latency_gate import gate_plan, round_ranks  # noqa: E402
 from rankfold.runtime import compare_latency, export_onnx  # noqa: E402
-from rankfold.runtime.files import atomic_write_json  # noqa: E402
 from rankfold.runtime.latency import bench_rows  # noqa: E402
 from rankfold.runtime.latency_model import LatencyMetric, LatencyTable, machine_id  # noqa: E402
 

@@ -43,10 +43,9 @@ import numpy as np  # noqa: E402
 import tensorly as tl  # noqa: E402
 from tensorly.decomposition import parafac  # noqa: E402
 
-from rankfold.passes.errors import DataError  # noqa: E402
+from rankfold.passes.core import DataError, atomic_path, atomic_write_json  # noqa: E402
 from rankfold.passes.factorizations.cp import CPFactors  # noqa: E402
 from rankfold.passes.factorizations.lrf_cp import LRFCPResult, lrf_cp, lrf_cp_auto  # noqa: E402
-from rankfold.runtime.files import atomic_path, atomic_write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import time
 from pathlib import Path
 
 from rankfold.converter import CompressConfig, LatencyConfig, run_compress
 from rankfold.passes import RankPolicy
-from rankfold.runtime.files import atomic_write_json
+from rankfold.passes.core import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -34,6 +34,7 @@ from scipy.stats import spearmanr
 
 from rankfold.models import ArrayDataset, load_dataset, load_model, normalize, shared_file
 from rankfold.passes import analyze, decompose, plan_cost, trace
+from rankfold.passes.core import atomic_write_json
 from rankfold.passes.plan import RankPolicy, draft_plan
 from rankfold.passes.recalibrate import recalibrate_bn
 from rankfold.passes.search import (
@@ -44,7 +45,6 @@ from rankfold.passes.search import (
     slot_choices,
 )
 from rankfold.passes.selection import Calibration, SearchConfig, plot_search, resolve_plan
-from rankfold.runtime.files import atomic_write_json
 
 RESULTS = Path(__file__).parent / "results"
 SELECTORS = ("uniform", "energy", "vbmf", "error", "eps-search", "pars")

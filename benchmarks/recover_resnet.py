@@ -63,8 +63,8 @@ from rankfold.passes import (  # noqa: E402
     select_ranks,
     trace,
 )
+from rankfold.passes.core import atomic_path, atomic_write_json  # noqa: E402
 from rankfold.passes.recalibrate import recalibrate_bn  # noqa: E402
-from rankfold.runtime.files import atomic_path, atomic_write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"

@@ -59,12 +59,12 @@ from rankfold.passes import (  # noqa: E402
     trace,
 )
 from rankfold.passes.blocks import merge_in, merge_out  # noqa: E402
+from rankfold.passes.core import atomic_path, atomic_write_json  # noqa: E402
 from rankfold.passes.factorizations import cp_als  # noqa: E402
 from rankfold.passes.methods import METHODS, CPMethod  # noqa: E402
 from rankfold.passes.recalibrate import recalibrate_bn  # noqa: E402
 from rankfold.passes.stable_methods import CPEPCMethod  # noqa: E402
 from rankfold.runtime import torch_accuracy  # noqa: E402
-from rankfold.runtime.files import atomic_path, atomic_write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"

@@ -26,7 +26,7 @@ from rankfold.converter.config import CompressConfig, ExportConfig
 from rankfold.converter.ui import progress_bar
 from rankfold.passes import ModelAnalysis, Plan, plan_cost, restructure
 from rankfold.passes.cleanup import cleanup
-from rankfold.passes.errors import PlanError
+from rankfold.passes.core import PlanError
 from rankfold.runtime import compare_latency, export_onnx
 
 TOLERANCE = 0.03  # whole-model timings on a quiet CPU repeat within about 2 %

@@ -39,7 +39,7 @@ def _friendly(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        from rankfold.passes.errors import RankfoldError
+        from rankfold.passes.core import RankfoldError
 
         try:
             return func(*args, **kwargs)
@@ -54,7 +54,7 @@ def _friendly(func):
 
 
 def _shape(text: str | None) -> tuple[int, int, int] | None:
-    from rankfold.passes.errors import ConfigError
+    from rankfold.passes.core import ConfigError
 
     if text is None:
         return None
@@ -68,7 +68,7 @@ def _shape(text: str | None) -> tuple[int, int, int] | None:
 
 
 def _int_list(text: str, option: str) -> list[int]:
-    from rankfold.passes.errors import ConfigError
+    from rankfold.passes.core import ConfigError
 
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -77,7 +77,7 @@ def _int_list(text: str, option: str) -> list[int]:
 
 
 def _round_to(text: str | None) -> int | str | None:
-    from rankfold.passes.errors import ConfigError
+    from rankfold.passes.core import ConfigError
 
     if text is None or text == "auto":
         return text
@@ -96,7 +96,7 @@ def _budget(
     params_reduction: float | None,
 ) -> dict[str, float | None]:
     """The policy's budget fields from --target/--reduction and the --macs/--params shorthands."""
-    from rankfold.passes.errors import ConfigError
+    from rankfold.passes.core import ConfigError
 
     budget = {"macs_reduction": macs_reduction, "params_reduction": params_reduction}
     if target is not None and target not in TARGETS:
@@ -113,7 +113,7 @@ def _budget(
 
 
 def _rank_value(text: str) -> int | float | list[int]:
-    from rankfold.passes.errors import ConfigError
+    from rankfold.passes.core import ConfigError
 
     try:
         if "," in text:
@@ -144,7 +144,7 @@ def analyze(
     from rankfold.models import load_model
     from rankfold.passes import analyze as analyze_layers
     from rankfold.passes import trace
-    from rankfold.runtime.files import atomic_write_json
+    from rankfold.passes.core import atomic_write_json
 
     net, spec = load_model(model, weights, _shape(input_shape))
     result = analyze_layers(trace(net, torch.zeros(1, *spec.input_shape), leaf or []))
@@ -318,7 +318,7 @@ def compress(
     """Decompose MODEL, export original and compressed ONNX, validate, and write a report."""
     from rankfold.converter.config import build_config, load_config_file, merge
     from rankfold.converter.pipeline import run_compress
-    from rankfold.passes.errors import ConfigError
+    from rankfold.passes.core import ConfigError
 
     overrides: dict[str, Any] = {}
     for item in layer_rank or []:
@@ -514,8 +514,7 @@ def bench(
 
     from rankfold.converter.ui import console, progress_bar
     from rankfold.converter.validation import onnx_input_shape
-    from rankfold.passes.errors import ProviderError
-    from rankfold.runtime.files import atomic_write_json
+    from rankfold.passes.core import ProviderError, atomic_write_json
     from rankfold.runtime.latency import BENCH_COLUMNS, bench_providers, format_bench_row
 
     sizes = _int_list(batch, "--batch")

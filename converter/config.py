@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rankfold.converter.finetune import FinetuneConfig
 from rankfold.converter.strict import config_error
-from rankfold.passes.errors import ConfigError
+from rankfold.passes.core import ConfigError
 from rankfold.passes.plan import RankPolicy
 from rankfold.passes.search import SearchConfig
 

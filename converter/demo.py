@@ -20,8 +20,8 @@ from rankfold.converter.finetune import FinetuneConfig
 from rankfold.converter.pipeline import prepare_output_dir, run_compress
 from rankfold.converter.ui import progress_bar
 from rankfold.models.digits import digits_splits, train_digits_cnn
+from rankfold.passes.core import atomic_path, atomic_write_bytes
 from rankfold.passes.plan import RankPolicy
-from rankfold.runtime.files import atomic_path, atomic_write_bytes
 
 
 def run_demo(

@@ -48,9 +48,8 @@ from torch import nn
 from rankfold.converter.strict import config_error
 from rankfold.converter.ui import console, progress_bar
 from rankfold.models import ArrayDataset, ModelSpec, normalize
-from rankfold.passes.errors import ConfigError, DataError
+from rankfold.passes.core import ConfigError, DataError, atomic_path
 from rankfold.runtime.export import eval_mode
-from rankfold.runtime.files import atomic_path
 
 matplotlib.use("Agg")  # files only; no display here or in CI
 import matplotlib.pyplot as plt  # noqa: E402

@@ -39,7 +39,14 @@ from rankfold.passes import (
     select_ranks,
     trace,
 )
-from rankfold.passes.errors import ConfigError, ModelLoadError, OutputError, PlanError
+from rankfold.passes.core import (
+    ConfigError,
+    ModelLoadError,
+    OutputError,
+    PlanError,
+    atomic_path,
+    atomic_write_json,
+)
 from rankfold.passes.latency_gate import gate_plan, round_ranks
 from rankfold.passes.lrf_method import error_bounded_ranks
 from rankfold.passes.plan import LayerOverride, budgeted_slots, resolve_round_to
@@ -55,7 +62,6 @@ from rankfold.runtime import (
     resolve_providers,
     torch_accuracy,
 )
-from rankfold.runtime.files import atomic_path, atomic_write_json
 from rankfold.runtime.latency_model import LatencyMetric, LatencyTable
 
 MODEL_FILE_FORMAT = "rankfold-model-1"

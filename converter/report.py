@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display here or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from rankfold.runtime.files import atomic_path  # noqa: E402
+from rankfold.passes.core import atomic_path  # noqa: E402
 
 
 def plot_layers(layers: list[dict[str, Any]], path: str | Path, title: str) -> Path:

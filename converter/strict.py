@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from rankfold.passes.errors import ConfigError
+from rankfold.passes.core import ConfigError
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:

@@ -10,7 +10,7 @@ import torch
 
 from rankfold.models import batches, load_dataset, load_model
 from rankfold.models import normalize as normalize_images
-from rankfold.passes.errors import ConfigError, ExportError
+from rankfold.passes.core import ConfigError, ExportError
 from rankfold.runtime import check_onnx, check_parity, onnx_accuracy
 
 

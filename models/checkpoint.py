@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rankfold.passes.errors import ModelLoadError
+from rankfold.passes.core import ModelLoadError
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")

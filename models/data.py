@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from rankfold.models.spec import ModelSpec
-from rankfold.passes.errors import ConfigError, DataError
+from rankfold.passes.core import ConfigError, DataError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,7 +23,7 @@ from rankfold.models.checkpoint import check_finite, load_weights
 from rankfold.models.digits import DIGITS_SPEC, DigitsCNN
 from rankfold.models.resnet_cifar import resnet20, resnet32, resnet44, resnet56, resnet110
 from rankfold.models.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
-from rankfold.passes.errors import ConfigError, ModelLoadError
+from rankfold.passes.core import ConfigError, ModelLoadError
 
 TORCHVISION_PREFIX = "torchvision:"
 TORCHVISION_EXAMPLES = (

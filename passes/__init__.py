@@ -1,35 +1,49 @@
-"""torch.fx passes: trace → analyze → select_ranks (a Plan) → decompose (a new GraphModule + report)."""
+"""torch.fx passes: trace → analyze → make_plan (a Plan) → decompose (a new GraphModule + report).
 
-from rankfold.passes.analysis import LayerInfo, ModelAnalysis, analyze
-from rankfold.passes.decompose import DecompositionReport, LayerReport, decompose, restructure
-from rankfold.passes.errors import RankfoldError
-from rankfold.passes.lrf_method import CPLRFMethod
-from rankfold.passes.stable_methods import CPEPCMethod, Tucker2CPMethod
-from rankfold.passes.methods import METHODS, Method, get_method, register_method
-from rankfold.passes.plan import LayerOverride, LayerPlan, Plan, RankPolicy, plan_cost, select_ranks
-from rankfold.passes.tracing import trace
+Names are imported on first use (PEP 562), so `rankfold.passes.core` — the errors, atomic writes
+and hardware facts every sub-package shares — loads without torch.
+"""
 
-__all__ = [
-    "CPEPCMethod",
-    "CPLRFMethod",
-    "METHODS",
-    "DecompositionReport",
-    "LayerInfo",
-    "LayerOverride",
-    "LayerPlan",
-    "LayerReport",
-    "Method",
-    "ModelAnalysis",
-    "Plan",
-    "RankPolicy",
-    "RankfoldError",
-    "Tucker2CPMethod",
-    "analyze",
-    "decompose",
-    "get_method",
-    "plan_cost",
-    "register_method",
-    "restructure",
-    "select_ranks",
-    "trace",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "LayerInfo": "analysis",
+    "ModelAnalysis": "analysis",
+    "analyze": "analysis",
+    "DecompositionReport": "surgery",
+    "LayerReport": "surgery",
+    "decompose": "surgery",
+    "restructure": "surgery",
+    "RankfoldError": "core",
+    "CPLRFMethod": "lrf_method",
+    "CPEPCMethod": "stable_methods",
+    "Tucker2CPMethod": "stable_methods",
+    "METHODS": "methods",
+    "Method": "methods",
+    "get_method": "methods",
+    "register_method": "methods",
+    "LayerOverride": "plan",
+    "LayerPlan": "plan",
+    "Plan": "plan",
+    "RankPolicy": "plan",
+    "plan_cost": "plan",
+    "select_ranks": "plan",
+    "trace": "tracing",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'rankfold.passes' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f"rankfold.passes.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from rankfold.passes.analysis import LayerInfo, ModelAnalysis
-from rankfold.passes.errors import ConfigError
+from rankfold.passes.core import ConfigError
 from rankfold.passes.methods import Method, Ranks, get_method
 from rankfold.passes.plan import LayerPlan, Plan
 

@@ -20,7 +20,7 @@ from rankfold.passes.blocks import (
     five_stage_block,
     five_stage_cost,
 )
-from rankfold.passes.errors import PlanError
+from rankfold.passes.core import PlanError
 from rankfold.passes.factorizations.epc import max_cp_rank
 from rankfold.passes.factorizations.lrf_cp import lrf_cp
 from rankfold.passes.methods import (

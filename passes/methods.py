@@ -26,7 +26,7 @@ from rankfold.passes.blocks import (
     set_weight,
     spatial_like,
 )
-from rankfold.passes.errors import ConfigError
+from rankfold.passes.core import ConfigError
 from rankfold.passes.factorizations import cp_als, cp_sensitivity, truncated_svd, tucker2
 
 Ranks = tuple[int, ...]

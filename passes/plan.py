@@ -23,9 +23,8 @@ from typing import Annotated, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from rankfold.passes.analysis import LayerInfo, ModelAnalysis
-from rankfold.passes.errors import ConfigError, PlanError
+from rankfold.passes.core import ConfigError, PlanError, atomic_write_json, cpu_channel_block
 from rankfold.passes.methods import Cost, Method, Ranks, get_method, method_for_layer
-from rankfold.runtime.files import atomic_write_json
 
 RankSpec = int | float | list[int]
 Selector = Literal["uniform", "energy", "error", "vbmf", "eps-search", "pars"]
@@ -205,15 +204,6 @@ def normalize_ranks(
             f"choose ranks {hint}"
         )
     return ranks, note
-
-
-def cpu_channel_block() -> int | None:
-    """onnxruntime's CPU channel block on this machine: 16 (AVX-512), 8 (AVX2), else None."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return None
-    return 16 if "avx512f" in flags else 8 if "avx2" in flags else None
 
 
 def resolve_round_to(value: int | str | None) -> int | None:

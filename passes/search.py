@@ -54,11 +54,16 @@ from torch import fx, nn
 
 from rankfold.passes.analysis import LayerInfo, ModelAnalysis
 from rankfold.passes.blocks import FactorizedBlock
-from rankfold.passes.errors import ConfigError, DataError, DecompositionError, RankfoldError
+from rankfold.passes.core import (
+    ConfigError,
+    DataError,
+    DecompositionError,
+    RankfoldError,
+    atomic_path,
+)
 from rankfold.passes.methods import Method, Ranks
 from rankfold.passes.plan import PlanDraft, allocate
 from rankfold.passes.recalibrate import correct_bias, has_batchnorm, recalibrate_bn
-from rankfold.runtime.files import atomic_path
 
 if TYPE_CHECKING:
     import optuna

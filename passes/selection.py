@@ -30,7 +30,7 @@ from scipy.optimize import minimize_scalar
 from torch import fx
 
 from rankfold.passes.analysis import ModelAnalysis
-from rankfold.passes.errors import ConfigError
+from rankfold.passes.core import ConfigError
 from rankfold.passes.methods import Ranks
 from rankfold.passes.plan import (
     CostModel,

@@ -27,7 +27,7 @@ from rankfold.passes.blocks import (
     five_stage_block,
     five_stage_cost,
 )
-from rankfold.passes.errors import PlanError
+from rankfold.passes.core import PlanError
 from rankfold.passes.factorizations import (
     CPFactors,
     EPCResult,

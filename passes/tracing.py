@@ -12,7 +12,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from rankfold.passes.errors import TraceError
+from rankfold.passes.core import TraceError
 
 
 class _RecordingTracer(fx.Tracer):

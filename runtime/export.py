@@ -26,8 +26,7 @@ import onnx.shape_inference
 import torch
 from torch import nn
 
-from rankfold.passes.errors import ExportError, OutputError
-from rankfold.runtime.files import atomic_path
+from rankfold.passes.core import ExportError, OutputError, atomic_path
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

@@ -14,7 +14,7 @@ import onnx
 import onnx.shape_inference
 import onnxruntime
 
-from rankfold.passes.errors import ConfigError, ExportError, ProviderError
+from rankfold.passes.core import ConfigError, ExportError, ProviderError
 from rankfold.runtime.providers import create_session, single_input_name
 
 Progress = Callable[[int], None]

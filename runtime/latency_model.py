@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -41,10 +40,9 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from rankfold.passes.analysis import LayerInfo
-from rankfold.passes.errors import ConfigError, OutputError
+from rankfold.passes.core import ConfigError, OutputError, atomic_write_json, cpu_model
 from rankfold.passes.latency_gate import on_block, rounded_ranks
 from rankfold.passes.methods import Method, Ranks, get_method
-from rankfold.runtime.files import atomic_write_json
 from rankfold.runtime.providers import create_session
 
 CACHE_FORMAT = "rankfold-latency-2"  # 2: convs timed in context
@@ -66,23 +64,13 @@ def default_cache_dir() -> Path:
 def machine_id(provider: str = "cpu") -> dict[str, str | int]:
     """What the times depend on besides the graph: CPU model, cores, onnxruntime (and GPU)."""
     ident: dict[str, str | int] = {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count() or 1,
         "onnxruntime": onnxruntime.__version__,
     }
     if provider == "cuda":
         ident["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "unknown"
     return ident
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def layer_geometry(layer: LayerInfo) -> dict:

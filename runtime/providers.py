@@ -15,7 +15,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import (
     RuntimeException,
 )
 
-from rankfold.passes.errors import ConfigError, ExportError, ProviderError, ValidationError
+from rankfold.passes.core import ConfigError, ExportError, ProviderError, ValidationError
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],

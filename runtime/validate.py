@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rankfold.passes.errors import ConfigError, DataError, ValidationError
+from rankfold.passes.core import ConfigError, DataError, ValidationError
 from rankfold.runtime.export import eval_mode
 from rankfold.runtime.providers import create_session, single_input_name
 

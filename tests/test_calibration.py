@@ -13,7 +13,7 @@ from rankfold.converter.calibration import (
     calibrate,
     next_request,
 )
-from rankfold.passes.errors import PlanError
+from rankfold.passes.core import PlanError
 
 
 def power_law(scale: float, exponent: float):

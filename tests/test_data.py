@@ -25,7 +25,7 @@ from rankfold.models import (
 )
 from rankfold.models.digits import DIGITS_MEAN, DIGITS_STD
 from rankfold.models.spec import IMAGENET_MEAN, IMAGENET_STD
-from rankfold.passes.errors import ConfigError, DataError
+from rankfold.passes.core import ConfigError, DataError
 
 CIFAR_SPEC = ModelSpec("resnet20", (3, 32, 32), 10, IMAGENET_MEAN, IMAGENET_STD)
 # First ten labels of the official test sets (published with the datasets).

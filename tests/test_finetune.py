@@ -24,7 +24,7 @@ from rankfold.converter.finetune import (
 )
 from rankfold.models import ArrayDataset, ModelSpec
 from rankfold.passes.blocks import FactorizedBlock
-from rankfold.passes.errors import ConfigError, DataError
+from rankfold.passes.core import ConfigError, DataError
 
 SPEC = ModelSpec(
     name="tiny", input_shape=(3, 12, 12), num_classes=4, mean=(0.5,) * 3, std=(0.25,) * 3

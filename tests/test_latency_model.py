@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from rankfold.passes import RankPolicy, analyze, plan_cost, select_ranks, trace
 from rankfold.passes.analysis import LayerInfo, ModelAnalysis
 from rankfold.passes.blocks import FactorizedBlock, pointwise, spatial_like
-from rankfold.passes.errors import ConfigError, ProviderError
+from rankfold.passes.core import ConfigError, ProviderError
 from rankfold.passes.latency_gate import gate_plan, round_ranks, rounded_ranks
 from rankfold.passes.methods import METHODS, CPMethod, get_method
 from rankfold.passes.plan import LayerPlan, Plan

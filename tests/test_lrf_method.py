@@ -16,9 +16,9 @@ from rankfold.passes import (
     select_ranks,
     trace,
 )
-from rankfold.passes.errors import PlanError
-from rankfold.passes.factorizations.lrf_cp import lrf_cp
 from rankfold.passes.blocks import merge_in, merge_out
+from rankfold.passes.core import PlanError
+from rankfold.passes.factorizations.lrf_cp import lrf_cp
 from rankfold.passes.methods import cp_tensor
 from rankfold.runtime import check_parity, export_onnx
 

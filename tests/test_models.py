@@ -33,7 +33,7 @@ from rankfold.models import (
     zoo,
 )
 from rankfold.models.resnet_cifar import BLOCKS_PER_STAGE, SubsampleShortcut, resnet20
-from rankfold.passes.errors import ConfigError, ModelLoadError
+from rankfold.passes.core import ConfigError, ModelLoadError
 
 CIFAR_NAMES = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
 

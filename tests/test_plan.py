@@ -16,7 +16,7 @@ from rankfold.passes import (
     select_ranks,
     trace,
 )
-from rankfold.passes.errors import ConfigError, PlanError, TraceError
+from rankfold.passes.core import ConfigError, PlanError, TraceError
 from rankfold.passes.plan import LayerOverride
 
 
@@ -189,7 +189,7 @@ def test_decompose_keeps_input_and_restore_roundtrips(traced, tmp_path):
 
 
 def test_plan_for_another_model_is_refused(traced, tmp_path):
-    from rankfold.passes.errors import DecompositionError
+    from rankfold.passes.core import DecompositionError
 
     _, _, gm, analysis = traced
     plan = select_ranks(analysis, RankPolicy(method="cp", rank=4))

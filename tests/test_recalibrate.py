@@ -11,7 +11,7 @@ from torch import nn
 
 from rankfold.passes import RankPolicy, analyze, decompose, select_ranks, trace
 from rankfold.passes.blocks import FactorizedBlock
-from rankfold.passes.errors import ConfigError, DataError
+from rankfold.passes.core import ConfigError, DataError
 from rankfold.passes.recalibrate import correct_bias, has_batchnorm, recalibrate_bn
 
 

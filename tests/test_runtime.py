@@ -16,7 +16,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from rankfold.passes.errors import (
+from rankfold.passes.core import (
     ConfigError,
     DataError,
     ExportError,

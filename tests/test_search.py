@@ -16,7 +16,7 @@ import torch
 
 from rankfold.models import DIGITS_SPEC, digits_splits, train_digits_cnn
 from rankfold.passes import analyze, decompose, plan_cost, trace
-from rankfold.passes.errors import ConfigError
+from rankfold.passes.core import ConfigError
 from rankfold.passes.methods import get_method
 from rankfold.passes.plan import RankPolicy, draft_plan
 from rankfold.passes.search import (

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from rankfold.passes import analyze, decompose, plan_cost, select_ranks, trace
-from rankfold.passes.errors import ConfigError, PlanError
+from rankfold.passes.core import ConfigError, PlanError
 from rankfold.passes.methods import METHODS, method_for_layer
 from rankfold.passes.plan import RankPolicy
 from rankfold.passes.selection import (

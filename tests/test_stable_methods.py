@@ -22,7 +22,7 @@ from rankfold.passes import (
     trace,
 )
 from rankfold.passes.blocks import merge_in, merge_out
-from rankfold.passes.errors import PlanError
+from rankfold.passes.core import PlanError
 from rankfold.passes.factorizations import max_cp_rank
 from rankfold.passes.methods import METHODS, cp_tensor
 from rankfold.passes.stable_methods import CPEPCMethod, Tucker2CPMethod

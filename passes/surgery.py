@@ -17,7 +17,7 @@ from threadpoolctl import threadpool_limits
 from torch import fx, nn
 
 from rankfold.passes.analysis import LayerInfo, ModelAnalysis
-from rankfold.passes.errors import DecompositionError
+from rankfold.passes.core import DecompositionError
 from rankfold.passes.methods import FactorizedBlock, get_method
 from rankfold.passes.plan import LayerPlan, Plan
 

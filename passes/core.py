@@ -1,0 +1,140 @@
+"""Cross-cutting basics every sub-package uses: typed errors, atomic writes, hardware facts.
+
+This module imports nothing else of rankfold, so `converter`, `runtime`, `models` and `passes` can
+all depend on it without the sub-packages depending on each other (dependencies run one way:
+converter → runtime → passes, converter → models).
+
+Errors: every message is one line that names the problem and the fix; the CLI prints it as is and
+exits non-zero, so no stage needs its own error formatting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+
+class RankfoldError(Exception):
+    """Base class: `str(error)` is one line that says what is wrong and what to do."""
+
+
+class ConfigError(RankfoldError):
+    """Invalid configuration or command-line option."""
+
+
+class ModelLoadError(RankfoldError):
+    """Unknown model, missing or corrupt checkpoint, mismatched keys, non-finite weights."""
+
+
+class DataError(RankfoldError):
+    """Data file missing, malformed, of the wrong shape, or with labels out of range."""
+
+
+class TraceError(RankfoldError):
+    """torch.fx could not trace the model."""
+
+
+class PlanError(RankfoldError):
+    """Impossible rank or budget."""
+
+
+class DecompositionError(RankfoldError):
+    """A factorization or graph-surgery step failed on a named layer."""
+
+
+class ExportError(RankfoldError):
+    """ONNX export or checking failed."""
+
+
+class ValidationError(RankfoldError):
+    """The exported model does not match PyTorch within tolerance."""
+
+
+class ProviderError(RankfoldError):
+    """The requested onnxruntime execution provider is not available."""
+
+
+class OutputError(RankfoldError):
+    """The output location cannot be written."""
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write to {target.parent} ({exc.strerror}); choose a writable output directory"
+        ) from None
+    os.close(fd)
+    tmp = Path(tmp_name)
+    # mkstemp creates 0600; give the final file the permissions a plain open() would.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+# --------------------------------------------------------------------------- hardware facts
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of this CPU (empty where /proc/cpuinfo is not readable)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+@cache
+def cpu_model() -> str:
+    """The CPU's model name, for keying measured times to the machine."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_channel_block() -> int | None:
+    """onnxruntime's CPU channel block on this machine: 16 (AVX-512), 8 (AVX2), else None."""
+    flags = cpu_flags()
+    return 16 if "avx512f" in flags else 8 if "avx2" in flags else None
