@@ -24,7 +24,7 @@ from rankfold.converter.calibration import (
 )
 from rankfold.converter.config import CompressConfig
 from rankfold.converter.finetune import FinetuneResult, finetune, plot_history
-from rankfold.converter.report import plot_layers
+from rankfold.converter.report import plot_layers, plot_search
 from rankfold.converter.ui import progress_bar
 from rankfold.models import ArrayDataset, ModelSpec, batches, check_finite, load_dataset, load_model
 from rankfold.models import normalize as normalize_images
@@ -48,11 +48,10 @@ from rankfold.passes.core import (
     atomic_write_json,
 )
 from rankfold.passes.latency_gate import gate_plan, round_ranks
-from rankfold.passes.lrf_method import error_bounded_ranks
-from rankfold.passes.plan import LayerOverride, budgeted_slots, resolve_round_to
+from rankfold.passes.plan import RankPolicy, budgeted_slots, resolve_round_to
 from rankfold.passes.recalibrate import correct_bias, has_batchnorm, recalibrate_bn
-from rankfold.passes.search import Calibration, plot_search
-from rankfold.passes.selection import DATA_DRIVEN, progress_total, resolve_plan
+from rankfold.passes.search import Calibration, DecompositionCache
+from rankfold.passes.selectors import PlanningContext, get_selector
 from rankfold.runtime import (
     check_onnx,
     check_parity,
@@ -209,10 +208,12 @@ def compress(
         table = LatencyTable(
             config.latency.provider, config.latency.cache_dir, config.latency.threads
         )
-    plan, selection = _choose_plan(original, analysis, example_inputs, config, spec, train, table)
+    plan, selection, cache = _choose_plan(
+        original, analysis, example_inputs, config, spec, train, table
+    )
     with progress_bar("decompose", total=len(plan.decomposed())) as advance:
         compressed, decomposition = decompose(
-            original, analysis, plan, seed=config.seed, progress=advance
+            original, analysis, plan, seed=config.seed, progress=advance, cache=cache
         )
     compressed.eval()
     result = CompressionResult(
@@ -247,35 +248,46 @@ def _choose_plan(
     spec: ModelSpec | None,
     train: ArrayDataset | None,
     table: LatencyTable | None,
-) -> tuple[Plan, dict[str, Any]]:
-    """The plan to decompose with and how it was chosen; a latency budget is met as measured
-    on the whole exported model (`latency.calibrate` re-plans) unless calibration is off."""
+) -> tuple[Plan, dict[str, Any], DecompositionCache | None]:
+    """The plan to decompose with, how it was chosen, and the decomposition cache the selector
+    filled (the final decomposition reuses it).
+
+    One path: `select_ranks` plans, then Plan → Plan refinements: measured rank rounding and
+    the latency gate, then (for a latency budget) calibration against whole-model timings.
+    """
     if config.plan is not None:
-        return Plan.load(config.plan), {"selector": "plan file", "path": str(config.plan)}
+        return Plan.load(config.plan), {"selector": "plan file", "path": str(config.plan)}, None
     policy = config.ranks
-    measured = None
-    if policy.latency_reduction:
-        measured = _latency_metric(analysis, config, table)
-    if measured is None or config.latency.calibrate == 0:
-        return _resolved_plan(original, analysis, config, spec, train, table, measured)
+    context = _planning_context(original, analysis, config, spec, train, table)
+
+    def planned(ranks: RankPolicy) -> tuple[Plan, dict[str, Any]]:
+        selection = select_ranks(analysis, ranks, context)
+        plan, summary = selection.plan, selection.to_dict()
+        rounds = ranks.latency_reduction and resolve_round_to(ranks.round_to)
+        if config.latency.gate or rounds:
+            plan, summary["latency_gate"] = _gate(plan, analysis, config, table)
+        if context.measured is not None:  # priced after the rounding and the gate
+            summary["latency_ms"] = _predicted_latency(analysis, plan, context.measured)
+        return plan, summary
+
+    if context.measured is None or config.latency.calibrate == 0:
+        return (*planned(policy), context.cache)
     if policy.select == "pars" and config.search.storage is not None:
         # A stored study is keyed by its budget; a calibrated one moves with timing noise, and
         # the next run could not resume the study.
-        plan, selection = _resolved_plan(original, analysis, config, spec, train, table, measured)
+        plan, selection = planned(policy)
         selection["latency_calibration"] = {
             "skipped": "a --storage study is keyed by its budget, which calibration would move "
             "with timing noise (and the study could not resume): the per-layer table's budget "
             "is used"
         }
-        return plan, selection
+        return plan, selection, context.cache
     # Uniform allocation re-plans in milliseconds; a search would run again every round, so
     # the other selectors run once, at the reduction the uniform rounds found.
     proxy = policy.select != "uniform"
 
     def planned_at(requested: float, select: str = "uniform") -> tuple[Plan, dict[str, Any]]:
-        ranks = policy.model_copy(update={"latency_reduction": requested, "select": select})
-        at = config.model_copy(update={"ranks": ranks})
-        return _resolved_plan(original, analysis, at, spec, train, table, measured)
+        return planned(policy.model_copy(update={"latency_reduction": requested, "select": select}))
 
     with PlanTimer(original, analysis, example_inputs, config) as timer:
         calibrated = calibrate(
@@ -292,47 +304,22 @@ def _choose_plan(
             plan, selection = planned_at(calibrated.requested, policy.select)
             summary["measured"] = timer(plan, f"{policy.select} plan").measured
     selection["latency_calibration"] = summary
-    return plan, selection
+    return plan, selection, context.cache
 
 
-def _resolved_plan(
+def _planning_context(
     original: fx.GraphModule,
     analysis: ModelAnalysis,
     config: CompressConfig,
     spec: ModelSpec | None,
     train: ArrayDataset | None,
     table: LatencyTable | None,
-    measured: LatencyMetric | None,
-) -> tuple[Plan, dict[str, Any]]:
-    """The selector's plan, then measured rank rounding and the latency gate when asked for.
-
-    A latency budget priced ranks as the measured rounding will move them, so it rounds even
-    without the gate.
-    """
-    plan, selection = _plan(original, analysis, config, spec, train, measured)
-    rounds = config.ranks.latency_reduction and resolve_round_to(config.ranks.round_to)
-    if config.latency.gate or rounds:
-        plan, selection["latency_gate"] = _gate(plan, analysis, config, table)
-    if measured is not None:  # priced after the rounding and the gate
-        selection["latency_ms"] = _predicted_latency(analysis, plan, measured)
-    return plan, selection
-
-
-def _plan(
-    original: fx.GraphModule,
-    analysis: ModelAnalysis,
-    config: CompressConfig,
-    spec: ModelSpec | None,
-    train: ArrayDataset | None,
-    measured: LatencyMetric | None,
-) -> tuple[Plan, dict[str, Any]]:
-    """The plan the configured selector chooses, with its report; `measured` prices a latency
-    budget (--target latency)."""
-    policy, search = config.ranks, config.search
-    if policy.method == "cp-lrf" and policy.select == "error":
-        return _lrf_error_plan(original, analysis, config)
+) -> PlanningContext:
+    """What the selector may read: the model, calibration data (for selectors that score
+    candidates on it), measured layer times (a latency budget) and the progress display."""
+    search = config.search
     calibration = None
-    if policy.select in DATA_DRIVEN and train is not None:
+    if get_selector(config.ranks.select).needs_calibration and train is not None:
         calibration = Calibration.from_dataset(
             train,
             spec,
@@ -340,20 +327,23 @@ def _plan(
             bn_samples=search.bn_samples,
             batch_size=search.batch_size,
         )
-    total = progress_total(policy, analysis, search)
-    with progress_bar(f"select ({policy.select})", total) if total else nullcontext() as advance:
-        plan, selection = resolve_plan(
-            original,
-            analysis,
-            policy,
-            config.model,
-            calibration,
-            search,
-            progress=advance,
-            seed=config.seed,
-            measured=measured,
-        )
-    return plan, selection
+    measured = None
+    if config.ranks.latency_reduction:
+        measured = _latency_metric(analysis, config, table)
+    return PlanningContext(
+        gm=original,
+        calibration=calibration,
+        search=search,
+        measured=measured,
+        seed=config.seed,
+        model_name=config.model,
+        progress=_progress,
+    )
+
+
+def _progress(label: str, total: int):
+    """A progress bar for `total` steps, or nothing when a stage reports none."""
+    return progress_bar(label, total) if total else nullcontext(lambda *_: None)
 
 
 def _predicted_latency(analysis: ModelAnalysis, plan: Plan, measured: LatencyMetric) -> dict:
@@ -420,37 +410,6 @@ def _gate(
         "cache_error": table.cache_error,
     }
     return gated, summary
-
-
-def _lrf_error_plan(
-    original: fx.GraphModule, analysis: ModelAnalysis, config: CompressConfig
-) -> tuple[Plan, dict[str, Any]]:
-    """cp-lrf under an error bound: LRF-CPD picks each layer's factor ranks, then the plan.
-
-    The bound is resolved into explicit per-layer ranks before any surgery, so the plan still
-    says what will happen and can be replayed.
-    """
-    policy = config.ranks
-    bound = policy.rel_error
-    chosen, why_not = error_bounded_ranks(original, analysis, bound, seed=config.seed)
-    others = [layer.name for layer in analysis.layers if layer.name not in chosen]
-    explicit = {name: LayerOverride(rank=ranks) for name, ranks in chosen.items()}
-    resolved = policy.model_copy(
-        update={
-            "select": "uniform",
-            "layers": {**explicit, **policy.layers},
-            "skip": [*policy.skip, *others],
-        }
-    )
-    plan = select_ranks(analysis, resolved, config.model)
-    for entry in plan.layers:
-        if entry.name in chosen and entry.decompose:
-            entry.reason = f"LRF-CPD within relative error {bound:g}: (R, L_S, L_T) = {entry.ranks}"
-        elif entry.name in why_not:
-            entry.reason = f"skipped: {why_not[entry.name]}"
-        elif entry.name in others and entry.reason.startswith("skipped by config"):
-            entry.reason = "skipped: no error-bounded LRF-CPD for this layer (k×k convs only)"
-    return plan, {"selector": "error", "method": "cp-lrf", "rel_error": bound}
 
 
 def _accuracy(module: nn.Module, result: CompressionResult) -> float | None:

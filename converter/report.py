@@ -1,7 +1,8 @@
-"""report.json and the per-layer compression plot."""
+"""The report's plots: per-layer compression, and the PARS trials against their budget."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,4 +45,53 @@ def plot_layers(layers: list[dict[str, Any]], path: str | Path, title: str) -> P
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
+    return Path(path)
+
+
+def plot_search(report: Mapping[str, Any], path: str | Path) -> Path:
+    """Proxy vs MACs of every trial, the Pareto front, the best trial and the budget."""
+    from matplotlib.figure import Figure
+
+    rows = [r for r in report["table"] if r["state"] == "COMPLETE"]
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.add_subplot()
+    ax.scatter(
+        [r["macs"] / 1e6 for r in rows],
+        [r["proxy"] for r in rows],
+        s=14,
+        color="#9aa5b1",
+        label=f"trials ({len(rows)})",
+    )
+    by_number = {r["trial"]: r for r in rows}
+    front = [by_number[n] for n in report["pareto"] if n in by_number]
+    ax.plot(
+        [r["macs"] / 1e6 for r in front],
+        [r["proxy"] for r in front],
+        "-o",
+        color="#d1495b",
+        markersize=4,
+        label="Pareto front",
+    )
+    seeds = [r for r in rows if r.get("seed")]
+    if seeds:
+        ax.scatter(
+            [r["macs"] / 1e6 for r in seeds],
+            [r["proxy"] for r in seeds],
+            marker="s",
+            s=36,
+            color="#edae49",
+            label="seeded (" + ", ".join(str(r["seed"]) for r in seeds) + ")",
+        )
+    best = report["best"]
+    ax.scatter(
+        [best["macs"] / 1e6], [best["proxy"]], marker="*", s=160, color="#2b7bba", label="best"
+    )
+    ax.axvline(report["budget"]["goal"] / 1e6, color="black", linestyle="--", linewidth=1)
+    ax.set_xlabel("MACs per sample (millions); dashed: budget")
+    ax.set_ylabel(f"proxy ({report['proxy']}, after recalibration)")
+    ax.set_title(f"PARS {report['sampler']}: {report['trials_complete']} trials")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     return Path(path)

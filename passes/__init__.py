@@ -1,4 +1,4 @@
-"""torch.fx passes: trace → analyze → make_plan (a Plan) → decompose (a new GraphModule + report).
+"""torch.fx passes: trace → analyze → select_ranks (a Plan) → decompose (a new GraphModule + report).
 
 Names are imported on first use (PEP 562), so `rankfold.passes.core` — the errors, atomic writes
 and hardware facts every sub-package shares — loads without torch.
@@ -18,9 +18,9 @@ _EXPORTS = {
     "decompose": "surgery",
     "restructure": "surgery",
     "RankfoldError": "core",
-    "CPLRFMethod": "lrf_method",
-    "CPEPCMethod": "stable_methods",
-    "Tucker2CPMethod": "stable_methods",
+    "CPLRFMethod": "methods",
+    "CPEPCMethod": "methods",
+    "Tucker2CPMethod": "methods",
     "METHODS": "methods",
     "Method": "methods",
     "get_method": "methods",
@@ -30,7 +30,12 @@ _EXPORTS = {
     "Plan": "plan",
     "RankPolicy": "plan",
     "plan_cost": "plan",
-    "select_ranks": "plan",
+    "PlanningContext": "selectors",
+    "SELECTORS": "selectors",
+    "Selection": "planning",
+    "Selector": "selectors",
+    "register_selector": "selectors",
+    "select_ranks": "planning",
     "trace": "tracing",
 }
 

@@ -100,11 +100,6 @@ def _call_sites(gm: fx.GraphModule) -> Counter:
     return sites
 
 
-def _set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
-    parent, _, child = target.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, child, module)
-
-
 def _drop_identities(gm: fx.GraphModule) -> int:
     dropped = 0
     for node in list(gm.graph.nodes):
@@ -177,7 +172,7 @@ def _fold_batchnorms(gm: fx.GraphModule) -> tuple[int, int]:
         else:
             fused = fuse_conv_bn_eval(layer, bn)
         if replace_stage is None:
-            _set_module(gm, source.target, fused)
+            gm.set_submodule(source.target, fused)
             plain += 1
         else:
             replace_stage(fused)
@@ -250,7 +245,7 @@ def _merge_pointwise(gm: fx.GraphModule) -> int:
                     combined = _merged(block[i], block[i + 1])
                     block = _without_stage(block, i + 1)
                     block[i] = combined
-                    _set_module(gm, node.target, block)
+                    gm.set_submodule(node.target, block)
                     merged, changed = merged + 1, True
                     break
         # Across nodes: the producer's last 1×1 and the consumer's first 1×1.
@@ -269,11 +264,11 @@ def _merge_pointwise(gm: fx.GraphModule) -> int:
                 continue
             combined = _merged(last, first)
             if replace_last is None:
-                _set_module(gm, source.target, combined)
+                gm.set_submodule(source.target, combined)
             else:
                 replace_last(combined)
             if isinstance(consumer, FactorizedBlock) and len(consumer) > 1:
-                _set_module(gm, node.target, _without_stage(consumer, 0))
+                gm.set_submodule(node.target, _without_stage(consumer, 0))
             else:
                 node.replace_all_uses_with(source)
                 gm.graph.erase_node(node)

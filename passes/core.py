@@ -10,6 +10,7 @@ exits non-zero, so no stage needs its own error formatting.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import platform
@@ -17,8 +18,11 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class RankfoldError(Exception):
@@ -138,3 +142,43 @@ def cpu_channel_block() -> int | None:
     """onnxruntime's CPU channel block on this machine: 16 (AVX-512), 8 (AVX2), else None."""
     flags = cpu_flags()
     return 16 if "avx512f" in flags else 8 if "avx2" in flags else None
+
+
+# --------------------------------------------------------------------------- plug-in registries
+
+
+class Registry(dict[str, T]):
+    """Named plug-ins of one kind (methods, selectors): the built-in ones, then those installed
+    packages declare in an entry-point group. A plug-in that fails to load is recorded in
+    `errors`, not fatal: the others keep working and listings say why it is missing."""
+
+    def __init__(self, kind: str, base: type, group: str) -> None:
+        super().__init__()
+        self.kind, self.base, self.group = kind, base, group
+        self.errors: dict[str, str] = {}
+
+    def register(self, item: T) -> T:
+        self[item.name] = item
+        return item
+
+    def get_named(self, name: str) -> T:
+        """The plug-in called `name`, or a ConfigError with the closest name and the choices."""
+        if name in self:
+            return self[name]
+        if name in self.errors:
+            raise ConfigError(f"{self.kind} '{name}' failed to load: {self.errors[name]}")
+        close = difflib.get_close_matches(name, self, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown {self.kind} '{name}'{hint}; choose one of {', '.join(self)}")
+
+    def load_entry_points(self) -> None:
+        for entry in entry_points(group=self.group):
+            try:
+                loaded = entry.load()
+                item = loaded() if isinstance(loaded, type) else loaded
+                if not isinstance(item, self.base):
+                    raise TypeError(f"{entry.value} is not a rankfold {self.base.__name__}")
+            except Exception as exc:  # a broken third-party package must not break rankfold
+                self.errors[entry.name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                continue
+            self.register(item)

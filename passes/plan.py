@@ -12,7 +12,6 @@ fits one option per slot into the budget.
 
 from __future__ import annotations
 
-import bisect
 import fnmatch
 import json
 from collections.abc import Callable, Sequence
@@ -27,7 +26,7 @@ from rankfold.passes.core import ConfigError, PlanError, atomic_write_json, cpu_
 from rankfold.passes.methods import Cost, Method, Ranks, get_method, method_for_layer
 
 RankSpec = int | float | list[int]
-Selector = Literal["uniform", "energy", "error", "vbmf", "eps-search", "pars"]
+Choices = list[Ranks | None]  # per budgeted slot: ranks, or None to keep the layer whole
 
 
 def _check_rank_spec(value: RankSpec | None) -> RankSpec | None:
@@ -77,9 +76,9 @@ class RankPolicy(BaseModel):
     # rounded. With the latency gate, the other layers' ranks move to a multiple when measured
     # faster (rankfold.passes.latency_gate.round_ranks).
     round_to: Annotated[int, Field(ge=0)] | Literal["auto"] | None = "auto"
-    # How budgeted ranks are chosen (rankfold.passes.selection.resolve_plan): uniform keeps the
-    # same fraction of every layer's cost; the others rank layers by a criterion.
-    select: Selector = "uniform"
+    # How budgeted ranks are chosen: a registered selector (rankfold.passes.selectors; uniform
+    # keeps the same fraction of every layer's cost, the others rank layers by a criterion).
+    select: str = "uniform"
     # Without a budget: the per-layer criterion itself. With one, the criterion's threshold is
     # moved until the model fits the budget, so these values only matter without a budget.
     energy: float = Field(default=0.95, gt=0, le=1)  # retained energy of the unfoldings
@@ -195,8 +194,8 @@ def normalize_ranks(
             note = f"clamped to the maximum {list(limits)}"
     ranks = tuple(min(max(v, 1), m) for v, m in zip(ranks, limits))
     cost = method.cost(layer, ranks)
-    if strict and not _smaller(cost, layer):
-        largest = [c for c in method.candidates(layer) if _smaller(method.cost(layer, c), layer)]
+    if strict and not cost.smaller_than(layer):
+        largest = [c for c in method.candidates(layer) if method.shrinks(layer, c)]
         hint = f"at most {list(largest[-1])}" if largest else "skip the layer"
         raise PlanError(
             f"ranks {list(ranks)} make layer '{layer.name}' larger than the original "
@@ -214,10 +213,6 @@ def resolve_round_to(value: int | str | None) -> int | None:
 def _aligned(ranks: Ranks, multiple: int | None) -> bool:
     """Ranks below one block stay free; larger ones must fill whole blocks."""
     return multiple is None or all(r < multiple or r % multiple == 0 for r in ranks)
-
-
-def _smaller(cost: Cost, layer: LayerInfo) -> bool:
-    return cost.params < layer.params and cost.macs < layer.macs
 
 
 class CostModel(Protocol):
@@ -262,7 +257,7 @@ class Slot:
         return [
             c
             for c in self.method.candidates(self.layer)
-            if _smaller(self.method.cost(self.layer, c), self.layer) and _aligned(c, self.block)
+            if self.method.shrinks(self.layer, c) and _aligned(c, self.block)
         ]
 
     @property
@@ -291,6 +286,7 @@ class PlanDraft:
 
     model_name: str
     policy: RankPolicy
+    analysis: ModelAnalysis
     entries: list[LayerPlan]
     slots: list[Slot]
     budget: Budget | None
@@ -317,13 +313,14 @@ def draft_plan(
     analysis: ModelAnalysis,
     policy: RankPolicy,
     model_name: str = "model",
-    needs_ranks: bool = True,
+    global_rank: bool = True,
     measured: CostModel | None = None,
 ) -> PlanDraft:
     """Decide every layer a selector does not choose: skips, unsupported layers, explicit ranks.
 
-    The rest become slots. With `needs_ranks`, a policy without a budget or ranks is an error
-    (selectors that find ranks themselves pass False). A latency budget needs `measured`.
+    The rest become slots. With `global_rank` (the uniform selector) the policy's global rank
+    decides every layer when there is no budget, and a policy without a budget or ranks is an
+    error; selectors that find ranks themselves pass False. A latency budget needs `measured`.
     """
     get_method(policy.method)  # an unknown method fails before anything else
     targets = {
@@ -344,7 +341,7 @@ def draft_plan(
             "(--target latency) or pass measured=LatencyMetric(...)"
         )
     if (
-        needs_ranks
+        global_rank
         and reduction is None
         and policy.rank is None
         and not any(o.rank for o in policy.layers.values())
@@ -352,8 +349,6 @@ def draft_plan(
         raise ConfigError(
             "no ranks to use: give --macs-reduction X, --params-reduction X or --rank"
         )
-    # A selector chooses ranks for every layer without an explicit rank, budget or not.
-    selector_ranks = policy.select != "uniform"
 
     entries: list[LayerPlan] = []
     slots: list[Slot] = []
@@ -374,11 +369,11 @@ def draft_plan(
         note_text = f" ({note})" if note else ""
         rank_spec = override.rank if override.rank is not None else policy.rank
         if rank_spec is not None and (
-            override.rank is not None or (reduction is None and not selector_ranks)
+            override.rank is not None or (reduction is None and global_rank)
         ):
             per_layer = override.rank is not None
             ranks, clamped = normalize_ranks(method, layer, rank_spec, strict=per_layer)
-            if not _smaller(method.cost(layer, ranks), layer):
+            if not method.shrinks(layer, ranks):
                 entries.append(
                     LayerPlan(
                         name=layer.name,
@@ -410,7 +405,7 @@ def draft_plan(
                 )
             )
             continue
-        if not _smaller(method.cost(layer, method.candidates(layer)[0]), layer):
+        if not method.shrinks(layer, method.candidates(layer)[0]):
             entries.append(
                 LayerPlan(
                     name=layer.name,
@@ -437,81 +432,14 @@ def draft_plan(
                 explicit = Slot(-1, layer, get_method(entry.method), "", None, measured)
                 fixed += explicit.cost(tuple(entry.ranks), metric) - explicit.cost(None, metric)
         budget = Budget(metric=metric, reduction=float(reduction), total=total, fixed=fixed)
-    return PlanDraft(model_name, policy, entries, slots, budget)
+    return PlanDraft(model_name, policy, analysis, entries, slots, budget)
 
 
 def budgeted_slots(analysis: ModelAnalysis, policy: RankPolicy, model_name: str = "model"):
     """The layers a selector will choose ranks for; they do not depend on the budget's metric,
     so no measured times are needed to list them (e.g. to size a progress bar)."""
     unpriced = policy.model_copy(update={"latency_reduction": None})
-    return draft_plan(analysis, unpriced, model_name, needs_ranks=False).slots
-
-
-def select_ranks(
-    analysis: ModelAnalysis,
-    policy: RankPolicy,
-    model_name: str = "model",
-    measured: CostModel | None = None,
-) -> Plan:
-    """Resolve per-layer methods and ranks (explicit, ratio or uniform budget) into a Plan.
-
-    Only the uniform allocation lives here; the other selectors are in
-    `rankfold.passes.selection.resolve_plan`. `measured` prices a latency budget.
-    """
-    if policy.select != "uniform":
-        raise ConfigError(
-            f"select_ranks does uniform allocation only; call "
-            f"rankfold.passes.selection.resolve_plan for --select {policy.select}"
-        )
-    plan = _uniform(analysis, policy, model_name, measured)
-    # Aligned ranks are the fast ones: a latency budget keeps them whatever the MACs.
-    if policy.round_to is None or plan.target is None or policy.latency_reduction:
-        return plan
-    ((metric_key, reduction),) = plan.target.items()
-    metric = metric_key.removesuffix("_reduction")
-    total = analysis.total_params if metric == "params" else analysis.total_macs
-    achieved = total / getattr(plan_cost(analysis, plan), metric)
-    if abs(achieved / reduction - 1) <= 0.05:
-        return plan
-    # Channel blocks too coarse for this model: exact budget first, speed second.
-    free = _uniform(analysis, policy.model_copy(update={"round_to": None}), model_name)
-    for entry in free.decomposed():
-        entry.reason += f" (ranks not aligned: aligned ones reach only {achieved:.2f}×)"
-    return free
-
-
-def _uniform(
-    analysis: ModelAnalysis, policy: RankPolicy, model_name: str, measured: CostModel | None = None
-) -> Plan:
-    draft = draft_plan(analysis, policy, model_name, measured=measured)
-    budget = draft.budget
-    if budget is None:
-        return draft.finish([], [])
-    ladders = [slot.candidates() for slot in draft.slots]
-    # A latency budget still keeps the same share of MACs in every layer, the share set by the
-    # measured total: measured time is flat over wide rank ranges (ranks 1 to 16 of a 16-channel
-    # CP layer run alike), and a share of each layer's time would fall off such a plateau to
-    # rank 1 for a microsecond.
-    by = "macs" if budget.metric == "latency" else budget.metric
-    costs = [[slot.cost(c, by) for c in ladder] for slot, ladder in zip(draft.slots, ladders)]
-    sizes = [slot.cost(None, by) for slot in draft.slots]
-
-    def level(j: int, keep: float) -> int:
-        """The largest candidate within `keep` of the layer's cost (the smallest at least)."""
-        return max(bisect.bisect_right(costs[j], keep * sizes[j]) - 1, 0)
-
-    indices, _ = allocate(draft, ladders, level, 0.0, 1.0)
-    reasons = []
-    for slot, ladder, i in zip(draft.slots, ladders, indices):
-        keep = slot.cost(ladder[i], by) / max(slot.cost(None, by), 1e-12)
-        reason = f"uniform allocation for {budget.reduction:g}× {budget.metric}: keeps {keep:.0%} "
-        if by != budget.metric:
-            time = slot.cost(ladder[i], budget.metric) / slot.cost(None, budget.metric)
-            reason += f"of the layer's {by} ({time:.0%} of its time)"
-        else:
-            reason += f"of the layer's {by}"
-        reasons.append(reason)
-    return draft.finish([ladder[i] for ladder, i in zip(ladders, indices)], reasons)
+    return draft_plan(analysis, unpriced, model_name, global_rank=False).slots
 
 
 def plan_cost(analysis: ModelAnalysis, plan: Plan) -> Cost:

@@ -13,13 +13,13 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from threadpoolctl import threadpool_limits
-from torch import fx, nn
+from torch import fx
 
 from rankfold.passes.analysis import LayerInfo, ModelAnalysis
-from rankfold.passes.core import DecompositionError
-from rankfold.passes.methods import FactorizedBlock, get_method
+from rankfold.passes.core import ConfigError, DecompositionError
+from rankfold.passes.methods import get_method
 from rankfold.passes.plan import LayerPlan, Plan
+from rankfold.passes.search.cache import DecompositionCache
 
 
 @dataclass
@@ -52,11 +52,6 @@ class DecompositionReport:
         return {row.name: row for row in self.layers}
 
 
-def _replace(gm: fx.GraphModule, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(gm.get_submodule(parent_name) if parent_name else gm, child, module)
-
-
 def _checked_layer(gm: fx.GraphModule, analysis: ModelAnalysis, entry: LayerPlan) -> LayerInfo:
     try:
         layer = analysis.layer(entry.name)
@@ -79,7 +74,7 @@ def restructure(gm: fx.GraphModule, analysis: ModelAnalysis, plan: Plan) -> fx.G
     new = copy.deepcopy(gm)
     for entry in plan.decomposed():
         layer = _checked_layer(new, analysis, entry)
-        _replace(new, entry.name, get_method(entry.method).build(layer, tuple(entry.ranks)))
+        new.set_submodule(entry.name, get_method(entry.method).build(layer, tuple(entry.ranks)))
     new.recompile()
     return new
 
@@ -90,8 +85,19 @@ def decompose(
     plan: Plan,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    cache: DecompositionCache | None = None,
 ) -> tuple[fx.GraphModule, DecompositionReport]:
-    """Apply `plan` to a copy of `gm`; returns the new module and one report row per layer."""
+    """Apply `plan` to a copy of `gm`; returns the new module and one report row per layer.
+
+    Blocks come from `cache` (the one rank search filled, so a searched block is not factorized
+    again; default: a cache in memory for this call).
+    """
+    cache = DecompositionCache(None, seed) if cache is None else cache
+    if cache.seed != seed:
+        raise ConfigError(
+            f"the decomposition cache holds seed {cache.seed} but decompose was asked for seed "
+            f"{seed}; pass the same seed to both"
+        )
     new = copy.deepcopy(gm)
     rows = []
     for entry in plan.layers:
@@ -115,21 +121,9 @@ def decompose(
             continue
         method = get_method(entry.method)
         ranks = tuple(entry.ranks)
-        original_module = new.get_submodule(entry.name)
         start = time.perf_counter()
-        block: FactorizedBlock = method.build(layer, ranks)
-        block.to(original_module.weight.device, original_module.weight.dtype)
-        try:
-            # Kernels are small matrices: multi-threaded BLAS only adds contention (an SVD of
-            # 64×576 takes 4 ms on one thread and 63 ms on two busy cores).
-            with threadpool_limits(limits=1, user_api="blas"):
-                filled = method.fill(block, original_module, seed)
-        except (ValueError, ArithmeticError, RuntimeError) as exc:
-            raise DecompositionError(
-                f"pass decompose failed on layer '{entry.name}' ({method.name}, ranks {list(ranks)}): "
-                f"{str(exc).splitlines()[0]}; try other ranks or skip the layer"
-            ) from None
-        _replace(new, entry.name, block)
+        block, filled = cache.block(new.get_submodule(entry.name), layer, method, ranks)
+        new.set_submodule(entry.name, block)
         cost = method.cost(layer, ranks)
         rows.append(
             LayerReport(

@@ -9,10 +9,11 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
+from planning_helpers import plan_of
 from torch import fx, nn
 from torch.nn import functional as F
 
-from rankfold.passes import RankPolicy, analyze, decompose, restructure, select_ranks, trace
+from rankfold.passes import RankPolicy, analyze, decompose, restructure, trace
 from rankfold.passes.blocks import FactorizedBlock, pointwise
 from rankfold.passes.cleanup import cleanup
 from rankfold.runtime import export_onnx
@@ -131,7 +132,7 @@ def test_batchnorm_after_a_factorized_block_folds_into_its_last_stage() -> None:
     gm = traced(ConvBN())
     analysis = analyze(gm)
     for method in ("cp", "tucker2"):
-        plan = select_ranks(
+        plan = plan_of(
             analysis, RankPolicy(method=method, rank=0.5, skip=["Linear"], min_macs_share=0), "m"
         )
         compressed, _ = decompose(gm, analysis, plan)
@@ -226,7 +227,7 @@ def test_cleaned_compressed_resnet_exports_and_matches_pytorch(tmp_path: Path) -
     randomize_bn(model)
     gm = trace(model, torch.zeros(1, *spec.input_shape))
     analysis = analyze(gm)
-    plan = select_ranks(analysis, RankPolicy(method="tucker2", macs_reduction=2.0), "resnet20")
+    plan = plan_of(analysis, RankPolicy(method="tucker2", macs_reduction=2.0), "resnet20")
     # Unfilled blocks (random weights) exercise the same graph as factorized ones, in no time.
     compressed = restructure(gm, analysis, plan).eval()
     cleaned, counts = cleanup(compressed)

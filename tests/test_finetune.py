@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from planning_helpers import plan_of
 from torch import nn
 
 from rankfold.converter import finetune as ft
@@ -378,14 +379,14 @@ def test_plot_history_writes_a_png(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_finetuning_recovers_digits_accuracy(tmp_path: Path) -> None:
     from rankfold.models import DIGITS_SPEC, batches, digits_splits, train_digits_cnn
-    from rankfold.passes import RankPolicy, analyze, decompose, select_ranks, trace
+    from rankfold.passes import RankPolicy, analyze, decompose, trace
     from rankfold.runtime import torch_accuracy
 
     train, test = digits_splits(0)
     model = train_digits_cnn(seed=0)
     original = trace(model, torch.zeros(1, *DIGITS_SPEC.input_shape))
     analysis = analyze(original)
-    plan = select_ranks(analysis, RankPolicy(method="tucker2", macs_reduction=2.0), "digits-cnn")
+    plan = plan_of(analysis, RankPolicy(method="tucker2", macs_reduction=2.0), "digits-cnn")
     compressed, _ = decompose(original, analysis, plan)
     accuracy = {"original": torch_accuracy(original, batches(test, DIGITS_SPEC))}
     accuracy["decomposed"] = torch_accuracy(compressed, batches(test, DIGITS_SPEC))

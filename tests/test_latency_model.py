@@ -12,10 +12,11 @@ import onnxruntime
 import pytest
 import torch
 from onnx import numpy_helper
+from planning_helpers import plan_of
 from torch import nn
 from torch.nn import functional as F
 
-from rankfold.passes import RankPolicy, analyze, plan_cost, select_ranks, trace
+from rankfold.passes import RankPolicy, analyze, plan_cost, trace
 from rankfold.passes.analysis import LayerInfo, ModelAnalysis
 from rankfold.passes.blocks import FactorizedBlock, pointwise, spatial_like
 from rankfold.passes.core import ConfigError, ProviderError
@@ -388,7 +389,7 @@ def test_round_and_gate_a_real_plan_with_measured_times(table: LatencyTable) -> 
     ).eval()
     gm = trace(model, torch.zeros(1, 3, 16, 16))
     analysis = analyze(gm)
-    plan = select_ranks(analysis, RankPolicy(method="tucker2", macs_reduction=2.0), "seq")
+    plan = plan_of(analysis, RankPolicy(method="tucker2", macs_reduction=2.0), "seq")
     rounded = round_ranks(plan, analysis, table, 8, 1)
     gated = gate_plan(rounded, analysis, table, 1)
     for before, after in zip(plan.layers, gated.layers):
@@ -566,7 +567,7 @@ def test_latency_budget_is_met_in_measured_time_not_macs() -> None:
     analysis = analyze(trace(model, torch.zeros(1, 16, 16, 16)))
     times = MacsTimes()
     policy = RankPolicy(method="cp", latency_reduction=2.0, round_to=None)
-    plan = select_ranks(analysis, policy, measured=times)
+    plan = plan_of(analysis, policy, measured=times)
     assert plan.target == {"latency_reduction": 2.0}
     planned = sum(
         times.block(layer, get_method(entry.method), entry.ranks)
@@ -579,6 +580,6 @@ def test_latency_budget_is_met_in_measured_time_not_macs() -> None:
     # Each CP block pays three extra nodes (0.6 ms), so 2× in time needs more than 2× in MACs.
     assert analysis.total_macs / plan_cost(analysis, plan).macs > 2.0
     with pytest.raises(ConfigError, match="latency budget needs measured"):
-        select_ranks(analysis, policy)
+        plan_of(analysis, policy)
     with pytest.raises(ConfigError, match="give one budget"):
-        select_ranks(analysis, policy.model_copy(update={"macs_reduction": 2.0}), measured=times)
+        plan_of(analysis, policy.model_copy(update={"macs_reduction": 2.0}), measured=times)

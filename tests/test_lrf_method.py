@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from planning_helpers import plan_of
 from torch import nn
 
 from rankfold.passes import (
@@ -13,7 +14,6 @@ from rankfold.passes import (
     decompose,
     get_method,
     plan_cost,
-    select_ranks,
     trace,
 )
 from rankfold.passes.blocks import merge_in, merge_out
@@ -85,7 +85,7 @@ def test_pipeline_budget_and_onnx_parity(tmp_path):
     x = torch.randn(4, 3, 16, 16)
     gm = trace(model, x)
     analysis = analyze(gm)
-    plan = select_ranks(analysis, RankPolicy(method="cp-lrf", macs_reduction=2.0, min_macs_share=0))
+    plan = plan_of(analysis, RankPolicy(method="cp-lrf", macs_reduction=2.0, min_macs_share=0))
     achieved = analysis.total_macs / plan_cost(analysis, plan).macs
     assert abs(achieved / 2 - 1) <= 0.05
     compressed, report = decompose(gm, analysis, plan)
@@ -114,8 +114,10 @@ def test_error_bound_resolves_into_per_layer_ranks(tmp_path):
     )
     result = compress(model, torch.zeros(1, 3, 8, 8), config)
     rows = [row for row in result.decomposition.layers if row.status == "decomposed"]
-    assert rows and all(row.method == "cp-lrf" and len(row.rank) == 3 for row in rows)
+    assert [row.name for row in rows] == ["0", "2"]
+    assert all(row.method == "cp-lrf" and len(row.rank) == 3 for row in rows)
     assert all(row.rel_error <= 0.4 + 1e-9 for row in rows)
     assert all("within relative error 0.4" in row.reason for row in rows)
+    # The same selector as every method: the classifier is below min_macs_share, as with cp.
     fc = result.decomposition.by_name()["6"]
-    assert fc.status == "skipped" and "k×k convs only" in fc.reason
+    assert fc.status == "skipped" and "min_macs_share" in fc.reason

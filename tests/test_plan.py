@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from planning_helpers import plan_of
 from torch import nn
 
 from rankfold.passes import (
@@ -13,7 +14,6 @@ from rankfold.passes import (
     decompose,
     plan_cost,
     restructure,
-    select_ranks,
     trace,
 )
 from rankfold.passes.core import ConfigError, PlanError, TraceError
@@ -96,7 +96,7 @@ def test_wrong_input_shape_is_one_line_trace_error(traced):
 def test_uniform_budget_met_within_five_percent(traced, method, metric, target):
     _, _, _, analysis = traced
     policy = RankPolicy(method=method, **{f"{metric}_reduction": target}, min_macs_share=0)
-    plan = select_ranks(analysis, policy)
+    plan = plan_of(analysis, policy)
     cost = plan_cost(analysis, plan)
     total = analysis.total_macs if metric == "macs" else analysis.total_params
     achieved = total / getattr(cost, metric)
@@ -108,7 +108,7 @@ def test_uniform_budget_met_within_five_percent(traced, method, metric, target):
 
 
 def test_matrices_fall_back_to_svd_with_a_note(traced):
-    plan = select_ranks(traced[3], RankPolicy(method="cp", rank=0.3))
+    plan = plan_of(traced[3], RankPolicy(method="cp", rank=0.3))
     by_name = {entry.name: entry for entry in plan.layers}
     assert by_name["head"].method == "svd" and "of a matrix is its SVD" in by_name["head"].reason
     assert by_name["block.1"].method == "svd" and "1×1 kernel" in by_name["block.1"].reason
@@ -127,7 +127,7 @@ def test_precedence_global_type_glob_exact(traced):
         },
         skip=["Linear"],
     )
-    by_name = {e.name: e for e in select_ranks(traced[3], policy).layers}
+    by_name = {e.name: e for e in plan_of(traced[3], policy).layers}
     assert by_name["features.2"].method == "cp" and by_name["features.2"].ranks == [8]
     assert "layers['features.2']" in by_name["features.2"].reason
     assert by_name["features.6"].method == "cp" and "0.25" in by_name["features.6"].reason
@@ -141,7 +141,7 @@ def test_precedence_global_type_glob_exact(traced):
 def test_cp_list_rank_is_refused_with_count(traced):
     policy = RankPolicy(method="cp", layers={"features.2": LayerOverride(rank=[8, 6])})
     with pytest.raises(PlanError, match="cp takes 1 rank"):
-        select_ranks(traced[3], policy)
+        plan_of(traced[3], policy)
 
 
 def test_impossible_ranks_and_budgets_are_refused(traced):
@@ -149,25 +149,25 @@ def test_impossible_ranks_and_budgets_are_refused(traced):
     with pytest.raises(
         PlanError, match=r"rank 500 for layer 'features.2' \(svd\) is impossible.*\[1, 48\]"
     ):
-        select_ranks(
+        plan_of(
             analysis, RankPolicy(method="svd", layers={"features.2": LayerOverride(rank=500)})
         )
     with pytest.raises(PlanError, match="larger than the original"):
-        select_ranks(
+        plan_of(
             analysis, RankPolicy(method="svd", layers={"features.2": LayerOverride(rank=47)})
         )
     with pytest.raises(PlanError, match="impossible"):
-        select_ranks(analysis, RankPolicy(method="tucker2", macs_reduction=500))
+        plan_of(analysis, RankPolicy(method="tucker2", macs_reduction=500))
     with pytest.raises(ConfigError, match="unknown method 'tuker2'.*did you mean 'tucker2'"):
-        select_ranks(analysis, RankPolicy(method="tuker2", rank=4))
+        plan_of(analysis, RankPolicy(method="tuker2", rank=4))
     with pytest.raises(ConfigError, match="no ranks"):
-        select_ranks(analysis, RankPolicy(method="cp"))
+        plan_of(analysis, RankPolicy(method="cp"))
 
 
 def test_decompose_keeps_input_and_restore_roundtrips(traced, tmp_path):
     model, x, gm, analysis = traced
     before = {k: v.clone() for k, v in gm.state_dict().items()}
-    plan = select_ranks(
+    plan = plan_of(
         analysis, RankPolicy(method="tucker2", macs_reduction=2.0, min_macs_share=0)
     )
     new, report = decompose(gm, analysis, plan)
@@ -192,7 +192,7 @@ def test_plan_for_another_model_is_refused(traced, tmp_path):
     from rankfold.passes.core import DecompositionError
 
     _, _, gm, analysis = traced
-    plan = select_ranks(analysis, RankPolicy(method="cp", rank=4))
+    plan = plan_of(analysis, RankPolicy(method="cp", rank=4))
     plan.layers[1].name = "features.99"
     with pytest.raises(DecompositionError, match="features.99"):
         decompose(gm, analysis, plan)

@@ -7,9 +7,10 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from planning_helpers import plan_of
 from torch import nn
 
-from rankfold.passes import RankPolicy, analyze, decompose, select_ranks, trace
+from rankfold.passes import RankPolicy, analyze, decompose, trace
 from rankfold.passes.blocks import FactorizedBlock
 from rankfold.passes.core import ConfigError, DataError
 from rankfold.passes.recalibrate import correct_bias, has_batchnorm, recalibrate_bn
@@ -135,7 +136,7 @@ def _decomposed(model: nn.Module, method: str, rank) -> tuple[torch.fx.GraphModu
     gm = trace(model.eval(), torch.zeros(1, 3, 8, 8))
     analysis = analyze(gm)
     policy = RankPolicy(method=method, rank=rank, skip=["fc"], min_macs_share=0.0)
-    compressed, _ = decompose(gm, analysis, select_ranks(analysis, policy, "small"))
+    compressed, _ = decompose(gm, analysis, plan_of(analysis, policy, "small"))
     return gm, compressed.eval()
 
 

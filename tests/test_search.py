@@ -13,7 +13,9 @@ import time
 import optuna
 import pytest
 import torch
+from planning_helpers import resolve
 
+from rankfold.converter.report import plot_search
 from rankfold.models import DIGITS_SPEC, digits_splits, train_digits_cnn
 from rankfold.passes import analyze, decompose, plan_cost, trace
 from rankfold.passes.core import ConfigError
@@ -21,16 +23,17 @@ from rankfold.passes.methods import get_method
 from rankfold.passes.plan import RankPolicy, draft_plan
 from rankfold.passes.search import (
     HOST,
-    WORKER_ATTR,
+    Calibration,
     DecompositionCache,
     Evaluator,
+    SearchConfig,
     fail_dead_trials,
     open_storage,
-    pareto_front,
     register_worker,
     slot_choices,
 )
-from rankfold.passes.selection import Calibration, SearchConfig, plot_search, resolve_plan
+from rankfold.passes.search.storage import WORKER_ATTR
+from rankfold.passes.selectors.pars import pareto_front
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +61,7 @@ def test_calibration_splits_are_disjoint_then_shared():
 
 def test_cached_blocks_equal_decompose_and_are_reused_from_disk(digits, tmp_path):
     gm, analysis, calibration = digits
-    plan, _ = resolve_plan(gm, analysis, _policy(macs_reduction=2.5), "digits")
+    plan, _ = resolve(gm, analysis, _policy(macs_reduction=2.5), "digits")
     reference, _ = decompose(gm, analysis, plan, seed=3)
     draft = draft_plan(analysis, _policy(macs_reduction=2.5))
     choices = {e.name: (get_method(e.method), tuple(e.ranks)) for e in plan.decomposed()}
@@ -95,7 +98,7 @@ def test_eps_search_takes_the_smallest_rank_within_epsilon(digits, tmp_path):
     epsilon = 0.02
     search = SearchConfig(cache_dir=tmp_path)
     steps = []
-    plan, report = resolve_plan(
+    plan, report = resolve(
         gm,
         analysis,
         _policy(select="eps-search", epsilon=epsilon),
@@ -106,7 +109,7 @@ def test_eps_search_takes_the_smallest_rank_within_epsilon(digits, tmp_path):
     )
     assert len(steps) == len(report["layers"])
     tolerance = 0.5 / len(calibration.labels)
-    draft = draft_plan(analysis, _policy(select="eps-search"), needs_ranks=False)
+    draft = draft_plan(analysis, _policy(select="eps-search"), global_rank=False)
     for slot, row in zip(draft.slots, report["layers"]):
         drops = {tuple(e["ranks"]): e["drop"] for e in row["evaluations"]}
         ladder = slot.candidates()
@@ -129,19 +132,19 @@ def test_eps_search_keeps_layers_that_miss_epsilon_whole(digits, tmp_path, monke
     gm, analysis, calibration = digits
     # A layer whose every replacement costs accuracy must stay whole: make one layer's blocks
     # useless by zeroing their weights, so even its largest candidate misses ε.
-    victim = draft_plan(analysis, _policy(select="eps-search"), needs_ranks=False).slots[0].layer
+    victim = draft_plan(analysis, _policy(select="eps-search"), global_rank=False).slots[0].layer
     original_block = DecompositionCache.block
 
     def broken(self, module, layer, method, ranks):
-        block = original_block(self, module, layer, method, ranks)
+        block, entry = original_block(self, module, layer, method, ranks)
         if layer.name == victim.name:
             with torch.no_grad():
                 for parameter in block.parameters():
                     parameter.zero_()
-        return block
+        return block, entry
 
     monkeypatch.setattr(DecompositionCache, "block", broken)
-    plan, report = resolve_plan(
+    plan, report = resolve(
         gm,
         analysis,
         _policy(select="eps-search", epsilon=0.02, macs_reduction=2.0),
@@ -158,8 +161,8 @@ def test_eps_search_keeps_layers_that_miss_epsilon_whole(digits, tmp_path, monke
 def test_eps_search_in_two_processes_matches_one(digits, tmp_path):
     gm, analysis, calibration = digits
     policy = _policy(select="eps-search", epsilon=0.03, macs_reduction=2.5)
-    one, _ = resolve_plan(gm, analysis, policy, "d", calibration, SearchConfig(cache_dir=tmp_path))
-    two, report = resolve_plan(
+    one, _ = resolve(gm, analysis, policy, "d", calibration, SearchConfig(cache_dir=tmp_path))
+    two, report = resolve(
         gm, analysis, policy, "d", calibration, SearchConfig(cache_dir=tmp_path, workers=2)
     )
     assert report["workers"] == 2
@@ -169,8 +172,8 @@ def test_eps_search_in_two_processes_matches_one(digits, tmp_path):
 def test_pars_best_plan_within_budget_with_table_pareto_and_plot(digits, tmp_path):
     gm, analysis, calibration = digits
     steps = []
-    search = SearchConfig(trials=12, cache_dir=tmp_path / "cache", seed=1)
-    plan, report = resolve_plan(
+    search = SearchConfig(trials=12, cache_dir=tmp_path / "cache")
+    plan, report = resolve(
         gm,
         analysis,
         _policy(select="pars", macs_reduction=3.0),
@@ -178,6 +181,7 @@ def test_pars_best_plan_within_budget_with_table_pareto_and_plot(digits, tmp_pat
         calibration,
         search,
         progress=steps.append,
+        seed=1,
     )
     goal = analysis.total_macs / 3.0
     cost = plan_cost(analysis, plan)
@@ -194,8 +198,9 @@ def test_pars_best_plan_within_budget_with_table_pareto_and_plot(digits, tmp_pat
     path = plot_search(report, tmp_path / "search.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Every decomposition of the search is in the cache: the same search again computes none.
-    _, again = resolve_plan(
-        gm, analysis, _policy(select="pars", macs_reduction=3.0), "digits", calibration, search
+    _, again = resolve(
+        gm, analysis, _policy(select="pars", macs_reduction=3.0), "digits", calibration, search,
+        seed=1,
     )
     assert again["decompositions_computed"] == 0
     assert [r["proxy"] for r in again["table"]] == [r["proxy"] for r in table]
@@ -204,7 +209,7 @@ def test_pars_best_plan_within_budget_with_table_pareto_and_plot(digits, tmp_pat
 def test_pars_tpe_sampler_and_kd_proxy(digits, tmp_path):
     gm, analysis, calibration = digits
     search = SearchConfig(trials=6, sampler="tpe", proxy="kd", cache_dir=tmp_path)
-    plan, report = resolve_plan(
+    plan, report = resolve(
         gm, analysis, _policy(select="pars", params_reduction=2.0), "d", calibration, search
     )
     assert plan_cost(analysis, plan).params <= analysis.total_params / 2.0
@@ -227,7 +232,7 @@ def test_pars_on_a_batchnorm_free_model_uses_bias_correction(digits, tmp_path):
     before = model.get_submodule(name)[-1].bias.detach().clone()
     evaluator.recalibrate(model, list(choices))
     assert not torch.allclose(model.get_submodule(name)[-1].bias, before)
-    _, report = resolve_plan(
+    _, report = resolve(
         fused,
         analysis,
         _policy(select="pars", macs_reduction=3.0),
@@ -250,9 +255,9 @@ def test_storage_urls_and_fingerprint_mismatch(digits, tmp_path):
     search = SearchConfig(
         trials=2, storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s", cache_dir=tmp_path
     )
-    resolve_plan(gm, analysis, _policy(select="pars", macs_reduction=3.0), "d", calibration, search)
+    resolve(gm, analysis, _policy(select="pars", macs_reduction=3.0), "d", calibration, search)
     with pytest.raises(ConfigError, match="study 's' .* another model, budget"):
-        resolve_plan(
+        resolve(
             gm, analysis, _policy(select="pars", macs_reduction=2.0), "d", calibration, search
         )
 
@@ -263,12 +268,14 @@ RUNNER = textwrap.dedent(
     torch.set_num_threads(1)
     from rankfold.passes import analyze, trace
     from rankfold.passes.plan import RankPolicy
-    from rankfold.passes.selection import SearchConfig, resolve_plan
+    from planning_helpers import resolve
+
+    from rankfold.passes.search import SearchConfig
     payload = torch.load(sys.argv[1], weights_only=False)
     gm = trace(payload["gm"], torch.zeros(1, 1, 8, 8))  # pickling drops the traced shapes
     search = SearchConfig(**payload["search"])
     policy = RankPolicy(method="tucker2", min_macs_share=0, select="pars", macs_reduction=3.0, round_to=None)
-    resolve_plan(gm, analyze(gm), policy, "digits", payload["calibration"], search)
+    resolve(gm, analyze(gm), policy, "digits", payload["calibration"], search)
     """
 )
 
@@ -328,7 +335,7 @@ def test_pars_resumes_after_a_kill(digits, tmp_path):
     before = {t.number: t.value for t in _completed(storage, "k")}
     target = len(before) + 3
     search = SearchConfig(**{**settings, "trials": target})
-    plan, report = resolve_plan(
+    plan, report = resolve(
         gm, analysis, _policy(select="pars", macs_reduction=3.0), "digits", calibration, search
     )
     study = optuna.load_study(study_name="k", storage=open_storage(storage))
@@ -347,7 +354,7 @@ def test_two_workers_finish_the_requested_trials_without_loss_or_duplicates(digi
     storage = f"journal:{tmp_path / 'study.log'}"
     search = SearchConfig(trials=16, storage=storage, study_name="w", workers=2, cache_dir=tmp_path)
     steps = []
-    _, report = resolve_plan(
+    _, report = resolve(
         gm,
         analysis,
         _policy(select="pars", macs_reduction=3.0),

@@ -7,18 +7,15 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from planning_helpers import plan_of, resolve
 from torch import nn
 
-from rankfold.passes import analyze, decompose, plan_cost, select_ranks, trace
+from rankfold.passes import analyze, decompose, plan_cost, trace
 from rankfold.passes.core import ConfigError, PlanError
 from rankfold.passes.methods import METHODS, method_for_layer
 from rankfold.passes.plan import RankPolicy
-from rankfold.passes.selection import (
-    Calibration,
-    SearchConfig,
-    evbmf_rank,
-    resolve_plan,
-)
+from rankfold.passes.search import Calibration, SearchConfig
+from rankfold.passes.selectors import evbmf_rank
 
 
 class Net(nn.Module):
@@ -104,8 +101,8 @@ def test_cost_model_equals_counting_hook_for_every_registered_method(method_name
 def test_uniform_selector_is_select_ranks_and_stays_within_budget(traced):
     gm, analysis = traced
     policy = RankPolicy(method="tucker2", macs_reduction=2.5, min_macs_share=0)
-    plan, report = resolve_plan(gm, analysis, policy, "net")
-    assert plan == select_ranks(analysis, policy, "net")
+    plan, report = resolve(gm, analysis, policy, "net")
+    assert plan == plan_of(analysis, policy, "net")
     assert report["selector"] == "uniform"
     assert report["macs"] == plan_cost(analysis, plan).macs <= analysis.total_macs / 2.5
 
@@ -125,7 +122,7 @@ def test_no_returned_plan_exceeds_its_budget(traced, select, method, metric, red
         method=method, select=select, min_macs_share=0, **{f"{metric}_reduction": reduction}
     )
     try:
-        plan, report = resolve_plan(gm, analysis, policy, "net")
+        plan, report = resolve(gm, analysis, policy, "net")
     except PlanError as exc:
         assert "impossible" in str(exc)
         return
@@ -141,7 +138,7 @@ def test_error_selector_within_budget_and_same_bound_for_every_layer(traced, tmp
     policy = RankPolicy(
         method="tucker2", select="error", macs_reduction=3, min_macs_share=0, round_to=None
     )
-    plan, report = resolve_plan(
+    plan, report = resolve(
         gm, analysis, policy, "net", search=SearchConfig(cache_dir=tmp_path)
     )
     assert plan_cost(analysis, plan).macs <= analysis.total_macs / 3
@@ -171,7 +168,7 @@ def _tucker_conv(rank_out: int, rank_in: int, noise: float, seed: int = 0) -> nn
 def test_energy_without_budget_finds_exact_tucker_ranks():
     gm = trace(_tucker_conv(5, 3, noise=0.0), torch.randn(1, 20, 10, 10))
     policy = RankPolicy(method="tucker2", select="energy", energy=0.999999, min_macs_share=0)
-    plan, report = resolve_plan(gm, analyze(gm), policy, "conv")
+    plan, report = resolve(gm, analyze(gm), policy, "conv")
     assert plan.layers[0].ranks == [5, 3]
     assert min(report["layers"][0]["retained_energy"]) >= 0.999999
     assert "unfolding energy" in plan.layers[0].reason
@@ -180,7 +177,7 @@ def test_energy_without_budget_finds_exact_tucker_ranks():
 def test_energy_with_budget_keeps_at_least_the_common_threshold(traced):
     gm, analysis = traced
     policy = RankPolicy(method="tucker2", select="energy", params_reduction=2.0, min_macs_share=0)
-    plan, report = resolve_plan(gm, analysis, policy, "net")
+    plan, report = resolve(gm, analysis, policy, "net")
     assert plan_cost(analysis, plan).params <= analysis.total_params / 2.0
     kept = [min(row["retained_energy"]) for row in report["layers"] if row["ranks"]]
     assert kept and min(kept) >= report["threshold"] - 1e-9
@@ -190,7 +187,7 @@ def test_energy_with_budget_keeps_at_least_the_common_threshold(traced):
 def test_energy_that_cannot_shrink_a_layer_keeps_it_whole(traced):
     gm, analysis = traced  # random kernels have flat spectra: 99.99 % needs (nearly) full ranks
     policy = RankPolicy(method="tucker2", select="energy", energy=0.9999, min_macs_share=0)
-    plan, _ = resolve_plan(gm, analysis, policy, "net")
+    plan, _ = resolve(gm, analysis, policy, "net")
     assert not any(entry.decompose for entry in plan.layers)
     assert any("energy: kept whole" in entry.reason for entry in plan.layers)
 
@@ -208,10 +205,10 @@ def test_vbmf_without_budget_uses_the_estimates_and_scales_with_one():
     gm = trace(_tucker_conv(6, 4, noise=0.05), torch.randn(1, 20, 10, 10))
     analysis = analyze(gm)
     policy = RankPolicy(method="tucker2", select="vbmf", min_macs_share=0)
-    plan, report = resolve_plan(gm, analysis, policy, "conv")
+    plan, report = resolve(gm, analysis, policy, "conv")
     assert report["layers"][0]["vbmf"] == [6, 4]
     assert plan.layers[0].ranks == [6, 4]
-    budgeted, report = resolve_plan(
+    budgeted, report = resolve(
         gm, analysis, policy.model_copy(update={"macs_reduction": 4.0}), "conv"
     )
     assert plan_cost(analysis, budgeted).macs <= analysis.total_macs / 4.0
@@ -225,7 +222,7 @@ def test_spectral_selectors_refuse_cp_with_the_fix(traced):
         with pytest.raises(
             ConfigError, match=f"--select {select} .*svd and tucker2.*error or pars"
         ):
-            resolve_plan(gm, analysis, policy, "net")
+            resolve(gm, analysis, policy, "net")
 
 
 def test_error_selector_without_budget_picks_the_smallest_rank_within_the_bound(traced, tmp_path):
@@ -233,7 +230,7 @@ def test_error_selector_without_budget_picks_the_smallest_rank_within_the_bound(
     policy = RankPolicy(
         method="svd", select="error", rel_error=0.6, min_macs_share=0, round_to=None
     )
-    plan, report = resolve_plan(
+    plan, report = resolve(
         gm, analysis, policy, "net", search=SearchConfig(cache_dir=tmp_path)
     )
     _, decomposition = decompose(gm, analysis, plan)
@@ -261,17 +258,17 @@ def test_data_driven_selectors_need_calibration_and_pars_a_budget(traced):
     for select in ("eps-search", "pars"):
         policy = RankPolicy(select=select, macs_reduction=2)
         with pytest.raises(ConfigError, match=f"--select {select} needs calibration data") as info:
-            resolve_plan(gm, analysis, policy, "net")
+            resolve(gm, analysis, policy, "net")
         assert "--train-data" in str(info.value) and "\n" not in str(info.value)
     calibration = Calibration(
         torch.randn(4, 3, 12, 12), torch.zeros(4, dtype=torch.int64), torch.randn(4, 3, 12, 12)
     )
     with pytest.raises(ConfigError, match="pars searches under a budget"):
-        resolve_plan(gm, analysis, RankPolicy(select="pars"), "net", calibration)
+        resolve(gm, analysis, RankPolicy(select="pars"), "net", calibration)
     with pytest.raises(ConfigError, match="drop --rank"):
-        resolve_plan(gm, analysis, RankPolicy(select="energy", rank=4), "net")
-    with pytest.raises(ConfigError, match="resolve_plan for --select vbmf"):
-        select_ranks(analysis, RankPolicy(select="vbmf", macs_reduction=2))
+        resolve(gm, analysis, RankPolicy(select="energy", rank=4), "net")
+    with pytest.raises(ConfigError, match="--select vbmf reads the layers. weights; pass PlanningContext"):
+        plan_of(analysis, RankPolicy(select="vbmf", macs_reduction=2))
 
 
 def test_real_resnet56_selectors_fit_three_times_fewer_macs_within_two_percent(data_dir):
@@ -283,7 +280,7 @@ def test_real_resnet56_selectors_fit_three_times_fewer_macs_within_two_percent(d
     goal = analysis.total_macs / 3
     for select in ("uniform", "energy", "vbmf"):
         policy = RankPolicy(method="tucker2", select=select, macs_reduction=3)
-        plan, report = resolve_plan(gm, analysis, policy, "resnet56")
+        plan, report = resolve(gm, analysis, policy, "resnet56")
         macs = plan_cost(analysis, plan).macs
         assert 0.98 * goal <= macs <= goal, select
     assert len({tuple(e.ranks or ()) for e in plan.layers}) > 10  # vbmf ranks differ per layer

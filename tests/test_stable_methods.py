@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from planning_helpers import plan_of
 from torch import nn
 
-import rankfold.passes.stable_methods  # noqa: F401  (registers cp-epc and tucker2-cp)
 from rankfold.models import load_model
 from rankfold.passes import (
     LayerOverride,
@@ -18,14 +18,13 @@ from rankfold.passes import (
     get_method,
     plan_cost,
     restructure,
-    select_ranks,
     trace,
 )
 from rankfold.passes.blocks import merge_in, merge_out
 from rankfold.passes.core import PlanError
 from rankfold.passes.factorizations import max_cp_rank
 from rankfold.passes.methods import METHODS, cp_tensor
-from rankfold.passes.stable_methods import CPEPCMethod, Tucker2CPMethod
+from rankfold.passes.methods import CPEPCMethod, Tucker2CPMethod
 from rankfold.runtime import check_parity, export_onnx
 
 BOUND = 1.0 + 1e-6  # allowed relative excess of EPC's error over the ALS error
@@ -216,7 +215,7 @@ def test_tucker2_cp_impossible_ranks_are_refused_at_plan_time() -> None:
     ]:
         policy = RankPolicy(method="tucker2-cp", layers={"conv3": LayerOverride(rank=ranks)})
         with pytest.raises(PlanError, match=words):
-            select_ranks(analysis, policy)
+            plan_of(analysis, policy)
 
 
 def test_epc_settings_are_checked() -> None:
@@ -236,7 +235,7 @@ def test_pipeline_budget_report_onnx_and_restore(
     # One layer at explicit ranks keeps tucker2-cp's unmerged 1×1 pairs in the test.
     layers = {"conv3": LayerOverride(rank=[4, 4, 12])} if method_name == "tucker2-cp" else {}
     policy = RankPolicy(method=method_name, macs_reduction=2, min_macs_share=0, layers=layers)
-    plan = select_ranks(analysis, policy, "tiny")
+    plan = plan_of(analysis, policy, "tiny")
     assert plan_cost(analysis, plan).macs == pytest.approx(analysis.total_macs / 2, rel=0.05)
 
     new, report = decompose(gm, analysis, plan, seed=0)

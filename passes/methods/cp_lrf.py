@@ -22,16 +22,9 @@ from rankfold.passes.blocks import (
 )
 from rankfold.passes.core import PlanError
 from rankfold.passes.factorizations.epc import max_cp_rank
-from rankfold.passes.factorizations.lrf_cp import lrf_cp
-from rankfold.passes.methods import (
-    Cost,
-    FillResult,
-    Method,
-    Ranks,
-    cp_tensor,
-    kernel_array,
-    register_method,
-)
+from rankfold.passes.factorizations.lrf_cp import lrf_cp, lrf_cp_auto
+from rankfold.passes.methods.base import Cost, FillResult, Method, Ranks, kernel_array
+from rankfold.passes.methods.cp import CPMethod, cp_tensor
 
 
 class CPLRFMethod(Method):
@@ -91,46 +84,25 @@ class CPLRFMethod(Method):
         return FillResult(fitted.rel_error, {"lrf_params": float(fitted.factors.n_params)})
 
 
-register_method(CPLRFMethod())
+    def ranks_within_error(
+        self, layer: LayerInfo, module: nn.Module, rel_error: float, seed: int
+    ) -> Ranks | str:
+        """LRF-CPD picks the factor ranks: R is the layer's CP break-even rank, and
+        `lrf_cp_auto` finds the smallest (L_S, L_T) within `rel_error` at that R."""
+        from threadpoolctl import threadpool_limits
 
-
-def error_bounded_ranks(
-    gm: nn.Module, analysis, rel_error: float, rank_fraction: float = 1.0, seed: int = 0
-) -> tuple[dict[str, list[int]], dict[str, str]]:
-    """Per-layer (R, L_S, L_T) whose LRF-CPD meets relative error `rel_error`, before any surgery.
-
-    R is `rank_fraction` of the layer's CP break-even rank; `lrf_cp_auto` then picks the smallest
-    factor ranks within the bound. Layers whose block would not be smaller than the layer, or that
-    cannot reach the bound at that R, are returned in the second dict with the reason.
-    """
-    from threadpoolctl import threadpool_limits
-
-    from rankfold.passes.factorizations.lrf_cp import lrf_cp_auto
-    from rankfold.passes.methods import METHODS, method_for_layer
-
-    method = METHODS["cp-lrf"]
-    ranks: dict[str, list[int]] = {}
-    skipped: dict[str, str] = {}
-    for layer in analysis.layers:
-        chosen, _ = method_for_layer("cp-lrf", layer)
-        if chosen is not method or method.unsupported_reason(layer):
-            continue
-        (r,) = METHODS["cp"].ranks_from_ratio(layer, rank_fraction)
-        tensor = cp_tensor(kernel_array(gm.get_submodule(layer.name)))
+        (r,) = CPMethod().ranks_from_ratio(layer, 1.0)
+        tensor = cp_tensor(kernel_array(module))
         try:
             with threadpool_limits(limits=1, user_api="blas"):
                 fitted = lrf_cp_auto(tensor, r, rel_error, seed=seed, constrained_modes=(0, 1))
         except ValueError as exc:
-            skipped[layer.name] = f"LRF-CPD at rank {r} cannot reach error {rel_error:g} ({exc})"
-            continue
+            return f"LRF-CPD at rank {r} cannot reach error {rel_error:g} ({exc})"
         l_s, l_t = (
             v.shape[1] if v is not None else min(n, r)
             for v, n in zip(fitted.factors.right[:2], tensor.shape[:2])
         )
-        candidate = (r, l_s, l_t)
-        cost = method.cost(layer, candidate)
-        if cost.params >= layer.params or cost.macs >= layer.macs:
-            skipped[layer.name] = f"error {rel_error:g} needs ranks {list(candidate)}, not smaller"
-            continue
-        ranks[layer.name] = list(candidate)
-    return ranks, skipped
+        ranks = (r, l_s, l_t)
+        if not self.shrinks(layer, ranks):
+            return f"error {rel_error:g} needs ranks {list(ranks)}, not smaller"
+        return ranks

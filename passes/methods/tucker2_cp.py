@@ -1,13 +1,9 @@
-"""Stable CP methods: `cp-epc` (CP-ALS repaired by EPC) and `tucker2-cp` (TKD-CPD hybrid).
+"""`tucker2-cp`: Tucker-2 on the channel modes (ranks R_T, R_S) with an EPC-CP (rank R) of the
+R_S×R_T×(kh·kw) core.
 
-`cp-epc` builds the same block as `cp` (1×1 S→R, depthwise kh×kw on R, 1×1 R→T) from the same
-ALS start, then runs EPC (`rankfold.passes.factorizations.epc`) at the ALS error: the kernel error
-does not grow and the components' total energy Σλ² (hence the sensitivity) falls.
-
-`tucker2-cp` is Tucker-2 on the channel modes (ranks R_T, R_S) with an EPC-CP (rank R) of the
-R_S×R_T×(kh·kw) core. Layers: 1×1 S→R_S, 1×1 R_S→R, depthwise kh×kw on R (original geometry),
-1×1 R→R_T, 1×1 R_T→T (bias): the 5-stage block of `rankfold.passes.blocks` (adjacent 1×1 pairs
-merged when cheaper), with L_in = R_S and L_out = R_T.
+Layers: 1×1 S→R_S, 1×1 R_S→R, depthwise kh×kw on R (original geometry), 1×1 R→R_T, 1×1 R_T→T
+(bias): the 5-stage block of `rankfold.passes.blocks` (adjacent 1×1 pairs merged when cheaper),
+with L_in = R_S and L_out = R_T.
 """
 
 from __future__ import annotations
@@ -28,76 +24,17 @@ from rankfold.passes.blocks import (
     five_stage_cost,
 )
 from rankfold.passes.core import PlanError
-from rankfold.passes.factorizations import (
-    CPFactors,
-    EPCResult,
-    Tucker2CPFactors,
-    max_cp_rank,
-    tucker2,
-)
+from rankfold.passes.factorizations import Tucker2CPFactors, max_cp_rank, tucker2
 from rankfold.passes.factorizations.epc import epc
-from rankfold.passes.methods import (
-    Cost,
-    CPMethod,
-    FillResult,
-    Method,
-    Ranks,
-    kernel_array,
-    register_method,
+from rankfold.passes.methods.base import Cost, FillResult, Method, Ranks, kernel_array
+from rankfold.passes.methods.cp import CPMethod
+from rankfold.passes.methods.cp_epc import (
+    DEFAULT_MAX_SWEEPS,
+    DEFAULT_PATIENCE,
+    DEFAULT_TOL,
+    check_epc_settings,
+    epc_extras,
 )
-
-# EPC sweeps. Measured on ResNet-56 at 3× per layer from the `cp` ALS start (1 thread): Σλ²
-# settles after 300-700 sweeps (sensitivity ratio at 1000 sweeps within 2 % of 2000), and a sweep
-# costs 0.7 ms (16×16×9, R=18) to 5 ms (64×64×9, R=89), so 1000 sweeps bound a ResNet-56 at
-# about 2 minutes; the relative-change stop ends converged layers earlier.
-DEFAULT_MAX_SWEEPS = 1000
-DEFAULT_TOL = 1e-5
-DEFAULT_PATIENCE = 3
-
-
-def _check_epc_settings(max_sweeps: int, tol: float, patience: int) -> None:
-    if max_sweeps < 0 or patience < 1 or not tol >= 0.0:
-        raise ValueError(
-            f"EPC needs max_sweeps ≥ 0, patience ≥ 1 and tol ≥ 0; got {max_sweeps}, {patience}, "
-            f"{tol}"
-        )
-
-
-def _largest_component(cp: CPFactors) -> float:
-    """max_r |λ_r| with unit-norm columns: the Frobenius norm of the largest rank-1 term."""
-    return float(np.max(np.abs(cp.normalized().weights)))
-
-
-def _epc_extras(result: EPCResult, als_rel_error: float) -> dict[str, float]:
-    return {
-        "sensitivity": result.sensitivity,
-        "sensitivity_before": result.sensitivity_before,
-        "als_rel_error": als_rel_error,
-        "largest_component": _largest_component(result.cp),
-        "largest_component_before": _largest_component(result.als),
-        "epc_sweeps": result.n_sweeps,
-    }
-
-
-class CPEPCMethod(CPMethod):
-    """Stable CP: the cp method's ALS, then EPC at the same error (far less sensitive factors)."""
-
-    name = "cp-epc"
-
-    def __init__(
-        self,
-        max_sweeps: int = DEFAULT_MAX_SWEEPS,
-        tol: float = DEFAULT_TOL,
-        patience: int = DEFAULT_PATIENCE,
-    ) -> None:
-        _check_epc_settings(max_sweeps, tol, patience)
-        self.max_sweeps, self.tol, self.patience = max_sweeps, tol, patience
-
-    def factorize(self, tensor: np.ndarray, rank: int, seed: int) -> tuple[CPFactors, dict]:
-        # The very start `cp` uses at this seed, so cp and cp-epc differ by EPC alone.
-        als, _ = super().factorize(tensor, rank, seed)
-        result = epc(tensor, als, max_sweeps=self.max_sweeps, tol=self.tol, patience=self.patience)
-        return result.cp, _epc_extras(result, result.als_rel_error)
 
 
 class Tucker2CPMethod(Method):
@@ -115,7 +52,7 @@ class Tucker2CPMethod(Method):
     ) -> None:
         if not cp_per_tucker_rank > 0:
             raise ValueError(f"cp_per_tucker_rank must be > 0, got {cp_per_tucker_rank}")
-        _check_epc_settings(max_sweeps, tol, patience)
+        check_epc_settings(max_sweeps, tol, patience)
         self.cp_per_tucker_rank = cp_per_tucker_rank
         self.max_sweeps, self.tol, self.patience = max_sweeps, tol, patience
         self._als = CPMethod()
@@ -203,9 +140,5 @@ class Tucker2CPMethod(Method):
             hybrid, core=dataclasses.replace(hybrid.core, cp=hybrid.core.als)
         )
         return FillResult(
-            hybrid.rel_error(kernel), _epc_extras(hybrid.core, with_als.rel_error(kernel))
+            hybrid.rel_error(kernel), epc_extras(hybrid.core, with_als.rel_error(kernel))
         )
-
-
-for _method in (CPEPCMethod(), Tucker2CPMethod()):
-    register_method(_method)

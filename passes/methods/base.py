@@ -1,0 +1,129 @@
+"""The method interface: what every decomposition method provides, and its capability hooks."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from rankfold.passes.analysis import LayerInfo
+from rankfold.passes.blocks import FactorizedBlock
+
+Ranks = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Cost:
+    params: int
+    macs: int
+
+    def get(self, metric: str) -> int:
+        return self.params if metric == "params" else self.macs
+
+    def smaller_than(self, layer: LayerInfo) -> bool:
+        """The one meaning of "the block is smaller than the layer": fewer params and MACs."""
+        return self.params < layer.params and self.macs < layer.macs
+
+
+@dataclass
+class FillResult:
+    """What filling a block measured: the kernel's relative reconstruction error and extras."""
+
+    rel_error: float
+    extras: dict[str, float] = field(default_factory=dict)
+
+
+def kernel_array(module: nn.Module) -> np.ndarray:
+    return module.weight.detach().cpu().double().numpy()
+
+
+class Method(ABC):
+    """One decomposition method, registered by name (`register_method`, or the entry-point group
+    `rankfold.methods` for third-party packages).
+
+    Besides the abstract core (ranks, cost, candidates, build, fill), a method declares what it
+    can do through hooks whose defaults say "not this method": selectors ask the hooks and never
+    test method names.
+    """
+
+    name: str
+    rank_names: tuple[str, ...] = ("rank",)
+
+    def unsupported_reason(self, layer: LayerInfo) -> str | None:
+        """None when the method applies to `layer`, else why not (shown in the report)."""
+        if layer.type not in ("Conv2d", "Linear"):
+            return f"{layer.type} is not supported (Conv2d and Linear are)"
+        if layer.groups > 1:
+            kind = "depthwise" if layer.groups == layer.in_features else "grouped"
+            return f"{kind} conv (groups={layer.groups}) has no shared channel modes to factorize"
+        if layer.calls > 1:
+            return f"module is called {layer.calls} times; shared modules are kept whole"
+        return None
+
+    @abstractmethod
+    def max_ranks(self, layer: LayerInfo) -> Ranks:
+        """Largest valid ranks (a larger rank is refused)."""
+
+    @abstractmethod
+    def cost(self, layer: LayerInfo, ranks: Ranks) -> Cost:
+        """Exact params and per-sample MACs of the block."""
+
+    @abstractmethod
+    def candidates(self, layer: LayerInfo) -> list[Ranks]:
+        """Ranks ordered by increasing cost, from the smallest up to the first not below the layer."""
+
+    @abstractmethod
+    def ranks_from_ratio(self, layer: LayerInfo, ratio: float) -> Ranks:
+        """Ranks for a per-layer ratio in (0, 1] of the method's full rank."""
+
+    @abstractmethod
+    def build(self, layer: LayerInfo, ranks: Ranks) -> FactorizedBlock:
+        """The block's layers with the right shapes and uninitialised weights."""
+
+    @abstractmethod
+    def fill(self, block: FactorizedBlock, original: nn.Module, seed: int) -> FillResult:
+        """Factorize `original`'s weights into `block` in place."""
+
+    def normalize_ranks(self, layer: LayerInfo, ranks: int | list[int] | tuple[int, ...]) -> Ranks:
+        values = (ranks,) * len(self.rank_names) if isinstance(ranks, int) else tuple(ranks)
+        return tuple(int(v) for v in values)
+
+    def shrinks(self, layer: LayerInfo, ranks: Ranks) -> bool:
+        """Whether the block at `ranks` is smaller than the layer (fewer params and MACs)."""
+        return self.cost(layer, ranks).smaller_than(layer)
+
+    def clamp_ranks(self, layer: LayerInfo, ranks: Sequence[int]) -> Ranks:
+        """`ranks` moved into the valid range (and wherever else larger ranks add nothing)."""
+        return tuple(min(max(int(r), 1), m) for r, m in zip(ranks, self.max_ranks(layer)))
+
+    def unfoldings(self, kernel: np.ndarray) -> list[np.ndarray] | None:
+        """Matrices whose ranks are this method's ranks, in `rank_names` order, for selectors
+        that read ranks off spectra (energy, vbmf); None when the method has no such matrices."""
+        return None
+
+    def ranks_within_error(
+        self, layer: LayerInfo, module: nn.Module, rel_error: float, seed: int
+    ) -> Ranks | str | None:
+        """The method's own smallest ranks within `rel_error` (or why there are none), for
+        `--select error`; None: the selector searches the candidates itself."""
+        return None
+
+    def settings(self) -> dict[str, Any]:
+        """What besides the ranks and seed changes the factors (the decomposition cache's key)."""
+        return {
+            key: value
+            for key, value in sorted(vars(self).items())
+            if not key.startswith("_") and isinstance(value, int | float | str | bool)
+        }
+
+    def _grow_until_not_smaller(self, layer: LayerInfo, family) -> list[Ranks]:
+        out = []
+        for ranks in family:
+            out.append(ranks)
+            if not self.shrinks(layer, ranks):
+                break
+        return out

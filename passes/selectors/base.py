@@ -1,0 +1,73 @@
+"""What a rank selector is: it fills the open slots of a PlanDraft with ranks."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from rankfold.passes.plan import Choices, CostModel, PlanDraft
+
+if TYPE_CHECKING:
+    from torch import fx
+
+    from rankfold.passes.search import Calibration, DecompositionCache, SearchConfig
+
+Advance = Callable[..., None]
+# (label, total) → a context manager yielding a function called once per step done.
+ProgressFactory = Callable[[str, int], AbstractContextManager[Advance]]
+
+
+def no_progress(_label: str, _total: int) -> AbstractContextManager[Advance]:
+    return nullcontext(lambda *_: None)
+
+
+@dataclass
+class PlanningContext:
+    """What planning may read besides the layer table and the policy.
+
+    `gm`: the traced model (its kernels, for spectral, error and data-driven selectors);
+    `calibration`: labelled data (eps-search, pars); `measured`: prices a latency budget;
+    `cache`: the decomposition cache the search fills and the final decomposition reuses;
+    `seed`: the factorization seed, so searched blocks are the final ones.
+    """
+
+    gm: fx.GraphModule | None = None
+    calibration: Calibration | None = None
+    search: SearchConfig | None = None
+    measured: CostModel | None = None
+    cache: DecompositionCache | None = None
+    seed: int = 0
+    model_name: str = "model"
+    progress: ProgressFactory = no_progress
+
+
+@dataclass
+class Choice:
+    """A selector's answer: ranks per slot (None keeps the layer whole), why, and its report."""
+
+    choices: Choices
+    reasons: list[str]
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+class Selector(ABC):
+    """One way of choosing ranks; registered by name in `rankfold.passes.selectors`."""
+
+    name: str
+    summary: str  # one line, for `rankfold selectors` and the CLI help
+    uses_global_rank = False  # a global --rank decides the layers when there is no budget
+    needs_kernels = True  # reads the layers' weights (context.gm)
+    needs_calibration = False  # reads labelled data (context.calibration)
+    needs_budget = False  # only works under a whole-model budget
+    uses_cache = False  # factorizes candidates (context.cache)
+
+    def steps(self, draft: PlanDraft, context: PlanningContext) -> int:
+        """How many progress steps `choose` reports (0: no progress bar)."""
+        return 0
+
+    @abstractmethod
+    def choose(self, draft: PlanDraft, context: PlanningContext, advance: Advance) -> Choice:
+        """Ranks for every slot of `draft`; with a budget, the plan must fit it."""

@@ -1,0 +1,68 @@
+"""energy: per layer, the smallest ranks whose unfoldings keep a fraction of their squared
+singular values (mode-T and mode-S unfoldings for Tucker-2, the T×(S·kh·kw) matrix for SVD).
+
+With a budget, the common energy threshold is moved by bisection until the model fits; without
+one, `RankPolicy.energy` decides and a layer whose ranks would not make it smaller stays whole.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from torch import fx
+
+from rankfold.passes.methods import Ranks
+from rankfold.passes.plan import PlanDraft
+from rankfold.passes.selectors.base import Advance, Choice, PlanningContext, Selector
+from rankfold.passes.selectors.chains import RankChains, unfoldings
+
+
+class EnergySelector(Selector):
+    name = "energy"
+    summary = "smallest ranks keeping a share of each unfolding's energy (svd, tucker2)"
+
+    def choose(self, draft: PlanDraft, context: PlanningContext, advance: Advance) -> Choice:
+        return energy_choice(draft, context.gm, draft.policy.energy)
+
+
+def energy_choice(draft: PlanDraft, gm: fx.GraphModule, energy: float) -> Choice:
+    """Smallest ranks keeping `energy` of every unfolding's squared singular values per layer;
+    with a budget, the common energy threshold that fits it."""
+    cumulative = []
+    for slot in draft.slots:
+        modes = []
+        for matrix in unfoldings(slot, gm, "energy"):
+            power = np.linalg.svd(matrix, compute_uv=False) ** 2
+            modes.append(np.cumsum(power) / max(power.sum(), 1e-300))
+        cumulative.append(modes)
+
+    def ranks_at(j: int, e: float) -> Ranks:
+        # The smallest r whose leading r values keep a fraction e (a hair of slack for rounding).
+        return draft.slots[j].method.clamp_ranks(
+            draft.slots[j].layer,
+            [int(np.searchsorted(c, e - 1e-12)) + 1 for c in cumulative[j]],
+        )
+
+    chains = RankChains(draft, ranks_at, [np.concatenate(c) for c in cumulative])
+    budget = draft.budget
+    if budget is None:
+        choices, threshold = chains.at(energy), energy
+    else:
+        choices, threshold = chains.fit(1.0)
+    reasons, layers = [], []
+    for slot, ranks, modes in zip(draft.slots, choices, cumulative):
+        if ranks is None:
+            reasons.append(
+                f"energy: kept whole; keeping {energy:.1%} of the energy needs ranks that do not "
+                "make it smaller"
+            )
+            layers.append({"layer": slot.layer.name, "ranks": None})
+            continue
+        kept = [float(c[min(r, len(c)) - 1]) for c, r in zip(modes, ranks)]
+        where = f"for {budget.reduction:g}× {budget.metric}" if budget else f"(≥ {energy:.1%})"
+        reasons.append(
+            f"energy: the ranks keep {'/'.join(f'{k:.1%}' for k in kept)} of the "
+            f"{'/'.join(slot.method.rank_names)} unfolding energy {where}"
+        )
+        layers.append({"layer": slot.layer.name, "ranks": list(ranks), "retained_energy": kept})
+    report = {"selector": "energy", "threshold": float(threshold), "layers": layers}
+    return Choice(choices, reasons, report)
