@@ -57,9 +57,9 @@ from rankfold.runtime import (
     check_onnx,
     check_parity,
     compare_latency,
+    get_backend,
     onnx_accuracy,
     parity_error,
-    resolve_providers,
     torch_accuracy,
 )
 from rankfold.runtime.latency_model import LatencyMetric, LatencyTable
@@ -98,7 +98,7 @@ class CompressionResult:
         out = prepare_output_dir(out_dir)
         latency_cfg = self.config.latency
         if latency_cfg.enabled:
-            resolve_providers(latency_cfg.provider)  # an unusable provider fails before any work
+            get_backend(latency_cfg.provider).check()  # an unusable provider fails before any work
         self.plan.save(out / "plan.json")
         save_model(self, out / "model.pt")
         original_onnx, model_onnx = out / "original.onnx", out / "model.onnx"
@@ -205,7 +205,7 @@ def compress(
     analysis = analyze(original)
     table = None
     if config.latency.gate or config.ranks.latency_reduction:
-        resolve_providers(config.latency.provider)  # an unusable provider fails before timing
+        get_backend(config.latency.provider).check()  # an unusable provider fails before timing
         table = LatencyTable(
             config.latency.provider, config.latency.cache_dir, config.latency.threads
         )
