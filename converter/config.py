@@ -1,4 +1,4 @@
-"""Typed, strict configuration: unknown keys are errors with a did-you-mean, loadable from YAML/JSON.
+"""Typed, strict configuration from YAML/JSON: unknown keys are errors with a did-you-mean.
 
 The CLI only fills a `CompressConfig` and hands it to the pipeline; a YAML file can hold the same
 settings (`rankfold compress --config run.yaml`), with command-line options taking precedence.

@@ -97,7 +97,7 @@ def compare_latency(
             for session, name in zip(sessions, names, strict=True)
         ]
         for run in runs:
-            time_runs(run, warmup, 0)
+            time_runs(run, warmup, 0)  # warm-up only
         times: list[list[float]] = [[], []]
         while len(times[1]) < repeats:
             for index in (0, 1):

@@ -426,7 +426,7 @@ class LatencyMetric:
     every candidate would take minutes); `total(analysis)` sums the conv/linear layers, the
     same convention as MAC totals.
 
-    With `round_to` (the CPU's channel block) a block is priced as what the measured rank
+    With `round_to` (the provider's channel block) a block is priced as what the measured rank
     rounding will deploy: ranks on the block come from a curve through on-block anchors, other
     ranks cost the lesser of their own curve and their rounded ranks' time (`round_ranks` moves
     them there when that is faster). One curve through both would be wrong on ResNet-56: rank 12
