@@ -32,7 +32,8 @@ from rankfold.passes import analyze, trace  # noqa: E402
 from rankfold.passes.core import atomic_write_json  # noqa: E402
 from rankfold.passes.latency_gate import on_block  # noqa: E402
 from rankfold.passes.methods import get_method  # noqa: E402
-from rankfold.runtime.latency_model import LatencyTable, machine_id  # noqa: E402
+from rankfold.runtime.backends import get_backend  # noqa: E402
+from rankfold.runtime.latency_model import LatencyTable  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = {
@@ -113,7 +114,12 @@ def main() -> None:
                     print_row(rows[-1])
     atomic_write_json(
         args.out,
-        {"machine_id": machine_id("cpu"), "block": args.block, "threads": 1, "rows": rows},
+        {
+            "machine_id": get_backend("cpu").machine_id(),
+            "block": args.block,
+            "threads": 1,
+            "rows": rows,
+        },
     )
 
 

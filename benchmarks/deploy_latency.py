@@ -71,8 +71,9 @@ from rankfold.passes.cleanup import cleanup  # noqa: E402
 from rankfold.passes.core import PlanError, atomic_write_json  # noqa: E402
 from rankfold.passes.latency_gate import gate_plan, round_ranks  # noqa: E402
 from rankfold.runtime import compare_latency, export_onnx  # noqa: E402
+from rankfold.runtime.backends import get_backend  # noqa: E402
 from rankfold.runtime.latency import bench_rows  # noqa: E402
-from rankfold.runtime.latency_model import LatencyMetric, LatencyTable, machine_id  # noqa: E402
+from rankfold.runtime.latency_model import LatencyMetric, LatencyTable  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -109,9 +110,9 @@ def latency_plan(
 ):
     """`--target latency --latency-gate --calibrate 0`: measured budget, rounding, gate."""
     table = metric.table
-    plan = select_ranks(
-        analysis, RankPolicy(method=method, latency_reduction=requested), key, measured=metric
-    )
+    # The CLI hands the passes its provider's channel block for round_to "auto"; so does this.
+    policy = RankPolicy(method=method, latency_reduction=requested, round_to=round_to)
+    plan = select_ranks(analysis, policy, key, measured=metric)
     plan = round_ranks(plan, analysis, table, round_to, batches)
     return gate_plan(plan, analysis, table, batches, margin=margin)
 
@@ -174,7 +175,8 @@ def main() -> None:
         for method in methods:
             for target in targets:
                 started = time.perf_counter()
-                plan = select_ranks(analysis, RankPolicy(method=method, macs_reduction=target), key)
+                policy = RankPolicy(method=method, macs_reduction=target, round_to=args.round_to)
+                plan = select_ranks(analysis, policy, key)
                 measured, table_start = table.measured, time.perf_counter()
                 rounded = round_ranks(plan, analysis, table, args.round_to, batches)
                 gated = gate_plan(rounded, analysis, table, batches, margin=args.margin)
@@ -292,7 +294,7 @@ def main() -> None:
     payload = {
         "date": DATE,
         "machine": MACHINE,
-        "machine_id": machine_id("cpu"),
+        "machine_id": get_backend("cpu").machine_id(),
         "platform": platform.platform(),
         "onnxruntime": onnxruntime.__version__,
         "torch": torch.__version__,

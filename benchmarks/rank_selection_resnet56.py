@@ -45,6 +45,7 @@ from rankfold.passes.search import (
     slot_choices,
 )
 from rankfold.passes.selection import Calibration, SearchConfig, plot_search, resolve_plan
+from rankfold.runtime.backends import get_backend
 
 RESULTS = Path(__file__).parent / "results"
 SELECTORS = ("uniform", "energy", "vbmf", "error", "eps-search", "pars")
@@ -147,7 +148,11 @@ def main() -> None:
             study_name=f"bench-{time.strftime('%Y%m%d-%H%M%S')}" if select == "pars" else None,
         )
         policy = RankPolicy(
-            method=args.method, macs_reduction=args.reduction, select=select, epsilon=args.epsilon
+            method=args.method,
+            macs_reduction=args.reduction,
+            select=select,
+            epsilon=args.epsilon,
+            round_to=get_backend("cpu").channel_block(),  # as the CLI's round_to "auto"
         )
         start = time.perf_counter()
         plan, report = resolve_plan(
@@ -216,7 +221,12 @@ def main() -> None:
 
 def correlation_study(gm, analysis, calibration, train, test, spec, args, work, storage, report):
     """Proxies vs fine-tuned test accuracy for `args.plans` PARS trials spanning the proxy range."""
-    policy = RankPolicy(method=args.method, macs_reduction=args.reduction, select="pars")
+    policy = RankPolicy(
+        method=args.method,
+        macs_reduction=args.reduction,
+        select="pars",
+        round_to=get_backend("cpu").channel_block(),  # as the CLI's round_to "auto"
+    )
     draft = draft_plan(analysis, policy, "resnet56", needs_ranks=False)
     space = ParsSpace(draft)
     study = optuna.load_study(study_name=report["study_name"], storage=open_storage(storage))

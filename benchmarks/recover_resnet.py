@@ -65,6 +65,7 @@ from rankfold.passes import (  # noqa: E402
 )
 from rankfold.passes.core import atomic_path, atomic_write_json  # noqa: E402
 from rankfold.passes.recalibrate import recalibrate_bn  # noqa: E402
+from rankfold.runtime.backends import get_backend  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -189,7 +190,11 @@ def decomposed_model(
     traced: fx.GraphModule, analysis, args: argparse.Namespace
 ) -> tuple[fx.GraphModule, Plan, float]:
     """Plan and decompose (or reload the same from the cache); returns the decomposition time."""
-    policy = RankPolicy(method=args.method, macs_reduction=args.macs_reduction)
+    policy = RankPolicy(
+        method=args.method,
+        macs_reduction=args.macs_reduction,
+        round_to=get_backend("cpu").channel_block(),  # as the CLI's round_to "auto"
+    )
     plan = select_ranks(analysis, policy, model_name=args.model)
     cache = None
     if args.cache_dir is not None:

@@ -64,7 +64,7 @@ from rankfold.passes.factorizations import cp_als  # noqa: E402
 from rankfold.passes.methods import METHODS, CPMethod  # noqa: E402
 from rankfold.passes.recalibrate import recalibrate_bn  # noqa: E402
 from rankfold.passes.stable_methods import CPEPCMethod  # noqa: E402
-from rankfold.runtime import torch_accuracy  # noqa: E402
+from rankfold.runtime import get_backend, torch_accuracy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -326,7 +326,11 @@ def main() -> None:
     uniform = select_ranks(
         analysis,
         RankPolicy(
-            method="cp", macs_reduction=REDUCTION, skip=["conv1", "Linear"], min_macs_share=0
+            method="cp",
+            macs_reduction=REDUCTION,
+            skip=["conv1", "Linear"],
+            min_macs_share=0,
+            round_to=get_backend("cpu").channel_block(),  # as the CLI's round_to "auto"
         ),
     )
     uniform_ranks = {entry.name: entry.ranks for entry in uniform.decomposed()}

@@ -233,7 +233,9 @@ def compress(
     workers: Annotated[int | None, typer.Option(help="pars: worker processes.")] = None,
     round_to: Annotated[
         str | None,
-        typer.Option(help="Align budgeted ranks to multiples: auto (CPU channel block), N, or 0."),
+        typer.Option(
+            help="Align budgeted ranks to multiples: auto (--provider's channel block), N, or 0."
+        ),
     ] = None,
     weights: WeightsOpt = None,
     input_shape: ShapeOpt = None,

@@ -1,4 +1,4 @@
-"""Typed, strict configuration: unknown keys are errors with a did-you-mean, loadable from YAML/JSON.
+"""Typed, strict configuration from YAML/JSON: unknown keys are errors with a did-you-mean.
 
 The CLI only fills a `CompressConfig` and hands it to the pipeline; a YAML file can hold the same
 settings (`rankfold compress --config run.yaml`), with command-line options taking precedence.
@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from rankfold.converter.finetune import FinetuneConfig
 from rankfold.converter.strict import config_error
-from rankfold.passes.core import ConfigError
+from rankfold.passes.core import ConfigError, ProviderError
 from rankfold.passes.plan import RankPolicy
 from rankfold.passes.search import SearchConfig
+from rankfold.runtime.backends import get_backend
 
 
 class _Strict(BaseModel):
@@ -35,7 +36,7 @@ class ExportConfig(_Strict):
 
 class LatencyConfig(_Strict):
     enabled: bool = True
-    provider: Literal["cpu", "cuda"] = "cpu"
+    provider: str = "cpu"  # a name in rankfold.runtime.BACKENDS
     batch: list[int] = Field(default_factory=lambda: [1])
     warmup: int = Field(default=5, ge=0)
     repeats: int = Field(default=30, ge=1)
@@ -52,6 +53,14 @@ class LatencyConfig(_Strict):
     # --target latency: re-plans after timing the whole exported model at the first batch size
     # (the per-layer table misses per-node and between-layer costs); 0 trusts the table.
     calibrate: int = Field(default=2, ge=0, le=10)
+
+    @field_validator("provider")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        try:
+            return get_backend(value).name
+        except ProviderError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("batch")
     @classmethod

@@ -56,9 +56,9 @@ from rankfold.runtime import (
     check_onnx,
     check_parity,
     compare_latency,
+    get_backend,
     onnx_accuracy,
     parity_error,
-    resolve_providers,
     torch_accuracy,
 )
 from rankfold.runtime.latency_model import LatencyMetric, LatencyTable
@@ -97,7 +97,7 @@ class CompressionResult:
         out = prepare_output_dir(out_dir)
         latency_cfg = self.config.latency
         if latency_cfg.enabled:
-            resolve_providers(latency_cfg.provider)  # an unusable provider fails before any work
+            get_backend(latency_cfg.provider).check()  # an unusable provider fails before any work
         self.plan.save(out / "plan.json")
         save_model(self, out / "model.pt")
         original_onnx, model_onnx = out / "original.onnx", out / "model.onnx"
@@ -166,6 +166,13 @@ class CompressionResult:
         return torch.randn((n, *self.example_input.shape[1:]), generator=generator)
 
 
+def backend_round_to(config: CompressConfig) -> int | None:
+    """`ranks.round_to` with "auto" resolved to the channel block of `latency.provider`'s
+    backend, the hardware the model is planned for (e.g. 8 for cuda whatever this CPU's AVX)."""
+    block = get_backend(config.latency.provider).channel_block()
+    return resolve_round_to(config.ranks.round_to, block)
+
+
 def prepare_output_dir(out_dir: str | Path) -> Path:
     out = Path(out_dir)
     try:
@@ -193,6 +200,9 @@ def compress(
     """
     check_finite(model)
     model.eval()
+    # From here on the passes see round_to as an int or None: they do not know the hardware.
+    ranks = config.ranks.model_copy(update={"round_to": backend_round_to(config)})
+    config = config.model_copy(update={"ranks": ranks})
     if (config.eval_data or config.train_data) and spec is None:
         raise ConfigError("reading data needs the model's spec (mean/std); pass spec=")
     if config.finetune.epochs > 0 and config.train_data is None:
@@ -204,7 +214,7 @@ def compress(
     analysis = analyze(original)
     table = None
     if config.latency.gate or config.ranks.latency_reduction:
-        resolve_providers(config.latency.provider)  # an unusable provider fails before timing
+        get_backend(config.latency.provider).check()  # an unusable provider fails before timing
         table = LatencyTable(
             config.latency.provider, config.latency.cache_dir, config.latency.threads
         )
@@ -263,7 +273,7 @@ def _choose_plan(
     def planned(ranks: RankPolicy) -> tuple[Plan, dict[str, Any]]:
         selection = select_ranks(analysis, ranks, context)
         plan, summary = selection.plan, selection.to_dict()
-        rounds = ranks.latency_reduction and resolve_round_to(ranks.round_to)
+        rounds = ranks.latency_reduction and ranks.round_to
         if config.latency.gate or rounds:
             plan, summary["latency_gate"] = _gate(plan, analysis, config, table)
         if context.measured is not None:  # priced after the rounding and the gate
@@ -361,9 +371,7 @@ def _latency_metric(
     analysis: ModelAnalysis, config: CompressConfig, table: LatencyTable
 ) -> LatencyMetric:
     """Measured per-layer times at the first --batch size, timed up front under a progress bar."""
-    metric = LatencyMetric(
-        table, batch=config.latency.batch[0], round_to=resolve_round_to(config.ranks.round_to)
-    )
+    metric = LatencyMetric(table, batch=config.latency.batch[0], round_to=config.ranks.round_to)
     slots = budgeted_slots(analysis, config.ranks, config.model)
     pairs = [(slot.layer, slot.method) for slot in slots]
     with progress_bar("latency table", total=len(analysis.layers) + len(pairs)) as advance:
@@ -376,7 +384,7 @@ def _gate(
 ) -> tuple[Plan, dict[str, Any]]:
     """Measured rank rounding (with round_to), then the latency gate if asked for; returns
     what changed."""
-    batch, multiple = config.latency.batch, resolve_round_to(config.ranks.round_to)
+    batch, multiple = config.latency.batch, config.ranks.round_to
     planned = len(plan.decomposed())
     steps = (1 if multiple else 0) + (1 if config.latency.gate else 0)
     with progress_bar("latency gate", total=planned * steps) as advance:

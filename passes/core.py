@@ -138,12 +138,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def cpu_channel_block() -> int | None:
-    """onnxruntime's CPU channel block on this machine: 16 (AVX-512), 8 (AVX2), else None."""
-    flags = cpu_flags()
-    return 16 if "avx512f" in flags else 8 if "avx2" in flags else None
-
-
 # --------------------------------------------------------------------------- plug-in registries
 
 

@@ -1,6 +1,6 @@
 """Latency-aware plan passes: revert blocks that are not faster, round ranks to fast multiples.
 
-Both passes read measured times from a `LatencyTable` (the layer's real input shape and batch, on
+Both passes read measured times from a `TimingTable` (the layer's real input shape and batch, on
 the deployment provider) and return a new Plan; the reasons say what was measured, so a report
 shows why a layer was kept whole or why its rank moved.
 """
@@ -8,18 +8,28 @@ shows why a layer was kept whole or why its rank moved.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from rankfold.passes.analysis import LayerInfo, ModelAnalysis
 from rankfold.passes.core import ConfigError
 from rankfold.passes.methods import Method, Ranks, get_method
 from rankfold.passes.plan import LayerPlan, Plan
 
-if TYPE_CHECKING:  # passes stay importable without onnxruntime; the table is passed in
-    from rankfold.runtime.latency_model import LatencyTable
-
 Batches = int | Sequence[int]
 Progress = Callable[[str], None]
+
+
+class TimingTable(Protocol):
+    """What the passes need of measured times; `rankfold.runtime.latency_model.LatencyTable` is
+    one (passes import nothing of runtime, so they stay usable without onnxruntime)."""
+
+    provider: str  # named in the reasons
+
+    def layer_ms(self, layer: LayerInfo, batch: int) -> float: ...
+
+    def block_ms(
+        self, layer: LayerInfo, method_name: str, ranks: Sequence[int], batch: int
+    ) -> float: ...
 
 
 def fmt_ms(value: float) -> str:
@@ -37,7 +47,7 @@ def _batches(batch: Batches) -> list[int]:
 def gate_plan(
     plan: Plan,
     analysis: ModelAnalysis,
-    table: LatencyTable,
+    table: TimingTable,
     batch: Batches,
     margin: float = 0.05,
     progress: Progress | None = None,
@@ -142,7 +152,7 @@ def rounded_ranks(method: Method, layer: LayerInfo, ranks: Ranks, multiple: int)
 def round_ranks(
     plan: Plan,
     analysis: ModelAnalysis,
-    table: LatencyTable,
+    table: TimingTable,
     multiple: int,
     batch: Batches,
     progress: Progress | None = None,

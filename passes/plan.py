@@ -22,7 +22,7 @@ from typing import Annotated, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from rankfold.passes.analysis import LayerInfo, ModelAnalysis
-from rankfold.passes.core import ConfigError, PlanError, atomic_write_json, cpu_channel_block
+from rankfold.passes.core import ConfigError, PlanError, atomic_write_json
 from rankfold.passes.methods import Cost, Method, Ranks, get_method, method_for_layer
 
 RankSpec = int | float | list[int]
@@ -72,9 +72,10 @@ class RankPolicy(BaseModel):
     # (dropped, with a note, when aligned ranks cannot meet the budget within 5 %). onnxruntime's
     # CPU convolutions work on channel blocks (16 with AVX-512, 8 with AVX2) and wrap other
     # channel counts in layout reorders: ResNet-18 CP at 3× ran 1.91× faster with raw ranks,
-    # 2.79× rounded to 16. "auto" takes this CPU's block; explicit per-layer ranks are never
-    # rounded. With the latency gate, the other layers' ranks move to a multiple when measured
-    # faster (rankfold.passes.latency_gate.round_ranks).
+    # 2.79× rounded to 16. "auto" takes the --provider's block (the converter resolves it; a
+    # pass left with "auto" does not round); explicit per-layer ranks are never rounded. With
+    # the latency gate, the other layers' ranks move to a multiple when measured faster
+    # (rankfold.passes.latency_gate.round_ranks).
     round_to: Annotated[int, Field(ge=0)] | Literal["auto"] | None = "auto"
     # How budgeted ranks are chosen: a registered selector (rankfold.passes.selectors; uniform
     # keeps the same fraction of every layer's cost, the others rank layers by a criterion).
@@ -205,9 +206,10 @@ def normalize_ranks(
     return ranks, note
 
 
-def resolve_round_to(value: int | str | None) -> int | None:
-    """ "auto" → this CPU's channel block; 0 or None → no rounding."""
-    return cpu_channel_block() if value == "auto" else (value or None)
+def resolve_round_to(value: int | str | None, auto_block: int | None) -> int | None:
+    """ "auto" → `auto_block`, the deployment backend's channel block (its caller knows the
+    hardware; a pass does not, and passes None); 0 or None → no rounding."""
+    return auto_block if value == "auto" else (value or None)
 
 
 def _aligned(ranks: Ranks, multiple: int | None) -> bool:
@@ -414,9 +416,8 @@ def draft_plan(
                 )
             )
             continue
-        slots.append(
-            Slot(len(entries), layer, method, note, resolve_round_to(policy.round_to), measured)
-        )
+        round_to = resolve_round_to(policy.round_to, None)
+        slots.append(Slot(len(entries), layer, method, note, round_to, measured))
         entries.append(LayerPlan(name=layer.name, type=layer.type, reason="pending"))
 
     budget = None

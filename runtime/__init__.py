@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from rankfold.runtime.backends import BACKENDS, Backend, get_backend
 from rankfold.runtime.export import check_onnx, export_onnx
 from rankfold.runtime.latency import LatencyResult, compare_latency, measure_latency
-from rankfold.runtime.providers import create_session, resolve_providers
+from rankfold.runtime.session import create_session
 from rankfold.runtime.validate import (
     ParityReport,
     check_parity,
@@ -14,6 +15,8 @@ from rankfold.runtime.validate import (
 )
 
 __all__ = [
+    "BACKENDS",
+    "Backend",
     "LatencyResult",
     "ParityReport",
     "check_onnx",
@@ -21,9 +24,9 @@ __all__ = [
     "compare_latency",
     "create_session",
     "export_onnx",
+    "get_backend",
     "measure_latency",
     "onnx_accuracy",
     "parity_error",
-    "resolve_providers",
     "torch_accuracy",
 ]

@@ -7,15 +7,15 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx.shape_inference
-import onnxruntime
 
 from rankfold.passes.core import ConfigError, ExportError, ProviderError
-from rankfold.runtime.providers import create_session, single_input_name
+from rankfold.runtime.session import create_session, single_input_name
 
 Progress = Callable[[int], None]
 SWITCH_BLOCK = 5  # timed runs of one model before `compare_latency` switches to the other
@@ -54,15 +54,8 @@ def measure_latency(
     feed_name = single_input_name(session, onnx_path)
     medians: dict[int, float] = {}
     for batch in batch_sizes:
-        feed = {feed_name: _fixed_input(batch, input_shape)}
-        for _ in range(warmup):
-            session.run(None, feed)
-        times = []
-        for _ in range(repeats):
-            times.append(_timed_run(session, feed))
-            if progress is not None:
-                progress(1)
-        medians[batch] = statistics.median(times)
+        run = partial(session.run, None, {feed_name: _fixed_input(batch, input_shape)})
+        medians[batch] = statistics.median(time_runs(run, warmup, repeats, progress=progress))
     return medians
 
 
@@ -99,19 +92,17 @@ def compare_latency(
     results = []
     for batch in batch_sizes:
         x = _fixed_input(batch, input_shape)
-        feeds = [{name: x} for name in names]
-        for session, feed in zip(sessions, feeds, strict=True):
-            for _ in range(warmup):
-                session.run(None, feed)
+        runs = [
+            partial(session.run, None, {name: x})
+            for session, name in zip(sessions, names, strict=True)
+        ]
+        for run in runs:
+            time_runs(run, warmup, 0)  # warm-up only
         times: list[list[float]] = [[], []]
         while len(times[1]) < repeats:
             for index in (0, 1):
-                for _ in range(SWITCH_WARMUP):
-                    sessions[index].run(None, feeds[index])
-                for _ in range(min(SWITCH_BLOCK, repeats - len(times[index]))):
-                    times[index].append(_timed_run(sessions[index], feeds[index]))
-                    if progress is not None:
-                        progress(1)
+                block = min(SWITCH_BLOCK, repeats - len(times[index]))
+                times[index] += time_runs(runs[index], SWITCH_WARMUP, block, progress=progress)
         original_ms = statistics.median(times[0])
         compressed_ms = statistics.median(times[1])
         results.append(
@@ -125,10 +116,30 @@ def compare_latency(
     return results
 
 
-def _timed_run(session: onnxruntime.InferenceSession, feed: dict[str, np.ndarray]) -> float:
-    start = time.perf_counter_ns()
-    session.run(None, feed)
-    return (time.perf_counter_ns() - start) / 1e6
+def time_runs(
+    run: Callable[[], object],
+    warmup: int,
+    repeats: int,
+    inner: int = 1,
+    progress: Progress | None = None,
+) -> list[float]:
+    """Call `run` `warmup` times untimed, then time `repeats` samples: each sample is the mean
+    milliseconds of `inner` calls. `progress(1)` is called after each sample.
+
+    The one timing loop of rankfold: whole models (`measure_latency`, `compare_latency`) and
+    the latency table's probes (`runtime.latency_model`) are all timed here.
+    """
+    for _ in range(warmup):
+        run()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter_ns()
+        for _ in range(inner):
+            run()
+        samples.append((time.perf_counter_ns() - start) / 1e6 / inner)
+        if progress is not None:
+            progress(1)
+    return samples
 
 
 def _fixed_input(batch: int, input_shape: tuple[int, int, int]) -> np.ndarray:

@@ -7,17 +7,17 @@ Times are net of onnxruntime's fixed per-run overhead (measured once per table o
 Identity graph), so a block of three nodes is not flattered against a one-node layer by a cost
 both pay once per `run` call but a whole model pays once in total.
 
-On CPU a conv is timed in context: onnxruntime runs a model's convs in its blocked NCHWc layout
-and converts at the model's edges only, but a lone conv pays both conversions, and a block whose
-ranks are off the channel block runs in plain NCHW, paying conversions in a model that a lone
-probe does not. So conv probes sit between two depthwise 1×1 convs, as a layer sits between its
-neighbours, and the time of that context (timed on its own, per shape) is taken off. (Not from
-onnxruntime's profiler: its per-node times carry ~2 µs of its own per node, as much as a
-small conv's.)
+On CPU (a backend with `blocked_layout`) a conv is timed in context: onnxruntime runs a model's
+convs in its blocked NCHWc layout and converts at the model's edges only, but a lone conv pays
+both conversions, and a block whose ranks are off the channel block runs in plain NCHW, paying
+conversions in a model that a lone probe does not. So conv probes sit between two depthwise 1×1
+convs, as a layer sits between its neighbours, and the time of that context (timed on its own,
+per shape) is taken off. (Not from onnxruntime's profiler: its per-node times carry ~2 µs of its
+own per node, as much as a small conv's.)
 
-The cache is one JSON file per (provider, machine, threads): the machine is the CPU model string,
-the core count and the onnxruntime version (plus the GPU name for CUDA); entries are keyed by the
-layer geometry, the block (method and ranks) and the batch.
+The cache is one JSON file per (provider, machine, threads): the machine is the backend's
+`machine_id` (CPU model, core count, onnxruntime version; the GPU name for CUDA); entries are keyed
+by the layer geometry, the block (method and ranks) and the batch.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import math
 import os
 import statistics
 import tempfile
-import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -40,10 +40,12 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from rankfold.passes.analysis import LayerInfo
-from rankfold.passes.core import ConfigError, OutputError, atomic_write_json, cpu_model
+from rankfold.passes.core import ConfigError, OutputError, atomic_write_json
 from rankfold.passes.latency_gate import on_block, rounded_ranks
 from rankfold.passes.methods import Method, Ranks, get_method
-from rankfold.runtime.providers import create_session
+from rankfold.runtime.backends import get_backend
+from rankfold.runtime.latency import time_runs
+from rankfold.runtime.session import create_session
 
 CACHE_FORMAT = "rankfold-latency-2"  # 2: convs timed in context
 CACHE_ENV = "RANKFOLD_LATENCY_CACHE"
@@ -59,18 +61,6 @@ def default_cache_dir() -> Path:
         return Path(os.environ[CACHE_ENV])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "rankfold" / "latency"
-
-
-def machine_id(provider: str = "cpu") -> dict[str, str | int]:
-    """What the times depend on besides the graph: CPU model, cores, onnxruntime (and GPU)."""
-    ident: dict[str, str | int] = {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count() or 1,
-        "onnxruntime": onnxruntime.__version__,
-    }
-    if provider == "cuda":
-        ident["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "unknown"
-    return ident
 
 
 def layer_geometry(layer: LayerInfo) -> dict:
@@ -294,11 +284,12 @@ class LatencyTable:
             )
         if threads is not None and threads < 1:
             raise ConfigError(f"threads must be >= 1, got {threads}; pass a positive thread count")
-        self.provider = provider.strip().lower()
+        self.backend = get_backend(provider)
+        self.provider = self.backend.name
         self.threads = threads
         self.warmup, self.repeats, self.min_sample_ms = warmup, repeats, min_sample_ms
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        self.machine = machine_id(self.provider)
+        self.machine = self.backend.machine_id()
         digest = hashlib.sha256(
             json.dumps(
                 {"machine": self.machine, "provider": self.provider, "threads": threads},
@@ -336,8 +327,8 @@ class LatencyTable:
         key = self.key(layer, block, ranks, batch)
         if key not in self.entries:
             # Fixed random weights (reruns time the same graph), without touching the caller's RNG.
-            # NCHWc layouts are onnxruntime's CPU kernels'; a linear layer has no image input.
-            context = self.provider == "cpu" and len(layer.in_shape) == 3
+            # Only a blocked layout needs neighbours; a linear layer has no image input.
+            context = self.backend.blocked_layout and len(layer.in_shape) == 3
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 model = module_to_onnx(build().eval(), layer.in_shape, context=context)
@@ -382,25 +373,18 @@ class LatencyTable:
             path = Path(folder) / "probe.onnx"
             onnx.save(model, str(path))
             session = create_session(path, self.provider, self.threads)
-        device = "cuda" if self.provider == "cuda" else "cpu"
+        device = self.backend.device
         x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
         # I/O binding keeps inputs and outputs on the provider's device, so a CUDA time is the
         # kernels' time, not host↔device copies; on CPU it is the plain run.
         binding = session.io_binding()
         binding.bind_ortvalue_input("input", onnxruntime.OrtValue.ortvalue_from_numpy(x, device, 0))
         binding.bind_output("output", device)
-        start = time.perf_counter()
-        for _ in range(max(self.warmup, 1)):
-            session.run_with_iobinding(binding)
-        first = (time.perf_counter() - start) * 1e3 / max(self.warmup, 1)
+        run = partial(session.run_with_iobinding, binding)
+        # The warm-up runs, timed as one sample, size the samples to last `min_sample_ms`.
+        (first,) = time_runs(run, 0, 1, inner=max(self.warmup, 1))
         inner = min(1000, max(1, math.ceil(self.min_sample_ms / max(first, 1e-4))))
-        samples = []
-        for _ in range(self.repeats):
-            start = time.perf_counter()
-            for _ in range(inner):
-                session.run_with_iobinding(binding)
-            samples.append((time.perf_counter() - start) * 1e3 / inner)
-        return statistics.median(samples)
+        return statistics.median(time_runs(run, 0, self.repeats, inner=inner))
 
     def _read_cache(self) -> dict[str, float]:
         try:
@@ -442,7 +426,7 @@ class LatencyMetric:
     every candidate would take minutes); `total(analysis)` sums the conv/linear layers, the
     same convention as MAC totals.
 
-    With `round_to` (the CPU's channel block) a block is priced as what the measured rank
+    With `round_to` (the provider's channel block) a block is priced as what the measured rank
     rounding will deploy: ranks on the block come from a curve through on-block anchors, other
     ranks cost the lesser of their own curve and their rounded ranks' time (`round_ranks` moves
     them there when that is faster). One curve through both would be wrong on ResNet-56: rank 12

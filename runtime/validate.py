@@ -13,7 +13,7 @@ from torch import nn
 
 from rankfold.passes.core import ConfigError, DataError, ValidationError
 from rankfold.runtime.export import eval_mode
-from rankfold.runtime.providers import create_session, single_input_name
+from rankfold.runtime.session import create_session, single_input_name
 
 # Guards the relative difference against all-zero reference outputs.
 _TINY = float(np.finfo(np.float32).tiny)

@@ -18,8 +18,7 @@ from rankfold.converter.calibration import TOLERANCE
 from rankfold.converter.cli import app
 from rankfold.converter.pipeline import restore
 from rankfold.models.digits import DigitsCNN, digits_splits
-from rankfold.passes.plan import resolve_round_to
-from rankfold.runtime import create_session
+from rankfold.runtime import create_session, get_backend
 from rankfold.runtime.latency import LatencyResult, onnx_macs
 from rankfold.runtime.latency_model import LatencyTable
 
@@ -276,9 +275,9 @@ def test_latency_target_budgets_measured_time(digits, tmp_path, monkeypatch):
     assert report["macs_reduction"] > 1.5
     # The budget priced ranks as the measured rounding deploys them, so it rounds (no gate).
     rounding = report["selection"].get("latency_gate")
-    if resolve_round_to("auto"):
+    if get_backend("cpu").channel_block():
         assert rounding["gate"] is False and rounding["reverted"] == []
-        assert rounding["round_to"] == resolve_round_to("auto")
+        assert rounding["round_to"] == get_backend("cpu").channel_block()
     else:
         assert rounding is None
     for args, message in (

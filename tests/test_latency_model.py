@@ -23,7 +23,7 @@ from rankfold.passes.core import ConfigError, ProviderError
 from rankfold.passes.latency_gate import gate_plan, round_ranks, rounded_ranks
 from rankfold.passes.methods import METHODS, CPMethod, get_method
 from rankfold.passes.plan import LayerPlan, Plan
-from rankfold.runtime import export_onnx
+from rankfold.runtime import export_onnx, get_backend
 from rankfold.runtime.latency import (
     BENCH_COLUMNS,
     LatencyResult,
@@ -38,10 +38,8 @@ from rankfold.runtime.latency_model import (
     LatencyMetric,
     LatencyTable,
     layer_module,
-    machine_id,
     module_to_onnx,
 )
-from rankfold.runtime.providers import resolve_providers
 
 
 def conv_layer(
@@ -194,7 +192,7 @@ def test_cache_is_keyed_by_provider_shape_and_batch(table: LatencyTable, tmp_pat
     assert table.measured == 4
 
     data = json.loads(table.path.read_text())
-    assert data["provider"] == "cpu" and data["machine"] == machine_id("cpu")
+    assert data["provider"] == "cpu" and data["machine"] == get_backend("cpu").machine_id()
     assert data["machine"]["onnxruntime"] == onnxruntime.__version__
     timed = [json.loads(key) for key in data["entries"]]
     assert sum("block" in key for key in timed) == 4
@@ -252,7 +250,7 @@ def test_cache_dir_comes_from_the_environment(
 
 def test_cuda_table_measures_or_skips_with_the_reason(tmp_path: Path) -> None:
     try:
-        resolve_providers("cuda")
+        get_backend("cuda").check()
     except ProviderError as exc:
         pytest.skip(str(exc))
     cuda = LatencyTable("cuda", cache_dir=tmp_path)
@@ -520,7 +518,7 @@ def test_bench_providers_counts_macs_and_skips_cuda_with_the_reason(tmp_path: Pa
     assert [row["batch"] for row in rows] == [1, 2]
     assert all(row["original_ms"] > 0 and row["compressed_ms"] > 0 for row in rows)
     try:
-        resolve_providers("cuda")
+        get_backend("cuda").check()
     except ProviderError as exc:
         assert table["providers"]["cuda"] == {"skipped": str(exc)}
     else:

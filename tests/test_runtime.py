@@ -1,4 +1,4 @@
-"""rankfold.runtime: ONNX export and checking, providers, parity, accuracy and latency."""
+"""rankfold.runtime: ONNX export and checking, sessions, parity, accuracy and latency."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import math
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -31,11 +32,11 @@ from rankfold.runtime import (
     compare_latency,
     create_session,
     export_onnx,
+    get_backend,
     latency,
     measure_latency,
     onnx_accuracy,
     parity_error,
-    resolve_providers,
     torch_accuracy,
 )
 
@@ -257,15 +258,17 @@ def test_parity_error_refuses_a_passed_report() -> None:
         parity_error(ParityReport(1e-6, 1e-7, 1e-4, 8, True))
 
 
-def test_resolve_providers(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert resolve_providers("cpu") == ["CPUExecutionProvider"]
-    assert resolve_providers("CPU") == ["CPUExecutionProvider"]
+def test_backends_by_name_and_their_availability(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert get_backend("cpu").providers == ("CPUExecutionProvider",)
+    assert get_backend(" CPU ") is get_backend("cpu")
+    get_backend("cpu").check()
     with pytest.raises(ProviderError, match="unknown execution provider 'tpu'.*cpu, cuda"):
-        resolve_providers("tpu")
+        get_backend("tpu")
 
+    cuda = get_backend("cuda")
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     with pytest.raises(ProviderError) as caught:
-        resolve_providers("cuda")
+        cuda.check()
     message = str(caught.value)
     assert "\n" not in message
     assert "onnxruntime-gpu" in message and "--provider cpu" in message
@@ -276,7 +279,8 @@ def test_resolve_providers(monkeypatch: pytest.MonkeyPatch) -> None:
         "get_available_providers",
         lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
     )
-    assert resolve_providers("cuda") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    cuda.check()
+    assert cuda.providers == ("CUDAExecutionProvider", "CPUExecutionProvider")
 
 
 def test_cuda_session_that_falls_back_to_cpu_is_refused(
@@ -346,24 +350,30 @@ def test_measure_and_compare_latency(tiny: tuple[TinyCNN, Path], tmp_path: Path)
 def test_compare_latency_alternates_in_blocks(monkeypatch, tmp_path: Path) -> None:
     # Sessions that log their runs: a model is timed in blocks, each after untimed runs, so it
     # never runs right after the other model (whose pool may still spin, weights still cached).
+    # Timed runs (between two clock reads) log in upper case, untimed ones in lower case.
     log: list[str] = []
+
+    class Clock:
+        now, timing = 0, False
+
+        def perf_counter_ns(self) -> int:
+            self.timing = not self.timing
+            return self.now
+
+    clock = Clock()
 
     class LoggedSession:
         def __init__(self, name: str, ms: float) -> None:
             self.name, self.ms = name, ms
 
         def run(self, outputs, feed) -> None:
-            log.append(self.name)
+            log.append(self.name.upper() if clock.timing else self.name)
+            clock.now += int(self.ms * 1e6)
 
     sessions = {"a.onnx": LoggedSession("a", 2.0), "b.onnx": LoggedSession("b", 0.5)}
     monkeypatch.setattr(latency, "create_session", lambda path, *a: sessions[Path(path).name])
     monkeypatch.setattr(latency, "single_input_name", lambda session, path: "input")
-
-    def timed(session, feed) -> float:
-        log.append(session.name.upper())
-        return session.ms
-
-    monkeypatch.setattr(latency, "_timed_run", timed)
+    monkeypatch.setattr(latency, "time", clock)
     (result,) = compare_latency(
         tmp_path / "a.onnx", tmp_path / "b.onnx", SHAPE, [1], warmup=1, repeats=12
     )
@@ -374,6 +384,17 @@ def test_compare_latency_alternates_in_blocks(monkeypatch, tmp_path: Path) -> No
         "a" * warm + "A" * block + "b" * warm + "B" * block
     ) * 2 + "a" * warm + "A" * 2 + "b" * warm + "B" * 2
     assert timed_part.count("A") == timed_part.count("B") == 12
+
+
+def test_time_runs_warms_up_then_averages_inner_runs_per_sample(monkeypatch) -> None:
+    ticks = iter(range(0, 10**9, 10**6))  # each clock read 1 ms after the last
+    monkeypatch.setattr(latency, "time", SimpleNamespace(perf_counter_ns=lambda: next(ticks)))
+    calls: list[int] = []
+    progress: list[int] = []
+    samples = latency.time_runs(lambda: calls.append(1), 3, 4, inner=5, progress=progress.append)
+    assert len(calls) == 3 + 4 * 5 and progress == [1] * 4
+    assert samples == [pytest.approx(1.0 / 5)] * 4  # 1 ms between reads over 5 runs
+    assert latency.time_runs(lambda: calls.append(1), 2, 0) == [] and len(calls) == 25
 
 
 def test_latency_rejects_bad_arguments(tiny: tuple[TinyCNN, Path]) -> None:
