@@ -1,0 +1,207 @@
+"""Typed results of a compress run: report.json's schema, and what the summary and plots read.
+
+Each section is a pydantic model; `Report.model_dump(mode="json")` is report.json, and
+`Report.load` reads one back (refusing other schema versions), so every consumer — the CLI
+summary, the plots, `rankfold validate`, benchmarks — reads fields, never string keys of a dict
+that grew through the pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from rankfold.passes.core import ConfigError
+
+SCHEMA_VERSION = 2  # 2: typed sections, schema_version recorded
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OriginalModel(_Section):
+    params: int
+    macs: int
+    accuracy: float | None = None
+
+
+class CompressedModel(_Section):
+    params: int
+    macs: int
+    accuracy_decomposed: float | None = None
+    accuracy_recalibrated: float | None = None
+    accuracy_finetuned: float | None = None
+
+
+class LatencyGate(_Section):
+    """What measured rank rounding and the latency gate changed in the plan."""
+
+    provider: str
+    batch: list[int]
+    gate: bool
+    margin: float
+    min_efficiency: float
+    round_to: int | None
+    rounded: list[str]
+    reverted: list[str]
+    measurements: int
+    cache: str
+    cache_error: str | None = None
+
+
+class CalibrationRound(_Section):
+    requested: float
+    measured: float | None
+    original_ms: float | None = None
+    compressed_ms: float | None = None
+    macs_reduction: float | None = None
+    error: str | None = None
+
+
+class LatencyCalibration(_Section):
+    """`--target latency`: table budgets re-planned against whole-model timings."""
+
+    target: float | None = None
+    provider: str | None = None
+    batch: int | None = None
+    tolerance: float | None = None
+    selector: str | None = None
+    rounds: list[CalibrationRound] = []
+    requested: float | None = None
+    measured: float | None = None
+    skipped: str | None = None  # why calibration did not run
+
+
+class PredictedLatency(_Section):
+    """Summed per-layer conv/linear times of the latency table, before and after the plan."""
+
+    batch: int
+    original: float
+    planned: float
+    reduction: float
+
+
+class Selection(BaseModel):
+    """How the plan was chosen. Known fields are typed; a selector's own report (PARS trials,
+    eps-search evaluations, …) is kept beside them as it made it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    selector: str
+    macs: int | None = None
+    params: int | None = None
+    macs_reduction: float | None = None
+    params_reduction: float | None = None
+    seconds: float | None = None
+    path: str | None = None  # a replayed plan file
+    latency_gate: LatencyGate | None = None
+    latency_calibration: LatencyCalibration | None = None
+    latency_ms: PredictedLatency | None = None
+
+    @property
+    def details(self) -> dict[str, Any]:
+        """The selector's own report (the fields no other selector has)."""
+        return dict(self.model_extra or {})
+
+
+class Recovery(_Section):
+    recalibration: str | None = None  # "batchnorm" | "bias"
+    finetune: dict[str, Any] | None = None
+
+
+class OnnxCheck(_Section):
+    path: str
+    opset: int
+    max_abs_diff: float
+    max_rel_diff: float
+    atol: float
+    parity_passed: bool
+    accuracy: float | None = None
+
+
+class LatencyRow(_Section):
+    batch: int
+    original_ms: float
+    compressed_ms: float
+    speedup: float
+
+
+class Latency(_Section):
+    provider: str
+    batch: int
+    original_ms: float
+    compressed_ms: float
+    speedup: float
+    per_batch: list[LatencyRow]
+
+
+class EvalData(_Section):
+    path: str
+    samples: int
+
+
+class LayerRow(BaseModel):
+    """One layer of the plan as decomposed; a method's extras (sensitivity, EPC sweeps, …) are
+    kept beside the common fields."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    type: str
+    method: str | None
+    rank: list[int] | None
+    params: int
+    macs: int
+    original_params: int
+    original_macs: int
+    rel_error: float | None
+    status: Literal["decomposed", "skipped"]
+    reason: str
+    seconds: float = 0.0
+
+
+class Report(_Section):
+    """report.json."""
+
+    schema_version: Literal[2] = SCHEMA_VERSION
+    model: str
+    method: str
+    target: dict[str, float] | None
+    original: OriginalModel
+    compressed: CompressedModel
+    selection: Selection
+    cleanup: dict[str, dict[str, int]] | None = None
+    recovery: Recovery
+    macs_reduction: float
+    params_reduction: float
+    onnx: OnnxCheck
+    latency: Latency | None = None
+    eval_data: EvalData | None = None
+    layers: list[LayerRow]
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Report:
+        """report.json as written by `rankfold compress`, checked against this schema."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path} is not a readable report ({exc}); pass a report.json") from None
+        version = data.get("schema_version") if isinstance(data, dict) else None
+        if version != SCHEMA_VERSION:
+            raise ConfigError(
+                f"{path} has report schema {version}, this rankfold reads {SCHEMA_VERSION}; "
+                "re-run the compress command that made it"
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            first = str(exc).splitlines()[0]
+            raise ConfigError(f"{path} does not match the report schema ({first})") from None
