@@ -91,7 +91,6 @@ class SearchConfig(BaseModel):
     calib_samples: int = Field(default=1024, ge=1)  # images the proxy is scored on
     bn_samples: int = Field(default=512, ge=1)  # images BatchNorm is recalibrated on
     batch_size: int = Field(default=128, ge=1)
-    seed: int = 0
     cache_dir: Path | None = None  # default: $RANKFOLD_CACHE or ~/.cache/rankfold/decompositions
     timeout: float | None = Field(default=None, gt=0)  # seconds; no new trial starts after it
 
@@ -411,7 +410,7 @@ class SearchContext:
     draft: PlanDraft
     calibration: Calibration
     search: SearchConfig
-    seed: int  # factorization seed (the pipeline's), distinct from the sampler's
+    seed: int  # the pipeline's seed: factorizations, and the sampler (offset per worker)
     threads: int
     reference_logits: torch.Tensor | None = None
 
@@ -732,10 +731,10 @@ def fail_dead_trials(study: optuna.Study) -> int:
     return failed
 
 
-def _sampler(search: SearchConfig, worker: int) -> optuna.samplers.BaseSampler:
+def _sampler(search: SearchConfig, seed: int, worker: int) -> optuna.samplers.BaseSampler:
     import optuna
 
-    seed = search.seed + 1000 * worker  # workers must not draw the same random startup trials
+    seed += 1000 * worker  # workers must not draw the same random startup trials
     startup = min(10, max(search.trials // 5, 1))
     if search.sampler == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
@@ -776,7 +775,7 @@ class ParsRun:
             study = optuna.load_study(
                 study_name=self.study_name,
                 storage=open_storage(self.storage_url),
-                sampler=_sampler(search, worker),
+                sampler=_sampler(search, self.context.seed, worker),
             )
         if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= search.trials:
             return
@@ -873,7 +872,7 @@ def pars_search(
         storage = open_storage(storage_url)
         study = optuna.create_study(
             storage=storage,
-            sampler=_sampler(search, 0),
+            sampler=_sampler(search, context.seed, 0),
             study_name=study_name,
             direction="maximize",
             load_if_exists=True,

@@ -169,7 +169,7 @@ def test_eps_search_in_two_processes_matches_one(digits, tmp_path):
 def test_pars_best_plan_within_budget_with_table_pareto_and_plot(digits, tmp_path):
     gm, analysis, calibration = digits
     steps = []
-    search = SearchConfig(trials=12, cache_dir=tmp_path / "cache", seed=1)
+    search = SearchConfig(trials=12, cache_dir=tmp_path / "cache")
     plan, report = resolve_plan(
         gm,
         analysis,
