@@ -327,7 +327,7 @@ def _plan(
     measured: LatencyMetric | None,
 ) -> tuple[Plan, dict[str, Any]]:
     """The plan the configured selector chooses, with its report; `measured` prices a latency
-    budget (--target latency)."""
+    budget (--latency-reduction)."""
     policy, search = config.ranks, config.search
     if policy.method == "cp-lrf" and policy.select == "error":
         return _lrf_error_plan(original, analysis, config)
