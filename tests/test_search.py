@@ -267,7 +267,9 @@ RUNNER = textwrap.dedent(
     payload = torch.load(sys.argv[1], weights_only=False)
     gm = trace(payload["gm"], torch.zeros(1, 1, 8, 8))  # pickling drops the traced shapes
     search = SearchConfig(**payload["search"])
-    policy = RankPolicy(method="tucker2", min_macs_share=0, select="pars", macs_reduction=3.0, round_to=None)
+    policy = RankPolicy(
+        method="tucker2", min_macs_share=0, select="pars", macs_reduction=3.0, round_to=None
+    )
     resolve_plan(gm, analyze(gm), policy, "digits", payload["calibration"], search)
     """
 )
