@@ -114,9 +114,7 @@ def main() -> None:
     recalibrate_seconds = time.perf_counter() - start
     stages["recalibrated"] = score(compressed, test_sets, spec)
 
-    config = FinetuneConfig(
-        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed
-    )
+    config = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
     with tempfile.TemporaryDirectory(prefix="rankfold-recover-") as checkpoints:
         result = finetune(
             compressed,
@@ -127,6 +125,7 @@ def main() -> None:
             checkpoints,
             eval_data=test_sets["lossless_1017"],
             decomposed_names=names,
+            seed=args.seed,
         )
         last = torch.load(Path(checkpoints) / LAST_CHECKPOINT, weights_only=True)["model"]
     compressed.load_state_dict(last)  # the last epoch's weights: no selection on test images

@@ -2,7 +2,7 @@
 
 The per-layer table sums conv/linear times, each timed between stand-in neighbours. A whole model
 also pays what no probe sees: per-node dispatch, the ops between layers, the memory traffic of a
-deeper graph (ResNet-56 CP asked for 2× ran 1.82–1.89× faster). So `--target latency` times each
+deeper graph (ResNet-56 CP asked for 2× ran 1.82–1.89× faster). So `--latency-reduction` times each
 plan as it will be deployed: the plan's architecture with unfilled blocks (time does not depend
 on the weights, so nothing is factorized), cleaned and exported like `model.onnx`, run side by
 side with the original. The requested reduction then moves by a secant step in log space until

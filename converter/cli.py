@@ -1,15 +1,33 @@
-"""The `rankfold` command line: fills a config and calls the pipeline. Heavy imports are lazy so
-`rankfold --help` answers at once; every RankfoldError becomes one line and exit code 1."""
+"""The `rankfold` command line: fills a config and calls the pipeline. Heavy imports stay inside
+the commands so `rankfold --help` and every command's --help load no torch; every RankfoldError
+becomes one line and exit code 1. `compress`'s options come from the table in options.py."""
 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.models import OptionInfo
+
+from rankfold.converter.options import (
+    DEPLOYMENT,
+    MODEL,
+    OPTIONS,
+    OUTPUT,
+    RANKS,
+    RECOVERY,
+    SELECTION,
+    int_list,
+    overrides,
+)
+from rankfold.converter.options import input_shape as parse_shape
+from rankfold.converter.presets import describe, preset_settings
 
 app = typer.Typer(
     add_completion=False,
@@ -53,78 +71,6 @@ def _friendly(func):
     return wrapper
 
 
-def _shape(text: str | None) -> tuple[int, int, int] | None:
-    from rankfold.passes.core import ConfigError
-
-    if text is None:
-        return None
-    try:
-        c, h, w = (int(v) for v in text.split(","))
-    except ValueError:
-        raise ConfigError(
-            f"--input-shape '{text}' must be three integers C,H,W, e.g. 3,32,32"
-        ) from None
-    return c, h, w
-
-
-def _int_list(text: str, option: str) -> list[int]:
-    from rankfold.passes.core import ConfigError
-
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"{option} '{text}' must be comma-separated integers, e.g. 1,8") from None
-
-
-def _round_to(text: str | None) -> int | str | None:
-    from rankfold.passes.core import ConfigError
-
-    if text is None or text == "auto":
-        return text
-    if not text.isdigit():
-        raise ConfigError(f"--round-to '{text}' must be auto, 0 (off) or a positive integer")
-    return int(text)
-
-
-TARGETS = ("macs", "params", "latency")
-
-
-def _budget(
-    target: str | None,
-    reduction: float | None,
-    macs_reduction: float | None,
-    params_reduction: float | None,
-) -> dict[str, float | None]:
-    """The policy's budget fields from --target/--reduction and the --macs/--params shorthands."""
-    from rankfold.passes.core import ConfigError
-
-    budget = {"macs_reduction": macs_reduction, "params_reduction": params_reduction}
-    if target is not None and target not in TARGETS:
-        raise ConfigError(f"--target '{target}' is unknown; choose one of {', '.join(TARGETS)}")
-    if reduction is None:
-        if target is not None and budget.get(f"{target}_reduction") is None:
-            raise ConfigError(f"--target {target} needs --reduction X (e.g. --reduction 2)")
-        return budget
-    key = f"{target or 'macs'}_reduction"
-    if budget.get(key) is not None:
-        raise ConfigError(f"give --reduction or --{key.replace('_', '-')}, not both")
-    budget[key] = reduction
-    return budget
-
-
-def _rank_value(text: str) -> int | float | list[int]:
-    from rankfold.passes.core import ConfigError
-
-    try:
-        if "," in text:
-            return [int(v) for v in text.split(",")]
-        return float(text) if "." in text else int(text)
-    except ValueError:
-        raise ConfigError(
-            f"rank '{text}' must be an integer, a ratio like 0.25, or integers like 32,16"
-        ) from None
-
-
 @app.command()
 @_friendly
 def analyze(
@@ -146,7 +92,8 @@ def analyze(
     from rankfold.passes import trace
     from rankfold.passes.core import atomic_write_json
 
-    net, spec = load_model(model, weights, _shape(input_shape))
+    shape = None if input_shape is None else parse_shape(input_shape)
+    net, spec = load_model(model, weights, shape)
     result = analyze_layers(trace(net, torch.zeros(1, *spec.input_shape), leaf or []))
     table = Table(title=f"{model}: {result.total_params:,} params, {result.total_macs:,} MACs")
     for column in ("layer", "type", "input", "output", "kernel", "params", "MACs", "share"):
@@ -177,207 +124,114 @@ def analyze(
         )
 
 
+ModelOpt = Annotated[
+    str | None,
+    typer.Argument(
+        help="resnet20|32|44|56|110, digits-cnn, torchvision:NAME, or path/to/file.py:factory "
+        "(default: the --config file's model).",
+        metavar="MODEL",
+        show_default=False,
+    ),
+]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(help="YAML/JSON config; options override it.", rich_help_panel=MODEL),
+]
+PresetOpt = Annotated[
+    str | None,
+    typer.Option(
+        help=f"Named settings below --config and the options. {describe()}.",
+        rich_help_panel=MODEL,
+    ),
+]
+PrintConfigOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Write the effective config (YAML, defaults included) to PATH, or - for stdout, "
+        "and exit without compressing; --config on it repeats the run.",
+        metavar="PATH",
+        rich_help_panel=OUTPUT,
+    ),
+]
+OutOpt = Annotated[Path, typer.Option(help="Output directory.", rich_help_panel=OUTPUT)]
+PANELS = (MODEL, RANKS, SELECTION, RECOVERY, DEPLOYMENT, OUTPUT)
+
+
+def _panel(parameter: inspect.Parameter) -> str:
+    info = next(m for m in parameter.annotation.__metadata__ if isinstance(m, OptionInfo))
+    return info.rich_help_panel
+
+
+def _with_options(func: Callable[..., None]) -> Callable[..., None]:
+    """One keyword parameter per row of OPTIONS, so typer makes each flag from the table; the
+    keyword parameters are ordered by panel, which is the order the help shows the panels in."""
+    signature = inspect.signature(func, eval_str=True)
+    fixed = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    generated = [
+        inspect.Parameter(
+            option.param,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                (list[option.kind] if option.many else option.kind) | None,
+                typer.Option(
+                    *option.decls,
+                    help=option.help,
+                    rich_help_panel=option.panel,
+                    show_default=False,
+                ),
+            ],
+        )
+        for option in OPTIONS
+    ]
+    positional = [p for p in fixed if p.kind is not p.KEYWORD_ONLY]
+    keyword = sorted(
+        [*(p for p in fixed if p.kind is p.KEYWORD_ONLY), *generated],
+        key=lambda p: PANELS.index(_panel(p)),
+    )
+    func.__signature__ = signature.replace(parameters=[*positional, *keyword])
+    return func
+
+
 @app.command()
 @_friendly
+@_with_options
 def compress(
-    model: ModelArg,
-    method: Annotated[
-        str | None,
-        typer.Option(help="svd, tucker2, cp, cp-epc, tucker2-cp, cp-lrf (`rankfold methods`)."),
-    ] = None,
-    macs_reduction: Annotated[
-        float | None, typer.Option(help="Whole-model MAC reduction target, e.g. 2.")
-    ] = None,
-    params_reduction: Annotated[
-        float | None, typer.Option(help="Whole-model parameter reduction target.")
-    ] = None,
-    target: Annotated[
-        str | None,
-        typer.Option(
-            help="What --reduction budgets: macs (default), params, or latency (each layer and "
-            "block timed in onnxruntime on --provider at the first --batch size; ranks then "
-            "move to the --round-to multiple where measured faster; the whole model is then "
-            "timed and re-planned, see --calibrate)."
-        ),
-    ] = None,
-    reduction: Annotated[
-        float | None,
-        typer.Option(help="Reduction of --target, e.g. 3 (--target latency: 3× faster)."),
-    ] = None,
-    rank: Annotated[
-        str | None, typer.Option(help="Rank for every layer: 16, a ratio 0.25, or 32,16.")
-    ] = None,
-    layer_rank: Annotated[
-        list[str] | None,
-        typer.Option("--layer-rank", help="NAME_OR_GLOB=RANK per-layer override (repeatable)."),
-    ] = None,
-    skip: Annotated[
-        list[str] | None,
-        typer.Option(help="Layer name, glob, parent or type (Linear, Conv2d) to keep."),
-    ] = None,
-    select: Annotated[
-        str | None,
-        typer.Option(help="Rank selector: uniform, energy, error, vbmf, eps-search, pars."),
-    ] = None,
-    rel_error: Annotated[
-        float | None,
-        typer.Option(
-            help="--select error: relative error bound per layer (cp-lrf: LRF-CPD ranks)."
-        ),
-    ] = None,
-    trials: Annotated[int | None, typer.Option(help="pars: number of trials.")] = None,
-    storage: Annotated[
-        str | None, typer.Option(help="pars: optuna storage (sqlite:///f.db, journal file, …).")
-    ] = None,
-    study_name: Annotated[str | None, typer.Option(help="pars: study name (resumable).")] = None,
-    workers: Annotated[int | None, typer.Option(help="pars: worker processes.")] = None,
-    round_to: Annotated[
-        str | None,
-        typer.Option(
-            help="Align budgeted ranks to multiples: auto (--provider's channel block), N, or 0."
-        ),
-    ] = None,
-    weights: WeightsOpt = None,
-    input_shape: ShapeOpt = None,
-    leaf: LeafOpt = None,
-    plan: Annotated[Path | None, typer.Option(help="Replay a saved plan.json.")] = None,
-    config: Annotated[
-        Path | None, typer.Option(help="YAML/JSON config; options override it.")
-    ] = None,
-    eval_data: Annotated[
-        Path | None, typer.Option(help=".npz (x uint8 N×C×H×W, y) or ImageFolder directory.")
-    ] = None,
-    eval_limit: Annotated[
-        int | None, typer.Option(help="Use the first N evaluation samples.")
-    ] = None,
-    train_data: Annotated[
-        Path | None,
-        typer.Option(help="Training data: BatchNorm recalibration, and fine-tuning if asked."),
-    ] = None,
-    train_limit: Annotated[
-        int | None, typer.Option(help="Use the first N training samples.")
-    ] = None,
-    recalibrate: Annotated[
-        bool, typer.Option(help="Recalibrate BatchNorm (bias correction without BN).")
-    ] = True,
-    finetune_epochs: Annotated[
-        int | None, typer.Option(help="Fine-tuning epochs after decomposition (0: none).")
-    ] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate (SGD 0.01, AdamW 1e-3).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Fine-tuning batch size.")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="sgd or adamw.")] = None,
-    distill: Annotated[
-        bool | None, typer.Option("--distill/--no-distill", help="Distil from the original.")
-    ] = None,
-    train_only_decomposed: Annotated[
-        bool, typer.Option(help="Train only the factorized blocks.")
-    ] = False,
-    resume: Annotated[
-        bool, typer.Option(help="Continue an interrupted fine-tuning in --out.")
-    ] = False,
-    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out"),
-    provider: Annotated[str | None, typer.Option(help="onnxruntime provider: cpu or cuda.")] = None,
-    batch: Annotated[str | None, typer.Option(help="Latency batch sizes, e.g. 1,8.")] = None,
-    no_latency: Annotated[
-        bool, typer.Option("--no-latency", help="Skip latency measurement.")
-    ] = False,
-    latency_gate: Annotated[
-        bool | None,
-        typer.Option(
-            "--latency-gate/--no-latency-gate",
-            help="Time each planned block against its layer (--provider, every --batch) and keep "
-            "the layer whole unless the block is --gate-margin faster; with --round-to, ranks "
-            "first move to the multiple where that measures faster.",
-        ),
-    ] = None,
-    gate_margin: Annotated[
-        float | None, typer.Option(help="Latency gate: how much faster a block must be (0.05).")
-    ] = None,
-    gate_efficiency: Annotated[
-        float | None,
-        typer.Option(
-            help="Latency gate: also keep a layer whole unless its block's speedup is at least "
-            "this share of its MAC reduction (e.g. 0.9; default 0, off)."
-        ),
-    ] = None,
-    calibrate: Annotated[
-        int | None,
-        typer.Option(
-            help="--target latency: re-plan up to N times until the whole exported model, timed "
-            "against the original, is --reduction faster (default 2; 0 trusts the per-layer "
-            "table)."
-        ),
-    ] = None,
-    cleanup: Annotated[
-        bool | None,
-        typer.Option(
-            "--cleanup/--no-cleanup",
-            help="Fold BatchNorm, merge 1×1 convs and drop identities before export.",
-        ),
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for factorizations.")] = None,
+    model: ModelOpt = None,
+    *,
+    config: ConfigOpt = None,
+    preset: PresetOpt = None,
+    print_config: PrintConfigOpt = None,
+    out: OutOpt = Path("out"),
+    **values: Any,
 ) -> None:
-    """Decompose MODEL, export original and compressed ONNX, validate, and write a report."""
-    from rankfold.converter.config import build_config, load_config_file, merge
-    from rankfold.converter.pipeline import run_compress
-    from rankfold.passes.core import ConfigError
+    """Decompose MODEL, export original and compressed ONNX, validate, and write a report.
 
-    overrides: dict[str, Any] = {}
-    for item in layer_rank or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--layer-rank '{item}' must look like NAME_OR_GLOB=RANK")
-        overrides[key] = {"rank": _rank_value(value)}
-    cli: dict[str, Any] = {
-        "model": model,
-        "weights": weights,
-        "input_shape": _shape(input_shape),
-        "leaf_modules": leaf or None,
-        "plan": plan,
-        "eval_data": eval_data,
-        "eval_limit": eval_limit,
-        "train_data": train_data,
-        "train_limit": train_limit,
-        "recalibrate": None if recalibrate else False,
-        "resume": resume or None,
-        "finetune": {
-            "epochs": finetune_epochs,
-            "lr": lr,
-            "batch_size": batch_size,
-            "optimizer": optimizer,
-            "distill": distill,
-            "train_only_decomposed": train_only_decomposed or None,
-        },
-        "seed": seed,
-        "ranks": {
-            "method": method,
-            **_budget(target, reduction, macs_reduction, params_reduction),
-            "rank": None if rank is None else _rank_value(rank),
-            "layers": overrides or None,
-            "skip": skip or None,
-            "round_to": _round_to(round_to),
-            "select": "error" if rel_error is not None and select is None else select,
-            "rel_error": rel_error,
-        },
-        "search": {
-            "trials": trials,
-            "storage": storage,
-            "study_name": study_name,
-            "workers": workers,
-        },
-        "latency": {
-            "provider": provider,
-            "batch": None if batch is None else _int_list(batch, "--batch"),
-            "enabled": False if no_latency else None,
-            "gate": latency_gate,
-            "gate_margin": gate_margin,
-            "gate_efficiency": gate_efficiency,
-            "calibrate": calibrate,
-        },
-        "export": {"cleanup": cleanup},
-    }
-    base = load_config_file(config) if config is not None else {}
-    settings = build_config(merge(base, cli), source=str(config) if config else "options")
+    Each option sets one config path, e.g. --gate-margin sets latency.gate_margin.
+
+    Settings merge as --preset < --config < options."""
+    from rankfold.converter.config import build_config, effective, layered, load_config_file
+    from rankfold.passes.core import ConfigError, atomic_write_text
+
+    merged = layered(
+        preset_settings(preset) if preset is not None else {},
+        load_config_file(config) if config is not None else {},
+        {"model": model, **overrides(values)},
+    )
+    if merged.get("model") is None:
+        raise ConfigError("give MODEL, or a --config file that names its model")
+    settings = build_config(merged, source=str(config) if config else "options")
+    if print_config is not None:
+        import yaml
+
+        text = yaml.safe_dump(effective(settings), sort_keys=False, allow_unicode=True)
+        if print_config == "-":
+            sys.stdout.write(text)
+        else:
+            atomic_write_text(print_config, text)
+        return
+    from rankfold.converter.pipeline import run_compress
+
     result = run_compress(settings, out)
     _print_summary(result.report, out)
 
@@ -411,7 +265,8 @@ def _print_summary(report: dict[str, Any], out: Path) -> None:
         f"accuracy: original {acc(report['original']['accuracy'])}, decomposed "
         f"{acc(report['compressed']['accuracy_decomposed'])}, recalibrated "
         f"{acc(report['compressed']['accuracy_recalibrated'])}, fine-tuned "
-        f"{acc(report['compressed']['accuracy_finetuned'])}, ONNX {acc(report['onnx']['accuracy'])}",
+        f"{acc(report['compressed']['accuracy_finetuned'])}, "
+        f"ONNX {acc(report['onnx']['accuracy'])}",
         f"ONNX parity: max abs diff {report['onnx']['max_abs_diff']:.2e} "
         f"(tolerance {report['onnx']['atol']:.0e})",
     ]
@@ -519,7 +374,7 @@ def bench(
     from rankfold.passes.core import ProviderError, atomic_write_json
     from rankfold.runtime.latency import BENCH_COLUMNS, bench_providers, format_bench_row
 
-    sizes = _int_list(batch, "--batch")
+    sizes = int_list(batch)
     providers = [p.strip().lower() for p in provider.split(",") if p.strip()]
     shape = onnx_input_shape(onnx_path)
     runs = len(providers) * len(sizes) * 2 * repeats
@@ -557,13 +412,31 @@ def bench(
 @app.command()
 @_friendly
 def methods() -> None:
-    """List the decomposition methods."""
-    from rankfold.converter.ui import console
-    from rankfold.passes import METHODS
+    """List the decomposition methods, plug-ins included (and any that failed to load)."""
+    from rankfold.passes.methods import METHODS
 
-    for name, method in METHODS.items():
-        doc = (type(method).__doc__ or "").strip().splitlines()[0]
-        console.print(f"[bold]{name}[/bold] ({', '.join(method.rank_names)}): {doc}")
+    _list_plugins(METHODS, lambda method: f"({', '.join(method.rank_names)}) {_first_line(method)}")
+
+
+@app.command()
+@_friendly
+def selectors() -> None:
+    """List the rank selectors (--select), plug-ins included (and any that failed to load)."""
+    from rankfold.passes.selectors import SELECTORS
+
+    _list_plugins(SELECTORS, lambda selector: selector.summary)
+
+
+def _first_line(item: object) -> str:
+    return ((type(item).__doc__ or "").strip().splitlines() or [""])[0]
+
+
+def _list_plugins(registry, describe) -> None:
+    """One line per registered plug-in on stdout, then one per plug-in that failed to load."""
+    for name, item in registry.items():
+        typer.echo(f"{name} {describe(item)}")
+    for name, reason in registry.errors.items():
+        typer.echo(f"{name} (not loaded: {reason})")
 
 
 @app.command()

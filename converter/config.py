@@ -1,7 +1,8 @@
-"""Typed, strict configuration from YAML/JSON: unknown keys are errors with a did-you-mean.
+"""Typed, strict configuration: unknown keys are errors with a did-you-mean; YAML/JSON files.
 
-The CLI only fills a `CompressConfig` and hands it to the pipeline; a YAML file can hold the same
-settings (`rankfold compress --config run.yaml`), with command-line options taking precedence.
+The CLI only fills a `CompressConfig` and hands it to the pipeline; every option has one path in
+it (converter/options.py), so a YAML file can hold the same settings. Layers merge lowest first:
+preset < config file (`--config run.yaml`) < command-line options.
 """
 
 from __future__ import annotations
@@ -11,7 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from rankfold.converter.finetune import FinetuneConfig
 from rankfold.converter.strict import config_error
@@ -50,7 +58,7 @@ class LatencyConfig(_Strict):
     # Also revert blocks whose speedup is below this share of their MAC reduction (0: off).
     gate_efficiency: float = Field(default=0.0, ge=0, le=1)
     cache_dir: Path | None = None  # the latency table's cache (default ~/.cache/rankfold/latency)
-    # --target latency: re-plans after timing the whole exported model at the first batch size
+    # --latency-reduction: re-plans after timing the whole exported model at the first batch size
     # (the per-layer table misses per-node and between-layer costs); 0 trusts the table.
     calibrate: int = Field(default=2, ge=0, le=10)
 
@@ -90,14 +98,37 @@ class CompressConfig(_Strict):
     resume: bool = False
     export: ExportConfig = Field(default_factory=ExportConfig)
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
-    seed: int = 0
+    seed: int = 0  # the only seed: factorizations, the search's sampler, fine-tuning
+
+    @model_validator(mode="after")
+    def _rel_error_needs_its_selector(self) -> CompressConfig:
+        # Only a bound the user gave: the default is harmless under any selector.
+        if "rel_error" in self.ranks.model_fields_set and self.ranks.select != "error":
+            raise ConfigError(
+                f"--rel-error (ranks.rel_error) is read by --select error only, not --select "
+                f"{self.ranks.select}; add --select error or drop --rel-error"
+            )
+        return self
+
+
+# Keys that moved: a file still using one gets told where it went.
+MOVED = {"search.seed": "seed", "finetune.seed": "seed"}
+BUDGETS = ("macs_reduction", "params_reduction", "latency_reduction")
 
 
 def build_config(data: dict[str, Any], source: str = "configuration") -> CompressConfig:
     try:
         return CompressConfig.model_validate(data)
     except ValidationError as exc:
-        raise config_error(exc, CompressConfig, source) from None
+        raise config_error(exc, CompressConfig, source, MOVED) from None
+
+
+def effective(config: CompressConfig) -> dict[str, Any]:
+    """The whole config as plain data, defaults included: `build_config` on it gives it back."""
+    data = config.model_dump(mode="json")
+    if config.ranks.select != "error":
+        del data["ranks"]["rel_error"]  # unread there, and a given bound is then an error
+    return data
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -118,8 +149,21 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def layered(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Merge settings lowest first (preset, file, options). A layer that gives a budget replaces
+    the lower layers' budget, so `--preset fast --latency-reduction 2` has one budget."""
+    result: dict[str, Any] = {}
+    for layer in layers:
+        ranks, below = layer.get("ranks"), result.get("ranks")
+        if isinstance(ranks, dict) and isinstance(below, dict):
+            if any(ranks.get(key) is not None for key in BUDGETS):
+                result["ranks"] = {k: v for k, v in below.items() if k not in BUDGETS}
+        result = merge(result, layer)
+    return result
+
+
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Nested merge: command-line values (not None) override the file's."""
+    """Nested merge: values of `overrides` (not None) override the base's."""
     merged = dict(base)
     for key, value in overrides.items():
         if value is None:

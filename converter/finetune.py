@@ -81,7 +81,6 @@ class FinetuneConfig(BaseModel):
     augment: Literal["auto", "cifar", "none"] = "auto"  # auto: cifar for 3×32×32 inputs
     train_only_decomposed: bool = False
     amp: bool = True  # mixed precision, on CUDA only
-    seed: int = 0
     eval_batch_size: int = Field(default=256, ge=1)
 
     @model_validator(mode="after")
@@ -159,6 +158,7 @@ def finetune(
     eval_data: ArrayDataset | None = None,
     resume: bool = False,
     decomposed_names: Sequence[str] = (),
+    seed: int = 0,
 ) -> FinetuneResult:
     """Train `student` in place; leave it with the best-eval weights (the last without eval data).
 
@@ -166,7 +166,8 @@ def finetune(
     dotted names of the factorized blocks, needed for `train_only_decomposed`. Checkpoints go to
     `checkpoint_dir` (finetune_last.pt every epoch, finetune_best.pt at each new best); with
     `resume` a run continues from finetune_last.pt. Ctrl-C leaves the last complete checkpoint and
-    re-raises. The student is returned in eval mode.
+    re-raises. `seed` fixes shuffling, augmentation and the RNGs. The student is returned in eval
+    mode.
     """
     if config.epochs == 0:
         return FinetuneResult([], None, None, None)
@@ -190,7 +191,17 @@ def finetune(
         trainable = _select_trainable(student, config, decomposed_names)
         with _isolated_rng(device):
             return _Trainer(
-                student, teacher, train, spec, config, directory, eval_data, device, rank, world
+                student,
+                teacher,
+                train,
+                spec,
+                config,
+                seed,
+                directory,
+                eval_data,
+                device,
+                rank,
+                world,
             ).run(trainable, resume, decomposed_names)
     finally:
         for parameter, flag in saved_flags:
@@ -210,6 +221,7 @@ class _Trainer:
         train: ArrayDataset,
         spec: ModelSpec,
         config: FinetuneConfig,
+        seed: int,
         directory: Path,
         eval_data: ArrayDataset | None,
         device: torch.device,
@@ -217,6 +229,9 @@ class _Trainer:
         world: int,
     ) -> None:
         self.student, self.train, self.spec, self.config = student, train, spec, config
+        self.seed = seed
+        # What a resumed run must share with the checkpoint's: the settings and the seed.
+        self.settings = {**config.model_dump(), "seed": seed}
         self.teacher = teacher if config.distill else None
         self.directory, self.eval_data, self.device = directory, eval_data, device
         self.rank, self.world = rank, world
@@ -252,9 +267,9 @@ class _Trainer:
         else:
             if resume:
                 self._note(f"no checkpoint in {self.directory}; fine-tuning starts fresh")
-            torch.manual_seed(config.seed + self.rank)
-            random.seed(config.seed)
-            np.random.seed(config.seed)
+            torch.manual_seed(self.seed + self.rank)
+            random.seed(self.seed)
+            np.random.seed(self.seed)
             # An epoch-0 checkpoint: Ctrl-C during the first epoch still leaves one to resume.
             self._save_last(optimizer, scheduler, scaler, state)
         resumed_from = state.epoch if payload is not None else None
@@ -308,7 +323,7 @@ class _Trainer:
             # Not eval(), which recurses into the blocks: frozen BatchNorms keep their statistics.
             module.training = False
         groups, rng = _global_batches(
-            len(self.train), config.batch_size, self.world, config.seed, epoch
+            len(self.train), config.batch_size, self.world, self.seed, epoch
         )
         totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, examples (this rank)
         description = f"fine-tune {epoch}/{config.epochs}"
@@ -378,7 +393,7 @@ class _Trainer:
         payload = {
             "format": CHECKPOINT_FORMAT,
             "epoch": state.epoch,
-            "config": self.config.model_dump(),
+            "config": self.settings,
             "data": self.fingerprint,
             "world_size": self.world,
             "model": self.student.state_dict(),
@@ -400,7 +415,7 @@ class _Trainer:
             "format": CHECKPOINT_FORMAT,
             "epoch": state.best_epoch,
             "eval_accuracy": state.best_accuracy,
-            "config": self.config.model_dump(),
+            "config": self.settings,
             "model": state.best_model,
         }
         _save(payload, self.directory / BEST_CHECKPOINT)
@@ -423,7 +438,7 @@ class _Trainer:
 
     def _restore(self, payload, optimizer, scheduler, scaler, state: _RunState) -> None:
         path = self.directory / LAST_CHECKPOINT
-        ours = self.config.model_dump()
+        ours = self.settings
         theirs = payload["config"]
         changed = [
             f"{key}={theirs.get(key)!r} (now {ours[key]!r})"

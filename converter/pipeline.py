@@ -451,6 +451,7 @@ def recover(result: CompressionResult, train: ArrayDataset, workdir: Path) -> No
             eval_data=result.eval_data,
             resume=config.resume,
             decomposed_names=decomposed,
+            seed=config.seed,
         )
         result.accuracy["finetuned"] = _accuracy(result.compressed, result)
 

@@ -38,12 +38,17 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     return []
 
 
-def config_error(exc: ValidationError, model: type[BaseModel], source: str) -> ConfigError:
-    """One line for the first problem, with a did-you-mean for unrecognised keys."""
+def config_error(
+    exc: ValidationError, model: type[BaseModel], source: str, moved: dict[str, str] | None = None
+) -> ConfigError:
+    """One line for the first problem, with a did-you-mean for unrecognised keys (`moved`: old
+    dotted key → its new place)."""
     # A misspelt key also shows up as a missing one: report the misspelling.
     error = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
     loc = tuple(error["loc"])
     where = ".".join(str(p) for p in loc)
+    if error["type"] == "extra_forbidden" and moved and where in moved:
+        return ConfigError(f"{source}: unrecognised key '{where}' — it moved to '{moved[where]}'")
     if error["type"] == "extra_forbidden":
         valid = _fields_at(model, loc)
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1)

@@ -62,7 +62,7 @@ class RankPolicy(BaseModel):
     rank: RankSpec | None = None
     macs_reduction: float | None = Field(default=None, gt=1)
     params_reduction: float | None = Field(default=None, gt=1)
-    # --target latency: the sum of the conv/linear layers' measured times divided by this
+    # --latency-reduction: the sum of the conv/linear layers' measured times divided by this
     # (a speedup of those layers), priced by a CostModel such as runtime.LatencyMetric.
     latency_reduction: float | None = Field(default=None, gt=1)
     layers: dict[str, LayerOverride] = Field(default_factory=dict)
@@ -333,14 +333,15 @@ def draft_plan(
     given = [name for name, value in targets.items() if value is not None]
     if len(given) > 1:
         raise ConfigError(
-            f"give one budget, not {' and '.join(given)} reductions: pick one --target"
+            f"give one budget, not {' and '.join(given)} reductions: keep one of "
+            "--macs-reduction, --params-reduction, --latency-reduction"
         )
     metric = given[0] if given else "macs"
     reduction = targets[metric]
     if metric == "latency" and measured is None:
         raise ConfigError(
             "a latency budget needs measured layer times: run it through the pipeline "
-            "(--target latency) or pass measured=LatencyMetric(...)"
+            "(--latency-reduction) or pass measured=LatencyMetric(...)"
         )
     if (
         global_rank

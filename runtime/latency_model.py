@@ -419,7 +419,7 @@ class LatencyTable:
 
 
 class LatencyMetric:
-    """Measured latency as the cost a budgeted rank selector allocates (--target latency).
+    """Measured latency as the cost a budgeted rank selector allocates (--latency-reduction).
 
     `layer(layer)` is the original layer's ms; `block(layer, method, ranks)` the block's ms,
     interpolated in MACs between `anchors` measured candidates of the method's family (timing

@@ -266,16 +266,16 @@ RUNNER = textwrap.dedent(
     """
     import sys, torch
     torch.set_num_threads(1)
-    from rankfold.passes import analyze, trace
-    from rankfold.passes.plan import RankPolicy
-    from planning_helpers import resolve
-
+    from rankfold.passes import PlanningContext, RankPolicy, analyze, select_ranks, trace
     from rankfold.passes.search import SearchConfig
     payload = torch.load(sys.argv[1], weights_only=False)
     gm = trace(payload["gm"], torch.zeros(1, 1, 8, 8))  # pickling drops the traced shapes
     search = SearchConfig(**payload["search"])
-    policy = RankPolicy(method="tucker2", min_macs_share=0, select="pars", macs_reduction=3.0, round_to=None)
-    resolve(gm, analyze(gm), policy, "digits", payload["calibration"], search)
+    policy = RankPolicy(
+        method="tucker2", min_macs_share=0, select="pars", macs_reduction=3.0, round_to=None
+    )
+    context = PlanningContext(gm=gm, calibration=payload["calibration"], search=search)
+    select_ranks(analyze(gm), policy, context)
     """
 )
 

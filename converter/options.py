@@ -1,0 +1,296 @@
+"""Every `rankfold compress` option, written once: flag, config path, type, parser, help, panel.
+
+The typer command is generated from `OPTIONS` and the CLI builds its override dict by walking it,
+so a flag and its `CompressConfig` path cannot drift apart (tests/test_cli_config.py walks both
+ways). Imports nothing heavy: `rankfold compress --help` reads this module only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rankfold.passes.core import ConfigError
+
+MODEL, RANKS, SELECTION, RECOVERY, DEPLOYMENT, OUTPUT = (
+    "Model and data",
+    "Ranks",
+    "Selection",
+    "Recovery",
+    "Deployment",
+    "Output",
+)
+
+
+def input_shape(text: str) -> tuple[int, int, int]:
+    try:
+        c, h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(
+            f"--input-shape '{text}' must be three integers C,H,W, e.g. 3,32,32"
+        ) from None
+    return c, h, w
+
+
+def int_list(text: str, option: str = "--batch") -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} '{text}' must be comma-separated integers, e.g. 1,8") from None
+
+
+def round_to(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if not text.isdigit():
+        raise ConfigError(f"--round-to '{text}' must be auto, 0 (off) or a positive integer")
+    return int(text)
+
+
+def rank_value(text: str) -> int | float | list[int]:
+    try:
+        if "," in text:
+            return [int(v) for v in text.split(",")]
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        raise ConfigError(
+            f"rank '{text}' must be an integer, a ratio like 0.25, or integers like 32,16"
+        ) from None
+
+
+def layer_ranks(items: list[str]) -> dict[str, dict[str, Any]]:
+    layers: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--layer-rank '{item}' must look like NAME_OR_GLOB=RANK")
+        layers[key] = {"rank": rank_value(value)}
+    return layers
+
+
+@dataclass(frozen=True)
+class Option:
+    """One flag: `path` is its dotted place in CompressConfig (e.g. `latency.gate`)."""
+
+    path: str
+    help: str
+    panel: str
+    kind: type = str  # what the shell gives typer: str, int, float, bool or Path
+    flag: str = ""  # default: --LAST-PATH-PART
+    short: str | None = None
+    many: bool = False  # repeatable; the values arrive as a list
+    parse: Callable[[Any], Any] | None = None  # shell value → config value
+
+    @property
+    def name(self) -> str:
+        return self.flag or "--" + self.path.rsplit(".", 1)[-1].replace("_", "-")
+
+    @property
+    def param(self) -> str:
+        return self.name.removeprefix("--").replace("-", "_")
+
+    @property
+    def decls(self) -> tuple[str, ...]:
+        # Booleans take --x/--no-x so that leaving both out keeps the file's (or default) value.
+        first = f"{self.name}/--no-{self.name[2:]}" if self.kind is bool else self.name
+        return (first, self.short) if self.short else (first,)
+
+
+OPTIONS: tuple[Option, ...] = (
+    # ---- model and data
+    Option("weights", "Checkpoint (.pt/.th state dict) to load.", MODEL, Path, short="-w"),
+    Option(
+        "input_shape", "C,H,W for models without a known input shape.", MODEL, parse=input_shape
+    ),
+    Option(
+        "leaf_modules", "Module name to keep whole when tracing.", MODEL, flag="--leaf", many=True
+    ),
+    Option("eval_data", ".npz (x uint8 N×C×H×W, y) or ImageFolder directory.", MODEL, Path),
+    Option("eval_limit", "Use the first N evaluation samples.", MODEL, int),
+    Option(
+        "train_data",
+        "Training data: BatchNorm recalibration, fine-tuning, data-driven selectors.",
+        MODEL,
+        Path,
+    ),
+    Option("train_limit", "Use the first N training samples.", MODEL, int),
+    Option("seed", "The one seed: factorizations, search sampler, fine-tuning (0).", MODEL, int),
+    # ---- ranks
+    Option(
+        "ranks.method",
+        "svd, tucker2, cp, cp-epc, tucker2-cp, cp-lrf (`rankfold methods`).",
+        RANKS,
+    ),
+    Option(
+        "ranks.rank", "Rank for every layer: 16, a ratio 0.25, or 32,16.", RANKS, parse=rank_value
+    ),
+    Option(
+        "ranks.layers",
+        "NAME_OR_GLOB=RANK per-layer rank (repeatable; method and skip per layer: in a file).",
+        RANKS,
+        flag="--layer-rank",
+        many=True,
+        parse=layer_ranks,
+    ),
+    Option(
+        "ranks.skip", "Layer name, glob, parent or type (Linear, Conv2d) to keep.", RANKS, many=True
+    ),
+    Option("ranks.macs_reduction", "Budget: whole-model MAC reduction, e.g. 2.", RANKS, float),
+    Option("ranks.params_reduction", "Budget: whole-model parameter reduction.", RANKS, float),
+    Option(
+        "ranks.latency_reduction",
+        "Budget: measured speedup, e.g. 2 (each layer and block timed in onnxruntime on "
+        "--provider at the first --batch size; ranks then move to the --round-to multiple where "
+        "measured faster; the whole model is then timed and re-planned, see --calibrate).",
+        RANKS,
+        float,
+    ),
+    Option(
+        "ranks.round_to",
+        "Align budgeted ranks to multiples: auto (--provider's channel block), N, or 0 "
+        "(off).",
+        RANKS,
+        parse=round_to,
+    ),
+    Option(
+        "ranks.min_macs_share",
+        "Keep layers whole below this share of the model's MACs (0.005).",
+        RANKS,
+        float,
+    ),
+    Option("plan", "Replay a saved plan.json.", RANKS, Path),
+    # ---- selection
+    Option(
+        "ranks.select",
+        "Rank selector: uniform, energy, error, vbmf, eps-search, pars.",
+        SELECTION,
+    ),
+    Option("ranks.energy", "energy: retained energy of the unfoldings (0.95).", SELECTION, float),
+    Option(
+        "ranks.rel_error",
+        "error: relative error bound per layer, 0.3 (cp-lrf: LRF-CPD ranks).",
+        SELECTION,
+        float,
+    ),
+    Option(
+        "ranks.epsilon", "eps-search: accuracy drop per layer, a fraction (0.01).", SELECTION, float
+    ),
+    Option("search.trials", "pars: number of trials (100).", SELECTION, int),
+    Option("search.sampler", "pars: optuna sampler, gp or tpe.", SELECTION),
+    Option("search.proxy", "pars: proxy score, accuracy, agreement or kd.", SELECTION),
+    Option("search.storage", "pars: optuna storage (sqlite:///f.db, journal file, …).", SELECTION),
+    Option("search.study_name", "pars: study name (resumable).", SELECTION),
+    Option("search.workers", "pars: worker processes.", SELECTION, int),
+    Option("search.calib_samples", "Search: images the proxy is scored on (1024).", SELECTION, int),
+    Option(
+        "search.bn_samples", "Search: images BatchNorm is recalibrated on (512).", SELECTION, int
+    ),
+    Option("search.batch_size", "Search: batch size (128).", SELECTION, int, "--search-batch-size"),
+    Option(
+        "search.cache_dir",
+        "Search: decomposition cache (default $RANKFOLD_CACHE or ~/.cache/rankfold).",
+        SELECTION,
+        Path,
+        "--search-cache-dir",
+    ),
+    Option(
+        "search.timeout",
+        "Search: seconds after which no new trial starts.",
+        SELECTION,
+        float,
+        "--search-timeout",
+    ),
+    # ---- recovery
+    Option("recalibrate", "Recalibrate BatchNorm (bias correction without BN).", RECOVERY, bool),
+    Option(
+        "finetune.epochs",
+        "Fine-tuning epochs after decomposition (0: none).",
+        RECOVERY,
+        int,
+        "--finetune-epochs",
+    ),
+    Option("finetune.lr", "Learning rate (SGD 1e-3, AdamW 3e-4).", RECOVERY, float),
+    Option("finetune.batch_size", "Fine-tuning batch size (128).", RECOVERY, int),
+    Option("finetune.optimizer", "sgd or adamw.", RECOVERY),
+    Option("finetune.momentum", "SGD momentum (0.9).", RECOVERY, float),
+    Option("finetune.weight_decay", "Weight decay (SGD 5e-4, AdamW 0.05).", RECOVERY, float),
+    Option("finetune.distill", "Distil from the original.", RECOVERY, bool),
+    Option("finetune.temperature", "Distillation temperature (4).", RECOVERY, float),
+    Option("finetune.alpha", "Weight of the distillation term (0.9).", RECOVERY, float),
+    Option("finetune.augment", "auto, cifar or none (auto: cifar for 3×32×32).", RECOVERY),
+    Option("finetune.train_only_decomposed", "Train only the factorized blocks.", RECOVERY, bool),
+    Option("finetune.amp", "Mixed precision on CUDA.", RECOVERY, bool),
+    Option("finetune.eval_batch_size", "Evaluation batch size (256).", RECOVERY, int),
+    Option("resume", "Continue an interrupted fine-tuning in --out.", RECOVERY, bool),
+    # ---- deployment
+    Option(
+        "export.cleanup",
+        "Fold BatchNorm, merge 1×1 convs and drop identities before export.",
+        DEPLOYMENT,
+        bool,
+    ),
+    Option("export.opset", "ONNX opset (18).", DEPLOYMENT, int),
+    Option("export.atol", "ONNX parity tolerance (1e-4).", DEPLOYMENT, float),
+    Option("export.parity_samples", "Inputs the parity check runs (64).", DEPLOYMENT, int),
+    Option("latency.enabled", "Measure latency.", DEPLOYMENT, bool, "--latency"),
+    Option("latency.provider", "onnxruntime provider: cpu or cuda.", DEPLOYMENT),
+    Option("latency.batch", "Latency batch sizes, e.g. 1,8.", DEPLOYMENT, parse=int_list),
+    Option("latency.warmup", "Untimed runs per batch size (5).", DEPLOYMENT, int),
+    Option("latency.repeats", "Timed runs per batch size, median (30).", DEPLOYMENT, int),
+    Option(
+        "latency.threads", "onnxruntime intra-op threads (default: all cores).", DEPLOYMENT, int
+    ),
+    Option(
+        "latency.gate",
+        "Time each planned block against its layer (--provider, every --batch) and keep the "
+        "layer whole unless the block is --gate-margin faster; with --round-to, ranks first "
+        "move to the multiple where that measures faster.",
+        DEPLOYMENT,
+        bool,
+        "--latency-gate",
+    ),
+    Option(
+        "latency.gate_margin",
+        "Latency gate: how much faster a block must be (0.05).",
+        DEPLOYMENT,
+        float,
+    ),
+    Option(
+        "latency.gate_efficiency",
+        "Latency gate: also keep a layer whole unless its block's speedup is at least this "
+        "share of its MAC reduction (e.g. 0.9; default 0, off).",
+        DEPLOYMENT,
+        float,
+    ),
+    Option(
+        "latency.calibrate",
+        "--latency-reduction: re-plan up to N times until the whole exported model, timed "
+        "against the original, is that much faster (default 2; 0 trusts the per-layer table).",
+        DEPLOYMENT,
+        int,
+    ),
+    Option(
+        "latency.cache_dir",
+        "Cache of measured layer times (default ~/.cache/rankfold/latency).",
+        DEPLOYMENT,
+        Path,
+        "--latency-cache-dir",
+    ),
+)
+
+
+def overrides(values: dict[str, Any]) -> dict[str, Any]:
+    """The nested config dict of the options given (by typer parameter name); None: not given."""
+    tree: dict[str, Any] = {}
+    for option in OPTIONS:
+        value = values.get(option.param)
+        if value is None or (option.many and not value):
+            continue
+        *parents, leaf = option.path.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = option.parse(value) if option.parse else value
+    return tree

@@ -1,0 +1,213 @@
+"""One config tree: every compress flag is one config path and back, --print-config round-trips,
+presets sit below the file and the options, one seed, and --help loads no torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import BaseModel
+from typer.testing import CliRunner
+
+from rankfold.converter.cli import app
+from rankfold.converter.config import CompressConfig, build_config, load_config_file
+from rankfold.converter.options import OPTIONS, Option
+from rankfold.converter.presets import PRESETS
+
+runner = CliRunner()
+ARGUMENTS = {"model"}  # config paths set by a positional argument, not a flag
+
+
+def invoke(*args: Any):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def error_line(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    return lines[0]
+
+
+def leaf_paths(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Dotted paths of the settings in `model`; a dict of sub-models (ranks.layers) is one leaf."""
+    paths = set()
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            paths |= leaf_paths(annotation, f"{prefix}{name}.")
+        else:
+            paths.add(prefix + name)
+    return paths
+
+
+def at(data: dict[str, Any], path: str) -> Any:
+    for part in path.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def printed(*args: Any) -> dict[str, Any]:
+    result = invoke("compress", *args, "--print-config", "-")
+    assert result.exit_code == 0, result.output
+    return yaml.safe_load(result.output)
+
+
+def test_every_flag_has_one_config_path_and_every_path_a_flag():
+    paths = [option.path for option in OPTIONS]
+    assert len(paths) == len(set(paths))
+    assert len({option.name for option in OPTIONS}) == len(OPTIONS)
+    assert set(paths) | ARGUMENTS == leaf_paths(CompressConfig)
+
+
+# A non-default value for each flag whose type does not give one (see `sample`): the text given
+# and the config value (as --print-config writes it) it must set.
+SAMPLES: dict[str, tuple[list[str], Any]] = {
+    "input_shape": (["3,8,8"], [3, 8, 8]),
+    "leaf_modules": (["a", "b"], ["a", "b"]),
+    "ranks.method": (["cp"], "cp"),
+    "ranks.rank": (["0.25"], 0.25),
+    "ranks.layers": (["conv1=8", "fc=4,2"], {"conv1": {"rank": 8}, "fc": {"rank": [4, 2]}}),
+    "ranks.skip": (["Linear"], ["Linear"]),
+    "ranks.macs_reduction": (["1.5"], 1.5),
+    "ranks.params_reduction": (["1.5"], 1.5),
+    "ranks.latency_reduction": (["1.5"], 1.5),
+    "ranks.round_to": (["16"], 16),
+    "ranks.min_macs_share": (["0.01"], 0.01),
+    "ranks.select": (["energy"], "energy"),
+    "ranks.energy": (["0.9"], 0.9),
+    "ranks.rel_error": (["0.2"], 0.2),
+    "ranks.epsilon": (["0.02"], 0.02),
+    "search.sampler": (["tpe"], "tpe"),
+    "search.proxy": (["kd"], "kd"),
+    "search.storage": (["sqlite:///s.db"], "sqlite:///s.db"),
+    "search.study_name": (["s"], "s"),
+    "search.timeout": (["60"], 60.0),
+    "finetune.lr": (["0.05"], 0.05),
+    "finetune.optimizer": (["adamw"], "adamw"),
+    "finetune.momentum": (["0.8"], 0.8),
+    "finetune.weight_decay": (["0.001"], 0.001),
+    "finetune.temperature": (["2"], 2.0),
+    "finetune.alpha": (["0.5"], 0.5),
+    "finetune.augment": (["none"], "none"),
+    "export.atol": (["0.001"], 0.001),
+    "latency.provider": (["cuda"], "cuda"),
+    "latency.batch": (["1,8"], [1, 8]),
+    "latency.gate_margin": (["0.1"], 0.1),
+    "latency.gate_efficiency": (["0.9"], 0.9),
+}
+# Other settings a sample changes on purpose.
+ALSO = {
+    "ranks.rel_error": (["--select", "error"], {"ranks.select"}),
+    "finetune.optimizer": ([], {"finetune.lr", "finetune.weight_decay"}),  # AdamW's defaults
+}
+
+
+def sample(option: Option, default: Any) -> tuple[list[str], Any]:
+    if option.kind is bool:
+        return [f"--{'no-' if default else ''}{option.name[2:]}"], not default
+    if option.kind is int:
+        return [option.name, str((default or 0) + 1)], (default or 0) + 1
+    if option.kind is Path:
+        return [option.name, "some/file"], "some/file"
+    texts, expected = SAMPLES[option.path]
+    return [arg for text in texts for arg in (option.name, text)], expected
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=lambda option: option.name)
+def test_each_flag_sets_its_path_and_nothing_else(option):
+    paths = leaf_paths(CompressConfig)
+    defaults = printed("m")
+    args, expected = sample(option, at(defaults, option.path))
+    extra, also = ALSO.get(option.path, ([], set()))
+    config = printed("m", *args, *extra)
+    value = at(config, option.path)
+    if option.path == "ranks.layers":  # the file's shape fills the other per-layer keys
+        value = {k: {f: v for f, v in d.items() if v is not None} for k, d in value.items()}
+    assert value == expected
+    changed = {path for path in paths if at(config, path) != at(defaults, path)}
+    assert changed == {option.path} | also
+
+
+def test_print_config_round_trips(tmp_path):
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    args = ["resnet20", "--method", "cp", "--latency-reduction", "2", "--layer-rank", "conv1=4"]
+    assert invoke("compress", *args, "--seed", "7", "--print-config", first).exit_code == 0
+    config = build_config(load_config_file(first))
+    assert config.seed == 7 and config.ranks.layers["conv1"].rank == 4
+    # No MODEL: the file names it; the file's config is written back unchanged.
+    assert invoke("compress", "--config", first, "--print-config", second).exit_code == 0
+    assert build_config(load_config_file(second)).model_dump() == config.model_dump()
+    assert second.read_text() == first.read_text()
+
+
+def test_error_selector_round_trips_its_bound(tmp_path):
+    path = tmp_path / "run.yaml"
+    assert (
+        invoke(
+            "compress", "m", "--select", "error", "--rel-error", "0.2", "--print-config", path
+        ).exit_code
+        == 0
+    )
+    assert build_config(load_config_file(path)).ranks.rel_error == 0.2
+
+
+def test_presets_sit_below_the_file_and_the_options(tmp_path):
+    fast = PRESETS["fast"][1]
+    assert printed("m", "--preset", "fast")["latency"]["gate"] is fast["latency"]["gate"] is True
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\nranks: {macs_reduction: 3}\nlatency: {gate: false}\n")
+    config = printed("--preset", "fast", "--config", path)
+    assert config["ranks"]["macs_reduction"] == 3 and config["latency"]["gate"] is False
+    assert config["ranks"]["select"] == "uniform"  # from the preset
+    config = printed("--preset", "fast", "--config", path, "--macs-reduction", "4")
+    assert config["ranks"]["macs_reduction"] == 4
+    # A budget replaces the lower layers' budget rather than adding a second one.
+    config = printed("m", "--preset", "small", "--latency-reduction", "2")
+    assert config["ranks"]["params_reduction"] is None
+    assert config["ranks"]["latency_reduction"] == 2
+
+
+def test_unknown_preset_suggests_the_closest():
+    assert "did you mean 'fast'?" in error_line(invoke("compress", "m", "--preset", "fsat"))
+
+
+def test_rel_error_without_the_error_selector_is_one_line_in_cli_and_file(tmp_path):
+    line = error_line(invoke("compress", "m", "--rel-error", "0.2", "--print-config", "-"))
+    assert "--rel-error" in line and "add --select error or drop --rel-error" in line
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\nranks: {rel_error: 0.2, select: energy}\n")
+    line = error_line(invoke("compress", "--config", path, "--print-config", "-"))
+    assert "not --select energy" in line
+
+
+@pytest.mark.parametrize("section", ["search", "finetune"])
+def test_one_seed_old_seed_keys_point_to_it(tmp_path, section):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model: m\n{section}: {{seed: 1}}\n")
+    line = error_line(invoke("compress", "--config", path, "--print-config", "-"))
+    assert f"'{section}.seed' — it moved to 'seed'" in line
+
+
+def test_compress_without_a_model_is_one_line():
+    assert "give MODEL" in error_line(invoke("compress", "--print-config", "-"))
+
+
+@pytest.mark.parametrize(
+    "command", [[], ["compress"], ["analyze"], ["validate"], ["bench"], ["methods"], ["demo"]]
+)
+def test_help_imports_no_torch(command):
+    code = (
+        "import sys\n"
+        "from rankfold.converter.cli import app\n"
+        f"try:\n    app({[*command, '--help']!r})\n"
+        "except SystemExit as exit:\n    assert exit.code == 0\n"
+        "print(sorted(m for m in ('torch', 'onnxruntime', 'matplotlib') if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.splitlines()[-1] == "[]"
