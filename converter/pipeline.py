@@ -25,8 +25,17 @@ from rankfold.converter.calibration import (
 from rankfold.converter.config import CompressConfig
 from rankfold.converter.finetune import FinetuneResult, finetune, plot_history
 from rankfold.converter.report import plot_layers
+from rankfold.converter.search_data import calibration_from_dataset
 from rankfold.converter.ui import progress_bar
-from rankfold.models import ArrayDataset, ModelSpec, batches, check_finite, load_dataset, load_model
+from rankfold.models import (
+    ArrayDataset,
+    ModelSpec,
+    batches,
+    check_finite,
+    load_dataset,
+    load_model,
+    training_batches,
+)
 from rankfold.models import normalize as normalize_images
 from rankfold.passes import (
     DecompositionReport,
@@ -51,7 +60,7 @@ from rankfold.passes.latency_gate import gate_plan, round_ranks
 from rankfold.passes.lrf_method import error_bounded_ranks
 from rankfold.passes.plan import LayerOverride, budgeted_slots, resolve_round_to
 from rankfold.passes.recalibrate import correct_bias, has_batchnorm, recalibrate_bn
-from rankfold.passes.search import Calibration, plot_search
+from rankfold.passes.search import plot_search
 from rankfold.passes.selection import DATA_DRIVEN, progress_total, resolve_plan
 from rankfold.runtime import (
     check_onnx,
@@ -333,12 +342,15 @@ def _plan(
         return _lrf_error_plan(original, analysis, config)
     calibration = None
     if policy.select in DATA_DRIVEN and train is not None:
-        calibration = Calibration.from_dataset(
+        calibration = calibration_from_dataset(
             train,
             spec,
             samples=search.calib_samples,
             bn_samples=search.bn_samples,
             batch_size=search.batch_size,
+            seed=config.seed,
+            # Without BatchNorm the proxy corrects biases on these images: clean, as in recover.
+            augment=config.finetune.augment if has_batchnorm(original) else "none",
         )
     total = progress_total(policy, analysis, search)
     with progress_bar(f"select ({policy.select})", total) if total else nullcontext() as advance:
@@ -460,15 +472,21 @@ def _accuracy(module: nn.Module, result: CompressionResult) -> float | None:
 
 
 def recover(result: CompressionResult, train: ArrayDataset, workdir: Path) -> None:
-    """BatchNorm recalibration (bias correction without BN), then optional fine-tuning."""
+    """BatchNorm recalibration on augmented training batches (bias correction without BN), then
+    optional fine-tuning."""
     config, spec = result.config, result.spec
     decomposed = [entry.name for entry in result.plan.decomposed()]
     if config.recalibrate and decomposed:
-        inputs = batches(train, spec, batch_size=256)
         if has_batchnorm(result.compressed):
+            # The original statistics came from augmented images (see training_batches).
+            inputs = training_batches(train, spec, 256, config.finetune.augment, config.seed)
             recalibrate_bn(result.compressed, inputs)
             result.recalibration = "batchnorm"
         else:
+            # Clean: bias correction matches the compressed model's channel means to the
+            # original's on the same inputs, so no training statistics are involved, and clean
+            # images are the distribution the model is used on.
+            inputs = batches(train, spec, batch_size=256)
             correct_bias(result.original, result.compressed, decomposed, inputs, max_batches=8)
             result.recalibration = "bias"
         result.accuracy["recalibrated"] = _accuracy(result.compressed, result)
