@@ -42,7 +42,6 @@ from rankfold.converter.finetune import (  # noqa: E402
     FinetuneConfig,
     finetune,
     plot_history,
-    training_batches,
 )
 from rankfold.models import (  # noqa: E402
     SHARED_CHECKPOINTS,
@@ -52,6 +51,7 @@ from rankfold.models import (  # noqa: E402
     load_dataset,
     load_model,
     shared_file,
+    training_batches,
 )
 from rankfold.passes import (  # noqa: E402
     Plan,

@@ -48,6 +48,7 @@ from torch import nn
 from rankfold.converter.strict import config_error
 from rankfold.converter.ui import console, progress_bar
 from rankfold.models import ArrayDataset, ModelSpec, normalize
+from rankfold.models.data import Augment, augments, crop_flip, crop_flip_params
 from rankfold.passes.core import ConfigError, DataError, atomic_path
 from rankfold.runtime.export import eval_mode
 
@@ -59,7 +60,6 @@ LAST_CHECKPOINT = "finetune_last.pt"
 BEST_CHECKPOINT = "finetune_best.pt"
 DEFAULT_LR = {"sgd": 1e-3, "adamw": 3e-4}
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 0.05}
-CIFAR_PADDING = 4
 # Settings that do not change the trained weights, so a resumed run may change them.
 _RESUME_FREE = ("eval_batch_size",)
 
@@ -78,7 +78,7 @@ class FinetuneConfig(BaseModel):
     distill: bool = True
     temperature: float = Field(default=4.0, gt=0)
     alpha: float = Field(default=0.9, ge=0, le=1)  # weight of the distillation term
-    augment: Literal["auto", "cifar", "none"] = "auto"  # auto: cifar for 3×32×32 inputs
+    augment: Augment = "auto"  # auto: cifar for 3×32×32 inputs
     train_only_decomposed: bool = False
     amp: bool = True  # mixed precision, on CUDA only
     eval_batch_size: int = Field(default=256, ge=1)
@@ -235,7 +235,7 @@ class _Trainer:
         self.teacher = teacher if config.distill else None
         self.directory, self.eval_data, self.device = directory, eval_data, device
         self.rank, self.world = rank, world
-        self.augment = _augments(config.augment, spec)
+        self.augment = augments(config.augment, spec)
         self.amp_dtype = _amp_dtype(device, config.amp)
         self.fingerprint = {
             "train": _fingerprint(train),
@@ -331,11 +331,11 @@ class _Trainer:
             for indices in groups:
                 # Augmentation is drawn for the whole global batch on every rank, then sliced,
                 # so each example gets the same crop and flip whatever the world size.
-                crops = _crop_flip_params(rng, len(indices)) if self.augment else None
+                crops = crop_flip_params(rng, len(indices)) if self.augment else None
                 local = slice(self.rank, None, self.world)
                 images = self.train.x[indices[local]]
                 if crops is not None:
-                    images = _crop_flip(images, *(part[local] for part in crops))
+                    images = crop_flip(images, *(part[local] for part in crops))
                 x = normalize(images, self.spec).to(self.device, non_blocking=True)
                 y = torch.from_numpy(self.train.y[indices[local]]).to(self.device)
                 with self._autocast():
@@ -587,61 +587,6 @@ def _global_batches(
     return groups, rng
 
 
-def training_batches(
-    data: ArrayDataset,
-    spec: ModelSpec,
-    batch_size: int = 256,
-    augment: Literal["auto", "cifar", "none"] = "auto",
-    seed: int = 0,
-) -> Iterator[torch.Tensor]:
-    """Normalised inputs in order, augmented as fine-tuning does: for BatchNorm recalibration.
-
-    A network's BatchNorm statistics come from augmented training images and the layers after
-    each BN are adapted to them, so re-estimating them on clean images costs accuracy: ResNet-20's
-    own statistics re-estimated on the 5,085 clean CIFAR training images score 88.6 % instead of
-    91.6 % on test_lossless_1017 (on the test images themselves 88.1 %), and on the same images
-    with crop + flip 91.4 %. The augmentation is drawn from a generator seeded by `seed`.
-    """
-    if batch_size < 1:
-        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-    rng = np.random.default_rng([seed, 0])
-    crop = _augments(augment, spec)
-    for start in range(0, len(data), batch_size):
-        images = data.x[start : start + batch_size]
-        if crop:
-            images = _crop_flip(images, *_crop_flip_params(rng, len(images)))
-        yield normalize(images, spec)
-
-
-def _augments(augment: str, spec: ModelSpec) -> bool:
-    """Whether CIFAR-style crop + flip applies ("auto": for 3×32×32 inputs)."""
-    return augment == "cifar" or (augment == "auto" and spec.input_shape == (3, 32, 32))
-
-
-def _crop_flip_params(
-    rng: np.random.Generator, n: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    offsets = rng.integers(0, 2 * CIFAR_PADDING + 1, size=(2, n))
-    return offsets[0], offsets[1], rng.random(n) < 0.5
-
-
-def _crop_flip(images: np.ndarray, top: np.ndarray, left: np.ndarray, flip: np.ndarray):
-    """Zero-pad by 4, crop back to H×W at (top, left), mirror where `flip`: CIFAR augmentation.
-
-    Vectorised over the batch by hand: torchvision's transforms draw one crop per call from the
-    global RNG, and these parameters must come from the per-epoch generator.
-    """
-    n, _, height, width = images.shape
-    pad = CIFAR_PADDING
-    padded = np.pad(images, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    rows = top[:, None] + np.arange(height)
-    cols = left[:, None] + np.arange(width)
-    cols = np.where(flip[:, None], cols[:, ::-1], cols)
-    # Advanced indices split by a slice go first: the result is N×H×W×C.
-    cropped = padded[np.arange(n)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
-    return np.ascontiguousarray(cropped.transpose(0, 3, 1, 2))
-
-
 def _fingerprint(data: ArrayDataset) -> str:
     digest = hashlib.sha256()
     digest.update(np.ascontiguousarray(data.x).data)
@@ -844,5 +789,4 @@ __all__ = [
     "finetune_config",
     "kd_loss",
     "plot_history",
-    "training_batches",
 ]

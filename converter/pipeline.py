@@ -25,8 +25,17 @@ from rankfold.converter.calibration import (
 from rankfold.converter.config import CompressConfig
 from rankfold.converter.finetune import FinetuneResult, finetune, plot_history
 from rankfold.converter.report import plot_layers, plot_search
+from rankfold.converter.search_data import calibration_from_dataset
 from rankfold.converter.ui import progress_bar
-from rankfold.models import ArrayDataset, ModelSpec, batches, check_finite, load_dataset, load_model
+from rankfold.models import (
+    ArrayDataset,
+    ModelSpec,
+    batches,
+    check_finite,
+    load_dataset,
+    load_model,
+    training_batches,
+)
 from rankfold.models import normalize as normalize_images
 from rankfold.passes import (
     DecompositionReport,
@@ -50,7 +59,7 @@ from rankfold.passes.core import (
 from rankfold.passes.latency_gate import gate_plan, round_ranks
 from rankfold.passes.plan import RankPolicy, budgeted_slots, resolve_round_to
 from rankfold.passes.recalibrate import correct_bias, has_batchnorm, recalibrate_bn
-from rankfold.passes.search import Calibration, DecompositionCache
+from rankfold.passes.search import DecompositionCache
 from rankfold.passes.selectors import PlanningContext, get_selector
 from rankfold.runtime import (
     check_onnx,
@@ -330,12 +339,15 @@ def _planning_context(
     search = config.search
     calibration = None
     if get_selector(config.ranks.select).needs_calibration and train is not None:
-        calibration = Calibration.from_dataset(
+        calibration = calibration_from_dataset(
             train,
             spec,
             samples=search.calib_samples,
             bn_samples=search.bn_samples,
             batch_size=search.batch_size,
+            seed=config.seed,
+            # Without BatchNorm the proxy corrects biases on these images: clean, as in recover.
+            augment=config.finetune.augment if has_batchnorm(original) else "none",
         )
     measured = None
     if config.ranks.latency_reduction:
@@ -427,15 +439,21 @@ def _accuracy(module: nn.Module, result: CompressionResult) -> float | None:
 
 
 def recover(result: CompressionResult, train: ArrayDataset, workdir: Path) -> None:
-    """BatchNorm recalibration (bias correction without BN), then optional fine-tuning."""
+    """BatchNorm recalibration on augmented training batches (bias correction without BN), then
+    optional fine-tuning."""
     config, spec = result.config, result.spec
     decomposed = [entry.name for entry in result.plan.decomposed()]
     if config.recalibrate and decomposed:
-        inputs = batches(train, spec, batch_size=256)
         if has_batchnorm(result.compressed):
+            # The original statistics came from augmented images (see training_batches).
+            inputs = training_batches(train, spec, 256, config.finetune.augment, config.seed)
             recalibrate_bn(result.compressed, inputs)
             result.recalibration = "batchnorm"
         else:
+            # Clean: bias correction matches the compressed model's channel means to the
+            # original's on the same inputs, so no training statistics are involved, and clean
+            # images are the distribution the model is used on.
+            inputs = batches(train, spec, batch_size=256)
             correct_bias(result.original, result.compressed, decomposed, inputs, max_batches=8)
             result.recalibration = "bias"
         result.accuracy["recalibrated"] = _accuracy(result.compressed, result)

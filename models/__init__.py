@@ -9,6 +9,7 @@ from rankfold.models.data import (
     normalize,
     read_idx,
     shared_file,
+    training_batches,
 )
 from rankfold.models.digits import (
     DIGITS_SPEC,
@@ -40,4 +41,5 @@ __all__ = [
     "sha256_file",
     "shared_file",
     "train_digits_cnn",
+    "training_batches",
 ]

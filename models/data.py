@@ -14,6 +14,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -22,6 +23,8 @@ from rankfold.models.spec import ModelSpec
 from rankfold.passes.core import ConfigError, DataError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+CIFAR_PADDING = 4
+Augment = Literal["auto", "cifar", "none"]  # auto: cifar for 3×32×32 inputs
 
 
 def data_dir() -> Path:
@@ -113,6 +116,62 @@ def batches(
     for start in range(0, len(ds), batch_size):
         stop = start + batch_size
         yield normalize(ds.x[start:stop], spec), torch.from_numpy(ds.y[start:stop].copy())
+
+
+def training_batches(
+    data: ArrayDataset,
+    spec: ModelSpec,
+    batch_size: int = 256,
+    augment: Augment = "auto",
+    seed: int = 0,
+) -> Iterator[torch.Tensor]:
+    """Normalised inputs in order, augmented as fine-tuning does: for BatchNorm recalibration.
+
+    A network's BatchNorm statistics come from augmented training images and the layers after
+    each BN are adapted to them, so re-estimating them on clean images costs accuracy: ResNet-20's
+    own statistics re-estimated on the 5,085 clean CIFAR training images score 88.6 % instead of
+    91.6 % on test_lossless_1017 (on the test images themselves 88.1 %), and on the same images
+    with crop + flip 91.4 %. The augmentation is drawn from a generator seeded by `seed`.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    rng = np.random.default_rng([seed, 0])
+    crop = augments(augment, spec)
+    for start in range(0, len(data), batch_size):
+        images = data.x[start : start + batch_size]
+        if crop:
+            images = crop_flip(images, *crop_flip_params(rng, len(images)))
+        yield normalize(images, spec)
+
+
+def augments(augment: Augment, spec: ModelSpec) -> bool:
+    """Whether CIFAR-style crop + flip applies ("auto": for 3×32×32 inputs)."""
+    return augment == "cifar" or (augment == "auto" and spec.input_shape == (3, 32, 32))
+
+
+def crop_flip_params(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random crop offsets (top, left) into the padded image and horizontal flips for `n` images."""
+    offsets = rng.integers(0, 2 * CIFAR_PADDING + 1, size=(2, n))
+    return offsets[0], offsets[1], rng.random(n) < 0.5
+
+
+def crop_flip(
+    images: np.ndarray, top: np.ndarray, left: np.ndarray, flip: np.ndarray
+) -> np.ndarray:
+    """Zero-pad by 4, crop back to H×W at (top, left), mirror where `flip`: CIFAR augmentation.
+
+    Vectorised over the batch by hand: torchvision's transforms draw one crop per call from the
+    global RNG, and these parameters must come from the caller's seeded generator.
+    """
+    n, _, height, width = images.shape
+    pad = CIFAR_PADDING
+    padded = np.pad(images, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    rows = top[:, None] + np.arange(height)
+    cols = left[:, None] + np.arange(width)
+    cols = np.where(flip[:, None], cols[:, ::-1], cols)
+    # Advanced indices split by a slice go first: the result is N×H×W×C.
+    cropped = padded[np.arange(n)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    return np.ascontiguousarray(cropped.transpose(0, 3, 1, 2))
 
 
 def read_idx(path: str | Path) -> np.ndarray:

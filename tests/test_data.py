@@ -22,7 +22,9 @@ from rankfold.models import (
     normalize,
     read_idx,
     shared_file,
+    training_batches,
 )
+from rankfold.models.data import crop_flip
 from rankfold.models.digits import DIGITS_MEAN, DIGITS_STD
 from rankfold.models.spec import IMAGENET_MEAN, IMAGENET_STD
 from rankfold.passes.core import ConfigError, DataError
@@ -118,6 +120,39 @@ def test_batches_in_order() -> None:
     torch.testing.assert_close(torch.cat([x for x, _ in got]), expected, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         next(batches(ds, spec, batch_size=0))
+
+
+# ---------------------------------------------------------------- augmented training batches
+
+
+def test_cifar_augmentation_crops_with_zero_padding_and_flips() -> None:
+    images = np.arange(2 * 3 * 12 * 12, dtype=np.int64).reshape(2, 3, 12, 12).astype(np.uint8)
+    centre = crop_flip(images, np.array([4, 0]), np.array([4, 8]), np.array([False, True]))
+    assert centre.shape == images.shape and centre.dtype == np.uint8
+    np.testing.assert_array_equal(centre[0], images[0])  # offset 4 of padding 4: unchanged
+    # Second image: 4 rows of zero padding on top, shifted 4 columns left, then mirrored.
+    np.testing.assert_array_equal(centre[1, :, :4], 0)
+    shifted = np.zeros((3, 12, 12), dtype=np.uint8)
+    shifted[:, 4:, :8] = images[1, :, :8, 4:]
+    np.testing.assert_array_equal(centre[1], shifted[:, :, ::-1])
+
+
+def test_training_batches_augment_reproducibly() -> None:
+    train = _toy(128, (3, 12, 12))
+    spec = ModelSpec("toy", (3, 12, 12), 10, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    plain = list(training_batches(train, spec, batch_size=50, augment="none"))
+    assert [len(x) for x in plain] == [50, 50, 28]
+    torch.testing.assert_close(torch.cat(plain), normalize(train.x, spec), atol=0, rtol=0)
+    first = torch.cat(list(training_batches(train, spec, 50, augment="cifar", seed=3)))
+    again = torch.cat(list(training_batches(train, spec, 50, augment="cifar", seed=3)))
+    other = torch.cat(list(training_batches(train, spec, 50, augment="cifar", seed=4)))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert not torch.equal(first, torch.cat(plain))
+    # "auto" augments only 3×32×32 inputs (CIFAR); these 12×12 images stay as they are.
+    auto = torch.cat(list(training_batches(train, spec, 50, augment="auto", seed=3)))
+    assert torch.equal(auto, torch.cat(plain))
+    with pytest.raises(ConfigError, match="batch size must be >= 1"):
+        next(training_batches(train, spec, batch_size=0))
 
 
 # ---------------------------------------------------------------- load_dataset: npz

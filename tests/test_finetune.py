@@ -13,7 +13,6 @@ import torch
 from planning_helpers import plan_of
 from torch import nn
 
-from rankfold.converter import finetune as ft
 from rankfold.converter.finetune import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
@@ -350,18 +349,6 @@ def test_zero_epochs_is_a_no_op(tmp_path: Path) -> None:
     assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())
 
 
-def test_cifar_augmentation_crops_with_zero_padding_and_flips() -> None:
-    images = np.arange(2 * 3 * 12 * 12, dtype=np.int64).reshape(2, 3, 12, 12).astype(np.uint8)
-    centre = ft._crop_flip(images, np.array([4, 0]), np.array([4, 8]), np.array([False, True]))
-    assert centre.shape == images.shape and centre.dtype == np.uint8
-    np.testing.assert_array_equal(centre[0], images[0])  # offset 4 of padding 4: unchanged
-    # Second image: 4 rows of zero padding on top, shifted 4 columns left, then mirrored.
-    np.testing.assert_array_equal(centre[1, :, :4], 0)
-    shifted = np.zeros((3, 12, 12), dtype=np.uint8)
-    shifted[:, 4:, :8] = images[1, :, :8, 4:]
-    np.testing.assert_array_equal(centre[1], shifted[:, :, ::-1])
-
-
 def test_plot_history_writes_a_png(tmp_path: Path) -> None:
     history = [
         {"epoch": 1, "loss": 1.0, "train_accuracy": 0.5, "eval_accuracy": 0.6, "lr": 0.01},
@@ -405,18 +392,3 @@ def test_finetuning_recovers_digits_accuracy(tmp_path: Path) -> None:
     accuracy["finetuned"] = torch_accuracy(compressed, batches(test, DIGITS_SPEC))
     assert accuracy["finetuned"] == pytest.approx(result.best_accuracy)
     assert accuracy["finetuned"] >= accuracy["original"] - 0.02, accuracy
-
-
-def test_training_batches_augment_reproducibly() -> None:
-    spec = dataclasses.replace(SPEC, input_shape=(3, 12, 12))
-    plain = list(ft.training_batches(TRAIN, spec, batch_size=50, augment="none"))
-    assert [len(x) for x in plain] == [50, 50, 28]
-    torch.testing.assert_close(torch.cat(plain), ft.normalize(TRAIN.x, spec), atol=0, rtol=0)
-    first = torch.cat(list(ft.training_batches(TRAIN, spec, 50, augment="cifar", seed=3)))
-    again = torch.cat(list(ft.training_batches(TRAIN, spec, 50, augment="cifar", seed=3)))
-    other = torch.cat(list(ft.training_batches(TRAIN, spec, 50, augment="cifar", seed=4)))
-    assert torch.equal(first, again) and not torch.equal(first, other)
-    assert not torch.equal(first, torch.cat(plain))
-    # "auto" augments only 3×32×32 inputs (CIFAR); these 12×12 images stay as they are.
-    auto = torch.cat(list(ft.training_batches(TRAIN, spec, 50, augment="auto", seed=3)))
-    assert torch.equal(auto, torch.cat(plain))

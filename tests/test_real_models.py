@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
+import torch
 
-from rankfold.converter import CompressConfig, LatencyConfig, run_compress
+from rankfold.converter import CompressConfig, LatencyConfig, compress, run_compress
 from rankfold.converter.finetune import FinetuneConfig
+from rankfold.models import batches, load_dataset, load_model
 from rankfold.passes import RankPolicy
+from rankfold.passes.recalibrate import recalibrate_bn
+from rankfold.runtime import torch_accuracy
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +38,7 @@ def test_resnet20_each_method_at_2x(data_dir, tmp_path, method):
 
 
 def test_resnet20_tucker2_at_2x_recovers_to_80_percent(data_dir, tmp_path):
-    """Uniform Tucker-2 at 2× loses most accuracy; recalibration + one distilled epoch bring it back."""
+    """Uniform Tucker-2 at 2× loses most accuracy; recalibration + 1 distilled epoch win it back."""
     config = CompressConfig(
         model="resnet20",
         weights=data_dir / "weights/resnet20-12fca82f.th",
@@ -53,3 +58,25 @@ def test_resnet20_tucker2_at_2x_recovers_to_80_percent(data_dir, tmp_path):
     assert report["onnx"]["accuracy"] == pytest.approx(compressed["accuracy_finetuned"], abs=0.002)
     assert report["recovery"]["recalibration"] == "batchnorm"
     assert (tmp_path / "finetune.png").stat().st_size > 0
+
+
+def test_resnet20_cp_recalibrates_batchnorm_on_augmented_batches(data_dir):
+    """As the benchmarks do: crop + flip batches beat clean ones (measured 90.95 vs 86.33 %)."""
+    model, spec = load_model("resnet20", data_dir / "weights/resnet20-12fca82f.th")
+    config = CompressConfig(
+        model="resnet20",
+        eval_data=data_dir / "cifar10/test_lossless_1017.npz",
+        train_data=data_dir / "cifar10/train_lossless_5085.npz",
+        ranks=RankPolicy(method="cp", macs_reduction=2.0),
+        latency=LatencyConfig(enabled=False),
+    )
+    result = compress(model, torch.zeros(1, *spec.input_shape), config, spec)
+    assert result.recalibration == "batchnorm"
+    clean = copy.deepcopy(result.compressed)
+    train = load_dataset(config.train_data, spec)
+    recalibrate_bn(clean, batches(train, spec, 256))
+    clean_accuracy = torch_accuracy(clean, batches(result.eval_data, spec))
+    assert result.accuracy["recalibrated"] >= clean_accuracy + 0.03, (
+        result.accuracy,
+        clean_accuracy,
+    )

@@ -227,8 +227,7 @@ def test_bias_correction_bad_inputs() -> None:
 @pytest.mark.slow
 def test_resnet20_statistics_need_the_training_augmentation(data_dir) -> None:
     """Re-estimating the original's own BN statistics: clean images cost accuracy, crop+flip not."""
-    from rankfold.converter.finetune import training_batches
-    from rankfold.models import batches, load_dataset, load_model
+    from rankfold.models import batches, load_dataset, load_model, training_batches
     from rankfold.runtime import torch_accuracy
 
     model, spec = load_model("resnet20", data_dir / "weights/resnet20-12fca82f.th")

@@ -16,14 +16,21 @@ import torch
 from planning_helpers import resolve
 
 from rankfold.converter.report import plot_search
-from rankfold.models import DIGITS_SPEC, digits_splits, train_digits_cnn
+from rankfold.converter.search_data import calibration_from_dataset
+from rankfold.models import (
+    DIGITS_SPEC,
+    digits_splits,
+    load_dataset,
+    load_model,
+    normalize,
+    train_digits_cnn,
+)
 from rankfold.passes import analyze, decompose, plan_cost, trace
 from rankfold.passes.core import ConfigError
 from rankfold.passes.methods import get_method
 from rankfold.passes.plan import RankPolicy, draft_plan
 from rankfold.passes.search import (
     HOST,
-    Calibration,
     DecompositionCache,
     Evaluator,
     SearchConfig,
@@ -42,7 +49,7 @@ def digits():
     model = train_digits_cnn(epochs=3)
     gm = trace(model, torch.zeros(1, *DIGITS_SPEC.input_shape))
     train, _ = digits_splits()
-    calibration = Calibration.from_dataset(train, DIGITS_SPEC, samples=300, bn_samples=200)
+    calibration = calibration_from_dataset(train, DIGITS_SPEC, samples=300, bn_samples=200)
     return gm, analyze(gm), calibration
 
 
@@ -52,11 +59,30 @@ def _policy(**kwargs) -> RankPolicy:
 
 def test_calibration_splits_are_disjoint_then_shared():
     train, _ = digits_splits()
-    calibration = Calibration.from_dataset(train, DIGITS_SPEC, samples=300, bn_samples=200)
+    calibration = calibration_from_dataset(train, DIGITS_SPEC, samples=300, bn_samples=200)
     assert len(calibration.inputs) == 300 and len(calibration.bn_inputs) == 200
     assert torch.equal(calibration.labels, torch.from_numpy(train.y[200:500]))
-    small = Calibration.from_dataset(train.subset(250), DIGITS_SPEC, samples=300, bn_samples=200)
+    small = calibration_from_dataset(train.subset(250), DIGITS_SPEC, samples=300, bn_samples=200)
     assert len(small.inputs) == 250 and len(small.bn_inputs) == 200
+
+
+def test_calibration_recalibrates_on_augmented_and_scores_on_clean_images(data_dir):
+    _, spec = load_model("resnet20")
+    train = load_dataset(data_dir / "cifar10/train_lossless_5085.npz", spec, limit=300)
+    calibration = calibration_from_dataset(train, spec, samples=100, bn_samples=200, seed=5)
+    # Scored on the clean images, exactly; recalibrated on crop + flip of the first 200.
+    torch.testing.assert_close(calibration.inputs, normalize(train.x[200:], spec), atol=0, rtol=0)
+    clean = normalize(train.x[:200], spec)
+    assert calibration.bn_inputs.shape == clean.shape
+    changed = (calibration.bn_inputs != clean).flatten(1).any(1)
+    assert changed.float().mean() > 0.8  # a crop at offset (4, 4) without a flip is the image
+    again = calibration_from_dataset(train, spec, samples=100, bn_samples=200, seed=5)
+    other = calibration_from_dataset(train, spec, samples=100, bn_samples=200, seed=6)
+    assert torch.equal(calibration.bn_inputs, again.bn_inputs)
+    assert not torch.equal(calibration.bn_inputs, other.bn_inputs)
+    assert calibration.digest() == again.digest() != other.digest()
+    plain = calibration_from_dataset(train, spec, 100, 200, seed=5, augment="none")
+    torch.testing.assert_close(plain.bn_inputs, clean, atol=0, rtol=0)
 
 
 def test_cached_blocks_equal_decompose_and_are_reused_from_disk(digits, tmp_path):

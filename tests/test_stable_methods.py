@@ -23,8 +23,7 @@ from rankfold.passes import (
 from rankfold.passes.blocks import merge_in, merge_out
 from rankfold.passes.core import PlanError
 from rankfold.passes.factorizations import max_cp_rank
-from rankfold.passes.methods import METHODS, cp_tensor
-from rankfold.passes.methods import CPEPCMethod, Tucker2CPMethod
+from rankfold.passes.methods import METHODS, CPEPCMethod, Tucker2CPMethod, cp_tensor
 from rankfold.runtime import check_parity, export_onnx
 
 BOUND = 1.0 + 1e-6  # allowed relative excess of EPC's error over the ALS error

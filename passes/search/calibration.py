@@ -5,14 +5,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from rankfold.passes.core import ConfigError, DataError
-
-if TYPE_CHECKING:
-    from rankfold.models import ArrayDataset, ModelSpec
 
 
 @dataclass
@@ -39,36 +35,6 @@ class Calibration:
         if self.batch_size < 1:
             raise ConfigError(f"calibration batch_size must be >= 1, got {self.batch_size}")
         self.labels = self.labels.to(torch.int64)
-
-    @classmethod
-    def from_dataset(
-        cls,
-        data: ArrayDataset,
-        spec: ModelSpec,
-        samples: int = 1024,
-        bn_samples: int = 512,
-        batch_size: int = 128,
-    ) -> Calibration:
-        """The first `bn_samples` images recalibrate, the next `samples` score the proxy.
-
-        A dataset smaller than both together is shared: the first `bn_samples` recalibrate, the
-        last `samples` score.
-        """
-        from rankfold.models import normalize
-
-        n = len(data)
-        bn = slice(0, min(bn_samples, n))
-        proxy = (
-            slice(bn_samples, bn_samples + samples)
-            if n >= samples + bn_samples
-            else slice(max(n - samples, 0), n)
-        )
-        return cls(
-            inputs=normalize(data.x[proxy], spec),
-            labels=torch.from_numpy(data.y[proxy].copy()),
-            bn_inputs=normalize(data.x[bn], spec),
-            batch_size=batch_size,
-        )
 
     def bn_batches(self) -> Iterator[torch.Tensor]:
         for start in range(0, len(self.bn_inputs), self.batch_size):
