@@ -218,7 +218,11 @@ def test_a_method_from_an_installed_package_lists_and_runs_from_the_cli(plugin_s
     assert run.returncode == 0, run.stderr
     report = json.loads((out / "report.json").read_text())
     decomposed = [row for row in report["layers"] if row["status"] == "decomposed"]
-    assert decomposed and all(row["method"] == "svd-plugin" for row in decomposed)
+    # A Linear layer is a matrix: every method hands it to svd (method_for_layer).
+    assert {row["type"]: row["method"] for row in decomposed} == {
+        "Conv2d": "svd-plugin",
+        "Linear": "svd",
+    }
     assert all(row["rank"] == [4] for row in decomposed)
     assert report["onnx"]["parity_passed"] and report["macs_reduction"] > 1.0
     broken = _rankfold(

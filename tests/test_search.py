@@ -300,7 +300,9 @@ RUNNER = textwrap.dedent(
     policy = RankPolicy(
         method="tucker2", min_macs_share=0, select="pars", macs_reduction=3.0, round_to=None
     )
-    context = PlanningContext(gm=gm, calibration=payload["calibration"], search=search)
+    context = PlanningContext(
+        gm=gm, calibration=payload["calibration"], search=search, model_name="digits"
+    )
     select_ranks(analyze(gm), policy, context)
     """
 )
