@@ -231,90 +231,10 @@ def compress(
             atomic_write_text(print_config, text)
         return
     from rankfold.converter.pipeline import run_compress
+    from rankfold.converter.summary import print_summary
 
     result = run_compress(settings, out)
-    _print_summary(result.report, out)
-
-
-def _print_summary(report: dict[str, Any], out: Path) -> None:
-    from rich.table import Table
-
-    from rankfold.converter.ui import console
-
-    table = Table(title=f"{report['model']} — {report['method']}")
-    table.add_column("layer")
-    table.add_column("method")
-    table.add_column("rank")
-    table.add_column("MACs", justify="right")
-    table.add_column("rel. error", justify="right")
-    table.add_column("status / reason")
-    for row in report["layers"]:
-        table.add_row(
-            row["name"],
-            row["method"] or "-",
-            "×".join(map(str, row["rank"] or [])) or "-",
-            f"{row['original_macs']:,} → {row['macs']:,}",
-            "-" if row["rel_error"] is None else f"{row['rel_error']:.3f}",
-            row["reason"] if row["status"] == "skipped" else row["status"],
-        )
-    console.print(table)
-    acc = lambda v: "n/a" if v is None else f"{v:.2%}"  # noqa: E731
-    lines = [
-        f"MACs {report['original']['macs']:,} → {report['compressed']['macs']:,} "
-        f"({report['macs_reduction']:.2f}×), params {report['params_reduction']:.2f}× fewer",
-        f"accuracy: original {acc(report['original']['accuracy'])}, decomposed "
-        f"{acc(report['compressed']['accuracy_decomposed'])}, recalibrated "
-        f"{acc(report['compressed']['accuracy_recalibrated'])}, fine-tuned "
-        f"{acc(report['compressed']['accuracy_finetuned'])}, "
-        f"ONNX {acc(report['onnx']['accuracy'])}",
-        f"ONNX parity: max abs diff {report['onnx']['max_abs_diff']:.2e} "
-        f"(tolerance {report['onnx']['atol']:.0e})",
-    ]
-    gate = (report.get("selection") or {}).get("latency_gate")
-    if gate:
-        where = f"{gate['provider']}, batch {','.join(map(str, gate['batch']))}"
-        lines.append(
-            f"latency gate ({where}, margin {gate['margin']:.0%}): {len(gate['reverted'])} "
-            f"layer(s) kept whole, {len(gate['rounded'])} rank(s) rounded, "
-            f"{gate['measurements']} new timings"
-            if gate["gate"]
-            else f"measured rank rounding ({where}, multiple of {gate['round_to']}): "
-            f"{len(gate['rounded'])} rank(s) rounded, {gate['measurements']} new timings"
-        )
-    calibration = (report.get("selection") or {}).get("latency_calibration")
-    if calibration and "skipped" in calibration:
-        lines.append(f"latency calibration skipped: {calibration['skipped']}")
-    elif calibration:
-        steps = ", ".join(
-            f"{r['requested']:.2f}× → {r['measured']:.2f}×"
-            if r["measured"]
-            else f"{r['requested']:.2f}× out of reach"
-            for r in calibration["rounds"]
-        )
-        lines.append(
-            f"latency calibration ({calibration['provider']}, batch {calibration['batch']}, "
-            f"table → whole model): {steps}; kept {calibration['requested']:.2f}× "
-            f"(measured {calibration['measured']:.2f}× for target {calibration['target']:.2f}×)"
-        )
-    if report.get("cleanup"):
-        done = report["cleanup"]["compressed"]
-        lines.append(
-            f"clean-up before export: {done['batchnorms_folded']} BatchNorm(s) folded into convs, "
-            f"{done['batchnorms_folded_into_blocks']} into blocks, {done['convs_merged']} 1×1 "
-            f"pair(s) merged, {done['identities_dropped']} identity op(s) dropped"
-        )
-    if report["latency"]:
-        for row in report["latency"]["per_batch"]:
-            lines.append(
-                f"latency ({report['latency']['provider']}, batch {row['batch']}): "
-                f"{row['original_ms']:.2f} ms → {row['compressed_ms']:.2f} ms "
-                f"(speedup {row['speedup']:.2f}×)"
-            )
-    lines.append(
-        f"wrote {out}/: model.onnx original.onnx plan.json model.pt report.json layers.png"
-    )
-    for line in lines:
-        console.print(line)
+    print_summary(result.report, out)
 
 
 @app.command()
@@ -457,6 +377,7 @@ def demo(
 ) -> None:
     """Offline demo: train a CNN on scikit-learn's digits, compress, fine-tune, export, validate."""
     from rankfold.converter.demo import run_demo
+    from rankfold.converter.summary import print_summary
 
     report = run_demo(
         out,
@@ -466,7 +387,7 @@ def demo(
         finetune_epochs=finetune_epochs,
         latency_gate=latency_gate,
     )
-    _print_summary(report, out)
+    print_summary(report, out)
 
 
 def main() -> None:

@@ -25,6 +25,18 @@ from rankfold.converter.calibration import (
 from rankfold.converter.config import CompressConfig
 from rankfold.converter.finetune import FinetuneResult, finetune, plot_history
 from rankfold.converter.report import plot_layers, plot_search
+from rankfold.converter.results import (
+    CompressedModel,
+    EvalData,
+    Latency,
+    LatencyRow,
+    LayerRow,
+    OnnxCheck,
+    OriginalModel,
+    Recovery,
+    Report,
+    SelectionReport,
+)
 from rankfold.converter.search_data import calibration_from_dataset
 from rankfold.converter.ui import progress_bar
 from rankfold.models import (
@@ -62,6 +74,8 @@ from rankfold.passes.recalibrate import correct_bias, has_batchnorm, recalibrate
 from rankfold.passes.search import DecompositionCache
 from rankfold.passes.selectors import PlanningContext, get_selector
 from rankfold.runtime import (
+    LatencyResult,
+    ParityReport,
     check_onnx,
     check_parity,
     compare_latency,
@@ -76,6 +90,27 @@ MODEL_FILE_FORMAT = "rankfold-model-1"
 
 
 @dataclass
+class Artifacts:
+    """The files `CompressionResult.save` wrote."""
+
+    plan: Path
+    model: Path  # model.pt: weights + plan, see `restore`
+    original_onnx: Path
+    model_onnx: Path
+    cleanup: dict[str, dict[str, int]] | None  # what the export clean-up did, per model
+
+
+@dataclass
+class Validation:
+    """What `validate` measured on the exported files."""
+
+    opset: int
+    parity: ParityReport
+    accuracy: float | None  # model.onnx on the evaluation data
+    latency: list[LatencyResult] | None  # side by side with original.onnx, per batch size
+
+
+@dataclass
 class CompressionResult:
     """The compressed model, how it was made, and what was measured so far."""
 
@@ -87,92 +122,152 @@ class CompressionResult:
     plan: Plan
     decomposition: DecompositionReport
     example_input: torch.Tensor
+    selection: SelectionReport
     eval_data: ArrayDataset | None = None
     accuracy: dict[str, float | None] = field(default_factory=dict)
     recalibration: str | None = None  # "batchnorm" | "bias" when recovery ran
-    cleanup: dict[str, dict[str, int]] | None = None  # what the export clean-up did
     finetuning: FinetuneResult | None = None
-    selection: dict[str, Any] = field(default_factory=dict)
-    report: dict[str, Any] = field(default_factory=dict)
+    report: Report | None = None  # set by `run_compress` (see `to_report`)
 
-    def save(self, out_dir: str | Path) -> dict[str, Any]:
-        """Write plan.json, model.pt, original.onnx, model.onnx, report.json and layers.png.
+    def save(self, out_dir: str | Path) -> Artifacts:
+        """Write plan.json, model.pt, original.onnx and model.onnx; nothing is measured here.
 
-        Clean-up (BN folding, 1×1 merging, identity dropping; on both models, so latency compares
-        like with like), export, ONNX check, parity of model.onnx with the uncleaned PyTorch
-        model, ONNX accuracy and latency happen here. When parity fails the report is still
-        written, then a ValidationError is raised.
+        Both models are cleaned up before export (BN folding, 1×1 merging, identity dropping),
+        so latency compares like with like; `validate` checks model.onnx against the uncleaned
+        PyTorch model.
         """
         out = prepare_output_dir(out_dir)
-        latency_cfg = self.config.latency
-        if latency_cfg.enabled:
-            get_backend(latency_cfg.provider).check()  # an unusable provider fails before any work
-        self.plan.save(out / "plan.json")
-        save_model(self, out / "model.pt")
-        original_onnx, model_onnx = out / "original.onnx", out / "model.onnx"
+        artifacts = Artifacts(
+            plan=self.plan.save(out / "plan.json"),
+            model=save_model(self, out / "model.pt"),
+            original_onnx=out / "original.onnx",
+            model_onnx=out / "model.onnx",
+            cleanup=None,
+        )
         counts = {
             name: export_as_deployed(module, self.example_input, path, self.config.export)
             for name, module, path in (
-                ("original", self.original, original_onnx),
-                ("compressed", self.compressed, model_onnx),
+                ("original", self.original, artifacts.original_onnx),
+                ("compressed", self.compressed, artifacts.model_onnx),
             )
         }
         if self.config.export.cleanup:
-            self.cleanup = counts
-        check_onnx(original_onnx)
-        onnx_opset = check_onnx(model_onnx)
-        provider = latency_cfg.provider
-        parity = check_parity(
-            self.compressed,
-            model_onnx,
-            self._parity_inputs(),
-            provider=provider,
-            atol=self.config.export.atol,
-        )
-        onnx_acc = None
-        if self.eval_data is not None and self.spec is not None:
-            onnx_acc = onnx_accuracy(
-                model_onnx, batches(self.eval_data, self.spec), provider=provider
-            )
-        latency = None
-        if latency_cfg.enabled:
-            shape = tuple(self.example_input.shape[1:])
-            runs = len(latency_cfg.batch) * 2 * latency_cfg.repeats
-            with progress_bar("latency", total=runs) as advance:
-                latency = compare_latency(
-                    original_onnx,
-                    model_onnx,
-                    shape,
-                    latency_cfg.batch,
-                    provider=provider,
-                    warmup=latency_cfg.warmup,
-                    repeats=latency_cfg.repeats,
-                    threads=latency_cfg.threads,
-                    progress=lambda _: advance(),
-                )
-        self.report = build_report(self, model_onnx, onnx_opset, parity, onnx_acc, latency)
-        atomic_write_json(out / "report.json", self.report)
-        plot_layers(
-            self.report["layers"],
-            out / "layers.png",
-            f"{self.config.model}: {self.plan.method}, "
-            f"{self.report['macs_reduction']:.2f}× fewer MACs",
-        )
-        if self.selection.get("selector") == "pars":
-            plot_search(self.selection, out / "search.png")
-        if self.finetuning is not None and self.finetuning.history:
-            title = f"{self.config.model}: fine-tuning"
-            plot_history(self.finetuning.history, out / "finetune.png", title)
-        if not parity.passed:
-            raise parity_error(parity)
-        return self.report
+            artifacts.cleanup = counts
+        return artifacts
 
-    def _parity_inputs(self) -> torch.Tensor:
+    def to_report(self, artifacts: Artifacts, validation: Validation) -> Report:
+        """The typed report of this run (report.json's content)."""
+        analysis, plan = self.analysis, self.plan
+        cost = plan_cost(analysis, plan)
+        parity, latency = validation.parity, validation.latency
+        return Report(
+            model=self.config.model,
+            method=plan.method,
+            target=plan.target,
+            original=OriginalModel(
+                params=analysis.total_params,
+                macs=analysis.total_macs,
+                accuracy=self.accuracy.get("original"),
+            ),
+            compressed=CompressedModel(
+                params=cost.params,
+                macs=cost.macs,
+                accuracy_decomposed=self.accuracy.get("decomposed"),
+                accuracy_recalibrated=self.accuracy.get("recalibrated"),
+                accuracy_finetuned=self.accuracy.get("finetuned"),
+            ),
+            selection=self.selection,
+            cleanup=artifacts.cleanup,
+            recovery=Recovery(
+                recalibration=self.recalibration,
+                finetune=None if self.finetuning is None else self.finetuning.to_dict(),
+            ),
+            macs_reduction=analysis.total_macs / cost.macs,
+            params_reduction=analysis.total_params / cost.params,
+            onnx=OnnxCheck(
+                path=str(artifacts.model_onnx),
+                opset=validation.opset,
+                max_abs_diff=parity.max_abs_diff,
+                max_rel_diff=parity.max_rel_diff,
+                atol=parity.atol,
+                parity_passed=parity.passed,
+                accuracy=validation.accuracy,
+            ),
+            latency=None
+            if not latency
+            else Latency(
+                provider=self.config.latency.provider,
+                batch=latency[0].batch,
+                original_ms=latency[0].original_ms,
+                compressed_ms=latency[0].compressed_ms,
+                speedup=latency[0].speedup,
+                per_batch=[LatencyRow(**row.to_dict()) for row in latency],
+            ),
+            eval_data=None
+            if self.eval_data is None
+            else EvalData(path=str(self.config.eval_data), samples=len(self.eval_data)),
+            layers=[LayerRow(**row.to_dict()) for row in self.decomposition.layers],
+        )
+
+    def parity_inputs(self) -> torch.Tensor:
+        """Evaluation images (normalised) when there are any, else seeded random inputs."""
         n = self.config.export.parity_samples
         if self.eval_data is not None and self.spec is not None:
             return normalize_images(self.eval_data.x[:n], self.spec)
         generator = torch.Generator().manual_seed(self.config.seed)
         return torch.randn((n, *self.example_input.shape[1:]), generator=generator)
+
+
+def validate(result: CompressionResult, artifacts: Artifacts) -> Validation:
+    """Check what `save` wrote: the ONNX checker on both files, parity of model.onnx with the
+    uncleaned PyTorch model, its accuracy on the evaluation data, and latency side by side with
+    the original on `config.latency`'s provider and batch sizes."""
+    config = result.config
+    check_onnx(artifacts.original_onnx)
+    opset = check_onnx(artifacts.model_onnx)
+    provider = config.latency.provider
+    parity = check_parity(
+        result.compressed,
+        artifacts.model_onnx,
+        result.parity_inputs(),
+        provider=provider,
+        atol=config.export.atol,
+    )
+    accuracy = None
+    if result.eval_data is not None and result.spec is not None:
+        accuracy = onnx_accuracy(
+            artifacts.model_onnx, batches(result.eval_data, result.spec), provider=provider
+        )
+    latency = None
+    if config.latency.enabled:
+        settings = config.latency
+        with progress_bar("latency", total=len(settings.batch) * 2 * settings.repeats) as advance:
+            latency = compare_latency(
+                artifacts.original_onnx,
+                artifacts.model_onnx,
+                tuple(result.example_input.shape[1:]),
+                settings.batch,
+                provider=provider,
+                warmup=settings.warmup,
+                repeats=settings.repeats,
+                threads=settings.threads,
+                progress=lambda _: advance(),
+            )
+    return Validation(opset=opset, parity=parity, accuracy=accuracy, latency=latency)
+
+
+def write_report(result: CompressionResult, report: Report, out_dir: str | Path) -> None:
+    """report.json and the plots, rendered from the typed report."""
+    out = Path(out_dir)
+    atomic_write_json(out / "report.json", report.to_json())
+    title = f"{report.model}: {report.method}, {report.macs_reduction:.2f}× fewer MACs"
+    plot_layers(report.layers, out / "layers.png", title)
+    if report.selection.selector == "pars":
+        plot_search(report.selection.details, out / "search.png")
+    if result.finetuning is not None and result.finetuning.history:
+        plot_history(
+            result.finetuning.history, out / "finetune.png", f"{report.model}: fine-tuning"
+        )
 
 
 def backend_round_to(config: CompressConfig) -> int | None:
@@ -267,7 +362,7 @@ def _choose_plan(
     spec: ModelSpec | None,
     train: ArrayDataset | None,
     table: LatencyTable | None,
-) -> tuple[Plan, dict[str, Any], DecompositionCache | None]:
+) -> tuple[Plan, SelectionReport, DecompositionCache | None]:
     """The plan to decompose with, how it was chosen, and the decomposition cache the selector
     filled (the final decomposition reuses it).
 
@@ -275,7 +370,8 @@ def _choose_plan(
     the latency gate, then (for a latency budget) calibration against whole-model timings.
     """
     if config.plan is not None:
-        return Plan.load(config.plan), {"selector": "plan file", "path": str(config.plan)}, None
+        chosen = SelectionReport(selector="plan file", path=str(config.plan))
+        return Plan.load(config.plan), chosen, None
     policy = config.ranks
     context = _planning_context(original, analysis, config, spec, train, table)
 
@@ -290,7 +386,8 @@ def _choose_plan(
         return plan, summary
 
     if context.measured is None or config.latency.calibrate == 0:
-        return (*planned(policy), context.cache)
+        plan, selection = planned(policy)
+        return plan, SelectionReport.model_validate(selection), context.cache
     if policy.select == "pars" and config.search.storage is not None:
         # A stored study is keyed by its budget; a calibrated one moves with timing noise, and
         # the next run could not resume the study.
@@ -300,7 +397,7 @@ def _choose_plan(
             "with timing noise (and the study could not resume): the per-layer table's budget "
             "is used"
         }
-        return plan, selection, context.cache
+        return plan, SelectionReport.model_validate(selection), context.cache
     # Uniform allocation re-plans in milliseconds; a search would run again every round, so
     # the other selectors run once, at the reduction the uniform rounds found.
     proxy = policy.select != "uniform"
@@ -323,7 +420,7 @@ def _choose_plan(
             plan, selection = planned_at(calibrated.requested, policy.select)
             summary["measured"] = timer(plan, f"{policy.select} plan").measured
     selection["latency_calibration"] = summary
-    return plan, selection, context.cache
+    return plan, SelectionReport.model_validate(selection), context.cache
 
 
 def _planning_context(
@@ -475,69 +572,23 @@ def recover(result: CompressionResult, train: ArrayDataset, workdir: Path) -> No
 
 
 def run_compress(config: CompressConfig, out_dir: str | Path) -> CompressionResult:
-    """The CLI's `compress`: load the model by name, compress, save, validate."""
+    """The CLI's `compress`: load the model by name, compress, save, validate, report.
+
+    When parity fails, the report is still written, then a ValidationError is raised.
+    """
     prepare_output_dir(out_dir)  # an unwritable --out fails before minutes of work
+    if config.latency.enabled:
+        get_backend(config.latency.provider).check()  # an unusable provider fails before any work
     model, spec = load_model(config.model, config.weights, config.input_shape)
     example = torch.zeros(1, *spec.input_shape)
     result = compress(model, example, config, spec, workdir=out_dir)
-    result.save(out_dir)
+    artifacts = result.save(out_dir)
+    validation = validate(result, artifacts)
+    result.report = result.to_report(artifacts, validation)
+    write_report(result, result.report, out_dir)
+    if not validation.parity.passed:
+        raise parity_error(validation.parity)
     return result
-
-
-def build_report(
-    result: CompressionResult, model_onnx: Path, opset: int, parity, onnx_acc, latency
-) -> dict[str, Any]:
-    analysis, plan = result.analysis, result.plan
-    cost = plan_cost(analysis, plan)
-    first = latency[0] if latency else None
-    return {
-        "model": result.config.model,
-        "method": plan.method,
-        "target": plan.target,
-        "original": {
-            "params": analysis.total_params,
-            "macs": analysis.total_macs,
-            "accuracy": result.accuracy.get("original"),
-        },
-        "compressed": {
-            "params": cost.params,
-            "macs": cost.macs,
-            "accuracy_decomposed": result.accuracy.get("decomposed"),
-            "accuracy_recalibrated": result.accuracy.get("recalibrated"),
-            "accuracy_finetuned": result.accuracy.get("finetuned"),
-        },
-        "selection": result.selection,
-        "cleanup": result.cleanup,
-        "recovery": {
-            "recalibration": result.recalibration,
-            "finetune": None if result.finetuning is None else result.finetuning.to_dict(),
-        },
-        "macs_reduction": analysis.total_macs / cost.macs,
-        "params_reduction": analysis.total_params / cost.params,
-        "onnx": {
-            "path": str(model_onnx),
-            "opset": opset,
-            "max_abs_diff": parity.max_abs_diff,
-            "max_rel_diff": parity.max_rel_diff,
-            "atol": parity.atol,
-            "parity_passed": parity.passed,
-            "accuracy": onnx_acc,
-        },
-        "latency": None
-        if first is None
-        else {
-            "provider": result.config.latency.provider,
-            "batch": first.batch,
-            "original_ms": first.original_ms,
-            "compressed_ms": first.compressed_ms,
-            "speedup": first.speedup,
-            "per_batch": [row.to_dict() for row in latency],
-        },
-        "eval_data": None
-        if result.eval_data is None
-        else {"path": str(result.config.eval_data), "samples": len(result.eval_data)},
-        "layers": [row.to_dict() for row in result.decomposition.layers],
-    }
 
 
 def save_model(result: CompressionResult, path: Path) -> Path:

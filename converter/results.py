@@ -85,7 +85,7 @@ class PredictedLatency(_Section):
     reduction: float
 
 
-class Selection(BaseModel):
+class SelectionReport(BaseModel):
     """How the plan was chosen. Known fields are typed; a selector's own report (PARS trials,
     eps-search evaluations, …) is kept beside them as it made it."""
 
@@ -162,6 +162,7 @@ class LayerRow(BaseModel):
     status: Literal["decomposed", "skipped"]
     reason: str
     seconds: float = 0.0
+    from_cache: bool = False  # factorized during rank search and reused, not computed again
 
 
 class Report(_Section):
@@ -173,7 +174,7 @@ class Report(_Section):
     target: dict[str, float] | None
     original: OriginalModel
     compressed: CompressedModel
-    selection: Selection
+    selection: SelectionReport
     cleanup: dict[str, dict[str, int]] | None = None
     recovery: Recovery
     macs_reduction: float
@@ -193,7 +194,9 @@ class Report(_Section):
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{path} is not a readable report ({exc}); pass a report.json") from None
+            raise ConfigError(
+                f"{path} is not a readable report ({exc}); pass a report.json"
+            ) from None
         version = data.get("schema_version") if isinstance(data, dict) else None
         if version != SCHEMA_VERSION:
             raise ConfigError(

@@ -36,6 +36,7 @@ class LayerReport:
     status: str  # "decomposed" | "skipped"
     reason: str
     seconds: float = 0.0
+    from_cache: bool = False  # the block was factorized before (by rank search), not again
     extras: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -122,6 +123,7 @@ def decompose(
         method = get_method(entry.method)
         ranks = tuple(entry.ranks)
         start = time.perf_counter()
+        computed = cache.misses
         block, filled = cache.block(new.get_submodule(entry.name), layer, method, ranks)
         new.set_submodule(entry.name, block)
         cost = method.cost(layer, ranks)
@@ -139,6 +141,7 @@ def decompose(
                 "decomposed",
                 entry.reason,
                 seconds=time.perf_counter() - start,
+                from_cache=cache.misses == computed,
                 extras=filled.extras,
             )
         )

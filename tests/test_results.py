@@ -1,0 +1,91 @@
+"""Typed results: save only writes, validation is its own step, report.json has a schema."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rankfold.converter import CompressConfig, Report, compress, validate, write_report
+from rankfold.converter.summary import summary_lines
+from rankfold.models import load_model
+from rankfold.passes import RankPolicy
+from rankfold.passes.core import ConfigError
+
+
+@pytest.fixture(scope="module")
+def result():
+    torch.manual_seed(0)
+    model, spec = load_model("digits-cnn")
+    config = CompressConfig(
+        model="digits-cnn",
+        ranks=RankPolicy(method="tucker2", macs_reduction=2.0, round_to=None),
+        latency={"batch": [1, 2], "repeats": 3, "warmup": 1},
+    )
+    return compress(model, torch.zeros(1, *spec.input_shape), config, spec)
+
+
+def test_save_writes_files_and_measures_nothing(result, tmp_path):
+    artifacts = result.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "model.onnx",
+        "model.pt",
+        "original.onnx",
+        "plan.json",
+    ]
+    assert artifacts.model_onnx == tmp_path / "model.onnx" and artifacts.cleanup is not None
+    assert result.report is None  # nothing validated yet
+
+
+def test_validation_is_its_own_step_and_the_report_round_trips(result, tmp_path):
+    artifacts = result.save(tmp_path)
+    validation = validate(result, artifacts)
+    assert validation.parity.passed and validation.parity.max_abs_diff <= 1e-4
+    assert [row.batch for row in validation.latency] == [1, 2]
+    report = result.to_report(artifacts, validation)
+    assert report.schema_version == 2
+    assert report.macs_reduction == pytest.approx(2.0, rel=0.05)
+    assert report.selection.selector == "uniform" and report.selection.latency_gate is None
+    assert report.latency.per_batch[1].batch == 2
+    write_report(result, report, tmp_path)
+    assert (tmp_path / "layers.png").read_bytes()[:4] == b"\x89PNG"
+    loaded = Report.load(tmp_path / "report.json")
+    assert loaded == report
+    lines = summary_lines(loaded, tmp_path)
+    assert lines[0].startswith("MACs ") and f"({report.macs_reduction:.2f}×)" in lines[0]
+
+
+def test_a_report_of_another_schema_is_refused(result, tmp_path):
+    artifacts = result.save(tmp_path)
+    report = result.to_report(artifacts, validate(result, artifacts))
+    data = report.to_json()
+    (tmp_path / "old.json").write_text(json.dumps({**data, "schema_version": 1}))
+    with pytest.raises(ConfigError, match="schema 1, this rankfold reads 2"):
+        Report.load(tmp_path / "old.json")
+    (tmp_path / "odd.json").write_text(json.dumps({**data, "macs_reduction": "fast"}))
+    with pytest.raises(ConfigError, match="does not match the report schema"):
+        Report.load(tmp_path / "odd.json")
+
+
+def test_the_final_decomposition_reuses_the_blocks_the_search_factorized(tmp_path):
+    """One cache: --select error factorizes candidates; the chosen ones are not computed again."""
+    torch.manual_seed(0)
+    model, spec = load_model("digits-cnn")
+    config = CompressConfig(
+        model="digits-cnn",
+        ranks=RankPolicy(method="tucker2", select="error", rel_error=0.5, round_to=None),
+        search={"cache_dir": tmp_path / "cache"},
+        latency={"enabled": False},
+    )
+    result = compress(model, torch.zeros(1, *spec.input_shape), config, spec)
+    decomposed = [row for row in result.decomposition.layers if row.status == "decomposed"]
+    assert decomposed and all(row.from_cache for row in decomposed)
+    assert all(row.rel_error <= 0.5 for row in decomposed)
+    # Without a search, blocks are factorized by the decomposition itself.
+    plain = config.model_copy(
+        update={"ranks": RankPolicy(method="tucker2", macs_reduction=2.0, round_to=None)}
+    )
+    again = compress(model, torch.zeros(1, *spec.input_shape), plain, spec)
+    rows = [row for row in again.decomposition.layers if row.status == "decomposed"]
+    assert rows and not any(row.from_cache for row in rows)
