@@ -6,8 +6,7 @@ onnxruntime: the CLI module lives in this package.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from rankfold.passes.core import lazy_exports
 
 _EXPORTS = {
     "CompressConfig": "config",
@@ -26,15 +25,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'rankfold.converter' has no attribute '{name}'")
-    value = getattr(importlib.import_module(f"rankfold.converter.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

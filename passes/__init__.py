@@ -1,4 +1,4 @@
-"""torch.fx passes: trace → analyze → select_ranks (a Plan) → decompose (a new GraphModule + report).
+"""torch.fx passes: trace → analyze → select_ranks (a Plan) → decompose (new GraphModule, report).
 
 Names are imported on first use (PEP 562), so `rankfold.passes.core` — the errors, atomic writes
 and hardware facts every sub-package shares — loads without torch.
@@ -6,8 +6,7 @@ and hardware facts every sub-package shares — loads without torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from rankfold.passes.core import lazy_exports
 
 _EXPORTS = {
     "LayerInfo": "analysis",
@@ -40,15 +39,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'rankfold.passes' has no attribute '{name}'")
-    value = getattr(importlib.import_module(f"rankfold.passes.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

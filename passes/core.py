@@ -11,11 +11,13 @@ exits non-zero, so no stage needs its own error formatting.
 from __future__ import annotations
 
 import difflib
+import importlib
 import json
 import os
 import platform
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
 from importlib.metadata import entry_points
@@ -176,3 +178,23 @@ class Registry(dict[str, T]):
                 self.errors[entry.name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
                 continue
             self.register(item)
+
+
+# --------------------------------------------------------------------------- lazy package exports
+
+
+def lazy_exports(package: str, exports: dict[str, str]) -> tuple[Callable, Callable]:
+    """PEP 562 `__getattr__` and `__dir__` for `package`, whose names (name → submodule) load on
+    first use, so importing one light submodule does not import torch through the package."""
+
+    def __getattr__(name: str) -> Any:
+        if name not in exports:
+            raise AttributeError(f"module '{package}' has no attribute '{name}'")
+        value = getattr(importlib.import_module(f"{package}.{exports[name]}"), name)
+        setattr(sys.modules[package], name, value)
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(exports)
+
+    return __getattr__, __dir__

@@ -143,8 +143,7 @@ def rounded_ranks(method: Method, layer: LayerInfo, ranks: Ranks, multiple: int)
         nearest.append(up)
         below.append(low)
     for candidate in (tuple(nearest), tuple(below)):
-        cost = method.cost(layer, candidate)
-        if cost.params < layer.params and cost.macs < layer.macs:
+        if method.shrinks(layer, candidate):
             return None if candidate == tuple(ranks) else candidate
     return None
 

@@ -71,7 +71,7 @@ def _checked_layer(gm: fx.GraphModule, analysis: ModelAnalysis, entry: LayerPlan
 
 
 def restructure(gm: fx.GraphModule, analysis: ModelAnalysis, plan: Plan) -> fx.GraphModule:
-    """A copy of `gm` with every planned layer replaced by an unfilled block of the planned shape."""
+    """A copy of `gm` with every planned layer replaced by an unfilled block of its shape."""
     new = copy.deepcopy(gm)
     for entry in plan.decomposed():
         layer = _checked_layer(new, analysis, entry)

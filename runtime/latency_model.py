@@ -486,11 +486,7 @@ class LatencyMetric:
         key = (json.dumps(layer_geometry(layer), sort_keys=True), method.name)
         if key not in self._curves:
             costs = {c: method.cost(layer, c) for c in method.candidates(layer)}
-            smaller = [
-                c
-                for c, cost in costs.items()
-                if cost.macs < layer.macs and cost.params < layer.params
-            ]
+            smaller = [c for c, cost in costs.items() if cost.smaller_than(layer)]
             family = smaller or list(costs)[:1]
             family.sort(key=lambda c: costs[c].macs)
             macs = np.array([costs[c].macs for c in family], dtype=float)

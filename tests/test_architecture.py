@@ -251,3 +251,19 @@ def test_method_settings_key_the_cache():
     keys = {cache.key(conv, CPEPCMethod(max_sweeps=sweeps), (3,)) for sweeps in (10, 20, 10)}
     assert len(keys) == 2
     assert cache.key(conv, SVDMethod(), (3,)) not in keys
+
+
+def test_every_subpackage_is_packaged():
+    """A folder with an __init__.py that pyproject does not list would be missing from wheels."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {
+        "rankfold." + str(init.parent.relative_to(ROOT)).replace("/", ".")
+        for package in SUBPACKAGES
+        for init in (ROOT / package).rglob("__init__.py")
+    }
+    assert found == set(setuptools["packages"])
+    for name in found:
+        folder = name.removeprefix("rankfold.").replace(".", "/")
+        assert setuptools["package-dir"][name] == folder

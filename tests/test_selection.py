@@ -267,7 +267,7 @@ def test_data_driven_selectors_need_calibration_and_pars_a_budget(traced):
         resolve(gm, analysis, RankPolicy(select="pars"), "net", calibration)
     with pytest.raises(ConfigError, match="drop --rank"):
         resolve(gm, analysis, RankPolicy(select="energy", rank=4), "net")
-    with pytest.raises(ConfigError, match="--select vbmf reads the layers. weights; pass PlanningContext"):
+    with pytest.raises(ConfigError, match="vbmf reads the layers. weights; pass PlanningContext"):
         plan_of(analysis, RankPolicy(select="vbmf", macs_reduction=2))
 
 

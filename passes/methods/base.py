@@ -74,7 +74,7 @@ class Method(ABC):
 
     @abstractmethod
     def candidates(self, layer: LayerInfo) -> list[Ranks]:
-        """Ranks ordered by increasing cost, from the smallest up to the first not below the layer."""
+        """Ranks by increasing cost, from the smallest up to the first that is not smaller."""
 
     @abstractmethod
     def ranks_from_ratio(self, layer: LayerInfo, ratio: float) -> Ranks:

@@ -93,7 +93,9 @@ def vbmf_choice(draft: PlanDraft, gm: fx.GraphModule) -> Choice:
     def ranks_at(j: int, scale: float) -> Ranks:
         scale = max(scale, 0.0)
         slot = draft.slots[j]
-        return slot.method.clamp_ranks(slot.layer, [math.floor(scale * r + 0.5) for r in estimates[j]])
+        return slot.method.clamp_ranks(
+            slot.layer, [math.floor(scale * r + 0.5) for r in estimates[j]]
+        )
 
     limits = [slot.method.max_ranks(slot.layer) for slot in draft.slots]
     breakpoints = [
