@@ -69,7 +69,7 @@ from rankfold.passes.core import (
     atomic_write_json,
 )
 from rankfold.passes.latency_gate import gate_plan, round_ranks
-from rankfold.passes.plan import RankPolicy, budgeted_slots, resolve_round_to
+from rankfold.passes.plan import RankPolicy, budgeted_slots, check_plan, resolve_round_to
 from rankfold.passes.recalibrate import correct_bias, has_batchnorm, recalibrate_bn
 from rankfold.passes.search import DecompositionCache
 from rankfold.passes.selectors import PlanningContext, get_selector
@@ -370,8 +370,16 @@ def _choose_plan(
     the latency gate, then (for a latency budget) calibration against whole-model timings.
     """
     if config.plan is not None:
+        ignored = sorted(config.ranks.model_fields_set - {"round_to"})
+        if ignored:
+            raise ConfigError(
+                f"--plan replays {config.plan}, which fixes every layer's method and ranks; drop "
+                f"the rank settings ({', '.join('ranks.' + name for name in ignored)})"
+            )
+        plan = Plan.load(config.plan)
+        check_plan(plan, analysis)
         chosen = SelectionReport(selector="plan file", path=str(config.plan))
-        return Plan.load(config.plan), chosen, None
+        return plan, chosen, None
     policy = config.ranks
     context = _planning_context(original, analysis, config, spec, train, table)
 

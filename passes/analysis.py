@@ -6,6 +6,9 @@ layer in·out per position. Model totals count conv and linear layers, the usual
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 from dataclasses import asdict, dataclass
 
@@ -88,6 +91,11 @@ class ModelAnalysis:
             if info.name == name:
                 return info
         raise KeyError(name)
+
+    def fingerprint(self) -> str:
+        """What a plan depends on: every layer's name, type and geometry (not the weights)."""
+        rows = [dataclasses.astuple(layer) for layer in self.layers]
+        return hashlib.sha256(json.dumps(rows, default=str).encode()).hexdigest()[:16]
 
 
 def _shape(node: fx.Node) -> tuple[int, ...]:

@@ -12,6 +12,7 @@ fits one option per slot into the budget.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import json
 from collections.abc import Callable, Sequence
@@ -108,10 +109,11 @@ class Plan(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    version: Literal[1] = 1
+    version: Literal[1, 2] = 2  # 2: records the architecture's fingerprint
     model: str
     method: str
     target: dict[str, float] | None = None
+    fingerprint: str | None = None  # ModelAnalysis.fingerprint() of the model it was made for
     layers: list[LayerPlan]
 
     def decomposed(self) -> list[LayerPlan]:
@@ -145,6 +147,25 @@ def _matches(key: str, layer: LayerInfo) -> int:
     if key == layer.type:
         return 1
     return 0
+
+
+def _check_patterns(policy: RankPolicy, analysis: ModelAnalysis) -> None:
+    """Every per-layer key and skip must match a layer (a typo would silently do nothing)."""
+    for key, option in [
+        *((k, "--layer-rank") for k in policy.layers),
+        *((k, "--skip") for k in policy.skip),
+    ]:
+        if any(_matches(key, layer) for layer in analysis.layers):
+            continue
+        candidates = [layer.name for layer in analysis.layers]
+        candidates += sorted({layer.type for layer in analysis.layers})
+        close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.5)
+        hint = (
+            f"closest: {', '.join(close)}"
+            if close
+            else f"layers are e.g. {', '.join(candidates[:3])}"
+        )
+        raise ConfigError(f"{option} '{key}' matches no layer ({hint}); see `rankfold analyze`")
 
 
 def _resolved_override(policy: RankPolicy, layer: LayerInfo) -> tuple[LayerOverride, str]:
@@ -308,7 +329,13 @@ class PlanDraft:
         target = None
         if self.budget is not None:
             target = {f"{self.budget.metric}_reduction": float(self.budget.reduction)}
-        return Plan(model=self.model_name, method=self.policy.method, target=target, layers=entries)
+        return Plan(
+            model=self.model_name,
+            method=self.policy.method,
+            target=target,
+            fingerprint=self.analysis.fingerprint(),
+            layers=entries,
+        )
 
 
 def draft_plan(
@@ -338,6 +365,14 @@ def draft_plan(
         )
     metric = given[0] if given else "macs"
     reduction = targets[metric]
+    if not analysis.layers:
+        raise PlanError("the model has no Conv2d or Linear layer to decompose; nothing to compress")
+    if reduction is not None and policy.rank is not None:
+        raise ConfigError(
+            f"give --rank or --{metric}-reduction, not both: --rank {policy.rank} sets every "
+            f"layer's rank, --{metric}-reduction {reduction:g} has them chosen to fit a budget"
+        )
+    _check_patterns(policy, analysis)
     if metric == "latency" and measured is None:
         raise ConfigError(
             "a latency budget needs measured layer times: run it through the pipeline "
@@ -442,6 +477,38 @@ def budgeted_slots(analysis: ModelAnalysis, policy: RankPolicy, model_name: str 
     so no measured times are needed to list them (e.g. to size a progress bar)."""
     unpriced = policy.model_copy(update={"latency_reduction": None})
     return draft_plan(analysis, unpriced, model_name, global_rank=False).slots
+
+
+def check_plan(plan: Plan, analysis: ModelAnalysis) -> None:
+    """Refuse a plan made for another architecture, or with entries no method can build
+    (hand-edited ranks out of range, the wrong number of ranks, an unsupported layer), before
+    any surgery: each with a one-line PlanError naming the layer and the fix."""
+    names = [layer.name for layer in analysis.layers]
+    if plan.fingerprint is not None and plan.fingerprint != analysis.fingerprint():
+        raise PlanError(
+            f"the plan was made for another architecture (model '{plan.model}'); this model's "
+            "layers differ: make the plan with this model"
+        )
+    if sorted(entry.name for entry in plan.layers) != sorted(names):
+        missing = sorted(set(names) - {entry.name for entry in plan.layers})
+        extra = sorted({entry.name for entry in plan.layers} - set(names))
+        raise PlanError(
+            f"the plan (model '{plan.model}') does not fit this model: it lacks layers "
+            f"{missing[:3]} and names layers {extra[:3]} the model does not have; make the plan "
+            "with this model"
+        )
+    for entry in plan.decomposed():
+        layer = analysis.layer(entry.name)
+        method = get_method(entry.method)
+        why_not = method.unsupported_reason(layer)
+        if why_not:
+            raise PlanError(f"plan entry '{entry.name}' uses {method.name}, but {why_not}")
+        if entry.type != layer.type:
+            raise PlanError(
+                f"plan entry '{entry.name}' is a {entry.type} but the model has a {layer.type}; "
+                "make the plan with this model"
+            )
+        normalize_ranks(method, layer, list(entry.ranks), strict=True)
 
 
 def plan_cost(analysis: ModelAnalysis, plan: Plan) -> Cost:

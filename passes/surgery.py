@@ -18,7 +18,7 @@ from torch import fx
 from rankfold.passes.analysis import LayerInfo, ModelAnalysis
 from rankfold.passes.core import ConfigError, DecompositionError
 from rankfold.passes.methods import get_method
-from rankfold.passes.plan import LayerPlan, Plan
+from rankfold.passes.plan import LayerPlan, Plan, check_plan
 from rankfold.passes.search.cache import DecompositionCache
 
 
@@ -72,6 +72,7 @@ def _checked_layer(gm: fx.GraphModule, analysis: ModelAnalysis, entry: LayerPlan
 
 def restructure(gm: fx.GraphModule, analysis: ModelAnalysis, plan: Plan) -> fx.GraphModule:
     """A copy of `gm` with every planned layer replaced by an unfilled block of its shape."""
+    check_plan(plan, analysis)
     new = copy.deepcopy(gm)
     for entry in plan.decomposed():
         layer = _checked_layer(new, analysis, entry)
@@ -93,6 +94,7 @@ def decompose(
     Blocks come from `cache` (the one rank search filled, so a searched block is not factorized
     again; default: a cache in memory for this call).
     """
+    check_plan(plan, analysis)
     cache = DecompositionCache(None, seed) if cache is None else cache
     if cache.seed != seed:
         raise ConfigError(

@@ -189,13 +189,52 @@ def test_decompose_keeps_input_and_restore_roundtrips(traced, tmp_path):
 
 
 def test_plan_for_another_model_is_refused(traced, tmp_path):
-    from rankfold.passes.core import DecompositionError
-
     _, _, gm, analysis = traced
     plan = plan_of(analysis, RankPolicy(method="cp", rank=4))
-    plan.layers[1].name = "features.99"
-    with pytest.raises(DecompositionError, match="features.99"):
+    assert plan.fingerprint == analysis.fingerprint() and plan.version == 2
+    renamed = plan.model_copy(deep=True)
+    renamed.layers[1].name = "features.99"
+    with pytest.raises(PlanError, match=r"lacks layers \['features.2'\].*features.99"):
+        decompose(gm, analysis, renamed)
+    wider = trace(Net().eval(), torch.zeros(1, 3, 24, 24))  # other shapes: another plan
+    with pytest.raises(PlanError, match="made for another architecture"):
+        decompose(wider, analyze(wider), plan)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"ranks": [0]}, r"rank 0 for layer 'features.0' \(cp\) is impossible; choose a value"),
+        ({"ranks": [100000]}, r"rank 100000 for layer 'features.0' \(cp\) is impossible"),
+        ({"method": "tucker2"}, r"tucker2 takes 2 rank\(s\) .* was given \[4\]; give 2"),
+        ({"method": "svdd"}, r"unknown method 'svdd' \(did you mean 'svd'\?\)"),
+    ],
+)
+def test_a_hand_edited_plan_is_refused_before_surgery(traced, edit, message):
+    _, _, gm, analysis = traced
+    plan = plan_of(analysis, RankPolicy(method="cp", rank=4))
+    entry = plan.layers[0]
+    for key, value in edit.items():
+        setattr(entry, key, value)
+    with pytest.raises((PlanError, ConfigError), match=message) as info:
         decompose(gm, analysis, plan)
+    assert "\n" not in str(info.value)
+
+
+def test_conflicting_or_unmatched_rank_settings_are_errors(traced):
+    analysis = traced[3]
+    with pytest.raises(ConfigError, match="give --rank or --macs-reduction, not both"):
+        plan_of(analysis, RankPolicy(rank=8, macs_reduction=2))
+    with pytest.raises(ConfigError, match=r"--layer-rank 'featurs.0' matches no layer \(closest: "):
+        plan_of(analysis, RankPolicy(rank=8, layers={"featurs.0": {"rank": 4}}))
+    with pytest.raises(ConfigError, match="--skip 'Conv1d' matches no layer"):
+        plan_of(analysis, RankPolicy(macs_reduction=2, skip=["Conv1d"]))
+    empty = analyze(trace(nn.Sequential(nn.ReLU()).eval(), torch.zeros(1, 3, 4, 4)))
+    with pytest.raises(PlanError, match="no Conv2d or Linear layer"):
+        plan_of(empty, RankPolicy(rank=0.5))
+
+
+def test_a_plan_file_that_is_not_a_plan_is_refused(tmp_path):
     (tmp_path / "bad.json").write_text('{"version": 1, "model": "x", "method": "cp", "layerz": []}')
     with pytest.raises(ConfigError, match="not a valid rankfold plan"):
         Plan.load(tmp_path / "bad.json")
