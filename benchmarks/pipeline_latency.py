@@ -2,14 +2,16 @@
 
     python benchmarks/pipeline_latency.py --model torchvision:resnet18 --method cp --macs-reduction 3
 
-Runs the normal pipeline (`run_compress`), prints a table, writes
-benchmarks/results/pipeline_<model>_<method>_<x>.json and appends a section to BENCHMARKS.md.
+Runs the normal pipeline (`run_compress`, what `rankfold compress` does), reads its report.json,
+prints a table, writes benchmarks/results/pipeline_<model>_<method>_<x>.json and appends a
+section to BENCHMARKS.md (not with --no-record, e.g. for a quick check on `--model resnet20`).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import platform
 import time
 from pathlib import Path
@@ -42,7 +44,8 @@ def main() -> None:
         ),
     )
     start = time.perf_counter()
-    report = run_compress(config, args.out).report
+    run_compress(config, args.out)
+    report = json.loads((Path(args.out) / "report.json").read_text())
     seconds = time.perf_counter() - start
     reduction = report["macs_reduction"]
     rows = [
