@@ -19,6 +19,7 @@ counts are those of the full-size factors (I_3 = 10000).
 
 Run (single-threaded, ~4 min on 2 cores): .venv/bin/python benchmarks/mnist_lrf_cp.py
 Writes benchmarks/results/mnist_lrf_cp.json and .png and prints the BENCHMARKS.md section.
+`--quick` (~1 min): CP at R = 1 … 4 and the one LRF-CPD row R = 8, L = (–, –, 2), no auto ranks.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import os
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"
 
+import argparse  # noqa: E402
 import gzip  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
@@ -44,8 +46,12 @@ import tensorly as tl  # noqa: E402
 from tensorly.decomposition import parafac  # noqa: E402
 
 from rankfold.passes.core import DataError, atomic_path, atomic_write_json  # noqa: E402
-from rankfold.passes.factorizations.cp import CPFactors  # noqa: E402
-from rankfold.passes.factorizations.lrf_cp import LRFCPResult, lrf_cp, lrf_cp_auto  # noqa: E402
+from rankfold.passes.factorizations import (  # noqa: E402
+    CPFactors,
+    LRFCPResult,
+    lrf_cp,
+    lrf_cp_auto,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -67,6 +73,9 @@ LRF_GRID: tuple[tuple[int, tuple[int | None, ...]], ...] = (
 )
 AUTO_RANK = 128
 AUTO_BOUNDS = (0.6, 0.5, 0.4, 0.35, 0.3)
+# One LRF-CPD row and the CP points around its error (0.71: between R = 2 and 3).
+QUICK_CP_RANKS = (1, 2, 3, 4)
+QUICK_LRF_GRID: tuple[tuple[int, tuple[int | None, ...]], ...] = ((8, (None, None, 2)),)
 
 
 def mnist_tensor() -> np.ndarray:
@@ -113,6 +122,13 @@ def fmt_ranks(ranks: tuple[int | None, ...]) -> str:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one LRF-CPD row, no auto ranks")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for .json and .png")
+    args = parser.parse_args()
+    cp_ranks = QUICK_CP_RANKS if args.quick else CP_RANKS
+    lrf_grid = QUICK_LRF_GRID if args.quick else LRF_GRID
+    auto_bounds = () if args.quick else AUTO_BOUNDS
     start_all = time.perf_counter()
     x = mnist_tensor()
     n_images = x.shape[2]
@@ -126,7 +142,7 @@ def main() -> None:
     compressed = tl.fold(r_coords, 2, (*x.shape[:2], r_coords.shape[0]))
     del q_basis
     cp_points: list[dict] = []
-    for rank in CP_RANKS:
+    for rank in cp_ranks:
         t0 = time.perf_counter()
         tensorly_err = plain_cp(compressed, rank).rel_error(compressed)
         t1 = time.perf_counter()
@@ -156,14 +172,14 @@ def main() -> None:
         )
 
     lrf_points: list[dict] = []
-    for rank, ranks in LRF_GRID:
+    for rank, ranks in lrf_grid:
         t0 = time.perf_counter()
         res = lrf_cp(x, rank, ranks, max_sweeps=SWEEPS, tol=TOL)
         lrf_points.append(_point(res, rank, time.perf_counter() - t0, cp_points))
         print(f"lrf R={rank} L={fmt_ranks(ranks)} {_brief(lrf_points[-1])}", flush=True)
 
     auto_points: list[dict] = []
-    for eps in AUTO_BOUNDS:
+    for eps in auto_bounds:
         t0 = time.perf_counter()
         res = lrf_cp_auto(x, AUTO_RANK, eps, max_sweeps=SWEEPS, tol=TOL)
         point = _point(res, AUTO_RANK, time.perf_counter() - t0, cp_points)
@@ -204,10 +220,10 @@ def main() -> None:
         "auto": auto_points,
         "summary": summary,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(RESULTS / "mnist_lrf_cp.json", report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out / "mnist_lrf_cp.json", report)
     _plot(
-        cp_points, lrf_points, auto_points, tails, ceiling, n_images, RESULTS / "mnist_lrf_cp.png"
+        cp_points, lrf_points, auto_points, tails, ceiling, n_images, args.out / "mnist_lrf_cp.png"
     )
     print()
     print(_section(report))

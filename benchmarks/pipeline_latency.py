@@ -1,15 +1,18 @@
 """End-to-end compression + ONNX latency of original vs compressed, measured side by side.
 
-    python benchmarks/pipeline_latency.py --model torchvision:resnet18 --method cp --macs-reduction 3
+    python benchmarks/pipeline_latency.py --model torchvision:resnet18 --method cp \\
+        --macs-reduction 3
 
-Runs the normal pipeline (`run_compress`), prints a table, writes
-benchmarks/results/pipeline_<model>_<method>_<x>.json and appends a section to BENCHMARKS.md.
+Runs the normal pipeline (`run_compress`, what `rankfold compress` does), reads its report.json,
+prints a table, writes benchmarks/results/pipeline_<model>_<method>_<x>.json and appends a
+section to BENCHMARKS.md (not with --no-record, e.g. for a quick check on `--model resnet20`).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import platform
 import time
 from pathlib import Path
@@ -42,7 +45,8 @@ def main() -> None:
         ),
     )
     start = time.perf_counter()
-    report = run_compress(config, args.out).report
+    run_compress(config, args.out)
+    report = json.loads((Path(args.out) / "report.json").read_text())
     seconds = time.perf_counter() - start
     reduction = report["macs_reduction"]
     rows = [
@@ -53,7 +57,10 @@ def main() -> None:
         }
         for row in report["latency"]["per_batch"]
     ]
-    header = "| batch | original ms | compressed ms | speedup | MAC reduction | speedup / MAC reduction |"
+    header = (
+        "| batch | original ms | compressed ms | speedup | MAC reduction | "
+        "speedup / MAC reduction |"
+    )
     lines = [header, "|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(
@@ -81,11 +88,12 @@ def main() -> None:
     )
     section = (
         f"\n## Pipeline latency: {args.model}, {args.method}, {args.macs_reduction:g}× MACs\n\n"
-        f"Command: `{command}`  \nMachine: 2-core x86-64 CPU ({platform.processor() or 'x86_64'}), "
-        f"24 GiB, no GPU; onnxruntime CPU provider, default threads.  \n"
-        f"Date: {datetime.date.today().isoformat()}. Whole run (decompose, export, validate, time): "
-        f"{seconds:.0f} s. Params {report['params_reduction']:.2f}× fewer; ONNX parity max abs diff "
-        f"{report['onnx']['max_abs_diff']:.1e}. Medians of {args.repeats} interleaved runs.\n\n"
+        f"Command: `{command}`  \nMachine: 2-core x86-64 CPU "
+        f"({platform.processor() or 'x86_64'}), 24 GiB, no GPU; onnxruntime CPU provider, "
+        f"default threads.  \nDate: {datetime.date.today().isoformat()}. Whole run (decompose, "
+        f"export, validate, time): {seconds:.0f} s. Params {report['params_reduction']:.2f}× "
+        f"fewer; ONNX parity max abs diff {report['onnx']['max_abs_diff']:.1e}. Medians of "
+        f"{args.repeats} interleaved runs.\n\n"
         f"{table}\n"
     )
     with open(ROOT / "BENCHMARKS.md", "a", encoding="utf-8") as handle:

@@ -1,21 +1,24 @@
 """Accuracy recovery (issue #6): decompose a pretrained CIFAR ResNet, recalibrate BN, fine-tune.
 
-Stages, each scored on cifar10/test_lossless_1017.npz (exact images) and test_jpeg_10000.npz
-(JPEG copies of the full test set, for deltas on many images): the original model, right after
-decomposition, after BatchNorm recalibration on train_lossless_5085.npz, and after fine-tuning on
-that file with distillation from the original (`rankfold.converter.finetune`).
+Every stage is a `run_compress` run (what `rankfold compress` does), replaying the first run's
+plan.json so all stages hold the same blocks: "decomposed" (no training data), "recalibrated"
+(`--train-data` train_lossless_5085.npz: BatchNorm recalibration on augmented batches) and
+"finetuned" (the same plus `--finetune-epochs N`: the pipeline's distilled fine-tuning). Each
+stage's model.pt is scored on cifar10/test_lossless_1017.npz (exact images; also the runs'
+--eval-data, so report.json holds the per-epoch curve) and test_jpeg_10000.npz (JPEG copies of
+the full test set, for deltas on many images).
 
-The fine-tuned numbers are those of the LAST epoch's weights: the run scores the lossless test
-set every epoch for the curve, so its "best epoch" was picked on test images and is optimistic
-(reported for reference only). The drop is paired (same 1,017 images): its standard error is
-sqrt(b + c - (b - c)²/n) / n with b, c the images only one of the two models gets right.
+The fine-tuned numbers are those of the LAST epoch's weights (the run's checkpoints/
+finetune_last.pt): with --eval-data the pipeline keeps the best epoch on the test images, which
+is optimistic (reported for reference only). The drop is paired (same 1,017 images): its
+standard error is sqrt(b + c - (b - c)²/n) / n with b, c the images only one model gets right.
 
-Quick variant (the default): ResNet-20, CP, 2× fewer MACs. The goal run:
+Quick variant (the default): ResNet-20, CP, 2× fewer MACs; `--epochs 0` stops after BN
+recalibration. The goal run:
     flock /tmp/rankfold-bench.lock .venv/bin/python benchmarks/recover_resnet.py \\
         --model resnet56 --macs-reduction 3 --epochs 6
-Single-threaded. Writes benchmarks/results/recover_<model>_<method>_<r>x.json and .png.
-`--cache-dir` keeps the decomposed model (CP-ALS takes minutes) for reruns with other settings;
-its JSON records the decomposition time measured when the cache was made.
+Single-threaded. Writes benchmarks/results/recover_<model>_<method>_<r>x.json and .png; the
+runs' folders stay under --work.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -35,14 +39,10 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch import fx, nn  # noqa: E402
+from torch import nn  # noqa: E402
 
-from rankfold.converter.finetune import (  # noqa: E402
-    LAST_CHECKPOINT,
-    FinetuneConfig,
-    finetune,
-    plot_history,
-)
+from rankfold.converter import build_config, restore, run_compress  # noqa: E402
+from rankfold.converter.finetune import LAST_CHECKPOINT, plot_history  # noqa: E402
 from rankfold.models import (  # noqa: E402
     SHARED_CHECKPOINTS,
     ArrayDataset,
@@ -51,27 +51,15 @@ from rankfold.models import (  # noqa: E402
     load_dataset,
     load_model,
     shared_file,
-    training_batches,
 )
-from rankfold.passes import (  # noqa: E402
-    Plan,
-    RankPolicy,
-    analyze,
-    decompose,
-    plan_cost,
-    restructure,
-    select_ranks,
-    trace,
-)
-from rankfold.passes.core import atomic_path, atomic_write_json  # noqa: E402
-from rankfold.passes.recalibrate import recalibrate_bn  # noqa: E402
-from rankfold.runtime.backends import get_backend  # noqa: E402
+from rankfold.passes.core import atomic_write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 MACHINE = "2-core x86-64 CPU, 24 GiB, no GPU"
-DATE = "2026-11-24"
 GOAL_DROP_PT = 0.3
+TRAIN = "cifar10/train_lossless_5085.npz"
+TEST = "cifar10/test_lossless_1017.npz"
 
 
 def main() -> None:
@@ -79,57 +67,57 @@ def main() -> None:
     parser.add_argument("--model", choices=("resnet20", "resnet56"), default="resnet20")
     parser.add_argument("--method", choices=("cp", "cp-epc", "tucker2"), default="cp")
     parser.add_argument("--macs-reduction", type=float, default=2.0)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=4, help="0: stop after BN recalibration")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--work", type=Path, default=None, help="folder for the runs' outputs")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    if args.epochs < 1:
-        parser.error("--epochs must be >= 1 (the benchmark measures recovery by fine-tuning)")
+    if args.epochs < 0:
+        parser.error("--epochs must be >= 0")
     torch.set_num_threads(1)
     started = time.perf_counter()
+    work = args.work or Path(tempfile.mkdtemp(prefix="rankfold-recover-"))
 
-    weights_file, _ = SHARED_CHECKPOINTS[args.model]
-    original, spec = load_model(args.model, shared_file(weights_file))
-    train = load_dataset(shared_file("cifar10/train_lossless_5085.npz"), spec)
+    weights = shared_file(SHARED_CHECKPOINTS[args.model][0])
+    original, spec = load_model(args.model, weights)
     test_sets = {
-        "lossless_1017": load_dataset(shared_file("cifar10/test_lossless_1017.npz"), spec),
+        "lossless_1017": load_dataset(shared_file(TEST), spec),
         "jpeg_10000": load_dataset(shared_file("cifar10/test_jpeg_10000.npz"), spec),
     }
-    example = torch.zeros(1, *spec.input_shape)
-    traced = trace(original, example)
-    analysis = analyze(traced)
-    compressed, plan, decompose_seconds = decomposed_model(traced, analysis, args)
-    cost = plan_cost(analysis, plan)
-    names = [entry.name for entry in plan.decomposed()]
-
-    stages: dict[str, dict[str, Any]] = {}
-    stages["original"] = score(traced, test_sets, spec)
-    stages["decomposed"] = score(compressed, test_sets, spec)
-    start = time.perf_counter()
-    # With fine-tuning's crop + flip: the original BN statistics came from augmented images.
-    recalibrate_bn(compressed, training_batches(train, spec, 256, seed=args.seed))
-    recalibrate_seconds = time.perf_counter() - start
-    stages["recalibrated"] = score(compressed, test_sets, spec)
-
-    config = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
-    with tempfile.TemporaryDirectory(prefix="rankfold-recover-") as checkpoints:
-        result = finetune(
-            compressed,
-            traced,
-            train,
-            spec,
-            config,
-            checkpoints,
-            eval_data=test_sets["lossless_1017"],
-            decomposed_names=names,
-            seed=args.seed,
+    settings = {
+        "model": args.model,
+        "weights": str(weights),
+        "ranks": {"method": args.method, "macs_reduction": args.macs_reduction},
+        "eval_data": str(shared_file(TEST)),
+        "latency": {"enabled": False},
+        "seed": args.seed,
+        "finetune": {"lr": args.lr, "batch_size": args.batch_size},
+    }
+    stages: dict[str, dict[str, Any]] = {"original": score(original, test_sets, spec)}
+    reports, configs, seconds = {}, {}, {}
+    runs = [("decomposed", False, 0), ("recalibrated", True, 0)]
+    if args.epochs:
+        runs.append(("finetuned", True, args.epochs))
+    for stage, train, epochs in runs:
+        config = build_config(
+            {
+                **settings,
+                "plan": str(work / "decomposed" / "plan.json") if stage != "decomposed" else None,
+                "train_data": str(shared_file(TRAIN)) if train else None,
+                "finetune": {**settings["finetune"], "epochs": epochs},
+            }
         )
-        last = torch.load(Path(checkpoints) / LAST_CHECKPOINT, weights_only=True)["model"]
-    compressed.load_state_dict(last)  # the last epoch's weights: no selection on test images
-    stages["finetuned"] = score(compressed, test_sets, spec)
+        configs[stage], start = config, time.perf_counter()
+        run_compress(config, work / stage)
+        seconds[stage] = time.perf_counter() - start
+        reports[stage] = json.loads((work / stage / "report.json").read_text())
+        model = restore(work / stage / "model.pt")
+        if epochs:  # the last epoch's weights: no selection on test images
+            last = torch.load(work / stage / "checkpoints" / LAST_CHECKPOINT, weights_only=True)
+            model.load_state_dict(last["model"])
+        stages[stage] = score(model, test_sets, spec)
 
     reference = stages["original"]["lossless_1017"]["predictions"]
     labels = test_sets["lossless_1017"].y
@@ -138,84 +126,64 @@ def main() -> None:
         lossless.update(paired_drop(reference, lossless["predictions"], labels))
         for scored in row.values():
             del scored["predictions"]
-    total_seconds = time.perf_counter() - started
+    final = runs[-1][0]
+    report = reports[final]
+    finetune = report["recovery"]["finetune"] or {"history": [], "best_epoch": None}
+    history = finetune["history"]
     tag = f"{args.model}_{args.method}_{args.macs_reduction:g}x"
+    layer_seconds = sum(row["seconds"] for row in reports["decomposed"]["layers"])
     summary = {
         "model": args.model,
         "method": args.method,
         "macs_reduction_target": args.macs_reduction,
-        "macs": {"original": analysis.total_macs, "compressed": cost.macs},
-        "params": {"original": analysis.total_params, "compressed": cost.params},
-        "macs_reduction": analysis.total_macs / cost.macs,
-        "params_reduction": analysis.total_params / cost.params,
-        "decomposed_layers": len(names),
-        "finetune_config": config.model_dump(),
+        "macs": {
+            "original": report["original"]["macs"],
+            "compressed": report["compressed"]["macs"],
+        },
+        "params": {
+            "original": report["original"]["params"],
+            "compressed": report["compressed"]["params"],
+        },
+        "macs_reduction": report["macs_reduction"],
+        "params_reduction": report["params_reduction"],
+        "decomposed_layers": sum(row["status"] == "decomposed" for row in report["layers"]),
+        "recalibration": report["recovery"]["recalibration"],
+        "reports": {stage: r["compressed"] for stage, r in reports.items()},
+        "finetune_config": configs[final].finetune.model_dump(),
         "stages": stages,
-        "history": result.history,
-        "best_epoch_on_test": result.best_epoch,
-        "best_accuracy_on_test": result.best_accuracy,
+        "history": history,
+        "best_epoch_on_test": finetune.get("best_epoch"),
         "seconds": {
-            "decompose": decompose_seconds,
-            "recalibrate": recalibrate_seconds,
-            "finetune": sum(row["seconds"] for row in result.history),
-            "finetune_per_epoch": [row["seconds"] for row in result.history],
-            "total_run": total_seconds,
+            "decompose": layer_seconds,
+            "runs": seconds,
+            "finetune": sum(row["seconds"] for row in history),
+            "finetune_per_epoch": [row["seconds"] for row in history],
+            "total_run": time.perf_counter() - started,
         },
         "goal": {
             "max_drop_pt": GOAL_DROP_PT,
-            "drop_pt": stages["finetuned"]["lossless_1017"]["drop_pt"],
-            "met": stages["finetuned"]["lossless_1017"]["drop_pt"] <= GOAL_DROP_PT
-            and analysis.total_macs / cost.macs >= args.macs_reduction - 1e-6,
+            "drop_pt": stages[final]["lossless_1017"]["drop_pt"],
+            "met": stages[final]["lossless_1017"]["drop_pt"] <= GOAL_DROP_PT
+            and report["macs_reduction"] >= args.macs_reduction - 1e-6,
         },
         "machine": MACHINE,
         "torch_threads": torch.get_num_threads(),
+        "work": str(work),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / f"recover_{tag}.json", summary)
-    plot_history(
-        result.history,
-        args.out / f"recover_{tag}.png",
-        f"{args.model}, {args.method} {summary['macs_reduction']:.2f}× fewer MACs: "
-        "accuracy per epoch (lossless 1017)",
-        reference={
-            stage: stages[stage]["lossless_1017"]["accuracy"]
-            for stage in ("original", "decomposed", "recalibrated")
-        },
-    )
+    if history:
+        plot_history(
+            history,
+            args.out / f"recover_{tag}.png",
+            f"{args.model}, {args.method} {summary['macs_reduction']:.2f}× fewer MACs: "
+            "accuracy per epoch (lossless 1017)",
+            reference={
+                stage: stages[stage]["lossless_1017"]["accuracy"]
+                for stage in ("original", "decomposed", "recalibrated")
+            },
+        )
     print(table(summary))
-
-
-def decomposed_model(
-    traced: fx.GraphModule, analysis, args: argparse.Namespace
-) -> tuple[fx.GraphModule, Plan, float]:
-    """Plan and decompose (or reload the same from the cache); returns the decomposition time."""
-    policy = RankPolicy(
-        method=args.method,
-        macs_reduction=args.macs_reduction,
-        round_to=get_backend("cpu").channel_block(),  # as the CLI's round_to "auto"
-    )
-    plan = select_ranks(analysis, policy, model_name=args.model)
-    cache = None
-    if args.cache_dir is not None:
-        cache = args.cache_dir / f"{args.model}_{args.method}_{args.macs_reduction:g}x_s0.pt"
-        if cache.is_file():
-            payload = torch.load(cache, weights_only=True)
-            if payload["plan"] == plan.model_dump():
-                rebuilt = restructure(traced, analysis, plan)
-                rebuilt.load_state_dict(payload["state_dict"])
-                return rebuilt.eval(), plan, payload["seconds"]
-    start = time.perf_counter()
-    compressed, _ = decompose(traced, analysis, plan, seed=0)
-    seconds = time.perf_counter() - start
-    if cache is not None:
-        payload = {
-            "plan": plan.model_dump(),
-            "state_dict": compressed.state_dict(),
-            "seconds": seconds,
-        }
-        with atomic_path(cache) as tmp:
-            torch.save(payload, tmp)
-    return compressed.eval(), plan, seconds
 
 
 def predictions(model: nn.Module, data: ArrayDataset, spec: ModelSpec) -> np.ndarray:
@@ -293,12 +261,12 @@ def table(summary: dict[str, Any]) -> str:
             f"| {row['epoch']} | {row['loss']:.4f} | {100 * row['train_accuracy']:.2f} % | "
             f"{100 * row['eval_accuracy']:.2f} % | {row['lr']:.4f} | {row['seconds']:.0f} |"
         )
+    runs = ", ".join(f"{stage} {s:.0f} s" for stage, s in seconds["runs"].items())
     lines += [
         "",
-        f"wall time: decompose {seconds['decompose']:.0f} s, BN recalibration "
-        f"{seconds['recalibrate']:.1f} s, fine-tuning {seconds['finetune']:.0f} s "
-        f"({len(seconds['finetune_per_epoch'])} epochs: {per_epoch} s), whole run "
-        f"{seconds['total_run']:.0f} s",
+        f"wall time: decompose {seconds['decompose']:.0f} s; runs: {runs}; fine-tuning "
+        f"{seconds['finetune']:.0f} s ({len(seconds['finetune_per_epoch'])} epochs: {per_epoch} s);"
+        f" whole benchmark {seconds['total_run']:.0f} s",
         f"goal (drop ≤ {GOAL_DROP_PT} pt at ≥ {summary['macs_reduction_target']:g}× MACs): "
         f"{'met' if summary['goal']['met'] else 'NOT met'} "
         f"(drop {summary['goal']['drop_pt']:+.2f} pt)",

@@ -8,8 +8,11 @@ the same per-layer MAC cap. Reported per layer: relative kernel error, sensitivi
 ss, all scale in the T mode; for the hybrid that of its R_S×R_T×kh·kw core), the largest
 component norm max|λ_r|, and seconds; per model: top-1 accuracy on cifar10/test_lossless_1017.npz
 right after decomposition and after BatchNorm recalibration on train_lossless_5085.npz, and the
-decomposition wall time. A diagnostic row rescales each cp-epc kernel to its least-squares
-scale (EPC's minimum-norm fit shrinks the kernel a little) and scores that model too.
+decomposition wall time. Each method is one `run_compress` run (what `rankfold compress` does
+with these per-layer ranks, `--train-data` and `--eval-data`); the figures come from its
+report.json. A diagnostic row refactorizes cp-epc's plan (`decompose`, same seed, so the same
+blocks), rescales each kernel to its least-squares scale (EPC's minimum-norm fit shrinks the
+kernel a little) and scores that model right after decomposition.
 
 The pipeline's ALS is short (100 plain sweeps) on purpose: long line-searched ALS drifts into
 degenerate components. To show what EPC does to such a start, the run also decomposes with
@@ -17,6 +20,7 @@ degenerate components. To show what EPC does to such a start, the run also decom
 --no-long-als).
 
     flock /tmp/rankfold-bench.lock .venv/bin/python benchmarks/stable_cp_resnet56.py
+One row (cp → cp-epc, ~5 min): add --quick (no long ALS, no hybrid, no rescaling diagnostic).
 
 Single-threaded. Writes benchmarks/results/stable_cp_resnet56.json and .png and prints the
 tables for BENCHMARKS.md.
@@ -32,14 +36,16 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import json  # noqa: E402
 import statistics  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import rankfold.passes.stable_methods  # noqa: E402, F401  (registers cp-epc and tucker2-cp)
+from rankfold.converter import build_config, run_compress  # noqa: E402
 from rankfold.models import (  # noqa: E402
     SHARED_CHECKPOINTS,
     batches,
@@ -48,7 +54,7 @@ from rankfold.models import (  # noqa: E402
     shared_file,
 )
 from rankfold.passes import (  # noqa: E402
-    LayerOverride,
+    Plan,
     RankPolicy,
     analyze,
     decompose,
@@ -61,9 +67,7 @@ from rankfold.passes import (  # noqa: E402
 from rankfold.passes.blocks import merge_in, merge_out  # noqa: E402
 from rankfold.passes.core import atomic_path, atomic_write_json  # noqa: E402
 from rankfold.passes.factorizations import cp_als  # noqa: E402
-from rankfold.passes.methods import METHODS, CPMethod  # noqa: E402
-from rankfold.passes.recalibrate import recalibrate_bn  # noqa: E402
-from rankfold.passes.stable_methods import CPEPCMethod  # noqa: E402
+from rankfold.passes.methods import METHODS, CPEPCMethod, CPMethod  # noqa: E402
 from rankfold.runtime import get_backend, torch_accuracy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,6 +77,7 @@ DATE = "2026-11-24"
 REDUCTION = 3.0
 EPC_SLACK = 1.001  # the issue's "EPC ≤ ALS × 1.001"
 COMMAND = "flock /tmp/rankfold-bench.lock .venv/bin/python benchmarks/stable_cp_resnet56.py"
+WEIGHTS = SHARED_CHECKPOINTS["resnet56"][0]
 
 
 class LongALSCP(CPMethod):
@@ -104,24 +109,8 @@ def per_layer_ranks(method_name: str, layers) -> dict[str, list[int]]:
     return chosen
 
 
-def plan_for(analysis, method_name: str, ranks: dict[str, list[int]]):
-    policy = RankPolicy(
-        method=method_name,
-        layers={name: LayerOverride(rank=r) for name, r in ranks.items()},
-        skip=["conv1", "Linear"],
-    )
-    return select_ranks(analysis, policy, "resnet56")
-
-
 def accuracy(model, dataset, spec) -> float:
     return torch_accuracy(model, batches(dataset, spec, 256))
-
-
-def score(model, test, train, spec) -> tuple[float, float]:
-    """Top-1 on `test` as is, then after BatchNorm recalibration (of a copy) on `train`."""
-    recalibrated = copy.deepcopy(model)
-    recalibrate_bn(recalibrated, batches(train, spec, 256))
-    return accuracy(model, test, spec), accuracy(recalibrated, test, spec)
 
 
 def cp_block_kernel(block) -> np.ndarray:
@@ -150,30 +139,45 @@ def least_squares_rescaled(model, gm, targets) -> tuple[torch.nn.Module, dict[st
     return scaled, alphas
 
 
-def run_method(name, gm, analysis, ranks, test, train, spec) -> dict:
-    plan = plan_for(analysis, name, ranks)
+def run_method(name: str, ranks: dict[str, list[int]], work: Path) -> dict:
+    """`rankfold compress` with these per-layer ranks, BN recalibration and evaluation."""
+    config = build_config(
+        {
+            "model": "resnet56",
+            "weights": str(shared_file(WEIGHTS)),
+            "ranks": {
+                "method": name,
+                "layers": {layer: {"rank": r} for layer, r in ranks.items()},
+                "skip": ["conv1", "Linear"],
+            },
+            "train_data": str(shared_file("cifar10/train_lossless_5085.npz")),
+            "eval_data": str(shared_file("cifar10/test_lossless_1017.npz")),
+            "latency": {"enabled": False},
+        }
+    )
     start = time.perf_counter()
-    new, report = decompose(gm, analysis, plan, seed=0)
-    seconds = time.perf_counter() - start
-    acc, acc_bn = score(new, test, train, spec)
-    cost = plan_cost(analysis, plan)
-    rows = {row.name: row for row in report.layers if row.method == name}
+    run_compress(config, work / name)
+    run_seconds = time.perf_counter() - start
+    report = json.loads((work / name / "report.json").read_text())
+    rows = {row["name"]: row for row in report["layers"] if row["method"] == name}
+    compressed = report["compressed"]
+    run = {
+        "method": name,
+        "seconds": sum(row["seconds"] for row in rows.values()),
+        "run_seconds": run_seconds,
+        "macs": compressed["macs"],
+        "params": compressed["params"],
+        "macs_reduction": report["macs_reduction"],
+        "accuracy": compressed["accuracy_decomposed"],
+        "accuracy_bn": compressed["accuracy_recalibrated"],
+        "rows": rows,
+    }
     print(
-        f"{name:>11}: {seconds:7.1f} s, MACs {analysis.total_macs / cost.macs:.3f}× fewer, "
-        f"top-1 {acc:.2%} → {acc_bn:.2%} after BN recalibration",
+        f"{name:>11}: {run['seconds']:7.1f} s, MACs {run['macs_reduction']:.3f}× fewer, "
+        f"top-1 {run['accuracy']:.2%} → {run['accuracy_bn']:.2%} after BN recalibration",
         flush=True,
     )
-    return {
-        "method": name,
-        "seconds": seconds,
-        "macs": cost.macs,
-        "params": cost.params,
-        "macs_reduction": analysis.total_macs / cost.macs,
-        "accuracy": acc,
-        "accuracy_bn": acc_bn,
-        "rows": rows,
-        "model": new,
-    }
+    return run
 
 
 def layer_rows(targets, runs: dict[str, dict]) -> list[dict]:
@@ -188,13 +192,8 @@ def layer_rows(targets, runs: dict[str, dict]) -> list[dict]:
         }
         for name, run in runs.items():
             r = run["rows"][layer.name]
-            row[name] = {
-                "ranks": r.rank,
-                "macs": r.macs,
-                "rel_error": r.rel_error,
-                "seconds": r.seconds,
-                **r.extras,
-            }
+            # The report's layer row, extras (sensitivity, …) included, less what row has.
+            row[name] = {k: v for k, v in r.items() if k not in ("name", "type", "method")}
         out.append(row)
     return out
 
@@ -271,13 +270,13 @@ def markdown(summary: dict, runs: dict[str, dict], original: float) -> str:
             f"| {name} | {run['seconds']:.0f} s | {run['macs_reduction']:.2f}× fewer | "
             f"{run['accuracy']:.2%} | {run['accuracy_bn']:.2%} |"
         )
-    restored = summary["cp_epc_scale_restored"]
-    lines.append(
-        f"| cp-epc, each kernel rescaled to least squares (α median {restored['alpha_median']:.3f},"
-        f" max {restored['alpha_max']:.3f}) | – | {runs['cp-epc']['macs_reduction']:.2f}× fewer | "
-        f"{restored['accuracy']:.2%} | "
-        f"{restored['accuracy_bn']:.2%} |"
-    )
+    restored = summary.get("cp_epc_scale_restored")
+    if restored:
+        lines.append(
+            f"| cp-epc, each kernel rescaled to least squares (α median "
+            f"{restored['alpha_median']:.3f}, max {restored['alpha_max']:.3f}) | – | "
+            f"{runs['cp-epc']['macs_reduction']:.2f}× fewer | {restored['accuracy']:.2%} | – |"
+        )
     lines += [
         "",
         "| start → stable | layers with EPC err ≤ ALS err × 1.001 | max err ratio EPC/ALS | "
@@ -300,16 +299,23 @@ def markdown(summary: dict, runs: dict[str, dict], original: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-long-als", action="store_true", help="skip cp-ls / cp-epc-ls")
+    parser.add_argument(
+        "--quick", action="store_true", help="cp and cp-epc only: the cp → cp-epc row"
+    )
+    parser.add_argument("--work", type=Path, default=None, help="folder for the runs' outputs")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    if not args.no_long_als:
+    full = not args.quick
+    long_als = full and not args.no_long_als
+    work = args.work or Path(tempfile.mkdtemp(prefix="rankfold-stable-cp-"))
+    if long_als:
         for method in (LongALSCP(), LongALSEPC()):
             register_method(method)
 
-    model, spec = load_model("resnet56", shared_file(SHARED_CHECKPOINTS["resnet56"][0]))
+    model, spec = load_model("resnet56", shared_file(WEIGHTS))
     test = load_dataset(shared_file("cifar10/test_lossless_1017.npz"), spec)
-    train = load_dataset(shared_file("cifar10/train_lossless_5085.npz"), spec)
     gm = trace(model, torch.zeros(1, *spec.input_shape))
     analysis = analyze(gm)
     targets = [
@@ -340,22 +346,14 @@ def main() -> None:
         if cp_ranks[n] != uniform_ranks[n]
     }
 
-    methods = ["cp", "cp-epc", "tucker2-cp"] + ([] if args.no_long_als else ["cp-ls", "cp-epc-ls"])
+    methods = ["cp", "cp-epc"] + (["tucker2-cp"] if full else [])
+    methods += ["cp-ls", "cp-epc-ls"] if long_als else []
     runs = {}
     for name in methods:
         ranks = hybrid_ranks if name == "tucker2-cp" else cp_ranks
-        runs[name] = run_method(name, gm, analysis, ranks, test, train, spec)
+        runs[name] = run_method(name, ranks, work)
 
     rows = layer_rows(targets, runs)
-    scaled, alphas = least_squares_rescaled(runs["cp-epc"]["model"], gm, targets)
-    scaled_acc, scaled_acc_bn = score(scaled, test, train, spec)
-    for row in rows:
-        row["cp-epc"]["least_squares_scale"] = alphas[row["name"]]
-    print(
-        f"cp-epc with each kernel rescaled to least squares: top-1 {scaled_acc:.2%} → "
-        f"{scaled_acc_bn:.2%} after BN recalibration",
-        flush=True,
-    )
     pairs = {"cp (ALS, 100 plain sweeps) → cp-epc": "cp_vs_cp_epc"}
     summary = {
         "layers": len(targets),
@@ -365,9 +363,23 @@ def main() -> None:
             "tol": METHODS["cp-epc"].tol,
             "patience": METHODS["cp-epc"].patience,
         },
-        "hybrid_cp_per_tucker_rank": METHODS["tucker2-cp"].cp_per_tucker_rank,
         "cp_vs_cp_epc": pair_summary(rows, "cp", "cp-epc"),
-        "hybrid": {
+        "uniform_allocator_3x": {
+            "macs_reduction": analysis.total_macs / plan_cost(analysis, uniform).macs,
+            "layers_with_other_rank": len(differ),
+            "rank_differences": differ,
+        },
+    }
+    if full:
+        # The same blocks as the cp-epc run (same plan, same seed), before any recalibration.
+        epc_model, _ = decompose(gm, analysis, Plan.load(work / "cp-epc" / "plan.json"), seed=0)
+        scaled, alphas = least_squares_rescaled(epc_model, gm, targets)
+        scaled_acc = accuracy(scaled, test, spec)
+        for row in rows:
+            row["cp-epc"]["least_squares_scale"] = alphas[row["name"]]
+        print(f"cp-epc with each kernel rescaled to least squares: top-1 {scaled_acc:.2%}")
+        summary["hybrid_cp_per_tucker_rank"] = METHODS["tucker2-cp"].cp_per_tucker_rank
+        summary["hybrid"] = {
             "sensitivity_ratio_median": statistics.median(
                 r["tucker2-cp"]["sensitivity_before"] / r["tucker2-cp"]["sensitivity"] for r in rows
             ),
@@ -377,21 +389,14 @@ def main() -> None:
             "median_rel_error_vs_cp": statistics.median(
                 r["tucker2-cp"]["rel_error"] / r["cp"]["rel_error"] for r in rows
             ),
-        },
-        "cp_epc_scale_restored": {
+        }
+        summary["cp_epc_scale_restored"] = {
             "alpha_median": statistics.median(alphas.values()),
             "alpha_min": min(alphas.values()),
             "alpha_max": max(alphas.values()),
             "accuracy": scaled_acc,
-            "accuracy_bn": scaled_acc_bn,
-        },
-        "uniform_allocator_3x": {
-            "macs_reduction": analysis.total_macs / plan_cost(analysis, uniform).macs,
-            "layers_with_other_rank": len(differ),
-            "rank_differences": differ,
-        },
-    }
-    if not args.no_long_als:
+        }
+    if long_als:
         pairs["cp-ls (ALS, ≤ 300 line-searched sweeps) → cp-epc-ls"] = "cp_ls_vs_cp_epc_ls"
         summary["cp_ls_vs_cp_epc_ls"] = pair_summary(rows, "cp-ls", "cp-epc-ls")
     summary["pairs"] = pairs
@@ -407,9 +412,10 @@ def main() -> None:
         },
         "layers": rows,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(RESULTS / "stable_cp_resnet56.json", result)
-    plot(rows, runs, RESULTS / "stable_cp_resnet56.png")
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out / "stable_cp_resnet56.json", result)
+    if full:
+        plot(rows, runs, args.out / "stable_cp_resnet56.png")
     print()
     print(markdown(summary, runs, original))
     print()
@@ -418,7 +424,7 @@ def main() -> None:
 
 def _fully_merged(row: dict) -> bool:
     """Whether the hybrid block of this layer merged both 1×1 pairs (then it is CP-shaped)."""
-    r_out, r_in, r = row["tucker2-cp"]["ranks"]
+    r_out, r_in, r = row["tucker2-cp"]["rank"]
     return merge_in(row["in"], r_in, r) and merge_out(row["out"], r_out, r)
 
 
