@@ -82,6 +82,10 @@ class FinetuneConfig(BaseModel):
     train_only_decomposed: bool = False
     amp: bool = True  # mixed precision, on CUDA only
     eval_batch_size: int = Field(default=256, ge=1)
+    # Share of the training images held out to pick the best epoch on; 0 keeps the last epoch.
+    # The evaluation data is only reported per epoch: choosing on it would make the score
+    # optimistic (model selection on the test set).
+    validation: float = Field(default=0.0, ge=0, lt=0.5)
 
     @model_validator(mode="after")
     def _optimizer_defaults(self) -> FinetuneConfig:
@@ -104,19 +108,20 @@ def finetune_config(
 
 @dataclass
 class FinetuneResult:
-    """Per-epoch history (epoch, loss, train_accuracy, eval_accuracy, lr, seconds) and the best."""
+    """Per-epoch history (epoch, loss, train_accuracy, validation_accuracy, eval_accuracy, lr,
+    seconds), the epoch whose weights were kept and how it was chosen."""
 
     history: list[dict[str, Any]]
-    best_epoch: int | None
-    best_accuracy: float | None
+    best_epoch: int | None  # the epoch kept
+    best_accuracy: float | None  # its validation accuracy (None: the last epoch was kept)
     resumed_from: int | None  # the completed epoch a resumed run continued from
+    selected_by: str = "last epoch"  # or "validation split of N training images"
 
     @property
     def final_accuracy(self) -> float | None:
-        """Eval accuracy of the weights the model was left with (best, else the last epoch's)."""
-        if self.best_accuracy is not None:
-            return self.best_accuracy
-        return self.history[-1]["eval_accuracy"] if self.history else None
+        """Eval accuracy of the weights the model was left with."""
+        kept = [row for row in self.history if row["epoch"] == self.best_epoch]
+        return kept[0]["eval_accuracy"] if kept else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -160,7 +165,8 @@ def finetune(
     decomposed_names: Sequence[str] = (),
     seed: int = 0,
 ) -> FinetuneResult:
-    """Train `student` in place; leave it with the best-eval weights (the last without eval data).
+    """Train `student` in place; leave it with the weights of the last epoch, or with
+    `config.validation` of the training images held out, of the epoch best on them.
 
     `teacher` (the original model) is needed when `config.distill`. `decomposed_names` are the
     dotted names of the factorized blocks, needed for `train_only_decomposed`. Checkpoints go to
@@ -172,6 +178,7 @@ def finetune(
     if config.epochs == 0:
         return FinetuneResult([], None, None, None)
     _check_inputs(student, teacher, train, spec, config, eval_data)
+    train, validation = validation_split(train, config.validation, seed)
     directory = Path(checkpoint_dir)
     device = _device_of(student)
     saved_flags = [(p, p.requires_grad) for p in student.parameters()]
@@ -199,6 +206,7 @@ def finetune(
                 seed,
                 directory,
                 eval_data,
+                validation,
                 device,
                 rank,
                 world,
@@ -209,6 +217,24 @@ def finetune(
         student.eval()
         if created_group:
             dist.destroy_process_group()
+
+
+def validation_split(
+    train: ArrayDataset, share: float, seed: int
+) -> tuple[ArrayDataset, ArrayDataset | None]:
+    """(training part, held-out part): `share` of the images, drawn with `seed`, held out to
+    choose the epoch on; (train, None) when `share` is 0."""
+    if share == 0:
+        return train, None
+    held = max(1, round(share * len(train)))
+    if held >= len(train):
+        raise DataError(
+            f"a validation share of {share:g} leaves no training image of {len(train)}; lower "
+            "--validation or give more training data"
+        )
+    order = np.random.default_rng(seed).permutation(len(train))
+    keep, hold = np.sort(order[held:]), np.sort(order[:held])
+    return ArrayDataset(train.x[keep], train.y[keep]), ArrayDataset(train.x[hold], train.y[hold])
 
 
 class _Trainer:
@@ -224,6 +250,7 @@ class _Trainer:
         seed: int,
         directory: Path,
         eval_data: ArrayDataset | None,
+        validation: ArrayDataset | None,
         device: torch.device,
         rank: int,
         world: int,
@@ -234,6 +261,7 @@ class _Trainer:
         self.settings = {**config.model_dump(), "seed": seed}
         self.teacher = teacher if config.distill else None
         self.directory, self.eval_data, self.device = directory, eval_data, device
+        self.validation = validation
         self.rank, self.world = rank, world
         self.augment = augments(config.augment, spec)
         self.amp_dtype = _amp_dtype(device, config.amp)
@@ -283,30 +311,37 @@ class _Trainer:
             )
             self._sync_buffers()
             eval_accuracy = None if self.eval_data is None else self._evaluate(self.eval_data)
+            chosen_on = None if self.validation is None else self._evaluate(self.validation)
             state.epoch = epoch
             state.history.append(
                 {
                     "epoch": epoch,
                     "loss": loss,
                     "train_accuracy": train_accuracy,
+                    "validation_accuracy": chosen_on,
                     "eval_accuracy": eval_accuracy,
                     "lr": lr,
                     "seconds": time.perf_counter() - start,
                 }
             )
-            improved = eval_accuracy is not None and (
-                state.best_accuracy is None or eval_accuracy > state.best_accuracy
+            improved = chosen_on is not None and (
+                state.best_accuracy is None or chosen_on > state.best_accuracy
             )
             if improved:
-                state.best_epoch, state.best_accuracy = epoch, eval_accuracy
+                state.best_epoch, state.best_accuracy = epoch, chosen_on
                 state.best_model = _cpu_state(self.student)
                 self._save_best(state)
             self._save_last(optimizer, scheduler, scaler, state)
             self._report_epoch(state.history[-1], improved)
 
+        if self.validation is None:
+            return FinetuneResult(state.history, state.epoch, None, resumed_from)
         if state.best_model is not None:
             self.student.load_state_dict(state.best_model)
-        return FinetuneResult(state.history, state.best_epoch, state.best_accuracy, resumed_from)
+        selected_by = f"validation split of {len(self.validation)} training images"
+        return FinetuneResult(
+            state.history, state.best_epoch, state.best_accuracy, resumed_from, selected_by
+        )
 
     def _train_epoch(
         self,
@@ -513,10 +548,12 @@ class _Trainer:
         if self.rank != 0:
             return
         evaluated = (
-            ""
-            if row["eval_accuracy"] is None
-            else f", eval {100 * row['eval_accuracy']:.2f} %" + (" (best)" if improved else "")
+            "" if row["eval_accuracy"] is None else f", eval {100 * row['eval_accuracy']:.2f} %"
         )
+        if row["validation_accuracy"] is not None:
+            evaluated += f", validation {100 * row['validation_accuracy']:.2f} %" + (
+                " (best)" if improved else ""
+            )
         console.print(
             f"epoch {row['epoch']}/{self.config.epochs}: loss {row['loss']:.4f}, train "
             f"{100 * row['train_accuracy']:.2f} %{evaluated}, lr {row['lr']:.2e}, "

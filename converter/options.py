@@ -223,6 +223,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("finetune.train_only_decomposed", "Train only the factorized blocks.", RECOVERY, bool),
     Option("finetune.amp", "Mixed precision on CUDA.", RECOVERY, bool),
     Option("finetune.eval_batch_size", "Evaluation batch size (256).", RECOVERY, int),
+    Option(
+        "finetune.validation",
+        "Hold out this share of the training images and keep the epoch best on them (0: the "
+        "last epoch). --eval-data never chooses.",
+        RECOVERY,
+        float,
+    ),
     Option("resume", "Continue an interrupted fine-tuning in --out.", RECOVERY, bool),
     # ---- deployment
     Option(

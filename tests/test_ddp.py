@@ -63,4 +63,4 @@ def test_two_process_ddp_equals_single_process(tmp_path: Path) -> None:
         assert ddp_row["lr"] == pytest.approx(row["lr"], rel=1e-12)
     # Only rank 0 wrote checkpoints, atomically (no temporary files left behind).
     written = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert written == ["finetune_best.pt", "finetune_last.pt"]
+    assert written == ["finetune_last.pt"]

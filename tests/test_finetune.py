@@ -179,7 +179,9 @@ def test_bad_inputs_give_one_line_errors(tmp_path: Path) -> None:
 # ---- training, checkpoints and resume ------------------------------------------------------------
 
 
-def test_finetune_learns_and_keeps_the_best_epoch(tmp_path: Path) -> None:
+def test_finetune_learns_and_keeps_the_last_epoch_without_a_validation_split(
+    tmp_path: Path,
+) -> None:
     student, teacher = tiny(0), tiny(1)
     result = finetune(
         student, teacher, TRAIN, SPEC, config(epochs=4, distill=False), tmp_path, eval_data=EVAL
@@ -189,23 +191,49 @@ def test_finetune_learns_and_keeps_the_best_epoch(tmp_path: Path) -> None:
         "epoch",
         "loss",
         "train_accuracy",
+        "validation_accuracy",
         "eval_accuracy",
         "lr",
         "seconds",
     }
     assert result.history[0]["lr"] == pytest.approx(0.1)
     assert result.history[-1]["loss"] < result.history[0]["loss"]
-    accuracies = [row["eval_accuracy"] for row in result.history]
-    assert result.best_accuracy == max(accuracies) >= 0.7
-    assert result.best_epoch == 1 + accuracies.index(max(accuracies))
+    assert result.history[-1]["eval_accuracy"] >= 0.7  # reported, never used to choose
+    assert result.best_epoch == 4 and result.selected_by == "last epoch"
+    assert result.final_accuracy == result.history[-1]["eval_accuracy"]
     assert result.resumed_from is None and not student.training
-
-    best = torch.load(tmp_path / BEST_CHECKPOINT, weights_only=True)
+    assert not (tmp_path / BEST_CHECKPOINT).exists()
     last = torch.load(tmp_path / LAST_CHECKPOINT, weights_only=True)
-    assert best["epoch"] == result.best_epoch and last["epoch"] == 4
+    assert last["epoch"] == 4
+    for key, value in student.state_dict().items():
+        assert torch.equal(value, last["model"][key])
+    assert {"model", "optimizer", "scheduler", "history", "rng", "config"} <= set(last)
+
+
+def test_the_best_epoch_is_chosen_on_held_out_training_images(tmp_path: Path) -> None:
+    student, teacher = tiny(0), tiny(1)
+    settings = config(epochs=4, distill=False, validation=0.25)
+    result = finetune(student, teacher, TRAIN, SPEC, settings, tmp_path, eval_data=EVAL)
+    held = [row["validation_accuracy"] for row in result.history]
+    assert result.best_accuracy == max(held) and result.best_epoch == 1 + held.index(max(held))
+    assert result.selected_by == "validation split of 32 training images"
+    best = torch.load(tmp_path / BEST_CHECKPOINT, weights_only=True)
+    assert best["epoch"] == result.best_epoch
     for key, value in student.state_dict().items():
         assert torch.equal(value, best["model"][key])
-    assert {"model", "optimizer", "scheduler", "history", "rng", "config"} <= set(last)
+
+
+def test_the_evaluation_labels_influence_no_weight(tmp_path: Path) -> None:
+    """Permuting --eval-data's labels changes the reported accuracy, never the weights."""
+    shuffled = ArrayDataset(EVAL.x, np.random.default_rng(3).permutation(EVAL.y))
+    weights = []
+    for name, data in (("true", EVAL), ("shuffled", shuffled)):
+        student = tiny(0)
+        settings = config(epochs=3, distill=False, validation=0.25)
+        finetune(student, tiny(1), TRAIN, SPEC, settings, tmp_path / name, eval_data=data)
+        weights.append(student.state_dict())
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
 
 
 def _run(tmp_path: Path, name: str, interrupt_at: int | None = None, resume: bool = False):
@@ -234,7 +262,7 @@ def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(tmp_path:
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path, "cut", interrupt_at=1 + 9 + 9 + 2)  # in epoch 3's second step
     directory = tmp_path / "cut"
-    assert sorted(p.name for p in directory.iterdir()) == [BEST_CHECKPOINT, LAST_CHECKPOINT]
+    assert sorted(p.name for p in directory.iterdir()) == [LAST_CHECKPOINT]
     saved = torch.load(directory / LAST_CHECKPOINT, weights_only=True)
     assert saved["epoch"] == 2 and len(saved["history"]) == 2
 
@@ -269,7 +297,7 @@ def test_interrupt_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeyp
         _run(tmp_path, "run")
     monkeypatch.setattr(torch, "save", real_save)
     directory = tmp_path / "run"
-    assert sorted(p.name for p in directory.iterdir()) == [BEST_CHECKPOINT, LAST_CHECKPOINT]
+    assert sorted(p.name for p in directory.iterdir()) == [LAST_CHECKPOINT]
     assert torch.load(directory / LAST_CHECKPOINT, weights_only=True)["epoch"] == 1
     _, result = _run(tmp_path, "run", resume=True)
     assert result.resumed_from == 1 and len(result.history) == 3
@@ -390,5 +418,5 @@ def test_finetuning_recovers_digits_accuracy(tmp_path: Path) -> None:
         decomposed_names=[entry.name for entry in plan.decomposed()],
     )
     accuracy["finetuned"] = torch_accuracy(compressed, batches(test, DIGITS_SPEC))
-    assert accuracy["finetuned"] == pytest.approx(result.best_accuracy)
+    assert accuracy["finetuned"] == pytest.approx(result.final_accuracy)
     assert accuracy["finetuned"] >= accuracy["original"] - 0.02, accuracy
