@@ -73,6 +73,7 @@ class FakeTable:
     """Deterministic times: a layer costs 1 ms; a block's time is given per ranks."""
 
     provider = "fake"
+    threads = 1
 
     def __init__(self, times: dict[tuple[int, ...], float], default: float = 0.5) -> None:
         self.times, self.default = times, default
@@ -84,6 +85,9 @@ class FakeTable:
     def block_ms(self, layer: LayerInfo, method: str, ranks, batch: int) -> float:
         self.calls.append((method, tuple(ranks), batch))
         return self.times.get(tuple(ranks), self.default) * (1 + 0.1 * (batch > 1))
+
+    def speedup_range(self, layer: LayerInfo, method: str, ranks, batch: int):
+        return None  # no samples: the reasons carry no interval
 
 
 class LinearTable(FakeTable):
@@ -313,7 +317,7 @@ def test_gate_margin_and_worst_batch() -> None:
     assert not gate_plan(plan, analysis, table, 1, margin=0.10).layers[0].decompose
     worst = gate_plan(plan, analysis, table, [1, 8], margin=0.0).layers[0]
     assert worst.reason == (
-        "reverted by latency gate: block 1.01 ms vs layer 1.00 ms (batch 8, fake)"
+        "reverted by latency gate: block 1.01 ms vs layer 1.00 ms (batch 8, fake, 1 thread)"
     )
     with pytest.raises(ConfigError, match="margin"):
         gate_plan(plan, analysis, table, 1, margin=1.0)
