@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -12,7 +13,7 @@ from rankfold.converter.ui import console
 from rankfold.passes.latency_gate import threads_text
 from rankfold.runtime.latency import format_speedup
 
-REASON_WIDTH = 38  # the table's reason cell; the full text stays in report.json
+REASON_WIDTH = 24  # the table's reason cell; the full text stays in report.json
 
 
 def _percent(value: float | None) -> str:
@@ -120,14 +121,17 @@ def shorten(text: str, width: int = REASON_WIDTH) -> str:
 def _macs(value: int) -> str:
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if value >= size:
-            return f"{value / size:.1f}{unit}"
+            return f"{value / size:.3g}{unit}"
     return str(value)
 
 
 def layer_table(report: Report) -> Table:
     """One row per layer, at most 80 columns wide: MACs in k/M/G, a skipped layer's reason cut
-    to its first clause (report.json has the whole text), no cell wrapping."""
-    table = Table(title=f"{report.model} — {report.method}", title_justify="left")
+    to its first clause (report.json has the whole text), no cell wrapping, horizontal rules
+    only (vertical borders would take 16 of the 80 columns)."""
+    table = Table(
+        title=f"{report.model} — {report.method}", title_justify="left", box=box.SIMPLE_HEAD
+    )
     for column, justify in (
         ("layer", "left"),
         ("method", "left"),
@@ -142,7 +146,7 @@ def layer_table(report: Report) -> Table:
             row.name,
             row.method or "-",
             "×".join(map(str, row.rank or [])) or "-",
-            f"{_macs(row.original_macs)} → {_macs(row.macs)}",
+            f"{_macs(row.original_macs)}→{_macs(row.macs)}",
             "-" if row.rel_error is None else f"{row.rel_error:.3f}",
             shorten(row.reason) if row.status == "skipped" else row.status,
         )
@@ -153,4 +157,4 @@ def print_summary(report: Report, out: Path, target: Console = console) -> None:
     """The per-layer table, then the summary lines, on the console (stderr)."""
     target.print(layer_table(report))
     for line in summary_lines(report, out):
-        target.print(line)
+        target.print(line, soft_wrap=True)  # a log file keeps each fact on one line
