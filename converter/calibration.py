@@ -175,7 +175,7 @@ class PlanTimer:
                 provider=latency.provider,
                 warmup=latency.warmup,
                 repeats=latency.repeats,
-                threads=latency.threads,
+                threads=latency.thread_counts[0],  # a budget is planned at the first
                 progress=lambda _: advance(),
             )
         cost = plan_cost(self.analysis, plan)

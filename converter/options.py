@@ -149,8 +149,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "ranks.round_to",
-        "Align budgeted ranks to multiples: auto (--provider's channel block), N, or 0 "
-        "(off).",
+        "Align budgeted ranks to multiples: auto (--provider's channel block), N, or 0 (off).",
         RANKS,
         parse=round_to,
     ),
@@ -247,13 +246,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("latency.warmup", "Untimed runs per batch size (5).", DEPLOYMENT, int),
     Option("latency.repeats", "Timed runs per batch size, median (30).", DEPLOYMENT, int),
     Option(
-        "latency.threads", "onnxruntime intra-op threads (default: all cores).", DEPLOYMENT, int
+        "latency.threads",
+        "Intra-op threads the model is deployed with, e.g. 1 or 1,2: every timing, the gate "
+        "and a latency budget use them (default: all cores).",
+        DEPLOYMENT,
+        parse=lambda text: int_list(text, "--threads"),
     ),
     Option(
         "latency.gate",
-        "Time each planned block against its layer (--provider, every --batch) and keep the "
-        "layer whole unless the block is --gate-margin faster; with --round-to, ranks first "
-        "move to the multiple where that measures faster.",
+        "Time each planned block against its layer (--provider, every --batch and --threads) "
+        "and keep the layer whole unless the block is --gate-margin faster; with --round-to, "
+        "ranks first move to the multiple where that measures faster (default: on with a "
+        "budget while latency is measured).",
         DEPLOYMENT,
         bool,
         "--latency-gate",
@@ -277,6 +281,13 @@ OPTIONS: tuple[Option, ...] = (
         "against the original, is that much faster (default 2; 0 trusts the per-layer table).",
         DEPLOYMENT,
         int,
+    ),
+    Option(
+        "latency.fail_if_slower",
+        "Exit with code 1 when the compressed model is measurably slower than the original "
+        "at any batch size or thread count (for CI; the report is still written).",
+        DEPLOYMENT,
+        bool,
     ),
     Option(
         "latency.cache_dir",

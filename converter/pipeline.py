@@ -107,7 +107,8 @@ class Validation:
     opset: int
     parity: ParityReport
     accuracy: float | None  # model.onnx on the evaluation data
-    latency: list[LatencyResult] | None  # side by side with original.onnx, per batch size
+    # Side by side with original.onnx, per thread count and batch size.
+    latency: list[LatencyResult] | None
 
 
 @dataclass
@@ -197,11 +198,13 @@ class CompressionResult:
             if not latency
             else Latency(
                 provider=self.config.latency.provider,
+                threads=self.config.latency.thread_counts,
                 batch=latency[0].batch,
                 original_ms=latency[0].original_ms,
                 compressed_ms=latency[0].compressed_ms,
                 speedup=latency[0].speedup,
                 per_batch=[LatencyRow(**row.to_dict()) for row in latency],
+                slower=any(row.verdict == "slower" for row in latency),
             ),
             eval_data=None
             if self.eval_data is None
@@ -241,18 +244,24 @@ def validate(result: CompressionResult, artifacts: Artifacts) -> Validation:
     latency = None
     if config.latency.enabled:
         settings = config.latency
-        with progress_bar("latency", total=len(settings.batch) * 2 * settings.repeats) as advance:
-            latency = compare_latency(
-                artifacts.original_onnx,
-                artifacts.model_onnx,
-                tuple(result.example_input.shape[1:]),
-                settings.batch,
-                provider=provider,
-                warmup=settings.warmup,
-                repeats=settings.repeats,
-                threads=settings.threads,
-                progress=lambda _: advance(),
-            )
+        counts = settings.thread_counts
+        runs = len(counts) * len(settings.batch) * 2 * settings.repeats
+        with progress_bar("latency", total=runs) as advance:
+            latency = [
+                row
+                for threads in counts
+                for row in compare_latency(
+                    artifacts.original_onnx,
+                    artifacts.model_onnx,
+                    tuple(result.example_input.shape[1:]),
+                    settings.batch,
+                    provider=provider,
+                    warmup=settings.warmup,
+                    repeats=settings.repeats,
+                    threads=threads,
+                    progress=lambda _: advance(),
+                )
+            ]
     return Validation(opset=opset, parity=parity, accuracy=accuracy, latency=latency)
 
 
@@ -316,14 +325,15 @@ def compress(
         train = load_dataset(config.train_data, spec, limit=config.train_limit)
     original = trace(model, example_inputs, config.leaf_modules)
     analysis = analyze(original)
-    table = None
+    tables: list[LatencyTable] = []
     if config.latency.gate or config.ranks.latency_reduction:
         get_backend(config.latency.provider).check()  # an unusable provider fails before timing
-        table = LatencyTable(
-            config.latency.provider, config.latency.cache_dir, config.latency.threads
-        )
+        tables = [
+            LatencyTable(config.latency.provider, config.latency.cache_dir, threads)
+            for threads in config.latency.thread_counts
+        ]
     plan, selection, cache = _choose_plan(
-        original, analysis, example_inputs, config, spec, train, table
+        original, analysis, example_inputs, config, spec, train, tables
     )
     with progress_bar("decompose", total=len(plan.decomposed())) as advance:
         compressed, decomposition = decompose(
@@ -361,10 +371,10 @@ def _choose_plan(
     config: CompressConfig,
     spec: ModelSpec | None,
     train: ArrayDataset | None,
-    table: LatencyTable | None,
+    tables: list[LatencyTable],
 ) -> tuple[Plan, SelectionReport, DecompositionCache | None]:
     """The plan to decompose with, how it was chosen, and the decomposition cache the selector
-    filled (the final decomposition reuses it).
+    filled (the final decomposition reuses it). `tables`: one per deployed thread count.
 
     One path: `select_ranks` plans, then Plan → Plan refinements: measured rank rounding and
     the latency gate, then (for a latency budget) calibration against whole-model timings.
@@ -381,14 +391,14 @@ def _choose_plan(
         chosen = SelectionReport(selector="plan file", path=str(config.plan))
         return plan, chosen, None
     policy = config.ranks
-    context = _planning_context(original, analysis, config, spec, train, table)
+    context = _planning_context(original, analysis, config, spec, train, tables[:1])
 
     def planned(ranks: RankPolicy) -> tuple[Plan, dict[str, Any]]:
         selection = select_ranks(analysis, ranks, context)
         plan, summary = selection.plan, selection.to_dict()
         rounds = ranks.latency_reduction and ranks.round_to
         if config.latency.gate or rounds:
-            plan, summary["latency_gate"] = _gate(plan, analysis, config, table)
+            plan, summary["latency_gate"] = _gate(plan, analysis, config, tables)
         if context.measured is not None:  # priced after the rounding and the gate
             summary["latency_ms"] = _predicted_latency(analysis, plan, context.measured)
         return plan, summary
@@ -437,10 +447,11 @@ def _planning_context(
     config: CompressConfig,
     spec: ModelSpec | None,
     train: ArrayDataset | None,
-    table: LatencyTable | None,
+    tables: list[LatencyTable],
 ) -> PlanningContext:
     """What the selector may read: the model, calibration data (for selectors that score
-    candidates on it), measured layer times (a latency budget) and the progress display."""
+    candidates on it), measured layer times (a latency budget, at the first thread count) and
+    the progress display."""
     search = config.search
     calibration = None
     if get_selector(config.ranks.select).needs_calibration and train is not None:
@@ -456,7 +467,7 @@ def _planning_context(
         )
     measured = None
     if config.ranks.latency_reduction:
-        measured = _latency_metric(analysis, config, table)
+        measured = _latency_metric(analysis, config, tables[0])
     return PlanningContext(
         gm=original,
         calibration=calibration,
@@ -497,31 +508,36 @@ def _latency_metric(
 
 
 def _gate(
-    plan: Plan, analysis: ModelAnalysis, config: CompressConfig, table: LatencyTable
+    plan: Plan, analysis: ModelAnalysis, config: CompressConfig, tables: list[LatencyTable]
 ) -> tuple[Plan, dict[str, Any]]:
-    """Measured rank rounding (with round_to), then the latency gate if asked for; returns
-    what changed."""
+    """Measured rank rounding (with round_to, at the first thread count), then the latency
+    gate if asked for, at every thread count in turn: a block stays only if faster at each.
+    Returns what changed."""
     batch, multiple = config.latency.batch, config.ranks.round_to
     planned = len(plan.decomposed())
-    steps = (1 if multiple else 0) + (1 if config.latency.gate else 0)
+    steps = (1 if multiple else 0) + (len(tables) if config.latency.gate else 0)
     with progress_bar("latency gate", total=planned * steps) as advance:
         rounded = gated = plan
         if multiple:
-            rounded = gated = round_ranks(plan, analysis, table, multiple, batch, progress=advance)
-        if config.latency.gate:
-            gated = gate_plan(
-                rounded,
-                analysis,
-                table,
-                batch,
-                config.latency.gate_margin,
-                advance,
-                min_efficiency=config.latency.gate_efficiency,
+            rounded = gated = round_ranks(
+                plan, analysis, tables[0], multiple, batch, progress=advance
             )
+        if config.latency.gate:
+            for table in tables:
+                gated = gate_plan(
+                    gated,
+                    analysis,
+                    table,
+                    batch,
+                    config.latency.gate_margin,
+                    advance,
+                    min_efficiency=config.latency.gate_efficiency,
+                )
     before = {entry.name: entry.ranks for entry in plan.layers}
     summary = {
-        "provider": table.provider,
+        "provider": tables[0].provider,
         "batch": batch,
+        "threads": [table.threads for table in tables],
         "gate": config.latency.gate,
         "margin": config.latency.gate_margin,
         "min_efficiency": config.latency.gate_efficiency,
@@ -530,9 +546,9 @@ def _gate(
         "reverted": [
             e.name for e, g in zip(rounded.layers, gated.layers) if e.decompose and not g.decompose
         ],
-        "measurements": table.measured,
-        "cache": str(table.path),
-        "cache_error": table.cache_error,
+        "measurements": sum(table.measured for table in tables),
+        "cache": str(tables[0].path),
+        "cache_error": next((t.cache_error for t in tables if t.cache_error), None),
     }
     return gated, summary
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from rankfold.passes.core import ConfigError
 
-SCHEMA_VERSION = 2  # 2: typed sections, schema_version recorded
+SCHEMA_VERSION = 3  # 2: typed sections; 3: latency intervals, threads, the slower flag
 
 
 class _Section(BaseModel):
@@ -42,6 +42,7 @@ class LatencyGate(_Section):
 
     provider: str
     batch: list[int]
+    threads: list[int | None]  # the gate passed a block only if faster at each; None: all cores
     gate: bool
     margin: float
     min_efficiency: float
@@ -123,20 +124,34 @@ class OnnxCheck(_Section):
     accuracy: float | None = None
 
 
+Verdict = Literal["faster", "slower", "no measurable difference"]
+
+
 class LatencyRow(_Section):
+    """One batch size at one thread count; the interval is that of the per-block speedups."""
+
     batch: int
+    threads: int | None  # None: onnxruntime's default, all cores
     original_ms: float
     compressed_ms: float
     speedup: float
+    speedup_low: float | None
+    speedup_high: float | None
+    verdict: Verdict
 
 
 class Latency(_Section):
+    """Side-by-side timings; the top-level figures are the first row's."""
+
     provider: str
+    threads: list[int | None]
     batch: int
     original_ms: float
     compressed_ms: float
     speedup: float
     per_batch: list[LatencyRow]
+    # Measurably slower than the original at some batch size and thread count.
+    slower: bool
 
 
 class EvalData(_Section):
@@ -168,7 +183,7 @@ class LayerRow(BaseModel):
 class Report(_Section):
     """report.json."""
 
-    schema_version: Literal[2] = SCHEMA_VERSION
+    schema_version: Literal[3] = SCHEMA_VERSION
     model: str
     method: str
     target: dict[str, float] | None

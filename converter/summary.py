@@ -4,20 +4,51 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich import box
+from rich.console import Console
 from rich.table import Table
 
 from rankfold.converter.results import Report
 from rankfold.converter.ui import console
+from rankfold.passes.latency_gate import threads_text
+from rankfold.runtime.latency import format_speedup
+
+REASON_WIDTH = 24  # the table's reason cell; the full text stays in report.json
 
 
 def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2%}"
 
 
+def headline(report: Report) -> str:
+    """What the run did in one line, e.g. "2.4× fewer MACs, 1.9–2.1× faster, −0.2 pt"."""
+    parts = [f"{report.macs_reduction:.1f}× fewer MACs"]
+    latency = report.latency
+    if latency is not None:
+        verdicts = {row.verdict for row in latency.per_batch}
+        speedups = [row.speedup for row in latency.per_batch]
+        low, high = min(speedups), max(speedups)
+        span = f"{low:.1f}×" if f"{low:.1f}" == f"{high:.1f}" else f"{low:.1f}–{high:.1f}×"
+        parts.append(
+            f"{span} faster"
+            if verdicts == {"faster"}
+            else "SLOWER than the original"
+            if latency.slower
+            else f"{span}, not measurably faster everywhere"
+        )
+    final = report.onnx.accuracy
+    if final is not None and report.original.accuracy is not None:
+        delta = 100 * (final - report.original.accuracy)
+        parts.append(f"{delta:+.1f} pt".replace("-", "−"))
+    return ", ".join(parts)
+
+
 def summary_lines(report: Report, out: Path) -> list[str]:
-    """What happened, one fact a line: cost, accuracy at each stage, parity, latency."""
+    """What happened, one fact a line: the headline, cost, accuracy at each stage, parity,
+    latency."""
     original, compressed, onnx = report.original, report.compressed, report.onnx
     lines = [
+        headline(report),
         f"MACs {original.macs:,} → {compressed.macs:,} ({report.macs_reduction:.2f}×), "
         f"params {report.params_reduction:.2f}× fewer",
         f"accuracy: original {_percent(original.accuracy)}, decomposed "
@@ -28,7 +59,10 @@ def summary_lines(report: Report, out: Path) -> list[str]:
     ]
     gate = report.selection.latency_gate
     if gate is not None:
-        where = f"{gate.provider}, batch {','.join(map(str, gate.batch))}"
+        where = (
+            f"{gate.provider}, batch {','.join(map(str, gate.batch))}, "
+            f"{' and '.join(threads_text(t) for t in gate.threads)}"
+        )
         lines.append(
             f"latency gate ({where}, margin {gate.margin:.0%}): {len(gate.reverted)} "
             f"layer(s) kept whole, {len(gate.rounded)} rank(s) rounded, "
@@ -61,10 +95,16 @@ def summary_lines(report: Report, out: Path) -> list[str]:
         )
     if report.latency is not None:
         for row in report.latency.per_batch:
+            speedup = format_speedup(row.speedup, row.speedup_low, row.speedup_high)
             lines.append(
-                f"latency ({report.latency.provider}, batch {row.batch}): "
-                f"{row.original_ms:.2f} ms → {row.compressed_ms:.2f} ms "
-                f"(speedup {row.speedup:.2f}×)"
+                f"latency ({report.latency.provider}, batch {row.batch}, "
+                f"{threads_text(row.threads)}): {row.original_ms:.2f} ms → "
+                f"{row.compressed_ms:.2f} ms, speedup {speedup}"
+            )
+        if report.latency.slower:
+            lines.append(
+                "WARNING: the compressed model is measurably SLOWER than the original at some "
+                "batch size (see above); plan with --latency-gate or a smaller reduction"
             )
     lines.append(
         f"wrote {out}/: model.onnx original.onnx plan.json model.pt report.json layers.png"
@@ -72,27 +112,49 @@ def summary_lines(report: Report, out: Path) -> list[str]:
     return lines
 
 
-def print_summary(report: Report, out: Path) -> None:
-    """The per-layer table, then the summary lines, on the console (stderr)."""
-    table = Table(title=f"{report.model} — {report.method}")
+def shorten(text: str, width: int = REASON_WIDTH) -> str:
+    """The first clause of a reason, cut to `width` characters with an ellipsis."""
+    first = text.split(";")[0].split(" (")[0]
+    return first if len(first) <= width else first[: width - 1] + "…"
+
+
+def _macs(value: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= size:
+            return f"{value / size:.3g}{unit}"
+    return str(value)
+
+
+def layer_table(report: Report) -> Table:
+    """One row per layer, at most 80 columns wide: MACs in k/M/G, a skipped layer's reason cut
+    to its first clause (report.json has the whole text), no cell wrapping, horizontal rules
+    only (vertical borders would take 16 of the 80 columns)."""
+    table = Table(
+        title=f"{report.model} — {report.method}", title_justify="left", box=box.SIMPLE_HEAD
+    )
     for column, justify in (
         ("layer", "left"),
         ("method", "left"),
-        ("rank", "left"),
+        ("rank", "right"),
         ("MACs", "right"),
-        ("rel. error", "right"),
-        ("status / reason", "left"),
+        ("error", "right"),
+        ("status", "left"),
     ):
-        table.add_column(column, justify=justify)
+        table.add_column(column, justify=justify, no_wrap=True)
     for row in report.layers:
         table.add_row(
             row.name,
             row.method or "-",
             "×".join(map(str, row.rank or [])) or "-",
-            f"{row.original_macs:,} → {row.macs:,}",
+            f"{_macs(row.original_macs)}→{_macs(row.macs)}",
             "-" if row.rel_error is None else f"{row.rel_error:.3f}",
-            row.reason if row.status == "skipped" else row.status,
+            shorten(row.reason) if row.status == "skipped" else row.status,
         )
-    console.print(table)
+    return table
+
+
+def print_summary(report: Report, out: Path, target: Console = console) -> None:
+    """The per-layer table, then the summary lines, on the console (stderr)."""
+    target.print(layer_table(report))
     for line in summary_lines(report, out):
-        console.print(line)
+        target.print(line, soft_wrap=True)  # a log file keeps each fact on one line

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from rankfold.models.checkpoint import check_finite, load_weights
-from rankfold.models.digits import DIGITS_SPEC, DigitsCNN
+from rankfold.models.digits import DIGITS32_SPEC, DIGITS_SPEC, Digits32CNN, DigitsCNN
 from rankfold.models.resnet_cifar import resnet20, resnet32, resnet44, resnet56, resnet110
 from rankfold.models.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
 from rankfold.passes.core import ConfigError, ModelLoadError
@@ -325,3 +325,4 @@ for _name, _factory, _params in (
         ),
     )
 register_model("digits-cnn", DigitsCNN, DIGITS_SPEC)
+register_model("digits32-cnn", Digits32CNN, DIGITS32_SPEC)

@@ -17,6 +17,19 @@ from rankfold.passes.plan import LayerPlan, Plan
 
 Batches = int | Sequence[int]
 Progress = Callable[[str], None]
+NO_DIFFERENCE = "no measurable difference"
+
+
+def verdict(low: float | None, high: float | None) -> str:
+    """ "faster" when a whole speedup interval lies above 1, "slower" below, else NO_DIFFERENCE
+    (an interval that holds 1, or none: one sample cannot show a difference)."""
+    if low is None or high is None:
+        return NO_DIFFERENCE
+    return "faster" if low > 1 else "slower" if high < 1 else NO_DIFFERENCE
+
+
+def threads_text(threads: int | None) -> str:
+    return "all cores" if threads is None else f"{threads} thread{'s' if threads > 1 else ''}"
 
 
 class TimingTable(Protocol):
@@ -24,6 +37,12 @@ class TimingTable(Protocol):
     one (passes import nothing of runtime, so they stay usable without onnxruntime)."""
 
     provider: str  # named in the reasons
+    threads: int | None  # intra-op threads the times were taken at (None: all cores)
+
+    def speedup_range(
+        self, layer: LayerInfo, method_name: str, ranks: Sequence[int], batch: int
+    ) -> tuple[float, float] | None:
+        """The interval of layer time / block time, None when unknown."""
 
     def layer_ms(self, layer: LayerInfo, batch: int) -> float: ...
 
@@ -83,7 +102,16 @@ def gate_plan(
             for b in sizes
         ]
         worst_batch, block, original = max(times, key=lambda t: t[1] / t[2])
-        where = f"batch {worst_batch}, {table.provider}"
+        where = f"batch {worst_batch}, {table.provider}, {threads_text(table.threads)}"
+        spread = table.speedup_range(layer, entry.method, entry.ranks, worst_batch)
+        # The times' own noise: a block within it is reported as such, not as a difference.
+        noise = (
+            ""
+            if spread is None
+            else f"; {NO_DIFFERENCE} ({spread[0]:.2f}–{spread[1]:.2f}×)"
+            if verdict(*spread) == NO_DIFFERENCE
+            else f"; {original / block:.2f}× ({spread[0]:.2f}–{spread[1]:.2f})"
+        )
         mac_reduction = layer.macs / get_method(entry.method).cost(layer, entry.ranks).macs
         efficiency = original / block / mac_reduction
         if block > (1 - margin) * original or efficiency < min_efficiency:
@@ -98,7 +126,7 @@ def gate_plan(
                     name=entry.name,
                     type=entry.type,
                     reason=f"reverted by latency gate: block {fmt_ms(block)} ms vs layer "
-                    f"{fmt_ms(original)} ms ({where}){why}",
+                    f"{fmt_ms(original)} ms ({where}){noise}{why}",
                 )
             )
         else:
@@ -106,7 +134,7 @@ def gate_plan(
                 entry.model_copy(
                     update={
                         "reason": f"{entry.reason}; latency {fmt_ms(block)} ms vs "
-                        f"{fmt_ms(original)} ms ({where})"
+                        f"{fmt_ms(original)} ms ({where}){noise}"
                     }
                 )
             )
@@ -191,7 +219,8 @@ def round_ranks(
                     "ranks": list(candidate),
                     "reason": f"{entry.reason}; rounded {list(planned)} → {list(candidate)} "
                     f"(multiple of {multiple}): {fmt_ms(times[first])} ms vs "
-                    f"{fmt_ms(base[first])} ms (batch {first}, {table.provider})",
+                    f"{fmt_ms(base[first])} ms (batch {first}, {table.provider}, "
+                    f"{threads_text(table.threads)})",
                 }
             )
         )

@@ -15,6 +15,7 @@ import onnx
 import onnx.shape_inference
 
 from rankfold.passes.core import ConfigError, ExportError, ProviderError
+from rankfold.passes.latency_gate import NO_DIFFERENCE, verdict
 from rankfold.runtime.session import create_session, single_input_name
 
 Progress = Callable[[int], None]
@@ -24,15 +25,58 @@ SWITCH_WARMUP = 2  # untimed runs after each switch between models
 
 @dataclass
 class LatencyResult:
-    """Median milliseconds per run at one batch size; speedup = original_ms / compressed_ms."""
+    """Median milliseconds per run at one batch size; speedup = original_ms / compressed_ms.
+
+    `speedup_low`..`speedup_high` is the interval of the per-block speedups (see
+    `ratio_interval`); None when there were too few blocks to bound it.
+    """
 
     batch: int
     original_ms: float
     compressed_ms: float
     speedup: float
+    speedup_low: float | None = None
+    speedup_high: float | None = None
+    threads: int | None = None  # intra-op threads; None: onnxruntime's default (all cores)
 
-    def to_dict(self) -> dict[str, float | int]:
-        return asdict(self)
+    @property
+    def verdict(self) -> str:
+        """ "faster", "slower", or NO_DIFFERENCE when the interval holds 1 (or is unknown)."""
+        return verdict(self.speedup_low, self.speedup_high)
+
+    def to_dict(self) -> dict[str, float | int | str | None]:
+        return {**asdict(self), "verdict": self.verdict}
+
+
+def format_speedup(speedup: float, low: float | None, high: float | None) -> str:
+    """ "1.92× (1.85–2.01)", or "no measurable difference (0.97–1.04)"."""
+    spread = "" if low is None or high is None else f" ({low:.2f}–{high:.2f})"
+    if verdict(low, high) == NO_DIFFERENCE:
+        return NO_DIFFERENCE + spread
+    return f"{speedup:.2f}×{spread}"
+
+
+def median_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free interval for the median of `values` (e.g. one ratio per pair of
+    blocks).
+
+    The order statistics r_(k) ≤ median ≤ r_(n+1-k) with the largest k whose binomial tail
+    P(Bin(n, ½) < k) stays within (1 − level)/2; with fewer than 6 blocks no k qualifies at 95 %
+    and the whole range is used (coverage 1 − 2^(1−n), e.g. 94 % for 5 blocks). Blocks, not runs:
+    runs within a block share the machine's state, so they are not independent samples. None
+    for a single block.
+    """
+    n = len(values)
+    if n < 2:
+        return None
+    ordered = sorted(values)
+    k, tail = 1, 0.0
+    while True:
+        tail += math.comb(n, k - 1) / 2**n  # P(Bin(n, ½) ≤ k − 1)
+        if k >= n // 2 or tail + math.comb(n, k) / 2**n > (1 - level) / 2:
+            break
+        k += 1
+    return ordered[k - 1], ordered[n - k]
 
 
 def measure_latency(
@@ -98,19 +142,29 @@ def compare_latency(
         ]
         for run in runs:
             time_runs(run, warmup, 0)  # warm-up only
-        times: list[list[float]] = [[], []]
-        while len(times[1]) < repeats:
+        blocks: list[list[list[float]]] = [[], []]  # per model, its blocks of timed runs
+        while sum(map(len, blocks[1])) < repeats:
             for index in (0, 1):
-                block = min(SWITCH_BLOCK, repeats - len(times[index]))
-                times[index] += time_runs(runs[index], SWITCH_WARMUP, block, progress=progress)
-        original_ms = statistics.median(times[0])
-        compressed_ms = statistics.median(times[1])
+                block = min(SWITCH_BLOCK, repeats - sum(map(len, blocks[index])))
+                timed = time_runs(runs[index], SWITCH_WARMUP, block, progress=progress)
+                blocks[index].append(timed)
+        original_ms = statistics.median([t for b in blocks[0] for t in b])
+        compressed_ms = statistics.median([t for b in blocks[1] for t in b])
+        # A block of each model ran back to back under the same load: their ratio is one sample.
+        ratios = [
+            statistics.median(a) / statistics.median(b)
+            for a, b in zip(blocks[0], blocks[1], strict=True)
+        ]
+        low, high = median_interval(ratios) or (None, None)
         results.append(
             LatencyResult(
                 batch=batch,
                 original_ms=original_ms,
                 compressed_ms=compressed_ms,
                 speedup=original_ms / compressed_ms,
+                speedup_low=low,
+                speedup_high=high,
+                threads=threads,
             )
         )
     return results
@@ -168,12 +222,14 @@ def _check_arguments(
         )
 
 
-# Columns of the bench table: (key in a bench row, header, format).
+# Columns of the bench table: (key in a bench row, header, format); the speedup cell also
+# carries its interval, or says there is no measurable difference (`format_speedup`).
 BENCH_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("threads", "threads", "{}"),
     ("batch", "batch", "{}"),
     ("original_ms", "original ms", "{:.3f}"),
     ("compressed_ms", "compressed ms", "{:.3f}"),
-    ("speedup", "speedup", "{:.2f}×"),
+    ("speedup", "speedup (interval)", "{:.2f}×"),
     ("mac_reduction", "MAC reduction", "{:.2f}×"),
     ("speedup_per_mac_reduction", "speedup / MAC red.", "{:.2f}"),
 )
@@ -194,9 +250,21 @@ def bench_rows(results: Sequence[LatencyResult], mac_reduction: float) -> list[d
     ]
 
 
+def threads_label(threads: int | None) -> str:
+    return "all cores" if threads is None else str(threads)
+
+
 def format_bench_row(row: dict) -> list[str]:
     """A bench row's cells, formatted as BENCH_COLUMNS says (for text or rich tables)."""
-    return [fmt.format(row[key]) for key, _, fmt in BENCH_COLUMNS]
+    cells = []
+    for key, _, fmt in BENCH_COLUMNS:
+        if key == "speedup":
+            cells.append(format_speedup(row["speedup"], row["speedup_low"], row["speedup_high"]))
+        elif key == "threads":
+            cells.append(threads_label(row["threads"]))
+        else:
+            cells.append(fmt.format(row[key]))
+    return cells
 
 
 def bench_providers(
@@ -208,11 +276,12 @@ def bench_providers(
     mac_reduction: float | None = None,
     warmup: int = 5,
     repeats: int = 30,
-    threads: int | None = None,
+    threads: Sequence[int | None] = (None,),
     progress: Progress | None = None,
 ) -> dict:
     """The bench table for each provider, as JSON-ready data (`progress` as in compare_latency).
 
+    One row per thread count and batch size (None: onnxruntime's default, all cores).
     `mac_reduction` defaults to the ratio of the two files' conv/linear MACs (`onnx_macs`). A
     provider this machine cannot run (e.g. cuda without onnxruntime-gpu or a GPU) is recorded
     as {"skipped": reason} instead of failing the whole bench.
@@ -224,22 +293,26 @@ def bench_providers(
         "compressed": str(compressed_path),
         "input_shape": list(input_shape),
         "mac_reduction": mac_reduction,
-        "threads": threads,
+        "threads": list(threads),
         "providers": {},
     }
     for provider in providers:
         try:
-            results = compare_latency(
-                original_path,
-                compressed_path,
-                input_shape,
-                batch_sizes,
-                provider=provider,
-                warmup=warmup,
-                repeats=repeats,
-                threads=threads,
-                progress=progress,
-            )
+            results = [
+                result
+                for count in threads
+                for result in compare_latency(
+                    original_path,
+                    compressed_path,
+                    input_shape,
+                    batch_sizes,
+                    provider=provider,
+                    warmup=warmup,
+                    repeats=repeats,
+                    threads=count,
+                    progress=progress,
+                )
+            ]
         except ProviderError as exc:
             out["providers"][provider] = {"skipped": str(exc)}
             continue

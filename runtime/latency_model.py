@@ -44,7 +44,7 @@ from rankfold.passes.core import ConfigError, OutputError, atomic_write_json
 from rankfold.passes.latency_gate import on_block, rounded_ranks
 from rankfold.passes.methods import Method, Ranks, get_method
 from rankfold.runtime.backends import get_backend
-from rankfold.runtime.latency import time_runs
+from rankfold.runtime.latency import median_interval, time_runs
 from rankfold.runtime.session import create_session
 
 CACHE_FORMAT = "rankfold-latency-2"  # 2: convs timed in context
@@ -297,7 +297,11 @@ class LatencyTable:
             ).encode()
         ).hexdigest()[:16]
         self.path = self.cache_dir / f"{self.provider}-{digest}.json"
-        self.entries: dict[str, float] = self._read_cache()
+        self.entries: dict[str, float] = {}
+        # Per entry, the interval of its median (`median_interval` of the samples), net as the
+        # entry is: the gate tells a real difference from noise with it.
+        self.ranges: dict[str, tuple[float, float]] = {}
+        self._read_cache()
         self.measured = 0  # timings run by this table (cache misses)
         self._overhead: float | None = None
         self.cache_error: str | None = None  # set when the cache file could not be written
@@ -313,6 +317,21 @@ class LatencyTable:
         method: Method = get_method(method_name)
         ranks = tuple(int(r) for r in ranks)
         return self._lookup(layer, method.name, ranks, batch, lambda: method.build(layer, ranks))
+
+    def speedup_range(
+        self, layer: LayerInfo, method_name: str, ranks: Sequence[int], batch: int
+    ) -> tuple[float, float] | None:
+        """The interval of layer time / block time from both medians' intervals; None for
+        entries cached without one."""
+        self.layer_ms(layer, batch)
+        self.block_ms(layer, method_name, ranks, batch)
+        name = get_method(method_name).name
+        ranks = tuple(int(r) for r in ranks)
+        layer_range = self.ranges.get(self.key(layer, "original", (), batch))
+        block_range = self.ranges.get(self.key(layer, name, ranks, batch))
+        if layer_range is None or block_range is None:
+            return None
+        return layer_range[0] / block_range[1], layer_range[1] / block_range[0]
 
     def key(self, layer: LayerInfo, block: str, ranks: Ranks, batch: int) -> str:
         return json.dumps(
@@ -333,10 +352,12 @@ class LatencyTable:
                 torch.manual_seed(0)
                 model = module_to_onnx(build().eval(), layer.in_shape, context=context)
             shape = (batch, *layer.in_shape)
-            raw = self._time(model, shape)
+            raw, low, high = self._time(model, shape)
             around = self.context_ms(layer.in_shape, layer.out_shape, batch) if context else 0.0
             # Floor at 1 % of the raw time: the overhead estimate is itself noisy.
-            self.entries[key] = max(raw - self.overhead_ms() - around, 0.01 * raw)
+            net = [max(ms - self.overhead_ms() - around, 0.01 * ms) for ms in (raw, low, high)]
+            self.entries[key] = net[0]
+            self.ranges[key] = (net[1], net[2])
             self.measured += 1
             self._write_cache()
         return self.entries[key]
@@ -350,7 +371,7 @@ class LatencyTable:
                 [helper.make_node("Identity", ["input"], ["output"])], "overhead", [x], [y]
             )
             model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", TIMING_OPSET)])
-            self._overhead = self._time(model, (1, 1))
+            self._overhead = self._time(model, (1, 1))[0]
         return self._overhead
 
     def context_ms(self, in_shape: Sequence[int], out_shape: Sequence[int], batch: int) -> float:
@@ -364,11 +385,14 @@ class LatencyTable:
         key = json.dumps({"context": list(shape), "batch": batch}, separators=(",", ":"))
         if key not in self.entries:
             chain = module_to_onnx(nn.Sequential(), shape, context=True)
-            self.entries[key] = max(self._time(chain, (batch, *shape)) - self.overhead_ms(), 0.0)
+            chain_ms = self._time(chain, (batch, *shape))[0]
+            self.entries[key] = max(chain_ms - self.overhead_ms(), 0.0)
             self._write_cache()
         return self.entries[key]
 
-    def _time(self, model: onnx.ModelProto, shape: tuple[int, ...]) -> float:
+    def _time(self, model: onnx.ModelProto, shape: tuple[int, ...]) -> tuple[float, float, float]:
+        """Median ms of the samples and the interval of that median (the median twice when
+        one sample cannot bound it)."""
         with tempfile.TemporaryDirectory(prefix="rankfold-latency-") as folder:
             path = Path(folder) / "probe.onnx"
             onnx.save(model, str(path))
@@ -384,24 +408,33 @@ class LatencyTable:
         # The warm-up runs, timed as one sample, size the samples to last `min_sample_ms`.
         (first,) = time_runs(run, 0, 1, inner=max(self.warmup, 1))
         inner = min(1000, max(1, math.ceil(self.min_sample_ms / max(first, 1e-4))))
-        return statistics.median(time_runs(run, 0, self.repeats, inner=inner))
+        samples = time_runs(run, 0, self.repeats, inner=inner)
+        median = statistics.median(samples)
+        return (median, *(median_interval(samples) or (median, median)))
 
-    def _read_cache(self) -> dict[str, float]:
+    def _read_cache(self) -> None:
+        """Merge the cache file's entries and ranges into this table's (ours win)."""
         try:
             data = json.loads(self.path.read_text())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            return {}  # no cache yet, or a damaged one: measure again and rewrite it
+            return  # no cache yet, or a damaged one: measure again and rewrite it
         if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
-            return {}
-        entries = data.get("entries")
-        if not isinstance(entries, dict):
-            return {}
-        return {k: float(v) for k, v in entries.items() if isinstance(v, (int, float))}
+            return
+        entries, ranges = data.get("entries"), data.get("ranges")
+        if isinstance(entries, dict):
+            read = {k: float(v) for k, v in entries.items() if isinstance(v, (int, float))}
+            self.entries = {**read, **self.entries}
+        if isinstance(ranges, dict):
+            read_ranges = {
+                k: (float(v[0]), float(v[1]))
+                for k, v in ranges.items()
+                if isinstance(v, list) and len(v) == 2
+            }
+            self.ranges = {**read_ranges, **self.ranges}
 
     def _write_cache(self) -> None:
         # Another process may have added entries since we read the file: merge, do not clobber.
-        merged = {**self._read_cache(), **self.entries}
-        self.entries = merged
+        self._read_cache()
         try:
             atomic_write_json(
                 self.path,
@@ -410,7 +443,8 @@ class LatencyTable:
                     "provider": self.provider,
                     "threads": self.threads,
                     "machine": self.machine,
-                    "entries": merged,
+                    "entries": self.entries,
+                    "ranges": {k: list(v) for k, v in self.ranges.items()},
                 },
             )
         except (OutputError, OSError) as exc:

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from rankfold.converter.cli import app
-from rankfold.converter.config import CompressConfig, build_config, load_config_file
+from rankfold.converter.config import BUDGETS, CompressConfig, build_config, load_config_file
 from rankfold.converter.options import OPTIONS, Option
 from rankfold.converter.presets import PRESETS
 
@@ -96,6 +96,7 @@ SAMPLES: dict[str, tuple[list[str], Any]] = {
     "export.atol": (["0.001"], 0.001),
     "latency.provider": (["cuda"], "cuda"),
     "latency.batch": (["1,8"], [1, 8]),
+    "latency.threads": (["1,2"], [1, 2]),
     "latency.gate_margin": (["0.1"], 0.1),
     "latency.gate_efficiency": (["0.9"], 0.9),
 }
@@ -103,6 +104,8 @@ SAMPLES: dict[str, tuple[list[str], Any]] = {
 ALSO = {
     "ranks.rel_error": (["--select", "error"], {"ranks.select"}),
     "finetune.optimizer": ([], {"finetune.lr", "finetune.weight_decay"}),  # AdamW's defaults
+    # A budget turns the latency gate on while latency is measured (the default).
+    **{f"ranks.{b}": ([], {"latency.gate"}) for b in BUDGETS},
 }
 
 

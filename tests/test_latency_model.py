@@ -73,6 +73,7 @@ class FakeTable:
     """Deterministic times: a layer costs 1 ms; a block's time is given per ranks."""
 
     provider = "fake"
+    threads = 1
 
     def __init__(self, times: dict[tuple[int, ...], float], default: float = 0.5) -> None:
         self.times, self.default = times, default
@@ -84,6 +85,9 @@ class FakeTable:
     def block_ms(self, layer: LayerInfo, method: str, ranks, batch: int) -> float:
         self.calls.append((method, tuple(ranks), batch))
         return self.times.get(tuple(ranks), self.default) * (1 + 0.1 * (batch > 1))
+
+    def speedup_range(self, layer: LayerInfo, method: str, ranks, batch: int):
+        return None  # no samples: the reasons carry no interval
 
 
 class LinearTable(FakeTable):
@@ -295,7 +299,8 @@ def test_gate_reverts_an_artificially_slow_block_and_keeps_a_fast_one(
     reverted, kept = gated.layers
     assert not reverted.decompose and reverted.method is None
     assert reverted.reason.startswith("reverted by latency gate: block ")
-    assert "ms vs layer" in reverted.reason and "cpu)" in reverted.reason
+    assert "ms vs layer" in reverted.reason and "cpu, 1 thread)" in reverted.reason
+    assert reverted.reason.endswith(")") and "×" in reverted.reason  # the measured interval
     block_ms = table.block_ms(slow, "huge_detour", [4], 1)
     assert block_ms > 3 * table.layer_ms(slow, 1)  # 1024-channel detour vs a 16-channel conv
     assert kept.decompose and kept.ranks == [8] and kept.reason.startswith("b; latency ")
@@ -313,7 +318,7 @@ def test_gate_margin_and_worst_batch() -> None:
     assert not gate_plan(plan, analysis, table, 1, margin=0.10).layers[0].decompose
     worst = gate_plan(plan, analysis, table, [1, 8], margin=0.0).layers[0]
     assert worst.reason == (
-        "reverted by latency gate: block 1.01 ms vs layer 1.00 ms (batch 8, fake)"
+        "reverted by latency gate: block 1.01 ms vs layer 1.00 ms (batch 8, fake, 1 thread)"
     )
     with pytest.raises(ConfigError, match="margin"):
         gate_plan(plan, analysis, table, 1, margin=1.0)
@@ -370,7 +375,7 @@ def test_round_ranks_switches_only_when_measured_faster() -> None:
     rounded = round_ranks(plan, analysis, faster, 8, [1, 8]).layers[0]
     assert rounded.ranks == [40]  # nearest, though 32 would be faster still
     assert rounded.reason == (
-        "test; rounded [37] → [40] (multiple of 8): 0.40 ms vs 0.50 ms (batch 1, fake)"
+        "test; rounded [37] → [40] (multiple of 8): 0.40 ms vs 0.50 ms (batch 1, fake, 1 thread)"
     )
     assert {c[1] for c in faster.calls} == {(37,), (40,)}  # only planned and rounded are timed
 
@@ -483,18 +488,28 @@ def test_latency_metric_prices_ranks_as_the_measured_rounding_deploys_them() -> 
 
 
 def test_bench_rows_add_mac_reduction_and_its_share() -> None:
-    rows = bench_rows([LatencyResult(1, 4.0, 2.0, 2.0), LatencyResult(8, 30.0, 12.0, 2.5)], 2.5)
+    rows = bench_rows(
+        [LatencyResult(1, 4.0, 2.0, 2.0, 1.9, 2.1, 1), LatencyResult(8, 30.0, 12.0, 2.5)], 2.5
+    )
     assert rows[0] == {
         "batch": 1,
         "original_ms": 4.0,
         "compressed_ms": 2.0,
         "speedup": 2.0,
+        "speedup_low": 1.9,
+        "speedup_high": 2.1,
+        "threads": 1,
+        "verdict": "faster",
         "mac_reduction": 2.5,
         "speedup_per_mac_reduction": pytest.approx(0.8),
     }
     assert rows[1]["speedup_per_mac_reduction"] == pytest.approx(1.0)
-    assert format_bench_row(rows[0]) == ["1", "4.000", "2.000", "2.00×", "2.50×", "0.80"]
-    assert len(BENCH_COLUMNS) == 6
+    cells = ["1", "1", "4.000", "2.000", "2.00× (1.90–2.10)", "2.50×", "0.80"]
+    assert format_bench_row(rows[0]) == cells
+    # Without an interval (one block) there is no measurable difference to report.
+    assert format_bench_row(rows[1])[:2] == ["all cores", "8"]
+    assert format_bench_row(rows[1])[4] == "no measurable difference"
+    assert len(BENCH_COLUMNS) == 7
     with pytest.raises(ValueError, match="positive"):
         bench_rows([], 0.0)
 
@@ -511,7 +526,7 @@ def test_bench_providers_counts_macs_and_skips_cuda_with_the_reason(tmp_path: Pa
     macs_b = 8 * 8 * 32 * 3 * 9 + 8 * 8 * 32 * 8 + 6 * 6 * 8 * (9 + 32)
     assert onnx_macs(a) == macs_a and onnx_macs(b) == macs_b
     table = bench_providers(
-        a, b, (3, 8, 8), [1, 2], ("cpu", "cuda"), warmup=1, repeats=3, threads=1
+        a, b, (3, 8, 8), [1, 2], ("cpu", "cuda"), warmup=1, repeats=3, threads=[1]
     )
     assert table["mac_reduction"] == pytest.approx(macs_a / macs_b)
     rows = table["providers"]["cpu"]["rows"]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
 import torch
+from rich.console import Console
 
 from rankfold.converter import CompressConfig, Report, compress, validate, write_report
-from rankfold.converter.summary import summary_lines
+from rankfold.converter.summary import print_summary, shorten, summary_lines
 from rankfold.models import load_model
 from rankfold.passes import RankPolicy
 from rankfold.passes.core import ConfigError
@@ -21,7 +23,7 @@ def result():
     config = CompressConfig(
         model="digits-cnn",
         ranks=RankPolicy(method="tucker2", macs_reduction=2.0, round_to=None),
-        latency={"batch": [1, 2], "repeats": 3, "warmup": 1},
+        latency={"batch": [1, 2], "repeats": 3, "warmup": 1, "gate": False, "threads": 1},
     )
     return compress(model, torch.zeros(1, *spec.input_shape), config, spec)
 
@@ -44,7 +46,7 @@ def test_validation_is_its_own_step_and_the_report_round_trips(result, tmp_path)
     assert validation.parity.passed and validation.parity.max_abs_diff <= 1e-4
     assert [row.batch for row in validation.latency] == [1, 2]
     report = result.to_report(artifacts, validation)
-    assert report.schema_version == 2
+    assert report.schema_version == 3
     assert report.macs_reduction == pytest.approx(2.0, rel=0.05)
     assert report.selection.selector == "uniform" and report.selection.latency_gate is None
     assert report.latency.per_batch[1].batch == 2
@@ -53,7 +55,31 @@ def test_validation_is_its_own_step_and_the_report_round_trips(result, tmp_path)
     loaded = Report.load(tmp_path / "report.json")
     assert loaded == report
     lines = summary_lines(loaded, tmp_path)
-    assert lines[0].startswith("MACs ") and f"({report.macs_reduction:.2f}×)" in lines[0]
+    assert lines[0].startswith(f"{report.macs_reduction:.1f}× fewer MACs, ")
+    assert lines[1].startswith("MACs ") and f"({report.macs_reduction:.2f}×)" in lines[1]
+    # The thread count timed at is recorded, per row and for the section.
+    assert report.latency.threads == [1]
+    assert [row.threads for row in report.latency.per_batch] == [1, 1]
+    assert all("1 thread" in line for line in lines if line.startswith("latency (cpu"))
+
+
+def test_the_summary_fits_80_columns_without_wrapping(result, tmp_path):
+    artifacts = result.save(tmp_path)
+    report = result.to_report(artifacts, validate(result, artifacts))
+    long = "reverted by latency gate: block 0.0312 ms vs layer 0.0290 ms (batch 32, cpu, 2 threads)"
+    rows = [row.model_copy(update={"status": "skipped", "reason": long}) for row in report.layers]
+    report = report.model_copy(update={"layers": rows})
+    console = Console(width=80, record=True, file=io.StringIO())
+    print_summary(report, tmp_path, console)
+    text = console.export_text()
+    table = text[: text.index(summary_lines(report, tmp_path)[0])].splitlines()
+    assert max(len(line) for line in table) <= 80
+    # One line per layer (no cell wraps): title, header, rule, then the layers.
+    assert len([line for line in table if line.strip()]) == 3 + len(rows)
+    # The summary lines are soft-wrapped: one fact per line in a log file.
+    assert all(line in text.splitlines() for line in summary_lines(report, tmp_path))
+    assert shorten(long) in text
+    assert long not in text and report.layers[0].reason == long  # report.json keeps it whole
 
 
 def test_a_report_of_another_schema_is_refused(result, tmp_path):
@@ -61,7 +87,7 @@ def test_a_report_of_another_schema_is_refused(result, tmp_path):
     report = result.to_report(artifacts, validate(result, artifacts))
     data = report.to_json()
     (tmp_path / "old.json").write_text(json.dumps({**data, "schema_version": 1}))
-    with pytest.raises(ConfigError, match="schema 1, this rankfold reads 2"):
+    with pytest.raises(ConfigError, match="schema 1, this rankfold reads 3"):
         Report.load(tmp_path / "old.json")
     (tmp_path / "odd.json").write_text(json.dumps({**data, "macs_reduction": "fast"}))
     with pytest.raises(ConfigError, match="does not match the report schema"):

@@ -378,12 +378,38 @@ def test_compare_latency_alternates_in_blocks(monkeypatch, tmp_path: Path) -> No
         tmp_path / "a.onnx", tmp_path / "b.onnx", SHAPE, [1], warmup=1, repeats=12
     )
     assert result.speedup == pytest.approx(4.0)
+    assert (result.speedup_low, result.speedup_high, result.verdict) == (4.0, 4.0, "faster")
     warm, block = latency.SWITCH_WARMUP, latency.SWITCH_BLOCK
     timed_part = "".join(log)[2:]  # after one warm-up run of each
     assert timed_part == (
         "a" * warm + "A" * block + "b" * warm + "B" * block
     ) * 2 + "a" * warm + "A" * 2 + "b" * warm + "B" * 2
     assert timed_part.count("A") == timed_part.count("B") == 12
+
+
+def test_speedup_interval_from_blocks_and_no_measurable_difference() -> None:
+    # Six per-block ratios: the order-statistic interval of their median is the whole range.
+    assert latency.median_interval([1.9, 2.1, 2.0, 1.95, 2.05, 2.2]) == (1.9, 2.2)
+    assert latency.median_interval([2.0]) is None  # one block cannot bound anything
+    # Twelve blocks: the 3rd and 10th order statistics (P(Bin(12, ½) ≤ 2) = 1.9 % ≤ 2.5 %).
+    assert latency.median_interval(list(range(12))) == (2, 9)
+    # Noise around 1 is no difference, in either direction.
+    assert latency.verdict(0.97, 1.04) == latency.NO_DIFFERENCE
+    assert latency.verdict(1.02, 1.10) == "faster" and latency.verdict(0.8, 0.95) == "slower"
+    assert latency.verdict(None, None) == latency.NO_DIFFERENCE
+    assert latency.format_speedup(1.01, 0.97, 1.04) == "no measurable difference (0.97–1.04)"
+    assert latency.format_speedup(1.92, 1.85, 2.01) == "1.92× (1.85–2.01)"
+    row = LatencyResult(1, 2.0, 1.9, 2.0 / 1.9, 0.98, 1.1, threads=1)
+    assert row.to_dict()["verdict"] == latency.NO_DIFFERENCE
+
+
+def test_a_model_against_itself_shows_no_measurable_difference(
+    tiny: tuple[TinyCNN, Path],
+) -> None:
+    _, path = tiny
+    (result,) = compare_latency(path, path, SHAPE, [1], warmup=2, repeats=30, threads=1)
+    assert result.speedup_low is not None and result.speedup_low <= 1 <= result.speedup_high
+    assert result.verdict == latency.NO_DIFFERENCE and result.threads == 1
 
 
 def test_time_runs_warms_up_then_averages_inner_runs_per_sample(monkeypatch) -> None:
