@@ -93,6 +93,7 @@ SAMPLES: dict[str, tuple[list[str], Any]] = {
     "finetune.temperature": (["2"], 2.0),
     "finetune.alpha": (["0.5"], 0.5),
     "finetune.augment": (["none"], "none"),
+    "finetune.validation": (["0.1"], 0.1),
     "export.atol": (["0.001"], 0.001),
     "latency.provider": (["cuda"], "cuda"),
     "latency.batch": (["1,8"], [1, 8]),
