@@ -65,7 +65,12 @@ def _friendly(func):
             typer.secho(f"error: {exc}", fg="red", err=True)
             raise typer.Exit(code=1) from None
         except KeyboardInterrupt:
-            typer.secho("interrupted; files already written are complete", fg="yellow", err=True)
+            typer.secho(
+                "interrupted; the output folder still holds its previous complete run "
+                "(fine-tuning can continue with --resume)",
+                fg="yellow",
+                err=True,
+            )
             raise typer.Exit(code=130) from None
 
     return wrapper
@@ -256,13 +261,16 @@ def validate(
     ] = None,
     eval_limit: Annotated[int | None, typer.Option(help="Use the first N samples.")] = None,
     provider: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    atol: Annotated[float, typer.Option(help="Parity tolerance.")] = 1e-4,
+    atol: Annotated[float, typer.Option(help="Parity tolerance, absolute.")] = 1e-4,
+    rtol: Annotated[
+        float, typer.Option(help="Parity tolerance relative to the largest output.")
+    ] = 1e-5,
 ) -> None:
     """Check an exported model: ONNX checker, parity with the PyTorch model beside it, accuracy."""
     from rankfold.converter.ui import console
     from rankfold.converter.validation import validate_export
 
-    result = validate_export(onnx_path, eval_data, model, eval_limit, provider, atol)
+    result = validate_export(onnx_path, eval_data, model, eval_limit, provider, atol, rtol)
     for key, value in result.items():
         console.print(f"{key}: {value}")
     if result.get("parity_passed") is False:
@@ -301,13 +309,18 @@ def bench(
 
     from rankfold.converter.ui import console, progress_bar
     from rankfold.converter.validation import onnx_input_shape
-    from rankfold.passes.core import ProviderError, atomic_write_json
+    from rankfold.passes.core import ExportError, ProviderError, atomic_write_json
     from rankfold.runtime.latency import BENCH_COLUMNS, bench_providers, format_bench_row
 
     sizes = int_list(batch)
     counts: list[int | None] = [None] if threads is None else list(int_list(threads, "--threads"))
     providers = [p.strip().lower() for p in provider.split(",") if p.strip()]
     shape = onnx_input_shape(onnx_path)
+    if onnx_input_shape(baseline) != shape:  # both files are checked before any timing
+        raise ExportError(
+            f"--baseline {baseline} takes inputs of shape {onnx_input_shape(baseline)} but "
+            f"{onnx_path} takes {shape}; compare two exports of the same model"
+        )
     runs = len(providers) * len(counts) * len(sizes) * 2 * repeats
     with progress_bar("latency", total=runs) as advance:
         data = bench_providers(

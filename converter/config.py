@@ -36,6 +36,8 @@ class _Strict(BaseModel):
 class ExportConfig(_Strict):
     opset: int = Field(default=18, ge=18)  # torch's ONNX exporter emits opset 18 and later
     atol: float = Field(default=1e-4, gt=0)
+    # Relative to the largest output magnitude: float32 rounding grows with the logits' scale.
+    rtol: float = Field(default=1e-5, ge=0)
     parity_samples: int = Field(default=64, ge=1)
     # Fold BatchNorm, merge adjacent 1×1 convs and drop identities before export
     # (rankfold.passes.cleanup); parity is still checked against the uncleaned model.

@@ -7,6 +7,7 @@ artefact atomically; `run_compress` is what the CLI calls.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -191,6 +192,7 @@ class CompressionResult:
                 max_abs_diff=parity.max_abs_diff,
                 max_rel_diff=parity.max_rel_diff,
                 atol=parity.atol,
+                rtol=parity.rtol,
                 parity_passed=parity.passed,
                 accuracy=validation.accuracy,
             ),
@@ -235,6 +237,7 @@ def validate(result: CompressionResult, artifacts: Artifacts) -> Validation:
         result.parity_inputs(),
         provider=provider,
         atol=config.export.atol,
+        rtol=config.export.rtol,
     )
     accuracy = None
     if result.eval_data is not None and result.spec is not None:
@@ -595,31 +598,72 @@ def recover(result: CompressionResult, train: ArrayDataset, workdir: Path) -> No
         result.accuracy["finetuned"] = _accuracy(result.compressed, result)
 
 
+# Everything a compress run publishes into --out (fine-tuning checkpoints stay apart, for --resume).
+ARTEFACTS = (
+    "plan.json",
+    "model.pt",
+    "original.onnx",
+    "model.onnx",
+    "report.json",
+    "layers.png",
+    "search.png",
+    "finetune.png",
+)
+
+
 def run_compress(config: CompressConfig, out_dir: str | Path) -> CompressionResult:
     """The CLI's `compress`: load the model by name, compress, save, validate, report.
 
-    When parity fails, the report is still written, then a ValidationError is raised.
+    The output folder is transactional: every artefact is written into a staging folder inside
+    it and published together at the end, so a run that fails or is interrupted leaves the
+    previous complete run as it was. When parity fails, the report is still published, then a
+    ValidationError is raised.
     """
-    prepare_output_dir(out_dir)  # an unwritable --out fails before minutes of work
+    out = prepare_output_dir(out_dir)  # an unwritable --out fails before minutes of work
     if config.latency.enabled:
         get_backend(config.latency.provider).check()  # an unusable provider fails before any work
     model, spec = load_model(config.model, config.weights, config.input_shape)
     example = torch.zeros(1, *spec.input_shape)
-    result = compress(model, example, config, spec, workdir=out_dir)
-    artifacts = result.save(out_dir)
-    validation = validate(result, artifacts)
-    result.report = result.to_report(artifacts, validation)
-    write_report(result, result.report, out_dir)
+    result = compress(model, example, config, spec, workdir=out)
+    with tempfile.TemporaryDirectory(prefix=".rankfold-staging-", dir=out) as staging:
+        stage = Path(staging)
+        try:
+            artifacts = result.save(stage)
+            validation = validate(result, artifacts)
+            result.report = result.to_report(artifacts, validation)
+            result.report.onnx.path = str(out / "model.onnx")
+            write_report(result, result.report, stage)
+        except OSError as exc:
+            raise OutputError(
+                f"writing the results failed ({exc.strerror or exc}); free space or choose "
+                f"another --out ({out} still holds its previous run)"
+            ) from None
+        publish(stage, out)
     if not validation.parity.passed:
         raise parity_error(validation.parity)
     return result
 
 
+def publish(stage: Path, out: Path) -> None:
+    """Move a finished run's artefacts from `stage` into `out`, replacing the previous run's
+    (one rename each, on the same file system) and removing those this run did not make."""
+    made = {path.name for path in stage.iterdir()}
+    for name in ARTEFACTS:
+        if name not in made:
+            (out / name).unlink(missing_ok=True)
+    for name in made:
+        os.replace(stage / name, out / name)
+
+
 def save_model(result: CompressionResult, path: Path) -> Path:
     """State dict + plan + how to rebuild the architecture (see `restore`)."""
+    file, sep, factory = result.config.model.rpartition(":")
+    model = result.config.model
+    if sep and file.endswith(".py"):  # restorable from any working directory
+        model = f"{Path(file).resolve()}:{factory}"
     payload = {
         "format": MODEL_FILE_FORMAT,
-        "model": result.config.model,
+        "model": model,
         "input_shape": list(result.example_input.shape[1:]),
         "leaf_modules": list(result.config.leaf_modules),
         "plan": result.plan.model_dump(),

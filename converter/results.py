@@ -120,6 +120,7 @@ class OnnxCheck(_Section):
     max_abs_diff: float
     max_rel_diff: float
     atol: float
+    rtol: float = 0.0
     parity_passed: bool
     accuracy: float | None = None
 

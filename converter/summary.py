@@ -55,7 +55,8 @@ def summary_lines(report: Report, out: Path) -> list[str]:
         f"{_percent(compressed.accuracy_decomposed)}, recalibrated "
         f"{_percent(compressed.accuracy_recalibrated)}, fine-tuned "
         f"{_percent(compressed.accuracy_finetuned)}, ONNX {_percent(onnx.accuracy)}",
-        f"ONNX parity: max abs diff {onnx.max_abs_diff:.2e} (tolerance {onnx.atol:.0e})",
+        f"ONNX parity: max abs diff {onnx.max_abs_diff:.2e} (tolerance {onnx.atol:.0e} + "
+        f"{onnx.rtol:.0e} × output scale)",
     ]
     gate = report.selection.latency_gate
     if gate is not None:

@@ -56,7 +56,21 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"checkpoint {path.name} holds Python objects besides tensors ({found.group(1)}); "
             "save model.state_dict() instead"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+    # torch's unpickler meets corrupt bytes with whatever its parser trips over (a bit flip in a
+    # real checkpoint gave IndexError, KeyError and AssertionError).
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        zipfile.BadZipFile,
+        IndexError,
+        KeyError,
+        AssertionError,
+        TypeError,
+        AttributeError,
+        UnicodeDecodeError,
+    ) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelLoadError(
             f"checkpoint {path.name} cannot be read ({reason}); the file is corrupt or not a "

@@ -6,6 +6,7 @@ and the fix (mark it a leaf, or remove data-dependent Python control flow from i
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -37,6 +38,30 @@ class _RecordingTracer(fx.Tracer):
             raise
 
 
+def _defaults(model: nn.Module) -> dict[str, object] | None:
+    """forward's optional arguments at their defaults: the model is compressed as it is called
+    with one input, so `forward(x, mask=None)` traces with mask=None rather than a proxy that
+    no Python branch can test."""
+    parameters = list(inspect.signature(model.forward).parameters.values())[1:]
+    optional = {
+        p.name: p.default
+        for p in parameters
+        if p.default is not inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    required = [
+        p.name
+        for p in parameters
+        if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    if required:
+        raise TraceError(
+            f"{type(model).__name__}.forward needs inputs besides the image "
+            f"({', '.join(required)}); wrap the model in a module whose forward takes one tensor"
+        )
+    return optional or None
+
+
 def trace(
     model: nn.Module, example_input: torch.Tensor, leaf_modules: Sequence[str] = ()
 ) -> fx.GraphModule:
@@ -47,13 +72,14 @@ def trace(
     """
     tracer = _RecordingTracer(leaf_modules)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_defaults(model))
     except Exception as exc:  # fx raises many types; all mean "cannot trace here"
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if tracer.failed_in is None:
             raise TraceError(
                 f"torch.fx cannot trace {type(model).__name__}.forward: {reason}; remove "
-                "data-dependent Python control flow from it, or move it into a submodule marked a leaf"
+                "data-dependent Python control flow from it, or move it into a submodule marked a "
+                "leaf"
             ) from None
         name, kind = tracer.failed_in
         raise TraceError(

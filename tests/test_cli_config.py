@@ -95,6 +95,7 @@ SAMPLES: dict[str, tuple[list[str], Any]] = {
     "finetune.augment": (["none"], "none"),
     "finetune.validation": (["0.1"], 0.1),
     "export.atol": (["0.001"], 0.001),
+    "export.rtol": (["0.001"], 0.001),
     "latency.provider": (["cuda"], "cuda"),
     "latency.batch": (["1,8"], [1, 8]),
     "latency.threads": (["1,2"], [1, 2]),

@@ -1,0 +1,321 @@
+"""Misuse catalogue: every bad or conflicting input gets exit code 1 and one line naming the
+problem and the fix, before the expensive work, and a failed run leaves the previous one intact.
+
+Each case is (id, files to create, arguments, expected exit code, fragment of the error line).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from rankfold.converter.cli import app
+from rankfold.runtime import check_parity, export_onnx
+
+runner = CliRunner()
+
+USER_MODELS = '''
+import torch
+from torch import nn
+
+RANKFOLD_SPEC = {"input_shape": [3, 8, 8], "num_classes": 4, "mean": [0.5] * 3, "std": [0.25] * 3}
+
+
+class Optional(nn.Module):
+    """forward takes an optional second input: traced at its default."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x, bias=None):
+        h = self.fc(self.conv(x).mean((2, 3)))
+        return h if bias is None else h + bias
+
+
+class NoLayers(nn.Module):
+    def forward(self, x):
+        return x.mean((2, 3)).repeat(1, 2)[:, :4]
+
+
+def optional():
+    return Optional()
+
+
+def no_layers():
+    return NoLayers()
+'''
+
+COMMON = ("--no-latency", "--out", "out")
+CASES = [
+    (
+        "rank-and-budget",
+        {},
+        ["compress", "digits-cnn", "--rank", "8", "--macs-reduction", "2", *COMMON],
+        "give --rank or --macs-reduction, not both",
+    ),
+    (
+        "layer-rank-typo",
+        {},
+        ["compress", "digits-cnn", "--layer-rank", "cnv2=4", "--rank", "8", *COMMON],
+        "--layer-rank 'cnv2' matches no layer (closest: conv2",
+    ),
+    (
+        "skip-typo",
+        {},
+        ["compress", "digits-cnn", "--skip", "Linaer", "--macs-reduction", "2", *COMMON],
+        "--skip 'Linaer' matches no layer (closest: Linear",
+    ),
+    (
+        "plan-with-rank",
+        {"plan.json": "PLAN"},
+        ["compress", "digits-cnn", "--plan", "plan.json", "--rank", "4", *COMMON],
+        "--plan replays plan.json, which fixes every layer's method and ranks; drop",
+    ),
+    (
+        "plan-for-another-model",
+        {"plan.json": "PLAN"},
+        ["compress", "digits32-cnn", "--plan", "plan.json", *COMMON],
+        "the plan was made for another architecture",
+    ),
+    (
+        "plan-rank-0",
+        {"plan.json": "PLAN:ranks=[0]"},
+        ["compress", "digits-cnn", "--plan", "plan.json", *COMMON],
+        "rank 0 for layer 'conv2' (cp) is impossible; choose a value in [1,",
+    ),
+    (
+        "plan-rank-huge",
+        {"plan.json": "PLAN:ranks=[100000]"},
+        ["compress", "digits-cnn", "--plan", "plan.json", *COMMON],
+        "rank 100000 for layer 'conv2' (cp) is impossible",
+    ),
+    (
+        "plan-method-switched",
+        {"plan.json": "PLAN:method=tucker2"},
+        ["compress", "digits-cnn", "--plan", "plan.json", *COMMON],
+        "tucker2 takes 2 rank(s) (rank_out, rank_in) but layer 'conv2' was given",
+    ),
+    (
+        "random-weights-file",
+        {"w.pt": b"RANDOM"},
+        ["compress", "digits-cnn", "--weights", "w.pt", "--rank", "4", *COMMON],
+        "checkpoint w.pt cannot be read",
+    ),
+    (
+        "config-ranks-list",
+        {"c.yaml": "ranks: [cp, 2]\n"},
+        ["compress", "digits-cnn", "--config", "c.yaml", *COMMON],
+        "invalid value for 'ranks'",
+    ),
+    (
+        "no-decomposable-layer",
+        {"m.py": USER_MODELS},
+        ["compress", "m.py:no_layers", "--rank", "0.5", *COMMON],
+        "no Conv2d or Linear layer to decompose",
+    ),
+    (
+        "rel-error-without-error-selector",
+        {},
+        ["compress", "digits-cnn", "--macs-reduction", "2", "--rel-error", "0.2", *COMMON],
+        "is read by --select error only",
+    ),
+    (
+        "bench-missing-baseline",
+        {"model.onnx": "ONNX"},
+        ["bench", "model.onnx", "--baseline", "nothere.onnx"],
+        "nothere.onnx not found",
+    ),
+    (
+        "bench-garbage-baseline",
+        {"model.onnx": "ONNX", "junk.onnx": b"RANDOM"},
+        ["bench", "model.onnx", "--baseline", "junk.onnx"],
+        "junk.onnx is not a readable ONNX model",
+    ),
+    (
+        "bench-shape-mismatched-baseline",
+        {"model.onnx": "ONNX", "other.onnx": "ONNX3"},
+        ["bench", "model.onnx", "--baseline", "other.onnx"],
+        "--baseline other.onnx takes inputs of shape (3, 8, 8) but model.onnx takes (1, 8, 8)",
+    ),
+    (
+        "unknown-selector",
+        {},
+        ["compress", "digits-cnn", "--select", "vbfm", "--macs-reduction", "2", *COMMON],
+        "unknown rank selector 'vbfm' (did you mean 'vbmf'?)",
+    ),
+    (
+        "unknown-method",
+        {},
+        ["compress", "digits-cnn", "--method", "tuker2", "--rank", "4", *COMMON],
+        "unknown method 'tuker2' (did you mean 'tucker2'?)",
+    ),
+]
+
+
+def _materialise(folder: Path, files: dict[str, object], plan: dict) -> None:
+    for name, content in files.items():
+        path = folder / name
+        if content in ("ONNX", "ONNX3"):
+            channels = 3 if content == "ONNX3" else 1
+            model = nn.Sequential(nn.Conv2d(channels, 4, 3), nn.Flatten()).eval()
+            export_onnx(model, torch.zeros(1, channels, 8, 8), path)
+        elif isinstance(content, bytes):
+            path.write_bytes(np.random.default_rng(0).bytes(4096))
+        elif isinstance(content, str) and content.startswith("PLAN"):
+            edited = json.loads(json.dumps(plan))
+            if ":" in content:
+                key, _, value = content.partition(":")[2].partition("=")
+                entry = next(e for e in edited["layers"] if e["name"] == "conv2")
+                entry[key] = json.loads(value) if value.startswith("[") else value
+            path.write_text(json.dumps(edited))
+        else:
+            path.write_text(content)
+
+
+@pytest.fixture(scope="module")
+def cp_plan(tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("plan")
+    result = runner.invoke(
+        app,
+        ["compress", "digits-cnn", "--method", "cp", "--rank", "4", "--no-latency", "--out",
+         str(folder)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return json.loads((folder / "plan.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("files", "args", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_catalogue(files, args, message, cp_plan, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _materialise(tmp_path, files, cp_plan)
+    result = runner.invoke(app, args)
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 1, result.output
+    assert len(errors) == 1 and message in errors[0], result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out" / "model.onnx").exists()  # refused before writing anything
+
+
+def test_an_optional_forward_argument_is_traced_at_its_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.py").write_text(USER_MODELS)
+    result = runner.invoke(app, ["compress", "m.py:optional", "--rank", "4", *COMMON])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["onnx"]["parity_passed"] and report["macs_reduction"] > 1
+
+
+def test_a_user_model_restores_from_another_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.py").write_text(USER_MODELS)
+    assert runner.invoke(app, ["compress", "m.py:optional", "--rank", "4", *COMMON]).exit_code == 0
+    code = "from rankfold.converter import restore; print(type(restore(%r)).__name__)"
+    done = subprocess.run(
+        [sys.executable, "-c", code % str(tmp_path / "out")],
+        cwd=Path("/"),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "GraphModule", done.stderr
+
+
+def test_a_failed_rerun_leaves_the_previous_run_intact(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = runner.invoke(app, ["compress", "digits-cnn", "--rank", "4", *COMMON])
+    assert first.exit_code == 0, first.output
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
+
+    def full_disk(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("rankfold.converter.pipeline.export_as_deployed", full_disk)
+    second = runner.invoke(app, ["compress", "digits-cnn", "--rank", "2", *COMMON])
+    assert second.exit_code == 1
+    assert "No space left on device" in second.output and "previous run" in second.output
+    after = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
+    assert after == before
+    assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".rankfold")] == []
+
+
+def test_validate_does_not_compare_original_onnx_with_the_compressed_weights(tmp_path):
+    out = tmp_path / "out"
+    args = ["compress", "digits-cnn", "--rank", "4", "--no-latency", "--out", str(out)]
+    assert runner.invoke(app, args).exit_code == 0
+    result = runner.invoke(app, ["validate", str(out / "original.onnx")])
+    assert result.exit_code == 0, result.output
+    assert "parity: skipped" in result.output and "parity_passed" not in result.output
+
+
+def test_parity_tolerance_scales_with_the_outputs(tmp_path):
+    """Logits of order 1e5 differ by float32 rounding (~1e-2) however right the export is."""
+    torch.manual_seed(0)
+    exported = nn.Linear(64, 10).eval()
+    with torch.no_grad():
+        exported.weight.mul_(1e4)
+    export_onnx(exported, torch.zeros(1, 64), tmp_path / "m.onnx")
+    drifted = nn.Linear(64, 10).eval()
+    drifted.load_state_dict(exported.state_dict())
+    with torch.no_grad():
+        drifted.weight.mul_(1 + 1e-7)  # the size of float32 rounding
+    x = torch.randn(16, 64)
+    absolute = check_parity(drifted, tmp_path / "m.onnx", x, atol=1e-4)
+    scaled = check_parity(drifted, tmp_path / "m.onnx", x, atol=1e-4, rtol=1e-5)
+    assert not absolute.passed and absolute.max_rel_diff < 1e-5
+    assert scaled.passed and scaled.max_abs_diff == absolute.max_abs_diff
+
+
+def test_interrupting_a_rerun_keeps_the_previous_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert runner.invoke(app, ["compress", "digits-cnn", "--rank", "4", *COMMON]).exit_code == 0
+    before = (tmp_path / "out" / "report.json").read_bytes()
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("rankfold.converter.pipeline.validate", interrupted)
+    result = runner.invoke(app, ["compress", "digits-cnn", "--rank", "2", *COMMON])
+    assert result.exit_code == 130
+    assert "still holds its previous complete run" in result.output
+    assert (tmp_path / "out" / "report.json").read_bytes() == before
+    assert not (tmp_path / "out" / "plan.json").read_text().count('"ranks": [\n        2')
+    assert os.listdir(tmp_path / "out").count("report.json") == 1
+
+
+def test_random_and_bit_flipped_checkpoints_are_one_line_errors(data_dir, tmp_path):
+    """Fuzz the checkpoint reader: 150 random files and 150 real ResNet-20 checkpoints with 1-7
+    flipped bits either load or raise ModelLoadError, never another exception."""
+    from rankfold.models import load_model
+    from rankfold.passes.core import ModelLoadError
+
+    rng = np.random.default_rng(0)
+    real = (data_dir / "weights" / "resnet20-12fca82f.th").read_bytes()
+    path = tmp_path / "w.th"
+    refused = 0
+    for i in range(300):
+        if i < 150:
+            data = rng.bytes(int(rng.integers(1, 8192)))
+        else:
+            flipped = bytearray(real)
+            for _ in range(int(rng.integers(1, 8))):
+                flipped[int(rng.integers(0, len(flipped)))] ^= 1 << int(rng.integers(0, 8))
+            data = bytes(flipped)
+        path.write_bytes(data)
+        try:
+            load_model("resnet20", path)
+        except ModelLoadError as exc:
+            assert "\n" not in str(exc) and "w.th" in str(exc)
+            refused += 1
+    assert refused >= 150  # every random file at least
