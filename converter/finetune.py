@@ -237,6 +237,28 @@ def validation_split(
     return ArrayDataset(train.x[keep], train.y[keep]), ArrayDataset(train.x[hold], train.y[hold])
 
 
+def check_resume(checkpoint_dir: str | Path, config: FinetuneConfig, seed: int) -> None:
+    """Before any other work: the checkpoint `--resume` will continue from is readable and was
+    made with these settings (a missing one is fine: the run then starts from epoch 0)."""
+    path = Path(checkpoint_dir) / LAST_CHECKPOINT
+    if path.is_file():
+        _check_settings(path, _load_checkpoint(path), {**config.model_dump(), "seed": seed})
+
+
+def _check_settings(path: Path, payload: dict[str, Any], ours: dict[str, Any]) -> None:
+    theirs = payload["config"]
+    changed = [
+        f"{key}={theirs.get(key)!r} (now {ours[key]!r})"
+        for key in ours
+        if key not in _RESUME_FREE and theirs.get(key) != ours[key]
+    ]
+    if changed:
+        raise ConfigError(
+            f"{path} was made with other settings: {', '.join(changed[:3])}; resume with the "
+            "same settings, or start over without --resume"
+        )
+
+
 class _Trainer:
     """One fine-tuning run; split out of `finetune` so each step reads on its own."""
 
@@ -473,18 +495,7 @@ class _Trainer:
 
     def _restore(self, payload, optimizer, scheduler, scaler, state: _RunState) -> None:
         path = self.directory / LAST_CHECKPOINT
-        ours = self.settings
-        theirs = payload["config"]
-        changed = [
-            f"{key}={theirs.get(key)!r} (now {ours[key]!r})"
-            for key in ours
-            if key not in _RESUME_FREE and theirs.get(key) != ours[key]
-        ]
-        if changed:
-            raise ConfigError(
-                f"{path} was made with other settings: {', '.join(changed[:3])}; resume with the "
-                "same settings, or start over without --resume"
-            )
+        _check_settings(path, payload, self.settings)
         for key, which in (("train", "training"), ("eval", "evaluation")):
             if payload["data"][key] != self.fingerprint[key]:
                 raise ConfigError(

@@ -24,7 +24,7 @@ from rankfold.converter.calibration import (
     export_as_deployed,
 )
 from rankfold.converter.config import CompressConfig
-from rankfold.converter.finetune import FinetuneResult, finetune, plot_history
+from rankfold.converter.finetune import FinetuneResult, check_resume, finetune, plot_history
 from rankfold.converter.report import plot_layers, plot_search
 from rankfold.converter.results import (
     CompressedModel,
@@ -170,6 +170,7 @@ class CompressionResult:
                 params=analysis.total_params,
                 macs=analysis.total_macs,
                 accuracy=self.accuracy.get("original"),
+                functional_macs=analysis.functional,
             ),
             compressed=CompressedModel(
                 params=cost.params,
@@ -323,9 +324,17 @@ def compress(
         raise ConfigError("reading data needs the model's spec (mean/std); pass spec=")
     if config.finetune.epochs > 0 and config.train_data is None:
         raise ConfigError("fine-tuning needs training data: pass --train-data")
+    # Everything cheap to check is checked before tracing, planning and decomposing.
     train = None
     if config.train_data is not None:
         train = load_dataset(config.train_data, spec, limit=config.train_limit)
+    eval_data = None
+    if config.eval_data is not None:
+        eval_data = load_dataset(config.eval_data, spec, limit=config.eval_limit)
+    if config.resume and config.finetune.epochs > 0:
+        if workdir is None:
+            raise ConfigError("--resume continues the fine-tuning in --out; pass workdir=")
+        check_resume(Path(workdir) / "checkpoints", config.finetune, config.seed)
     original = trace(model, example_inputs, config.leaf_modules)
     analysis = analyze(original)
     tables: list[LatencyTable] = []
@@ -354,8 +363,8 @@ def compress(
         example_inputs,
         selection=selection,
     )
-    if config.eval_data is not None:
-        result.eval_data = load_dataset(config.eval_data, spec, limit=config.eval_limit)
+    if eval_data is not None:
+        result.eval_data = eval_data
         result.accuracy["original"] = _accuracy(original, result)
         result.accuracy["decomposed"] = _accuracy(compressed, result)
     if train is not None:

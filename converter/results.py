@@ -27,6 +27,8 @@ class OriginalModel(_Section):
     params: int
     macs: int
     accuracy: float | None = None
+    # Functional convs / matrix products (node → MACs): in `macs`, but no layer to decompose.
+    functional_macs: dict[str, int] = {}
 
 
 class CompressedModel(_Section):

@@ -58,6 +58,12 @@ def summary_lines(report: Report, out: Path) -> list[str]:
         f"ONNX parity: max abs diff {onnx.max_abs_diff:.2e} (tolerance {onnx.atol:.0e} + "
         f"{onnx.rtol:.0e} × output scale)",
     ]
+    if original.functional_macs:
+        calls = ", ".join(f"{name} {macs:,}" for name, macs in original.functional_macs.items())
+        lines.append(
+            f"not decomposable: {len(original.functional_macs)} functional call(s) counted in "
+            f"the MACs ({calls}); make them modules to compress them"
+        )
     gate = report.selection.latency_gate
     if gate is not None:
         where = (

@@ -10,8 +10,11 @@ import dataclasses
 import hashlib
 import json
 import math
+import operator
 from dataclasses import asdict, dataclass
 
+import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 _CONV_TYPES = (nn.Conv2d,)
@@ -84,7 +87,10 @@ class LayerInfo:
 class ModelAnalysis:
     layers: tuple[LayerInfo, ...]
     total_params: int  # every parameter of the model
-    total_macs: int  # conv + linear MACs
+    total_macs: int  # conv + linear MACs, modules and functional calls
+    # Functional convs and matrix products (F.conv2d, F.linear, matmul, …): node name → MACs.
+    # Counted in total_macs (they are part of the model's cost) but not decomposable.
+    functional: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def layer(self, name: str) -> LayerInfo:
         for info in self.layers:
@@ -158,5 +164,35 @@ def analyze(gm: fx.GraphModule) -> ModelAnalysis:
             )
         layers.append(info)
     total_params = sum(p.numel() for p in gm.parameters())
-    total_macs = sum(info.macs for info in layers)
-    return ModelAnalysis(tuple(layers), total_params, total_macs)
+    functional = _functional_macs(gm)
+    total_macs = sum(info.macs for info in layers) + sum(functional.values())
+    return ModelAnalysis(tuple(layers), total_params, total_macs, functional)
+
+
+_CONV_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
+_MATMUL_FUNCTIONS = {F.linear, torch.matmul, torch.mm, torch.bmm, operator.matmul}
+
+
+def _functional_macs(gm: fx.GraphModule) -> dict[str, int]:
+    """MACs of conv and matrix-product calls that are not modules, from the traced shapes (a
+    model that calls F.conv2d would otherwise report a reduction larger than it gets)."""
+    found = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or "tensor_meta" not in node.meta:
+            continue
+        out = node.meta["tensor_meta"].shape
+        if node.target in _CONV_FUNCTIONS:
+            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            meta = getattr(weight, "meta", {}).get("tensor_meta")
+            if meta is None:
+                continue
+            w = meta.shape  # out × in/groups × k…
+            found[node.name] = int(math.prod(out[1:]) * math.prod(w[1:]))
+        elif node.target in _MATMUL_FUNCTIONS:
+            first = (
+                node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
+            )
+            if first is None:
+                continue
+            found[node.name] = int(math.prod(out[1:]) * first.shape[-1])
+    return found

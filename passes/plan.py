@@ -15,6 +15,8 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import json
+import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -541,9 +543,11 @@ def allocate(
         raise ValueError("allocate needs a plan draft with a budget")
     metric, goal = budget.metric, budget.goal
     if not draft.slots:
+        why = Counter(re.sub(r"\(.*", "", entry.reason).strip() for entry in draft.entries)
+        kept = "; ".join(f"{n}× {reason}" for reason, n in why.most_common(3))
         raise PlanError(
-            f"no layer is left to compress for {budget.reduction:g}× {metric}; remove skips or "
-            "explicit ranks"
+            f"no layer is left to compress for {budget.reduction:g}× {metric} ({kept}); lower "
+            "min_macs_share, drop skips or explicit ranks, or pick a method these layers support"
         )
     costs = [
         [slot.cost(option, metric) for option in ladder]

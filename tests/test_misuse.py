@@ -52,8 +52,21 @@ def optional():
     return Optional()
 
 
-def no_layers():
-    return NoLayers()
+class Grouped(nn.Module):
+    """Only grouped and depthwise convs: nothing a channel factorization applies to."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 12, 3, groups=3)
+        self.b = nn.Conv2d(12, 12, 3, groups=12)
+        self.c = nn.Conv2d(12, 4, 1, groups=4)
+
+    def forward(self, x):
+        return self.c(self.b(self.a(x))).mean((2, 3))
+
+
+def grouped():
+    return Grouped()
 '''
 
 COMMON = ("--no-latency", "--out", "out")
@@ -123,6 +136,13 @@ CASES = [
         {"m.py": USER_MODELS},
         ["compress", "m.py:no_layers", "--rank", "0.5", *COMMON],
         "no Conv2d or Linear layer to decompose",
+    ),
+    (
+        "only-grouped-convs",
+        {"m.py": USER_MODELS},
+        ["compress", "m.py:grouped", "--macs-reduction", "2", *COMMON],
+        "no layer is left to compress for 2× macs (2× skipped: depthwise conv; 1× skipped: "
+        "grouped conv)",
     ),
     (
         "rel-error-without-error-selector",
@@ -319,3 +339,57 @@ def test_random_and_bit_flipped_checkpoints_are_one_line_errors(data_dir, tmp_pa
             assert "\n" not in str(exc) and "w.th" in str(exc)
             refused += 1
     assert refused >= 150  # every random file at least
+
+
+def test_functional_convs_are_counted_and_reported(tmp_path, monkeypatch):
+    """A conv called as F.conv2d costs MACs the plan cannot remove: the reduction says so."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "f.py").write_text(
+        USER_MODELS
+        + """
+
+class Functional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.kernel = nn.Parameter(torch.randn(16, 16, 3, 3) * 0.1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.nn.functional.conv2d(self.conv(x), self.kernel, padding=1)
+        return self.fc(h.mean((2, 3)))
+
+
+def functional():
+    return Functional()
+"""
+    )
+    result = runner.invoke(app, ["compress", "f.py:functional", "--rank", "2", *COMMON])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    functional = report["original"]["functional_macs"]
+    assert functional == {"conv2d": 8 * 8 * 16 * 16 * 9}
+    modules = sum(row["original_macs"] for row in report["layers"])
+    assert report["original"]["macs"] == modules + functional["conv2d"]
+    after = sum(row["macs"] for row in report["layers"]) + functional["conv2d"]
+    assert report["macs_reduction"] == pytest.approx(report["original"]["macs"] / after)
+    assert "not decomposable: 1 functional call(s)" in result.output
+
+
+def test_resume_with_other_settings_fails_before_any_work(tmp_path, monkeypatch):
+    from rankfold.models.digits import digits_splits
+
+    monkeypatch.chdir(tmp_path)
+    train, _ = digits_splits()
+    np.savez(tmp_path / "train.npz", x=train.x[:256], y=train.y[:256])
+    args = ["compress", "digits-cnn", "--rank", "4", "--train-data", "train.npz", *COMMON]
+    first = runner.invoke(app, [*args, "--finetune-epochs", "1", "--lr", "0.01"])
+    assert first.exit_code == 0, first.output
+    planned = []
+    monkeypatch.setattr(
+        "rankfold.converter.pipeline.select_ranks",
+        lambda *a, **k: planned.append(a) or (_ for _ in ()).throw(AssertionError("planned")),
+    )
+    again = runner.invoke(app, [*args, "--finetune-epochs", "1", "--lr", "0.05", "--resume"])
+    assert again.exit_code == 1 and planned == []
+    assert "was made with other settings: lr=0.01 (now 0.05)" in again.output
