@@ -67,6 +67,10 @@ class Grouped(nn.Module):
 
 def grouped():
     return Grouped()
+
+
+def no_layers():
+    return NoLayers()
 '''
 
 COMMON = ("--no-latency", "--out", "out")
