@@ -77,9 +77,6 @@ def tucker2(
     if not (1 <= rank_out <= t and 1 <= rank_in <= s):
         raise ValueError(f"Tucker-2 ranks ({rank_out}, {rank_in}) must lie in [1, {t}] × [1, {s}]")
     w = torch.from_numpy(np.ascontiguousarray(kernel, dtype=np.float64)).reshape(t, s, -1)
-    area = w.shape[2]
-    # An unfolding has at most (other mode × area) columns; HOOI's projected ones fewer still.
-    rank_out, rank_in = min(rank_out, s * area), min(rank_in, t * area)
     u_out = leading_left_vectors(w.reshape(t, -1), rank_out)
     u_in = leading_left_vectors(w.transpose(0, 1).reshape(s, -1), rank_in)
     fit = 0.0
