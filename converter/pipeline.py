@@ -72,7 +72,7 @@ from rankfold.passes.core import (
 from rankfold.passes.latency_gate import gate_plan, round_ranks
 from rankfold.passes.plan import RankPolicy, budgeted_slots, check_plan, resolve_round_to
 from rankfold.passes.recalibrate import correct_bias, has_batchnorm, recalibrate_bn
-from rankfold.passes.search import DecompositionCache
+from rankfold.passes.search import DecompositionCache, default_cache_dir
 from rankfold.passes.selectors import PlanningContext, get_selector
 from rankfold.runtime import (
     LatencyResult,
@@ -347,6 +347,9 @@ def compress(
     plan, selection, cache = _choose_plan(
         original, analysis, example_inputs, config, spec, train, tables
     )
+    if cache is None or cache.directory is None:
+        # On disk, so every finished layer survives a killed run and a rerun computes nothing.
+        cache = DecompositionCache(config.search.cache_dir or default_cache_dir(), config.seed)
     with progress_bar("decompose", total=len(plan.decomposed())) as advance:
         compressed, decomposition = decompose(
             original, analysis, plan, seed=config.seed, progress=advance, cache=cache

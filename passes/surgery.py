@@ -9,8 +9,10 @@ loaded into them (that is how a compressed model is restored from its plan).
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 
 from torch import fx
@@ -19,7 +21,7 @@ from rankfold.passes.analysis import LayerInfo, ModelAnalysis
 from rankfold.passes.core import ConfigError, DecompositionError
 from rankfold.passes.methods import get_method
 from rankfold.passes.plan import LayerPlan, Plan, check_plan
-from rankfold.passes.search.cache import DecompositionCache
+from rankfold.passes.search.cache import CachedBlock, DecompositionCache, compute_threads
 
 
 @dataclass
@@ -81,6 +83,14 @@ def restructure(gm: fx.GraphModule, analysis: ModelAnalysis, plan: Plan) -> fx.G
     return new
 
 
+def pool_shape(jobs: int, cores: int | None = None) -> tuple[int, int]:
+    """(workers, BLAS threads per worker): one worker per core, up to the job count, and the
+    cores left over shared out as threads, so workers × threads never exceeds the cores."""
+    cores = max(1, cores or os.cpu_count() or 1)
+    workers = max(1, min(cores, jobs))
+    return workers, max(1, cores // workers)
+
+
 def decompose(
     gm: fx.GraphModule,
     analysis: ModelAnalysis,
@@ -88,11 +98,15 @@ def decompose(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     cache: DecompositionCache | None = None,
+    cores: int | None = None,
 ) -> tuple[fx.GraphModule, DecompositionReport]:
     """Apply `plan` to a copy of `gm`; returns the new module and one report row per layer.
 
     Blocks come from `cache` (the one rank search filled, so a searched block is not factorized
-    again; default: a cache in memory for this call).
+    again; default: a cache in memory for this call). Layers are factorized concurrently on
+    `cores` cores (default: all; `pool_shape` splits them into threads, which suffice because
+    the factorizations spend their time in BLAS, outside the GIL); each finished layer is in
+    the cache at once, and `progress` is called with its name.
     """
     check_plan(plan, analysis)
     cache = DecompositionCache(None, seed) if cache is None else cache
@@ -102,9 +116,34 @@ def decompose(
             f"{seed}; pass the same seed to both"
         )
     new = copy.deepcopy(gm)
+    layers = {entry.name: _checked_layer(new, analysis, entry) for entry in plan.layers}
+    planned = plan.decomposed()
+    n_workers, threads = pool_shape(len(planned), cores)
+
+    def fill(entry: LayerPlan) -> tuple[CachedBlock, bool, float]:
+        start = time.perf_counter()
+        method = get_method(entry.method)
+        module = new.get_submodule(entry.name)
+        cached, computed = cache.lookup(
+            module, layers[entry.name], method, tuple(entry.ranks), threads=None
+        )
+        return cached, computed, time.perf_counter() - start
+
+    filled: dict[str, tuple[CachedBlock, bool, float]] = {}
+    with compute_threads(threads), ThreadPoolExecutor(n_workers) as pool:
+        futures = {pool.submit(fill, entry): entry.name for entry in planned}
+        try:
+            for future in as_completed(futures):
+                filled[futures[future]] = future.result()
+                if progress is not None:
+                    progress(futures[future])
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
     rows = []
     for entry in plan.layers:
-        layer = _checked_layer(new, analysis, entry)
+        layer = layers[entry.name]
         if not entry.decompose:
             rows.append(
                 LayerReport(
@@ -124,9 +163,10 @@ def decompose(
             continue
         method = get_method(entry.method)
         ranks = tuple(entry.ranks)
-        start = time.perf_counter()
-        computed = cache.misses
-        block, filled = cache.block(new.get_submodule(entry.name), layer, method, ranks)
+        cached, computed, seconds = filled[entry.name]
+        original = new.get_submodule(entry.name)
+        block = method.build(layer, ranks).to(original.weight.device, original.weight.dtype)
+        block.load_state_dict(cached.state)
         new.set_submodule(entry.name, block)
         cost = method.cost(layer, ranks)
         rows.append(
@@ -139,16 +179,14 @@ def decompose(
                 cost.macs,
                 layer.params,
                 layer.macs,
-                filled.rel_error,
+                cached.rel_error,
                 "decomposed",
                 entry.reason,
-                seconds=time.perf_counter() - start,
-                from_cache=cache.misses == computed,
-                extras=filled.extras,
+                seconds=seconds,
+                from_cache=not computed,
+                extras=cached.extras,
             )
         )
-        if progress is not None:
-            progress(entry.name)
     new.recompile()
     new.graph.lint()
     return new, DecompositionReport(rows)

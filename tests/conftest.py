@@ -20,6 +20,13 @@ def _deterministic_torch() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_decomposition_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # compress always writes decompositions to the on-disk cache: each test session gets its
+    # own, so no run reuses (or is slowed, or passed, by) another run's factorizations.
+    os.environ["RANKFOLD_CACHE"] = str(tmp_path_factory.mktemp("decompositions"))
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """`$RANKFOLD_DATA` (default ../shared/data): skips when absent, fails if RANKFOLD_REQUIRE_DATA=1."""

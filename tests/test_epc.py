@@ -242,7 +242,13 @@ def test_mode_update_is_the_constrained_minimum_of_a_generic_solver() -> None:
     weights = np.linalg.norm(least_squares, axis=0)
     gram = np.prod([d.T @ d for d in others], axis=0)
     _, new_weights, err = _update_mode(
-        unfolded, z, gram, least_squares / weights, weights, err_ls, tau_sq
+        unfolded @ z,
+        gram,
+        lambda u: float(np.sum((unfolded - u @ z.T) ** 2)),
+        least_squares / weights,
+        weights,
+        err_ls,
+        tau_sq,
     )
     assert err == pytest.approx(tau_sq, rel=1e-9)  # the bound is active at the optimum
 

@@ -110,8 +110,16 @@ def test_the_final_decomposition_reuses_the_blocks_the_search_factorized(tmp_pat
     assert all(row.rel_error <= 0.5 for row in decomposed)
     # Without a search, blocks are factorized by the decomposition itself.
     plain = config.model_copy(
-        update={"ranks": RankPolicy(method="tucker2", macs_reduction=2.0, round_to=None)}
+        update={
+            "ranks": RankPolicy(method="tucker2", macs_reduction=2.0, round_to=None),
+            "search": config.search.model_copy(update={"cache_dir": tmp_path / "fresh"}),
+        }
     )
     again = compress(model, torch.zeros(1, *spec.input_shape), plain, spec)
     rows = [row for row in again.decomposition.layers if row.status == "decomposed"]
     assert rows and not any(row.from_cache for row in rows)
+    # Each finished layer went to the on-disk cache: the same plan again factorizes nothing.
+    rerun = compress(model, torch.zeros(1, *spec.input_shape), plain, spec)
+    rerun_rows = [row for row in rerun.decomposition.layers if row.status == "decomposed"]
+    assert rerun_rows and all(row.from_cache for row in rerun_rows)
+    assert [row.rel_error for row in rerun_rows] == [row.rel_error for row in rows]

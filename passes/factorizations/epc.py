@@ -36,14 +36,15 @@ and an update that would break the bound (or raise Σ λ²) through rounding is 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import tensorly as tl
+import torch
 from scipy.optimize import brentq
 
-from rankfold.passes.factorizations.cp import CPFactors, cp_als, cp_sensitivity
+from rankfold.passes.factorizations.cp import CPFactors, cp_als, cp_sensitivity, mttkrp
 from rankfold.passes.factorizations.tucker import tucker2
 
 # Eigenvalues of Γ below this are floored: Γ has a unit diagonal, so this is relative to 1.
@@ -130,30 +131,41 @@ def _khatri_rao(matrices: list[np.ndarray], skip: int) -> np.ndarray:
     return out
 
 
-def _residual_sq(unfolded: np.ndarray, u: np.ndarray, z: np.ndarray) -> float:
-    diff = unfolded - u @ z.T
-    return float(np.sum(diff * diff))
+class _Residual:
+    """‖K − [[λ; U_1, …, U_N]]‖² computed exactly from the residual, unfolded along the largest
+    mode L so that the only Khatri–Rao product formed is of the small modes (Π_{m≠L} I_m × R),
+    and only one unfolding of K is kept."""
+
+    def __init__(self, tensor: np.ndarray) -> None:
+        self.mode = int(np.argmax(tensor.shape))
+        self.unfolded = tl.unfold(tensor, self.mode)
+
+    def __call__(self, factors: list[np.ndarray]) -> float:
+        diff = self.unfolded - factors[self.mode] @ _khatri_rao(factors, self.mode).T
+        return float(np.sum(diff * diff))
 
 
 def _update_mode(
-    unfolded: np.ndarray,
-    z: np.ndarray,
+    g: np.ndarray,
     gamma_matrix: np.ndarray,
+    residual_sq: Callable[[np.ndarray], float],
     direction: np.ndarray,
     weights: np.ndarray,
     err_now: float,
     delta_sq: float,
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Minimum-norm update of one mode within the error bound.
+    """Minimum-norm update of one mode within the error bound, from its MTTKRP `g`, the
+    Hadamard product of the other Grams and `residual_sq(U)` (the exact squared error with this
+    mode's factor U, all scale in it).
 
     Returns the new (unit directions, weights, exact squared error); the model is returned
     unchanged when no candidate keeps both the bound and Σ λ² ≤ its current value.
     """
     gamma, q = np.linalg.eigh(gamma_matrix)
     gamma = np.maximum(gamma, _GAMMA_FLOOR)
-    f = (unfolded @ z) @ q
+    f = g @ q
     phi = np.sum(f * f, axis=0)
-    err_ls = _residual_sq(unfolded, (f / gamma) @ q.T, z)
+    err_ls = residual_sq((f / gamma) @ q.T)
     tau_sq = delta_sq if delta_sq >= err_ls else err_now
     limit = tau_sq * (1.0 + _BOUND_RTOL)
     sum_now = float(np.sum(weights**2))
@@ -164,7 +176,7 @@ def _update_mode(
     # over the bound.
     for _ in range(40):
         new_direction, new_weights = _unit_columns((f / (gamma + eta)) @ q.T, direction)
-        err = _residual_sq(unfolded, new_direction * new_weights, z)
+        err = residual_sq(new_direction * new_weights)
         if err <= limit and float(np.sum(new_weights**2)) <= sum_now:
             return new_direction, new_weights, err
         if eta == 0.0:
@@ -202,9 +214,10 @@ def epc(
     # Signs live in the directions so that λ stays ≥ 0.
     directions[0] = directions[0] * np.where(start.weights < 0, -1.0, 1.0)
     weights = np.abs(start.weights).astype(np.float64)
-    unfolded = [tl.unfold(k, n) for n in range(k.ndim)]
+    residual = _Residual(k)
+    k_torch = torch.from_numpy(k)
     # Every error, this one included, comes from the same residual computation.
-    err_sq = _residual_sq(unfolded[0], directions[0] * weights, _khatri_rao(directions, 0))
+    err_sq = residual([directions[0] * weights, *directions[1:]])
     if delta is None:
         delta = math.sqrt(err_sq)
     if not (math.isfinite(delta) and delta >= 0.0):
@@ -217,12 +230,21 @@ def epc(
     sweeps = 0
     while sweeps < max_sweeps and calm < patience:
         for n in range(k.ndim):
-            z = _khatri_rao(directions, n)
-            grams = [d.T @ d for m, d in enumerate(directions) if m != n]
+            others = [m for m in range(k.ndim) if m != n]
+            g = mttkrp(
+                k_torch,
+                [torch.from_numpy(d) for d in directions],
+                n,
+                first=max(others, key=k.shape.__getitem__),
+            ).numpy()
+
+            def residual_sq(u: np.ndarray, n: int = n) -> float:
+                return residual([u if m == n else d for m, d in enumerate(directions)])
+
             directions[n], weights, err_sq = _update_mode(
-                unfolded[n],
-                z,
-                np.prod(grams, axis=0),
+                g,
+                np.prod([directions[m].T @ directions[m] for m in others], axis=0),
+                residual_sq,
                 directions[n],
                 weights,
                 err_sq,

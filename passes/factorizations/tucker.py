@@ -8,12 +8,16 @@ Params: S·R_S + R_S·R_T·kh·kw + R_T·T.  MACs: H_in·W_in·S·R_S + H_out·W
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import tensorly as tl
-from tensorly.decomposition import partial_tucker
+import torch
+
+# HOOI stops once a sweep raises the fit ‖core‖² by less than this fraction of it: on
+# ResNet-20 kernels the error is then within 1e-4 of 100 tensorly HOOI iterations (a cap of
+# 20 sweeps was 2e-4 short on one layer).
+DEFAULT_TOL = 1e-6
+DEFAULT_MAX_SWEEPS = 100
 
 
 @dataclass(frozen=True)
@@ -35,23 +39,63 @@ class Tucker2Factors:
         )
 
 
-def tucker2(kernel: np.ndarray, rank_out: int, rank_in: int, seed: int = 0) -> Tucker2Factors:
-    """HOOI on modes 0 (T) and 1 (S) via tensorly's `partial_tucker`, SVD-initialised."""
+def leading_left_vectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
+    """The `rank` leading left singular vectors of `matrix` (I×J), from the eigenvectors of the
+    smaller Gram matrix (I×I, or J×J mapped back through the matrix): an I×I or J×J eigenproblem
+    instead of an SVD of the whole I×J matrix. Signs: each column's largest entry is positive."""
+    rows, cols = matrix.shape
+    if rows <= cols or rank > cols:
+        _, vectors = torch.linalg.eigh(matrix @ matrix.T)
+        u = vectors[:, -rank:].flip(1)
+    else:
+        values, vectors = torch.linalg.eigh(matrix.T @ matrix)
+        v, sigma_sq = vectors[:, -rank:].flip(1), values[-rank:].flip(0)
+        u = (matrix @ v) / sigma_sq.clamp_min(torch.finfo(matrix.dtype).tiny).sqrt()
+        # Directions with σ ≈ 0 are noise either way; re-orthonormalise what rounding bent.
+        u, _ = torch.linalg.qr(u)
+    top = u.abs().argmax(dim=0)
+    return u * torch.sign(u[top, torch.arange(rank)]).where(
+        u[top, torch.arange(rank)] != 0, torch.ones((), dtype=u.dtype)
+    )
+
+
+def tucker2(
+    kernel: np.ndarray,
+    rank_out: int,
+    rank_in: int,
+    seed: int = 0,
+    max_sweeps: int = DEFAULT_MAX_SWEEPS,
+    tol: float = DEFAULT_TOL,
+) -> Tucker2Factors:
+    """Truncated HOSVD, then HOOI sweeps on modes 0 (T) and 1 (S) until the fit settles.
+
+    Hand-written rather than tensorly's `partial_tucker`, which takes full SVDs of the S×(T·kh·kw)
+    unfoldings every iteration (43 s for one 256-channel 3×3 layer): here every step is a small
+    Gram eigenproblem (`leading_left_vectors`) of a projected unfolding, in float64 torch on
+    multi-threaded BLAS. The same fixed point as HOOI; `seed` is unused (deterministic).
+    """
     t, s = kernel.shape[:2]
     if not (1 <= rank_out <= t and 1 <= rank_in <= s):
         raise ValueError(f"Tucker-2 ranks ({rank_out}, {rank_in}) must lie in [1, {t}] × [1, {s}]")
-    with warnings.catch_warnings():
-        # A rank above the other mode's rank × kernel area is clamped by tensorly; harmless.
-        warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
-        (core, (out_factor, in_factor)), _ = partial_tucker(
-            tl.tensor(kernel.astype(np.float64)),
-            rank=[rank_out, rank_in],
-            modes=[0, 1],
-            init="svd",
-            n_iter_max=100,
-            tol=1e-8,
-            random_state=seed,
-        )
+    w = torch.from_numpy(np.ascontiguousarray(kernel, dtype=np.float64)).reshape(t, s, -1)
+    u_out = leading_left_vectors(w.reshape(t, -1), rank_out)
+    u_in = leading_left_vectors(w.transpose(0, 1).reshape(s, -1), rank_in)
+    fit = 0.0
+    for _ in range(max_sweeps):
+        # W ×₂ U_Sᵀ: T×R_S×area, its mode-0 unfolding gives U_T; then the same for U_S.
+        projected = torch.einsum("tsk,sb->tbk", w, u_in)
+        u_out = leading_left_vectors(projected.reshape(t, -1), rank_out)
+        projected = torch.einsum("tsk,ta->ask", w, u_out)
+        u_in = leading_left_vectors(projected.transpose(0, 1).reshape(s, -1), rank_in)
+        core = torch.einsum("ask,sb->abk", projected, u_in)
+        new_fit = float(torch.sum(core * core))
+        settled = new_fit - fit <= tol * new_fit
+        fit = new_fit
+        if settled:
+            break
+    core = torch.einsum("ask,sb->abk", torch.einsum("tsk,ta->ask", w, u_out), u_in)
     return Tucker2Factors(
-        core=np.asarray(core), out_factor=np.asarray(out_factor), in_factor=np.asarray(in_factor)
+        core=core.reshape(rank_out, rank_in, *kernel.shape[2:]).numpy(),
+        out_factor=u_out.numpy(),
+        in_factor=u_in.numpy(),
     )

@@ -10,7 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +35,21 @@ def default_cache_dir() -> Path:
         return Path(os.environ["RANKFOLD_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "rankfold" / "decompositions"
+
+
+@contextmanager
+def compute_threads(threads: int | None) -> Iterator[None]:
+    """BLAS and torch intra-op threads limited to `threads` (None: left as they are)."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with threadpool_limits(limits=threads):
+            yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -56,6 +74,7 @@ class DecompositionCache:
         self.misses = 0
         self.fill_seconds = 0.0
         self._memory: dict[str, CachedBlock] = {}
+        self._lock = threading.Lock()  # counters and memory are shared by decompose's threads
 
     def key(self, module: nn.Module, method: Method, ranks: Ranks) -> str:
         h = hashlib.sha256()
@@ -66,23 +85,42 @@ class DecompositionCache:
                 h.update(array.numpy().tobytes())
         kind = f"{type(method).__module__}.{type(method).__qualname__}"
         settings = json.dumps(method.settings(), sort_keys=True)
-        h.update(f"|{method.name}|{kind}|{settings}|{list(ranks)}|{self.seed}|{CACHE_FORMAT}".encode())
+        h.update(
+            f"|{method.name}|{kind}|{settings}|{list(ranks)}|{self.seed}|{CACHE_FORMAT}".encode()
+        )
         return h.hexdigest()
 
-    def get(self, module: nn.Module, layer: LayerInfo, method: Method, ranks: Ranks) -> CachedBlock:
+    def get(
+        self,
+        module: nn.Module,
+        layer: LayerInfo,
+        method: Method,
+        ranks: Ranks,
+        threads: int | None = 1,
+    ) -> CachedBlock:
+        return self.lookup(module, layer, method, ranks, threads)[0]
+
+    def lookup(
+        self,
+        module: nn.Module,
+        layer: LayerInfo,
+        method: Method,
+        ranks: Ranks,
+        threads: int | None = 1,
+    ) -> tuple[CachedBlock, bool]:
+        """The entry and whether it was computed now. The fill runs on `threads` BLAS/torch
+        threads (default 1: rank search runs many small fills side by side; None: the caller
+        set them, as `decompose`'s pool does)."""
         key = self.key(module, method, ranks)
         entry = self._load(key)
         if entry is not None:
-            self.hits += 1
-            return entry
-        self.misses += 1
+            with self._lock:
+                self.hits += 1
+            return entry, False
         start = time.perf_counter()
         block = method.build(layer, ranks).to(module.weight.device, module.weight.dtype)
         try:
-            # Kernels are small matrices: multi-threaded BLAS only adds contention (an SVD of
-            # 64×576 takes 4 ms on one thread and 63 ms on two busy cores), and parallel
-            # workers share the cores.
-            with threadpool_limits(limits=1, user_api="blas"):
+            with compute_threads(threads):
                 filled = method.fill(block, module, self.seed)
         except (ValueError, ArithmeticError, RuntimeError) as exc:
             raise DecompositionError(
@@ -94,9 +132,12 @@ class DecompositionCache:
             float(filled.rel_error),
             {k: float(v) for k, v in filled.extras.items()},
         )
-        self.fill_seconds += time.perf_counter() - start
+        # Stored as soon as it is computed: a killed run resumes from the finished layers.
         self._store(key, entry)
-        return entry
+        with self._lock:
+            self.misses += 1
+            self.fill_seconds += time.perf_counter() - start
+        return entry, True
 
     def block(
         self, module: nn.Module, layer: LayerInfo, method: Method, ranks: Ranks
@@ -125,7 +166,8 @@ class DecompositionCache:
 
     def _store(self, key: str, entry: CachedBlock) -> None:
         if self.directory is None:
-            self._memory[key] = entry
+            with self._lock:
+                self._memory[key] = entry
             return
         payload = {"state": entry.state, "rel_error": entry.rel_error, "extras": entry.extras}
         with atomic_path(self._path(key)) as tmp:

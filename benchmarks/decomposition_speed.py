@@ -1,0 +1,137 @@
+"""Decomposition wall time and per-layer error: this checkout against an older one, side by side.
+
+    python benchmarks/decomposition_speed.py --old-python /tmp/rankfold-old/.venv/bin/python
+
+Each case runs the public `compress` (uniform ranks at a MAC reduction, no latency, no export) in
+a fresh process of each checkout's Python, under `flock /tmp/rankfold-bench.lock` so benchmarks
+do not overlap; an old run is stopped after --old-limit seconds. Writes
+benchmarks/results/decomposition_speed.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESNET56 = "/work/shared/data/weights/resnet56-4bfd9763.th"
+# (model, weights, method, MAC reduction), in order of value: the run stops at --budget.
+CASES = [
+    ("resnet56", RESNET56, "tucker2", 2.0),
+    ("resnet56", RESNET56, "cp", 3.0),
+    ("layer512", None, "tucker2", 2.0),
+    ("layer512", None, "cp", 3.0),
+    ("torchvision:resnet50", None, "tucker2", 2.0),
+    ("torchvision:resnet18", None, "cp", 3.0),
+    ("resnet56", RESNET56, "cp-epc", 3.0),
+]
+
+
+def worker(case: dict) -> dict:
+    """One compress in this process; the numbers the table needs."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from rankfold.converter import CompressConfig, compress
+    from rankfold.models import load_model
+    from rankfold.passes import RankPolicy
+
+    torch.manual_seed(0)
+    if case["model"] == "layer512":
+        model, spec = nn.Sequential(nn.Conv2d(512, 512, 3, padding=1, bias=False)), None
+        example = torch.zeros(1, 512, 7, 7)
+    else:
+        model, spec = load_model(case["model"], case["weights"])
+        example = torch.zeros(1, *spec.input_shape)
+    with tempfile.TemporaryDirectory() as cache:
+        config = CompressConfig(
+            model=case["model"],
+            ranks=RankPolicy(
+                method=case["method"], macs_reduction=case["reduction"], round_to=None
+            ),
+            search={"cache_dir": Path(cache)},
+            latency={"enabled": False},
+        )
+        start = time.perf_counter()
+        result = compress(model.eval(), example, config, spec)
+        wall = time.perf_counter() - start
+    rows = [row for row in result.decomposition.layers if row.status == "decomposed"]
+    ratios = [
+        row.extras["sensitivity_before"] / row.extras["sensitivity"]
+        for row in rows
+        if row.extras.get("sensitivity") and "sensitivity_before" in row.extras
+    ]
+    errors = [row.rel_error for row in rows]
+    return {
+        "wall_s": wall,
+        "layer_seconds_sum": sum(row.seconds for row in rows),
+        "layers": len(rows),
+        "mean_rel_error": float(np.mean(errors)),
+        "errors": errors,
+        "median_sensitivity_reduction": float(np.median(ratios))
+        if "epc" in case["method"]
+        else None,
+    }
+
+
+def run_case(python: str, case: dict, limit: float) -> dict:
+    command = ["flock", "/tmp/rankfold-bench.lock", python, __file__, "--worker", json.dumps(case)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=limit, check=False)
+    except subprocess.TimeoutExpired:
+        return {"stopped_after_s": limit}
+    if done.returncode != 0:
+        return {"failed": done.stderr.strip().splitlines()[-1:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def cell(result: dict) -> str:
+    if "stopped_after_s" in result:
+        return f"> {result['stopped_after_s']:.0f} s, stopped"
+    if "failed" in result:
+        return f"failed: {result['failed']}"
+    return f"{result['wall_s']:.1f} s"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--old-python", required=False)
+    parser.add_argument("--old-limit", type=float, default=120.0)
+    parser.add_argument("--new-limit", type=float, default=400.0)
+    parser.add_argument("--cases", type=int, default=len(CASES), help="run the first N cases")
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    rows = []
+    for model, weights, method, reduction in CASES[: args.cases]:
+        case = {"model": model, "weights": weights, "method": method, "reduction": reduction}
+        new = run_case(sys.executable, case, args.new_limit)
+        old = run_case(args.old_python, case, args.old_limit) if args.old_python else {}
+        rows.append({**case, "new": new, "old": old})
+        print(json.dumps({k: v for k, v in rows[-1].items()}, default=str)[:600], flush=True)
+    out = ROOT / "benchmarks/results/decomposition_speed.json"
+    out.write_text(json.dumps(rows, indent=2) + "\n")
+    print("| model | method | MACs | old | new | mean rel. error old → new | layers |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        old, new = row["old"], row["new"]
+        err = (
+            f"{old.get('mean_rel_error', float('nan')):.4f} → "
+            f"{new.get('mean_rel_error', float('nan')):.4f}"
+        )
+        print(
+            f"| {row['model']} | {row['method']} | {row['reduction']:g}× | {cell(old)} | "
+            f"{cell(new)} | {err} | {new.get('layers', '')} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
