@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -52,8 +53,22 @@ LeafOpt = Annotated[
 ]
 
 
+DEBUG_ENV = "RANKFOLD_DEBUG"
+
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the traceback of an unexpected error.")
+    ] = False,
+) -> None:
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+
+
 def _friendly(func):
-    """Turn rankfold's typed errors into one line on stderr and exit code 1."""
+    """Turn rankfold's typed errors into one line on stderr and exit code 1; an unexpected
+    error is one line too (a bug to report), with its traceback under --debug."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -72,6 +87,17 @@ def _friendly(func):
                 err=True,
             )
             raise typer.Exit(code=130) from None
+        except Exception as exc:
+            if os.environ.get(DEBUG_ENV) == "1":
+                raise
+            first = (str(exc).splitlines() or [""])[0]
+            typer.secho(
+                f"error: internal error ({type(exc).__name__}: {first}); rerun with "
+                "`rankfold --debug …` for the traceback and report it",
+                fg="red",
+                err=True,
+            )
+            raise typer.Exit(code=1) from None
 
     return wrapper
 

@@ -397,3 +397,20 @@ def test_resume_with_other_settings_fails_before_any_work(tmp_path, monkeypatch)
     again = runner.invoke(app, [*args, "--finetune-epochs", "1", "--lr", "0.05", "--resume"])
     assert again.exit_code == 1 and planned == []
     assert "was made with other settings: lr=0.01 (now 0.05)" in again.output
+
+
+def test_an_unexpected_error_is_one_line_and_its_traceback_is_behind_debug(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RANKFOLD_DEBUG", raising=False)
+
+    def bug(*_args, **_kwargs):
+        raise TypeError("boom\nsecond line")
+
+    monkeypatch.setattr("rankfold.converter.pipeline.validate", bug)
+    args = ["compress", "digits-cnn", "--rank", "4", *COMMON]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "error: internal error (TypeError: boom); rerun with `rankfold --debug" in result.output
+    debugged = runner.invoke(app, ["--debug", *args])
+    assert isinstance(debugged.exception, TypeError)
+    monkeypatch.delenv("RANKFOLD_DEBUG", raising=False)
