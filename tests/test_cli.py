@@ -499,7 +499,7 @@ def test_unwritable_output(digits, tmp_path):
 
 def test_parity_failure_still_writes_report(digits, tmp_path):
     config = tmp_path / "strict.yaml"
-    config.write_text("export:\n  atol: 1.0e-12\n")
+    config.write_text("export:\n  atol: 1.0e-12\n  rtol: 0.0\n")
     out = tmp_path / "o"
     result = _compress(digits, out, "--config", config)
     assert result.exit_code == 1 and "differs from PyTorch" in error_line(result)
