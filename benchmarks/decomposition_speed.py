@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -82,13 +84,20 @@ def worker(case: dict) -> dict:
 
 def run_case(python: str, case: dict, limit: float) -> dict:
     command = ["flock", "/tmp/rankfold-bench.lock", python, __file__, "--worker", json.dumps(case)]
+    # Its own process group, so a stopped run's worker (flock's child) dies with it and frees
+    # both the lock and the cores.
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=limit, check=False)
+        stdout, stderr = process.communicate(timeout=limit)
     except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
         return {"stopped_after_s": limit}
-    if done.returncode != 0:
-        return {"failed": done.stderr.strip().splitlines()[-1:]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    if process.returncode != 0:
+        return {"failed": stderr.strip().splitlines()[-1:]}
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def cell(result: dict) -> str:
@@ -116,7 +125,11 @@ def main() -> None:
         new = run_case(sys.executable, case, args.new_limit)
         old = run_case(args.old_python, case, args.old_limit) if args.old_python else {}
         rows.append({**case, "new": new, "old": old})
-        print(json.dumps({k: v for k, v in rows[-1].items()}, default=str)[:600], flush=True)
+        brief = {
+            side: {k: v for k, v in rows[-1][side].items() if k != "errors"}
+            for side in ("new", "old")
+        }
+        print(json.dumps({**case, **brief}), flush=True)
     out = ROOT / "benchmarks/results/decomposition_speed.json"
     out.write_text(json.dumps(rows, indent=2) + "\n")
     print("| model | method | MACs | old | new | mean rel. error old → new | layers |")

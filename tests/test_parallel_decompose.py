@@ -20,8 +20,8 @@ def _model() -> tuple[nn.Module, torch.Tensor]:
 
 def test_pool_shape_never_oversubscribes_the_cores() -> None:
     assert pool_shape(jobs=10, cores=2) == (2, 1)
-    assert pool_shape(jobs=1, cores=4) == (1, 4)
-    assert pool_shape(jobs=3, cores=8) == (3, 2)
+    assert pool_shape(jobs=1, cores=4) == (1, 1)
+    assert pool_shape(jobs=3, cores=8) == (3, 1)
     for jobs in range(1, 9):
         workers, threads = pool_shape(jobs, cores=6)
         assert 1 <= workers <= jobs and workers * threads <= 6

@@ -230,7 +230,10 @@ def test_parity_passes_for_the_exported_model_and_fails_after_perturbing(
 
     message = str(parity_error(report))
     assert "\n" not in message
-    assert f"max abs diff {report.max_abs_diff:.1e} > tolerance 1e-04 on 10 inputs" in message
+    assert (
+        f"max abs diff {report.max_abs_diff:.1e} > tolerance 1e-04 + 0e+00 × output scale on 10 inputs"
+        in message
+    )
     assert f"max rel diff {report.max_rel_diff:.1e}" in message
 
 
@@ -381,9 +384,14 @@ def test_compare_latency_alternates_in_blocks(monkeypatch, tmp_path: Path) -> No
     assert (result.speedup_low, result.speedup_high, result.verdict) == (4.0, 4.0, "faster")
     warm, block = latency.SWITCH_WARMUP, latency.SWITCH_BLOCK
     timed_part = "".join(log)[2:]  # after one warm-up run of each
-    assert timed_part == (
-        "a" * warm + "A" * block + "b" * warm + "B" * block
-    ) * 2 + "a" * warm + "A" * 2 + "b" * warm + "B" * 2
+    assert (
+        timed_part
+        == ("a" * warm + "A" * block + "b" * warm + "B" * block) * 2
+        + "a" * warm
+        + "A" * 2
+        + "b" * warm
+        + "B" * 2
+    )
     assert timed_part.count("A") == timed_part.count("B") == 12
 
 

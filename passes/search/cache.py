@@ -76,6 +76,14 @@ class DecompositionCache:
         self._memory: dict[str, CachedBlock] = {}
         self._lock = threading.Lock()  # counters and memory are shared by decompose's threads
 
+    def __getstate__(self) -> dict:
+        # Search workers receive the cache by pickling; a lock does not travel, a new one does.
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def key(self, module: nn.Module, method: Method, ranks: Ranks) -> str:
         h = hashlib.sha256()
         for tensor in (module.weight, getattr(module, "bias", None)):
