@@ -338,7 +338,7 @@ def main() -> None:
             min_macs_share=0,
             round_to=get_backend("cpu").channel_block(),  # as the CLI's round_to "auto"
         ),
-    )
+    ).plan
     uniform_ranks = {entry.name: entry.ranks for entry in uniform.decomposed()}
     differ = {
         n: (cp_ranks[n][0], uniform_ranks[n][0])
