@@ -70,7 +70,7 @@ from rankfold.passes.core import (
     atomic_write_json,
 )
 from rankfold.passes.latency_gate import gate_plan, round_ranks
-from rankfold.passes.plan import RankPolicy, budgeted_slots, check_plan, resolve_round_to
+from rankfold.passes.plan import RankPolicy, budgeted_slots, resolve_round_to
 from rankfold.passes.recalibrate import correct_bias, has_batchnorm, recalibrate_bn
 from rankfold.passes.search import DecompositionCache, default_cache_dir
 from rankfold.passes.selectors import PlanningContext, get_selector
@@ -401,10 +401,9 @@ def _choose_plan(
                 f"--plan replays {config.plan}, which fixes every layer's method and ranks; drop "
                 f"the rank settings ({', '.join('ranks.' + name for name in ignored)})"
             )
-        plan = Plan.load(config.plan)
-        check_plan(plan, analysis)
+        # decompose checks the plan against this model before it factorizes anything.
         chosen = SelectionReport(selector="plan file", path=str(config.plan))
-        return plan, chosen, None
+        return Plan.load(config.plan), chosen, None
     policy = config.ranks
     context = _planning_context(original, analysis, config, spec, train, tables[:1])
 
