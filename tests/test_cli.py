@@ -533,3 +533,27 @@ def test_config_typo_and_cuda_and_untraceable(digits, tmp_path):
     assert result.exit_code == 1 and "--leaf gate" in error_line(result)
     result = invoke("analyze", f"{source}:build", "--leaf", "gate")
     assert result.exit_code == 0 and "conv" in result.output
+
+
+def test_fail_if_slower_exits_1_with_the_report_written(tmp_path):
+    # A CP block of rank 250 on a 64-channel 3×3 conv saves 7 % of the MACs but runs its
+    # 250-channel depthwise stages several times slower than the dense conv.
+    source = tmp_path / "wide.py"
+    source.write_text(
+        "import torch\nfrom torch import nn\n"
+        "RANKFOLD_SPEC = {'input_shape': [64, 16, 16], 'num_classes': 4,\n"
+        "                 'mean': [0.0] * 64, 'std': [1.0] * 64}\n"
+        "def build():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.AdaptiveAvgPool2d(1),\n"
+        "                         nn.Flatten(), nn.Linear(64, 4))\n"
+    )
+    out = tmp_path / "o"
+    result = invoke(
+        "compress", f"{source}:build", "--method", "cp", "--rank", "250", "--skip", "Linear",
+        "--batch", "1", "--warmup", "2", "--fail-if-slower", "--out", out,
+    )  # fmt: skip
+    assert result.exit_code == 1 and "measurably slower" in error_line(result)
+    report = json.loads((out / "report.json").read_text())
+    (row,) = report["latency"]["per_batch"]
+    assert report["latency"]["slower"] is True and row["verdict"] == "slower"
+    assert row["speedup_high"] < 1.0
