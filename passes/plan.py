@@ -353,6 +353,28 @@ def draft_plan(
     decides every layer when there is no budget, and a policy without a budget or ranks is an
     error; selectors that find ranks themselves pass False. A latency budget needs `measured`.
     """
+    metric, reduction = _checked_target(analysis, policy, global_rank, measured)
+    entries: list[LayerPlan] = []
+    slots: list[Slot] = []
+    for layer in analysis.layers:
+        decided = _decide_layer(analysis, policy, layer, global_rank and reduction is None)
+        if isinstance(decided, LayerPlan):
+            entries.append(decided)
+            continue
+        method, note = decided
+        round_to = resolve_round_to(policy.round_to, None)
+        slots.append(Slot(len(entries), layer, method, note, round_to, measured))
+        entries.append(LayerPlan(name=layer.name, type=layer.type, reason="pending"))
+    budget = None
+    if reduction is not None:
+        budget = _budget(analysis, metric, reduction, entries, slots, measured)
+    return PlanDraft(model_name, policy, analysis, entries, slots, budget)
+
+
+def _checked_target(
+    analysis: ModelAnalysis, policy: RankPolicy, global_rank: bool, measured: CostModel | None
+) -> tuple[str, float | None]:
+    """The budget's metric and reduction, after refusing policies that cannot plan this model."""
     get_method(policy.method)  # an unknown method fails before anything else
     targets = {
         "macs": policy.macs_reduction,
@@ -389,89 +411,68 @@ def draft_plan(
         raise ConfigError(
             "no ranks to use: give --macs-reduction X, --params-reduction X or --rank"
         )
+    return metric, reduction
 
-    entries: list[LayerPlan] = []
-    slots: list[Slot] = []
-    for layer in analysis.layers:
-        override, source = _resolved_override(policy, layer)
-        if override.skip:
-            entries.append(
-                LayerPlan(name=layer.name, type=layer.type, reason=f"skipped by config ({source})")
-            )
-            continue
-        method, note = method_for_layer(override.method or policy.method, layer)
-        why_not = method.unsupported_reason(layer)
-        if why_not:
-            entries.append(
-                LayerPlan(name=layer.name, type=layer.type, reason=f"skipped: {why_not}")
-            )
-            continue
+
+def _decide_layer(
+    analysis: ModelAnalysis, policy: RankPolicy, layer: LayerInfo, global_rank_decides: bool
+) -> LayerPlan | tuple[Method, str]:
+    """The layer's plan when config or capability decides it, else (method, note) for a slot."""
+
+    def kept(reason: str) -> LayerPlan:
+        return LayerPlan(name=layer.name, type=layer.type, reason=reason)
+
+    override, source = _resolved_override(policy, layer)
+    if override.skip:
+        return kept(f"skipped by config ({source})")
+    method, note = method_for_layer(override.method or policy.method, layer)
+    why_not = method.unsupported_reason(layer)
+    if why_not:
+        return kept(f"skipped: {why_not}")
+    rank_spec = override.rank if override.rank is not None else policy.rank
+    if rank_spec is not None and (override.rank is not None or global_rank_decides):
+        per_layer = override.rank is not None
+        ranks, clamped = normalize_ranks(method, layer, rank_spec, strict=per_layer)
+        if not method.shrinks(layer, ranks):
+            return kept(f"skipped: global rank {rank_spec} would not make it smaller")
+        origin = f"layers['{source}']" if per_layer else "global rank"
+        clamped = f", {clamped}" if clamped else ""
         note_text = f" ({note})" if note else ""
-        rank_spec = override.rank if override.rank is not None else policy.rank
-        if rank_spec is not None and (
-            override.rank is not None or (reduction is None and global_rank)
-        ):
-            per_layer = override.rank is not None
-            ranks, clamped = normalize_ranks(method, layer, rank_spec, strict=per_layer)
-            if not method.shrinks(layer, ranks):
-                entries.append(
-                    LayerPlan(
-                        name=layer.name,
-                        type=layer.type,
-                        reason=f"skipped: global rank {rank_spec} would not make it smaller",
-                    )
-                )
-                continue
-            origin = f"layers['{source}']" if per_layer else "global rank"
-            clamped = f", {clamped}" if clamped else ""
-            entries.append(
-                LayerPlan(
-                    name=layer.name,
-                    type=layer.type,
-                    method=method.name,
-                    ranks=list(ranks),
-                    reason=f"explicit rank {rank_spec} from {origin}{clamped}{note_text}",
-                )
-            )
-            continue
-        share = layer.macs / max(analysis.total_macs, 1)
-        if share < policy.min_macs_share:
-            entries.append(
-                LayerPlan(
-                    name=layer.name,
-                    type=layer.type,
-                    reason=f"skipped: {share:.2%} of MACs < min_macs_share "
-                    f"{policy.min_macs_share:.2%}",
-                )
-            )
-            continue
-        if not method.shrinks(layer, method.candidates(layer)[0]):
-            entries.append(
-                LayerPlan(
-                    name=layer.name,
-                    type=layer.type,
-                    reason=f"skipped: {method.name} is not smaller than the layer even at rank 1",
-                )
-            )
-            continue
-        round_to = resolve_round_to(policy.round_to, None)
-        slots.append(Slot(len(entries), layer, method, note, round_to, measured))
-        entries.append(LayerPlan(name=layer.name, type=layer.type, reason="pending"))
+        return LayerPlan(
+            name=layer.name,
+            type=layer.type,
+            method=method.name,
+            ranks=list(ranks),
+            reason=f"explicit rank {rank_spec} from {origin}{clamped}{note_text}",
+        )
+    share = layer.macs / max(analysis.total_macs, 1)
+    if share < policy.min_macs_share:
+        return kept(f"skipped: {share:.2%} of MACs < min_macs_share {policy.min_macs_share:.2%}")
+    if not method.shrinks(layer, method.candidates(layer)[0]):
+        return kept(f"skipped: {method.name} is not smaller than the layer even at rank 1")
+    return method, note
 
-    budget = None
-    if reduction is not None:
-        if metric == "latency":
-            total = measured.total(analysis)
-        else:
-            total = analysis.total_params if metric == "params" else analysis.total_macs
-        fixed = total - sum(slot.cost(None, metric) for slot in slots)
-        for entry in entries:  # explicit ranks already chosen change the fixed part
-            if entry.decompose:
-                layer = analysis.layer(entry.name)
-                explicit = Slot(-1, layer, get_method(entry.method), "", None, measured)
-                fixed += explicit.cost(tuple(entry.ranks), metric) - explicit.cost(None, metric)
-        budget = Budget(metric=metric, reduction=float(reduction), total=total, fixed=fixed)
-    return PlanDraft(model_name, policy, analysis, entries, slots, budget)
+
+def _budget(
+    analysis: ModelAnalysis,
+    metric: str,
+    reduction: float,
+    entries: list[LayerPlan],
+    slots: list[Slot],
+    measured: CostModel | None,
+) -> Budget:
+    """The budget the slots share: the total less what skipped and explicit layers cost."""
+    if metric == "latency":
+        total = measured.total(analysis)
+    else:
+        total = analysis.total_params if metric == "params" else analysis.total_macs
+    fixed = total - sum(slot.cost(None, metric) for slot in slots)
+    for entry in entries:  # explicit ranks already chosen change the fixed part
+        if entry.decompose:
+            layer = analysis.layer(entry.name)
+            explicit = Slot(-1, layer, get_method(entry.method), "", None, measured)
+            fixed += explicit.cost(tuple(entry.ranks), metric) - explicit.cost(None, metric)
+    return Budget(metric=metric, reduction=float(reduction), total=total, fixed=fixed)
 
 
 def budgeted_slots(analysis: ModelAnalysis, policy: RankPolicy, model_name: str = "model"):
