@@ -28,7 +28,6 @@ checkpoint directory need not be shared between machines.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import random
 import time
@@ -47,8 +46,16 @@ from torch import nn
 
 from rankfold.converter.strict import config_error
 from rankfold.converter.ui import console, progress_bar
-from rankfold.models import ArrayDataset, ModelSpec, normalize
-from rankfold.models.data import Augment, augments, crop_flip, crop_flip_params
+from rankfold.models import ImageData, ModelSpec, normalize
+from rankfold.models.data import (
+    Augment,
+    TrainAugment,
+    augments,
+    crop_flip,
+    crop_flip_params,
+    first_images,
+    read_groups,
+)
 from rankfold.passes.core import ConfigError, DataError, atomic_path
 from rankfold.runtime.export import eval_mode
 
@@ -156,11 +163,11 @@ def kd_loss(
 def finetune(
     student: nn.Module,
     teacher: nn.Module | None,
-    train: ArrayDataset,
+    train: ImageData,
     spec: ModelSpec,
     config: FinetuneConfig,
     checkpoint_dir: str | Path,
-    eval_data: ArrayDataset | None = None,
+    eval_data: ImageData | None = None,
     resume: bool = False,
     decomposed_names: Sequence[str] = (),
     seed: int = 0,
@@ -220,8 +227,8 @@ def finetune(
 
 
 def validation_split(
-    train: ArrayDataset, share: float, seed: int
-) -> tuple[ArrayDataset, ArrayDataset | None]:
+    train: ImageData, share: float, seed: int
+) -> tuple[ImageData, ImageData | None]:
     """(training part, held-out part): `share` of the images, drawn with `seed`, held out to
     choose the epoch on; (train, None) when `share` is 0."""
     if share == 0:
@@ -234,7 +241,7 @@ def validation_split(
         )
     order = np.random.default_rng(seed).permutation(len(train))
     keep, hold = np.sort(order[held:]), np.sort(order[:held])
-    return ArrayDataset(train.x[keep], train.y[keep]), ArrayDataset(train.x[hold], train.y[hold])
+    return train.take(keep), train.take(hold)
 
 
 def check_resume(checkpoint_dir: str | Path, config: FinetuneConfig, seed: int) -> None:
@@ -266,13 +273,13 @@ class _Trainer:
         self,
         student: nn.Module,
         teacher: nn.Module | None,
-        train: ArrayDataset,
+        train: ImageData,
         spec: ModelSpec,
         config: FinetuneConfig,
         seed: int,
         directory: Path,
-        eval_data: ArrayDataset | None,
-        validation: ArrayDataset | None,
+        eval_data: ImageData | None,
+        validation: ImageData | None,
         device: torch.device,
         rank: int,
         world: int,
@@ -288,8 +295,8 @@ class _Trainer:
         self.augment = augments(config.augment, spec)
         self.amp_dtype = _amp_dtype(device, config.amp)
         self.fingerprint = {
-            "train": _fingerprint(train),
-            "eval": None if eval_data is None else _fingerprint(eval_data),
+            "train": train.fingerprint(),
+            "eval": None if eval_data is None else eval_data.fingerprint(),
         }
         self.steps_per_epoch = len(_global_batches(len(train), config.batch_size, world, 0, 0)[0])
 
@@ -384,17 +391,20 @@ class _Trainer:
         )
         totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, examples (this rank)
         description = f"fine-tune {epoch}/{config.epochs}"
+        local = slice(self.rank, None, self.world)
+        per_image = TrainAugment(self.seed, epoch) if self.augment == "resized-crop" else None
+        # Each rank reads only its share of every global batch, in worker processes ahead of use.
+        reads = read_groups(self.train, [indices[local] for indices in groups], augment=per_image)
+        started, seen = time.perf_counter(), 0
         with self._progress(description, len(groups)) as advance:
-            for indices in groups:
-                # Augmentation is drawn for the whole global batch on every rank, then sliced,
-                # so each example gets the same crop and flip whatever the world size.
-                crops = crop_flip_params(rng, len(indices)) if self.augment else None
-                local = slice(self.rank, None, self.world)
-                images = self.train.x[indices[local]]
-                if crops is not None:
-                    images = crop_flip(images, *(part[local] for part in crops))
+            for indices, (images, labels, kept) in zip(groups, reads, strict=True):
+                if self.augment == "cifar":
+                    # Drawn for the whole global batch on every rank, then sliced, so each
+                    # example gets the same crop and flip whatever the world size.
+                    crops = crop_flip_params(rng, len(indices))
+                    images = crop_flip(images, *(part[local][kept] for part in crops))
                 x = normalize(images, self.spec).to(self.device, non_blocking=True)
-                y = torch.from_numpy(self.train.y[indices[local]]).to(self.device)
+                y = torch.from_numpy(labels).to(self.device)
                 with self._autocast():
                     logits = model(x)
                     if self.teacher is not None:
@@ -417,8 +427,11 @@ class _Trainer:
                     [float(per_example.detach().sum()), float(correct), len(y)],
                     dtype=torch.float64,
                 )
+                seen += len(indices)
+                rate = seen / max(time.perf_counter() - started, 1e-9)
                 advance(
                     f"loss {totals[0] / totals[2]:.3f}  acc {100 * totals[1] / totals[2]:.1f} %"
+                    f"  {rate:.0f} img/s"
                 )
         totals = self._all_reduce(totals)
         return float(totals[0] / totals[2]), float(totals[1] / totals[2])
@@ -428,17 +441,20 @@ class _Trainer:
         with eval_mode(teacher), torch.no_grad():
             return teacher(x.to(_device_of(teacher))).to(x.device)
 
-    def _evaluate(self, data: ArrayDataset) -> float:
+    def _evaluate(self, data: ImageData) -> float:
         """Top-1 accuracy on `data`, each rank scoring its share."""
         indices = np.arange(self.rank, len(data), self.world)
+        size = self.config.eval_batch_size
+        parts = [indices[start : start + size] for start in range(0, len(indices), size)]
         totals = torch.zeros(2, dtype=torch.float64)
         with eval_mode(self.student), torch.no_grad(), self._autocast():
-            for start in range(0, len(indices), self.config.eval_batch_size):
-                part = indices[start : start + self.config.eval_batch_size]
-                x = normalize(data.x[part], self.spec).to(self.device)
-                y = torch.from_numpy(data.y[part]).to(self.device)
+            for images, labels, _ in read_groups(data, parts):
+                if not len(labels):
+                    continue
+                x = normalize(images, self.spec).to(self.device)
+                y = torch.from_numpy(labels).to(self.device)
                 correct = (self.student(x).argmax(1) == y).sum()
-                totals += torch.tensor([float(correct), len(part)], dtype=torch.float64)
+                totals += torch.tensor([float(correct), len(y)], dtype=torch.float64)
         totals = self._all_reduce(totals)
         return float(totals[0] / totals[1])
 
@@ -635,23 +651,16 @@ def _global_batches(
     return groups, rng
 
 
-def _fingerprint(data: ArrayDataset) -> str:
-    digest = hashlib.sha256()
-    digest.update(np.ascontiguousarray(data.x).data)
-    digest.update(np.ascontiguousarray(data.y).data)
-    return f"{len(data)}:{digest.hexdigest()[:16]}"
-
-
 # ---- checks and setup ----------------------------------------------------------------------------
 
 
 def _check_inputs(
     student: nn.Module,
     teacher: nn.Module | None,
-    train: ArrayDataset,
+    train: ImageData,
     spec: ModelSpec,
     config: FinetuneConfig,
-    eval_data: ArrayDataset | None,
+    eval_data: ImageData | None,
 ) -> None:
     # Configs built without validation (model_construct) are checked here too.
     if not (config.lr is not None and config.lr > 0):
@@ -668,19 +677,21 @@ def _check_inputs(
     for name, data in (("training", train), ("evaluation", eval_data)):
         if data is None:
             continue
-        if tuple(data.x.shape[1:]) != spec.input_shape:
+        if len(data) == 0:
+            raise DataError(f"the {name} data is empty; give at least one labelled image")
+        if tuple(data.image_shape) != spec.input_shape:
             raise DataError(
-                f"{name} images are {'×'.join(map(str, data.x.shape[1:]))} but model "
+                f"{name} images are {'×'.join(map(str, data.image_shape))} but model "
                 f"'{spec.name}' takes {'×'.join(map(str, spec.input_shape))}; give matching data"
             )
-        low, high = int(data.y.min()), int(data.y.max())
+        low, high = int(data.labels.min()), int(data.labels.max())
         if low < 0 or high >= spec.num_classes:
             raise DataError(
                 f"{name} labels span [{low}, {high}] but model '{spec.name}' has "
                 f"{spec.num_classes} classes; labels must lie in [0, {spec.num_classes - 1}]"
             )
     with eval_mode(student), torch.no_grad():
-        probe = student(normalize(train.x[:2], spec).to(_device_of(student)))
+        probe = student(normalize(first_images(train, 2), spec).to(_device_of(student)))
     if probe.ndim != 2 or probe.shape[1] != spec.num_classes:
         raise ConfigError(
             f"the model outputs shape {tuple(probe.shape)} but model '{spec.name}' has "
