@@ -11,8 +11,11 @@ CIFAR training images: CP 87.8 → 91.8 %, Tucker-2 67.6 → 87.0 % on 500 test 
 
 Reproducibility: each epoch's shuffling and augmentation come from a NumPy generator seeded by
 (seed, epoch), and the model, optimizer, scheduler and torch RNG states are checkpointed at every
-epoch end, so a run killed and resumed ends with exactly the weights of an uninterrupted run (on
-CPU with a fixed thread count; GPU kernels may add nondeterminism of their own).
+epoch end and, with `checkpoint_every`, every N steps; a run resumed mid-epoch skips the steps
+made (replaying their augmentation draws, without reading their images), so a run killed and
+resumed ends with exactly the weights of an uninterrupted run (on CPU with a fixed thread count;
+GPU kernels may add nondeterminism of their own). Training data is read by `read_groups`: each
+rank decodes only its share of every global batch, in DataLoader worker processes.
 
 Multi-GPU / multi-machine: started under torchrun (WORLD_SIZE > 1), training runs under
 DistributedDataParallel (nccl on CUDA, gloo on CPU). Every global batch of `batch_size` examples is
@@ -68,7 +71,7 @@ BEST_CHECKPOINT = "finetune_best.pt"
 DEFAULT_LR = {"sgd": 1e-3, "adamw": 3e-4}
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 0.05}
 # Settings that do not change the trained weights, so a resumed run may change them.
-_RESUME_FREE = ("eval_batch_size",)
+_RESUME_FREE = ("eval_batch_size", "checkpoint_every")
 
 
 class FinetuneConfig(BaseModel):
@@ -89,6 +92,9 @@ class FinetuneConfig(BaseModel):
     train_only_decomposed: bool = False
     amp: bool = True  # mixed precision, on CUDA only
     eval_batch_size: int = Field(default=256, ge=1)
+    # Also checkpoint every this many steps within an epoch (0: at epoch ends only), so a killed
+    # run resumes mid-epoch on the same sample order.
+    checkpoint_every: int = Field(default=0, ge=0)
     # Share of the training images held out to pick the best epoch on; 0 keeps the last epoch.
     # The evaluation data is only reported per epoch: choosing on it would make the score
     # optimistic (model selection on the test set).
@@ -320,7 +326,8 @@ class _Trainer:
         payload = self._read_checkpoint() if resume else None
         if payload is not None:
             self._restore(payload, optimizer, scheduler, scaler, state)
-            self._note(f"resuming fine-tuning after epoch {state.epoch}/{config.epochs}")
+            within = f", step {state.step}/{self.steps_per_epoch}" if state.step else ""
+            self._note(f"resuming fine-tuning after epoch {state.epoch}/{config.epochs}{within}")
         else:
             if resume:
                 self._note(f"no checkpoint in {self.directory}; fine-tuning starts fresh")
@@ -334,14 +341,17 @@ class _Trainer:
         frozen = _frozen_modules(self.student, decomposed) if config.train_only_decomposed else []
         for epoch in range(state.epoch + 1, config.epochs + 1):
             start = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
+            # A run resumed mid-epoch reports the rate the epoch started with, as the first did.
+            if not state.step:
+                state.epoch_lr = optimizer.param_groups[0]["lr"]
+            lr = state.epoch_lr
             loss, train_accuracy = self._train_epoch(
-                model, optimizer, scheduler, scaler, frozen, epoch
+                model, optimizer, scheduler, scaler, frozen, epoch, state
             )
             self._sync_buffers()
             eval_accuracy = None if self.eval_data is None else self._evaluate(self.eval_data)
             chosen_on = None if self.validation is None else self._evaluate(self.validation)
-            state.epoch = epoch
+            state.epoch, state.step, state.partial = epoch, 0, None
             state.history.append(
                 {
                     "epoch": epoch,
@@ -380,6 +390,7 @@ class _Trainer:
         scaler: torch.amp.GradScaler,
         frozen: list[nn.Module],
         epoch: int,
+        state: _RunState,
     ) -> tuple[float, float]:
         config = self.config
         model.train()
@@ -390,14 +401,24 @@ class _Trainer:
             len(self.train), config.batch_size, self.world, self.seed, epoch
         )
         totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, examples (this rank)
+        done = state.step  # steps of this epoch a resumed run already made
+        if done:
+            for indices in groups[:done]:  # the same draws as the interrupted run made
+                if self.augment == "cifar":
+                    crop_flip_params(rng, len(indices))
+            if self.rank == 0:  # the checkpoint holds all ranks' sums; the others start at 0
+                totals = state.partial.clone()
         description = f"fine-tune {epoch}/{config.epochs}"
         local = slice(self.rank, None, self.world)
         per_image = TrainAugment(self.seed, epoch) if self.augment == "resized-crop" else None
         # Each rank reads only its share of every global batch, in worker processes ahead of use.
-        reads = read_groups(self.train, [indices[local] for indices in groups], augment=per_image)
+        shares = [indices[local] for indices in groups[done:]]
+        reads = read_groups(self.train, shares, augment=per_image)
         started, seen = time.perf_counter(), 0
-        with self._progress(description, len(groups)) as advance:
-            for indices, (images, labels, kept) in zip(groups, reads, strict=True):
+        with self._progress(description, len(groups) - done) as advance:
+            for step, indices, (images, labels, kept) in zip(
+                range(done + 1, len(groups) + 1), groups[done:], reads, strict=True
+            ):
                 if self.augment == "cifar":
                     # Drawn for the whole global batch on every rank, then sliced, so each
                     # example gets the same crop and flip whatever the world size.
@@ -433,6 +454,10 @@ class _Trainer:
                     f"loss {totals[0] / totals[2]:.3f}  acc {100 * totals[1] / totals[2]:.1f} %"
                     f"  {rate:.0f} img/s"
                 )
+                every = config.checkpoint_every
+                if every and step % every == 0 and step < len(groups):
+                    state.step, state.partial = step, self._all_reduce(totals.clone())
+                    self._save_last(optimizer, scheduler, scaler, state)
         totals = self._all_reduce(totals)
         return float(totals[0] / totals[2]), float(totals[1] / totals[2])
 
@@ -466,6 +491,9 @@ class _Trainer:
         payload = {
             "format": CHECKPOINT_FORMAT,
             "epoch": state.epoch,
+            "step": state.step,  # steps made of epoch + 1 (mid-epoch checkpoints)
+            "partial": state.partial,  # that epoch's loss sum, correct, examples so far
+            "epoch_lr": state.epoch_lr,
             "config": self.settings,
             "data": self.fingerprint,
             "world_size": self.world,
@@ -535,6 +563,8 @@ class _Trainer:
         scaler.load_state_dict(payload["scaler"])
         _set_rng_state(payload["rng"], self.device)
         state.epoch = payload["epoch"]
+        state.step, state.partial = payload.get("step", 0), payload.get("partial")
+        state.epoch_lr = payload.get("epoch_lr")
         state.history = list(payload["history"])
         state.best_epoch = payload["best_epoch"]
         state.best_accuracy = payload["best_accuracy"]
@@ -591,6 +621,9 @@ class _Trainer:
 @dataclass
 class _RunState:
     epoch: int = 0
+    step: int = 0  # steps made of the next epoch, when checkpointed mid-epoch
+    partial: torch.Tensor | None = None  # its loss sum, correct and example counts (all ranks)
+    epoch_lr: float | None = None  # the learning rate that epoch started with
     history: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int | None = None
     best_accuracy: float | None = None

@@ -268,6 +268,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("finetune.amp", "Mixed precision on CUDA.", RECOVERY, bool),
     Option("finetune.eval_batch_size", "Evaluation batch size (256).", RECOVERY, int),
     Option(
+        "finetune.checkpoint_every",
+        "Also checkpoint every N steps (0: at epoch ends), for --resume mid-epoch.",
+        RECOVERY,
+        int,
+    ),
+    Option(
         "finetune.validation",
         "Hold out this share of the training images and keep the epoch best on them (0: the "
         "last epoch). --eval-data never chooses.",
