@@ -24,7 +24,6 @@ import gzip
 import hashlib
 import os
 import struct
-import warnings
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -173,13 +172,13 @@ class DatasetView:
 
     base: ImageData
     index: np.ndarray
+    labels: np.ndarray = field(init=False)  # base.labels[index], gathered once
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", self.base.labels[self.index])
 
     def __len__(self) -> int:
         return len(self.index)
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.base.labels[self.index]
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -347,8 +346,7 @@ def load_image(path: Path, channels: int):
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image, warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
             if image.mode == "P" and "transparency" in image.info:
                 image = image.convert("RGBA")
             return image.convert("RGB" if channels == 3 else "L")
@@ -358,7 +356,6 @@ def load_image(path: Path, channels: int):
         SyntaxError,
         ValueError,
         Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
     ) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(
@@ -369,7 +366,7 @@ def load_image(path: Path, channels: int):
 
 def eval_transform(image, size: tuple[int, int], crop_ratio: float = DEFAULT_CROP_RATIO):
     """A PIL image of the input size (H, W): unchanged if it is one, else its shorter side
-    resized to min(H, W) / crop_ratio (bilinear, antialiased) and the center cropped, exactly
+    resized to min(H, W) / crop_ratio (bilinear, antialiased) and its center cropped, exactly
     as torchvision's Resize + CenterCrop."""
     from torchvision.transforms import functional as tf
 
