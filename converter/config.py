@@ -104,12 +104,23 @@ class LatencyConfig(_Strict):
         return value
 
 
+class DataConfig(_Strict):
+    """How --train-data and --eval-data are read (see rankfold.models.data)."""
+
+    crop_ratio: float = Field(default=0.875, gt=0, le=1)
+    workers: int | None = Field(default=None, ge=0)  # None: up to 4, one core left free
+    skip_bad_images: bool = False
+
+
 class CompressConfig(_Strict):
     """Everything one `rankfold compress` run needs."""
 
     model: str
     weights: Path | None = None
     input_shape: tuple[int, int, int] | None = None
+    # The model's input normalisation, replacing its spec's (a bare factory has 0 and 1).
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
     leaf_modules: list[str] = Field(default_factory=list)
     ranks: RankPolicy = Field(default_factory=RankPolicy)
     search: SearchConfig = Field(default_factory=SearchConfig)
@@ -118,6 +129,7 @@ class CompressConfig(_Strict):
     eval_limit: int | None = Field(default=None, ge=1)
     train_data: Path | None = None
     train_limit: int | None = Field(default=None, ge=1)
+    data: DataConfig = Field(default_factory=DataConfig)
     # With train_data: BatchNorm recalibration (or bias correction for BN-free models).
     recalibrate: bool = True
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)

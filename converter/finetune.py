@@ -11,8 +11,11 @@ CIFAR training images: CP 87.8 → 91.8 %, Tucker-2 67.6 → 87.0 % on 500 test 
 
 Reproducibility: each epoch's shuffling and augmentation come from a NumPy generator seeded by
 (seed, epoch), and the model, optimizer, scheduler and torch RNG states are checkpointed at every
-epoch end, so a run killed and resumed ends with exactly the weights of an uninterrupted run (on
-CPU with a fixed thread count; GPU kernels may add nondeterminism of their own).
+epoch end and, with `checkpoint_every`, every N steps; a run resumed mid-epoch skips the steps
+made (replaying their augmentation draws, without reading their images), so a run killed and
+resumed ends with exactly the weights of an uninterrupted run (on CPU with a fixed thread count;
+GPU kernels may add nondeterminism of their own). Training data is read by `read_groups`: each
+rank decodes only its share of every global batch, in DataLoader worker processes.
 
 Multi-GPU / multi-machine: started under torchrun (WORLD_SIZE > 1), training runs under
 DistributedDataParallel (nccl on CUDA, gloo on CPU). Every global batch of `batch_size` examples is
@@ -28,7 +31,6 @@ checkpoint directory need not be shared between machines.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import random
 import time
@@ -47,8 +49,16 @@ from torch import nn
 
 from rankfold.converter.strict import config_error
 from rankfold.converter.ui import console, progress_bar
-from rankfold.models import ArrayDataset, ModelSpec, normalize
-from rankfold.models.data import Augment, augments, crop_flip, crop_flip_params
+from rankfold.models import ImageData, ModelSpec, normalize
+from rankfold.models.data import (
+    Augment,
+    TrainAugment,
+    augments,
+    crop_flip,
+    crop_flip_params,
+    first_images,
+    read_groups,
+)
 from rankfold.passes.core import ConfigError, DataError, atomic_path
 from rankfold.runtime.export import eval_mode
 
@@ -61,7 +71,7 @@ BEST_CHECKPOINT = "finetune_best.pt"
 DEFAULT_LR = {"sgd": 1e-3, "adamw": 3e-4}
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 0.05}
 # Settings that do not change the trained weights, so a resumed run may change them.
-_RESUME_FREE = ("eval_batch_size",)
+_RESUME_FREE = ("eval_batch_size", "checkpoint_every")
 
 
 class FinetuneConfig(BaseModel):
@@ -82,6 +92,9 @@ class FinetuneConfig(BaseModel):
     train_only_decomposed: bool = False
     amp: bool = True  # mixed precision, on CUDA only
     eval_batch_size: int = Field(default=256, ge=1)
+    # Also checkpoint every this many steps within an epoch (0: at epoch ends only), so a killed
+    # run resumes mid-epoch on the same sample order.
+    checkpoint_every: int = Field(default=0, ge=0)
     # Share of the training images held out to pick the best epoch on; 0 keeps the last epoch.
     # The evaluation data is only reported per epoch: choosing on it would make the score
     # optimistic (model selection on the test set).
@@ -156,11 +169,11 @@ def kd_loss(
 def finetune(
     student: nn.Module,
     teacher: nn.Module | None,
-    train: ArrayDataset,
+    train: ImageData,
     spec: ModelSpec,
     config: FinetuneConfig,
     checkpoint_dir: str | Path,
-    eval_data: ArrayDataset | None = None,
+    eval_data: ImageData | None = None,
     resume: bool = False,
     decomposed_names: Sequence[str] = (),
     seed: int = 0,
@@ -220,8 +233,8 @@ def finetune(
 
 
 def validation_split(
-    train: ArrayDataset, share: float, seed: int
-) -> tuple[ArrayDataset, ArrayDataset | None]:
+    train: ImageData, share: float, seed: int
+) -> tuple[ImageData, ImageData | None]:
     """(training part, held-out part): `share` of the images, drawn with `seed`, held out to
     choose the epoch on; (train, None) when `share` is 0."""
     if share == 0:
@@ -234,7 +247,7 @@ def validation_split(
         )
     order = np.random.default_rng(seed).permutation(len(train))
     keep, hold = np.sort(order[held:]), np.sort(order[:held])
-    return ArrayDataset(train.x[keep], train.y[keep]), ArrayDataset(train.x[hold], train.y[hold])
+    return train.take(keep), train.take(hold)
 
 
 def check_resume(checkpoint_dir: str | Path, config: FinetuneConfig, seed: int) -> None:
@@ -266,13 +279,13 @@ class _Trainer:
         self,
         student: nn.Module,
         teacher: nn.Module | None,
-        train: ArrayDataset,
+        train: ImageData,
         spec: ModelSpec,
         config: FinetuneConfig,
         seed: int,
         directory: Path,
-        eval_data: ArrayDataset | None,
-        validation: ArrayDataset | None,
+        eval_data: ImageData | None,
+        validation: ImageData | None,
         device: torch.device,
         rank: int,
         world: int,
@@ -288,8 +301,8 @@ class _Trainer:
         self.augment = augments(config.augment, spec)
         self.amp_dtype = _amp_dtype(device, config.amp)
         self.fingerprint = {
-            "train": _fingerprint(train),
-            "eval": None if eval_data is None else _fingerprint(eval_data),
+            "train": train.fingerprint(),
+            "eval": None if eval_data is None else eval_data.fingerprint(),
         }
         self.steps_per_epoch = len(_global_batches(len(train), config.batch_size, world, 0, 0)[0])
 
@@ -313,7 +326,8 @@ class _Trainer:
         payload = self._read_checkpoint() if resume else None
         if payload is not None:
             self._restore(payload, optimizer, scheduler, scaler, state)
-            self._note(f"resuming fine-tuning after epoch {state.epoch}/{config.epochs}")
+            within = f", step {state.step}/{self.steps_per_epoch}" if state.step else ""
+            self._note(f"resuming fine-tuning after epoch {state.epoch}/{config.epochs}{within}")
         else:
             if resume:
                 self._note(f"no checkpoint in {self.directory}; fine-tuning starts fresh")
@@ -327,14 +341,17 @@ class _Trainer:
         frozen = _frozen_modules(self.student, decomposed) if config.train_only_decomposed else []
         for epoch in range(state.epoch + 1, config.epochs + 1):
             start = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
+            # A run resumed mid-epoch reports the rate the epoch started with, as the first did.
+            if not state.step:
+                state.epoch_lr = optimizer.param_groups[0]["lr"]
+            lr = state.epoch_lr
             loss, train_accuracy = self._train_epoch(
-                model, optimizer, scheduler, scaler, frozen, epoch
+                model, optimizer, scheduler, scaler, frozen, epoch, state
             )
             self._sync_buffers()
             eval_accuracy = None if self.eval_data is None else self._evaluate(self.eval_data)
             chosen_on = None if self.validation is None else self._evaluate(self.validation)
-            state.epoch = epoch
+            state.epoch, state.step, state.partial = epoch, 0, None
             state.history.append(
                 {
                     "epoch": epoch,
@@ -373,6 +390,7 @@ class _Trainer:
         scaler: torch.amp.GradScaler,
         frozen: list[nn.Module],
         epoch: int,
+        state: _RunState,
     ) -> tuple[float, float]:
         config = self.config
         model.train()
@@ -383,18 +401,31 @@ class _Trainer:
             len(self.train), config.batch_size, self.world, self.seed, epoch
         )
         totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, examples (this rank)
+        done = state.step  # steps of this epoch a resumed run already made
+        if done:
+            for indices in groups[:done]:  # the same draws as the interrupted run made
+                if self.augment == "cifar":
+                    crop_flip_params(rng, len(indices))
+            if self.rank == 0:  # the checkpoint holds all ranks' sums; the others start at 0
+                totals = state.partial.clone()
         description = f"fine-tune {epoch}/{config.epochs}"
-        with self._progress(description, len(groups)) as advance:
-            for indices in groups:
-                # Augmentation is drawn for the whole global batch on every rank, then sliced,
-                # so each example gets the same crop and flip whatever the world size.
-                crops = crop_flip_params(rng, len(indices)) if self.augment else None
-                local = slice(self.rank, None, self.world)
-                images = self.train.x[indices[local]]
-                if crops is not None:
-                    images = crop_flip(images, *(part[local] for part in crops))
+        local = slice(self.rank, None, self.world)
+        per_image = TrainAugment(self.seed, epoch) if self.augment == "resized-crop" else None
+        # Each rank reads only its share of every global batch, in worker processes ahead of use.
+        shares = [indices[local] for indices in groups[done:]]
+        reads = read_groups(self.train, shares, augment=per_image)
+        started, seen = time.perf_counter(), 0
+        with self._progress(description, len(groups) - done) as advance:
+            for step, indices, (images, labels, kept) in zip(
+                range(done + 1, len(groups) + 1), groups[done:], reads, strict=True
+            ):
+                if self.augment == "cifar":
+                    # Drawn for the whole global batch on every rank, then sliced, so each
+                    # example gets the same crop and flip whatever the world size.
+                    crops = crop_flip_params(rng, len(indices))
+                    images = crop_flip(images, *(part[local][kept] for part in crops))
                 x = normalize(images, self.spec).to(self.device, non_blocking=True)
-                y = torch.from_numpy(self.train.y[indices[local]]).to(self.device)
+                y = torch.from_numpy(labels).to(self.device)
                 with self._autocast():
                     logits = model(x)
                     if self.teacher is not None:
@@ -417,9 +448,16 @@ class _Trainer:
                     [float(per_example.detach().sum()), float(correct), len(y)],
                     dtype=torch.float64,
                 )
+                seen += len(indices)
+                rate = seen / max(time.perf_counter() - started, 1e-9)
                 advance(
                     f"loss {totals[0] / totals[2]:.3f}  acc {100 * totals[1] / totals[2]:.1f} %"
+                    f"  {rate:.0f} img/s"
                 )
+                every = config.checkpoint_every
+                if every and step % every == 0 and step < len(groups):
+                    state.step, state.partial = step, self._all_reduce(totals.clone())
+                    self._save_last(optimizer, scheduler, scaler, state)
         totals = self._all_reduce(totals)
         return float(totals[0] / totals[2]), float(totals[1] / totals[2])
 
@@ -428,17 +466,20 @@ class _Trainer:
         with eval_mode(teacher), torch.no_grad():
             return teacher(x.to(_device_of(teacher))).to(x.device)
 
-    def _evaluate(self, data: ArrayDataset) -> float:
+    def _evaluate(self, data: ImageData) -> float:
         """Top-1 accuracy on `data`, each rank scoring its share."""
         indices = np.arange(self.rank, len(data), self.world)
+        size = self.config.eval_batch_size
+        parts = [indices[start : start + size] for start in range(0, len(indices), size)]
         totals = torch.zeros(2, dtype=torch.float64)
         with eval_mode(self.student), torch.no_grad(), self._autocast():
-            for start in range(0, len(indices), self.config.eval_batch_size):
-                part = indices[start : start + self.config.eval_batch_size]
-                x = normalize(data.x[part], self.spec).to(self.device)
-                y = torch.from_numpy(data.y[part]).to(self.device)
+            for images, labels, _ in read_groups(data, parts):
+                if not len(labels):
+                    continue
+                x = normalize(images, self.spec).to(self.device)
+                y = torch.from_numpy(labels).to(self.device)
                 correct = (self.student(x).argmax(1) == y).sum()
-                totals += torch.tensor([float(correct), len(part)], dtype=torch.float64)
+                totals += torch.tensor([float(correct), len(y)], dtype=torch.float64)
         totals = self._all_reduce(totals)
         return float(totals[0] / totals[1])
 
@@ -450,6 +491,9 @@ class _Trainer:
         payload = {
             "format": CHECKPOINT_FORMAT,
             "epoch": state.epoch,
+            "step": state.step,  # steps made of epoch + 1 (mid-epoch checkpoints)
+            "partial": state.partial,  # that epoch's loss sum, correct, examples so far
+            "epoch_lr": state.epoch_lr,
             "config": self.settings,
             "data": self.fingerprint,
             "world_size": self.world,
@@ -519,6 +563,8 @@ class _Trainer:
         scaler.load_state_dict(payload["scaler"])
         _set_rng_state(payload["rng"], self.device)
         state.epoch = payload["epoch"]
+        state.step, state.partial = payload.get("step", 0), payload.get("partial")
+        state.epoch_lr = payload.get("epoch_lr")
         state.history = list(payload["history"])
         state.best_epoch = payload["best_epoch"]
         state.best_accuracy = payload["best_accuracy"]
@@ -575,6 +621,9 @@ class _Trainer:
 @dataclass
 class _RunState:
     epoch: int = 0
+    step: int = 0  # steps made of the next epoch, when checkpointed mid-epoch
+    partial: torch.Tensor | None = None  # its loss sum, correct and example counts (all ranks)
+    epoch_lr: float | None = None  # the learning rate that epoch started with
     history: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int | None = None
     best_accuracy: float | None = None
@@ -635,23 +684,16 @@ def _global_batches(
     return groups, rng
 
 
-def _fingerprint(data: ArrayDataset) -> str:
-    digest = hashlib.sha256()
-    digest.update(np.ascontiguousarray(data.x).data)
-    digest.update(np.ascontiguousarray(data.y).data)
-    return f"{len(data)}:{digest.hexdigest()[:16]}"
-
-
 # ---- checks and setup ----------------------------------------------------------------------------
 
 
 def _check_inputs(
     student: nn.Module,
     teacher: nn.Module | None,
-    train: ArrayDataset,
+    train: ImageData,
     spec: ModelSpec,
     config: FinetuneConfig,
-    eval_data: ArrayDataset | None,
+    eval_data: ImageData | None,
 ) -> None:
     # Configs built without validation (model_construct) are checked here too.
     if not (config.lr is not None and config.lr > 0):
@@ -668,19 +710,21 @@ def _check_inputs(
     for name, data in (("training", train), ("evaluation", eval_data)):
         if data is None:
             continue
-        if tuple(data.x.shape[1:]) != spec.input_shape:
+        if len(data) == 0:
+            raise DataError(f"the {name} data is empty; give at least one labelled image")
+        if tuple(data.image_shape) != spec.input_shape:
             raise DataError(
-                f"{name} images are {'×'.join(map(str, data.x.shape[1:]))} but model "
+                f"{name} images are {'×'.join(map(str, data.image_shape))} but model "
                 f"'{spec.name}' takes {'×'.join(map(str, spec.input_shape))}; give matching data"
             )
-        low, high = int(data.y.min()), int(data.y.max())
+        low, high = int(data.labels.min()), int(data.labels.max())
         if low < 0 or high >= spec.num_classes:
             raise DataError(
                 f"{name} labels span [{low}, {high}] but model '{spec.name}' has "
                 f"{spec.num_classes} classes; labels must lie in [0, {spec.num_classes - 1}]"
             )
     with eval_mode(student), torch.no_grad():
-        probe = student(normalize(train.x[:2], spec).to(_device_of(student)))
+        probe = student(normalize(first_images(train, 2), spec).to(_device_of(student)))
     if probe.ndim != 2 or probe.shape[1] != spec.num_classes:
         raise ConfigError(
             f"the model outputs shape {tuple(probe.shape)} but model '{spec.name}' has "

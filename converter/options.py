@@ -34,6 +34,16 @@ def input_shape(text: str) -> tuple[int, int, int]:
     return c, h, w
 
 
+def float_list(text: str, option: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"{option} '{text}' must be comma-separated numbers, one per channel, e.g. "
+            "0.485,0.456,0.406"
+        ) from None
+
+
 def int_list(text: str, option: str = "--batch") -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -107,6 +117,18 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "leaf_modules", "Module name to keep whole when tracing.", MODEL, flag="--leaf", many=True
     ),
+    Option(
+        "mean",
+        "Per-channel input mean on the 0..1 scale, e.g. 0.485,0.456,0.406 (default: the model's).",
+        MODEL,
+        parse=lambda text: float_list(text, "--mean"),
+    ),
+    Option(
+        "std",
+        "Per-channel input std on the 0..1 scale, e.g. 0.229,0.224,0.225 (default: the model's).",
+        MODEL,
+        parse=lambda text: float_list(text, "--std"),
+    ),
     Option("eval_data", ".npz (x uint8 N×C×H×W, y) or ImageFolder directory.", MODEL, Path),
     Option("eval_limit", "Use the first N evaluation samples.", MODEL, int),
     Option(
@@ -116,6 +138,25 @@ OPTIONS: tuple[Option, ...] = (
         Path,
     ),
     Option("train_limit", "Use the first N training samples.", MODEL, int),
+    Option(
+        "data.crop_ratio",
+        "Evaluation crop / resized shorter side for ImageFolder images (0.875: 256 → 224).",
+        MODEL,
+        float,
+    ),
+    Option(
+        "data.workers",
+        "Processes decoding ImageFolder images (default: up to 4, one core left free).",
+        MODEL,
+        int,
+        "--data-workers",
+    ),
+    Option(
+        "data.skip_bad_images",
+        "Leave unreadable images out (counted in the report) instead of failing.",
+        MODEL,
+        bool,
+    ),
     Option("seed", "The one seed: factorizations, search sampler, fine-tuning (0).", MODEL, int),
     # ---- ranks
     Option(
@@ -218,10 +259,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("finetune.distill", "Distil from the original.", RECOVERY, bool),
     Option("finetune.temperature", "Distillation temperature (4).", RECOVERY, float),
     Option("finetune.alpha", "Weight of the distillation term (0.9).", RECOVERY, float),
-    Option("finetune.augment", "auto, cifar or none (auto: cifar for 3×32×32).", RECOVERY),
+    Option(
+        "finetune.augment",
+        "auto, cifar, resized-crop or none (auto: cifar for 3×32×32, resized-crop from 96 px).",
+        RECOVERY,
+    ),
     Option("finetune.train_only_decomposed", "Train only the factorized blocks.", RECOVERY, bool),
     Option("finetune.amp", "Mixed precision on CUDA.", RECOVERY, bool),
     Option("finetune.eval_batch_size", "Evaluation batch size (256).", RECOVERY, int),
+    Option(
+        "finetune.checkpoint_every",
+        "Also checkpoint every N steps (0: at epoch ends), for --resume mid-epoch.",
+        RECOVERY,
+        int,
+    ),
     Option(
         "finetune.validation",
         "Hold out this share of the training images and keep the epoch best on them (0: the "

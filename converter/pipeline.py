@@ -39,12 +39,13 @@ from rankfold.converter.results import (
     SelectionReport,
 )
 from rankfold.converter.search_data import calibration_from_dataset
-from rankfold.converter.ui import progress_bar
+from rankfold.converter.ui import console, progress_bar
 from rankfold.models import (
-    ArrayDataset,
+    ImageData,
     ModelSpec,
     batches,
     check_finite,
+    first_images,
     load_dataset,
     load_model,
     training_batches,
@@ -125,7 +126,7 @@ class CompressionResult:
     decomposition: DecompositionReport
     example_input: torch.Tensor
     selection: SelectionReport
-    eval_data: ArrayDataset | None = None
+    eval_data: ImageData | None = None
     accuracy: dict[str, float | None] = field(default_factory=dict)
     recalibration: str | None = None  # "batchnorm" | "bias" when recovery ran
     finetuning: FinetuneResult | None = None
@@ -211,7 +212,11 @@ class CompressionResult:
             ),
             eval_data=None
             if self.eval_data is None
-            else EvalData(path=str(self.config.eval_data), samples=len(self.eval_data)),
+            else EvalData(
+                path=str(self.config.eval_data),
+                samples=len(self.eval_data),
+                skipped_images=sorted(self.eval_data.skipped),
+            ),
             layers=[LayerRow(**row.to_dict()) for row in self.decomposition.layers],
         )
 
@@ -219,7 +224,7 @@ class CompressionResult:
         """Evaluation images (normalised) when there are any, else seeded random inputs."""
         n = self.config.export.parity_samples
         if self.eval_data is not None and self.spec is not None:
-            return normalize_images(self.eval_data.x[:n], self.spec)
+            return normalize_images(first_images(self.eval_data, n), self.spec)
         generator = torch.Generator().manual_seed(self.config.seed)
         return torch.randn((n, *self.example_input.shape[1:]), generator=generator)
 
@@ -327,10 +332,10 @@ def compress(
     # Everything cheap to check is checked before tracing, planning and decomposing.
     train = None
     if config.train_data is not None:
-        train = load_dataset(config.train_data, spec, limit=config.train_limit)
+        train = open_dataset(config.train_data, spec, config.train_limit, config)
     eval_data = None
     if config.eval_data is not None:
-        eval_data = load_dataset(config.eval_data, spec, limit=config.eval_limit)
+        eval_data = open_dataset(config.eval_data, spec, config.eval_limit, config)
     if config.resume and config.finetune.epochs > 0:
         if workdir is None:
             raise ConfigError("--resume continues the fine-tuning in --out; pass workdir=")
@@ -376,7 +381,27 @@ def compress(
                 recover(result, train, Path(scratch))
         else:
             recover(result, train, Path(workdir))
+        if train.skipped:
+            console.print(
+                f"[yellow]left out {len(train.skipped)} unreadable training image(s) "
+                f"(--skip-bad-images), e.g. {next(iter(train.skipped))}[/yellow]"
+            )
     return result
+
+
+def open_dataset(
+    path: Path, spec: ModelSpec, limit: int | None, config: CompressConfig
+) -> ImageData:
+    """`load_dataset` with the run's data settings (crop ratio, workers, bad images)."""
+    settings = config.data
+    return load_dataset(
+        path,
+        spec,
+        limit=limit,
+        crop_ratio=settings.crop_ratio,
+        skip_bad_images=settings.skip_bad_images,
+        workers=settings.workers,
+    )
 
 
 def _choose_plan(
@@ -385,7 +410,7 @@ def _choose_plan(
     example_inputs: torch.Tensor,
     config: CompressConfig,
     spec: ModelSpec | None,
-    train: ArrayDataset | None,
+    train: ImageData | None,
     tables: list[LatencyTable],
 ) -> tuple[Plan, SelectionReport, DecompositionCache | None]:
     """The plan to decompose with, how it was chosen, and the decomposition cache the selector
@@ -460,7 +485,7 @@ def _planning_context(
     analysis: ModelAnalysis,
     config: CompressConfig,
     spec: ModelSpec | None,
-    train: ArrayDataset | None,
+    train: ImageData | None,
     tables: list[LatencyTable],
 ) -> PlanningContext:
     """What the selector may read: the model, calibration data (for selectors that score
@@ -573,7 +598,7 @@ def _accuracy(module: nn.Module, result: CompressionResult) -> float | None:
     return torch_accuracy(module, batches(result.eval_data, result.spec))
 
 
-def recover(result: CompressionResult, train: ArrayDataset, workdir: Path) -> None:
+def recover(result: CompressionResult, train: ImageData, workdir: Path) -> None:
     """BatchNorm recalibration on augmented training batches (bias correction without BN), then
     optional fine-tuning."""
     config, spec = result.config, result.spec
@@ -633,7 +658,9 @@ def run_compress(config: CompressConfig, out_dir: str | Path) -> CompressionResu
     out = prepare_output_dir(out_dir)  # an unwritable --out fails before minutes of work
     if config.latency.enabled:
         get_backend(config.latency.provider).check()  # an unusable provider fails before any work
-    model, spec = load_model(config.model, config.weights, config.input_shape)
+    model, spec = load_model(
+        config.model, config.weights, config.input_shape, config.mean, config.std
+    )
     example = torch.zeros(1, *spec.input_shape)
     result = compress(model, example, config, spec, workdir=out)
     with tempfile.TemporaryDirectory(prefix=".rankfold-staging-", dir=out) as staging:
@@ -676,6 +703,9 @@ def save_model(result: CompressionResult, path: Path) -> Path:
         "format": MODEL_FILE_FORMAT,
         "model": model,
         "input_shape": list(result.example_input.shape[1:]),
+        # The normalisation the model was compressed with, for `rankfold validate --eval-data`.
+        "mean": None if result.spec is None else list(result.spec.mean),
+        "std": None if result.spec is None else list(result.spec.std),
         "leaf_modules": list(result.config.leaf_modules),
         "plan": result.plan.model_dump(),
         "state_dict": result.compressed.state_dict(),

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rankfold.passes.core import ConfigError
 
@@ -160,6 +160,8 @@ class Latency(_Section):
 class EvalData(_Section):
     path: str
     samples: int
+    # Unreadable files left out under --skip-bad-images, seen while evaluating.
+    skipped_images: list[str] = Field(default_factory=list)
 
 
 class LayerRow(BaseModel):

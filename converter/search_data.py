@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from rankfold.models import ArrayDataset, ModelSpec, normalize, training_batches
-from rankfold.models.data import Augment
+from rankfold.models import ImageData, ModelSpec, normalize, training_batches
+from rankfold.models.data import Augment, read_groups
 from rankfold.passes.search import Calibration
 
 
 def calibration_from_dataset(
-    data: ArrayDataset,
+    data: ImageData,
     spec: ModelSpec,
     samples: int = 1024,
     bn_samples: int = 512,
@@ -27,14 +28,16 @@ def calibration_from_dataset(
     """
     n = len(data)
     proxy = (
-        slice(bn_samples, bn_samples + samples)
+        np.arange(bn_samples, bn_samples + samples)
         if n >= samples + bn_samples
-        else slice(max(n - samples, 0), n)
+        else np.arange(max(n - samples, 0), n)
     )
     recalibration = training_batches(data.subset(bn_samples), spec, batch_size, augment, seed)
+    parts = [proxy[start : start + batch_size] for start in range(0, len(proxy), batch_size)]
+    images, labels = zip(*((x, y) for x, y, _ in read_groups(data, parts)), strict=True)
     return Calibration(
-        inputs=normalize(data.x[proxy], spec),
-        labels=torch.from_numpy(data.y[proxy].copy()),
+        inputs=normalize(np.concatenate(images), spec),
+        labels=torch.from_numpy(np.concatenate(labels)),
         bn_inputs=torch.cat(list(recalibration)),
         batch_size=batch_size,
     )

@@ -8,7 +8,7 @@ from typing import Any
 import onnx
 import torch
 
-from rankfold.models import batches, load_dataset, load_model
+from rankfold.models import batches, first_images, load_dataset, load_model
 from rankfold.models import normalize as normalize_images
 from rankfold.passes.core import ConfigError, ExportError
 from rankfold.runtime import check_onnx, check_parity, onnx_accuracy
@@ -48,7 +48,9 @@ def validate_export(
     # beside it (original.onnx) has no PyTorch counterpart here to compare with.
     compare = payload is not None and Path(onnx_path).name == "model.onnx"
     name = model_name or (payload["model"] if payload else None)
-    spec = load_model(name, None, onnx_input_shape(onnx_path))[1] if name else None
+    # model.pt records the normalisation the model was compressed with (--mean/--std included).
+    mean, std = (payload.get("mean"), payload.get("std")) if compare else (None, None)
+    spec = load_model(name, None, onnx_input_shape(onnx_path), mean, std)[1] if name else None
     data = None
     if eval_data is not None:
         if spec is None:
@@ -67,7 +69,7 @@ def validate_export(
     if compare:
         compressed = restore(model_file)
         if data is not None:
-            inputs = normalize_images(data.x[:64], spec)
+            inputs = normalize_images(first_images(data, 64), spec)
         else:
             shape = tuple(payload["input_shape"])
             inputs = torch.randn((16, *shape), generator=torch.Generator().manual_seed(0))

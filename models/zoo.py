@@ -73,12 +73,15 @@ def load_model(
     name: str,
     weights: str | Path | None = None,
     input_shape: Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> tuple[nn.Module, ModelSpec]:
     """Build model `name` in eval mode, float32, randomly initialised unless `weights` is given.
 
     `name` is a registered name (resnet20/32/44/56/110, digits-cnn), "torchvision:NAME" or
     "path/to/file.py:factory". `input_shape` (C, H, W) replaces the spec's; a user file without
-    a module-level `RANKFOLD_SPEC` dict needs it.
+    a module-level `RANKFOLD_SPEC` dict needs it. `mean` and `std` (per channel, on the 0..1
+    scale) replace the spec's normalisation, which a bare factory leaves at 0 and 1.
     """
     shape = None if input_shape is None else _checked_shape(input_shape)
     if name.startswith(TORCHVISION_PREFIX):
@@ -92,6 +95,8 @@ def load_model(
         raise ModelLoadError(f"unknown model '{name}'; {_suggest(name)}")
     if shape is not None:
         spec = _with_shape(spec, shape)
+    if mean is not None or std is not None:
+        spec = _with_normalization(spec, mean, std)
     if weights is not None:
         load_weights(model, weights, name)
     return model.float().eval(), spec
@@ -265,6 +270,23 @@ def _with_shape(spec: ModelSpec, shape: tuple[int, int, int]) -> ModelSpec:
             f"{spec.channels}; keep C={spec.channels}"
         )
     return replace(spec, input_shape=shape)
+
+
+def _with_normalization(
+    spec: ModelSpec, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> ModelSpec:
+    """`spec` with the given mean and/or std, one value per input channel."""
+    try:
+        return replace(
+            spec,
+            mean=spec.mean if mean is None else tuple(mean),
+            std=spec.std if std is None else tuple(std),
+        )
+    except ValueError as exc:
+        raise ConfigError(
+            f"--mean/--std for model '{spec.name}': {exc}; give {spec.channels} value(s) each, "
+            "e.g. --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225"
+        ) from None
 
 
 def _checked_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:

@@ -48,7 +48,9 @@ def make_data(n: int, seed: int) -> ArrayDataset:
     return ArrayDataset(x.astype(np.uint8), y)
 
 
-def run(checkpoint_dir: Path) -> tuple[nn.Module, FinetuneResult]:
+def run(
+    checkpoint_dir: Path, config: FinetuneConfig = CONFIG, resume: bool = False
+) -> tuple[nn.Module, FinetuneResult]:
     """The same training in one process or under torchrun: student, teacher and data fixed."""
     student, teacher = make_model(0), make_model(1)
     result = finetune(
@@ -56,17 +58,41 @@ def run(checkpoint_dir: Path) -> tuple[nn.Module, FinetuneResult]:
         teacher,
         make_data(99, 0),
         SPEC,
-        CONFIG,
+        config,
         checkpoint_dir,
         eval_data=make_data(31, 1),  # odd: the ranks score 16 and 15 examples
+        resume=resume,
         seed=7,
     )
     return student, result
 
 
+def stop_after(steps: int) -> None:
+    """Make the run die (as if killed) when it is about to compute step `steps` + 1's loss."""
+    module = sys.modules["rankfold.converter.finetune"]
+    original, calls = module.kd_loss, [0]
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] > steps:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    module.kd_loss = counting
+
+
 if __name__ == "__main__":
+    # OUT [CHECKPOINT_EVERY STOP_AFTER|resume]: checkpoint every N steps and die after K steps,
+    # or resume from OUT's checkpoint.
     torch.set_num_threads(1)
     out = Path(sys.argv[1])
-    model, outcome = run(out / "checkpoints")
+    config, resume = CONFIG, False
+    if len(sys.argv) > 2:
+        config = CONFIG.model_copy(update={"checkpoint_every": int(sys.argv[2])})
+        if sys.argv[3] == "resume":
+            resume = True
+        else:
+            stop_after(int(sys.argv[3]))
+    model, outcome = run(out / "checkpoints", config, resume)
     rank = int(os.environ["RANK"])
     torch.save({"state": model.state_dict(), "history": outcome.history}, out / f"rank{rank}.pt")

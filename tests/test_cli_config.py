@@ -67,6 +67,9 @@ def test_every_flag_has_one_config_path_and_every_path_a_flag():
 # and the config value (as --print-config writes it) it must set.
 SAMPLES: dict[str, tuple[list[str], Any]] = {
     "input_shape": (["3,8,8"], [3, 8, 8]),
+    "mean": (["0.5,0.4,0.3"], [0.5, 0.4, 0.3]),
+    "std": (["0.2,0.25,0.3"], [0.2, 0.25, 0.3]),
+    "data.crop_ratio": (["0.9"], 0.9),
     "leaf_modules": (["a", "b"], ["a", "b"]),
     "ranks.method": (["cp"], "cp"),
     "ranks.rank": (["0.25"], 0.25),

@@ -237,22 +237,24 @@ def test_image_folder_round_trip(tmp_path: Path) -> None:
         root, {"dog": [(0, 0, 255), (9, 9, 9)], "cat": [(255, 0, 0), (0, 255, 0)]}, size=32
     )
     (root / "cat" / "notes.txt").write_text("not an image")
-    ds = load_dataset(root, CIFAR_SPEC)
-    assert ds.x.shape == (4, 3, 32, 32) and ds.x.dtype == np.uint8
+    ds = load_dataset(root, CIFAR_SPEC, workers=0)
+    images, kept = ds.read(np.arange(len(ds)))
+    assert images.shape == (4, 3, 32, 32) and images.dtype == np.uint8 and kept.all()
     # Round-robin over classes: cat0, dog0, cat1, dog1.
-    assert ds.y.tolist() == [0, 1, 0, 1]
+    assert ds.labels.tolist() == [0, 1, 0, 1]
     expected = [(255, 0, 0), (0, 0, 255), (0, 255, 0), (9, 9, 9)]
-    for image, color in zip(ds.x, expected, strict=True):
+    for image, color in zip(images, expected, strict=True):
         assert np.array_equal(image, np.broadcast_to(np.array(color)[:, None, None], (3, 32, 32)))
-    assert load_dataset(root, CIFAR_SPEC, limit=2).y.tolist() == [0, 1]
+    assert load_dataset(root, CIFAR_SPEC, limit=2).labels.tolist() == [0, 1]
 
 
 def test_image_folder_converts_and_resizes(tmp_path: Path) -> None:
     root = tmp_path / "folder"
     _write_folder(root, {str(d): [(255, 255, 255)] for d in range(3)}, size=20)
     ds = load_dataset(root, DIGITS_SPEC)
-    assert ds.x.shape == (3, 1, 8, 8) and ds.y.tolist() == [0, 1, 2]
-    assert int(ds.x.min()) == 255 and int(ds.x.max()) == 255
+    images, _ = ds.read(np.arange(len(ds)))
+    assert images.shape == (3, 1, 8, 8) and ds.labels.tolist() == [0, 1, 2]
+    assert int(images.min()) == 255 and int(images.max()) == 255
 
 
 def test_image_folder_errors(tmp_path: Path) -> None:
