@@ -55,6 +55,7 @@ def run_configuration(url: str, study: str, workers: int, args, work: Path) -> d
         log = open(work / f"{study}-{worker}.log", "w")  # noqa: SIM115 - closed below
         logs.append(log)
         processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+    load_before = os.getloadavg()[0]
     codes = [process.wait() for process in processes]
     wall = time.perf_counter() - start
     for log in logs:
@@ -80,6 +81,8 @@ def run_configuration(url: str, study: str, workers: int, args, work: Path) -> d
         "search_seconds": search_seconds,
         "trials_per_minute": 60 * len(complete) / search_seconds,
         "wall_seconds": wall,
+        # Other work on the machine: the 1-minute load average as the run started and ended.
+        "load_average": [load_before, os.getloadavg()[0]],
         "best_proxy": max(t.value for t in complete),
         "report_best_proxy": report["best"]["proxy"],
         "decompositions_computed": report["decompositions_computed"],

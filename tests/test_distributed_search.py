@@ -54,15 +54,18 @@ def postgres_url() -> str:
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory) -> Path:
-    """A trained digits CNN and its calibration split, saved for worker processes to load."""
-    root = tmp_path_factory.mktemp("job")
-    model = train_digits_cnn(epochs=3)
+def digits(tmp_path_factory) -> dict[str, Path]:
+    """A trained digits CNN: traced with its calibration split (job.pt, for worker processes),
+    as a checkpoint, and the digits test split as .npz (for the CLI)."""
+    root = tmp_path_factory.mktemp("digits")
+    model = train_digits_cnn(epochs=2)
     gm = trace(model, torch.zeros(1, *DIGITS_SPEC.input_shape))
-    train, _ = digits_splits()
-    calibration = calibration_from_dataset(train, DIGITS_SPEC, samples=300, bn_samples=200)
+    train, test = digits_splits()
+    calibration = calibration_from_dataset(train, DIGITS_SPEC, samples=200, bn_samples=100)
     torch.save({"gm": gm, "calibration": calibration}, root / "job.pt")
-    return root / "job.pt"
+    torch.save(model.state_dict(), root / "digits.pt")
+    np.savez(root / "digits.npz", x=test.x, y=test.y)
+    return {"job": root / "job.pt", "weights": root / "digits.pt", "data": root / "digits.npz"}
 
 
 # One worker: waits for the start signal, searches, writes its selection report. With a stall
@@ -150,9 +153,9 @@ def _trials(settings: dict) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=settings["study_name"], storage=storage).get_trials()
 
 
-def test_two_processes_on_postgres_finish_exactly_the_trials(job, postgres_url, tmp_path):
+def test_two_processes_on_postgres_finish_exactly_the_trials(digits, postgres_url, tmp_path):
     settings = _settings(postgres_url, tmp_path)
-    processes = _start_workers(job, tmp_path, settings, {"a": 0, "b": 0})
+    processes = _start_workers(digits["job"], tmp_path, settings, {"a": 0, "b": 0})
     for process in processes.values():
         assert process.wait(timeout=300) == 0
     trials = _trials(settings)
@@ -172,14 +175,16 @@ def test_two_processes_on_postgres_finish_exactly_the_trials(job, postgres_url, 
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_a_killed_worker_s_trial_is_failed_by_heartbeat_and_redone(job, backend, tmp_path, request):
+def test_a_killed_worker_s_trial_is_failed_by_heartbeat_and_redone(
+    digits, backend, tmp_path, request
+):
     url = (
         f"sqlite:///{tmp_path / 'study.db'}"
         if backend == "sqlite"
         else request.getfixturevalue("postgres_url")
     )
     settings = _settings(url, tmp_path)
-    processes = _start_workers(job, tmp_path, settings, {"victim": 2, "survivor": 0})
+    processes = _start_workers(digits["job"], tmp_path, settings, {"victim": 2, "survivor": 0})
     try:
         _wait_for(lambda: (tmp_path / "victim.stalled").exists(), processes)
     finally:
@@ -203,25 +208,14 @@ def test_a_killed_worker_s_trial_is_failed_by_heartbeat_and_redone(job, backend,
     assert rows[redo[0].number]["retry_of"] == failed[0].number
 
 
-@pytest.fixture(scope="module")
-def digits_files(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("digits")
-    torch.save(train_digits_cnn(epochs=3).state_dict(), root / "digits.pt")
-    _, test = digits_splits()
-    np.savez(root / "digits.npz", x=test.x, y=test.y)
-    return {"weights": root / "digits.pt", "data": root / "digits.npz"}
-
-
-def test_cli_resumes_a_postgres_study_and_never_shows_its_password(
-    digits_files, postgres_url, tmp_path
-):
+def test_cli_resumes_a_postgres_study_and_never_shows_its_password(digits, postgres_url, tmp_path):
     password = postgres_url.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
     assert len(password) >= 8
     out = tmp_path / "out"
     command = [
-        "compress", "digits-cnn", "--weights", digits_files["weights"], "--method", "tucker2",
+        "compress", "digits-cnn", "--weights", digits["weights"], "--method", "tucker2",
         "--select", "pars", "--macs-reduction", "3", "--trials", "4", "--storage", postgres_url,
-        "--study-name", f"cli{uuid.uuid4().hex[:12]}", "--train-data", digits_files["data"],
+        "--study-name", f"cli{uuid.uuid4().hex[:12]}", "--train-data", digits["data"],
         "--out", out, "--no-latency",
     ]  # fmt: skip
     runner = CliRunner()
@@ -232,10 +226,10 @@ def test_cli_resumes_a_postgres_study_and_never_shows_its_password(
         outputs.append(result.output)
         selection = json.loads((out / "report.json").read_text())["selection"]
         assert selection["trials_complete"] == 4
-        printed = runner.invoke(app, [str(a) for a in [*command, "--print-config", "-"]])
-        outputs.append(printed.output)
-        assert "***@127.0.0.1" in printed.output
     assert selection["trials_resumed"] == 4  # nothing ran again
+    printed = runner.invoke(app, [str(a) for a in [*command, "--print-config", "-"]])
+    assert "***@127.0.0.1" in printed.output
+    outputs.append(printed.output)
     files = [p for p in out.rglob("*") if p.is_file()]
     assert files and not [p for p in files if password.encode() in p.read_bytes()]
     assert not [text for text in outputs if password in text]

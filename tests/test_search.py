@@ -33,9 +33,11 @@ from rankfold.passes.search import (
     DecompositionCache,
     Evaluator,
     SearchConfig,
+    check_storage,
     fail_orphaned_trials,
     journal_lease,
     open_storage,
+    redacted,
     slot_choices,
 )
 from rankfold.passes.search.storage import retry_of
@@ -278,6 +280,14 @@ def test_storage_urls_and_fingerprint_mismatch(digits, tmp_path):
     assert isinstance(open_storage(f"journal:{tmp_path / 'a.log'}"), optuna.storages.JournalStorage)
     assert isinstance(open_storage(str(tmp_path / "b.log")), optuna.storages.JournalStorage)
     assert isinstance(open_storage(f"sqlite:///{tmp_path / 'c.db'}"), optuna.storages.RDBStorage)
+    with pytest.raises(ConfigError, match="journal has no heartbeat, so it serves one process"):
+        check_storage(f"journal:{tmp_path / 'a.log'}", workers=2)
+    assert redacted("postgresql://u:p:w@h:5/db") == "postgresql://u:***@h:5/db"
+    assert redacted("postgresql://:pw@h/db") == "postgresql://:***@h/db"
+    assert redacted("postgresql://u@h/db") == "postgresql://u@h/db"
+    with pytest.raises(ConfigError) as info:
+        open_storage("postgresql+nodriver://x:s3cret-pw@localhost/db")
+    assert "s3cret-pw" not in str(info.value) and "x:***@localhost" in str(info.value)
     for bad in ("nonsense", "postgresql+nodriver://x@localhost/db"):
         with pytest.raises(ConfigError, match="cannot open search storage") as info:
             open_storage(bad)
