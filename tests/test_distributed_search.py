@@ -153,7 +153,7 @@ def _trials(settings: dict) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=settings["study_name"], storage=storage).get_trials()
 
 
-def test_two_processes_on_postgres_finish_exactly_the_trials(digits, postgres_url, tmp_path):
+def test_two_processes_on_postgres_finish_exactly_the_trials(postgres_url, digits, tmp_path):
     settings = _settings(postgres_url, tmp_path)
     processes = _start_workers(digits["job"], tmp_path, settings, {"a": 0, "b": 0})
     for process in processes.values():
