@@ -25,7 +25,7 @@ from rankfold.converter.finetune import FinetuneConfig
 from rankfold.converter.strict import config_error
 from rankfold.passes.core import ConfigError, ProviderError
 from rankfold.passes.plan import RankPolicy
-from rankfold.passes.search import SearchConfig
+from rankfold.passes.search import SearchConfig, redacted
 from rankfold.runtime.backends import get_backend
 
 
@@ -173,6 +173,9 @@ def build_config(data: dict[str, Any], source: str = "configuration") -> Compres
 def effective(config: CompressConfig) -> dict[str, Any]:
     """The whole config as plain data, defaults included: `build_config` on it gives it back."""
     data = config.model_dump(mode="json")
+    # A printed config is shared like a report: a URL's password is not (libpq reads it from
+    # PGPASSWORD or ~/.pgpass instead).
+    data["search"]["storage"] = redacted(config.search.storage)
     if config.ranks.select != "error":
         del data["ranks"]["rel_error"]  # unread there, and a given bound is then an error
     return data

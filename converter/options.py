@@ -220,9 +220,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("search.trials", "pars: number of trials (100).", SELECTION, int),
     Option("search.sampler", "pars: optuna sampler, gp or tpe.", SELECTION),
     Option("search.proxy", "pars: proxy score, accuracy, agreement or kd.", SELECTION),
-    Option("search.storage", "pars: optuna storage (sqlite:///f.db, journal file, …).", SELECTION),
+    Option(
+        "search.storage",
+        "pars: optuna storage shared by workers: sqlite:///f.db, postgresql://user@host/db "
+        "(password from PGPASSWORD or ~/.pgpass), or journal:f.log (one process).",
+        SELECTION,
+    ),
     Option("search.study_name", "pars: study name (resumable).", SELECTION),
     Option("search.workers", "pars: worker processes.", SELECTION, int),
+    Option(
+        "search.heartbeat",
+        "pars: heartbeat seconds (10); a trial silent for 3 is failed and redone elsewhere.",
+        SELECTION,
+        int,
+    ),
     Option("search.calib_samples", "Search: images the proxy is scored on (1024).", SELECTION, int),
     Option(
         "search.bn_samples", "Search: images BatchNorm is recalibrated on (512).", SELECTION, int

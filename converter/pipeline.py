@@ -73,7 +73,7 @@ from rankfold.passes.core import (
 from rankfold.passes.latency_gate import gate_plan, round_ranks
 from rankfold.passes.plan import RankPolicy, budgeted_slots, resolve_round_to
 from rankfold.passes.recalibrate import correct_bias, has_batchnorm, recalibrate_bn
-from rankfold.passes.search import DecompositionCache, default_cache_dir
+from rankfold.passes.search import DecompositionCache, check_storage, default_cache_dir
 from rankfold.passes.selectors import PlanningContext, get_selector
 from rankfold.runtime import (
     LatencyResult,
@@ -658,6 +658,8 @@ def run_compress(config: CompressConfig, out_dir: str | Path) -> CompressionResu
     out = prepare_output_dir(out_dir)  # an unwritable --out fails before minutes of work
     if config.latency.enabled:
         get_backend(config.latency.provider).check()  # an unusable provider fails before any work
+    if config.ranks.select == "pars":  # so does an unreachable study server
+        check_storage(config.search.storage, config.search.workers)
     model, spec = load_model(
         config.model, config.weights, config.input_shape, config.mean, config.std
     )

@@ -30,16 +30,17 @@ from rankfold.passes.core import ConfigError
 from rankfold.passes.methods import get_method
 from rankfold.passes.plan import RankPolicy, draft_plan
 from rankfold.passes.search import (
-    HOST,
     DecompositionCache,
     Evaluator,
     SearchConfig,
-    fail_dead_trials,
+    check_storage,
+    fail_orphaned_trials,
+    journal_lease,
     open_storage,
-    register_worker,
+    redacted,
     slot_choices,
 )
-from rankfold.passes.search.storage import WORKER_ATTR
+from rankfold.passes.search.storage import retry_of
 from rankfold.passes.selectors.pars import pareto_front
 
 
@@ -225,7 +226,12 @@ def test_pars_best_plan_within_budget_with_table_pareto_and_plot(digits, tmp_pat
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Every decomposition of the search is in the cache: the same search again computes none.
     _, again = resolve(
-        gm, analysis, _policy(select="pars", macs_reduction=3.0), "digits", calibration, search,
+        gm,
+        analysis,
+        _policy(select="pars", macs_reduction=3.0),
+        "digits",
+        calibration,
+        search,
         seed=1,
     )
     assert again["decompositions_computed"] == 0
@@ -274,6 +280,14 @@ def test_storage_urls_and_fingerprint_mismatch(digits, tmp_path):
     assert isinstance(open_storage(f"journal:{tmp_path / 'a.log'}"), optuna.storages.JournalStorage)
     assert isinstance(open_storage(str(tmp_path / "b.log")), optuna.storages.JournalStorage)
     assert isinstance(open_storage(f"sqlite:///{tmp_path / 'c.db'}"), optuna.storages.RDBStorage)
+    with pytest.raises(ConfigError, match="journal has no heartbeat, so it serves one process"):
+        check_storage(f"journal:{tmp_path / 'a.log'}", workers=2)
+    assert redacted("postgresql://u:p:w@h:5/db") == "postgresql://u:***@h:5/db"
+    assert redacted("postgresql://:pw@h/db") == "postgresql://:***@h/db"
+    assert redacted("postgresql://u@h/db") == "postgresql://u@h/db"
+    with pytest.raises(ConfigError) as info:
+        open_storage("postgresql+nodriver://x:s3cret-pw@localhost/db")
+    assert "s3cret-pw" not in str(info.value) and "x:***@localhost" in str(info.value)
     for bad in ("nonsense", "postgresql+nodriver://x@localhost/db"):
         with pytest.raises(ConfigError, match="cannot open search storage") as info:
             open_storage(bad)
@@ -283,9 +297,7 @@ def test_storage_urls_and_fingerprint_mismatch(digits, tmp_path):
     )
     resolve(gm, analysis, _policy(select="pars", macs_reduction=3.0), "d", calibration, search)
     with pytest.raises(ConfigError, match="study 's' .* another model, budget"):
-        resolve(
-            gm, analysis, _policy(select="pars", macs_reduction=2.0), "d", calibration, search
-        )
+        resolve(gm, analysis, _policy(select="pars", macs_reduction=2.0), "d", calibration, search)
 
 
 RUNNER = textwrap.dedent(
@@ -314,32 +326,48 @@ def _completed(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test asks trials by hand
-def test_trial_orphaned_before_it_recorded_its_process_is_failed(tmp_path):
-    """A worker killed while optuna's sampler still prepares a trial leaves it RUNNING without a
-    pid; it is failed once every other registered worker is gone, and kept while one lives."""
-    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+def test_orphaned_trials_are_failed_and_requeued_without_process_ids(tmp_path):
+    """RDB: a trial killed before its heartbeat started is failed once older than the grace
+    period; a journal's RUNNING trials are orphans once its lease is free, and a second process
+    cannot take a held lease (flock: per open file, so this process's second open conflicts)."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    storage = open_storage(url, heartbeat=1)
     study = optuna.create_study(storage=storage, study_name="orphan")
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)  # fmt: skip
-    study.set_user_attr(f"{WORKER_ATTR}{HOST}:{int(gone.stdout)}", 0.0)
-    study.set_user_attr(
-        f"{WORKER_ATTR}{HOST}:{os.getppid()}", 0.0
-    )  # alive: the test runner's parent
-    orphan = study.ask()  # RUNNING, no pid attribute
-    assert fail_dead_trials(study) == 0  # a live worker may still own it
-    assert study.get_trials()[orphan.number].state == optuna.trial.TrialState.RUNNING
-    fresh = optuna.create_study(storage=storage, study_name="only-dead")
-    fresh.set_user_attr(f"{WORKER_ATTR}{HOST}:{int(gone.stdout)}", 0.0)
-    register_worker(fresh)  # this process: never counted as an owner of old trials
-    lost = fresh.ask()
-    assert fail_dead_trials(fresh) == 1
-    assert fresh.get_trials()[lost.number].state == optuna.trial.TrialState.FAIL
+    lost = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    assert fail_orphaned_trials(study, storage, journal=False, grace=60) == 0  # may be starting
+    assert fail_orphaned_trials(study, storage, journal=False, grace=0) == 1
+    assert fail_orphaned_trials(study, storage, journal=False, grace=0) == 0  # done once
+    trials = study.get_trials()
+    assert trials[lost.number].state == optuna.trial.TrialState.FAIL
+    retry = trials[-1]
+    assert retry.state == optuna.trial.TrialState.WAITING and retry.params == lost.params
+    assert retry_of(retry) == 0
+    journal = f"journal:{tmp_path / 'study.log'}"
+    with journal_lease(journal):
+        with pytest.raises(ConfigError, match="in use by another process"):
+            with journal_lease(journal):
+                pass
+        storage = open_storage(journal)
+        study = optuna.create_study(storage=storage, study_name="j")
+        study.set_user_attr("x", 1)
+        running = study.ask()
+        running.set_user_attr("host", "elsewhere")  # the journal does not care who owned it
+        assert fail_orphaned_trials(study, storage, journal=True, grace=60) == 1
+    assert study.get_trials()[0].state == optuna.trial.TrialState.FAIL
+    with journal_lease(journal):  # free again once its holder is done
+        pass
 
 
 def test_pars_resumes_after_a_kill(digits, tmp_path):
     gm, analysis, calibration = digits
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    settings = {"trials": 10_000, "storage": storage, "study_name": "k", "cache_dir": str(tmp_path)}
+    settings = {
+        "trials": 10_000,
+        "storage": storage,
+        "study_name": "k",
+        "cache_dir": str(tmp_path),
+        "heartbeat": 1,
+    }
     torch.save({"gm": gm, "calibration": calibration, "search": settings}, tmp_path / "job.pt")
     (tmp_path / "runner.py").write_text(RUNNER)
     process = subprocess.Popen(
@@ -379,7 +407,7 @@ def test_pars_resumes_after_a_kill(digits, tmp_path):
 
 def test_two_workers_finish_the_requested_trials_without_loss_or_duplicates(digits, tmp_path):
     gm, analysis, calibration = digits
-    storage = f"journal:{tmp_path / 'study.log'}"
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
     search = SearchConfig(trials=16, storage=storage, study_name="w", workers=2, cache_dir=tmp_path)
     steps = []
     _, report = resolve(

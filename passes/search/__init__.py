@@ -20,10 +20,12 @@ from rankfold.passes.search.evaluator import (
 )
 from rankfold.passes.search.storage import (
     HOST,
-    fail_dead_trials,
+    check_storage,
+    fail_orphaned_trials,
+    journal_lease,
+    journal_path,
     open_storage,
     redacted,
-    register_worker,
 )
 
 __all__ = [
@@ -35,12 +37,14 @@ __all__ = [
     "SearchConfig",
     "SearchContext",
     "default_cache_dir",
-    "fail_dead_trials",
+    "check_storage",
+    "fail_orphaned_trials",
     "fast_layout",
+    "journal_lease",
+    "journal_path",
     "open_storage",
     "proxy_value",
     "redacted",
-    "register_worker",
     "slot_choices",
     "spawn_context",
     "weights_digest",

@@ -19,6 +19,7 @@ class SearchConfig(BaseModel):
     storage: str | None = None  # optuna RDB URL, or journal:PATH / PATH.log for a journal file
     study_name: str | None = None
     workers: int = Field(default=1, ge=1)
+    heartbeat: int = Field(default=10, ge=1)  # seconds; a trial silent for 3 is failed, redone
     calib_samples: int = Field(default=1024, ge=1)  # images the proxy is scored on
     bn_samples: int = Field(default=512, ge=1)  # images BatchNorm is recalibrated on
     batch_size: int = Field(default=128, ge=1)

@@ -1,12 +1,24 @@
-"""optuna storages for shared studies, and the clean-up of trials whose worker died."""
+"""optuna storages for shared studies, and how trials of dead workers are failed and redone.
+
+RDB storages (sqlite:///…, postgresql://…) use optuna's heartbeat: every running trial records
+one each `heartbeat` seconds; a worker that finds a trial silent for three intervals fails it,
+and `RetryHeartbeatStaleTrialCallback` enqueues a copy with the same parameters, which the next
+free worker runs. That works across machines, since only the database is shared.
+
+A journal file has no heartbeat, so it serves one process at a time: the process holds an
+exclusive lock on `<file>.owner` for the whole search, and a trial still RUNNING when the next
+process takes the lock belonged to a process that is gone (it is failed and re-queued the same
+way). Several workers need an RDB storage."""
 
 from __future__ import annotations
 
-import os
+import fcntl
 import re
 import socket
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,106 +28,183 @@ if TYPE_CHECKING:
     import optuna
 
 HOST = socket.gethostname()
+HEARTBEAT_SECONDS = 10
+GRACE_HEARTBEATS = 3  # a trial is stale after this many missed heartbeats
+MAX_RETRY = 2  # a configuration that killed its worker this often is not tried again
+CONNECT_TIMEOUT_SECONDS = 10
+SCHEMA_ATTEMPTS = 3
 
 
-def open_storage(url: str | None) -> optuna.storages.BaseStorage | None:
-    """An optuna storage from a URL: RDB (sqlite:///…, postgresql://…) or a journal file."""
+def journal_path(url: str | None) -> Path | None:
+    """The journal file `url` names (journal:PATH, or a PATH ending .log/.journal/.jsonl)."""
+    if url is None:
+        return None
+    if url.startswith("journal:"):
+        return Path(url.removeprefix("journal:"))
+    if url.endswith((".log", ".journal", ".jsonl")) and "://" not in url:
+        return Path(url)
+    return None
+
+
+def retry_callback() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+
+
+def retry_of(trial: optuna.trial.FrozenTrial) -> int | None:
+    """The number of the failed trial that `trial` redoes, if it is such a copy."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+
+
+def open_storage(
+    url: str | None, heartbeat: int = HEARTBEAT_SECONDS
+) -> optuna.storages.BaseStorage | None:
+    """An optuna storage from a URL: RDB (sqlite:///…, postgresql://…) or a journal file.
+
+    Connects at once, so a bad URL or an unreachable server is a one-line `ConfigError`."""
     import optuna
 
     if url is None:
         return None
-    journal = url.removeprefix("journal:") if url.startswith("journal:") else None
-    if journal is None and url.endswith((".log", ".journal", ".jsonl")) and "://" not in url:
-        journal = url
+    journal = journal_path(url)
+    shown = redacted(url)
     try:
         if journal is not None:
-            path = Path(journal)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            journal.parent.mkdir(parents=True, exist_ok=True)
             return optuna.storages.JournalStorage(
-                optuna.storages.journal.JournalFileBackend(str(path))
+                optuna.storages.journal.JournalFileBackend(str(journal))
             )
+        engine_kwargs = {}
         if "://" not in url:
             raise ValueError("not a URL")
-        # The heartbeat marks trials of a killed process as failed, so a resumed run redoes them.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
+        if url.startswith("postgresql"):
+            engine_kwargs = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_SECONDS}}
+        if url.startswith(("postgresql://", "postgres://")):
+            # The driver rankfold ships, whichever one SQLAlchemy's version defaults to.
+            url = "postgresql+psycopg://" + url.partition("://")[2]
+        for attempt in range(SCHEMA_ATTEMPTS):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return optuna.storages.RDBStorage(
+                        url,
+                        engine_kwargs=engine_kwargs,
+                        heartbeat_interval=heartbeat,
+                        grace_period=GRACE_HEARTBEATS * heartbeat,
+                        heartbeat_stale_trial_callback=retry_callback(),
+                    )
+            except Exception as exc:  # noqa: BLE001 - re-raised unless it is the race below
+                # Workers started together on a new database all create its tables; the
+                # losers fail with "already exists" and find the tables made when they retry.
+                if "already exists" not in str(exc) or attempt == SCHEMA_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.5)
     except (ValueError, ImportError, OSError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(
-            f"cannot open search storage '{url}' ({first}); give an optuna URL such as "
-            "sqlite:///search.db or postgresql://user@host/db, or journal:search.log"
+            f"cannot open search storage '{shown}' ({_first_line(exc, url)}); give an optuna URL "
+            "such as sqlite:///search.db or postgresql://user@host/db, or journal:search.log"
         ) from None
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy's errors have no common base here
-        first = str(exc).splitlines()[0]
         raise ConfigError(
-            f"cannot open search storage '{url}' ({first}); check the URL and that the database "
-            "and its driver are available"
+            f"cannot open search storage '{shown}' ({_first_line(exc, url)}); check the URL, "
+            "that the database server is reachable and that its driver is installed "
+            "(postgresql: pip install 'psycopg[binary]')"
         ) from None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def check_storage(url: str | None, workers: int) -> None:
+    """Fail fast, before a model is loaded: the storage opens (the server answers) and can
+    serve `workers` processes."""
+    if url is None:
+        return
+    if journal_path(url) is not None and workers > 1:
+        raise ConfigError(
+            f"--workers {workers} with journal storage {url}: a journal has no heartbeat, so it "
+            "serves one process; use sqlite:///FILE or postgresql://… for several workers"
+        )
+    storage = open_storage(url)
+    engine = getattr(storage, "engine", None)  # RDBStorage's SQLAlchemy engine
+    if engine is not None:
+        engine.dispose()
 
 
-WORKER_ATTR = "rankfold_worker:"
+def _first_line(exc: BaseException, url: str) -> str:
+    """The error's first line, with the URL's password removed wherever the driver echoed it."""
+    text = (str(exc).splitlines() or [""])[0] or type(exc).__name__
+    text = text.replace(url, redacted(url))
+    password = _password(url)
+    # A very short password would also match ordinary words of the message.
+    return text.replace(password, "***") if password and len(password) >= 4 else text
 
 
-def register_worker(study: optuna.Study) -> None:
-    """Record this process in the study, so its orphaned trials can be told from live ones."""
-    study.set_user_attr(f"{WORKER_ATTR}{HOST}:{os.getpid()}", time.time())
-
-
-def _others_all_dead_here(study: optuna.Study) -> bool:
-    """Whether every other process that ever worked on the study ran on this host and is gone."""
-    for key in study.user_attrs:
-        if not key.startswith(WORKER_ATTR):
-            continue
-        host, _, pid = key.removeprefix(WORKER_ATTR).rpartition(":")
-        if int(pid) == os.getpid() and host == HOST:
-            continue
-        if host != HOST or _alive(int(pid)):
-            return False
-    return True
-
-
-def fail_dead_trials(study: optuna.Study) -> int:
-    """Mark RUNNING trials of dead processes on this host as FAIL (journal files have no
-    heartbeat); RDB storages also fail stale trials by heartbeat. Returns how many were failed.
-
-    A trial is RUNNING from the moment optuna creates it, before its sampler has run and before
-    the objective can record the process id; a process killed in that window leaves a trial
-    without one. Such trials are failed when no other registered worker can still own them.
-    """
-    import optuna
-    from optuna.trial import TrialState
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-    failed = 0
-    orphans_are_dead: bool | None = None
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        attrs = trial.user_attrs
-        if "pid" in attrs:
-            dead = attrs.get("host") == HOST and not _alive(int(attrs["pid"]))
-        else:
-            if orphans_are_dead is None:
-                orphans_are_dead = _others_all_dead_here(study)
-            dead = orphans_are_dead
-        if dead:
-            # skip_if_finished: another process may have failed it first.
-            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-            failed += 1
-    return failed
+def _password(url: str) -> str | None:
+    match = re.search(r"://[^/@:]*:([^/@]*)@", url)
+    return match.group(1) if match and match.group(1) else None
 
 
 def redacted(url: str | None) -> str | None:
-    """The storage URL without its password (reports are shared; credentials are not)."""
-    return None if url is None else re.sub(r"(//[^:/@]+):[^@/]*@", r"\1:***@", url)
+    """The storage URL without its password (reports and logs are shared; credentials are not)."""
+    return None if url is None else re.sub(r"(://[^/@:]*):[^/@]*@", r"\1:***@", url)
+
+
+@contextmanager
+def journal_lease(url: str | None) -> Iterator[None]:
+    """Hold the journal file's owner lock while a search uses it (nothing for RDB storages).
+
+    The lock is the kernel's (flock), released when the process ends however it ends, so the
+    next holder knows every RUNNING trial in the journal is an orphan."""
+    journal = journal_path(url)
+    if journal is None:
+        yield
+        return
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{journal}.owner", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"journal storage {journal} is in use by another process; a journal serves one "
+                "process at a time: use sqlite:///FILE or postgresql://… for several workers"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def fail_orphaned_trials(
+    study: optuna.Study, storage: optuna.storages.BaseStorage, journal: bool, grace: float
+) -> int:
+    """Fail (and re-queue, as the heartbeat does) RUNNING trials nobody can still own.
+
+    Journal (lease held): every RUNNING trial. RDB: those older than `grace` seconds that never
+    reached the objective (no `host` attribute): killed between optuna creating the trial and
+    its heartbeat starting, they would otherwise stay RUNNING for ever. Returns how many."""
+    from datetime import datetime, timedelta
+
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    now = datetime.now()
+    study_id = storage.get_study_id_from_name(study.study_name)
+    failed = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        started = trial.datetime_start or now
+        if not journal and ("host" in trial.user_attrs or now - started < timedelta(0, grace)):
+            continue
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        try:  # of two workers failing the same trial, the storage lets exactly one do it
+            if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                continue
+        except UpdateFinishedTrialError:
+            continue
+        retry_callback()(study, storage.get_trial(trial_id))
+        failed += 1
+    return failed

@@ -11,18 +11,24 @@ constant liar. The uniform allocation (every share 1) is enqueued first, then th
 VBMF allocations where the method has unfoldings, so the search starts from the baselines it has
 to beat. Hand-written on optuna (no library implements PARS).
 
-Scale-out uses optuna's storages: any RDB URL (SQLite here, PostgreSQL across machines) or a
-journal file; `workers` processes share one study; a killed run resumes where it stopped.
+Scale-out uses optuna's storages: any RDB URL (SQLite on one host, PostgreSQL across machines)
+shares one study between `workers` child processes and any number of `rankfold compress` runs
+started with the same --storage and --study-name; a trial whose worker died is failed by
+optuna's heartbeat and redone by another worker (`rankfold.passes.search.storage`); a killed run
+resumes where it stopped, and a finished study re-opened rebuilds the report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import tempfile
 import time
+import warnings
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,15 +45,18 @@ from rankfold.passes.search import (
     Evaluator,
     SearchConfig,
     SearchContext,
-    fail_dead_trials,
+    check_storage,
+    fail_orphaned_trials,
+    journal_lease,
+    journal_path,
     open_storage,
     proxy_value,
     redacted,
-    register_worker,
     slot_choices,
     spawn_context,
     weights_digest,
 )
+from rankfold.passes.search.storage import GRACE_HEARTBEATS, retry_of
 from rankfold.passes.selectors.base import Advance, Choice, PlanningContext, Selector
 from rankfold.passes.selectors.chains import has_unfoldings
 from rankfold.passes.selectors.energy import energy_choice
@@ -148,6 +157,10 @@ def _sampler(search: SearchConfig, base_seed: int, worker: int) -> optuna.sample
     import optuna
 
     seed = base_seed + 1000 * worker  # workers must not draw the same random startup trials
+    if search.storage is not None:
+        # A shared study is joined by `rankfold compress` runs started alike (all worker 0),
+        # possibly on several hosts; its trial order depends on their timing anyway.
+        seed = (seed + zlib.crc32(f"{HOST}:{os.getpid()}".encode())) % 2**31
     startup = min(10, max(search.trials // 5, 1))
     if search.sampler == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
@@ -173,27 +186,26 @@ class ParsRun:
         self,
         worker: int,
         study: optuna.Study | None = None,
+        storage: optuna.storages.BaseStorage | None = None,
         on_trial: Callable[[optuna.Study], None] | None = None,
     ) -> None:
-        """Run trials until the study holds `trials` complete ones (or the timeout passes).
+        """Run trials until the study holds `trials` complete ones (or the timeout passes),
+        waiting for other workers' last trials and redoing those whose worker died.
 
-        `study` is the parent's own study object (its sampler seeded for worker 0); worker
-        processes load the study from the storage URL with their own sampler.
+        `study` is the parent's own study object on `storage` (its sampler seeded for worker
+        0); worker processes load the study from the storage URL with their own sampler.
         """
         import optuna
         from optuna.trial import TrialState
 
         search = self.context.search
         if study is None:
+            storage = open_storage(self.storage_url, search.heartbeat)
             study = optuna.load_study(
                 study_name=self.study_name,
-                storage=open_storage(self.storage_url),
+                storage=storage,
                 sampler=_sampler(search, self.context.seed, worker),
             )
-        if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= search.trials:
-            return
-        if self.evaluator is None:
-            self.evaluator = self.context.evaluator()
         target = search.trials
 
         def objective(trial: optuna.Trial) -> float:
@@ -219,16 +231,38 @@ class ParsRun:
             trial.set_user_attr("seconds", time.perf_counter() - start)
             return proxy_value(scores, search.proxy)
 
+        def counts() -> dict[TrialState, int]:
+            states = [t.state for t in study.get_trials(deepcopy=False)]
+            return {state: states.count(state) for state in TrialState}
+
         def enough(study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
-            states = (TrialState.COMPLETE, TrialState.RUNNING)
-            if len(study.get_trials(deepcopy=False, states=states)) >= target:
+            now = counts()
+            if now[TrialState.COMPLETE] + now[TrialState.RUNNING] >= target:
                 study.stop()
             if on_trial is not None:
                 on_trial(study)
 
-        fail_dead_trials(study)
-        register_worker(study)
-        study.optimize(objective, n_trials=None, timeout=search.timeout, callbacks=[enough])
+        journal = journal_path(self.storage_url) is not None
+        deadline = None if search.timeout is None else time.monotonic() + search.timeout
+        while True:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # heartbeat: no-op for a journal
+            if storage is not None:
+                fail_orphaned_trials(study, storage, journal, GRACE_HEARTBEATS * search.heartbeat)
+            now = counts()
+            left = None if deadline is None else deadline - time.monotonic()
+            if now[TrialState.COMPLETE] >= target or (left is not None and left <= 0):
+                return
+            busy = now[TrialState.COMPLETE] + now[TrialState.RUNNING]
+            if now[TrialState.WAITING] or busy < target:
+                if self.evaluator is None:
+                    self.evaluator = self.context.evaluator()
+                study.optimize(objective, n_trials=None, timeout=left, callbacks=[enough])
+            else:  # the last trials run elsewhere: wait until they finish or go stale
+                time.sleep(search.heartbeat if left is None else min(search.heartbeat, left))
+                if on_trial is not None:
+                    on_trial(study)
 
     @staticmethod
     def _surplus(study: optuna.Study, number: int, target: int) -> bool:
@@ -255,6 +289,8 @@ def _trial_row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
         "seconds": attrs.get("seconds"),
         "worker": attrs.get("worker"),
         "seed": attrs.get("seed"),
+        "host": attrs.get("host"),
+        "retry_of": retry_of(trial),
     }
     return json.loads(json.dumps(row, default=float))
 
@@ -305,11 +341,16 @@ def pars_search(
     space = ParsSpace(draft)
     fingerprint = _fingerprint(context)
     study_name = search.study_name or f"rankfold-{draft.model_name}-{fingerprint[:12]}"
-    with tempfile.TemporaryDirectory(prefix="rankfold-search-") as scratch:
+    with (
+        tempfile.TemporaryDirectory(prefix="rankfold-search-") as scratch,
+        contextlib.ExitStack() as held,
+    ):
         storage_url = search.storage
-        if storage_url is None and search.workers > 1:
-            storage_url = f"journal:{Path(scratch) / 'study.log'}"  # processes need a shared one
-        storage = open_storage(storage_url)
+        if storage_url is None and search.workers > 1:  # processes need a shared one
+            storage_url = f"sqlite:///{Path(scratch) / 'study.db'}"
+        check_storage(storage_url, search.workers)
+        held.enter_context(journal_lease(storage_url))
+        storage = open_storage(storage_url, search.heartbeat)
         study = optuna.create_study(
             storage=storage,
             sampler=_sampler(search, context.seed, 0),
@@ -356,7 +397,7 @@ def pars_search(
                 errors.append(error_file)
         try:
             run = ParsRun(context, storage_url, study_name)
-            run.optimize(0, study=study, on_trial=report_progress)
+            run.optimize(0, study=study, storage=storage, on_trial=report_progress)
             while any(process.is_alive() for process in children):
                 for process in children:
                     process.join(timeout=1.0)
@@ -399,6 +440,10 @@ def pars_search(
         "trials_requested": search.trials,
         "trials_complete": len(complete),
         "trials_resumed": resumed,
+        # Trials whose worker died (heartbeat lost): failed, each redone as a `retry_of` row.
+        "trials_failed": sum(t.state == TrialState.FAIL for t in trials),
+        "heartbeat_seconds": search.heartbeat,
+        "processes": len({(t.user_attrs.get("host"), t.user_attrs.get("pid")) for t in complete}),
         "budget": {
             "metric": budget.metric,
             "reduction": budget.reduction,
