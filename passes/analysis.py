@@ -79,6 +79,22 @@ class LayerInfo:
         per_position = self.out_features * (self.in_features // self.groups) * self.kernel_area
         return self.out_positions * per_position * self.calls
 
+    @property
+    def one_group(self) -> LayerInfo:
+        """One group of a grouped conv as a conv of its own (S/g → T/g, same geometry); the
+        layer itself when it has one group."""
+        g = self.groups
+        if g == 1:
+            return self
+        return dataclasses.replace(
+            self,
+            in_shape=(self.in_shape[0] // g, *self.in_shape[1:]),
+            out_shape=(self.out_shape[0] // g, *self.out_shape[1:]),
+            in_features=self.in_features // g,
+            out_features=self.out_features // g,
+            groups=1,
+        )
+
     def to_dict(self) -> dict:
         return {**asdict(self), "params": self.params, "macs": self.macs}
 
