@@ -177,8 +177,7 @@ def _conv_stages(block: FactorizedBlock) -> OrderedDict[str, nn.Conv2d]:
 def grouped_block(group: FactorizedBlock, groups: int) -> FactorizedBlock:
     """The block of a `groups`-group conv from the block of one of its groups."""
     stages = OrderedDict(
-        (name, _regrouped(stage, groups, more=True))
-        for name, stage in _conv_stages(group).items()
+        (name, _regrouped(stage, groups, more=True)) for name, stage in _conv_stages(group).items()
     )
     return FactorizedBlock(stages, group.source, group.method, group.ranks)
 
@@ -186,8 +185,7 @@ def grouped_block(group: FactorizedBlock, groups: int) -> FactorizedBlock:
 def group_block(block: FactorizedBlock, groups: int) -> FactorizedBlock:
     """One group's block (fresh weights) of a grouped conv's block: `grouped_block` undone."""
     stages = OrderedDict(
-        (name, _regrouped(stage, groups, more=False))
-        for name, stage in _conv_stages(block).items()
+        (name, _regrouped(stage, groups, more=False)) for name, stage in _conv_stages(block).items()
     )
     return FactorizedBlock(stages, block.source, block.method, block.ranks)
 
