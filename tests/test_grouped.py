@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from planning_helpers import resolve
 from torch import nn
 from typer.testing import CliRunner
 
 from rankfold.converter.cli import app
-from rankfold.passes import analyze, get_method, trace
+from rankfold.passes import RankPolicy, analyze, get_method, trace
 from rankfold.passes.blocks import conv_group
 from rankfold.passes.methods import method_for_layer
 
@@ -133,6 +135,30 @@ def test_depthwise_stays_skipped_and_grouped_reason_says_per_group():
     method, note = method_for_layer("tucker2", grouped)
     assert method.unsupported_reason(grouped) is None
     assert note == "ranks per group: 4 groups of 4→8"
+
+
+def test_energy_reads_per_group_spectra_and_keeps_every_group_exact():
+    """Group 0 has exact Tucker-2 ranks (3, 2), group 1 (5, 4): one rank pair for all groups
+    keeps all the energy only at the larger group's ranks."""
+    rng = np.random.default_rng(0)
+    kernels = [
+        np.einsum(
+            "abhw,ta,sb->tshw",
+            rng.standard_normal((r_out, r_in, 3, 3)),
+            rng.standard_normal((16, r_out)),
+            rng.standard_normal((12, r_in)),
+        )
+        for r_out, r_in in ((3, 2), (5, 4))
+    ]
+    conv = nn.Conv2d(24, 32, 3, padding=1, groups=2, bias=False)
+    conv.weight.data.copy_(torch.from_numpy(np.concatenate(kernels)))
+    gm = trace(nn.Sequential(conv).eval(), torch.randn(1, 24, 10, 10))
+    policy = RankPolicy(method="tucker2", select="energy", energy=0.999999, min_macs_share=0)
+    plan, report = resolve(gm, analyze(gm), policy, "grouped")
+    assert plan.layers[0].ranks == [5, 4]
+    assert min(report["layers"][0]["retained_energy"]) >= 0.999999
+    lower = RankPolicy(method="tucker2", select="energy", energy=0.9, min_macs_share=0)
+    assert resolve(gm, analyze(gm), lower, "grouped")[0].layers[0].ranks < [5, 4]
 
 
 MODEL = """
