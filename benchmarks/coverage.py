@@ -51,23 +51,32 @@ def reason_kind(reason: str) -> str:
     return re.sub(r"\s*\(groups=\d+\)|[\d.]+%", "", text).split(";")[0].strip()
 
 
-def reachable(model_name: str, method: str, shape) -> dict[str, float]:
-    """The planner's MAC-reduction ceiling with grouped convs kept whole and decomposed."""
+def reachable(model_name: str, method: str, shape) -> list[dict]:
+    """Per min_macs_share (the default, and 0), the MACs in budgeted layers and the planner's
+    MAC-reduction ceiling, with grouped convs kept whole (before) and decomposed (after)."""
     model, spec = load_model(model_name, input_shape=shape)
     analysis = analyze(trace(model, torch.zeros(1, *spec.input_shape)))
     grouped = [
-        layer.name
-        for layer in analysis.layers
-        if 1 < layer.groups < layer.in_features  # not depthwise, which stays whole
-    ]
-    out = {"grouped_layers": len(grouped)}
-    for label, skip in (("without_grouped", grouped), ("with_grouped", [])):
-        slots = budgeted_slots(analysis, RankPolicy(method=method, skip=skip))
-        saved = sum(
-            slot.cost(None, "macs") - slot.cost(slot.candidates()[0], "macs") for slot in slots
-        )
-        out[label] = analysis.total_macs / (analysis.total_macs - saved)
-    return out
+        layer for layer in analysis.layers if 1 < layer.groups < layer.in_features
+    ]  # not depthwise, which stays whole
+    rows = []
+    for share in (RankPolicy().min_macs_share, 0.0):
+        row = {
+            "min_macs_share": share,
+            "grouped_layers": len(grouped),
+            "grouped_macs_share": sum(layer.macs for layer in grouped) / analysis.total_macs,
+        }
+        for label, skip in (("before", [layer.name for layer in grouped]), ("after", [])):
+            policy = RankPolicy(method=method, skip=skip, min_macs_share=share)
+            slots = budgeted_slots(analysis, policy)
+            smallest = sum(slot.cost(slot.candidates()[0], "macs") for slot in slots)
+            budgeted = sum(slot.cost(None, "macs") for slot in slots)
+            row[f"{label}_budgeted_share"] = budgeted / analysis.total_macs
+            row[f"{label}_reachable"] = analysis.total_macs / (
+                analysis.total_macs - budgeted + smallest
+            )
+        rows.append(row)
+    return rows
 
 
 def run(model_name: str, method: str, reduction: float, shape, out: Path) -> dict:
@@ -112,6 +121,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="RegNetX-400MF and ConvNeXt only.")
     parser.add_argument("--out", default="/tmp/rankfold-coverage")
     parser.add_argument("--no-record", action="store_true", help="Do not append to BENCHMARKS.md.")
+    parser.add_argument(
+        "--reachable-only",
+        action="store_true",
+        help="Only the grouped models' MACs reachable (analysis, no compression; ~1 minute).",
+    )
     args = parser.parse_args()
     models = [m for m in MODELS if not args.quick or m[0].endswith(("400mf", "convnext_tiny"))]
     rows, ceilings = [], {}
@@ -120,10 +134,12 @@ def main() -> None:
         if model_name in GROUPED:
             ceilings[model_name] = reachable(model_name, method, shape)
             print(tag, ceilings[model_name], flush=True)
-        rows.append(run(model_name, method, reduction, shape, Path(args.out) / tag))
-        print(json.dumps(rows[-1]), flush=True)
+        if not args.reachable_only:
+            rows.append(run(model_name, method, reduction, shape, Path(args.out) / tag))
+            print(json.dumps(rows[-1]), flush=True)
+    name = "coverage_reachable.json" if args.reachable_only else "coverage.json"
     atomic_write_json(
-        ROOT / "benchmarks" / "results" / "coverage.json",
+        ROOT / "benchmarks" / "results" / name,
         {"args": vars(args), "rows": rows, "reachable": ceilings},
     )
 
@@ -149,32 +165,46 @@ def main() -> None:
         )
     table = "\n".join(lines)
     ceiling_lines = [
-        "| model | grouped convs | MACs reachable, grouped kept whole (before) | "
-        "MACs reachable, grouped per group (after) |",
-        "|---|---|---|---|",
+        "| model | grouped convs (MAC share) | min_macs_share | before: MACs in budgeted "
+        "layers, reachable | after: MACs in budgeted layers, reachable |",
+        "|---|---|---|---|---|",
     ]
-    for model_name, c in ceilings.items():
-        ceiling_lines.append(
-            f"| {model_name.split(':')[-1]} | {c['grouped_layers']} | "
-            f"{c['without_grouped']:.2f}× | {c['with_grouped']:.2f}× |"
-        )
+    for model_name, ceiling in ceilings.items():
+        for c in ceiling:
+            ceiling_lines.append(
+                f"| {model_name.split(':')[-1]} | {c['grouped_layers']} "
+                f"({c['grouped_macs_share']:.1%}) | {c['min_macs_share']:.1%} | "
+                f"{c['before_budgeted_share']:.1%}, {c['before_reachable']:.2f}× | "
+                f"{c['after_budgeted_share']:.1%}, {c['after_reachable']:.2f}× |"
+            )
     ceiling_table = "\n".join(ceiling_lines)
     print(table)
     print(ceiling_table)
     if args.no_record:
         return
-    command = "python benchmarks/coverage.py" + (" --quick" if args.quick else "")
-    section = (
-        "\n## Architecture coverage: grouped convs and transformers\n\n"
+    flags = [
+        f for f, on in (("--quick", args.quick), ("--reachable-only", args.reachable_only)) if on
+    ]
+    command = " ".join(["python benchmarks/coverage.py", *flags])
+    header = (
         f"Command: `{command}`  \nMachine: 2-core x86-64 CPU ({platform.processor() or 'x86_64'}"
         f"), AVX-512, no GPU; shared with other jobs (wall times are not comparable to quiet "
-        f"runs).  \nDate: {datetime.date.today().isoformat()}. Random weights, no latency "
-        "timing, 8 parity samples; input sizes reduced where the architecture accepts it (ViT "
-        "checks its 224² input). Kept layers are counted by reason.\n\n"
-        f"{table}\n\n"
-        "MAC reduction reachable (every budgeted layer at its smallest ranks, the planner's "
-        "ceiling; tucker2, default min_macs_share 0.5 %), with grouped convs kept whole as "
-        "before grouped support, and decomposed per group:\n\n"
+        f"runs).  \nDate: {datetime.date.today().isoformat()}. Random weights"
+    )
+    coverage = (
+        "\n## Architecture coverage: grouped convs and transformers\n\n"
+        f"{header}, no latency timing, 8 parity samples; input sizes reduced where the "
+        "architecture accepts it (ViT checks its 224² input). Kept layers are counted by "
+        f"reason.\n\n{table}\n\n"
+    )
+    section = (
+        ("" if args.reachable_only else coverage)
+        + "\n## Grouped convs: MACs reachable before and after grouped support\n\n"
+        + f"{header}; input sizes as in the coverage table. "
+        "MACs held by the layers a budget may decompose, and the MAC reduction reachable "
+        "(every budgeted layer at its smallest ranks: the planner's ceiling), tucker2, with "
+        "grouped convs kept whole as before grouped support, and decomposed per group; at "
+        "the default min_macs_share (layers below it are kept whole) and at 0:\n\n"
         f"{ceiling_table}\n"
     )
     with open(ROOT / "BENCHMARKS.md", "a", encoding="utf-8") as handle:
