@@ -62,7 +62,7 @@ def summary_lines(report: Report, out: Path) -> list[str]:
         calls = ", ".join(f"{name} {macs:,}" for name, macs in original.functional_macs.items())
         lines.append(
             f"not decomposable: {len(original.functional_macs)} functional call(s) counted in "
-            f"the MACs ({calls}); make them modules to compress them"
+            f"the MACs ({calls}); make them Conv2d/Linear modules to compress them"
         )
     gate = report.selection.latency_gate
     if gate is not None:

@@ -79,6 +79,22 @@ class LayerInfo:
         per_position = self.out_features * (self.in_features // self.groups) * self.kernel_area
         return self.out_positions * per_position * self.calls
 
+    @property
+    def one_group(self) -> LayerInfo:
+        """One group of a grouped conv as a conv of its own (S/g → T/g, same geometry); the
+        layer itself when it has one group."""
+        g = self.groups
+        if g == 1:
+            return self
+        return dataclasses.replace(
+            self,
+            in_shape=(self.in_shape[0] // g, *self.in_shape[1:]),
+            out_shape=(self.out_shape[0] // g, *self.out_shape[1:]),
+            in_features=self.in_features // g,
+            out_features=self.out_features // g,
+            groups=1,
+        )
+
     def to_dict(self) -> dict:
         return {**asdict(self), "params": self.params, "macs": self.macs}
 
@@ -88,8 +104,9 @@ class ModelAnalysis:
     layers: tuple[LayerInfo, ...]
     total_params: int  # every parameter of the model
     total_macs: int  # conv + linear MACs, modules and functional calls
-    # Functional convs and matrix products (F.conv2d, F.linear, matmul, …): node name → MACs.
-    # Counted in total_macs (they are part of the model's cost) but not decomposable.
+    # Functional convs and matrix products (F.conv2d, F.linear, matmul, …): node name → MACs,
+    # and nn.MultiheadAttention modules (see `_attention_macs`). Counted in total_macs (they are
+    # part of the model's cost) but not decomposable.
     functional: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def layer(self, name: str) -> LayerInfo:
@@ -164,7 +181,7 @@ def analyze(gm: fx.GraphModule) -> ModelAnalysis:
             )
         layers.append(info)
     total_params = sum(p.numel() for p in gm.parameters())
-    functional = _functional_macs(gm)
+    functional = {**_functional_macs(gm), **_attention_macs(gm)}
     total_macs = sum(info.macs for info in layers) + sum(functional.values())
     return ModelAnalysis(tuple(layers), total_params, total_macs, functional)
 
@@ -195,4 +212,25 @@ def _functional_macs(gm: fx.GraphModule) -> dict[str, int]:
             if first is None:
                 continue
             found[node.name] = int(math.prod(out[1:]) * first.shape[-1])
+    return found
+
+
+def _attention_macs(gm: fx.GraphModule) -> dict[str, int]:
+    """MACs of nn.MultiheadAttention calls (a leaf to torch.fx): the q/k/v and output
+    projections and the two attention products. Its projections are packed weights that
+    F.multi_head_attention_forward uses directly, not Linear modules, so they are kept whole;
+    the key says so in every report."""
+    found = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        metas = [getattr(arg, "meta", {}).get("tensor_meta") for arg in node.args[:3]]
+        if not isinstance(module, nn.MultiheadAttention) or None in metas:
+            continue
+        position = 1 if module.batch_first else 0
+        (l_q, e_q), (l_k, e_k), (l_v, e_v) = ((m.shape[position], m.shape[-1]) for m in metas)
+        e = module.embed_dim
+        macs = l_q * e_q * e + l_k * e_k * e + l_v * e_v * e + 2 * l_q * l_k * e + l_q * e * e
+        found[f"{node.target} (nn.MultiheadAttention: packed projections kept whole)"] = macs
     return found

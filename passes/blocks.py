@@ -4,6 +4,10 @@ A block is an nn.Sequential with named stages that records where it came from (`
 `ranks`), so reports, exports and restores can trace every new module back to its layer. The
 spatial stage carries the original stride, padding (incl. 'same' and per-dimension), dilation and
 padding mode; pointwise stages commute with any padding because they have no bias.
+
+A grouped conv (g groups) is g convs side by side, so its block is one group's block with every
+stage grouped g times more (`grouped_block`): group i's channels stay contiguous in every stage,
+and group i's factors fill the i-th slice of each stage's weight (`set_group`).
 """
 
 from __future__ import annotations
@@ -141,3 +145,67 @@ def fill_five_stage(
         set_weight(block.pointwise_out, project_out[:, :, None, None])
     else:
         set_weight(block.pointwise_out, (project_out @ core_out)[:, :, None, None])
+
+
+def _regrouped(conv: nn.Conv2d, factor: int, more: bool) -> nn.Conv2d:
+    """`conv` with channels and groups multiplied (`more`) or divided by `factor`."""
+    scale = (lambda n: n * factor) if more else (lambda n: n // factor)
+    return nn.Conv2d(
+        scale(conv.in_channels),
+        scale(conv.out_channels),
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=scale(conv.groups),
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    )
+
+
+def _conv_stages(block: FactorizedBlock) -> OrderedDict[str, nn.Conv2d]:
+    stages = OrderedDict(block.named_children())
+    for name, stage in stages.items():
+        if type(stage) is not nn.Conv2d:
+            raise ValueError(
+                f"{block.method} builds a {type(stage).__name__} stage '{name}'; only blocks of "
+                "Conv2d stages can be grouped, so skip grouped convs for this method"
+            )
+    return stages
+
+
+def grouped_block(group: FactorizedBlock, groups: int) -> FactorizedBlock:
+    """The block of a `groups`-group conv from the block of one of its groups."""
+    stages = OrderedDict(
+        (name, _regrouped(stage, groups, more=True)) for name, stage in _conv_stages(group).items()
+    )
+    return FactorizedBlock(stages, group.source, group.method, group.ranks)
+
+
+def group_block(block: FactorizedBlock, groups: int) -> FactorizedBlock:
+    """One group's block (fresh weights) of a grouped conv's block: `grouped_block` undone."""
+    stages = OrderedDict(
+        (name, _regrouped(stage, groups, more=False)) for name, stage in _conv_stages(block).items()
+    )
+    return FactorizedBlock(stages, block.source, block.method, block.ranks)
+
+
+def conv_group(conv: nn.Conv2d, index: int) -> nn.Conv2d:
+    """Group `index` of a grouped conv as a conv of its own, sharing nothing with `conv`."""
+    single = _regrouped(conv, conv.groups, more=False)
+    rows = slice(index * single.out_channels, (index + 1) * single.out_channels)
+    with torch.no_grad():
+        single = single.to(conv.weight.device, conv.weight.dtype)
+        single.weight.copy_(conv.weight[rows])
+        if conv.bias is not None:
+            single.bias.copy_(conv.bias[rows])
+    return single
+
+
+def set_group(block: FactorizedBlock, group: FactorizedBlock, index: int) -> None:
+    """Write one group's filled block into slice `index` of every stage of `block`."""
+    with torch.no_grad():
+        for stage, part in zip(block, group):
+            for name, tensor in part.named_parameters():
+                rows = tensor.shape[0]
+                getattr(stage, name)[index * rows : (index + 1) * rows].copy_(tensor)

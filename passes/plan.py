@@ -289,7 +289,8 @@ class Slot:
     def block(self) -> int | None:
         """The channel block ranks align to; layers under four blocks wide keep free ranks, where
         a block step costs accuracy (ResNet-56 CP at 2×: 87.9 % aligned vs 91.9 % free)."""
-        widest = max(self.layer.in_features, self.layer.out_features)
+        one = self.layer.one_group  # a grouped conv's ranks are per group
+        widest = max(one.in_features, one.out_features)
         return self.round_to if self.round_to and widest >= 4 * self.round_to else None
 
     def cost(self, ranks: Ranks | None, metric: str) -> float:

@@ -53,8 +53,8 @@ def export_onnx(
         )
     target = Path(path)
     with eval_mode(module):
-        program = _run_exporter(module, example_input, opset)
-    _check_exported_graph(program.model_proto, example_input)
+        program, traced_input = _export_dynamic_batch(module, example_input, opset)
+    _check_exported_graph(program.model_proto, traced_input)
     try:
         with atomic_path(target) as tmp:
             # external_data=False keeps the weights inside the one file (CNNs are far below
@@ -98,6 +98,26 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
     finally:
         for sub, mode in modes:
             sub.training = mode
+
+
+def _export_dynamic_batch(
+    module: nn.Module, example_input: torch.Tensor, opset: int
+) -> tuple[torch.onnx.ONNXProgram, torch.Tensor]:
+    """The exported program and the input it was traced at.
+
+    torch.export specializes every dimension of size 1 (its 0/1 specialization), so at a batch
+    of 1 the declared batch axis either fails ("ConstraintViolationError (batch)": torchvision's
+    Swin and ConvNeXt) or comes back fixed to 1 (ViT): a batch-1 example is traced at batch 2.
+    A model that runs at batch 1 only is exported at its own example instead, so the error says
+    what pins its batch size.
+    """
+    if example_input.shape[0] != 1:
+        return _run_exporter(module, example_input, opset), example_input
+    doubled = example_input.expand(2, *example_input.shape[1:]).clone()
+    try:
+        return _run_exporter(module, doubled, opset), doubled
+    except ExportError:
+        return _run_exporter(module, example_input, opset), example_input
 
 
 def _run_exporter(

@@ -102,7 +102,7 @@ def test_uniform_budget_met_within_five_percent(traced, method, metric, target):
     achieved = total / getattr(cost, metric)
     assert abs(achieved / target - 1) <= 0.05
     reasons = {entry.name: entry.reason for entry in plan.layers}
-    assert "grouped conv (groups=4)" in reasons["features.4"]
+    assert "ranks per group: 4 groups of 12→12" in reasons["features.4"]
     assert "depthwise conv (groups=48)" in reasons["features.5"]
     assert plan.target == {f"{metric}_reduction": target}
 
@@ -174,7 +174,9 @@ def test_decompose_keeps_input_and_restore_roundtrips(traced, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
     new.graph.lint()
     rows = report.by_name()
-    assert rows["features.2"].status == "decomposed" and rows["features.4"].status == "skipped"
+    assert rows["features.2"].status == "decomposed" and rows["features.5"].status == "skipped"
+    assert rows["features.4"].status == "decomposed"  # grouped: ranks per group, grouped stages
+    assert [stage.groups for stage in new.get_submodule("features.4")] == [4, 4, 4]
     assert rows["features.2"].macs < rows["features.2"].original_macs
     assert 0 <= rows["features.2"].rel_error < 1
     assert type(new.get_submodule("features.2")).__name__ == "FactorizedBlock"

@@ -33,15 +33,22 @@ get_method = METHODS.get_named
 def method_for_layer(requested: str, layer: LayerInfo) -> tuple[Method, str]:
     """The method a layer gets, and a note when it differs from the requested one.
 
-    A Linear layer or a 1×1 conv is a matrix: every tensor method reduces to its SVD there.
+    A Linear layer or a 1×1 conv is a matrix: every tensor method reduces to its SVD there. A
+    grouped conv's ranks are per group (see `Method`), which the note says.
     """
     method = get_method(requested)
     svd = METHODS["svd"]
+    notes = []
     if method is not svd and layer.type == "Linear":
-        return svd, f"{requested} of a matrix is its SVD"
+        method, notes = svd, [f"{requested} of a matrix is its SVD"]
     if method is not svd and layer.type == "Conv2d" and layer.kernel_area == 1:
-        return svd, f"{requested} of a 1×1 kernel is its SVD"
-    return method, ""
+        method, notes = svd, [f"{requested} of a 1×1 kernel is its SVD"]
+    if layer.groups > 1:
+        one = layer.one_group
+        notes.append(
+            f"ranks per group: {layer.groups} groups of {one.in_features}→{one.out_features}"
+        )
+    return method, "; ".join(notes)
 
 
 for _method in (

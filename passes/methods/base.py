@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -11,7 +13,13 @@ import numpy as np
 from torch import nn
 
 from rankfold.passes.analysis import LayerInfo
-from rankfold.passes.blocks import FactorizedBlock
+from rankfold.passes.blocks import (
+    FactorizedBlock,
+    conv_group,
+    group_block,
+    grouped_block,
+    set_group,
+)
 
 Ranks = tuple[int, ...]
 
@@ -48,18 +56,32 @@ class Method(ABC):
     Besides the abstract core (ranks, cost, candidates, build, fill), a method declares what it
     can do through hooks whose defaults say "not this method": selectors ask the hooks and never
     test method names.
+
+    Grouped convs: each group is a conv of its own, so a subclass writes its hooks for one group
+    and `__init_subclass__` makes them whole-layer hooks: the rank hooks see `layer.one_group`
+    (ranks are per group, equal in every group), `cost` is g × one group's, `build` groups
+    every stage of one group's block g times more, `fill` factorizes each group into its slice,
+    and `ranks_within_error` takes the largest group's ranks (every group within the error).
     """
 
     name: str
     rank_names: tuple[str, ...] = ("rank",)
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, per_layer in _WHOLE_LAYER.items():
+            if name in cls.__dict__:
+                setattr(cls, name, per_layer(cls.__dict__[name]))
+
     def unsupported_reason(self, layer: LayerInfo) -> str | None:
         """None when the method applies to `layer`, else why not (shown in the report)."""
         if layer.type not in ("Conv2d", "Linear"):
             return f"{layer.type} is not supported (Conv2d and Linear are)"
-        if layer.groups > 1:
-            kind = "depthwise" if layer.groups == layer.in_features else "grouped"
-            return f"{kind} conv (groups={layer.groups}) has no shared channel modes to factorize"
+        if layer.groups > 1 and layer.groups == layer.in_features:
+            return (
+                f"depthwise conv (groups={layer.groups}) has one input channel per group: no "
+                "channel mode to factorize"
+            )
         if layer.calls > 1:
             return f"module is called {layer.calls} times; shared modules are kept whole"
         return None
@@ -127,3 +149,92 @@ class Method(ABC):
             if not self.shrinks(layer, ranks):
                 break
         return out
+
+
+# The whole-layer forms of the per-group hooks (see `Method`); each is the hook itself for a
+# layer with one group, so wrapping a hook that calls its parent's wrapped hook changes nothing.
+
+
+def _on_one_group(hook):
+    @functools.wraps(hook)
+    def per_layer(self, layer: LayerInfo, *args, **kwargs):
+        return hook(self, layer.one_group, *args, **kwargs)
+
+    return per_layer
+
+
+def _cost(hook):
+    @functools.wraps(hook)
+    def per_layer(self, layer: LayerInfo, ranks: Ranks) -> Cost:
+        one = hook(self, layer.one_group, ranks)
+        return Cost(params=one.params * layer.groups, macs=one.macs * layer.groups)
+
+    return per_layer
+
+
+def _build(hook):
+    @functools.wraps(hook)
+    def per_layer(self, layer: LayerInfo, ranks: Ranks) -> FactorizedBlock:
+        block = hook(self, layer.one_group, ranks)
+        return block if layer.groups == 1 else grouped_block(block, layer.groups)
+
+    return per_layer
+
+
+def _grouped(module: nn.Module) -> int:
+    return getattr(module, "groups", 1)
+
+
+def _fill(hook):
+    @functools.wraps(hook)
+    def per_layer(self, block: FactorizedBlock, original: nn.Module, seed: int) -> FillResult:
+        groups = _grouped(original)
+        if groups == 1:
+            return hook(self, block, original, seed)
+        one = group_block(block, groups).to(original.weight.device, original.weight.dtype)
+        errors, norms, extras = [], [], {}
+        for index in range(groups):
+            part = conv_group(original, index)
+            result = hook(self, one, part, seed)
+            set_group(block, one, index)
+            errors.append(result.rel_error)
+            norms.append(float(part.weight.detach().double().norm()))
+            for key, value in result.extras.items():
+                extras[key] = max(extras.get(key, value), value)
+        # ‖W − Ŵ‖² adds up over groups; extras are the worst group's.
+        total = math.sqrt(sum(n * n for n in norms)) or 1.0
+        rel_error = math.sqrt(sum((e * n) ** 2 for e, n in zip(errors, norms))) / total
+        return FillResult(rel_error, extras)
+
+    return per_layer
+
+
+def _ranks_within_error(hook):
+    @functools.wraps(hook)
+    def per_layer(self, layer: LayerInfo, module: nn.Module, rel_error: float, seed: int):
+        groups = _grouped(module)
+        if groups == 1:
+            return hook(self, layer, module, rel_error, seed)
+        answers = []
+        for index in range(groups):
+            answer = hook(self, layer.one_group, conv_group(module, index), rel_error, seed)
+            if answer is None or isinstance(answer, str):
+                return answer if answer is None else f"group {index}: {answer}"
+            answers.append(answer)
+        # Every group within the error keeps the whole kernel within it.
+        return tuple(max(values) for values in zip(*answers))
+
+    return per_layer
+
+
+_WHOLE_LAYER = {
+    "max_ranks": _on_one_group,
+    "candidates": _on_one_group,
+    "ranks_from_ratio": _on_one_group,
+    "clamp_ranks": _on_one_group,
+    "normalize_ranks": _on_one_group,
+    "cost": _cost,
+    "build": _build,
+    "fill": _fill,
+    "ranks_within_error": _ranks_within_error,
+}

@@ -18,18 +18,18 @@ def _kernel(slot: Slot, gm: fx.GraphModule) -> np.ndarray:
     return gm.get_submodule(slot.layer.name).weight.detach().cpu().double().numpy()
 
 
-def unfoldings(slot: Slot, gm: fx.GraphModule, selector: str) -> list[np.ndarray]:
-    """The matrices whose ranks are the slot method's ranks, in the order of `rank_names`."""
+def unfoldings(slot: Slot, gm: fx.GraphModule, selector: str) -> list[list[np.ndarray]]:
+    """Per group of the layer (one unless it is a grouped conv, whose ranks are per group), the
+    matrices whose ranks are the slot method's ranks, in the order of `rank_names`."""
     kernel = _kernel(slot, gm)
-    matrices = slot.method.unfoldings(kernel)
-    if matrices is None:
+    if slot.method.unfoldings(kernel) is None:
         fitting = [m.name for m in METHODS.values() if m.unfoldings(kernel) is not None]
         raise ConfigError(
             f"--select {selector} reads ranks off unfolding spectra, which fits "
             f"{' and '.join(fitting)} but not {slot.method.name} (layer '{slot.layer.name}'); "
             f"use --select error or pars for {slot.method.name}"
         )
-    return matrices
+    return [slot.method.unfoldings(group) for group in np.split(kernel, slot.layer.groups)]
 
 
 def has_unfoldings(draft: PlanDraft, gm: fx.GraphModule) -> bool:

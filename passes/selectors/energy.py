@@ -29,9 +29,12 @@ def energy_choice(draft: PlanDraft, gm: fx.GraphModule, energy: float) -> Choice
     with a budget, the common energy threshold that fits it."""
     cumulative = []
     for slot in draft.slots:
+        # A grouped conv keeps the same rank r in every group: the energy it keeps is the sum
+        # over groups of each group's r leading squared singular values.
+        per_group = unfoldings(slot, gm, "energy")
         modes = []
-        for matrix in unfoldings(slot, gm, "energy"):
-            power = np.linalg.svd(matrix, compute_uv=False) ** 2
+        for matrices in zip(*per_group):
+            power = sum(np.linalg.svd(matrix, compute_uv=False) ** 2 for matrix in matrices)
             modes.append(np.cumsum(power) / max(power.sum(), 1e-300))
         cumulative.append(modes)
 

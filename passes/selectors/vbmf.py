@@ -86,8 +86,13 @@ def evbmf_rank(matrix: np.ndarray) -> int:
 
 def vbmf_choice(draft: PlanDraft, gm: fx.GraphModule) -> Choice:
     """EVBMF ranks of each unfolding; with a budget, all scaled by the one factor that fits it."""
+    # A grouped conv's ranks are per group, equal in every group: the largest group's estimate.
     estimates = [
-        [evbmf_rank(matrix) for matrix in unfoldings(slot, gm, "vbmf")] for slot in draft.slots
+        [
+            max(evbmf_rank(matrix) for matrix in matrices)
+            for matrices in zip(*unfoldings(slot, gm, "vbmf"))
+        ]
+        for slot in draft.slots
     ]
 
     def ranks_at(j: int, scale: float) -> Ranks:
