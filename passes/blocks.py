@@ -70,7 +70,7 @@ def copy_bias(target: nn.Module, original: nn.Module) -> None:
 
 
 def balanced(columns: list[np.ndarray], weights: np.ndarray) -> list[np.ndarray]:
-    """Spread λ evenly over unit-norm factors: equal column norms keep fine-tuning well conditioned."""
+    """Spread λ evenly over unit-norm factors: equal column norms keep fine-tuning well posed."""
     share = np.abs(weights) ** (1.0 / len(columns))
     scaled = [c * share for c in columns]
     scaled[-1] = scaled[-1] * np.sign(weights)

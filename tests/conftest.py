@@ -1,4 +1,4 @@
-"""Shared fixtures: the real-data folder (skip without it, fail in CI) and a quiet, single-thread torch."""
+"""Shared fixtures: the real-data folder (skip without it, fail in CI), a quiet 1-thread torch."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def _private_decomposition_cache(tmp_path_factory: pytest.TempPathFactory) -> No
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    """`$RANKFOLD_DATA` (default ../shared/data): skips when absent, fails if RANKFOLD_REQUIRE_DATA=1."""
+    """`$RANKFOLD_DATA` (default ../shared/data): skips when absent, fails under
+    RANKFOLD_REQUIRE_DATA=1."""
     path = _data_dir()
     if not (path / "README.md").is_file():
         message = f"real data folder {path} not found (set RANKFOLD_DATA)"

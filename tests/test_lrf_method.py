@@ -1,4 +1,4 @@
-"""The cp-lrf layer chain: exact against its reconstructed kernel, exact cost, budget, ONNX parity."""
+"""The cp-lrf chain: exact against its reconstructed kernel, exact cost, budget, ONNX parity."""
 
 from __future__ import annotations
 

@@ -149,13 +149,9 @@ def test_impossible_ranks_and_budgets_are_refused(traced):
     with pytest.raises(
         PlanError, match=r"rank 500 for layer 'features.2' \(svd\) is impossible.*\[1, 48\]"
     ):
-        plan_of(
-            analysis, RankPolicy(method="svd", layers={"features.2": LayerOverride(rank=500)})
-        )
+        plan_of(analysis, RankPolicy(method="svd", layers={"features.2": LayerOverride(rank=500)}))
     with pytest.raises(PlanError, match="larger than the original"):
-        plan_of(
-            analysis, RankPolicy(method="svd", layers={"features.2": LayerOverride(rank=47)})
-        )
+        plan_of(analysis, RankPolicy(method="svd", layers={"features.2": LayerOverride(rank=47)}))
     with pytest.raises(PlanError, match="impossible"):
         plan_of(analysis, RankPolicy(method="tucker2", macs_reduction=500))
     with pytest.raises(ConfigError, match="unknown method 'tuker2'.*did you mean 'tucker2'"):
@@ -167,9 +163,7 @@ def test_impossible_ranks_and_budgets_are_refused(traced):
 def test_decompose_keeps_input_and_restore_roundtrips(traced, tmp_path):
     model, x, gm, analysis = traced
     before = {k: v.clone() for k, v in gm.state_dict().items()}
-    plan = plan_of(
-        analysis, RankPolicy(method="tucker2", macs_reduction=2.0, min_macs_share=0)
-    )
+    plan = plan_of(analysis, RankPolicy(method="tucker2", macs_reduction=2.0, min_macs_share=0))
     new, report = decompose(gm, analysis, plan)
     assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
     new.graph.lint()

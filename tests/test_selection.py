@@ -138,9 +138,7 @@ def test_error_selector_within_budget_and_same_bound_for_every_layer(traced, tmp
     policy = RankPolicy(
         method="tucker2", select="error", macs_reduction=3, min_macs_share=0, round_to=None
     )
-    plan, report = resolve(
-        gm, analysis, policy, "net", search=SearchConfig(cache_dir=tmp_path)
-    )
+    plan, report = resolve(gm, analysis, policy, "net", search=SearchConfig(cache_dir=tmp_path))
     assert plan_cost(analysis, plan).macs <= analysis.total_macs / 3
     _, decomposition = decompose(gm, analysis, plan)
     errors = {row.name: row.rel_error for row in decomposition.layers if row.rel_error is not None}
@@ -230,9 +228,7 @@ def test_error_selector_without_budget_picks_the_smallest_rank_within_the_bound(
     policy = RankPolicy(
         method="svd", select="error", rel_error=0.6, min_macs_share=0, round_to=None
     )
-    plan, report = resolve(
-        gm, analysis, policy, "net", search=SearchConfig(cache_dir=tmp_path)
-    )
+    plan, report = resolve(gm, analysis, policy, "net", search=SearchConfig(cache_dir=tmp_path))
     _, decomposition = decompose(gm, analysis, plan)
     rows = decomposition.by_name()
     chosen = [entry for entry in plan.layers if entry.decompose]

@@ -1,6 +1,6 @@
 """Factorizations as pure functions on weight tensors (float64 NumPy in, small result objects out).
 
-Nothing here knows about torch.nn or graphs; `rankfold.passes.blocks` builds layers from the results.
+Nothing here knows about torch.nn or graphs; `rankfold.passes.blocks` builds the layers.
 """
 
 from rankfold.passes.factorizations.cp import CPFactors, cp_als, cp_sensitivity

@@ -83,7 +83,6 @@ class CPLRFMethod(Method):
         copy_bias(block.pointwise_out, original)
         return FillResult(fitted.rel_error, {"lrf_params": float(fitted.factors.n_params)})
 
-
     def ranks_within_error(
         self, layer: LayerInfo, module: nn.Module, rel_error: float, seed: int
     ) -> Ranks | str:
