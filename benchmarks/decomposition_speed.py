@@ -60,9 +60,9 @@ def worker(case: dict) -> dict:
             search={"cache_dir": Path(cache)},
             latency={"enabled": False},
         )
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         result = compress(model.eval(), example, config, spec)
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     rows = [row for row in result.decomposition.layers if row.status == "decomposed"]
     ratios = [
         row.extras["sensitivity_before"] / row.extras["sensitivity"]
@@ -72,6 +72,8 @@ def worker(case: dict) -> dict:
     errors = [row.rel_error for row in rows]
     return {
         "wall_s": wall,
+        # CPU seconds of all threads: less sensitive than wall time to a busy shared machine.
+        "cpu_s": cpu,
         "layer_seconds_sum": sum(row.seconds for row in rows),
         "layers": len(rows),
         "mean_rel_error": float(np.mean(errors)),
@@ -105,7 +107,7 @@ def cell(result: dict) -> str:
         return f"> {result['stopped_after_s']:.0f} s, stopped"
     if "failed" in result:
         return f"failed: {result['failed']}"
-    return f"{result['wall_s']:.1f} s"
+    return f"{result['wall_s']:.1f} s ({result['cpu_s']:.0f} CPU s)"
 
 
 def main() -> None:
@@ -115,12 +117,25 @@ def main() -> None:
     parser.add_argument("--old-limit", type=float, default=120.0)
     parser.add_argument("--new-limit", type=float, default=400.0)
     parser.add_argument("--cases", type=int, default=len(CASES), help="run the first N cases")
+    parser.add_argument(
+        "--case",
+        action="append",
+        default=[],
+        help="run only this case, MODEL/METHOD/REDUCTION (e.g. resnet56/cp-epc/3); repeatable",
+    )
+    parser.add_argument("--out", default="benchmarks/results/decomposition_speed.json")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
     rows = []
-    for model, weights, method, reduction in CASES[: args.cases]:
+    chosen = CASES[: args.cases]
+    if args.case:
+        chosen = [c for c in CASES if f"{c[0]}/{c[2]}/{c[3]:g}" in args.case]
+        if len(chosen) != len(args.case):
+            known = ", ".join(f"{c[0]}/{c[2]}/{c[3]:g}" for c in CASES)
+            parser.error(f"--case must be one of {known}")
+    for model, weights, method, reduction in chosen:
         case = {"model": model, "weights": weights, "method": method, "reduction": reduction}
         new = run_case(sys.executable, case, args.new_limit)
         old = run_case(args.old_python, case, args.old_limit) if args.old_python else {}
@@ -130,19 +145,28 @@ def main() -> None:
             for side in ("new", "old")
         }
         print(json.dumps({**case, **brief}), flush=True)
-    out = ROOT / "benchmarks/results/decomposition_speed.json"
+    out = ROOT / args.out
     out.write_text(json.dumps(rows, indent=2) + "\n")
-    print("| model | method | MACs | old | new | mean rel. error old → new | layers |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| model | method | MACs | old | new | mean rel. error old → new | median sensitivity "
+        "reduction old → new | layers |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         old, new = row["old"], row["new"]
         err = (
             f"{old.get('mean_rel_error', float('nan')):.4f} → "
             f"{new.get('mean_rel_error', float('nan')):.4f}"
         )
+        sens = " → ".join(
+            f"{side['median_sensitivity_reduction']:.1f}×"
+            if side.get("median_sensitivity_reduction")
+            else "–"
+            for side in (old, new)
+        )
         print(
             f"| {row['model']} | {row['method']} | {row['reduction']:g}× | {cell(old)} | "
-            f"{cell(new)} | {err} | {new.get('layers', '')} |"
+            f"{cell(new)} | {err} | {sens} | {new.get('layers', '')} |"
         )
 
 

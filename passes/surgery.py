@@ -92,6 +92,19 @@ def pool_shape(jobs: int, cores: int | None = None) -> tuple[int, int]:
     return max(1, min(cores, jobs)), 1
 
 
+def largest_first(planned: list[LayerPlan], layers: dict[str, LayerInfo]) -> list[LayerPlan]:
+    """Planned layers by falling size (weights × largest rank, what a factorization's sweeps
+    scale with): with the big ones started first, a few wide layers do not run alone at the end
+    while the other workers idle (longest-processing-time-first scheduling)."""
+
+    def size(entry: LayerPlan) -> int:
+        layer = layers[entry.name]
+        weights = layer.in_features * layer.out_features * layer.kernel_area
+        return weights * max(entry.ranks, default=1)
+
+    return sorted(planned, key=size, reverse=True)
+
+
 def decompose(
     gm: fx.GraphModule,
     analysis: ModelAnalysis,
@@ -132,7 +145,7 @@ def decompose(
 
     filled: dict[str, tuple[CachedBlock, bool, float]] = {}
     with compute_threads(threads), ThreadPoolExecutor(n_workers) as pool:
-        futures = {pool.submit(fill, entry): entry.name for entry in planned}
+        futures = {pool.submit(fill, entry): entry.name for entry in largest_first(planned, layers)}
         try:
             for future in as_completed(futures):
                 filled[futures[future]] = future.result()

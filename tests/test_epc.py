@@ -13,7 +13,7 @@ from scipy.optimize import minimize
 from tensorly.decomposition import parafac
 from tensorly.tenalg import khatri_rao
 
-from rankfold.passes.factorizations.cp import CPFactors, cp_sensitivity
+from rankfold.passes.factorizations.cp import CPFactors, cp_als, cp_sensitivity
 from rankfold.passes.factorizations.epc import _update_mode, cp_epc, epc, max_cp_rank, tucker2_cp
 
 BOUND = 1.0 + 1e-6  # allowed relative excess of the error over δ
@@ -271,3 +271,15 @@ def test_mode_update_is_the_constrained_minimum_of_a_generic_solver() -> None:
     assert generic.success and residual(generic.x) <= tau_sq * (1 + 1e-8)
     assert np.sum(new_weights**2) == pytest.approx(generic.fun, rel=1e-6)
     assert np.sum(new_weights**2) < 0.9 * np.sum(weights**2)
+
+
+def test_extrapolation_reaches_a_lower_sum_in_the_same_sweeps() -> None:
+    tensor = np.random.default_rng(0).standard_normal((12, 10, 9))
+    als = cp_als(tensor, 12, seed=0, n_iter_max=100, tol=1e-6, linesearch=False)
+    jumped = epc(tensor, als, max_sweeps=40, tol=0.0)
+    plain = epc(tensor, als, max_sweeps=40, tol=0.0, extrapolate=False)
+    assert jumped.sum_sq_weights[0] == plain.sum_sq_weights[0]
+    # Measured: 983 against 1440 from 5658.
+    assert jumped.sum_sq_weights[-1] <= 0.8 * plain.sum_sq_weights[-1]
+    assert max(jumped.errors) <= jumped.errors[0] * BOUND
+    assert np.all(np.diff(jumped.sum_sq_weights) <= 0.0)

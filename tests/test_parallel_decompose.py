@@ -8,7 +8,7 @@ from torch import nn
 
 from rankfold.passes import RankPolicy, analyze, decompose, trace
 from rankfold.passes.search import DecompositionCache
-from rankfold.passes.surgery import pool_shape
+from rankfold.passes.surgery import largest_first, pool_shape
 
 
 def _model() -> tuple[nn.Module, torch.Tensor]:
@@ -47,3 +47,14 @@ def test_parallel_blocks_equal_serial_ones_and_a_rerun_loads_them(tmp_path) -> N
     _, rerun = decompose(gm, analysis, plan, cache=again, cores=2)
     assert again.misses == 0 and again.hits == 3
     assert all(row.from_cache for row in rerun.layers if row.status == "decomposed")
+
+
+def test_largest_layers_are_started_first() -> None:
+    model, x = _model()
+    gm = trace(model, x)
+    analysis = analyze(gm)
+    plan = plan_of(analysis, RankPolicy(method="cp", macs_reduction=2.0, round_to=None))
+    layers = {layer.name: layer for layer in analysis.layers}
+    order = [entry.name for entry in largest_first(plan.decomposed(), layers)]
+    # By weights × rank: 16→16 (2304 weights), then 16→12 (1728), then 8→16 (1152).
+    assert order == ["2", "4", "0"]

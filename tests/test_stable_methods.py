@@ -117,7 +117,7 @@ def test_cp_epc_on_a_real_kernel_is_several_times_less_sensitive(data_dir) -> No
     method = CPEPCMethod(max_sweeps=200)
     block = method.build(layer, (42,)).double()
     result = method.fill(block, conv.double(), seed=0)
-    # Measured: ratio 11.1 after 200 sweeps (sensitivity 6.2e3 from 6.9e4), error 0.4446 kept.
+    # Measured: ratio 13.0 after 200 sweeps (sensitivity 5.3e3 from 6.9e4), error 0.4446 kept.
     assert result.rel_error <= result.extras["als_rel_error"] * BOUND
     assert result.extras["sensitivity_before"] / result.extras["sensitivity"] >= 5.0
     kernel = conv.weight.detach().double().numpy()

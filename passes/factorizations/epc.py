@@ -41,10 +41,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import tensorly as tl
-import torch
 from scipy.optimize import brentq
 
-from rankfold.passes.factorizations.cp import CPFactors, cp_als, cp_sensitivity, mttkrp
+from rankfold.passes.factorizations.cp import CPFactors, cp_als, cp_sensitivity
 from rankfold.passes.factorizations.tucker import tucker2
 
 # Eigenvalues of Γ below this are floored: Γ has a unit diagonal, so this is relative to 1.
@@ -107,8 +106,8 @@ def _solve_eta(ratio: np.ndarray, gamma: np.ndarray, target: float) -> float:
         return 0.0
 
     def excess(log_eta: float) -> float:
-        share = 1.0 / (1.0 + gamma * math.exp(-log_eta))
-        return float(np.sum(ratio * share * share)) - target
+        share = np.reciprocal(1.0 + gamma * math.exp(-log_eta))
+        return float(ratio @ (share * share)) - target
 
     # Beyond these bounds every share is within e⁻⁴⁰ of 0 or 1, so h is flat to rounding.
     lo = math.log(float(gamma.min())) - 40.0
@@ -128,6 +127,23 @@ def _khatri_rao(matrices: list[np.ndarray], skip: int) -> np.ndarray:
     out = others[0]
     for m in others[1:]:
         out = (out[:, None, :] * m[None, :, :]).reshape(-1, out.shape[1])
+    return out
+
+
+def _mttkrp(tensor: np.ndarray, factors: list[np.ndarray], mode: int) -> np.ndarray:
+    """unfold(tensor, mode) @ KhatriRao(other factors), I_mode×R, without forming the Khatri–Rao
+    product: the largest other mode is contracted by one matrix product, the rest column by
+    column. NumPy rather than `cp.mttkrp` (torch): EPC's kernels are small, and per call torch's
+    einsum costs more than the arithmetic."""
+    others = [m for m in range(tensor.ndim) if m != mode]
+    first = max(others, key=tensor.shape.__getitem__)
+    out = np.tensordot(tensor, factors[first], axes=([first], [0]))
+    axes = [m for m in range(tensor.ndim) if m != first]
+    for m in others:
+        if m == first:
+            continue
+        out = np.einsum("...ir,ir->...r", np.moveaxis(out, axes.index(m), -2), factors[m])
+        axes.remove(m)
     return out
 
 
@@ -177,12 +193,49 @@ def _update_mode(
     for _ in range(40):
         new_direction, new_weights = _unit_columns((f / (gamma + eta)) @ q.T, direction)
         err = residual_sq(new_direction * new_weights)
-        if err <= limit and float(np.sum(new_weights**2)) <= sum_now:
-            return new_direction, new_weights, err
+        if err <= limit:
+            # A smaller η only raises Σ λ², so a rise (rounding, at convergence) ends the search.
+            if float(np.sum(new_weights**2)) <= sum_now:
+                return new_direction, new_weights, err
+            break
         if eta == 0.0:
             break
         eta = eta * 0.25 if eta > 1e-300 else 0.0
     return direction, weights, err_now
+
+
+def _update(
+    tensor: np.ndarray,
+    residual: _Residual,
+    directions: list[np.ndarray],
+    weights: np.ndarray,
+    mode: int,
+    err_sq: float,
+    delta_sq: float,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """`_update_mode` of `mode` with the other modes' directions taken from `directions`."""
+    gamma = np.ones((weights.shape[0], weights.shape[0]))
+    for m, d in enumerate(directions):
+        if m != mode:
+            gamma = gamma * (d.T @ d)
+
+    def residual_sq(u: np.ndarray) -> float:
+        return residual([u if m == mode else d for m, d in enumerate(directions)])
+
+    return _update_mode(
+        _mttkrp(tensor, directions, mode),
+        gamma,
+        residual_sq,
+        directions[mode],
+        weights,
+        err_sq,
+        delta_sq,
+    )
+
+
+# Extrapolation step: it starts at half the last sweep's step, doubles after an accepted jump
+# (up to this many steps) and halves after a rejected one.
+_JUMP_START, _JUMP_MAX, _JUMP_MIN = 0.5, 100.0, 0.1
 
 
 def epc(
@@ -192,11 +245,19 @@ def epc(
     max_sweeps: int = 300,
     tol: float = 1e-6,
     patience: int = 3,
+    extrapolate: bool = True,
 ) -> EPCResult:
     """EPC from `init`: minimise Σλ² keeping ‖K − model‖ ≤ δ (default: the error of `init`).
 
     Stops after `patience` consecutive sweeps whose relative change of Σλ² is below `tol`, or
     after `max_sweeps`.
+
+    With `extrapolate`, every sweep ends with a jump along the last sweep's step, as ALS line
+    search does (Bro 1998): the directions of every mode but the last move by `jump` × their
+    change over the sweep, the last mode is re-solved by the same minimum-norm update, and the
+    jump is kept only if it stays within the bound and lowers Σλ². The plain sweeps crawl
+    (Σλ² still falling after 1000 sweeps on ResNet-56 kernels); with the jump, about a quarter
+    of the sweeps reach the same Σλ², each about a third dearer.
     """
     k = _as_tensor(tensor)
     if init.shape != k.shape:
@@ -215,7 +276,6 @@ def epc(
     directions[0] = directions[0] * np.where(start.weights < 0, -1.0, 1.0)
     weights = np.abs(start.weights).astype(np.float64)
     residual = _Residual(k)
-    k_torch = torch.from_numpy(k)
     # Every error, this one included, comes from the same residual computation.
     err_sq = residual([directions[0] * weights, *directions[1:]])
     if delta is None:
@@ -228,28 +288,32 @@ def epc(
     errors = [math.sqrt(err_sq)]
     calm = 0
     sweeps = 0
+    last = k.ndim - 1
+    jump = _JUMP_START
+    previous: list[np.ndarray] | None = None
     while sweeps < max_sweeps and calm < patience:
         for n in range(k.ndim):
-            others = [m for m in range(k.ndim) if m != n]
-            g = mttkrp(
-                k_torch,
-                [torch.from_numpy(d) for d in directions],
-                n,
-                first=max(others, key=k.shape.__getitem__),
-            ).numpy()
-
-            def residual_sq(u: np.ndarray, n: int = n) -> float:
-                return residual([u if m == n else d for m, d in enumerate(directions)])
-
-            directions[n], weights, err_sq = _update_mode(
-                g,
-                np.prod([directions[m].T @ directions[m] for m in others], axis=0),
-                residual_sq,
-                directions[n],
-                weights,
-                err_sq,
-                delta_sq,
+            directions[n], weights, err_sq = _update(
+                k, residual, directions, weights, n, err_sq, delta_sq
             )
+        if extrapolate and previous is not None:
+            trial = [d + jump * (d - p) for d, p in zip(directions[:last], previous)]
+            norms = [np.linalg.norm(t, axis=0) for t in trial]
+            accepted = False
+            if all(np.all(norm > 0.0) for norm in norms):
+                trial = [t / norm for t, norm in zip(trial, norms)] + [directions[last]]
+                solved, new_weights, new_err = _update(
+                    k, residual, trial, weights, last, err_sq, delta_sq
+                )
+                # `_update_mode` hands back the model unchanged when the jump does not pay.
+                accepted = solved is not directions[last]
+            if accepted:
+                directions = [*trial[:last], solved]
+                weights, err_sq = new_weights, new_err
+                jump = min(2.0 * jump, _JUMP_MAX)
+            else:
+                jump = max(0.5 * jump, _JUMP_MIN)
+        previous = [d.copy() for d in directions[:last]]
         sweeps += 1
         sums.append(float(np.sum(weights**2)))
         errors.append(math.sqrt(err_sq))
