@@ -265,6 +265,35 @@ BENCH_COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+# With INT8 files: the four models side by side; "int8_speedup" is INT8 compressed against INT8
+# original (with its interval), "total_speedup" float original against INT8 compressed.
+INT8_BENCH_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("threads", "threads", "{}"),
+    ("batch", "batch", "{}"),
+    ("original_int8_ms", "original INT8 ms", "{:.3f}"),
+    ("compressed_int8_ms", "compressed INT8 ms", "{:.3f}"),
+    ("int8_speedup", "INT8 speedup (interval)", "{:.2f}×"),
+    ("total_speedup", "float orig. / INT8 comp.", "{:.2f}×"),
+)
+
+
+def int8_bench_row(timing: SideBySide, mac_reduction: float) -> dict:
+    """A bench row of four models timed side by side (original, original INT8, compressed,
+    compressed INT8): the float columns, then the INT8 ones."""
+    (row,) = bench_rows([timing.compare(0, 2)], mac_reduction)
+    int8 = timing.compare(1, 3)
+    return {
+        **row,
+        "original_int8_ms": int8.original_ms,
+        "compressed_int8_ms": int8.compressed_ms,
+        "int8_speedup": int8.speedup,
+        "int8_speedup_low": int8.speedup_low,
+        "int8_speedup_high": int8.speedup_high,
+        "int8_verdict": int8.verdict,
+        "total_speedup": timing.compare(0, 3).speedup,
+    }
+
+
 def bench_rows(results: Sequence[LatencyResult], mac_reduction: float) -> list[dict]:
     """One dict per batch size: the latency result plus the MAC reduction and how much of it
     became speed (speedup / MAC reduction; 1.0 means every saved MAC saved time)."""
@@ -284,12 +313,14 @@ def threads_label(threads: int | None) -> str:
     return "all cores" if threads is None else str(threads)
 
 
-def format_bench_row(row: dict) -> list[str]:
-    """A bench row's cells, formatted as BENCH_COLUMNS says (for text or rich tables)."""
+def format_bench_row(
+    row: dict, columns: tuple[tuple[str, str, str], ...] = BENCH_COLUMNS
+) -> list[str]:
+    """A bench row's cells, formatted as `columns` say (for text or rich tables)."""
     cells = []
-    for key, _, fmt in BENCH_COLUMNS:
-        if key == "speedup":
-            cells.append(format_speedup(row["speedup"], row["speedup_low"], row["speedup_high"]))
+    for key, _, fmt in columns:
+        if key in ("speedup", "int8_speedup"):
+            cells.append(format_speedup(row[key], row[f"{key}_low"], row[f"{key}_high"]))
         elif key == "threads":
             cells.append(threads_label(row["threads"]))
         else:
@@ -308,8 +339,12 @@ def bench_providers(
     repeats: int = 30,
     threads: Sequence[int | None] = (None,),
     progress: Progress | None = None,
+    int8: tuple[str | Path, str | Path] | None = None,
 ) -> dict:
     """The bench table for each provider, as JSON-ready data (`progress` as in compare_latency).
+
+    `int8`: the INT8 files of (original, compressed); all four models are then timed side by
+    side and each row has INT8_BENCH_COLUMNS too.
 
     One row per thread count and batch size (None: onnxruntime's default, all cores).
     `mac_reduction` defaults to the ratio of the two files' conv/linear MACs (`onnx_macs`). A
@@ -326,14 +361,17 @@ def bench_providers(
         "threads": list(threads),
         "providers": {},
     }
+    paths = [original_path, compressed_path]
+    if int8 is not None:
+        out["original_int8"], out["compressed_int8"] = map(str, int8)
+        paths = [original_path, int8[0], compressed_path, int8[1]]
     for provider in providers:
         try:
-            results = [
-                result
+            timings = [
+                timing
                 for count in threads
-                for result in compare_latency(
-                    original_path,
-                    compressed_path,
+                for timing in time_side_by_side(
+                    paths,
                     input_shape,
                     batch_sizes,
                     provider=provider,
@@ -346,7 +384,11 @@ def bench_providers(
         except ProviderError as exc:
             out["providers"][provider] = {"skipped": str(exc)}
             continue
-        out["providers"][provider] = {"rows": bench_rows(results, mac_reduction)}
+        if int8 is None:
+            rows = bench_rows([timing.compare(0, 1) for timing in timings], mac_reduction)
+        else:
+            rows = [int8_bench_row(timing, mac_reduction) for timing in timings]
+        out["providers"][provider] = {"rows": rows}
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 
 import numpy as np
@@ -212,6 +213,31 @@ def test_cli_writes_checked_int8_files_and_four_way_latency(digits, tmp_path):
         assert row.speedup == pytest.approx(row.original_int8_ms / row.compressed_int8_ms)
         assert row.compressed_ms == float_row.compressed_ms  # one run timed all four
     assert "INT8 compressed: top-1 agreement" in result.output
+    bench = runner.invoke(
+        app,
+        [str(a) for a in [
+            "bench", out / "model.onnx", "--baseline", out / "original.onnx",
+            "--int8", out / "model.int8.onnx", "--baseline-int8", out / "original.int8.onnx",
+            "--batch", "2", "--warmup", "1", "--repeats", "3", "--threads", "1",
+        ]],
+    )  # fmt: skip
+    assert bench.exit_code == 0, bench.output
+    (row,) = json.loads(bench.output.strip().splitlines()[-1])["providers"]["cpu"]["rows"]
+    assert row["int8_speedup"] == pytest.approx(row["original_int8_ms"] / row["compressed_int8_ms"])
+    assert row["total_speedup"] == pytest.approx(row["original_ms"] / row["compressed_int8_ms"])
+    assert "INT8 speedup" in bench.output  # the second table: the INT8 pair
+    half = runner.invoke(
+        app,
+        [
+            "bench",
+            str(out / "model.onnx"),
+            "--baseline",
+            str(out / "original.onnx"),
+            "--int8",
+            str(out / "model.int8.onnx"),
+        ],
+    )
+    assert half.exit_code == 1 and "go together" in half.output
     # Every layer int8 and a tolerance of 100 % agreement: the run fails, the report is written.
     strict = tmp_path / "strict"
     result = runner.invoke(
