@@ -474,8 +474,12 @@ def compress(
     tables: list[LatencyTable] = []
     if config.latency.gate or config.ranks.latency_reduction:
         get_backend(config.latency.provider).check()  # an unusable provider fails before timing
+        # With --quantize the deployed models are the INT8 ones: plan for their kernels.
+        precision = "int8" if config.quantize.dtype is not None else "float"
         tables = [
-            LatencyTable(config.latency.provider, config.latency.cache_dir, threads)
+            LatencyTable(
+                config.latency.provider, config.latency.cache_dir, threads, precision=precision
+            )
             for threads in config.latency.thread_counts
         ]
     plan, selection, cache = _choose_plan(
@@ -687,6 +691,7 @@ def _gate(
     before = {entry.name: entry.ranks for entry in plan.layers}
     summary = {
         "provider": tables[0].provider,
+        "precision": tables[0].precision,
         "batch": batch,
         "threads": [table.threads for table in tables],
         "gate": config.latency.gate,

@@ -44,6 +44,7 @@ class LatencyGate(_Section):
     """What measured rank rounding and the latency gate changed in the plan."""
 
     provider: str
+    precision: str = "float"  # int8 with --quantize: layers and blocks timed quantized
     batch: list[int]
     threads: list[int | None]  # the gate passed a block only if faster at each; None: all cores
     gate: bool

@@ -67,7 +67,8 @@ def summary_lines(report: Report, out: Path) -> list[str]:
     gate = report.selection.latency_gate
     if gate is not None:
         where = (
-            f"{gate.provider}, batch {','.join(map(str, gate.batch))}, "
+            f"{gate.provider}{', int8' if gate.precision == 'int8' else ''}, "
+            f"batch {','.join(map(str, gate.batch))}, "
             f"{' and '.join(threads_text(t) for t in gate.threads)}"
         )
         lines.append(

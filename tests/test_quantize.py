@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -255,3 +256,33 @@ def test_cli_writes_checked_int8_files_and_four_way_latency(digits, tmp_path):
     assert result.exit_code == 1 and len(lines) == 1 and "below the tolerance" in lines[0]
     assert failed.calibration == "percentile" and failed.float_layers == {}
     assert (strict / "model.int8.onnx").is_file()
+
+
+def test_int8_latency_table_times_quantized_probes(digits, tmp_path, monkeypatch):
+    from rankfold.runtime import latency_model
+
+    quantized = []
+
+    def spy(*args, **kwargs):
+        quantized.append(Path(args[0]).name)
+        return quantize_int8(*args, **kwargs)
+
+    monkeypatch.setattr(latency_model, "quantize_int8", spy)
+    layer = next(
+        layer
+        for layer in analyze(trace(digits["model"], torch.zeros(1, 1, 8, 8))).layers
+        if layer.name == "conv2"
+    )
+    tables = {
+        precision: latency_model.LatencyTable(
+            "cpu", tmp_path, threads=1, repeats=3, min_sample_ms=0.2, precision=precision
+        )
+        for precision in ("float", "int8")
+    }
+    # One cache per precision: an INT8 plan never reads float timings.
+    assert tables["float"].path != tables["int8"].path
+    assert tables["float"].layer_ms(layer, 2) > 0 and not quantized
+    assert tables["int8"].block_ms(layer, "tucker2", (16, 16), 2) > 0
+    assert quantized and set(quantized) == {"probe.onnx"}
+    with pytest.raises(ConfigError, match="precision 'int4'"):
+        latency_model.LatencyTable("cpu", tmp_path, precision="int4")
