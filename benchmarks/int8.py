@@ -196,7 +196,12 @@ def print_progress(row: dict) -> None:
         f"b{r['batch']} " + " / ".join(f"{ms:.2f}" for ms in r["ms"]) + " ms"
         for r in row["latency"]
     )
-    print(f"{row['model']} {row['method']} {row['target']:g}×: {cells}", flush=True)
+    accuracy = "".join(
+        f"; {key} " + " / ".join(f"{100 * a:.2f}" for a in row[key])
+        for key in ("lossless", "jpeg")
+        if key in row
+    )
+    print(f"{row['model']} {row['method']} {row['target']:g}×: {cells}{accuracy}", flush=True)
 
 
 def markdown(rows: list[dict]) -> str:
