@@ -12,6 +12,7 @@ _EXPORTS = {
     "CompressConfig": "config",
     "ExportConfig": "config",
     "LatencyConfig": "config",
+    "QuantizeConfig": "config",
     "build_config": "config",
     "Artifacts": "pipeline",
     "CompressionResult": "pipeline",

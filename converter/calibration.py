@@ -23,11 +23,12 @@ import torch
 from torch import fx
 
 from rankfold.converter.config import CompressConfig, ExportConfig
+from rankfold.converter.quantization import float_layer_choice
 from rankfold.converter.ui import progress_bar
 from rankfold.passes import ModelAnalysis, Plan, plan_cost, restructure
 from rankfold.passes.cleanup import cleanup
 from rankfold.passes.core import PlanError
-from rankfold.runtime import compare_latency, export_onnx
+from rankfold.runtime import compare_latency, export_onnx, quantize_int8
 
 TOLERANCE = 0.03  # whole-model timings on a quiet CPU repeat within about 2 %
 MAX_STEP = 2.0  # one round moves the requested reduction by at most this factor
@@ -125,7 +126,8 @@ def export_as_deployed(
 
 class PlanTimer:
     """Whole-model speedup of plans for one traced model, timed as `CompressionResult.save` will
-    deploy them (clean-up, export, onnxruntime on the configured provider, first batch size)."""
+    deploy them (clean-up, export, INT8 with --quantize, onnxruntime on the configured provider,
+    first batch size)."""
 
     def __init__(
         self,
@@ -152,7 +154,16 @@ class PlanTimer:
     def _export(self, module: fx.GraphModule, name: str) -> Path:
         path = Path(self._folder.name) / f"{name}.onnx"
         export_as_deployed(module, self.example_input, path, self.config.export)
-        return path
+        settings = self.config.quantize
+        if settings.dtype is None:
+            return path
+        # Deployed as INT8: timed as INT8, the same layers float. Random inputs calibrate: the
+        # ranges change the int8 values, not the kernels' time.
+        generator = torch.Generator().manual_seed(self.config.seed)
+        inputs = torch.randn((8, *self.example_input.shape[1:]), generator=generator)
+        float_layers = float_layer_choice(settings.float_layers, self.analysis)
+        target = path.with_suffix(".int8.onnx")
+        return quantize_int8(path, target, [inputs], float_layers=list(float_layers)).path
 
     def __call__(self, plan: Plan, label: str = "plan") -> CalibrationRound:
         """The plan's whole-model timing; nearby requests often round and gate to one plan,

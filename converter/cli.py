@@ -325,29 +325,55 @@ def bench(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the table as JSON.")
     ] = None,
+    int8: Annotated[
+        Path | None,
+        typer.Option(
+            help="The compressed model's INT8 file (model.int8.onnx), with --baseline-int8."
+        ),
+    ] = None,
+    baseline_int8: Annotated[
+        Path | None,
+        typer.Option(help="The original's INT8 file (original.int8.onnx), with --int8."),
+    ] = None,
 ) -> None:
     """Latency of the compressed vs the original ONNX model, side by side, per provider.
 
     Columns: threads, batch, original ms, compressed ms, speedup with the interval of its
     per-block speedups ("no measurable difference" when that holds 1), MAC reduction, and
-    speedup / MAC reduction (1.0: every saved MAC saved time)."""
+    speedup / MAC reduction (1.0: every saved MAC saved time). With --int8 and --baseline-int8
+    the four models run side by side and the INT8 times, the INT8 speedup (compressed INT8 vs
+    original INT8) and float original / INT8 compressed follow."""
     from rich.table import Table
 
     from rankfold.converter.ui import console, progress_bar
     from rankfold.converter.validation import onnx_input_shape
-    from rankfold.passes.core import ExportError, ProviderError, atomic_write_json
-    from rankfold.runtime.latency import BENCH_COLUMNS, bench_providers, format_bench_row
+    from rankfold.passes.core import ConfigError, ExportError, ProviderError, atomic_write_json
+    from rankfold.runtime.latency import (
+        BENCH_COLUMNS,
+        INT8_BENCH_COLUMNS,
+        bench_providers,
+        format_bench_row,
+    )
 
     sizes = int_list(batch)
     counts: list[int | None] = [None] if threads is None else list(int_list(threads, "--threads"))
     providers = [p.strip().lower() for p in provider.split(",") if p.strip()]
-    shape = onnx_input_shape(onnx_path)
-    if onnx_input_shape(baseline) != shape:  # both files are checked before any timing
-        raise ExportError(
-            f"--baseline {baseline} takes inputs of shape {onnx_input_shape(baseline)} but "
-            f"{onnx_path} takes {shape}; compare two exports of the same model"
+    if (int8 is None) != (baseline_int8 is None):
+        raise ConfigError(
+            "--int8 and --baseline-int8 go together: pass model.int8.onnx and original.int8.onnx"
         )
-    runs = len(providers) * len(counts) * len(sizes) * 2 * repeats
+    shape = onnx_input_shape(onnx_path)
+    others = [("--baseline", baseline)]
+    if int8 is not None:
+        others += [("--int8", int8), ("--baseline-int8", baseline_int8)]
+    for flag, other in others:  # every file is checked before any timing
+        if onnx_input_shape(other) != shape:
+            raise ExportError(
+                f"{flag} {other} takes inputs of shape {onnx_input_shape(other)} but "
+                f"{onnx_path} takes {shape}; compare exports of the same model"
+            )
+    models = 2 if int8 is None else 4
+    runs = len(providers) * len(counts) * len(sizes) * models * repeats
     with progress_bar("latency", total=runs) as advance:
         data = bench_providers(
             baseline,
@@ -360,17 +386,22 @@ def bench(
             repeats=repeats,
             threads=counts,
             progress=lambda _: advance(),
+            int8=None if int8 is None else (baseline_int8, int8),
         )
     for name, result in data["providers"].items():
         if "skipped" in result:
             console.print(f"{name}: skipped ({result['skipped']})")
             continue
-        table = Table(title=f"{onnx_path} vs {baseline} ({name})")
-        for _, header, _ in BENCH_COLUMNS:
-            table.add_column(header, justify="right")
-        for row in result["rows"]:
-            table.add_row(*format_bench_row(row))
-        console.print(table)
+        tables = [(f"{onnx_path} vs {baseline} ({name})", BENCH_COLUMNS)]
+        if int8 is not None:
+            tables.append((f"{int8} vs {baseline_int8} ({name}, INT8)", INT8_BENCH_COLUMNS))
+        for title, columns in tables:
+            table = Table(title=title)
+            for _, header, _ in columns:
+                table.add_column(header, justify="right")
+            for row in result["rows"]:
+                table.add_row(*format_bench_row(row, columns))
+            console.print(table)
     if json_out is not None:
         atomic_write_json(json_out, data)
     sys.stdout.write(json.dumps(data) + "\n")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -112,6 +112,29 @@ class DataConfig(_Strict):
     skip_bad_images: bool = False
 
 
+class QuantizeConfig(_Strict):
+    """Static INT8 quantization of model.onnx and original.onnx (rankfold.runtime.quantize)."""
+
+    dtype: Literal["int8"] | None = None  # None: float only
+    # Layers kept in float: names, globs or parents; "auto" stands for the first conv and the
+    # last linear layer (see rankfold.converter.quantization).
+    float_layers: list[str] = Field(default_factory=lambda: ["auto"])
+    calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
+    samples: int = Field(default=256, ge=1)  # training images the ranges are calibrated on
+    # The stated tolerance: a quantized file must predict the float file's class on at least
+    # this share of the evaluation images (or of the calibration images without eval data).
+    min_agreement: float = Field(default=0.97, ge=0, le=1)
+
+    @field_validator("float_layers")
+    @classmethod
+    def _none_alone(cls, value: list[str]) -> list[str]:
+        if "none" not in value:
+            return value
+        if len(value) > 1:
+            raise ValueError("'none' keeps no layer in float; give it alone or drop it")
+        return []
+
+
 class CompressConfig(_Strict):
     """Everything one `rankfold compress` run needs."""
 
@@ -136,6 +159,7 @@ class CompressConfig(_Strict):
     resume: bool = False
     export: ExportConfig = Field(default_factory=ExportConfig)
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     seed: int = 0  # the only seed: factorizations, the search's sampler, fine-tuning
 
     @model_validator(mode="after")
@@ -145,6 +169,15 @@ class CompressConfig(_Strict):
         if self.latency.gate is None:
             budget = any(getattr(self.ranks, key) for key in BUDGETS)
             self.latency.gate = bool(self.latency.enabled and budget and self.plan is None)
+        return self
+
+    @model_validator(mode="after")
+    def _quantization_needs_calibration_images(self) -> CompressConfig:
+        if self.quantize.dtype is not None and self.train_data is None:
+            raise ConfigError(
+                "--quantize int8 calibrates activation ranges on training images; pass "
+                "--train-data (an .npz or ImageFolder)"
+            )
         return self
 
     @model_validator(mode="after")

@@ -358,6 +358,40 @@ OPTIONS: tuple[Option, ...] = (
         bool,
     ),
     Option(
+        "quantize.dtype",
+        "Also write INT8 model.int8.onnx and original.int8.onnx: int8 "
+        "(static, QDQ, calibrated on --train-data).",
+        DEPLOYMENT,
+        flag="--quantize",
+    ),
+    Option(
+        "quantize.float_layers",
+        "Layer name, glob or parent to keep in float when quantizing (repeatable; auto: the "
+        "first conv and the last linear, the default; none: quantize all).",
+        DEPLOYMENT,
+        many=True,
+    ),
+    Option(
+        "quantize.calibration",
+        "INT8 activation ranges: minmax, entropy or percentile (minmax).",
+        DEPLOYMENT,
+        flag="--quant-calibration",
+    ),
+    Option(
+        "quantize.samples",
+        "Training images INT8 ranges are calibrated on (256).",
+        DEPLOYMENT,
+        int,
+        "--quant-samples",
+    ),
+    Option(
+        "quantize.min_agreement",
+        "INT8 tolerance: share of evaluation images on which it must predict the float "
+        "model's class (0.97); below it exits 1 with the report written.",
+        DEPLOYMENT,
+        float,
+    ),
+    Option(
         "latency.cache_dir",
         "Cache of measured layer times (default ~/.cache/rankfold/latency).",
         DEPLOYMENT,

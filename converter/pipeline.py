@@ -25,6 +25,12 @@ from rankfold.converter.calibration import (
 )
 from rankfold.converter.config import CompressConfig
 from rankfold.converter.finetune import FinetuneResult, check_resume, finetune, plot_history
+from rankfold.converter.quantization import (
+    QuantizedCheck,
+    check_quantized,
+    float_layer_choice,
+    quantize_export,
+)
 from rankfold.converter.report import plot_layers, plot_search
 from rankfold.converter.results import (
     CompressedModel,
@@ -34,6 +40,9 @@ from rankfold.converter.results import (
     LayerRow,
     OnnxCheck,
     OriginalModel,
+    Quantization,
+    QuantizedFile,
+    QuantizedLatencyRow,
     Recovery,
     Report,
     SelectionReport,
@@ -80,13 +89,15 @@ from rankfold.runtime import (
     ParityReport,
     check_onnx,
     check_parity,
-    compare_latency,
     get_backend,
     onnx_accuracy,
     parity_error,
     torch_accuracy,
 )
+from rankfold.runtime.latency import SideBySide, time_side_by_side
 from rankfold.runtime.latency_model import LatencyMetric, LatencyTable
+from rankfold.runtime.quantize import QuantizedModel
+from rankfold.runtime.validate import agreement_error
 
 MODEL_FILE_FORMAT = "rankfold-model-1"
 
@@ -100,6 +111,8 @@ class Artifacts:
     original_onnx: Path
     model_onnx: Path
     cleanup: dict[str, dict[str, int]] | None  # what the export clean-up did, per model
+    # With --quantize: "original" → original.int8.onnx, "compressed" → model.int8.onnx.
+    quantized: dict[str, QuantizedModel] = field(default_factory=dict)
 
 
 @dataclass
@@ -111,6 +124,10 @@ class Validation:
     accuracy: float | None  # model.onnx on the evaluation data
     # Side by side with original.onnx, per thread count and batch size.
     latency: list[LatencyResult] | None
+    # With --quantize: each INT8 file's checks, and the four models timed side by side
+    # (original, original INT8, compressed, compressed INT8) per thread count and batch size.
+    quantized: dict[str, QuantizedCheck] = field(default_factory=dict)
+    four_way: list[SideBySide] | None = None
 
 
 @dataclass
@@ -127,13 +144,18 @@ class CompressionResult:
     example_input: torch.Tensor
     selection: SelectionReport
     eval_data: ImageData | None = None
+    # With --quantize: the training images activation ranges are calibrated on, and the layers
+    # kept float (name or glob → why).
+    calibration: ImageData | None = None
+    float_layers: dict[str, str] = field(default_factory=dict)
     accuracy: dict[str, float | None] = field(default_factory=dict)
     recalibration: str | None = None  # "batchnorm" | "bias" when recovery ran
     finetuning: FinetuneResult | None = None
     report: Report | None = None  # set by `run_compress` (see `to_report`)
 
     def save(self, out_dir: str | Path) -> Artifacts:
-        """Write plan.json, model.pt, original.onnx and model.onnx; nothing is measured here.
+        """Write plan.json, model.pt, original.onnx and model.onnx (with --quantize also
+        original.int8.onnx and model.int8.onnx); nothing is measured here.
 
         Both models are cleaned up before export (BN folding, 1×1 merging, identity dropping),
         so latency compares like with like; `validate` checks model.onnx against the uncleaned
@@ -156,6 +178,22 @@ class CompressionResult:
         }
         if self.config.export.cleanup:
             artifacts.cleanup = counts
+        if self.config.quantize.dtype is not None:
+            pairs = (
+                ("original", artifacts.original_onnx, out / "original.int8.onnx"),
+                ("compressed", artifacts.model_onnx, out / "model.int8.onnx"),
+            )
+            with progress_bar("quantize int8", total=len(pairs)) as advance:
+                for name, source, target in pairs:
+                    artifacts.quantized[name] = quantize_export(
+                        source,
+                        target,
+                        self.config.quantize,
+                        self.float_layers,
+                        self.calibration,
+                        self.spec,
+                    )
+                    advance()
         return artifacts
 
     def to_report(self, artifacts: Artifacts, validation: Validation) -> Report:
@@ -217,7 +255,64 @@ class CompressionResult:
                 samples=len(self.eval_data),
                 skipped_images=sorted(self.eval_data.skipped),
             ),
+            quantization=self._quantization_report(validation),
             layers=[LayerRow(**row.to_dict()) for row in self.decomposition.layers],
+        )
+
+    def _quantization_report(self, validation: Validation) -> Quantization | None:
+        if not validation.quantized:
+            return None
+        settings = self.config.quantize
+
+        def file(name: str) -> QuantizedFile:
+            check = validation.quantized[name]
+            agreement = check.agreement
+            return QuantizedFile(
+                path=str(check.model.path),
+                opset=check.opset,
+                quantized_nodes=check.model.quantized_nodes,
+                float_nodes=check.model.float_nodes,
+                top1_agreement=agreement.top1_agreement,
+                max_logit_diff=agreement.max_logit_diff,
+                logit_scale=agreement.logit_scale,
+                samples=agreement.samples,
+                accuracy=agreement.accuracy,
+                float_accuracy=agreement.float_accuracy,
+                passed=agreement.passed,
+            )
+
+        rows = None
+        if validation.four_way is not None:
+            rows = []
+            for timing in validation.four_way:
+                int8 = timing.compare(1, 3)
+                rows.append(
+                    QuantizedLatencyRow(
+                        batch=timing.batch,
+                        threads=timing.threads,
+                        original_ms=timing.median_ms(0),
+                        original_int8_ms=timing.median_ms(1),
+                        compressed_ms=timing.median_ms(2),
+                        compressed_int8_ms=timing.median_ms(3),
+                        speedup=int8.speedup,
+                        speedup_low=int8.speedup_low,
+                        speedup_high=int8.speedup_high,
+                        verdict=int8.verdict,
+                        total_speedup=timing.compare(0, 3).speedup,
+                    )
+                )
+        original, compressed = file("original"), file("compressed")
+        return Quantization(
+            dtype=settings.dtype,
+            calibration=settings.calibration,
+            calibration_samples=validation.quantized["compressed"].model.samples,
+            float_layers=self.float_layers,
+            min_agreement=settings.min_agreement,
+            agreement_data="evaluation" if self.eval_data is not None else "calibration",
+            original=original,
+            compressed=compressed,
+            latency=rows,
+            passed=original.passed and compressed.passed,
         )
 
     def parity_inputs(self) -> torch.Tensor:
@@ -250,19 +345,45 @@ def validate(result: CompressionResult, artifacts: Artifacts) -> Validation:
         accuracy = onnx_accuracy(
             artifacts.model_onnx, batches(result.eval_data, result.spec), provider=provider
         )
-    latency = None
+    quantized = {}
+    for name, float_path in (
+        ("original", artifacts.original_onnx),
+        ("compressed", artifacts.model_onnx),
+    ):
+        if name in artifacts.quantized:
+            labelled = result.eval_data is not None
+            quantized[name] = check_quantized(
+                float_path,
+                artifacts.quantized[name],
+                config.quantize.min_agreement,
+                result.eval_data if labelled else result.calibration,
+                labelled,
+                result.spec,
+                provider,
+            )
+    latency = four_way = None
     if config.latency.enabled:
         settings = config.latency
         counts = settings.thread_counts
-        runs = len(counts) * len(settings.batch) * 2 * settings.repeats
+        shape = tuple(result.example_input.shape[1:])
+        if quantized:
+            # The four models side by side in one run, so the INT8 ratios are measured alike.
+            paths = [
+                artifacts.original_onnx,
+                artifacts.quantized["original"].path,
+                artifacts.model_onnx,
+                artifacts.quantized["compressed"].path,
+            ]
+        else:
+            paths = [artifacts.original_onnx, artifacts.model_onnx]
+        runs = len(counts) * len(settings.batch) * len(paths) * settings.repeats
         with progress_bar("latency", total=runs) as advance:
-            latency = [
-                row
+            timings = [
+                timing
                 for threads in counts
-                for row in compare_latency(
-                    artifacts.original_onnx,
-                    artifacts.model_onnx,
-                    tuple(result.example_input.shape[1:]),
+                for timing in time_side_by_side(
+                    paths,
+                    shape,
                     settings.batch,
                     provider=provider,
                     warmup=settings.warmup,
@@ -271,7 +392,17 @@ def validate(result: CompressionResult, artifacts: Artifacts) -> Validation:
                     progress=lambda _: advance(),
                 )
             ]
-    return Validation(opset=opset, parity=parity, accuracy=accuracy, latency=latency)
+        compressed_index = len(paths) // 2  # model.onnx: second of two, third of four
+        latency = [timing.compare(0, compressed_index) for timing in timings]
+        four_way = timings if quantized else None
+    return Validation(
+        opset=opset,
+        parity=parity,
+        accuracy=accuracy,
+        latency=latency,
+        quantized=quantized,
+        four_way=four_way,
+    )
 
 
 def write_report(result: CompressionResult, report: Report, out_dir: str | Path) -> None:
@@ -342,11 +473,18 @@ def compress(
         check_resume(Path(workdir) / "checkpoints", config.finetune, config.seed)
     original = trace(model, example_inputs, config.leaf_modules)
     analysis = analyze(original)
+    float_layers = {}
+    if config.quantize.dtype is not None:  # a typo in --float-layers fails before planning
+        float_layers = float_layer_choice(config.quantize.float_layers, analysis)
     tables: list[LatencyTable] = []
     if config.latency.gate or config.ranks.latency_reduction:
         get_backend(config.latency.provider).check()  # an unusable provider fails before timing
+        # With --quantize the deployed models are the INT8 ones: plan for their kernels.
+        precision = "int8" if config.quantize.dtype is not None else "float"
         tables = [
-            LatencyTable(config.latency.provider, config.latency.cache_dir, threads)
+            LatencyTable(
+                config.latency.provider, config.latency.cache_dir, threads, precision=precision
+            )
             for threads in config.latency.thread_counts
         ]
     plan, selection, cache = _choose_plan(
@@ -370,7 +508,10 @@ def compress(
         decomposition,
         example_inputs,
         selection=selection,
+        float_layers=float_layers,
     )
+    if config.quantize.dtype is not None:
+        result.calibration = train.subset(config.quantize.samples)
     if eval_data is not None:
         result.eval_data = eval_data
         result.accuracy["original"] = _accuracy(original, result)
@@ -575,6 +716,7 @@ def _gate(
     before = {entry.name: entry.ranks for entry in plan.layers}
     summary = {
         "provider": tables[0].provider,
+        "precision": tables[0].precision,
         "batch": batch,
         "threads": [table.threads for table in tables],
         "gate": config.latency.gate,
@@ -640,6 +782,8 @@ ARTEFACTS = (
     "model.pt",
     "original.onnx",
     "model.onnx",
+    "original.int8.onnx",
+    "model.int8.onnx",
     "report.json",
     "layers.png",
     "search.png",
@@ -672,6 +816,12 @@ def run_compress(config: CompressConfig, out_dir: str | Path) -> CompressionResu
             validation = validate(result, artifacts)
             result.report = result.to_report(artifacts, validation)
             result.report.onnx.path = str(out / "model.onnx")
+            if result.report.quantization is not None:
+                for file in (
+                    result.report.quantization.original,
+                    result.report.quantization.compressed,
+                ):
+                    file.path = str(out / Path(file.path).name)
             write_report(result, result.report, stage)
         except OSError as exc:
             raise OutputError(
@@ -681,6 +831,9 @@ def run_compress(config: CompressConfig, out_dir: str | Path) -> CompressionResu
         publish(stage, out)
     if not validation.parity.passed:
         raise parity_error(validation.parity)
+    for check in validation.quantized.values():
+        if not check.agreement.passed:
+            raise agreement_error(check.agreement, out / check.model.path.name)
     return result
 
 

@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rankfold.passes.core import ConfigError
 
-SCHEMA_VERSION = 3  # 2: typed sections; 3: latency intervals, threads, the slower flag
+# 2: typed sections; 3: latency intervals, threads, the slower flag; 4: INT8 quantization
+SCHEMA_VERSION = 4
 
 
 class _Section(BaseModel):
@@ -43,6 +44,7 @@ class LatencyGate(_Section):
     """What measured rank rounding and the latency gate changed in the plan."""
 
     provider: str
+    precision: str = "float"  # int8 with --quantize: layers and blocks timed quantized
     batch: list[int]
     threads: list[int | None]  # the gate passed a block only if faster at each; None: all cores
     gate: bool
@@ -157,6 +159,55 @@ class Latency(_Section):
     slower: bool
 
 
+class QuantizedFile(_Section):
+    """One INT8 file, checked against the float file it was quantized from."""
+
+    path: str
+    opset: int
+    quantized_nodes: int  # conv/linear nodes running in int8
+    float_nodes: dict[str, str]  # ONNX conv/linear node kept float → its layer
+    top1_agreement: float  # same top-1 class as the float file, share of `samples`
+    max_logit_diff: float
+    logit_scale: float  # largest |float logit|, to read max_logit_diff against
+    samples: int
+    accuracy: float | None = None  # on the evaluation data
+    float_accuracy: float | None = None  # the float file's, on the same images
+    passed: bool  # top1_agreement ≥ Quantization.min_agreement
+
+
+class QuantizedLatencyRow(_Section):
+    """The four models timed side by side at one batch size and thread count; the speedup
+    (with the interval of its per-block ratios) is INT8 compressed against INT8 original."""
+
+    batch: int
+    threads: int | None
+    original_ms: float
+    original_int8_ms: float
+    compressed_ms: float
+    compressed_int8_ms: float
+    speedup: float
+    speedup_low: float | None
+    speedup_high: float | None
+    verdict: Verdict
+    total_speedup: float  # float original → INT8 compressed
+
+
+class Quantization(_Section):
+    """`--quantize int8`: static QDQ quantization of both exports, their checks and timings."""
+
+    dtype: Literal["int8"]
+    scheme: str = "QDQ; activations uint8 per tensor, weights int8 per output channel"
+    calibration: str  # minmax | entropy | percentile
+    calibration_samples: int
+    float_layers: dict[str, str]  # layer name or glob → why it stays float
+    min_agreement: float  # the stated tolerance on top-1 agreement
+    agreement_data: Literal["evaluation", "calibration"]
+    original: QuantizedFile
+    compressed: QuantizedFile
+    latency: list[QuantizedLatencyRow] | None = None
+    passed: bool
+
+
 class EvalData(_Section):
     path: str
     samples: int
@@ -188,7 +239,7 @@ class LayerRow(BaseModel):
 class Report(_Section):
     """report.json."""
 
-    schema_version: Literal[3] = SCHEMA_VERSION
+    schema_version: Literal[4] = SCHEMA_VERSION
     model: str
     method: str
     target: dict[str, float] | None
@@ -202,6 +253,7 @@ class Report(_Section):
     onnx: OnnxCheck
     latency: Latency | None = None
     eval_data: EvalData | None = None
+    quantization: Quantization | None = None
     layers: list[LayerRow]
 
     def to_json(self) -> dict[str, Any]:

@@ -67,7 +67,8 @@ def summary_lines(report: Report, out: Path) -> list[str]:
     gate = report.selection.latency_gate
     if gate is not None:
         where = (
-            f"{gate.provider}, batch {','.join(map(str, gate.batch))}, "
+            f"{gate.provider}{', int8' if gate.precision == 'int8' else ''}, "
+            f"batch {','.join(map(str, gate.batch))}, "
             f"{' and '.join(threads_text(t) for t in gate.threads)}"
         )
         lines.append(
@@ -113,9 +114,42 @@ def summary_lines(report: Report, out: Path) -> list[str]:
                 "WARNING: the compressed model is measurably SLOWER than the original at some "
                 "batch size (see above); plan with --latency-gate or a smaller reduction"
             )
+    lines.extend(quantization_lines(report))
+    int8 = " model.int8.onnx original.int8.onnx" if report.quantization is not None else ""
     lines.append(
-        f"wrote {out}/: model.onnx original.onnx plan.json model.pt report.json layers.png"
+        f"wrote {out}/: model.onnx original.onnx{int8} plan.json model.pt report.json layers.png"
     )
+    return lines
+
+
+def quantization_lines(report: Report) -> list[str]:
+    """The INT8 files: what stayed float, agreement with the float files, accuracy, and the four
+    models' timings."""
+    quant = report.quantization
+    if quant is None:
+        return []
+    kept = ", ".join(quant.float_layers) or "none"
+    lines = [
+        f"INT8 ({quant.scheme}; {quant.calibration} ranges on {quant.calibration_samples} "
+        f"training images), kept float: {kept}"
+    ]
+    for label, file in (("compressed", quant.compressed), ("original", quant.original)):
+        verdict = "ok" if file.passed else "FAILED"
+        lines.append(
+            f"INT8 {label}: top-1 agreement {file.top1_agreement:.2%} with its float model on "
+            f"{file.samples} {quant.agreement_data} images (tolerance ≥ "
+            f"{quant.min_agreement:.0%}, {verdict}), max logit diff {file.max_logit_diff:.2g} "
+            f"(logits up to {file.logit_scale:.2g}), accuracy {_percent(file.accuracy)} "
+            f"(float {_percent(file.float_accuracy)})"
+        )
+    for row in quant.latency or []:
+        speedup = format_speedup(row.speedup, row.speedup_low, row.speedup_high)
+        lines.append(
+            f"latency with INT8 (batch {row.batch}, {threads_text(row.threads)}): original "
+            f"{row.original_ms:.2f} ms, INT8 {row.original_int8_ms:.2f} ms; compressed "
+            f"{row.compressed_ms:.2f} ms, INT8 {row.compressed_int8_ms:.2f} ms; INT8 compressed "
+            f"vs INT8 original {speedup}, vs float original {row.total_speedup:.2f}×"
+        )
     return lines
 
 

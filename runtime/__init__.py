@@ -4,10 +4,20 @@ from __future__ import annotations
 
 from rankfold.runtime.backends import BACKENDS, Backend, get_backend
 from rankfold.runtime.export import check_onnx, export_onnx
-from rankfold.runtime.latency import LatencyResult, compare_latency, measure_latency
+from rankfold.runtime.latency import (
+    LatencyResult,
+    SideBySide,
+    compare_latency,
+    measure_latency,
+    time_side_by_side,
+)
+from rankfold.runtime.quantize import CALIBRATION_METHODS, QuantizedModel, quantize_int8
 from rankfold.runtime.session import create_session
 from rankfold.runtime.validate import (
+    AgreementReport,
     ParityReport,
+    agreement_error,
+    check_agreement,
     check_parity,
     onnx_accuracy,
     parity_error,
@@ -16,6 +26,14 @@ from rankfold.runtime.validate import (
 
 __all__ = [
     "BACKENDS",
+    "CALIBRATION_METHODS",
+    "AgreementReport",
+    "QuantizedModel",
+    "SideBySide",
+    "agreement_error",
+    "check_agreement",
+    "quantize_int8",
+    "time_side_by_side",
     "Backend",
     "LatencyResult",
     "ParityReport",

@@ -114,60 +114,90 @@ def compare_latency(
     threads: int | None = None,
     progress: Progress | None = None,
 ) -> list[LatencyResult]:
-    """Time both models side by side on the same fixed-seed input, one result per batch size.
+    """Time both models side by side on the same fixed-seed input, one result per batch size
+    (see `time_side_by_side`). `progress(1)` is called after each timed run
+    (2 * len(batch_sizes) * repeats calls in all)."""
+    timings = time_side_by_side(
+        [original_path, compressed_path],
+        input_shape,
+        batch_sizes,
+        provider,
+        warmup,
+        repeats,
+        threads,
+        progress,
+    )
+    return [timing.compare(0, 1) for timing in timings]
 
-    Both sessions are built first and warmed up; timed runs then alternate in blocks of
-    `SWITCH_BLOCK` (A×5, B×5, A×5, ..., each after `SWITCH_WARMUP` untimed runs), so load from
-    other processes and frequency changes hit both models alike, while neither is timed with the
-    other's thread pool still spinning or its weights evicted from cache, as a deployed model
-    is not. (Strict A, B alternation timed a CP ResNet-56 at 1.93× on two threads and 2.56× on
-    one, blocks at 2.06× and 2.80×, one model at a time at ~2.0× on two threads: medians of 8.)
-    `progress(1)` is called after each timed run (2 * len(batch_sizes) * repeats calls in all).
-    """
-    _check_arguments(input_shape, batch_sizes, warmup, repeats)
-    sessions = [
-        create_session(original_path, provider, threads),
-        create_session(compressed_path, provider, threads),
-    ]
-    names = [
-        single_input_name(sessions[0], original_path),
-        single_input_name(sessions[1], compressed_path),
-    ]
-    results = []
-    for batch in batch_sizes:
-        x = _fixed_input(batch, input_shape)
-        runs = [
-            partial(session.run, None, {name: x})
-            for session, name in zip(sessions, names, strict=True)
-        ]
-        for run in runs:
-            time_runs(run, warmup, 0)  # warm-up only
-        blocks: list[list[list[float]]] = [[], []]  # per model, its blocks of timed runs
-        while sum(map(len, blocks[1])) < repeats:
-            for index in (0, 1):
-                block = min(SWITCH_BLOCK, repeats - sum(map(len, blocks[index])))
-                timed = time_runs(runs[index], SWITCH_WARMUP, block, progress=progress)
-                blocks[index].append(timed)
-        original_ms = statistics.median([t for b in blocks[0] for t in b])
-        compressed_ms = statistics.median([t for b in blocks[1] for t in b])
-        # A block of each model ran back to back under the same load: their ratio is one sample.
+
+@dataclass
+class SideBySide:
+    """Timed runs of several models at one batch size, in blocks taken in turn."""
+
+    batch: int
+    threads: int | None
+    blocks: list[list[list[float]]]  # per model, its blocks of timed runs (ms)
+
+    def median_ms(self, index: int) -> float:
+        return statistics.median([t for block in self.blocks[index] for t in block])
+
+    def compare(self, baseline: int, candidate: int) -> LatencyResult:
+        """Model `candidate` against model `baseline`: speedup = baseline ms / candidate ms."""
+        baseline_ms, candidate_ms = self.median_ms(baseline), self.median_ms(candidate)
+        # Blocks of each model ran in the same round under the same load: their ratio is one
+        # sample.
         ratios = [
             statistics.median(a) / statistics.median(b)
-            for a, b in zip(blocks[0], blocks[1], strict=True)
+            for a, b in zip(self.blocks[baseline], self.blocks[candidate], strict=True)
         ]
         low, high = median_interval(ratios) or (None, None)
-        results.append(
-            LatencyResult(
-                batch=batch,
-                original_ms=original_ms,
-                compressed_ms=compressed_ms,
-                speedup=original_ms / compressed_ms,
-                speedup_low=low,
-                speedup_high=high,
-                threads=threads,
-            )
+        return LatencyResult(
+            batch=self.batch,
+            original_ms=baseline_ms,
+            compressed_ms=candidate_ms,
+            speedup=baseline_ms / candidate_ms,
+            speedup_low=low,
+            speedup_high=high,
+            threads=self.threads,
         )
-    return results
+
+
+def time_side_by_side(
+    paths: Sequence[str | Path],
+    input_shape: tuple[int, int, int],
+    batch_sizes: Sequence[int],
+    provider: str = "cpu",
+    warmup: int = 5,
+    repeats: int = 30,
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> list[SideBySide]:
+    """Time several models side by side on the same fixed-seed input, one entry per batch size.
+
+    All sessions are built first and warmed up; timed runs then take turns in blocks of
+    `SWITCH_BLOCK` (A×5, B×5, …, A×5, B×5, …, each after `SWITCH_WARMUP` untimed runs), so load
+    from other processes and frequency changes hit every model alike, while none is timed with
+    another's thread pool still spinning or its weights evicted from cache, as a deployed model
+    is not. (Strict A, B alternation timed a CP ResNet-56 at 1.93× on two threads and 2.56× on
+    one, blocks at 2.06× and 2.80×, one model at a time at ~2.0× on two threads: medians of 8.)
+    `progress(1)` is called after each timed run (len(paths) * len(batch_sizes) * repeats).
+    """
+    _check_arguments(input_shape, batch_sizes, warmup, repeats)
+    sessions = [create_session(path, provider, threads) for path in paths]
+    names = [single_input_name(session, path) for session, path in zip(sessions, paths)]
+    timings = []
+    for batch in batch_sizes:
+        x = _fixed_input(batch, input_shape)
+        runs = [partial(session.run, None, {name: x}) for session, name in zip(sessions, names)]
+        for run in runs:
+            time_runs(run, warmup, 0)  # warm-up only
+        blocks: list[list[list[float]]] = [[] for _ in runs]
+        while sum(map(len, blocks[-1])) < repeats:
+            for index, run in enumerate(runs):
+                block = min(SWITCH_BLOCK, repeats - sum(map(len, blocks[index])))
+                blocks[index].append(time_runs(run, SWITCH_WARMUP, block, progress=progress))
+        timings.append(SideBySide(batch=batch, threads=threads, blocks=blocks))
+    return timings
 
 
 def time_runs(
@@ -235,6 +265,35 @@ BENCH_COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+# With INT8 files: the four models side by side; "int8_speedup" is INT8 compressed against INT8
+# original (with its interval), "total_speedup" float original against INT8 compressed.
+INT8_BENCH_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("threads", "threads", "{}"),
+    ("batch", "batch", "{}"),
+    ("original_int8_ms", "original INT8 ms", "{:.3f}"),
+    ("compressed_int8_ms", "compressed INT8 ms", "{:.3f}"),
+    ("int8_speedup", "INT8 speedup (interval)", "{:.2f}×"),
+    ("total_speedup", "float orig. / INT8 comp.", "{:.2f}×"),
+)
+
+
+def int8_bench_row(timing: SideBySide, mac_reduction: float) -> dict:
+    """A bench row of four models timed side by side (original, original INT8, compressed,
+    compressed INT8): the float columns, then the INT8 ones."""
+    (row,) = bench_rows([timing.compare(0, 2)], mac_reduction)
+    int8 = timing.compare(1, 3)
+    return {
+        **row,
+        "original_int8_ms": int8.original_ms,
+        "compressed_int8_ms": int8.compressed_ms,
+        "int8_speedup": int8.speedup,
+        "int8_speedup_low": int8.speedup_low,
+        "int8_speedup_high": int8.speedup_high,
+        "int8_verdict": int8.verdict,
+        "total_speedup": timing.compare(0, 3).speedup,
+    }
+
+
 def bench_rows(results: Sequence[LatencyResult], mac_reduction: float) -> list[dict]:
     """One dict per batch size: the latency result plus the MAC reduction and how much of it
     became speed (speedup / MAC reduction; 1.0 means every saved MAC saved time)."""
@@ -254,12 +313,14 @@ def threads_label(threads: int | None) -> str:
     return "all cores" if threads is None else str(threads)
 
 
-def format_bench_row(row: dict) -> list[str]:
-    """A bench row's cells, formatted as BENCH_COLUMNS says (for text or rich tables)."""
+def format_bench_row(
+    row: dict, columns: tuple[tuple[str, str, str], ...] = BENCH_COLUMNS
+) -> list[str]:
+    """A bench row's cells, formatted as `columns` say (for text or rich tables)."""
     cells = []
-    for key, _, fmt in BENCH_COLUMNS:
-        if key == "speedup":
-            cells.append(format_speedup(row["speedup"], row["speedup_low"], row["speedup_high"]))
+    for key, _, fmt in columns:
+        if key in ("speedup", "int8_speedup"):
+            cells.append(format_speedup(row[key], row[f"{key}_low"], row[f"{key}_high"]))
         elif key == "threads":
             cells.append(threads_label(row["threads"]))
         else:
@@ -278,8 +339,12 @@ def bench_providers(
     repeats: int = 30,
     threads: Sequence[int | None] = (None,),
     progress: Progress | None = None,
+    int8: tuple[str | Path, str | Path] | None = None,
 ) -> dict:
     """The bench table for each provider, as JSON-ready data (`progress` as in compare_latency).
+
+    `int8`: the INT8 files of (original, compressed); all four models are then timed side by
+    side and each row has INT8_BENCH_COLUMNS too.
 
     One row per thread count and batch size (None: onnxruntime's default, all cores).
     `mac_reduction` defaults to the ratio of the two files' conv/linear MACs (`onnx_macs`). A
@@ -296,14 +361,17 @@ def bench_providers(
         "threads": list(threads),
         "providers": {},
     }
+    paths = [original_path, compressed_path]
+    if int8 is not None:
+        out["original_int8"], out["compressed_int8"] = map(str, int8)
+        paths = [original_path, int8[0], compressed_path, int8[1]]
     for provider in providers:
         try:
-            results = [
-                result
+            timings = [
+                timing
                 for count in threads
-                for result in compare_latency(
-                    original_path,
-                    compressed_path,
+                for timing in time_side_by_side(
+                    paths,
                     input_shape,
                     batch_sizes,
                     provider=provider,
@@ -316,7 +384,11 @@ def bench_providers(
         except ProviderError as exc:
             out["providers"][provider] = {"skipped": str(exc)}
             continue
-        out["providers"][provider] = {"rows": bench_rows(results, mac_reduction)}
+        if int8 is None:
+            rows = bench_rows([timing.compare(0, 1) for timing in timings], mac_reduction)
+        else:
+            rows = [int8_bench_row(timing, mac_reduction) for timing in timings]
+        out["providers"][provider] = {"rows": rows}
     return out
 
 

@@ -15,9 +15,14 @@ convs, as a layer sits between its neighbours, and the time of that context (tim
 per shape) is taken off. (Not from onnxruntime's profiler: its per-node times carry ~2 µs of its
 own per node, as much as a small conv's.)
 
-The cache is one JSON file per (provider, machine, threads): the machine is the backend's
-`machine_id` (CPU model, core count, onnxruntime version; the GPU name for CUDA); entries are keyed
-by the layer geometry, the block (method and ranks) and the batch.
+With `precision="int8"` every probe (layer, block and context alike) is quantized as
+`--quantize int8` quantizes the model (`rankfold.runtime.quantize`, calibrated on the probe's own
+random input), so the gate and a latency budget plan for the INT8 deployment: a block faster than
+its layer in float may not be once both run int8 kernels.
+
+The cache is one JSON file per (provider, machine, threads, precision): the machine is the
+backend's `machine_id` (CPU model, core count, onnxruntime version; the GPU name for CUDA); entries
+are keyed by the layer geometry, the block (method and ranks) and the batch.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from rankfold.passes.latency_gate import on_block, rounded_ranks
 from rankfold.passes.methods import Method, Ranks, get_method
 from rankfold.runtime.backends import get_backend
 from rankfold.runtime.latency import median_interval, time_runs
+from rankfold.runtime.quantize import quantize_int8
 from rankfold.runtime.session import create_session
 
 CACHE_FORMAT = "rankfold-latency-2"  # 2: convs timed in context
@@ -53,6 +59,7 @@ CACHE_ENV = "RANKFOLD_LATENCY_CACHE"
 TIMING_OPSET = 19
 _PAD_MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 CONTEXT_IN, CONTEXT_OUT = "context_in", "context_out"
+PRECISIONS = ("float", "int8")
 
 
 def default_cache_dir() -> Path:
@@ -276,6 +283,7 @@ class LatencyTable:
         warmup: int = 2,
         repeats: int = 7,
         min_sample_ms: float = 2.0,
+        precision: str = "float",
     ) -> None:
         if warmup < 0 or repeats < 1 or min_sample_ms < 0:
             raise ConfigError(
@@ -284,18 +292,19 @@ class LatencyTable:
             )
         if threads is not None and threads < 1:
             raise ConfigError(f"threads must be >= 1, got {threads}; pass a positive thread count")
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision '{precision}' is unknown; use {' or '.join(PRECISIONS)}")
+        self.precision = precision
         self.backend = get_backend(provider)
         self.provider = self.backend.name
         self.threads = threads
         self.warmup, self.repeats, self.min_sample_ms = warmup, repeats, min_sample_ms
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.machine = self.backend.machine_id()
-        digest = hashlib.sha256(
-            json.dumps(
-                {"machine": self.machine, "provider": self.provider, "threads": threads},
-                sort_keys=True,
-            ).encode()
-        ).hexdigest()[:16]
+        identity = {"machine": self.machine, "provider": self.provider, "threads": threads}
+        if precision != "float":  # float tables keep the cache files they had
+            identity["precision"] = precision
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         self.path = self.cache_dir / f"{self.provider}-{digest}.json"
         self.entries: dict[str, float] = {}
         # Per entry, the interval of its median (`median_interval` of the samples), net as the
@@ -371,7 +380,7 @@ class LatencyTable:
                 [helper.make_node("Identity", ["input"], ["output"])], "overhead", [x], [y]
             )
             model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", TIMING_OPSET)])
-            self._overhead = self._time(model, (1, 1))[0]
+            self._overhead = self._time(model, (1, 1), quantize=False)[0]
         return self._overhead
 
     def context_ms(self, in_shape: Sequence[int], out_shape: Sequence[int], batch: int) -> float:
@@ -390,15 +399,19 @@ class LatencyTable:
             self._write_cache()
         return self.entries[key]
 
-    def _time(self, model: onnx.ModelProto, shape: tuple[int, ...]) -> tuple[float, float, float]:
+    def _time(
+        self, model: onnx.ModelProto, shape: tuple[int, ...], quantize: bool = True
+    ) -> tuple[float, float, float]:
         """Median ms of the samples and the interval of that median (the median twice when
-        one sample cannot bound it)."""
+        one sample cannot bound it). An int8 table quantizes the probe first."""
+        x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
         with tempfile.TemporaryDirectory(prefix="rankfold-latency-") as folder:
             path = Path(folder) / "probe.onnx"
             onnx.save(model, str(path))
+            if quantize and self.precision == "int8":
+                path = quantize_int8(path, Path(folder) / "probe.int8.onnx", [x]).path
             session = create_session(path, self.provider, self.threads)
         device = self.backend.device
-        x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
         # I/O binding keeps inputs and outputs on the provider's device, so a CUDA time is the
         # kernels' time, not host↔device copies; on CPU it is the plain run.
         binding = session.io_binding()

@@ -165,3 +165,78 @@ def _fraction(correct: int, total: int) -> float:
     if total == 0:
         raise DataError("no labelled samples to score; the data set is empty")
     return correct / total
+
+
+@dataclass
+class AgreementReport:
+    """A quantized model against the float model it came from, on the same inputs."""
+
+    top1_agreement: float  # share of inputs where both models predict the same class
+    max_logit_diff: float  # largest |quantized − float| logit
+    logit_scale: float  # largest |float| logit, for reading max_logit_diff
+    samples: int
+    min_agreement: float  # the stated tolerance: the check passes at or above it
+    accuracy: float | None = None  # the quantized model's top-1, when the inputs had labels
+    float_accuracy: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.top1_agreement >= self.min_agreement
+
+
+def check_agreement(
+    float_path: str | Path,
+    quantized_path: str | Path,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
+    provider: str = "cpu",
+    min_agreement: float = 0.97,
+) -> AgreementReport:
+    """Run both ONNX files on the same (inputs, labels-or-None) batches; never raises on a
+    disagreement (the caller decides, e.g. with `agreement_error`)."""
+    sessions = [create_session(path, provider) for path in (float_path, quantized_path)]
+    names = [
+        single_input_name(session, path)
+        for session, path in zip(sessions, (float_path, quantized_path))
+    ]
+    same = total = 0
+    correct = [0, 0]
+    labelled = True
+    max_diff = scale = 0.0
+    for x, y in batches:
+        feed = x.float().cpu().numpy()
+        reference, quantized = (
+            session.run(None, {name: feed})[0] for session, name in zip(sessions, names)
+        )
+        predictions = reference.argmax(axis=1), quantized.argmax(axis=1)
+        same += int((predictions[0] == predictions[1]).sum())
+        total += len(feed)
+        max_diff = max(max_diff, float(np.max(np.abs(quantized - reference))))
+        scale = max(scale, float(np.max(np.abs(reference))))
+        if y is None:
+            labelled = False
+        else:
+            for index, predicted in enumerate(predictions):
+                correct[index] += int((predicted == y.cpu().numpy()).sum())
+    agreement = _fraction(same, total)
+    return AgreementReport(
+        top1_agreement=agreement,
+        max_logit_diff=max_diff,
+        logit_scale=scale,
+        samples=total,
+        min_agreement=min_agreement,
+        accuracy=correct[1] / total if labelled else None,
+        float_accuracy=correct[0] / total if labelled else None,
+    )
+
+
+def agreement_error(report: AgreementReport, path: str | Path) -> ValidationError:
+    """The one-line error for a quantized model that disagrees with its float model."""
+    if report.passed:
+        raise ValueError("agreement_error needs a failed AgreementReport; this one passed")
+    return ValidationError(
+        f"{Path(path).name} predicts the float model's class on {report.top1_agreement:.1%} of "
+        f"{report.samples} inputs, below the tolerance {report.min_agreement:.1%} (max logit "
+        f"diff {report.max_logit_diff:.2g} on logits up to {report.logit_scale:.2g}); keep the "
+        "sensitive layers in float (--float-layers), try --quant-calibration entropy or "
+        "percentile, or lower --min-agreement"
+    )

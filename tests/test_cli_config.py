@@ -104,11 +104,17 @@ SAMPLES: dict[str, tuple[list[str], Any]] = {
     "latency.threads": (["1,2"], [1, 2]),
     "latency.gate_margin": (["0.1"], 0.1),
     "latency.gate_efficiency": (["0.9"], 0.9),
+    "quantize.dtype": (["int8"], "int8"),
+    "quantize.float_layers": (["conv1", "layer4.*"], ["conv1", "layer4.*"]),
+    "quantize.calibration": (["entropy"], "entropy"),
+    "quantize.min_agreement": (["0.9"], 0.9),
 }
 # Other settings a sample changes on purpose.
 ALSO = {
     "ranks.rel_error": (["--select", "error"], {"ranks.select"}),
     "finetune.optimizer": ([], {"finetune.lr", "finetune.weight_decay"}),  # AdamW's defaults
+    # INT8 calibrates on the training images.
+    "quantize.dtype": (["--train-data", "some/file"], {"train_data"}),
     # A budget turns the latency gate on while latency is measured (the default).
     **{f"ranks.{b}": ([], {"latency.gate"}) for b in BUDGETS},
 }

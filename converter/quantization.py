@@ -1,0 +1,114 @@
+"""`--quantize int8`: which layers stay float, both exports quantized alike, and their checks.
+
+The original and the compressed model are quantized with the same settings on the same
+calibration images, so every INT8 comparison is like for like. The images go through the same
+preprocessing as evaluation (`rankfold.models.batches`: scale to [0, 1], normalise with the
+model's mean/std), clean: the deployed model sees clean images, and the ranges must cover them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rankfold.converter.config import QuantizeConfig
+from rankfold.models import ImageData, ModelSpec, batches
+from rankfold.passes import ModelAnalysis
+from rankfold.passes.core import ConfigError
+from rankfold.runtime import check_onnx
+from rankfold.runtime.quantize import QuantizedModel, layer_matches, quantize_int8
+from rankfold.runtime.validate import AgreementReport, check_agreement
+
+AUTO = "auto"
+# Why the automatic choice keeps these layers in float (written into the report).
+FIRST_CONV = (
+    "first conv: its input is the normalised image, a few channels over a wide range that one "
+    "uint8 scale per tensor resolves coarsely, and its error reaches every later layer; it holds "
+    "few of the model's weights"
+)
+LAST_LINEAR = (
+    "last linear: it writes the logits the top-1 is read from, so its rounding moves the "
+    "prediction directly; one small matrix, little time"
+)
+ASKED = "asked for (--float-layers)"
+CALIBRATION_BATCH = 32
+
+
+def float_layer_choice(patterns: list[str], analysis: ModelAnalysis) -> dict[str, str]:
+    """Layer name or glob → why it stays float. `auto` becomes the first conv and the last
+    linear layer; any other pattern must match a layer (a typo would silently quantize it)."""
+    chosen: dict[str, str] = {}
+    for pattern in patterns:
+        if pattern == AUTO:
+            convs = [layer.name for layer in analysis.layers if layer.is_conv]
+            linears = [layer.name for layer in analysis.layers if layer.type == "Linear"]
+            if convs:
+                chosen.setdefault(convs[0], FIRST_CONV)
+            if linears:
+                chosen.setdefault(linears[-1], LAST_LINEAR)
+        elif any(layer_matches(layer.name, pattern) for layer in analysis.layers):
+            chosen[pattern] = ASKED
+        else:
+            names = ", ".join(layer.name for layer in analysis.layers[:6])
+            raise ConfigError(
+                f"--float-layers '{pattern}' matches no conv/linear layer (layers: {names}, …); "
+                "give a layer name, glob or parent, auto, or none"
+            )
+    return chosen
+
+
+def calibration_inputs(data: ImageData, spec: ModelSpec) -> Iterator[torch.Tensor]:
+    """The calibration images preprocessed as for evaluation, without labels."""
+    return (x for x, _ in batches(data, spec, batch_size=CALIBRATION_BATCH))
+
+
+def quantize_export(
+    float_path: Path,
+    out_path: Path,
+    settings: QuantizeConfig,
+    float_layers: dict[str, str],
+    calibration: ImageData,
+    spec: ModelSpec,
+) -> QuantizedModel:
+    """Write the INT8 copy of one exported file, calibrated on `calibration`."""
+    return quantize_int8(
+        float_path,
+        out_path,
+        calibration_inputs(calibration, spec),
+        method=settings.calibration,
+        float_layers=list(float_layers),
+    )
+
+
+@dataclass
+class QuantizedCheck:
+    """One INT8 file: what was quantized, the checker's opset, agreement with its float file."""
+
+    model: QuantizedModel
+    opset: int
+    agreement: AgreementReport
+
+
+def check_quantized(
+    float_path: Path,
+    quantized: QuantizedModel,
+    min_agreement: float,
+    data: ImageData,
+    labelled: bool,
+    spec: ModelSpec,
+    provider: str,
+) -> QuantizedCheck:
+    """The ONNX checker on the INT8 file, then its agreement with the float file on `data`
+    (and accuracy when `labelled`: evaluation data, not the calibration images)."""
+    opset = check_onnx(quantized.path)
+    agreement = check_agreement(
+        float_path,
+        quantized.path,
+        ((x, y if labelled else None) for x, y in batches(data, spec)),
+        provider=provider,
+        min_agreement=min_agreement,
+    )
+    return QuantizedCheck(model=quantized, opset=opset, agreement=agreement)

@@ -1,0 +1,288 @@
+"""--quantize int8: onnxruntime static quantization of both exports, checked like float files."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+from typer.testing import CliRunner
+
+from rankfold.converter.cli import app
+from rankfold.converter.config import CompressConfig, QuantizeConfig
+from rankfold.converter.quantization import (
+    FIRST_CONV,
+    LAST_LINEAR,
+    calibration_inputs,
+    float_layer_choice,
+)
+from rankfold.converter.results import Report
+from rankfold.models import DIGITS_SPEC, ArrayDataset, digits_splits, normalize, train_digits_cnn
+from rankfold.passes import analyze, trace
+from rankfold.passes.blocks import FactorizedBlock
+from rankfold.passes.core import ConfigError, DataError
+from rankfold.runtime import create_session, export_onnx
+from rankfold.runtime.quantize import quantize_int8
+from rankfold.runtime.validate import check_agreement
+
+runner = CliRunner()
+# The stated tolerance of these tests: a quantized digits model keeps its float model's top-1 on
+# at least this share of the test images, and its logits within this share of their range.
+MIN_AGREEMENT = 0.97
+MAX_LOGIT_SHARE = 0.15
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> dict:
+    """The 8×8 digits CNN trained briefly, its float export, and the splits as .npz."""
+    root = tmp_path_factory.mktemp("digits")
+    train, test = digits_splits()
+    model = train_digits_cnn(epochs=3)
+    torch.save(model.state_dict(), root / "digits.pt")
+    np.savez(root / "train.npz", x=train.x, y=train.y)
+    np.savez(root / "test.npz", x=test.x, y=test.y)
+    export_onnx(model, torch.zeros(1, 1, 8, 8), root / "float.onnx")
+    return {"root": root, "model": model, "train": train, "test": test}
+
+
+def _labelled(data: ArrayDataset):
+    return ((normalize(data.x[i : i + 128], DIGITS_SPEC), torch.from_numpy(data.y[i : i + 128]))
+            for i in range(0, len(data), 128))  # fmt: skip
+
+
+def test_tiny_model_quantizes_passes_checker_and_agrees(digits, tmp_path):
+    out = tmp_path / "int8.onnx"
+    result = quantize_int8(
+        digits["root"] / "float.onnx",
+        out,
+        calibration_inputs(digits["train"].subset(256), DIGITS_SPEC),
+        float_layers=[],
+    )
+    onnx.checker.check_model(str(out), full_check=True)
+    model = onnx.load(str(out))
+    ops = [node.op_type for node in model.graph.node]
+    # Every conv and the linear layer run on quantized inputs and weights.
+    assert result.quantized_nodes == 4 and result.samples == 256 and not result.float_nodes
+    assert ops.count("DequantizeLinear") >= 8 and ops.count("QuantizeLinear") >= 4
+    int8 = onnx.TensorProto.INT8
+    weights = [i for i in model.graph.initializer if i.data_type == int8 and len(i.dims) > 1]
+    assert len(weights) == 4  # conv1..3 and fc, int8
+    agreement = check_agreement(
+        digits["root"] / "float.onnx", out, _labelled(digits["test"]), min_agreement=MIN_AGREEMENT
+    )
+    assert agreement.samples == len(digits["test"])
+    assert agreement.passed and agreement.top1_agreement >= MIN_AGREEMENT
+    assert 0 < agreement.max_logit_diff <= MAX_LOGIT_SHARE * agreement.logit_scale
+    assert agreement.float_accuracy > 0.9
+    assert abs(agreement.accuracy - agreement.float_accuracy) <= 0.02
+
+
+class Factorized(nn.Module):
+    """A conv replaced by a 1×1 → depthwise 3×3 → 1×1 block, as the CP methods build it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = FactorizedBlock(
+            OrderedDict(
+                pointwise_in=nn.Conv2d(8, 16, 1, bias=False),
+                depthwise=nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False),
+                pointwise_out=nn.Conv2d(16, 8, 1),
+            ),
+            source="conv",
+            method="cp",
+            ranks=(16,),
+        )
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_factorized_block_quantizes_and_runs(tmp_path):
+    torch.manual_seed(0)
+    model = Factorized().eval()
+    export_onnx(model, torch.zeros(1, 8, 12, 12), tmp_path / "block.onnx")
+    inputs = torch.randn(64, 8, 12, 12)
+    result = quantize_int8(
+        tmp_path / "block.onnx", tmp_path / "block.int8.onnx", inputs.split(16), float_layers=["fc"]
+    )
+    # The three stages are int8, found by the block's layer name; fc stays float.
+    assert result.quantized_nodes == 3 and set(result.float_nodes.values()) == {"fc"}
+    graph = onnx.load(str(tmp_path / "block.int8.onnx")).graph
+    groups = [
+        attr.i
+        for node in graph.node
+        if node.op_type == "Conv"
+        for attr in node.attribute
+        if attr.name == "group"
+    ]
+    assert 16 in groups  # the depthwise stage survived as a grouped conv
+    session = create_session(tmp_path / "block.int8.onnx")
+    (logits,) = session.run(None, {"input": inputs[:8].numpy()})
+    expected = model(inputs[:8]).detach().numpy()
+    assert logits.shape == (8, 4)
+    assert np.abs(logits - expected).max() <= 0.1 * np.abs(expected).max()
+
+
+def test_calibration_reads_images_through_the_common_preprocessing(digits, tmp_path):
+    data = digits["train"].subset(100)
+    batches = list(calibration_inputs(data, DIGITS_SPEC))
+    assert [len(b) for b in batches] == [32, 32, 32, 4]
+    expected = normalize(data.x, DIGITS_SPEC)
+    assert torch.equal(torch.cat(batches), expected)
+    quantize_int8(
+        digits["root"] / "float.onnx",
+        tmp_path / "int8.onnx",
+        calibration_inputs(data, DIGITS_SPEC),
+        float_layers=[],
+    )
+    # minmax over the normalised images sets the input's uint8 scale: (max − min) / 255, with 0
+    # inside the range.
+    model = onnx.load(str(tmp_path / "int8.onnx"))
+    first_q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
+    assert first_q.input[0] == model.graph.input[0].name
+    scale = next(i for i in model.graph.initializer if i.name == first_q.input[1])
+    low, high = min(float(expected.min()), 0.0), max(float(expected.max()), 0.0)
+    assert float(numpy_helper.to_array(scale)) == pytest.approx((high - low) / 255, rel=1e-5)
+
+
+def test_missing_or_empty_calibration_is_a_one_line_error(digits, tmp_path):
+    with pytest.raises(DataError, match="calibration set is empty"):
+        quantize_int8(digits["root"] / "float.onnx", tmp_path / "q.onnx", iter([]))
+    assert not (tmp_path / "q.onnx").exists()
+    with pytest.raises(ConfigError, match="--train-data"):
+        CompressConfig(model="digits-cnn", quantize=QuantizeConfig(dtype="int8"))
+    np.savez(tmp_path / "empty.npz", x=np.zeros((0, 1, 8, 8), np.uint8), y=np.zeros(0, np.int64))
+    for extra in ([], ["--train-data", tmp_path / "empty.npz"]):
+        result = runner.invoke(
+            app,
+            [str(a) for a in ["compress", "digits-cnn", "--rank", "4", "--quantize", "int8",
+                              "--out", tmp_path / "o", "--no-latency", *extra]],
+        )  # fmt: skip
+        lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert result.exit_code == 1 and len(lines) == 1, result.output
+        assert ("--train-data" if not extra else "empty") in lines[0]
+    assert not (tmp_path / "o" / "report.json").exists()
+
+
+def test_float_layer_choice_explains_auto_and_checks_names(digits):
+    analysis = analyze(trace(digits["model"], torch.zeros(1, 1, 8, 8)))
+    assert float_layer_choice(["auto"], analysis) == {"conv1": FIRST_CONV, "fc": LAST_LINEAR}
+    assert list(float_layer_choice(["conv*"], analysis)) == ["conv*"]
+    with pytest.raises(ConfigError, match="'cnov2' matches no"):
+        float_layer_choice(["cnov2"], analysis)
+    assert QuantizeConfig(float_layers=["none"]).float_layers == []
+
+
+def test_cli_writes_checked_int8_files_and_four_way_latency(digits, tmp_path):
+    out = tmp_path / "run"
+    root = digits["root"]
+    result = runner.invoke(
+        app,
+        [str(a) for a in [
+            "compress", "digits-cnn", "--weights", root / "digits.pt", "--method", "tucker2",
+            "--macs-reduction", "1.5", "--no-latency-gate", "--train-data", root / "train.npz",
+            "--eval-data", root / "test.npz", "--quantize", "int8", "--quant-samples", "128",
+            "--batch", "1,4", "--repeats", "5", "--warmup", "1", "--threads", "1", "--out", out,
+        ]],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = Report.load(out / "report.json")
+    quant = report.quantization
+    assert quant is not None and quant.passed and quant.calibration_samples == 128
+    assert quant.float_layers == {"conv1": FIRST_CONV, "fc": LAST_LINEAR}
+    for file, name in (
+        (quant.original, "original.int8.onnx"),
+        (quant.compressed, "model.int8.onnx"),
+    ):
+        assert file.path == str(out / name) and (out / name).is_file()
+        assert set(file.float_nodes.values()) == {"conv1", "fc"}
+        assert file.samples == len(digits["test"]) and file.top1_agreement >= MIN_AGREEMENT
+        assert abs(file.accuracy - file.float_accuracy) <= 0.03
+    # conv1 and fc stay float; conv2 (a Tucker-2 block of three convs after clean-up) and conv3
+    # are int8.
+    assert quant.original.quantized_nodes == 2 and quant.compressed.quantized_nodes >= 3
+    assert quant.compressed.float_accuracy == pytest.approx(report.onnx.accuracy)
+    assert [(row.batch, row.threads) for row in quant.latency] == [(1, 1), (4, 1)]
+    for row, float_row in zip(quant.latency, report.latency.per_batch):
+        assert row.speedup == pytest.approx(row.original_int8_ms / row.compressed_int8_ms)
+        assert row.compressed_ms == float_row.compressed_ms  # one run timed all four
+    assert "INT8 compressed: top-1 agreement" in result.output
+    bench = runner.invoke(
+        app,
+        [str(a) for a in [
+            "bench", out / "model.onnx", "--baseline", out / "original.onnx",
+            "--int8", out / "model.int8.onnx", "--baseline-int8", out / "original.int8.onnx",
+            "--batch", "2", "--warmup", "1", "--repeats", "3", "--threads", "1",
+        ]],
+    )  # fmt: skip
+    assert bench.exit_code == 0, bench.output
+    (row,) = json.loads(bench.output.strip().splitlines()[-1])["providers"]["cpu"]["rows"]
+    assert row["int8_speedup"] == pytest.approx(row["original_int8_ms"] / row["compressed_int8_ms"])
+    assert row["total_speedup"] == pytest.approx(row["original_ms"] / row["compressed_int8_ms"])
+    assert "INT8 speedup" in bench.output  # the second table: the INT8 pair
+    half = runner.invoke(
+        app,
+        [
+            "bench",
+            str(out / "model.onnx"),
+            "--baseline",
+            str(out / "original.onnx"),
+            "--int8",
+            str(out / "model.int8.onnx"),
+        ],
+    )
+    assert half.exit_code == 1 and "go together" in half.output
+    # Every layer int8 and a tolerance of 100 % agreement: the run fails, the report is written.
+    strict = tmp_path / "strict"
+    result = runner.invoke(
+        app,
+        [str(a) for a in [
+            "compress", "digits-cnn", "--weights", root / "digits.pt", "--rank", "8",
+            "--train-data", root / "train.npz", "--eval-data", root / "test.npz",
+            "--quantize", "int8", "--float-layers", "none", "--quant-calibration", "percentile",
+            "--min-agreement", "1.0", "--no-latency", "--out", strict,
+        ]],
+    )  # fmt: skip
+    failed = Report.load(strict / "report.json").quantization
+    assert not failed.passed and failed.compressed.top1_agreement < 1.0
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 1 and len(lines) == 1 and "below the tolerance" in lines[0]
+    assert failed.calibration == "percentile" and failed.float_layers == {}
+    assert (strict / "model.int8.onnx").is_file()
+
+
+def test_int8_latency_table_times_quantized_probes(digits, tmp_path, monkeypatch):
+    from rankfold.runtime import latency_model
+
+    quantized = []
+
+    def spy(*args, **kwargs):
+        quantized.append(Path(args[0]).name)
+        return quantize_int8(*args, **kwargs)
+
+    monkeypatch.setattr(latency_model, "quantize_int8", spy)
+    layer = next(
+        layer
+        for layer in analyze(trace(digits["model"], torch.zeros(1, 1, 8, 8))).layers
+        if layer.name == "conv2"
+    )
+    tables = {
+        precision: latency_model.LatencyTable(
+            "cpu", tmp_path, threads=1, repeats=3, min_sample_ms=0.2, precision=precision
+        )
+        for precision in ("float", "int8")
+    }
+    # One cache per precision: an INT8 plan never reads float timings.
+    assert tables["float"].path != tables["int8"].path
+    assert tables["float"].layer_ms(layer, 2) > 0 and not quantized
+    assert tables["int8"].block_ms(layer, "tucker2", (16, 16), 2) > 0
+    assert quantized and set(quantized) == {"probe.onnx"}
+    with pytest.raises(ConfigError, match="precision 'int4'"):
+        latency_model.LatencyTable("cpu", tmp_path, precision="int4")
