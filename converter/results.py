@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from rankfold.passes.core import ConfigError
 
-SCHEMA_VERSION = 3  # 2: typed sections; 3: latency intervals, threads, the slower flag
+# 2: typed sections; 3: latency intervals, threads, the slower flag; 4: data-aware fits (layer
+# statistics, per-layer output errors beside the weight-only fit's)
+SCHEMA_VERSION = 4
 
 
 class _Section(BaseModel):
@@ -162,6 +164,16 @@ class EvalData(_Section):
     samples: int
 
 
+class StatisticsSummary(_Section):
+    """The layer input statistics data-aware fits used."""
+
+    images: int
+    layers: int
+    damping: float
+    seconds: float
+    from_cache: bool
+
+
 class LayerRow(BaseModel):
     """One layer of the plan as decomposed; a method's extras (sensitivity, EPC sweeps, …) are
     kept beside the common fields."""
@@ -181,12 +193,17 @@ class LayerRow(BaseModel):
     reason: str
     seconds: float = 0.0
     from_cache: bool = False  # factorized during rank search and reused, not computed again
+    # Data-aware fits: relative output error on the layer statistics (conv: over the input
+    # channels' second moment), and the weight-only fit's errors at the same ranks.
+    output_error: float | None = None
+    weight_only_rel_error: float | None = None
+    weight_only_output_error: float | None = None
 
 
 class Report(_Section):
     """report.json."""
 
-    schema_version: Literal[3] = SCHEMA_VERSION
+    schema_version: Literal[4] = SCHEMA_VERSION
     model: str
     method: str
     target: dict[str, float] | None
@@ -200,6 +217,7 @@ class Report(_Section):
     onnx: OnnxCheck
     latency: Latency | None = None
     eval_data: EvalData | None = None
+    statistics: StatisticsSummary | None = None  # None: weight-only fits
     layers: list[LayerRow]
 
     def to_json(self) -> dict[str, Any]:

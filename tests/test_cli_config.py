@@ -101,11 +101,17 @@ SAMPLES: dict[str, tuple[list[str], Any]] = {
     "latency.threads": (["1,2"], [1, 2]),
     "latency.gate_margin": (["0.1"], 0.1),
     "latency.gate_efficiency": (["0.9"], 0.9),
+    "statistics.damping": (["0.1"], 0.1),
 }
 # Other settings a sample changes on purpose.
 ALSO = {
     "ranks.rel_error": (["--select", "error"], {"ranks.select"}),
     "finetune.optimizer": ([], {"finetune.lr", "finetune.weight_decay"}),  # AdamW's defaults
+    # Settings of data-aware fits are read only with training data.
+    **{
+        f"statistics.{key}": (["--train-data", "t.npz"], {"train_data"})
+        for key in ("samples", "damping", "memory_mb")
+    },
     # A budget turns the latency gate on while latency is measured (the default).
     **{f"ranks.{b}": ([], {"latency.gate"}) for b in BUDGETS},
 }
