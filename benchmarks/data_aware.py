@@ -169,14 +169,16 @@ def main() -> None:
                     f"{a['recalibrated']:.2f} (weight-only → data-aware)",
                     flush=True,
                 )
-    atomic_write_json(
-        args.out,
-        {
-            "settings": {k: str(v) for k, v in vars(args).items()} | {"cache": str(cache)},
-            "seconds": time.perf_counter() - started,
-            "rows": rows,
-        },
-    )
+                # Written after every row: a run cut short keeps what it measured.
+                atomic_write_json(
+                    args.out,
+                    {
+                        "settings": {k: str(v) for k, v in vars(args).items()}
+                        | {"cache": str(cache)},
+                        "seconds": time.perf_counter() - started,
+                        "rows": rows,
+                    },
+                )
 
 
 if __name__ == "__main__":

@@ -181,3 +181,48 @@ def test_whitening_maps_the_first_stage_back():
     weight = rng.standard_normal((4, 6, 3, 3))
     assert np.allclose(whitening.restore(whitening.transform(weight)), weight)
     assert not whitening.is_scalar and Whitening.from_moment(2 * np.eye(6), 0.01).is_scalar
+
+
+def test_compress_fits_data_aware_with_training_data_and_not_without(tmp_path):
+    from rankfold.converter import build_config, compress
+    from rankfold.models import load_model
+    from rankfold.models.digits import digits_splits
+
+    _, test = digits_splits()
+    np.savez(tmp_path / "digits.npz", x=test.x[:128], y=test.y[:128])
+    settings = {
+        "model": "digits-cnn",
+        "ranks": {"method": "tucker2", "macs_reduction": 2},
+        "train_data": str(tmp_path / "digits.npz"),
+        "recalibrate": False,
+        "latency": {"enabled": False},
+        "search": {"cache_dir": str(tmp_path / "cache")},
+    }
+
+    def run(**changes):
+        torch.manual_seed(0)
+        model, spec = load_model("digits-cnn")
+        config = build_config({**settings, **changes})
+        return compress(model, torch.zeros(1, *spec.input_shape), config, spec)
+
+    aware = run(statistics={"samples": 128})
+    rows = [row for row in aware.decomposition.layers if row.status == "decomposed"]
+    assert rows and aware.statistics.statistics.images == 128
+    assert not aware.statistics.from_cache
+    for row in rows:
+        if aware.analysis.layer(row.name).in_features == 1:  # a scalar metric: the same fit
+            assert row.output_error == pytest.approx(row.weight_only_output_error, rel=1e-12)
+        else:
+            assert row.output_error < row.weight_only_output_error
+        assert row.rel_error >= row.weight_only_rel_error - 1e-6  # it fits another metric
+    again = run(statistics={"samples": 128})
+    assert again.statistics.from_cache
+    assert [r.output_error for r in again.decomposition.layers] == [
+        r.output_error for r in aware.decomposition.layers
+    ]
+    plain = run(statistics={"weight_only": True})
+    assert plain.statistics is None
+    for row, aware_row in zip(plain.decomposition.layers, aware.decomposition.layers):
+        assert row.output_error is None and row.weight_only_output_error is None
+        if row.status == "decomposed":
+            assert row.rel_error == pytest.approx(aware_row.weight_only_rel_error, rel=1e-9)
