@@ -148,7 +148,8 @@ class LayerStatistics:
 class _Accumulator:
     """Σ x xᵀ over a layer's input vectors, in float64, a bounded chunk of columns at a time."""
 
-    def __init__(self, features: int, buffer: np.ndarray) -> None:
+    def __init__(self, features: int, buffer: np.ndarray, conv: bool) -> None:
+        self.conv = conv
         self.sum = np.zeros((features, features), order="F")  # dsyrk updates it in place
         self.count = 0
         self.buffer = buffer  # float64 scratch shared by all layers (hooks run one at a time)
@@ -157,7 +158,7 @@ class _Accumulator:
     def add(self, x: torch.Tensor) -> None:
         features = self.sum.shape[0]
         x = x.detach()
-        if x.dim() == 4:  # N×C×H×W: vectors are the channels at each position
+        if self.conv:  # N×C×H×W: vectors are the channels at each position
             array = x.cpu().reshape(x.shape[0], features, -1).numpy()
         else:  # …×F: vectors are the rows
             array = x.cpu().reshape(-1, features, 1).numpy()
@@ -171,6 +172,9 @@ class _Accumulator:
                 part = array[a : a + samples, :, p : p + per_sample]
                 chunk = self.buffer[: part.size].reshape(part.shape)
                 np.copyto(chunk, part)
+                if positions == 1:  # rows of a Linear's input: the chunk, transposed, is S×rows
+                    dsyrk(1.0, chunk[:, :, 0].T, beta=1.0, c=self.sum, lower=0, overwrite_c=1)
+                    continue
                 for vectors in chunk:
                     dsyrk(1.0, vectors.T, beta=1.0, c=self.sum, trans=1, lower=0, overwrite_c=1)
         self.count += n * positions
@@ -184,15 +188,15 @@ class _Accumulator:
         return InputMoment(self.sum, self.count)
 
 
-def statistics_layers(gm: fx.GraphModule, names: Iterable[str]) -> dict[str, int]:
-    """The layers among `names` whose inputs can be measured, with their input feature count."""
+def statistics_layers(gm: fx.GraphModule, names: Iterable[str]) -> dict[str, tuple[int, bool]]:
+    """The layers among `names` whose inputs can be measured: (input features, is a conv)."""
     found = {}
     for name in names:
         module = gm.get_submodule(name)
         if isinstance(module, nn.Conv2d) and module.groups == 1:
-            found[name] = module.in_channels
+            found[name] = (module.in_channels, True)
         elif isinstance(module, nn.Linear):
-            found[name] = module.in_features
+            found[name] = (module.in_features, False)
     return found
 
 
@@ -213,8 +217,8 @@ def collect_statistics(
     fit. `progress` is called once per batch.
     """
     layers = statistics_layers(gm, names)
-    held = sum(8 * s * s for s in layers.values())
-    widest = max(layers.values(), default=1)
+    held = sum(8 * s * s for s, _ in layers.values())
+    widest = max((s for s, _ in layers.values()), default=1)
     # A sixteenth of what is left is kept for small temporaries.
     chunk = min((memory_bytes - held) * 15 // 16, CHUNK_CAP_BYTES)
     if chunk < 8 * widest:
@@ -224,7 +228,7 @@ def collect_statistics(
             "pass --weight-only"
         )
     buffer = np.empty(chunk // 8)
-    accumulators = {name: _Accumulator(s, buffer) for name, s in layers.items()}
+    accumulators = {name: _Accumulator(s, buffer, conv) for name, (s, conv) in layers.items()}
     handles = [
         gm.get_submodule(name).register_forward_pre_hook(
             lambda _module, args, acc=acc: acc.add(args[0])
