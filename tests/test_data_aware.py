@@ -192,7 +192,7 @@ def test_compress_fits_data_aware_with_training_data_and_not_without(tmp_path):
     np.savez(tmp_path / "digits.npz", x=test.x[:128], y=test.y[:128])
     settings = {
         "model": "digits-cnn",
-        "ranks": {"method": "tucker2", "macs_reduction": 2},
+        "ranks": {"method": "svd", "macs_reduction": 2},
         "train_data": str(tmp_path / "digits.npz"),
         "recalibrate": False,
         "latency": {"enabled": False},
