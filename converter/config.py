@@ -158,7 +158,12 @@ class CompressConfig(_Strict):
 
     @model_validator(mode="after")
     def _statistics_need_data(self) -> CompressConfig:
-        given = sorted(self.statistics.model_fields_set - {"weight_only"})
+        # A value other than the default (a written-out config restates the defaults).
+        given = sorted(
+            key
+            for key in self.statistics.model_fields_set - {"weight_only"}
+            if getattr(self.statistics, key) != StatisticsConfig.model_fields[key].default
+        )
         if given and (self.train_data is None or self.statistics.weight_only):
             why = "--weight-only turns them off" if self.train_data else "they need --train-data"
             raise ConfigError(
