@@ -135,6 +135,16 @@ class QuantizeConfig(_Strict):
         return []
 
 
+class StatisticsConfig(_Strict):
+    """Data-aware fits: with training data, each layer is fitted to its output on the first
+    `samples` training images (their input second moments) instead of to its weights."""
+
+    weight_only: bool = False
+    samples: int = Field(default=1024, ge=1)
+    damping: float = Field(default=0.01, ge=0)  # Σ + damping·tr(Σ)/n·I is fitted
+    memory_mb: int = Field(default=512, ge=1)  # the statistics pass's own memory
+
+
 class CompressConfig(_Strict):
     """Everything one `rankfold compress` run needs."""
 
@@ -155,6 +165,7 @@ class CompressConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     # With train_data: BatchNorm recalibration (or bias correction for BN-free models).
     recalibrate: bool = True
+    statistics: StatisticsConfig = Field(default_factory=StatisticsConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     resume: bool = False
     export: ExportConfig = Field(default_factory=ExportConfig)
@@ -189,6 +200,26 @@ class CompressConfig(_Strict):
                 f"{self.ranks.select}; add --select error or drop --rel-error"
             )
         return self
+
+    @model_validator(mode="after")
+    def _statistics_need_data(self) -> CompressConfig:
+        # A value other than the default (a written-out config restates the defaults).
+        given = sorted(
+            key
+            for key in self.statistics.model_fields_set - {"weight_only"}
+            if getattr(self.statistics, key) != StatisticsConfig.model_fields[key].default
+        )
+        if given and (self.train_data is None or self.statistics.weight_only):
+            why = "--weight-only turns them off" if self.train_data else "they need --train-data"
+            raise ConfigError(
+                f"statistics.{given[0]} is read by data-aware fits, but {why}; drop it"
+            )
+        return self
+
+    @property
+    def data_aware(self) -> bool:
+        """Whether layers are fitted to their outputs on the training images."""
+        return self.train_data is not None and not self.statistics.weight_only
 
 
 # Keys that moved: a file still using one gets told where it went.

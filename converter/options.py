@@ -201,6 +201,33 @@ OPTIONS: tuple[Option, ...] = (
         float,
     ),
     Option("plan", "Replay a saved plan.json.", RANKS, Path),
+    Option(
+        "statistics.weight_only",
+        "Fit each layer's weights, not its outputs on --train-data images (data-aware fits "
+        "are on whenever training data is given).",
+        RANKS,
+        bool,
+    ),
+    Option(
+        "statistics.samples",
+        "Data-aware fits: training images the layers' input statistics come from (1024).",
+        RANKS,
+        int,
+        "--stats-samples",
+    ),
+    Option(
+        "statistics.damping",
+        "Data-aware fits: the input moment fitted is Σ + damping·tr(Σ)/n·I (0.01).",
+        RANKS,
+        float,
+    ),
+    Option(
+        "statistics.memory_mb",
+        "Data-aware fits: memory of the statistics pass in MiB (512).",
+        RANKS,
+        int,
+        "--stats-memory-mb",
+    ),
     # ---- selection
     Option(
         "ranks.select",

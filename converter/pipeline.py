@@ -46,8 +46,13 @@ from rankfold.converter.results import (
     Recovery,
     Report,
     SelectionReport,
+    StatisticsSummary,
 )
-from rankfold.converter.search_data import calibration_from_dataset
+from rankfold.converter.search_data import (
+    StatisticsRun,
+    calibration_from_dataset,
+    layer_statistics,
+)
 from rankfold.converter.ui import console, progress_bar
 from rankfold.models import (
     ImageData,
@@ -84,6 +89,7 @@ from rankfold.passes.plan import RankPolicy, budgeted_slots, resolve_round_to
 from rankfold.passes.recalibrate import correct_bias, has_batchnorm, recalibrate_bn
 from rankfold.passes.search import DecompositionCache, check_storage, default_cache_dir
 from rankfold.passes.selectors import PlanningContext, get_selector
+from rankfold.passes.statistics import LayerStatistics
 from rankfold.runtime import (
     LatencyResult,
     ParityReport,
@@ -151,6 +157,7 @@ class CompressionResult:
     accuracy: dict[str, float | None] = field(default_factory=dict)
     recalibration: str | None = None  # "batchnorm" | "bias" when recovery ran
     finetuning: FinetuneResult | None = None
+    statistics: StatisticsRun | None = None  # data-aware fits: the layer statistics used
     report: Report | None = None  # set by `run_compress` (see `to_report`)
 
     def save(self, out_dir: str | Path) -> Artifacts:
@@ -256,6 +263,15 @@ class CompressionResult:
                 skipped_images=sorted(self.eval_data.skipped),
             ),
             quantization=self._quantization_report(validation),
+            statistics=None
+            if self.statistics is None
+            else StatisticsSummary(
+                images=self.statistics.statistics.images,
+                layers=len(self.statistics.statistics.moments),
+                damping=self.statistics.statistics.damping,
+                seconds=self.statistics.seconds,
+                from_cache=self.statistics.from_cache,
+            ),
             layers=[LayerRow(**row.to_dict()) for row in self.decomposition.layers],
         )
 
@@ -448,6 +464,9 @@ def compress(
 ) -> CompressionResult:
     """Trace, plan and decompose `model`, then recover accuracy when `config.train_data` is set.
 
+    With training data (and without `statistics.weight_only`) every layer is fitted to its
+    output on the first `statistics.samples` training images instead of to its weights.
+
     `spec` (input shape, classes, mean/std) is needed to read data. Fine-tuning checkpoints go to
     `workdir` (default: a temporary folder, so only `--resume` needs a fixed one).
     """
@@ -487,12 +506,36 @@ def compress(
             )
             for threads in config.latency.thread_counts
         ]
+    cache_dir = config.search.cache_dir or default_cache_dir()
+    statistics = None
+    if config.data_aware:
+        settings = config.statistics
+        statistics = layer_statistics(
+            original,
+            analysis,
+            train,
+            spec,
+            settings.samples,
+            settings.damping,
+            settings.memory_mb,
+            cache_dir,
+            batch_size=config.search.batch_size,
+        )
     plan, selection, cache = _choose_plan(
-        original, analysis, example_inputs, config, spec, train, tables
+        original,
+        analysis,
+        example_inputs,
+        config,
+        spec,
+        train,
+        tables,
+        None if statistics is None else statistics.statistics,
     )
     if cache is None or cache.directory is None:
         # On disk, so every finished layer survives a killed run and a rerun computes nothing.
-        cache = DecompositionCache(config.search.cache_dir or default_cache_dir(), config.seed)
+        cache = DecompositionCache(
+            cache_dir, config.seed, None if statistics is None else statistics.statistics
+        )
     with progress_bar("decompose", total=len(plan.decomposed())) as advance:
         compressed, decomposition = decompose(
             original, analysis, plan, seed=config.seed, progress=advance, cache=cache
@@ -509,6 +552,7 @@ def compress(
         example_inputs,
         selection=selection,
         float_layers=float_layers,
+        statistics=statistics,
     )
     if config.quantize.dtype is not None:
         result.calibration = train.subset(config.quantize.samples)
@@ -553,6 +597,7 @@ def _choose_plan(
     spec: ModelSpec | None,
     train: ImageData | None,
     tables: list[LatencyTable],
+    statistics: LayerStatistics | None = None,
 ) -> tuple[Plan, SelectionReport, DecompositionCache | None]:
     """The plan to decompose with, how it was chosen, and the decomposition cache the selector
     filled (the final decomposition reuses it). `tables`: one per deployed thread count.
@@ -572,6 +617,7 @@ def _choose_plan(
         return Plan.load(config.plan), chosen, None
     policy = config.ranks
     context = _planning_context(original, analysis, config, spec, train, tables[:1])
+    context.statistics = statistics
 
     def planned(ranks: RankPolicy) -> tuple[Plan, dict[str, Any]]:
         selection = select_ranks(analysis, ranks, context)

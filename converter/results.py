@@ -16,8 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rankfold.passes.core import ConfigError
 
-# 2: typed sections; 3: latency intervals, threads, the slower flag; 4: INT8 quantization
-SCHEMA_VERSION = 4
+# 2: typed sections; 3: latency intervals, threads, the slower flag; 4: INT8 quantization;
+# 5: data-aware fits (layer statistics, per-layer output errors beside the weight-only fit's)
+SCHEMA_VERSION = 5
 
 
 class _Section(BaseModel):
@@ -215,6 +216,16 @@ class EvalData(_Section):
     skipped_images: list[str] = Field(default_factory=list)
 
 
+class StatisticsSummary(_Section):
+    """The layer input statistics data-aware fits used."""
+
+    images: int
+    layers: int
+    damping: float
+    seconds: float
+    from_cache: bool
+
+
 class LayerRow(BaseModel):
     """One layer of the plan as decomposed; a method's extras (sensitivity, EPC sweeps, …) are
     kept beside the common fields."""
@@ -234,6 +245,11 @@ class LayerRow(BaseModel):
     reason: str
     seconds: float = 0.0
     from_cache: bool = False  # factorized during rank search and reused, not computed again
+    # Data-aware fits: relative output error on the layer statistics (conv: over the input
+    # channels' second moment), and the weight-only fit's errors at the same ranks.
+    output_error: float | None = None
+    weight_only_rel_error: float | None = None
+    weight_only_output_error: float | None = None
 
 
 class Report(_Section):
@@ -254,6 +270,7 @@ class Report(_Section):
     latency: Latency | None = None
     eval_data: EvalData | None = None
     quantization: Quantization | None = None
+    statistics: StatisticsSummary | None = None  # None: weight-only fits
     layers: list[LayerRow]
 
     def to_json(self) -> dict[str, Any]:

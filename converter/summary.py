@@ -58,6 +58,19 @@ def summary_lines(report: Report, out: Path) -> list[str]:
         f"ONNX parity: max abs diff {onnx.max_abs_diff:.2e} (tolerance {onnx.atol:.0e} + "
         f"{onnx.rtol:.0e} × output scale)",
     ]
+    if report.statistics is not None:
+        stats = report.statistics
+        aware = [row for row in report.layers if row.output_error is not None]
+        compared = [row for row in aware if row.weight_only_output_error is not None]
+        line = (
+            f"data-aware fits: {len(aware)} layer(s) fitted to their outputs on "
+            f"{stats.images} training images"
+        )
+        if compared:
+            mean = sum(row.output_error for row in compared) / len(compared)
+            baseline = sum(row.weight_only_output_error for row in compared) / len(compared)
+            line += f"; mean relative output error {mean:.3f} (weight-only {baseline:.3f})"
+        lines.append(line)
     if original.functional_macs:
         calls = ", ".join(f"{name} {macs:,}" for name, macs in original.functional_macs.items())
         lines.append(

@@ -209,3 +209,27 @@ def set_group(block: FactorizedBlock, group: FactorizedBlock, index: int) -> Non
             for name, tensor in part.named_parameters():
                 rows = tensor.shape[0]
                 getattr(stage, name)[index * rows : (index + 1) * rows].copy_(tensor)
+
+
+def block_kernel(block: nn.Sequential) -> np.ndarray:
+    """The one kernel (T×S×kh×kw, or out×in for Linear) a filled block computes, in float64:
+    its stages composed. A block has at most one stage with a spatial extent (dense or
+    depthwise); the 1×1 stages around it multiply its channel modes."""
+    kernel: np.ndarray | None = None
+    for stage in block:
+        w = stage.weight.detach().cpu().double().numpy()
+        if isinstance(stage, nn.Linear):
+            kernel = w if kernel is None else w @ kernel
+            continue
+        if stage.groups == 1 and w.shape[2:] == (1, 1):
+            kernel = w if kernel is None else np.einsum("oi,ishw->oshw", w[:, :, 0, 0], kernel)
+            continue
+        if kernel is not None and kernel.shape[2:] != (1, 1):
+            raise ValueError("a block with two spatial stages has no single kernel")
+        if stage.groups == 1:
+            kernel = w if kernel is None else np.einsum("oihw,is->oshw", w, kernel[:, :, 0, 0])
+        elif stage.groups == stage.in_channels == stage.out_channels and kernel is not None:
+            kernel = w[:, 0][:, None] * kernel[:, :, 0, 0][:, :, None, None]
+        else:
+            raise ValueError(f"stage {stage} cannot be composed into one kernel")
+    return kernel

@@ -87,7 +87,7 @@ def select_ranks(
         context.search = context.search or SearchConfig()
         if context.cache is None:
             directory = context.search.cache_dir or default_cache_dir()
-            context.cache = DecompositionCache(directory, context.seed)
+            context.cache = DecompositionCache(directory, context.seed, context.statistics)
     details: dict[str, Any] = {}
     if draft.slots or draft.budget is not None:
         with context.progress(f"select ({selector.name})", selector.steps(draft, context)) as step:

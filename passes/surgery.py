@@ -21,7 +21,12 @@ from rankfold.passes.analysis import LayerInfo, ModelAnalysis
 from rankfold.passes.core import ConfigError, DecompositionError
 from rankfold.passes.methods import get_method
 from rankfold.passes.plan import LayerPlan, Plan, check_plan
-from rankfold.passes.search.cache import CachedBlock, DecompositionCache, compute_threads
+from rankfold.passes.search.cache import (
+    CachedBlock,
+    DecompositionCache,
+    compute_threads,
+    fit_errors,
+)
 
 
 @dataclass
@@ -34,11 +39,16 @@ class LayerReport:
     macs: int
     original_params: int
     original_macs: int
-    rel_error: float | None
+    rel_error: float | None  # ‖W − Ŵ‖ / ‖W‖
     status: str  # "decomposed" | "skipped"
     reason: str
     seconds: float = 0.0
     from_cache: bool = False  # the block was factorized before (by rank search), not again
+    # With layer statistics (a data-aware fit): the relative output error on them, and both
+    # errors of the weight-only fit at the same ranks, for comparison.
+    output_error: float | None = None
+    weight_only_rel_error: float | None = None
+    weight_only_output_error: float | None = None
     extras: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -113,6 +123,7 @@ def decompose(
     progress: Callable[[str], None] | None = None,
     cache: DecompositionCache | None = None,
     cores: int | None = None,
+    compare_weight_only: bool = True,
 ) -> tuple[fx.GraphModule, DecompositionReport]:
     """Apply `plan` to a copy of `gm`; returns the new module and one report row per layer.
 
@@ -120,7 +131,9 @@ def decompose(
     again; default: a cache in memory for this call). Layers are factorized concurrently on
     `cores` cores (default: all; `pool_shape` gives one thread per core, and threads suffice
     because the factorizations spend their time in BLAS, outside the GIL); each finished layer is in
-    the cache at once, and `progress` is called with its name.
+    the cache at once, and `progress` is called with its name. A cache with layer statistics
+    fits those layers data-aware; with `compare_weight_only` the weight-only fit at the same
+    ranks is also made (or read from the cache) and its errors reported beside.
     """
     check_plan(plan, analysis)
     cache = DecompositionCache(None, seed) if cache is None else cache
@@ -134,16 +147,24 @@ def decompose(
     planned = plan.decomposed()
     n_workers, threads = pool_shape(len(planned), cores)
 
-    def fill(entry: LayerPlan) -> tuple[CachedBlock, bool, float]:
+    baseline = cache.weight_only() if compare_weight_only and cache.statistics else None
+
+    def fill(entry: LayerPlan) -> tuple[CachedBlock, bool, float, dict[str, float]]:
         start = time.perf_counter()
         method = get_method(entry.method)
         module = new.get_submodule(entry.name)
-        cached, computed = cache.lookup(
-            module, layers[entry.name], method, tuple(entry.ranks), threads=None
-        )
-        return cached, computed, time.perf_counter() - start
+        layer, ranks = layers[entry.name], tuple(entry.ranks)
+        cached, computed = cache.lookup(module, layer, method, ranks, threads=None)
+        compared: dict[str, float] = {}
+        whitening = cache.whitening(layer)
+        if baseline is not None and whitening is not None:
+            plain, _ = baseline.lookup(module, layer, method, ranks, threads=None)
+            block = method.build(layer, ranks)
+            block.load_state_dict(plain.state)
+            compared = fit_errors(module, block, whitening)
+        return cached, computed, time.perf_counter() - start, compared
 
-    filled: dict[str, tuple[CachedBlock, bool, float]] = {}
+    filled: dict[str, tuple[CachedBlock, bool, float, dict[str, float]]] = {}
     with compute_threads(threads), ThreadPoolExecutor(n_workers) as pool:
         futures = {pool.submit(fill, entry): entry.name for entry in largest_first(planned, layers)}
         try:
@@ -177,7 +198,8 @@ def decompose(
             continue
         method = get_method(entry.method)
         ranks = tuple(entry.ranks)
-        cached, computed, seconds = filled[entry.name]
+        cached, computed, seconds, compared = filled[entry.name]
+        extras = dict(cached.extras)
         original = new.get_submodule(entry.name)
         block = method.build(layer, ranks).to(original.weight.device, original.weight.dtype)
         block.load_state_dict(cached.state)
@@ -198,7 +220,10 @@ def decompose(
                 entry.reason,
                 seconds=seconds,
                 from_cache=not computed,
-                extras=cached.extras,
+                output_error=extras.pop("output_error", None),
+                weight_only_rel_error=compared.get("weight_error"),
+                weight_only_output_error=compared.get("output_error"),
+                extras=extras,
             )
         )
     new.recompile()

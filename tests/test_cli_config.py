@@ -108,6 +108,7 @@ SAMPLES: dict[str, tuple[list[str], Any]] = {
     "quantize.float_layers": (["conv1", "layer4.*"], ["conv1", "layer4.*"]),
     "quantize.calibration": (["entropy"], "entropy"),
     "quantize.min_agreement": (["0.9"], 0.9),
+    "statistics.damping": (["0.1"], 0.1),
 }
 # Other settings a sample changes on purpose.
 ALSO = {
@@ -115,6 +116,11 @@ ALSO = {
     "finetune.optimizer": ([], {"finetune.lr", "finetune.weight_decay"}),  # AdamW's defaults
     # INT8 calibrates on the training images.
     "quantize.dtype": (["--train-data", "some/file"], {"train_data"}),
+    # Settings of data-aware fits are read only with training data.
+    **{
+        f"statistics.{key}": (["--train-data", "t.npz"], {"train_data"})
+        for key in ("samples", "damping", "memory_mb")
+    },
     # A budget turns the latency gate on while latency is measured (the default).
     **{f"ranks.{b}": ([], {"latency.gate"}) for b in BUDGETS},
 }

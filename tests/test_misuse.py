@@ -155,6 +155,12 @@ CASES = [
         "is read by --select error only",
     ),
     (
+        "data-aware-setting-without-data",
+        {},
+        ["compress", "digits-cnn", "--macs-reduction", "2", "--damping", "0.1", *COMMON],
+        "statistics.damping is read by data-aware fits, but they need --train-data",
+    ),
+    (
         "bench-missing-baseline",
         {"model.onnx": "ONNX"},
         ["bench", "model.onnx", "--baseline", "nothere.onnx"],

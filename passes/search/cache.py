@@ -1,8 +1,11 @@
-"""The decomposition cache: every (layer weights, method and its settings, ranks, seed)
-factorization is computed once and kept, on disk or in memory.
+"""The decomposition cache: every (layer weights, method and its settings, ranks, seed, input
+statistics) factorization is computed once and kept, on disk or in memory.
 
 Rank search and the final decomposition share it, so a block PARS or eps-search evaluated is not
 factorized again when the chosen plan is applied (`rankfold.passes.surgery.decompose(cache=)`).
+A cache made with layer statistics fits those layers data-aware (`rankfold.passes.statistics`);
+their keys carry the statistics' fingerprint, so data-aware and weight-only entries never mix.
+The statistics themselves are cached beside the blocks (`load_statistics`, `store_statistics`).
 """
 
 from __future__ import annotations
@@ -17,14 +20,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 from torch import nn
 
 from rankfold.passes.analysis import LayerInfo
-from rankfold.passes.blocks import FactorizedBlock
+from rankfold.passes.blocks import FactorizedBlock, block_kernel
 from rankfold.passes.core import DecompositionError, atomic_path
 from rankfold.passes.methods import Method, Ranks
+from rankfold.passes.statistics import LayerStatistics, Whitening, whitened_fill
 
 CACHE_FORMAT = 2  # 2: the key includes the method's settings
 
@@ -67,9 +72,15 @@ class DecompositionCache:
     memory for this process only.
     """
 
-    def __init__(self, directory: str | Path | None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        directory: str | Path | None,
+        seed: int = 0,
+        statistics: LayerStatistics | None = None,
+    ) -> None:
         self.directory = None if directory is None else Path(directory)
         self.seed = seed
+        self.statistics = statistics
         self.hits = 0
         self.misses = 0
         self.fill_seconds = 0.0
@@ -84,7 +95,18 @@ class DecompositionCache:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    def key(self, module: nn.Module, method: Method, ranks: Ranks) -> str:
+    def weight_only(self) -> DecompositionCache:
+        """The same store without statistics: the weight-only fits, for comparison."""
+        twin = DecompositionCache(self.directory, self.seed)
+        twin._memory = self._memory  # keys differ, so one dict serves both
+        return twin
+
+    def whitening(self, layer: LayerInfo) -> Whitening | None:
+        return None if self.statistics is None else self.statistics.whitening(layer.name)
+
+    def key(
+        self, module: nn.Module, method: Method, ranks: Ranks, whitening: Whitening | None = None
+    ) -> str:
         h = hashlib.sha256()
         for tensor in (module.weight, getattr(module, "bias", None)):
             if tensor is not None:
@@ -96,6 +118,8 @@ class DecompositionCache:
         h.update(
             f"|{method.name}|{kind}|{settings}|{list(ranks)}|{self.seed}|{CACHE_FORMAT}".encode()
         )
+        if whitening is not None:
+            h.update(f"|statistics:{whitening.fingerprint}".encode())
         return h.hexdigest()
 
     def get(
@@ -119,7 +143,8 @@ class DecompositionCache:
         """The entry and whether it was computed now. The fill runs on `threads` BLAS/torch
         threads (default 1: rank search runs many small fills side by side; None: the caller
         set them, as `decompose`'s pool does)."""
-        key = self.key(module, method, ranks)
+        whitening = self.whitening(layer)
+        key = self.key(module, method, ranks, whitening)
         entry = self._load(key)
         if entry is not None:
             with self._lock:
@@ -129,7 +154,12 @@ class DecompositionCache:
         block = method.build(layer, ranks).to(module.weight.device, module.weight.dtype)
         try:
             with compute_threads(threads):
-                filled = method.fill(block, module, self.seed)
+                if whitening is None:
+                    filled = method.fill(block, module, self.seed)
+                else:
+                    filled = whitened_fill(method, block, module, whitening, self.seed)
+                    filled.extras.update(fit_errors(module, block, whitening))
+                    filled.rel_error = filled.extras.pop("weight_error")
         except (ValueError, ArithmeticError, RuntimeError) as exc:
             raise DecompositionError(
                 f"decomposing layer '{layer.name}' ({method.name}, ranks {list(ranks)}) failed: "
@@ -157,6 +187,25 @@ class DecompositionCache:
         block.load_state_dict(entry.state)
         return block, entry
 
+    def _statistics_path(self, key: str) -> Path:
+        return self.directory / "statistics" / f"{key}.pt"
+
+    def load_statistics(self, key: str, damping: float) -> LayerStatistics | None:
+        """Statistics stored under `key` (see `statistics_key`), None when absent or damaged."""
+        if self.directory is None or not self._statistics_path(key).is_file():
+            return None
+        try:
+            payload = torch.load(self._statistics_path(key), map_location="cpu", weights_only=True)
+            return LayerStatistics.from_payload(payload, damping)
+        except Exception:  # noqa: BLE001 - damaged statistics are collected again
+            return None
+
+    def store_statistics(self, key: str, statistics: LayerStatistics) -> None:
+        if self.directory is None:
+            return
+        with atomic_path(self._statistics_path(key)) as tmp:
+            torch.save(statistics.to_payload(), tmp)
+
     def _path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.pt"
 
@@ -180,3 +229,14 @@ class DecompositionCache:
         payload = {"state": entry.state, "rel_error": entry.rel_error, "extras": entry.extras}
         with atomic_path(self._path(key)) as tmp:
             torch.save(payload, tmp)
+
+
+def fit_errors(module: nn.Module, block: nn.Module, whitening: Whitening) -> dict[str, float]:
+    """The block's relative weight error and relative output error on the layer's statistics."""
+    kernel = module.weight.detach().cpu().double().numpy()
+    approx = block_kernel(block).reshape(kernel.shape)
+    weight_error = np.linalg.norm(kernel - approx) / max(np.linalg.norm(kernel), 1e-300)
+    return {
+        "weight_error": float(weight_error),
+        "output_error": whitening.output_error(kernel, approx),
+    }

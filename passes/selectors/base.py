@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from torch import fx
 
     from rankfold.passes.search import Calibration, DecompositionCache, SearchConfig
+    from rankfold.passes.statistics import LayerStatistics
 
 Advance = Callable[..., None]
 # (label, total) → a context manager yielding a function called once per step done.
@@ -31,7 +32,9 @@ class PlanningContext:
     `gm`: the traced model (its kernels, for spectral, error and data-driven selectors);
     `calibration`: labelled data (eps-search, pars); `measured`: prices a latency budget;
     `cache`: the decomposition cache the search fills and the final decomposition reuses;
-    `seed`: the factorization seed, so searched blocks are the final ones.
+    `seed`: the factorization seed, so searched blocks are the final ones;
+    `statistics`: layer input statistics, so searched blocks are fitted data-aware as the final
+    ones are (the cache the selector makes carries them).
     """
 
     gm: fx.GraphModule | None = None
@@ -40,6 +43,7 @@ class PlanningContext:
     measured: CostModel | None = None
     cache: DecompositionCache | None = None
     seed: int = 0
+    statistics: LayerStatistics | None = None
     model_name: str = "model"
     progress: ProgressFactory = no_progress
 
