@@ -255,7 +255,7 @@ class LayerRow(BaseModel):
 class Report(_Section):
     """report.json."""
 
-    schema_version: Literal[4] = SCHEMA_VERSION
+    schema_version: Literal[5] = SCHEMA_VERSION
     model: str
     method: str
     target: dict[str, float] | None
