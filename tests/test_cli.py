@@ -242,7 +242,7 @@ def test_latency_gate_decides_every_planned_layer_by_measurement(
 
 
 def modelled_time(
-    self, model: onnx.ModelProto, shape: tuple[int, ...]
+    self, model: onnx.ModelProto, shape: tuple[int, ...], quantize: bool = True
 ) -> tuple[float, float, float]:
     """A deterministic stand-in for timing a probe graph: 0.05 ms per node + 1e-5 ms per MAC
     (the median and its interval: exact, so a point)."""
