@@ -222,8 +222,9 @@ def test_tucker2_cp_recovers_exact_structure(rank_out: int, rank_in: int) -> Non
     assert hybrid.reconstruct().shape == kernel.shape
     assert hybrid.ranks == (rank_out, rank_in, rank_cp)
     assert hybrid.kernel_size == (kh, kw)
-    assert hybrid.rel_error(kernel) < 1e-6
-    assert hybrid.core.rel_error < 1e-6
+    # HOOI sweeps run in float32 (fit and core in float64): exact to float32's resolution.
+    assert hybrid.rel_error(kernel) < 1e-5
+    assert hybrid.core.rel_error < 1e-5
     assert hybrid.sensitivity == hybrid.core.sensitivity
     assert math.isfinite(hybrid.sensitivity)
 
