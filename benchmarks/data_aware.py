@@ -1,8 +1,9 @@
 """Data-aware decomposition (issue #20): weight-only vs data-aware fits, side by side.
 
 For each model, method and MAC reduction, two `compress` runs (the public Python API, what
-`rankfold compress` runs) with the same training data: `--weight-only`, and the default
-data-aware fit (each layer fitted to its output on the first --stats-samples training images).
+`rankfold compress` runs) with the same training data: the default weight-only fit, and the
+data-aware fit of `--data-aware` (each layer fitted to its output on the first --stats-samples
+training images).
 Both arms plan the same ranks (uniform selection under the budget does not read the data), so
 they differ by the fit alone. Each decomposed model is scored on cifar10/test_lossless_1017.npz
 straight after decomposition and after BatchNorm recalibration (`recalibrate_bn` on the
@@ -76,7 +77,7 @@ def run(args, model_name: str, method: str, reduction: float, weight_only: bool,
         "recalibrate": False,  # recalibrated below, after the decomposed model is scored
         "latency": {"enabled": False},
         "search": {"cache_dir": str(cache)},
-        "statistics": {"weight_only": True} if weight_only else {"samples": args.stats_samples},
+        "statistics": {} if weight_only else {"data_aware": True, "samples": args.stats_samples},
     }
     start = time.perf_counter()
     result = compress(model, torch.zeros(1, *spec.input_shape), build_config(settings), spec)

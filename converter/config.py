@@ -136,10 +136,12 @@ class QuantizeConfig(_Strict):
 
 
 class StatisticsConfig(_Strict):
-    """Data-aware fits: with training data, each layer is fitted to its output on the first
-    `samples` training images (their input second moments) instead of to its weights."""
+    """Data-aware fits (`data_aware`, with training data): each layer is fitted to its output
+    on the first `samples` training images (their input second moments) instead of to its
+    weights. Off by default: after BatchNorm recalibration it does not yet beat the weight-only
+    fit (BENCHMARKS.md, issue #20)."""
 
-    weight_only: bool = False
+    data_aware: bool = False
     samples: int = Field(default=1024, ge=1)
     damping: float = Field(default=0.01, ge=0)  # Σ + damping·tr(Σ)/n·I is fitted
     memory_mb: int = Field(default=512, ge=1)  # the statistics pass's own memory
@@ -206,11 +208,11 @@ class CompressConfig(_Strict):
         # A value other than the default (a written-out config restates the defaults).
         given = sorted(
             key
-            for key in self.statistics.model_fields_set - {"weight_only"}
+            for key in self.statistics.model_fields_set - {"data_aware"}
             if getattr(self.statistics, key) != StatisticsConfig.model_fields[key].default
         )
-        if given and (self.train_data is None or self.statistics.weight_only):
-            why = "--weight-only turns them off" if self.train_data else "they need --train-data"
+        if given and not self.data_aware:
+            why = "they need --data-aware" if self.train_data else "they need --train-data"
             raise ConfigError(
                 f"statistics.{given[0]} is read by data-aware fits, but {why}; drop it"
             )
@@ -219,7 +221,7 @@ class CompressConfig(_Strict):
     @property
     def data_aware(self) -> bool:
         """Whether layers are fitted to their outputs on the training images."""
-        return self.train_data is not None and not self.statistics.weight_only
+        return self.train_data is not None and self.statistics.data_aware
 
 
 # Keys that moved: a file still using one gets told where it went.

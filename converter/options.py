@@ -202,9 +202,9 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("plan", "Replay a saved plan.json.", RANKS, Path),
     Option(
-        "statistics.weight_only",
-        "Fit each layer's weights, not its outputs on --train-data images (data-aware fits "
-        "are on whenever training data is given).",
+        "statistics.data_aware",
+        "Fit each layer to its outputs on --train-data images, not to its weights (off by "
+        "default: after BatchNorm recalibration it does not yet beat weight-only fits).",
         RANKS,
         bool,
     ),

@@ -464,7 +464,7 @@ def compress(
 ) -> CompressionResult:
     """Trace, plan and decompose `model`, then recover accuracy when `config.train_data` is set.
 
-    With training data (and without `statistics.weight_only`) every layer is fitted to its
+    With training data and `statistics.data_aware` every layer is fitted to its
     output on the first `statistics.samples` training images instead of to its weights.
 
     `spec` (input shape, classes, mean/std) is needed to read data. Fine-tuning checkpoints go to

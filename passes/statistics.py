@@ -67,7 +67,7 @@ class Whitening:
         except np.linalg.LinAlgError:
             raise DecompositionError(
                 "the layer's input moment is not positive definite even after damping "
-                f"{damping:g}; raise --damping or use --weight-only"
+                f"{damping:g}; raise --damping or drop --data-aware"
             ) from None
         h = hashlib.sha256(np.ascontiguousarray(moment).tobytes())
         h.update(f"|{damping!r}|{STATISTICS_FORMAT}".encode())
@@ -225,7 +225,7 @@ def collect_statistics(
         raise ConfigError(
             f"layer statistics need {held / 2**20:.1f} MiB for {len(layers)} layers' moments, "
             f"over the budget of {memory_bytes / 2**20:.1f} MiB; raise --stats-memory-mb or "
-            "pass --weight-only"
+            "drop --data-aware"
         )
     buffer = np.empty(chunk // 8)
     accumulators = {name: _Accumulator(s, buffer, conv) for name, (s, conv) in layers.items()}
@@ -276,8 +276,8 @@ def whitened_fill(method, block: nn.Module, original: nn.Module, whitening: Whit
     if not isinstance(first, nn.Conv2d | nn.Linear) or groups != 1:
         raise DecompositionError(
             f"method '{method.name}' builds a block whose first stage is not a dense conv or "
-            "linear layer reading the input channels, so it has no data-aware fit; pass "
-            "--weight-only"
+            "linear layer reading the input channels, so it has no data-aware fit; drop "
+            "--data-aware"
         )
     # In float64, so the method reads W·L unrounded (it fits float64 kernels anyway).
     transformed = copy.deepcopy(original).double()

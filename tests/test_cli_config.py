@@ -116,9 +116,12 @@ ALSO = {
     "finetune.optimizer": ([], {"finetune.lr", "finetune.weight_decay"}),  # AdamW's defaults
     # INT8 calibrates on the training images.
     "quantize.dtype": (["--train-data", "some/file"], {"train_data"}),
-    # Settings of data-aware fits are read only with training data.
+    # Settings of data-aware fits are read only with training data and --data-aware.
     **{
-        f"statistics.{key}": (["--train-data", "t.npz"], {"train_data"})
+        f"statistics.{key}": (
+            ["--train-data", "t.npz", "--data-aware"],
+            {"train_data", "statistics.data_aware"},
+        )
         for key in ("samples", "damping", "memory_mb")
     },
     # A budget turns the latency gate on while latency is measured (the default).

@@ -205,7 +205,7 @@ def test_compress_fits_data_aware_with_training_data_and_not_without(tmp_path):
         config = build_config({**settings, **changes})
         return compress(model, torch.zeros(1, *spec.input_shape), config, spec)
 
-    aware = run(statistics={"samples": 128})
+    aware = run(statistics={"data_aware": True, "samples": 128})
     rows = [row for row in aware.decomposition.layers if row.status == "decomposed"]
     assert rows and aware.statistics.statistics.images == 128
     assert not aware.statistics.from_cache
@@ -215,12 +215,12 @@ def test_compress_fits_data_aware_with_training_data_and_not_without(tmp_path):
         else:
             assert row.output_error < row.weight_only_output_error
         assert row.rel_error >= row.weight_only_rel_error - 1e-6  # it fits another metric
-    again = run(statistics={"samples": 128})
+    again = run(statistics={"data_aware": True, "samples": 128})
     assert again.statistics.from_cache
     assert [r.output_error for r in again.decomposition.layers] == [
         r.output_error for r in aware.decomposition.layers
     ]
-    plain = run(statistics={"weight_only": True})
+    plain = run()  # data-aware fits are opt-in
     assert plain.statistics is None
     for row, aware_row in zip(plain.decomposition.layers, aware.decomposition.layers):
         assert row.output_error is None and row.weight_only_output_error is None
