@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from rankfold.converter.config import CompressConfig, ExportConfig
 from rankfold.converter.quantization import float_layer_choice
@@ -113,15 +113,25 @@ def calibrate(
 
 
 def export_as_deployed(
-    module: fx.GraphModule, example_input: torch.Tensor, path: Path, export: ExportConfig
+    module: nn.Module, example_input: torch.Tensor, path: Path, export: ExportConfig
 ) -> dict[str, int] | None:
-    """Export `module` as `model.onnx` is exported (cleaned up unless turned off); returns what
-    the clean-up did (None without it)."""
+    """Export `module` as `model.onnx` is exported (cleaned up unless turned off, or without an
+    fx graph to clean: the capture path); returns what the clean-up did (None without it)."""
     counts = None
-    if export.cleanup:
+    if export.cleanup and isinstance(module, fx.GraphModule):
         module, counts = cleanup(module)
     export_onnx(module, example_input, path, opset=export.opset)
     return counts
+
+
+def deployed_onnx(
+    module: nn.Module, example_input: torch.Tensor, export: ExportConfig
+) -> tuple[bytes, dict[str, int] | None]:
+    """`export_as_deployed` into memory: the file's bytes and the clean-up counts."""
+    with tempfile.TemporaryDirectory(prefix="rankfold-export-") as folder:
+        path = Path(folder) / "model.onnx"
+        counts = export_as_deployed(module, example_input, path, export)
+        return path.read_bytes(), counts
 
 
 class PlanTimer:
@@ -131,7 +141,7 @@ class PlanTimer:
 
     def __init__(
         self,
-        original: fx.GraphModule,
+        original: nn.Module,
         analysis: ModelAnalysis,
         example_input: torch.Tensor,
         config: CompressConfig,
@@ -151,7 +161,7 @@ class PlanTimer:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def _export(self, module: fx.GraphModule, name: str) -> Path:
+    def _export(self, module: nn.Module, name: str) -> Path:
         path = Path(self._folder.name) / f"{name}.onnx"
         export_as_deployed(module, self.example_input, path, self.config.export)
         settings = self.config.quantize

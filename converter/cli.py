@@ -119,13 +119,18 @@ def analyze(
 
     from rankfold.converter.ui import console
     from rankfold.models import load_model
-    from rankfold.passes import analyze as analyze_layers
-    from rankfold.passes import trace
+    from rankfold.passes.capture import trace_or_capture
     from rankfold.passes.core import atomic_write_json
 
     shape = None if input_shape is None else parse_shape(input_shape)
     net, spec = load_model(model, weights, shape)
-    result = analyze_layers(trace(net, torch.zeros(1, *spec.input_shape), leaf or []))
+    captured = trace_or_capture(net, torch.zeros(1, *spec.input_shape), leaf or [])
+    result = captured.analysis
+    if not captured.traced:
+        console.print(
+            f"[yellow]capture path: {captured.fx_error.problem}; layers found with forward "
+            "hooks[/yellow]"
+        )
     table = Table(title=f"{model}: {result.total_params:,} params, {result.total_macs:,} MACs")
     for column in ("layer", "type", "input", "output", "kernel", "params", "MACs", "share"):
         table.add_column(

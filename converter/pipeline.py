@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from rankfold.converter.calibration import (
     PlanTimer,
     calibrate,
     calibration_summary,
+    deployed_onnx,
     export_as_deployed,
 )
 from rankfold.converter.config import CompressConfig
@@ -33,6 +34,7 @@ from rankfold.converter.quantization import (
 )
 from rankfold.converter.report import plot_layers, plot_search
 from rankfold.converter.results import (
+    Capture,
     CompressedModel,
     EvalData,
     Latency,
@@ -69,15 +71,15 @@ from rankfold.passes import (
     DecompositionReport,
     ModelAnalysis,
     Plan,
-    analyze,
     decompose,
     plan_cost,
     restructure,
     select_ranks,
-    trace,
 )
+from rankfold.passes.capture import FX_ONLY_PASSES, Captured, trace_or_capture
 from rankfold.passes.core import (
     ConfigError,
+    ExportError,
     ModelLoadError,
     OutputError,
     PlanError,
@@ -142,8 +144,9 @@ class CompressionResult:
 
     config: CompressConfig
     spec: ModelSpec | None
-    original: fx.GraphModule
-    compressed: fx.GraphModule
+    # GraphModules, or on the capture path the model itself and a copy with blocks swapped in.
+    original: nn.Module
+    compressed: nn.Module
     analysis: ModelAnalysis
     plan: Plan
     decomposition: DecompositionReport
@@ -159,6 +162,11 @@ class CompressionResult:
     finetuning: FinetuneResult | None = None
     statistics: StatisticsRun | None = None  # data-aware fits: the layer statistics used
     report: Report | None = None  # set by `run_compress` (see `to_report`)
+    capture: Capture = field(default_factory=Capture)
+    # original.onnx as deployed, exported before planning (so an unexportable model fails
+    # early), and what its clean-up did.
+    original_onnx: bytes | None = None
+    original_cleanup: dict[str, int] | None = None
 
     def save(self, out_dir: str | Path) -> Artifacts:
         """Write plan.json, model.pt, original.onnx and model.onnx (with --quantize also
@@ -176,15 +184,17 @@ class CompressionResult:
             model_onnx=out / "model.onnx",
             cleanup=None,
         )
-        counts = {
-            name: export_as_deployed(module, self.example_input, path, self.config.export)
-            for name, module, path in (
-                ("original", self.original, artifacts.original_onnx),
-                ("compressed", self.compressed, artifacts.model_onnx),
+        if self.original_onnx is None:
+            self.original_onnx, self.original_cleanup = deployed_onnx(
+                self.original, self.example_input, self.config.export
             )
-        }
-        if self.config.export.cleanup:
-            artifacts.cleanup = counts
+        with atomic_path(artifacts.original_onnx) as tmp:
+            tmp.write_bytes(self.original_onnx)
+        counts = export_as_deployed(
+            self.compressed, self.example_input, artifacts.model_onnx, self.config.export
+        )
+        if counts is not None:
+            artifacts.cleanup = {"original": self.original_cleanup, "compressed": counts}
         if self.config.quantize.dtype is not None:
             pairs = (
                 ("original", artifacts.original_onnx, out / "original.int8.onnx"),
@@ -212,6 +222,7 @@ class CompressionResult:
             model=self.config.model,
             method=plan.method,
             target=plan.target,
+            capture=self.capture,
             original=OriginalModel(
                 params=analysis.total_params,
                 macs=analysis.total_macs,
@@ -490,8 +501,10 @@ def compress(
         if workdir is None:
             raise ConfigError("--resume continues the fine-tuning in --out; pass workdir=")
         check_resume(Path(workdir) / "checkpoints", config.finetune, config.seed)
-    original = trace(model, example_inputs, config.leaf_modules)
-    analysis = analyze(original)
+    captured = trace_or_capture(model, example_inputs, config.leaf_modules)
+    original, analysis = captured.module, captured.analysis
+    # original.onnx now, not after the decomposition: what the exporter refuses fails in seconds.
+    original_onnx, original_cleanup = export_original(captured, example_inputs, config)
     float_layers = {}
     if config.quantize.dtype is not None:  # a typo in --float-layers fails before planning
         float_layers = float_layer_choice(config.quantize.float_layers, analysis)
@@ -553,6 +566,9 @@ def compress(
         selection=selection,
         float_layers=float_layers,
         statistics=statistics,
+        capture=capture_report(captured, config),
+        original_onnx=original_onnx,
+        original_cleanup=original_cleanup,
     )
     if config.quantize.dtype is not None:
         result.calibration = train.subset(config.quantize.samples)
@@ -574,6 +590,52 @@ def compress(
     return result
 
 
+def export_original(
+    captured: Captured, example_input: torch.Tensor, config: CompressConfig
+) -> tuple[bytes, dict[str, int] | None]:
+    """original.onnx as deployed; an export failure becomes one line naming the module, and
+    says why neither --leaf nor the capture path gets past a branch on tensor values."""
+    try:
+        return deployed_onnx(captured.module, example_input, config.export)
+    except ExportError as exc:
+        if not exc.data_dependent:
+            raise
+        fix = (
+            "compute both sides and pick with torch.where (or use torch.cond) so the model "
+            "can be exported"
+        )
+        fx_error = captured.fx_error
+        if fx_error is not None:
+            name = exc.module if exc.module is not None else fx_error.module
+            site = f"module '{name}'" if name else "the model's forward"
+            raise ExportError(
+                f"neither torch.fx nor torch.export can trace {site}: {exc.reason}; {fix}"
+            ) from None
+        leaf = next(
+            (
+                leaf
+                for leaf in config.leaf_modules
+                if exc.module is not None
+                and (exc.module == leaf or exc.module.startswith(leaf + "."))
+            ),
+            None,
+        )
+        if leaf is None:
+            raise
+        raise ExportError(
+            f"ONNX export failed at module '{exc.module}': {exc.reason}; --leaf {leaf} keeps "
+            f"it whole for torch.fx, but the exporter traces it too: {fix}"
+        ) from None
+
+
+def capture_report(captured: Captured, config: CompressConfig) -> Capture:
+    """The report's account of how the model was read, and what the capture path skipped."""
+    if captured.traced:
+        return Capture()
+    skipped = list(FX_ONLY_PASSES) if config.export.cleanup else []
+    return Capture(path="forward hooks", fx_error=captured.fx_error.problem, skipped_passes=skipped)
+
+
 def open_dataset(
     path: Path, spec: ModelSpec, limit: int | None, config: CompressConfig
 ) -> ImageData:
@@ -590,7 +652,7 @@ def open_dataset(
 
 
 def _choose_plan(
-    original: fx.GraphModule,
+    original: nn.Module,
     analysis: ModelAnalysis,
     example_inputs: torch.Tensor,
     config: CompressConfig,
@@ -668,7 +730,7 @@ def _choose_plan(
 
 
 def _planning_context(
-    original: fx.GraphModule,
+    original: nn.Module,
     analysis: ModelAnalysis,
     config: CompressConfig,
     spec: ModelSpec | None,
@@ -916,18 +978,20 @@ def save_model(result: CompressionResult, path: Path) -> Path:
     return path
 
 
-def restore(path: str | Path, model: nn.Module | None = None) -> fx.GraphModule:
+def restore(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a compressed model from `model.pt` (or its folder): architecture + plan + weights.
 
     `model` is the uncompressed architecture; by default it is rebuilt from the saved model name.
+    A GraphModule, or for a model torch.fx cannot trace the model itself with blocks swapped in
+    (the capture path, as `compress` took).
     """
     payload = read_model_file(path)
     input_shape = tuple(payload["input_shape"])
     if model is None:
         model, _ = load_model(payload["model"], None, input_shape)
     example = torch.zeros(1, *input_shape)
-    original = trace(model.eval(), example, payload["leaf_modules"])
-    rebuilt = restructure(original, analyze(original), Plan.model_validate(payload["plan"]))
+    captured = trace_or_capture(model.eval(), example, payload["leaf_modules"])
+    rebuilt = restructure(captured.module, captured.analysis, Plan.model_validate(payload["plan"]))
     try:
         rebuilt.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:

@@ -17,8 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rankfold.passes.core import ConfigError
 
 # 2: typed sections; 3: latency intervals, threads, the slower flag; 4: INT8 quantization;
-# 5: data-aware fits (layer statistics, per-layer output errors beside the weight-only fit's)
-SCHEMA_VERSION = 5
+# 5: data-aware fits (layer statistics, per-layer output errors beside the weight-only fit's);
+# 6: how the model was captured (torch.fx or forward hooks) and the passes that needs skipped
+SCHEMA_VERSION = 6
 
 
 class _Section(BaseModel):
@@ -31,6 +32,15 @@ class OriginalModel(_Section):
     accuracy: float | None = None
     # Functional convs / matrix products (node → MACs): in `macs`, but no layer to decompose.
     functional_macs: dict[str, int] = {}
+
+
+class Capture(_Section):
+    """How the model was read for planning: torch.fx's symbolic trace, or forward hooks where
+    fx stops at Python control flow (the capture path, `rankfold.passes.capture`)."""
+
+    path: Literal["torch.fx", "forward hooks"] = "torch.fx"
+    fx_error: str | None = None  # why torch.fx could not trace the model
+    skipped_passes: list[str] = []  # optional passes that need the fx graph and did not run
 
 
 class CompressedModel(_Section):
@@ -255,10 +265,11 @@ class LayerRow(BaseModel):
 class Report(_Section):
     """report.json."""
 
-    schema_version: Literal[5] = SCHEMA_VERSION
+    schema_version: Literal[6] = SCHEMA_VERSION
     model: str
     method: str
     target: dict[str, float] | None
+    capture: Capture = Capture()
     original: OriginalModel
     compressed: CompressedModel
     selection: SelectionReport

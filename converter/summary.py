@@ -71,6 +71,14 @@ def summary_lines(report: Report, out: Path) -> list[str]:
             baseline = sum(row.weight_only_output_error for row in compared) / len(compared)
             line += f"; mean relative output error {mean:.3f} (weight-only {baseline:.3f})"
         lines.append(line)
+    if report.capture.path != "torch.fx":
+        capture = report.capture
+        skipped = ", ".join(capture.skipped_passes) or "none (export clean-up was off)"
+        lines.append(
+            f"capture path: {capture.fx_error}, so the layers were found with forward hooks and "
+            f"replaced at module level, and exported through torch.export; fx-only passes "
+            f"skipped: {skipped}"
+        )
     if original.functional_macs:
         calls = ", ".join(f"{name} {macs:,}" for name, macs in original.functional_macs.items())
         lines.append(

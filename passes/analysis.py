@@ -134,60 +134,80 @@ def _dims(value: int | tuple[int, ...], n: int) -> tuple[int, ...]:
     return (value,) * n if isinstance(value, int) else tuple(int(v) for v in value)
 
 
+def layer_info(
+    name: str, module: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...], calls: int
+) -> LayerInfo:
+    """The LayerInfo of a conv/linear module called `calls` times at these shapes (no batch)."""
+    if isinstance(module, nn.Linear):
+        return LayerInfo(
+            name,
+            "Linear",
+            in_shape,
+            out_shape,
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            calls=calls,
+        )
+    n = len(module.kernel_size)
+    padding = module.padding if isinstance(module.padding, str) else _dims(module.padding, n)
+    return LayerInfo(
+        name,
+        type(module).__name__,
+        in_shape,
+        out_shape,
+        module.in_channels,
+        module.out_channels,
+        kernel_size=_dims(module.kernel_size, n),
+        stride=_dims(module.stride, n),
+        padding=padding,
+        dilation=_dims(module.dilation, n),
+        groups=module.groups,
+        bias=module.bias is not None,
+        padding_mode=module.padding_mode,
+        calls=calls,
+    )
+
+
+LAYER_TYPES = (nn.Linear, *_CONV_TYPES, *_UNSUPPORTED_TYPES)
+
+
 def analyze(gm: fx.GraphModule) -> ModelAnalysis:
     """One LayerInfo per conv/linear module called in the graph (shapes from `trace`)."""
     calls: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
-            if isinstance(module, (nn.Linear, *_CONV_TYPES, *_UNSUPPORTED_TYPES)):
+            if isinstance(module, LAYER_TYPES):
                 calls.setdefault(node.target, []).append(node)
-    layers = []
-    for name, nodes in calls.items():
-        module = gm.get_submodule(name)
-        node = nodes[0]
-        in_shape, out_shape = _shape(node.args[0]), _shape(node)
-        if isinstance(module, nn.Linear):
-            info = LayerInfo(
-                name,
-                "Linear",
-                in_shape,
-                out_shape,
-                module.in_features,
-                module.out_features,
-                bias=module.bias is not None,
-                calls=len(nodes),
-            )
-        else:
-            n = len(module.kernel_size)
-            padding = (
-                module.padding if isinstance(module.padding, str) else _dims(module.padding, n)
-            )
-            info = LayerInfo(
-                name,
-                type(module).__name__,
-                in_shape,
-                out_shape,
-                module.in_channels,
-                module.out_channels,
-                kernel_size=_dims(module.kernel_size, n),
-                stride=_dims(module.stride, n),
-                padding=padding,
-                dilation=_dims(module.dilation, n),
-                groups=module.groups,
-                bias=module.bias is not None,
-                padding_mode=module.padding_mode,
-                calls=len(nodes),
-            )
-        layers.append(info)
+    layers = [
+        layer_info(
+            name,
+            gm.get_submodule(name),
+            _shape(nodes[0].args[0]),
+            _shape(nodes[0]),
+            calls=len(nodes),
+        )
+        for name, nodes in calls.items()
+    ]
     total_params = sum(p.numel() for p in gm.parameters())
     functional = {**_functional_macs(gm), **_attention_macs(gm)}
     total_macs = sum(info.macs for info in layers) + sum(functional.values())
     return ModelAnalysis(tuple(layers), total_params, total_macs, functional)
 
 
-_CONV_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
-_MATMUL_FUNCTIONS = {F.linear, torch.matmul, torch.mm, torch.bmm, operator.matmul}
+CONV_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
+MATMUL_FUNCTIONS = {F.linear, torch.matmul, torch.mm, torch.bmm, operator.matmul}
+
+
+def conv_macs(out_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> int:
+    """MACs per sample of a functional conv (weight: out × in/groups × k…)."""
+    return int(math.prod(out_shape[1:]) * math.prod(weight_shape[1:]))
+
+
+def matmul_macs(out_shape: tuple[int, ...], first_shape: tuple[int, ...]) -> int:
+    """MACs per sample of a matrix product whose first operand has this shape."""
+    return int(math.prod(out_shape[1:]) * first_shape[-1])
 
 
 def _functional_macs(gm: fx.GraphModule) -> dict[str, int]:
@@ -198,20 +218,19 @@ def _functional_macs(gm: fx.GraphModule) -> dict[str, int]:
         if node.op != "call_function" or "tensor_meta" not in node.meta:
             continue
         out = node.meta["tensor_meta"].shape
-        if node.target in _CONV_FUNCTIONS:
+        if node.target in CONV_FUNCTIONS:
             weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
             meta = getattr(weight, "meta", {}).get("tensor_meta")
             if meta is None:
                 continue
-            w = meta.shape  # out × in/groups × k…
-            found[node.name] = int(math.prod(out[1:]) * math.prod(w[1:]))
-        elif node.target in _MATMUL_FUNCTIONS:
+            found[node.name] = conv_macs(out, meta.shape)
+        elif node.target in MATMUL_FUNCTIONS:
             first = (
                 node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
             )
             if first is None:
                 continue
-            found[node.name] = int(math.prod(out[1:]) * first.shape[-1])
+            found[node.name] = matmul_macs(out, first.shape)
     return found
 
 
@@ -228,9 +247,18 @@ def _attention_macs(gm: fx.GraphModule) -> dict[str, int]:
         metas = [getattr(arg, "meta", {}).get("tensor_meta") for arg in node.args[:3]]
         if not isinstance(module, nn.MultiheadAttention) or None in metas:
             continue
-        position = 1 if module.batch_first else 0
-        (l_q, e_q), (l_k, e_k), (l_v, e_v) = ((m.shape[position], m.shape[-1]) for m in metas)
-        e = module.embed_dim
-        macs = l_q * e_q * e + l_k * e_k * e + l_v * e_v * e + 2 * l_q * l_k * e + l_q * e * e
-        found[f"{node.target} (nn.MultiheadAttention: packed projections kept whole)"] = macs
+        found[f"{node.target} {ATTENTION_NOTE}"] = attention_macs(
+            module, *(meta.shape for meta in metas)
+        )
     return found
+
+
+ATTENTION_NOTE = "(nn.MultiheadAttention: packed projections kept whole)"
+
+
+def attention_macs(module: nn.MultiheadAttention, *shapes: tuple[int, ...]) -> int:
+    """MACs of one nn.MultiheadAttention call on query, key and value of these shapes."""
+    position = 1 if module.batch_first else 0
+    (l_q, e_q), (l_k, e_k), (l_v, e_v) = ((shape[position], shape[-1]) for shape in shapes)
+    e = module.embed_dim
+    return l_q * e_q * e + l_k * e_k * e + l_v * e_v * e + 2 * l_q * l_k * e + l_q * e * e

@@ -47,6 +47,16 @@ class TraceError(RankfoldError):
     """torch.fx could not trace the model."""
 
 
+class SymbolicTraceError(TraceError):
+    """torch.fx's symbolic trace stopped at Python control flow on a traced value; the capture
+    path (forward hooks, torch.export) may still compress the model."""
+
+    def __init__(self, problem: str, fix: str, module: str | None) -> None:
+        super().__init__(f"{problem}; {fix}")
+        self.problem = problem  # what fx refused, without the fix
+        self.module = module  # the innermost module fx was tracing (None: the top level)
+
+
 class PlanError(RankfoldError):
     """Impossible rank or budget."""
 
@@ -57,6 +67,18 @@ class DecompositionError(RankfoldError):
 
 class ExportError(RankfoldError):
     """ONNX export or checking failed."""
+
+    def __init__(
+        self,
+        message: str,
+        module: str | None = None,
+        reason: str | None = None,
+        data_dependent: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.module = module  # the submodule the exporter failed in ("": the top level)
+        self.reason = reason  # the root cause, one line, without the fix
+        self.data_dependent = data_dependent  # a Python branch on tensor values stopped it
 
 
 class ValidationError(RankfoldError):

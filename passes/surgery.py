@@ -1,5 +1,8 @@
 """Graph surgery: swap each planned layer for its factorized block at the same dotted name.
 
+The model is an fx GraphModule, or on the capture path (`rankfold.passes.capture`) the model
+itself: the swap is at module level either way, and only a GraphModule regenerates its code.
+
 The input GraphModule is never changed: the pass deep-copies it (as torch.fx's `fuse(inplace=False)`
 does), fills each block from the original weights, and returns the new module with a per-layer
 report. `restructure` builds the same blocks without factorizing, so a saved state dict can be
@@ -15,9 +18,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 
-from torch import fx
+from torch import nn
 
 from rankfold.passes.analysis import LayerInfo, ModelAnalysis
+from rankfold.passes.capture import recompiled
 from rankfold.passes.core import ConfigError, DecompositionError
 from rankfold.passes.methods import get_method
 from rankfold.passes.plan import LayerPlan, Plan, check_plan
@@ -65,7 +69,7 @@ class DecompositionReport:
         return {row.name: row for row in self.layers}
 
 
-def _checked_layer(gm: fx.GraphModule, analysis: ModelAnalysis, entry: LayerPlan) -> LayerInfo:
+def _checked_layer(gm: nn.Module, analysis: ModelAnalysis, entry: LayerPlan) -> LayerInfo:
     try:
         layer = analysis.layer(entry.name)
         module = gm.get_submodule(entry.name)
@@ -82,15 +86,14 @@ def _checked_layer(gm: fx.GraphModule, analysis: ModelAnalysis, entry: LayerPlan
     return layer
 
 
-def restructure(gm: fx.GraphModule, analysis: ModelAnalysis, plan: Plan) -> fx.GraphModule:
+def restructure(gm: nn.Module, analysis: ModelAnalysis, plan: Plan) -> nn.Module:
     """A copy of `gm` with every planned layer replaced by an unfilled block of its shape."""
     check_plan(plan, analysis)
     new = copy.deepcopy(gm)
     for entry in plan.decomposed():
         layer = _checked_layer(new, analysis, entry)
         new.set_submodule(entry.name, get_method(entry.method).build(layer, tuple(entry.ranks)))
-    new.recompile()
-    return new
+    return recompiled(new)
 
 
 def pool_shape(jobs: int, cores: int | None = None) -> tuple[int, int]:
@@ -116,7 +119,7 @@ def largest_first(planned: list[LayerPlan], layers: dict[str, LayerInfo]) -> lis
 
 
 def decompose(
-    gm: fx.GraphModule,
+    gm: nn.Module,
     analysis: ModelAnalysis,
     plan: Plan,
     seed: int = 0,
@@ -124,7 +127,7 @@ def decompose(
     cache: DecompositionCache | None = None,
     cores: int | None = None,
     compare_weight_only: bool = True,
-) -> tuple[fx.GraphModule, DecompositionReport]:
+) -> tuple[nn.Module, DecompositionReport]:
     """Apply `plan` to a copy of `gm`; returns the new module and one report row per layer.
 
     Blocks come from `cache` (the one rank search filled, so a searched block is not factorized
@@ -226,6 +229,4 @@ def decompose(
                 extras=extras,
             )
         )
-    new.recompile()
-    new.graph.lint()
-    return new, DecompositionReport(rows)
+    return recompiled(new), DecompositionReport(rows)

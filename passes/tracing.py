@@ -1,7 +1,7 @@
 """Trace a model with torch.fx and record every node's output shape.
 
-An untraceable model gets a TraceError naming the innermost module being traced when tracing broke,
-and the fix (mark it a leaf, or remove data-dependent Python control flow from it).
+A model fx cannot trace gets a SymbolicTraceError naming the innermost module being traced when
+tracing broke (the pipeline then tries the capture path, see `rankfold.passes.capture`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from rankfold.passes.core import TraceError
+from rankfold.passes.core import SymbolicTraceError, TraceError
 
 
 class _RecordingTracer(fx.Tracer):
@@ -76,15 +76,18 @@ def trace(
     except Exception as exc:  # fx raises many types; all mean "cannot trace here"
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if tracer.failed_in is None:
-            raise TraceError(
-                f"torch.fx cannot trace {type(model).__name__}.forward: {reason}; remove "
-                "data-dependent Python control flow from it, or move it into a submodule marked a "
-                "leaf"
+            raise SymbolicTraceError(
+                f"torch.fx cannot trace {type(model).__name__}.forward: {reason}",
+                "remove data-dependent Python control flow from it, or move it into a submodule "
+                "marked a leaf",
+                None,
             ) from None
         name, kind = tracer.failed_in
-        raise TraceError(
-            f"torch.fx cannot trace module '{name}' ({kind}): {reason}; mark it a leaf "
-            f"(--leaf {name}) so it is kept whole, or remove data-dependent Python control flow"
+        raise SymbolicTraceError(
+            f"torch.fx cannot trace module '{name}' ({kind}): {reason}",
+            f"mark it a leaf (--leaf {name}) so it is kept whole, or remove data-dependent "
+            "Python control flow",
+            name,
         ) from None
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     was_training = gm.training

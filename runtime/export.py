@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import linecache
 import re
 import traceback
 import warnings
@@ -25,6 +26,7 @@ import onnx.checker
 import onnx.shape_inference
 import torch
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from rankfold.passes.core import ExportError, OutputError, atomic_path
 
@@ -116,7 +118,9 @@ def _export_dynamic_batch(
     doubled = example_input.expand(2, *example_input.shape[1:]).clone()
     try:
         return _run_exporter(module, doubled, opset), doubled
-    except ExportError:
+    except ExportError as exc:
+        if exc.data_dependent:  # fails at any batch size: do not pay for a second try
+            raise
         return _run_exporter(module, example_input, opset), example_input
 
 
@@ -145,7 +149,7 @@ def _run_exporter(
                 verbose=False,
             )
     except torch.onnx.errors.OnnxExporterError as exc:
-        raise ExportError(_describe_failure(exc, module)) from None
+        raise _describe_failure(exc, module) from None
 
 
 def _check_exported_graph(model: onnx.ModelProto, example_input: torch.Tensor) -> None:
@@ -167,25 +171,43 @@ def _check_exported_graph(model: onnx.ModelProto, example_input: torch.Tensor) -
         )
 
 
-def _describe_failure(exc: BaseException, module: nn.Module) -> str:
+def _describe_failure(exc: BaseException, module: nn.Module) -> ExportError:
     """One line: where the export failed (module or aten op), the root cause and what to do."""
     chain = _exception_chain(exc)
     root = chain[-1]
-    site = _failing_module(chain, module) or _failing_op(chain) or "the model's forward"
+    failing = _failing_module(chain, module)
+    line = None
+    if failing is not None:
+        name, kind, line = failing
+        site = f"module '{name}' ({kind})" if name else f"the top-level module ({kind})"
+    else:
+        site = _failing_op(chain) or "the model's forward"
     reason = f"{type(root).__name__}: {_first_line(root)}"
     if len(reason) > 200:
         reason = reason[:197] + "..."
+    data_dependent = any(isinstance(e, GuardOnDataDependentSymNode) for e in chain)
     if type(exc).__name__ == "ConversionError":
         fix = (
             "that op has no ONNX translation; replace it with standard conv/linear/elementwise "
             "ops or try a higher opset"
+        )
+    elif data_dependent:
+        reason = f"a Python branch tests tensor values ({line or reason})"
+        fix = (
+            "no exported graph can hold that branch; compute both sides and pick with "
+            "torch.where (or use torch.cond)"
         )
     else:
         fix = (
             "make forward traceable by torch.export (no Python branches on tensor values, "
             "no exceptions for valid inputs); see https://pytorch.org/docs/stable/export.html"
         )
-    return f"ONNX export failed at {site}: {reason}; {fix}"
+    return ExportError(
+        f"ONNX export failed at {site}: {reason}; {fix}",
+        module=None if failing is None else failing[0],
+        reason=reason,
+        data_dependent=data_dependent,
+    )
 
 
 def _exception_chain(exc: BaseException) -> list[BaseException]:
@@ -197,17 +219,20 @@ def _exception_chain(exc: BaseException) -> list[BaseException]:
     return chain
 
 
-def _failing_module(chain: list[BaseException], module: nn.Module) -> str | None:
-    """The deepest submodule whose forward is on a failing traceback, named as in the model."""
+def _failing_module(chain: list[BaseException], module: nn.Module) -> tuple[str, str, str] | None:
+    """(name, type, source line) of the deepest submodule whose method is on a failing
+    traceback, named as in the model ("" for the top level); the line is the one it was
+    running, as `file:line: code`."""
     names = {id(sub): name for name, sub in module.named_modules()}
     for exc in reversed(chain):
-        found: str | None = None
-        for frame, _ in traceback.walk_tb(exc.__traceback__):
+        found: tuple[str, str, str] | None = None
+        for frame, lineno in traceback.walk_tb(exc.__traceback__):
             owner = frame.f_locals.get("self")
             if id(owner) in names:
-                name = names[id(owner)]
-                where = f"module '{name}'" if name else "the top-level module"
-                found = f"{where} ({type(owner).__name__})"
+                file = frame.f_code.co_filename
+                code = linecache.getline(file, lineno).strip()
+                line = f"{Path(file).name}:{lineno}: {code}"
+                found = (names[id(owner)], type(owner).__name__, line)
         if found is not None:
             return found
     return None

@@ -529,8 +529,10 @@ def test_config_typo_and_cuda_and_untraceable(digits, tmp_path):
         "    def forward(self, x):\n        return self.fc(self.gate(self.conv(x)).mean((2, 3)))\n"
         "def build():\n    return Net()\n"
     )
+    # fx stops at the gate; analyze reads the layers with forward hooks (compress would then
+    # refuse the gate's branch on tensor values at export, before planning: test_capture.py).
     result = invoke("analyze", f"{source}:build")
-    assert result.exit_code == 1 and "--leaf gate" in error_line(result)
+    assert result.exit_code == 0 and "capture path" in result.output and "conv" in result.output
     result = invoke("analyze", f"{source}:build", "--leaf", "gate")
     assert result.exit_code == 0 and "conv" in result.output
 

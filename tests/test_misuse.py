@@ -71,6 +71,28 @@ def grouped():
 
 def no_layers():
     return NoLayers()
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        return x if x.sum() > 0 else -x
+
+
+class Gated(nn.Module):
+    """A branch on tensor values: neither torch.fx nor torch.export can trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3)
+        self.gate = Gate()
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(self.gate(self.conv(x)).mean((2, 3)))
+
+
+def gated():
+    return Gated()
 '''
 
 COMMON = ("--no-latency", "--out", "out")
@@ -147,6 +169,21 @@ CASES = [
         ["compress", "m.py:grouped", "--macs-reduction", "2", *COMMON],
         "no layer is left to compress for 2× macs (2× skipped: depthwise conv; 1× skipped: svd "
         "is not smaller than the layer even at rank 1)",
+    ),
+    (
+        # Before: traced, planned and decomposed, then failed at ONNX export, leaving plan.json
+        # and model.pt behind.
+        "leaf-with-data-dependent-branch",
+        {"m.py": USER_MODELS},
+        ["compress", "m.py:gated", "--leaf", "gate", "--rank", "4", *COMMON],
+        "ONNX export failed at module 'gate': a Python branch tests tensor values (m.py:",
+    ),
+    (
+        "untraceable-data-dependent-branch",
+        {"m.py": USER_MODELS},
+        ["compress", "m.py:gated", "--rank", "4", *COMMON],
+        "neither torch.fx nor torch.export can trace module 'gate': a Python branch tests "
+        "tensor values (m.py:",
     ),
     (
         "rel-error-without-error-selector",

@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
 from rankfold.passes.analysis import ModelAnalysis
+from rankfold.passes.capture import recompiled
 from rankfold.passes.methods import Method, Ranks
 from rankfold.passes.plan import Choices, PlanDraft
 from rankfold.passes.recalibrate import correct_bias, has_batchnorm, recalibrate_bn
@@ -34,7 +35,7 @@ class Evaluator:
 
     def __init__(
         self,
-        gm: fx.GraphModule,
+        gm: nn.Module,
         analysis: ModelAnalysis,
         calibration: Calibration,
         cache: DecompositionCache,
@@ -51,15 +52,14 @@ class Evaluator:
         self.reference = reference_logits
         self.reference_log_probs = F.log_softmax(reference_logits.double(), dim=1)
 
-    def build(self, choices: Mapping[str, tuple[Method, Ranks]]) -> fx.GraphModule:
+    def build(self, choices: Mapping[str, tuple[Method, Ranks]]) -> nn.Module:
         """A copy of the original with each named layer replaced by its cached block."""
         model = copy.deepcopy(self.original)
         for name, (method, ranks) in choices.items():
             original = self.original.get_submodule(name)
             block, _ = self.cache.block(original, self.analysis.layer(name), method, ranks)
             model.set_submodule(name, block.to(memory_format=torch.channels_last))
-        model.recompile()
-        return model.eval()
+        return recompiled(model).eval()
 
     def recalibrate(self, model: nn.Module, names: Sequence[str]) -> None:
         """BatchNorm statistics on the recalibration split; bias correction without BatchNorm."""
@@ -126,7 +126,7 @@ def weights_digest(gm: nn.Module) -> str:
 class SearchContext:
     """Everything a search process needs; pickled to worker processes."""
 
-    gm: fx.GraphModule
+    gm: nn.Module
     analysis: ModelAnalysis
     draft: PlanDraft
     calibration: Calibration
