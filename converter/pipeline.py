@@ -1,8 +1,12 @@
-"""The pipeline: load → trace → analyze → plan → decompose → export → validate → report.
+"""The pipeline: load → trace → analyze → export original → plan → decompose → export →
+validate → report.
 
 Each arrow is one function from `rankfold.passes` / `rankfold.runtime`; this module only chains
-them. `compress` is the Python API; `CompressionResult.save` exports, validates and writes every
-artefact atomically; `run_compress` is what the CLI calls.
+them. Where torch.fx cannot trace the model, trace and analyze are the capture path's (forward
+hooks, `rankfold.passes.capture`); the original is exported before planning either way, so a
+model the exporter refuses fails in seconds. `compress` is the Python API;
+`CompressionResult.save` exports, validates and writes every artefact atomically; `run_compress`
+is what the CLI calls.
 """
 
 from __future__ import annotations
@@ -172,9 +176,10 @@ class CompressionResult:
         """Write plan.json, model.pt, original.onnx and model.onnx (with --quantize also
         original.int8.onnx and model.int8.onnx); nothing is measured here.
 
-        Both models are cleaned up before export (BN folding, 1×1 merging, identity dropping),
-        so latency compares like with like; `validate` checks model.onnx against the uncleaned
-        PyTorch model.
+        Both models are cleaned up before export (BN folding, 1×1 merging, identity dropping;
+        not on the capture path, which has no fx graph), so latency compares like with like;
+        `validate` checks model.onnx against the uncleaned PyTorch model. original.onnx is the
+        one `compress` exported before planning.
         """
         out = prepare_output_dir(out_dir)
         artifacts = Artifacts(
@@ -633,7 +638,13 @@ def capture_report(captured: Captured, config: CompressConfig) -> Capture:
     if captured.traced:
         return Capture()
     skipped = list(FX_ONLY_PASSES) if config.export.cleanup else []
-    return Capture(path="forward hooks", fx_error=captured.fx_error.problem, skipped_passes=skipped)
+    error = captured.fx_error
+    return Capture(
+        path="forward hooks",
+        fx_error=error.problem,
+        fx_module=error.module,
+        skipped_passes=skipped,
+    )
 
 
 def open_dataset(

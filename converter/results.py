@@ -40,6 +40,7 @@ class Capture(_Section):
 
     path: Literal["torch.fx", "forward hooks"] = "torch.fx"
     fx_error: str | None = None  # why torch.fx could not trace the model
+    fx_module: str | None = None  # the module fx stopped in (None: the top-level forward)
     skipped_passes: list[str] = []  # optional passes that need the fx graph and did not run
 
 

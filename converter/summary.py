@@ -74,11 +74,17 @@ def summary_lines(report: Report, out: Path) -> list[str]:
     if report.capture.path != "torch.fx":
         capture = report.capture
         skipped = ", ".join(capture.skipped_passes) or "none (export clean-up was off)"
-        lines.append(
+        line = (
             f"capture path: {capture.fx_error}, so the layers were found with forward hooks and "
             f"replaced at module level, and exported through torch.export; fx-only passes "
             f"skipped: {skipped}"
         )
+        if capture.fx_module and capture.skipped_passes:
+            line += (
+                f" (--leaf {capture.fx_module} keeps them if that module holds all the "
+                "control flow fx cannot trace)"
+            )
+        lines.append(line)
     if original.functional_macs:
         calls = ", ".join(f"{name} {macs:,}" for name, macs in original.functional_macs.items())
         lines.append(

@@ -16,7 +16,9 @@ from typer.testing import CliRunner
 from rankfold.converter import restore
 from rankfold.converter.cli import app
 from rankfold.passes import analyze, trace
-from rankfold.passes.capture import FX_ONLY_PASSES, analyze_captured
+from rankfold.passes.capture import FX_ONLY_PASSES, analyze_captured, trace_or_capture
+from rankfold.passes.cleanup import cleanup
+from rankfold.runtime import export_onnx
 
 runner = CliRunner()
 
@@ -83,6 +85,7 @@ def test_shape_dependent_model_compresses_through_the_capture_path(tmp_path):
     assert report["cleanup"] is None  # nothing was folded: no fx graph to clean
     assert "capture path: torch.fx cannot trace module 'middle'" in result.output
     assert "fx-only passes skipped: BatchNorm folding" in result.output
+    assert capture["fx_module"] == "middle" and "(--leaf middle keeps them" in result.output
 
     rows = {row["name"]: row for row in report["layers"]}
     assert {name: row["original_macs"] for name, row in rows.items()} == {
@@ -165,3 +168,26 @@ def test_hooks_find_what_the_fx_graph_finds():
     assert sorted(captured.functional.values()) == sorted(traced.functional.values())
     assert captured.total_macs == traced.total_macs and captured.total_params == traced.total_params
     assert captured.functional["conv2d"] == 6 * 6 * 8 * 8 * 9
+
+
+def test_a_leaf_holding_the_shape_branch_keeps_the_fx_passes(tmp_path):
+    """--leaf on the module fx stops in: traced by fx (BatchNorm folds), exported by
+    torch.export, which resolves the leaf's shape branch."""
+    namespace: dict = {}
+    exec(MODELS, namespace)  # the same model the CLI tests load from m.py
+    model, x = namespace["shaped"]().eval(), torch.zeros(1, 3, 16, 16)
+    assert not trace_or_capture(model, x).traced
+    captured = trace_or_capture(model, x, ["middle"])
+    assert captured.traced and [layer.name for layer in captured.analysis.layers] == [
+        "conv1",
+        "conv2",
+        "fc",
+    ]
+    assert captured.analysis.total_macs == CONV1 + CONV2 + FC
+    cleaned, counts = cleanup(captured.module)
+    assert counts["batchnorms_folded"] == 1
+    export_onnx(cleaned, x, tmp_path / "m.onnx")
+    batch = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    (onnx_out,) = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"input": batch.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(onnx_out, model(batch).numpy(), atol=1e-5)
