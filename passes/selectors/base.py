@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from rankfold.passes.plan import Choices, CostModel, PlanDraft
 
 if TYPE_CHECKING:
-    from torch import fx
+    from torch import nn
 
     from rankfold.passes.search import Calibration, DecompositionCache, SearchConfig
     from rankfold.passes.statistics import LayerStatistics
@@ -29,7 +29,8 @@ def no_progress(_label: str, _total: int) -> AbstractContextManager[Advance]:
 class PlanningContext:
     """What planning may read besides the layer table and the policy.
 
-    `gm`: the traced model (its kernels, for spectral, error and data-driven selectors);
+    `gm`: the traced model, or on the capture path the model itself (its kernels, for
+    spectral, error and data-driven selectors);
     `calibration`: labelled data (eps-search, pars); `measured`: prices a latency budget;
     `cache`: the decomposition cache the search fills and the final decomposition reuses;
     `seed`: the factorization seed, so searched blocks are the final ones;
@@ -37,7 +38,7 @@ class PlanningContext:
     ones are (the cache the selector makes carries them).
     """
 
-    gm: fx.GraphModule | None = None
+    gm: nn.Module | None = None
     calibration: Calibration | None = None
     search: SearchConfig | None = None
     measured: CostModel | None = None
