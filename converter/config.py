@@ -138,8 +138,8 @@ class QuantizeConfig(_Strict):
 class StatisticsConfig(_Strict):
     """Data-aware fits (`data_aware`, with training data): each layer is fitted to its output
     on the first `samples` training images (their input second moments) instead of to its
-    weights. Off by default: after BatchNorm recalibration it does not yet beat the weight-only
-    fit (BENCHMARKS.md, issue #20)."""
+    weights. Off by default: followed by the last-stage refit and BatchNorm recalibration it
+    does not beat the weight-only fit followed by the same (BENCHMARKS.md, issue #20)."""
 
     data_aware: bool = False
     samples: int = Field(default=1024, ge=1)  # also the images `refit` reads

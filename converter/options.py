@@ -204,7 +204,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "statistics.data_aware",
         "Fit each layer to its outputs on --train-data images, not to its weights (off by "
-        "default: after BatchNorm recalibration it does not yet beat weight-only fits).",
+        "default: with --refit and BatchNorm recalibration it does not beat weight-only fits).",
         RANKS,
         bool,
     ),
