@@ -1,14 +1,21 @@
 """Data-aware decomposition (issue #20): weight-only vs data-aware fits, side by side.
 
-For each model, method and MAC reduction, two `compress` runs (the public Python API, what
-`rankfold compress` runs) with the same training data: the default weight-only fit, and the
-data-aware fit of `--data-aware` (each layer fitted to its output on the first --stats-samples
-training images).
-Both arms plan the same ranks (uniform selection under the budget does not read the data), so
-they differ by the fit alone. Each decomposed model is scored on cifar10/test_lossless_1017.npz
-straight after decomposition and after BatchNorm recalibration (`recalibrate_bn` on the
-augmented training batches, as the pipeline does); accuracies are paired on the same images,
-with standard errors of the paired differences. No fine-tuning.
+For each model, method and MAC reduction, three `compress` runs (the public Python API, what
+`rankfold compress` runs) with the same training data:
+
+- `weight_only`: the weight-only fit, nothing else (`--no-refit`);
+- `refit`: the same fit, then the sequential correction (each block's last stage refitted in
+  graph order to the original layer's outputs on the first --stats-samples training images,
+  fed the compressed network's activations): the default with training data;
+- `data_aware`: the whitened fit of `--data-aware` (each layer fitted to its output in the metric
+  of its input second moment on the same images), then the same refit.
+
+All arms plan the same ranks (uniform selection under the budget does not read the data), so
+they differ by the fit alone. Each model is scored on cifar10/test_lossless_1017.npz as
+`compress` returns it (decomposed, and refitted where the arm refits) and after BatchNorm
+recalibration (`recalibrate_bn` on the augmented training batches, as the pipeline does);
+accuracies are paired on the same images, with standard errors of the paired differences
+against the weight-only arm. No fine-tuning.
 
 Reduced to fit about 10 minutes of CPU on the shared 2-core VM (the defaults): statistics on
 512 images, BatchNorm recalibrated on the first 2,048 training images (the pipeline uses all
@@ -65,9 +72,17 @@ def paired(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     return {"diff": float(d.mean()), "se": float(d.std(ddof=1) / math.sqrt(len(d)))}
 
 
-def run(args, model_name: str, method: str, reduction: float, weight_only: bool, cache: Path):
+ARMS = {  # name → (data-aware fit, refit)
+    "weight_only": (False, False),
+    "refit": (False, True),
+    "data_aware": (True, True),
+}
+
+
+def run(args, model_name: str, method: str, reduction: float, arm: str, cache: Path):
     weights = shared_file(SHARED_CHECKPOINTS[model_name][0])
     model, spec = load_model(model_name, weights)
+    aware, refits = ARMS[arm]
     settings: dict[str, Any] = {
         "model": model_name,
         "weights": str(weights),
@@ -75,9 +90,12 @@ def run(args, model_name: str, method: str, reduction: float, weight_only: bool,
         "train_data": str(shared_file(TRAIN)),
         "train_limit": args.train_limit,
         "recalibrate": False,  # recalibrated below, after the decomposed model is scored
+        "refit": refits,
         "latency": {"enabled": False},
         "search": {"cache_dir": str(cache)},
-        "statistics": {} if weight_only else {"data_aware": True, "samples": args.stats_samples},
+        "statistics": {"data_aware": aware, "samples": args.stats_samples}
+        if aware or refits
+        else {},
     }
     start = time.perf_counter()
     result = compress(model, torch.zeros(1, *spec.input_shape), build_config(settings), spec)
@@ -92,6 +110,7 @@ def run(args, model_name: str, method: str, reduction: float, weight_only: bool,
     baseline_errors = [
         row.weight_only_output_error for row in layers if row.weight_only_output_error is not None
     ]
+    refitted = [row.extras for row in layers if "refit_error_after" in row.extras]
     return (
         {
             "macs_reduction": result.analysis.total_macs
@@ -103,6 +122,12 @@ def run(args, model_name: str, method: str, reduction: float, weight_only: bool,
             if baseline_errors
             else None,
             "ranks": {row.name: row.rank for row in layers},
+            "mean_refit_error": [
+                float(np.mean([extras[key] for extras in refitted]))
+                for key in ("refit_error_before", "refit_error_after")
+            ]
+            if refitted
+            else None,
         },
         decomposed,
         recalibrated,
@@ -128,46 +153,40 @@ def main() -> None:
         original = correct(model, load_dataset(shared_file(TEST), spec), spec)
         for method in args.methods.split(","):
             for reduction in (float(r) for r in args.reductions.split(",")):
-                arms = {}
-                for weight_only in (True, False):
-                    arms[weight_only] = run(args, model_name, method, reduction, weight_only, cache)
-                (plain, plain_dec, plain_rec), (aware, aware_dec, aware_rec) = (
-                    arms[True],
-                    arms[False],
-                )
-                assert plain["ranks"] == aware["ranks"], "the arms must plan the same ranks"
+                arms = {arm: run(args, model_name, method, reduction, arm, cache) for arm in ARMS}
+                plain, plain_dec, plain_rec = arms["weight_only"]
+                assert all(a[0]["ranks"] == plain["ranks"] for a in arms.values()), "same ranks"
                 row = {
                     "model": model_name,
                     "method": method,
                     "macs_reduction_target": reduction,
-                    "macs_reduction": aware["macs_reduction"],
+                    "macs_reduction": plain["macs_reduction"],
                     "original": 100 * original.mean(),
-                    "weight_only": {
-                        "decomposed": 100 * plain_dec.mean(),
-                        "recalibrated": 100 * plain_rec.mean(),
-                        "drop_decomposed": paired(original, plain_dec),
-                        "drop_recalibrated": paired(original, plain_rec),
-                        "seconds": plain["seconds"],
-                        "mean_output_error": aware["mean_weight_only_output_error"],
-                    },
-                    "data_aware": {
-                        "decomposed": 100 * aware_dec.mean(),
-                        "recalibrated": 100 * aware_rec.mean(),
-                        "drop_decomposed": paired(original, aware_dec),
-                        "drop_recalibrated": paired(original, aware_rec),
-                        "seconds": aware["seconds"],
-                        "statistics_seconds": aware["statistics_seconds"],
-                        "mean_output_error": aware["mean_output_error"],
-                    },
-                    "gain_decomposed": paired(aware_dec, plain_dec),
-                    "gain_recalibrated": paired(aware_rec, plain_rec),
+                    "mean_weight_only_output_error": arms["data_aware"][0][
+                        "mean_weight_only_output_error"
+                    ],
                 }
+                for arm, (info, dec, rec) in arms.items():
+                    row[arm] = {
+                        "decomposed": 100 * dec.mean(),
+                        "recalibrated": 100 * rec.mean(),
+                        "drop_decomposed": paired(original, dec),
+                        "drop_recalibrated": paired(original, rec),
+                        "gain_decomposed": paired(dec, plain_dec),
+                        "gain_recalibrated": paired(rec, plain_rec),
+                        "seconds": info["seconds"],
+                        "statistics_seconds": info["statistics_seconds"],
+                        "mean_output_error": info["mean_output_error"],
+                        "mean_refit_error": info["mean_refit_error"],
+                    }
                 rows.append(row)
-                w, a = row["weight_only"], row["data_aware"]
                 print(
-                    f"{model_name} {method} {reduction:g}x: decomposed {w['decomposed']:.2f} → "
-                    f"{a['decomposed']:.2f}, recalibrated {w['recalibrated']:.2f} → "
-                    f"{a['recalibrated']:.2f} (weight-only → data-aware)",
+                    f"{model_name} {method} {reduction:g}x "
+                    + ", ".join(
+                        f"{arm}: {row[arm]['decomposed']:.2f} → {row[arm]['recalibrated']:.2f}"
+                        for arm in ARMS
+                    )
+                    + " (as returned → recalibrated)",
                     flush=True,
                 )
                 # Written after every row: a run cut short keeps what it measured.

@@ -138,11 +138,11 @@ class QuantizeConfig(_Strict):
 class StatisticsConfig(_Strict):
     """Data-aware fits (`data_aware`, with training data): each layer is fitted to its output
     on the first `samples` training images (their input second moments) instead of to its
-    weights. Off by default: after BatchNorm recalibration it does not yet beat the weight-only
-    fit (BENCHMARKS.md, issue #20)."""
+    weights. Off by default: followed by the last-stage refit and BatchNorm recalibration it
+    does not beat the weight-only fit followed by the same (BENCHMARKS.md, issue #20)."""
 
     data_aware: bool = False
-    samples: int = Field(default=1024, ge=1)
+    samples: int = Field(default=1024, ge=1)  # also the images `refit` reads
     damping: float = Field(default=0.01, ge=0)  # Σ + damping·tr(Σ)/n·I is fitted
     memory_mb: int = Field(default=512, ge=1)  # the statistics pass's own memory
 
@@ -165,7 +165,11 @@ class CompressConfig(_Strict):
     train_data: Path | None = None
     train_limit: int | None = Field(default=None, ge=1)
     data: DataConfig = Field(default_factory=DataConfig)
-    # With train_data: BatchNorm recalibration (or bias correction for BN-free models).
+    # With train_data: the sequential correction (each block's last stage refitted, in graph
+    # order, to the original layer's outputs on the first statistics.samples images, fed the
+    # compressed network's activations), then BatchNorm recalibration (or bias correction for
+    # BN-free models).
+    refit: bool = True
     recalibrate: bool = True
     statistics: StatisticsConfig = Field(default_factory=StatisticsConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
@@ -211,10 +215,17 @@ class CompressConfig(_Strict):
             for key in self.statistics.model_fields_set - {"data_aware"}
             if getattr(self.statistics, key) != StatisticsConfig.model_fields[key].default
         )
-        if given and not self.data_aware:
-            why = "they need --data-aware" if self.train_data else "they need --train-data"
+        for key in given:
+            readers = "data-aware fits and the last-stage refit" if key == "samples" else None
+            if readers and not (self.data_aware or self.refits):
+                why = "--data-aware or --refit" if self.train_data else "--train-data"
+            elif not readers and not self.data_aware:
+                readers = "data-aware fits"
+                why = "--data-aware" if self.train_data else "--train-data"
+            else:
+                continue
             raise ConfigError(
-                f"statistics.{given[0]} is read by data-aware fits, but {why}; drop it"
+                f"statistics.{key} is read by {readers}, but they need {why}; drop it"
             )
         return self
 
@@ -222,6 +233,11 @@ class CompressConfig(_Strict):
     def data_aware(self) -> bool:
         """Whether layers are fitted to their outputs on the training images."""
         return self.train_data is not None and self.statistics.data_aware
+
+    @property
+    def refits(self) -> bool:
+        """Whether the blocks' last stages are refitted to the original layers' outputs."""
+        return self.train_data is not None and self.refit
 
 
 # Keys that moved: a file still using one gets told where it went.

@@ -204,13 +204,14 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "statistics.data_aware",
         "Fit each layer to its outputs on --train-data images, not to its weights (off by "
-        "default: after BatchNorm recalibration it does not yet beat weight-only fits).",
+        "default: with --refit and BatchNorm recalibration it does not beat weight-only fits).",
         RANKS,
         bool,
     ),
     Option(
         "statistics.samples",
-        "Data-aware fits: training images the layers' input statistics come from (1024).",
+        "Training images the layers' input statistics (data-aware fits) and the last-stage "
+        "refit read (1024).",
         RANKS,
         int,
         "--stats-samples",
@@ -281,6 +282,14 @@ OPTIONS: tuple[Option, ...] = (
         "--search-timeout",
     ),
     # ---- recovery
+    Option(
+        "refit",
+        "Refit each block's last stage, in graph order, to the original layer's outputs on "
+        "--stats-samples training images, fed the compressed network's activations (on with "
+        "--train-data).",
+        RECOVERY,
+        bool,
+    ),
     Option("recalibrate", "Recalibrate BatchNorm (bias correction without BN).", RECOVERY, bool),
     Option(
         "finetune.epochs",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ from rankfold.converter.results import (
     QuantizedFile,
     QuantizedLatencyRow,
     Recovery,
+    Refit,
     Report,
     SelectionReport,
     StatisticsSummary,
@@ -90,6 +92,7 @@ from rankfold.passes.core import (
     atomic_path,
     atomic_write_json,
 )
+from rankfold.passes.correction import DEFAULT_CORRECTION_DAMPING, refit_last_stages
 from rankfold.passes.latency_gate import gate_plan, round_ranks
 from rankfold.passes.plan import RankPolicy, budgeted_slots, resolve_round_to
 from rankfold.passes.recalibrate import correct_bias, has_batchnorm, recalibrate_bn
@@ -162,6 +165,7 @@ class CompressionResult:
     calibration: ImageData | None = None
     float_layers: dict[str, str] = field(default_factory=dict)
     accuracy: dict[str, float | None] = field(default_factory=dict)
+    refit: Refit | None = None  # when the last stages were refitted
     recalibration: str | None = None  # "batchnorm" | "bias" when recovery ran
     finetuning: FinetuneResult | None = None
     statistics: StatisticsRun | None = None  # data-aware fits: the layer statistics used
@@ -238,12 +242,14 @@ class CompressionResult:
                 params=cost.params,
                 macs=cost.macs,
                 accuracy_decomposed=self.accuracy.get("decomposed"),
+                accuracy_refitted=self.accuracy.get("refitted"),
                 accuracy_recalibrated=self.accuracy.get("recalibrated"),
                 accuracy_finetuned=self.accuracy.get("finetuned"),
             ),
             selection=self.selection,
             cleanup=artifacts.cleanup,
             recovery=Recovery(
+                refit=self.refit,
                 recalibration=self.recalibration,
                 finetune=None if self.finetuning is None else self.finetuning.to_dict(),
             ),
@@ -581,6 +587,10 @@ def compress(
         result.eval_data = eval_data
         result.accuracy["original"] = _accuracy(original, result)
         result.accuracy["decomposed"] = _accuracy(compressed, result)
+    if config.refits and captured.traced and plan.decomposed():
+        refit(result, train)
+        if eval_data is not None:
+            result.accuracy["refitted"] = _accuracy(compressed, result)
     if train is not None:
         if workdir is None:
             with tempfile.TemporaryDirectory(prefix="rankfold-") as scratch:
@@ -638,6 +648,8 @@ def capture_report(captured: Captured, config: CompressConfig) -> Capture:
     if captured.traced:
         return Capture()
     skipped = list(FX_ONLY_PASSES) if config.export.cleanup else []
+    if config.refits:
+        skipped.append("last-stage refit")  # runs the two fx graphs in lockstep
     error = captured.fx_error
     return Capture(
         path="forward hooks",
@@ -859,6 +871,30 @@ def _accuracy(module: nn.Module, result: CompressionResult) -> float | None:
     return torch_accuracy(module, batches(result.eval_data, result.spec))
 
 
+def refit(result: CompressionResult, train: ImageData) -> None:
+    """The sequential correction on the first statistics.samples training images, clean (the
+    distribution the model is used on, as for the layer statistics)."""
+    started = time.perf_counter()
+    config = result.config
+    names = [entry.name for entry in result.plan.decomposed()]
+    images = train.subset(config.statistics.samples)
+    inputs = (x for x, _ in batches(images, result.spec, config.search.batch_size))
+    with progress_bar("refit last stages", total=len(names)) as advance:
+        refits = refit_last_stages(
+            result.original, result.compressed, names, inputs, progress=advance
+        )
+    for row in result.decomposition.layers:
+        if row.name in refits:
+            row.extras["refit_error_before"] = refits[row.name].before
+            row.extras["refit_error_after"] = refits[row.name].after
+    result.refit = Refit(
+        images=len(images),
+        layers=len(refits),
+        damping=DEFAULT_CORRECTION_DAMPING,
+        seconds=time.perf_counter() - started,
+    )
+
+
 def recover(result: CompressionResult, train: ImageData, workdir: Path) -> None:
     """BatchNorm recalibration on augmented training batches (bias correction without BN), then
     optional fine-tuning."""
@@ -1003,6 +1039,7 @@ def restore(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     example = torch.zeros(1, *input_shape)
     captured = trace_or_capture(model.eval(), example, payload["leaf_modules"])
     rebuilt = restructure(captured.module, captured.analysis, Plan.model_validate(payload["plan"]))
+    _add_fitted_biases(rebuilt, payload["state_dict"])
     try:
         rebuilt.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
@@ -1011,6 +1048,24 @@ def restore(path: str | Path, model: nn.Module | None = None) -> nn.Module:
             f"({str(exc).splitlines()[0]})"
         ) from None
     return rebuilt.eval()
+
+
+def _add_fitted_biases(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Zero biases where recovery gave a bias-free stage one (the last-stage refit, bias
+    correction), so the saved state dict loads."""
+    own = model.state_dict()
+    for key in state.keys() - own.keys():
+        name, _, attribute = key.rpartition(".")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue  # load_state_dict names it
+        if (
+            attribute == "bias"
+            and isinstance(module, nn.Conv2d | nn.Linear)
+            and module.bias is None
+        ):
+            module.bias = nn.Parameter(torch.zeros_like(state[key]))
 
 
 def read_model_file(path: str | Path) -> dict[str, Any]:

@@ -48,6 +48,7 @@ class CompressedModel(_Section):
     params: int
     macs: int
     accuracy_decomposed: float | None = None
+    accuracy_refitted: float | None = None  # after the last-stage refit (--refit)
     accuracy_recalibrated: float | None = None
     accuracy_finetuned: float | None = None
 
@@ -125,7 +126,17 @@ class SelectionReport(BaseModel):
         return dict(self.model_extra or {})
 
 
+class Refit(_Section):
+    """The sequential correction: blocks whose last stage was refitted, on how many images."""
+
+    images: int
+    layers: int
+    damping: float
+    seconds: float
+
+
 class Recovery(_Section):
+    refit: Refit | None = None
     recalibration: str | None = None  # "batchnorm" | "bias"
     finetune: dict[str, Any] | None = None
 
@@ -261,6 +272,10 @@ class LayerRow(BaseModel):
     output_error: float | None = None
     weight_only_rel_error: float | None = None
     weight_only_output_error: float | None = None
+    # Last-stage refit: the block's relative output error in the compressed network, fed its
+    # activations, on the refit's images, before and after refitting.
+    refit_error_before: float | None = None
+    refit_error_after: float | None = None
 
 
 class Report(_Section):

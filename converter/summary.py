@@ -52,7 +52,13 @@ def summary_lines(report: Report, out: Path) -> list[str]:
         f"MACs {original.macs:,} → {compressed.macs:,} ({report.macs_reduction:.2f}×), "
         f"params {report.params_reduction:.2f}× fewer",
         f"accuracy: original {_percent(original.accuracy)}, decomposed "
-        f"{_percent(compressed.accuracy_decomposed)}, recalibrated "
+        f"{_percent(compressed.accuracy_decomposed)}, "
+        + (
+            ""
+            if compressed.accuracy_refitted is None
+            else f"refitted {_percent(compressed.accuracy_refitted)}, "
+        )
+        + "recalibrated "
         f"{_percent(compressed.accuracy_recalibrated)}, fine-tuned "
         f"{_percent(compressed.accuracy_finetuned)}, ONNX {_percent(onnx.accuracy)}",
         f"ONNX parity: max abs diff {onnx.max_abs_diff:.2e} (tolerance {onnx.atol:.0e} + "
@@ -85,6 +91,15 @@ def summary_lines(report: Report, out: Path) -> list[str]:
                 "control flow fx cannot trace)"
             )
         lines.append(line)
+    refitted = [row for row in report.layers if row.refit_error_after is not None]
+    if refitted:
+        before = sum(row.refit_error_before for row in refitted) / len(refitted)
+        after = sum(row.refit_error_after for row in refitted) / len(refitted)
+        lines.append(
+            f"refit: {len(refitted)} last stage(s) refitted in graph order on "
+            f"{report.recovery.refit.images} training images; mean output error in the "
+            f"compressed network {before:.3f} → {after:.3f}"
+        )
     if original.functional_macs:
         calls = ", ".join(f"{name} {macs:,}" for name, macs in original.functional_macs.items())
         lines.append(

@@ -195,6 +195,7 @@ def test_compress_fits_data_aware_with_training_data_and_not_without(tmp_path):
         "ranks": {"method": "svd", "macs_reduction": 2},
         "train_data": str(tmp_path / "digits.npz"),
         "recalibrate": False,
+        "refit": False,  # the fits alone
         "latency": {"enabled": False},
         "search": {"cache_dir": str(tmp_path / "cache")},
     }

@@ -198,6 +198,24 @@ CASES = [
         "statistics.damping is read by data-aware fits, but they need --train-data",
     ),
     (
+        "stats-samples-read-by-nothing",
+        {"t.npz": "not read"},
+        [
+            "compress",
+            "digits-cnn",
+            "--macs-reduction",
+            "2",
+            "--train-data",
+            "t.npz",
+            "--no-refit",
+            "--stats-samples",
+            "64",
+            *COMMON,
+        ],
+        "statistics.samples is read by data-aware fits and the last-stage refit, but they need "
+        "--data-aware or --refit",
+    ),
+    (
         "bench-missing-baseline",
         {"model.onnx": "ONNX"},
         ["bench", "model.onnx", "--baseline", "nothere.onnx"],

@@ -69,6 +69,7 @@ def test_resnet20_cp_recalibrates_batchnorm_on_augmented_batches(data_dir):
         train_data=data_dir / "cifar10/train_lossless_5085.npz",
         ranks=RankPolicy(method="cp", macs_reduction=2.0),
         latency=LatencyConfig(enabled=False),
+        refit=False,  # recalibration's batches alone
     )
     result = compress(model, torch.zeros(1, *spec.input_shape), config, spec)
     assert result.recalibration == "batchnorm"
