@@ -5,8 +5,9 @@ Each configuration starts N `rankfold compress resnet20 … --select pars --stor
 with one torch thread, a fresh decomposition cache folder shared by them, and Tucker-2 at 3×
 fewer MACs. Throughput is the study's complete trials per minute between the first trial's start
 and the last trial's end (the search alone: loading, the final decomposition, ONNX export and
-validation of each process are outside it, and reported as wall time). PostgreSQL is a
-throwaway server started by .ci/postgres.sh, as in CI.
+validation of each process are outside it, and reported as wall time; the last-stage refit after
+the search is off, as it is not part of it). PostgreSQL is a throwaway server started by
+.ci/postgres.sh, as in CI.
 
     flock -x /tmp/rankfold-quiet.lock flock /tmp/rankfold-bench.lock \\
         .venv/bin/python benchmarks/pars_workers.py --trials 40
@@ -50,6 +51,7 @@ def run_configuration(url: str, study: str, workers: int, args, work: Path) -> d
             "--trials", str(args.trials), "--storage", url, "--study-name", study,
             "--train-data", str(shared_file(TRAIN)), "--calib-samples", str(args.calib),
             "--bn-samples", str(args.bn), "--search-cache-dir", str(cache), "--no-latency",
+            "--no-refit",
             "--out", str(out),
         ]  # fmt: skip
         log = open(work / f"{study}-{worker}.log", "w")  # noqa: SIM115 - closed below
