@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from rankfold.converter.finetune import FinetuneConfig, FinetuneResult, finetune
@@ -112,11 +113,18 @@ if __name__ == "__main__":
     # all in one launch (each torchrun start pays seconds of imports per process). Each rank
     # saves its final weights and history to rank<r>.pt.
     torch.set_num_threads(1)
-    # One process group for the three runs: finetune joins it instead of creating its own.
-    torch.distributed.init_process_group("gloo")
     out = Path(sys.argv[1])
     for folder in ("uninterrupted", "resumed"):
         (out / folder).mkdir(exist_ok=True)
+    # finetune creates (from torchrun's environment) and destroys its own process group here.
     save(out / "uninterrupted", *run(out / "uninterrupted" / "checkpoints"))
+    # Then both later runs join one group of ours: re-creating a group on torchrun's store
+    # hangs, so this one rendezvous through a fresh file store.
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{out / 'store'}",
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+    )
     kill_and_resume(out / "resumed")
-    torch.distributed.destroy_process_group()
+    dist.destroy_process_group()
