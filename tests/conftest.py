@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,31 @@ def _private_decomposition_cache(tmp_path_factory: pytest.TempPathFactory) -> No
     # compress always writes decompositions to the on-disk cache: each test session gets its
     # own, so no run reuses (or is slowed, or passed, by) another run's factorizations.
     os.environ["RANKFOLD_CACHE"] = str(tmp_path_factory.mktemp("decompositions"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _onnx_registry_built_once() -> Iterator[None]:
+    # torch.onnx.export rebuilds its operator registry (the ONNX IR of every torchlib function)
+    # on every call: seconds each, for the suite's many exports. The registry depends only on
+    # the opset and is read-only unless custom_translation_table is passed (rankfold never
+    # does), so one per opset serves every export; each export still runs in full.
+    try:
+        from torch.onnx._internal.exporter._registration import ONNXRegistry
+    except ImportError:  # a torch without this internal builds it per call, as users get
+        yield
+        return
+    build = ONNXRegistry.from_torchlib.__func__
+    built: dict[object, ONNXRegistry] = {}
+
+    def from_torchlib(cls, *args, **kwargs):
+        key = (cls, args, tuple(sorted(kwargs.items())))
+        if key not in built:
+            built[key] = build(cls, *args, **kwargs)
+        return built[key]
+
+    ONNXRegistry.from_torchlib = classmethod(from_torchlib)
+    yield
+    ONNXRegistry.from_torchlib = classmethod(build)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """Fine-tune a small BatchNorm-free model; run by tests/test_ddp.py under torchrun and in-process.
 
 Usage: python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py OUT
-Each rank saves its final weights and history to OUT/rank<r>.pt. The model has no BatchNorm
+(see the main block for what it writes). The model has no BatchNorm
 because under DDP each rank normalizes with its own shard's statistics (SyncBatchNorm needs
 GPUs), which would make two-process training legitimately differ from one process.
 """
@@ -9,11 +9,13 @@ GPUs), which would make two-process training legitimately differ from one proces
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from rankfold.converter.finetune import FinetuneConfig, FinetuneResult, finetune
@@ -81,18 +83,48 @@ def stop_after(steps: int) -> None:
     module.kd_loss = counting
 
 
-if __name__ == "__main__":
-    # OUT [CHECKPOINT_EVERY STOP_AFTER|resume]: checkpoint every N steps and die after K steps,
-    # or resume from OUT's checkpoint.
-    torch.set_num_threads(1)
-    out = Path(sys.argv[1])
-    config, resume = CONFIG, False
-    if len(sys.argv) > 2:
-        config = CONFIG.model_copy(update={"checkpoint_every": int(sys.argv[2])})
-        if sys.argv[3] == "resume":
-            resume = True
-        else:
-            stop_after(int(sys.argv[3]))
-    model, outcome = run(out / "checkpoints", config, resume)
+def kill_and_resume(out: Path) -> None:
+    """Into `out`: a run that checkpoints every 2 steps dies during step 8 (as if killed), its
+    last checkpoint is kept as killed.pt, then a fresh model resumes from it."""
+    config = CONFIG.model_copy(update={"checkpoint_every": 2})
+    module = sys.modules["rankfold.converter.finetune"]
+    original = module.kd_loss
+    stop_after(7)
+    try:
+        run(out / "checkpoints", config)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the run was not interrupted")
+    finally:
+        module.kd_loss = original
+    if int(os.environ["RANK"]) == 0:
+        shutil.copyfile(out / "checkpoints" / "finetune_last.pt", out / "killed.pt")
+    save(out, *run(out / "checkpoints", config, resume=True))
+
+
+def save(out: Path, model: nn.Module, outcome: FinetuneResult) -> None:
     rank = int(os.environ["RANK"])
     torch.save({"state": model.state_dict(), "history": outcome.history}, out / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    # OUT: an uninterrupted run into OUT/uninterrupted, then kill_and_resume into OUT/resumed,
+    # all in one launch (each torchrun start pays seconds of imports per process). Each rank
+    # saves its final weights and history to rank<r>.pt.
+    torch.set_num_threads(1)
+    out = Path(sys.argv[1])
+    for folder in ("uninterrupted", "resumed"):
+        (out / folder).mkdir(exist_ok=True)
+    # finetune creates (from torchrun's environment) and destroys its own process group here.
+    save(out / "uninterrupted", *run(out / "uninterrupted" / "checkpoints"))
+    # Then both later runs join one group of ours: re-creating a group on torchrun's store
+    # hangs, so this one rendezvous through a fresh file store.
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{out / 'store'}",
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+    )
+    kill_and_resume(out / "resumed")
+    dist.destroy_process_group()

@@ -188,34 +188,57 @@ def plugin_site(tmp_path_factory) -> Path:
     return site
 
 
-def _rankfold(site: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+# Runs several CLI command lines in one process (each fresh interpreter pays seconds of
+# imports) and prints, as JSON, each one's exit code, stdout and stderr.
+CLI_RUNS = textwrap.dedent(
+    """
+    import contextlib, io, json, sys
+    from rankfold.converter.cli import main
+    results = []
+    for args in json.loads(sys.argv[1]):
+        stdout, stderr = io.StringIO(), io.StringIO()
+        sys.argv = ["rankfold", *args]
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                main()
+                code = 0
+            except SystemExit as exc:
+                code = exc.code
+        results.append({"code": code, "stdout": stdout.getvalue(), "stderr": stderr.getvalue()})
+    print(json.dumps(results))
+    """
+)
+
+
+def _rankfold(site: Path, *command_lines: list[str], cwd: Path) -> list[dict]:
+    """Each command line's {code, stdout, stderr}, run in one process that sees `site`."""
     env = {**os.environ, "PYTHONPATH": str(site)}
-    code = "from rankfold.converter.cli import main; main()"
-    return subprocess.run(
-        [sys.executable, "-c", code, *args], env=env, cwd=cwd, capture_output=True, text=True
+    done = subprocess.run(
+        [sys.executable, "-c", CLI_RUNS, json.dumps(command_lines)],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
     )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def test_a_method_from_an_installed_package_lists_and_runs_from_the_cli(plugin_site, tmp_path):
-    listed = _rankfold(plugin_site, "methods", cwd=tmp_path)
-    assert listed.returncode == 0, listed.stderr
-    assert "svd-plugin" in listed.stdout and "SVD registered by a third-party" in listed.stdout
-    assert "broken" in listed.stdout and "not a rankfold Method" in listed.stdout
     out = tmp_path / "out"
-    run = _rankfold(
+    compress = ["compress", "digits-cnn", "--rank", "4", "--no-latency", "--method"]
+    listed, run, broken = _rankfold(
         plugin_site,
-        "compress",
-        "digits-cnn",
-        "--method",
-        "svd-plugin",
-        "--rank",
-        "4",
-        "--no-latency",
-        "--out",
-        str(out),
+        ["methods"],
+        [*compress, "svd-plugin", "--out", str(out)],
+        [*compress, "broken", "--out", str(tmp_path / "b")],
         cwd=tmp_path,
     )
-    assert run.returncode == 0, run.stderr
+    assert listed["code"] == 0, listed["stderr"]
+    assert "svd-plugin" in listed["stdout"]
+    assert "SVD registered by a third-party" in listed["stdout"]
+    assert "broken" in listed["stdout"] and "not a rankfold Method" in listed["stdout"]
+    assert run["code"] == 0, run["stderr"]
     report = json.loads((out / "report.json").read_text())
     decomposed = [row for row in report["layers"] if row["status"] == "decomposed"]
     # A Linear layer is a matrix: every method hands it to svd (method_for_layer).
@@ -225,21 +248,9 @@ def test_a_method_from_an_installed_package_lists_and_runs_from_the_cli(plugin_s
     }
     assert all(row["rank"] == [4] for row in decomposed)
     assert report["onnx"]["parity_passed"] and report["macs_reduction"] > 1.0
-    broken = _rankfold(
-        plugin_site,
-        "compress",
-        "digits-cnn",
-        "--method",
-        "broken",
-        "--rank",
-        "4",
-        "--no-latency",
-        "--out",
-        str(tmp_path / "b"),
-        cwd=tmp_path,
-    )
-    assert broken.returncode == 1
-    assert "method 'broken' failed to load" in broken.stderr and "Traceback" not in broken.stderr
+    assert broken["code"] == 1
+    assert "method 'broken' failed to load" in broken["stderr"]
+    assert "Traceback" not in broken["stderr"]
 
 
 def test_method_settings_key_the_cache():

@@ -37,20 +37,22 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
         str(WORKER),
         *args,
     ]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """OUT of one uninterrupted 2-process run (rank0.pt, rank1.pt, checkpoints/)."""
+def launched(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """OUT of one torchrun launch: OUT/uninterrupted (rank0.pt, rank1.pt, checkpoints/) and
+    OUT/resumed (a run killed mid-epoch, its checkpoint at the kill as killed.pt, then resumed)."""
     out = tmp_path_factory.mktemp("ddp")
-    launched = _torchrun(str(out))
-    if launched.returncode != 0:
-        pytest.fail(f"torchrun failed ({launched.returncode}):\n{launched.stderr[-3000:]}")
+    launch = _torchrun(str(out))
+    if launch.returncode != 0:
+        pytest.fail(f"torchrun failed ({launch.returncode}):\n{launch.stderr[-3000:]}")
     return out
 
 
-def test_two_process_ddp_equals_single_process(uninterrupted: Path, tmp_path: Path) -> None:
+def test_two_process_ddp_equals_single_process(launched: Path, tmp_path: Path) -> None:
+    uninterrupted = launched / "uninterrupted"
     worker = _worker_module()
     single, single_result = worker.run(tmp_path / "single")
     ranks = [torch.load(uninterrupted / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
@@ -76,21 +78,15 @@ def test_two_process_ddp_equals_single_process(uninterrupted: Path, tmp_path: Pa
     assert written == ["finetune_last.pt"]
 
 
-def test_resume_mid_epoch_under_torchrun_equals_uninterrupted(
-    uninterrupted: Path, tmp_path: Path
-) -> None:
+def test_resume_mid_epoch_under_torchrun_equals_uninterrupted(launched: Path) -> None:
     # 5 steps per epoch, a checkpoint every 2: killed during step 8 (epoch 2, step 3), the run
-    # resumes from epoch 2's step-2 checkpoint and replays step 3 onwards.
-    killed = _torchrun(str(tmp_path), "2", "7")
-    assert killed.returncode != 0 and not (tmp_path / "rank0.pt").exists()
-    checkpoint = torch.load(tmp_path / "checkpoints" / "finetune_last.pt", weights_only=True)
+    # resumed from epoch 2's step-2 checkpoint and replayed step 3 onwards, in the same ranks.
+    resumed, uninterrupted = launched / "resumed", launched / "uninterrupted"
+    checkpoint = torch.load(resumed / "killed.pt", weights_only=True)
     assert (checkpoint["epoch"], checkpoint["step"]) == (1, 2)
-    resumed = _torchrun(str(tmp_path), "2", "resume")
-    if resumed.returncode != 0:
-        pytest.fail(f"resumed torchrun failed:\n{resumed.stderr[-3000:]}")
     expected = torch.load(uninterrupted / "rank0.pt", weights_only=True)
     for rank in (0, 1):
-        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        got = torch.load(resumed / f"rank{rank}.pt", weights_only=True)
         # Same processes, same sample order and draws: equal up to float32 summation order.
         for key, value in expected["state"].items():
             torch.testing.assert_close(got["state"][key], value, atol=1e-6, rtol=1e-6)

@@ -6,11 +6,11 @@ import copy
 import json
 
 import pytest
-import torch
 
-from rankfold.converter import CompressConfig, LatencyConfig, compress, run_compress
+from rankfold.converter import CompressConfig, LatencyConfig, run_compress
 from rankfold.converter.finetune import FinetuneConfig
-from rankfold.models import batches, load_dataset, load_model
+from rankfold.converter.pipeline import CompressionResult
+from rankfold.models import batches, load_dataset
 from rankfold.passes import RankPolicy
 from rankfold.passes.recalibrate import recalibrate_bn
 from rankfold.runtime import torch_accuracy
@@ -18,35 +18,60 @@ from rankfold.runtime import torch_accuracy
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("method", ["svd", "cp"])
-def test_resnet20_each_method_at_2x(data_dir, tmp_path, method):
-    config = CompressConfig(
+def _config(data_dir, method: str, **settings) -> CompressConfig:
+    return CompressConfig(
         model="resnet20",
         weights=data_dir / "weights/resnet20-12fca82f.th",
         eval_data=data_dir / "cifar10/test_lossless_1017.npz",
         ranks=RankPolicy(method=method, macs_reduction=2.0),
         latency=LatencyConfig(enabled=False),
+        **settings,
     )
-    run_compress(config, tmp_path)
-    report = json.loads((tmp_path / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def cp_run(data_dir, tmp_path_factory) -> tuple[dict, CompressionResult]:
+    """(report, result) of one CP 2× run with BatchNorm recalibration, read by two tests: a
+    ResNet-20 CP decomposition and its evaluations are the expensive part of each."""
+    # 2,048 of the training images (8 batches of 256) recalibrate BatchNorm, as the benchmarks'
+    # recalibration does with all of them: the statistics' sampling error is well below the
+    # 3-point margin asserted on.
+    config = _config(
+        data_dir,
+        "cp",
+        train_data=data_dir / "cifar10/train_lossless_5085.npz",
+        train_limit=2048,
+        refit=False,  # recalibration's batches alone
+    )
+    out = tmp_path_factory.mktemp("cp")
+    result = run_compress(config, out)
+    return json.loads((out / "report.json").read_text()), result
+
+
+@pytest.mark.parametrize("method", ["svd", "cp"])
+def test_resnet20_each_method_at_2x(data_dir, tmp_path, method, request):
+    if method == "cp":  # the same run, recalibrated: the ONNX file is the recalibrated model
+        report, _ = request.getfixturevalue("cp_run")
+        deployed = report["compressed"]["accuracy_recalibrated"]
+    else:
+        run_compress(_config(data_dir, method), tmp_path)
+        report = json.loads((tmp_path / "report.json").read_text())
+        deployed = report["compressed"]["accuracy_decomposed"]
     assert abs(report["macs_reduction"] / 2 - 1) <= 0.05
     assert report["onnx"]["max_abs_diff"] <= 1e-4
     assert report["original"]["accuracy"] == pytest.approx(0.9164, abs=0.001)
     accuracy = report["compressed"]["accuracy_decomposed"]
     assert 0 < accuracy <= report["original"]["accuracy"]
-    assert report["onnx"]["accuracy"] == pytest.approx(accuracy, abs=0.002)
+    assert report["onnx"]["accuracy"] == pytest.approx(deployed, abs=0.002)
 
 
 def test_resnet20_tucker2_at_2x_recovers_to_80_percent(data_dir, tmp_path):
     """Uniform Tucker-2 at 2× loses most accuracy; recalibration + 1 distilled epoch win it back."""
-    config = CompressConfig(
-        model="resnet20",
-        weights=data_dir / "weights/resnet20-12fca82f.th",
-        eval_data=data_dir / "cifar10/test_lossless_1017.npz",
+    config = _config(
+        data_dir,
+        "tucker2",
         train_data=data_dir / "cifar10/train_lossless_5085.npz",
-        ranks=RankPolicy(method="tucker2", macs_reduction=2.0),
         finetune=FinetuneConfig(epochs=1),
-        latency=LatencyConfig(enabled=False),
     )
     run_compress(config, tmp_path)
     report = json.loads((tmp_path / "report.json").read_text())
@@ -60,23 +85,16 @@ def test_resnet20_tucker2_at_2x_recovers_to_80_percent(data_dir, tmp_path):
     assert (tmp_path / "finetune.png").stat().st_size > 0
 
 
-def test_resnet20_cp_recalibrates_batchnorm_on_augmented_batches(data_dir):
-    """As the benchmarks do: crop + flip batches beat clean ones (measured 90.95 vs 86.33 %)."""
-    model, spec = load_model("resnet20", data_dir / "weights/resnet20-12fca82f.th")
-    config = CompressConfig(
-        model="resnet20",
-        eval_data=data_dir / "cifar10/test_lossless_1017.npz",
-        train_data=data_dir / "cifar10/train_lossless_5085.npz",
-        ranks=RankPolicy(method="cp", macs_reduction=2.0),
-        latency=LatencyConfig(enabled=False),
-        refit=False,  # recalibration's batches alone
-    )
-    result = compress(model, torch.zeros(1, *spec.input_shape), config, spec)
+def test_resnet20_cp_recalibrates_batchnorm_on_augmented_batches(cp_run):
+    """As the benchmarks do: crop + flip batches beat clean ones (measured 90.95 vs 86.33 % with
+    all 5,085 training images, 90.76 vs 85.94 % with the 2,048 used here)."""
+    _, result = cp_run
     assert result.recalibration == "batchnorm"
+    # recalibrate_bn resets the statistics first: the copy's augmented ones leave no trace.
     clean = copy.deepcopy(result.compressed)
-    train = load_dataset(config.train_data, spec)
-    recalibrate_bn(clean, batches(train, spec, 256))
-    clean_accuracy = torch_accuracy(clean, batches(result.eval_data, spec))
+    train = load_dataset(result.config.train_data, result.spec, result.config.train_limit)
+    recalibrate_bn(clean, batches(train, result.spec, 256))
+    clean_accuracy = torch_accuracy(clean, batches(result.eval_data, result.spec))
     assert result.accuracy["recalibrated"] >= clean_accuracy + 0.03, (
         result.accuracy,
         clean_accuracy,

@@ -33,6 +33,7 @@ GRACE_HEARTBEATS = 3  # a trial is stale after this many missed heartbeats
 MAX_RETRY = 2  # a configuration that killed its worker this often is not tried again
 CONNECT_TIMEOUT_SECONDS = 10
 SCHEMA_ATTEMPTS = 3
+SCHEMA_RACE_SIGNS = ("already exists", "UNIQUE constraint failed: alembic_version")
 
 
 def journal_path(url: str | None) -> Path | None:
@@ -101,9 +102,10 @@ def open_storage(
                         heartbeat_stale_trial_callback=retry_callback(),
                     )
             except Exception as exc:  # noqa: BLE001 - re-raised unless it is the race below
-                # Workers started together on a new database all create its tables; the
-                # losers fail with "already exists" and find the tables made when they retry.
-                if "already exists" not in str(exc) or attempt == SCHEMA_ATTEMPTS - 1:
+                # Workers started together on a new database all create its tables (and stamp
+                # its schema version); the losers fail and find both made when they retry.
+                raced = any(sign in str(exc) for sign in SCHEMA_RACE_SIGNS)
+                if not raced or attempt == SCHEMA_ATTEMPTS - 1:
                     raise
                 time.sleep(0.5)
     except (ValueError, ImportError, OSError) as exc:
