@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -50,6 +51,7 @@ from rankfold.converter.results import (
     Quantization,
     QuantizedFile,
     QuantizedLatencyRow,
+    RecalibrationCheck,
     Recovery,
     Refit,
     Report,
@@ -167,6 +169,7 @@ class CompressionResult:
     accuracy: dict[str, float | None] = field(default_factory=dict)
     refit: Refit | None = None  # when the last stages were refitted
     recalibration: str | None = None  # "batchnorm" | "bias" when recovery ran
+    recalibration_check: RecalibrationCheck | None = None  # after a refit
     finetuning: FinetuneResult | None = None
     statistics: StatisticsRun | None = None  # data-aware fits: the layer statistics used
     report: Report | None = None  # set by `run_compress` (see `to_report`)
@@ -251,6 +254,7 @@ class CompressionResult:
             recovery=Recovery(
                 refit=self.refit,
                 recalibration=self.recalibration,
+                recalibration_check=self.recalibration_check,
                 finetune=None if self.finetuning is None else self.finetuning.to_dict(),
             ),
             macs_reduction=analysis.total_macs / cost.macs,
@@ -895,12 +899,30 @@ def refit(result: CompressionResult, train: ImageData) -> None:
     )
 
 
+# Training images that judge recalibration after a refit: their labels are read by neither step,
+# and the choice never looks at the evaluation data.
+JUDGING_IMAGES = 1024
+
+
+def judging_images(train: ImageData) -> ImageData:
+    """The last JUDGING_IMAGES training images (the refit reads the first ones)."""
+    count = min(JUDGING_IMAGES, len(train))
+    return train.take(np.arange(len(train) - count, len(train)))
+
+
 def recover(result: CompressionResult, train: ImageData, workdir: Path) -> None:
-    """BatchNorm recalibration on augmented training batches (bias correction without BN), then
-    optional fine-tuning."""
+    """BatchNorm recalibration on augmented training batches (bias correction without BN), kept
+    after a refit only if it does not lower held-out training accuracy, then optional
+    fine-tuning."""
     config, spec = result.config, result.spec
     decomposed = [entry.name for entry in result.plan.decomposed()]
     if config.recalibrate and decomposed:
+        # A refitted block's outputs are least-squares fits whose statistics recalibration may
+        # undo: training images' labels, which neither step reads, decide whether it stays.
+        judge = judging_images(train) if result.refit is not None else None
+        if judge is not None:
+            refitted = {k: v.clone() for k, v in result.compressed.state_dict().items()}
+            refitted_accuracy = torch_accuracy(result.compressed, batches(judge, spec))
         if has_batchnorm(result.compressed):
             # The original statistics came from augmented images (see training_batches).
             inputs = training_batches(train, spec, 256, config.finetune.augment, config.seed)
@@ -913,7 +935,20 @@ def recover(result: CompressionResult, train: ImageData, workdir: Path) -> None:
             inputs = batches(train, spec, batch_size=256)
             correct_bias(result.original, result.compressed, decomposed, inputs, max_batches=8)
             result.recalibration = "bias"
-        result.accuracy["recalibrated"] = _accuracy(result.compressed, result)
+        kept = "recalibrated"
+        if judge is not None:
+            recalibrated_accuracy = torch_accuracy(result.compressed, batches(judge, spec))
+            if recalibrated_accuracy < refitted_accuracy:
+                kept = "refitted"
+                result.compressed.load_state_dict(refitted)
+            result.recalibration_check = RecalibrationCheck(
+                images=len(judge),
+                accuracy_refitted=refitted_accuracy,
+                accuracy_recalibrated=recalibrated_accuracy,
+                kept=kept,
+            )
+        if kept == "recalibrated":
+            result.accuracy["recalibrated"] = _accuracy(result.compressed, result)
     if config.finetune.epochs > 0:
         teacher = result.original if config.finetune.distill else None
         result.finetuning = finetune(

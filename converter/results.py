@@ -135,9 +135,20 @@ class Refit(_Section):
     seconds: float
 
 
+class RecalibrationCheck(_Section):
+    """After a refit: top-1 of the refitted and the recalibrated model on the last training
+    images (labels neither step reads, so no evaluation data decides), and which was kept."""
+
+    images: int
+    accuracy_refitted: float
+    accuracy_recalibrated: float
+    kept: Literal["recalibrated", "refitted"]
+
+
 class Recovery(_Section):
     refit: Refit | None = None
     recalibration: str | None = None  # "batchnorm" | "bias"
+    recalibration_check: RecalibrationCheck | None = None
     finetune: dict[str, Any] | None = None
 
 

@@ -100,6 +100,14 @@ def summary_lines(report: Report, out: Path) -> list[str]:
             f"{report.recovery.refit.images} training images; mean output error in the "
             f"compressed network {before:.3f} → {after:.3f}"
         )
+    check = report.recovery.recalibration_check
+    if check is not None:
+        verdict = "kept" if check.kept == "recalibrated" else "undone (the refitted model is kept)"
+        lines.append(
+            f"recalibration after the refit {verdict}: top-1 on the last {check.images} "
+            f"training images refitted {check.accuracy_refitted:.2%}, recalibrated "
+            f"{check.accuracy_recalibrated:.2%}"
+        )
     if original.functional_macs:
         calls = ", ".join(f"{name} {macs:,}" for name, macs in original.functional_macs.items())
         lines.append(

@@ -162,3 +162,54 @@ def test_compress_refits_with_training_data_and_the_saved_model_restores(tmp_pat
     x = torch.randn(4, *refitted.example_input.shape[1:])
     with torch.no_grad():
         assert torch.allclose(restored(x), refitted.compressed(x), atol=1e-5)
+
+
+def test_recalibration_after_a_refit_is_kept_only_if_held_out_accuracy_holds(tmp_path, monkeypatch):
+    from rankfold.converter import build_config, compress, pipeline
+    from rankfold.models import batches, load_model, train_digits_cnn
+    from rankfold.models.digits import digits_splits
+    from rankfold.runtime import torch_accuracy
+
+    train, _ = digits_splits()
+    np.savez(tmp_path / "train.npz", x=train.x[:300], y=train.y[:300])
+    config = build_config(
+        {
+            "model": "digits-cnn",
+            "ranks": {"method": "tucker2", "macs_reduction": 2},
+            "train_data": str(tmp_path / "train.npz"),
+            "statistics": {"samples": 128},
+            "latency": {"enabled": False},
+            "search": {"cache_dir": str(tmp_path / "cache")},
+        }
+    )
+    trained = train_digits_cnn(epochs=2)
+    _, spec = load_model("digits-cnn")
+
+    def run():
+        return compress(copy.deepcopy(trained), torch.zeros(1, *spec.input_shape), config, spec)
+
+    judge = pipeline.judging_images(pipeline.open_dataset(config.train_data, spec, None, config))
+    assert len(judge) == 300  # fewer than JUDGING_IMAGES: all of them
+
+    honest = run()
+    check = honest.recalibration_check
+    assert check.images == 300 and honest.recalibration == "batchnorm"
+    assert (check.kept == "refitted") == (check.accuracy_recalibrated < check.accuracy_refitted)
+    kept_accuracy = torch_accuracy(honest.compressed, batches(judge, spec))
+    assert kept_accuracy == max(check.accuracy_refitted, check.accuracy_recalibrated)
+
+    # A recalibration that wrecks the statistics is undone: the refitted weights come back.
+    real_recalibrate = pipeline.recalibrate_bn
+
+    def wrecking_recalibrate(model, inputs):
+        real_recalibrate(model, inputs)
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_var.mul_(1e4)
+
+    monkeypatch.setattr(pipeline, "recalibrate_bn", wrecking_recalibrate)
+    wrecked = run()
+    check = wrecked.recalibration_check
+    assert check.kept == "refitted" and check.accuracy_recalibrated < check.accuracy_refitted - 0.2
+    assert wrecked.accuracy.get("recalibrated") is None
+    assert torch_accuracy(wrecked.compressed, batches(judge, spec)) == check.accuracy_refitted
