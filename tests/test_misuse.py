@@ -104,6 +104,14 @@ CASES = [
         "give --rank or --macs-reduction, not both",
     ),
     (
+        # A budget from the config file and --rank on the command line: not the CLI winning
+        # silently, a conflict naming both.
+        "rank-over-config-budget",
+        {"c.yaml": "ranks:\n  method: cp\n  macs_reduction: 2\n"},
+        ["compress", "digits-cnn", "--config", "c.yaml", "--rank", "8", *COMMON],
+        "give --rank or --macs-reduction, not both",
+    ),
+    (
         "layer-rank-typo",
         {},
         ["compress", "digits-cnn", "--layer-rank", "cnv2=4", "--rank", "8", *COMMON],
