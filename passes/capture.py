@@ -32,8 +32,8 @@ from rankfold.passes.analysis import (
     layer_info,
     matmul_macs,
 )
-from rankfold.passes.core import SymbolicTraceError, TraceError
-from rankfold.passes.tracing import trace
+from rankfold.passes.core import SymbolicTraceError
+from rankfold.passes.tracing import input_shape_error, trace
 
 FX_ONLY_PASSES = (
     "BatchNorm folding",
@@ -132,11 +132,7 @@ def analyze_captured(model: nn.Module, example_input: torch.Tensor) -> ModelAnal
         with torch.no_grad(), counter:
             model(example_input)
     except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise TraceError(
-            f"the model fails on an input of shape {tuple(example_input.shape)}: {reason}; "
-            "check the model's input shape (--input-shape)"
-        ) from None
+        raise input_shape_error(exc, example_input, "the model") from None
     finally:
         for handle in handles:
             handle.remove()

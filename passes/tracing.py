@@ -99,11 +99,16 @@ def trace(
         root = exc
         while root.__cause__ is not None:  # ShapeProp wraps the real error in a node dump
             root = root.__cause__
-        reason = str(root).splitlines()[0] if str(root) else type(root).__name__
-        raise TraceError(
-            f"the traced model fails on an input of shape {tuple(example_input.shape)}: {reason}; "
-            "check the model's input shape (--input-shape)"
-        ) from None
+        raise input_shape_error(root, example_input, "the traced model") from None
     finally:
         gm.train(was_training)
     return gm
+
+
+def input_shape_error(exc: BaseException, example_input: torch.Tensor, what: str) -> TraceError:
+    """`what` failed on the example input: most often the input shape is wrong for the model."""
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return TraceError(
+        f"{what} fails on an input of shape {tuple(example_input.shape)}: {reason}; "
+        "check the model's input shape (--input-shape)"
+    )

@@ -18,6 +18,7 @@ from rankfold.converter.cli import app
 from rankfold.passes import analyze, trace
 from rankfold.passes.capture import FX_ONLY_PASSES, analyze_captured, trace_or_capture
 from rankfold.passes.cleanup import cleanup
+from rankfold.passes.core import TraceError
 from rankfold.runtime import export_onnx
 
 runner = CliRunner()
@@ -191,3 +192,23 @@ def test_a_leaf_holding_the_shape_branch_keeps_the_fx_passes(tmp_path):
     (onnx_out,) = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"input": batch.numpy()})
     with torch.no_grad():
         np.testing.assert_allclose(onnx_out, model(batch).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["torch.fx", "forward hooks"])
+def test_a_wrong_input_shape_is_one_line_on_either_path(path):
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.fc = nn.Linear(8 * 6 * 6, 4)
+
+        def forward(self, x):
+            if path == "forward hooks" and x.shape[-1] > 100:  # fx cannot trace this
+                x = x[..., ::2, ::2]
+            return self.fc(self.conv(x).flatten(1))
+
+    with pytest.raises(TraceError) as caught:
+        trace_or_capture(Head(), torch.zeros(1, 3, 16, 16))
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "fails on an input of shape (1, 3, 16, 16)" in message and "--input-shape" in message
