@@ -222,12 +222,20 @@ def block_kernel(block: nn.Sequential) -> np.ndarray:
             kernel = w if kernel is None else w @ kernel
             continue
         if stage.groups == 1 and w.shape[2:] == (1, 1):
-            kernel = w if kernel is None else np.einsum("oi,ishw->oshw", w[:, :, 0, 0], kernel)
+            kernel = (
+                w
+                if kernel is None
+                else np.einsum("oi,ishw->oshw", w[:, :, 0, 0], kernel, optimize=True)
+            )
             continue
         if kernel is not None and kernel.shape[2:] != (1, 1):
             raise ValueError("a block with two spatial stages has no single kernel")
         if stage.groups == 1:
-            kernel = w if kernel is None else np.einsum("oihw,is->oshw", w, kernel[:, :, 0, 0])
+            kernel = (
+                w
+                if kernel is None
+                else np.einsum("oihw,is->oshw", w, kernel[:, :, 0, 0], optimize=True)
+            )
         elif stage.groups == stage.in_channels == stage.out_channels and kernel is not None:
             kernel = w[:, 0][:, None] * kernel[:, :, 0, 0][:, :, None, None]
         else:

@@ -47,6 +47,33 @@ def test_tucker2_is_as_accurate_as_tensorly_hooi(kernels, name: str, ratio: floa
         np.testing.assert_allclose(u.T @ u, np.eye(u.shape[1]), atol=1e-10)
 
 
+@pytest.mark.parametrize("ranks", [(24, 24), (40, 16), (8, 30)])
+def test_pointwise_tucker2_meets_the_eckart_young_bound(ranks: tuple[int, int]) -> None:
+    # A 1×1 kernel is a matrix: nothing can beat its rank-min(ranks) truncated SVD, and
+    # tensorly's HOOI may only come close to it.
+    generator = np.random.default_rng(0)
+    # A decaying spectrum with small gaps, like a trained 1×1 layer's.
+    left, _ = np.linalg.qr(generator.standard_normal((96, 64)))
+    right, _ = np.linalg.qr(generator.standard_normal((64, 64)))
+    sigma = 1.0 / np.sqrt(np.arange(1, 65))
+    kernel = ((left * sigma) @ right.T)[:, :, None, None]
+    factors = tucker2(kernel, *ranks)
+    bound = np.sqrt(np.sum(sigma[min(ranks) :] ** 2) / np.sum(sigma**2))
+    assert factors.rel_error(kernel) == pytest.approx(bound, rel=1e-10)
+    assert factors.core.shape == (*ranks, 1, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (core, (u_out, u_in)), _ = partial_tucker(
+            tl.tensor(kernel), rank=list(ranks), modes=[0, 1], init="svd", n_iter_max=100,
+            tol=1e-8,
+        )  # fmt: skip
+    reference = np.einsum("abhw,ta,sb->tshw", core, u_out, u_in)
+    reference_error = np.linalg.norm(kernel - reference) / np.linalg.norm(kernel)
+    assert factors.rel_error(kernel) <= reference_error * (1.0 + 1e-12)
+    for u in (factors.out_factor, factors.in_factor):
+        np.testing.assert_allclose(u.T @ u, np.eye(u.shape[1]), atol=1e-10)
+
+
 @pytest.mark.parametrize("name", LAYERS[1:])
 @pytest.mark.parametrize("linesearch", [False, True])
 def test_cp_als_is_as_accurate_as_tensorly_parafac(kernels, name: str, linesearch: bool) -> None:

@@ -371,7 +371,7 @@ class Tucker2CPFactors:
         """The kernel T×S×kh×kw."""
         r_s, r_t = self.in_factor.shape[1], self.out_factor.shape[1]
         core = self.core.cp.reconstruct().reshape(r_s, r_t, *self.kernel_size)
-        return np.einsum("bahw,ta,sb->tshw", core, self.out_factor, self.in_factor)
+        return np.einsum("bahw,ta,sb->tshw", core, self.out_factor, self.in_factor, optimize=True)
 
     def rel_error(self, kernel: np.ndarray) -> float:
         return float(
