@@ -31,6 +31,9 @@ CASES = [
     ("torchvision:resnet50", None, "tucker2", 2.0),
     ("torchvision:resnet18", None, "cp", 3.0),
     ("resnet56", RESNET56, "cp-epc", 3.0),
+    ("torchvision:resnet18", None, "tucker2", 2.0),
+    ("resnet56", RESNET56, "tucker2", 3.0),
+    ("resnet56", RESNET56, "cp", 2.0),
 ]
 
 
