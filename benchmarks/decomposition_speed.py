@@ -106,6 +106,8 @@ def run_case(python: str, case: dict, limit: float) -> dict:
 
 
 def cell(result: dict) -> str:
+    if not result:
+        return "not run"
     if "stopped_after_s" in result:
         return f"> {result['stopped_after_s']:.0f} s, stopped"
     if "failed" in result:
