@@ -121,6 +121,8 @@ class QuantizeConfig(_Strict):
     float_layers: list[str] = Field(default_factory=lambda: ["auto"])
     calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
     samples: int = Field(default=256, ge=1)  # training images the ranges are calibrated on
+    # Rescale the channels between factorized stages before calibrating (exact in float).
+    equalize: bool = True
     # The stated tolerance: a quantized file must predict the float file's class on at least
     # this share of the evaluation images (or of the calibration images without eval data).
     min_agreement: float = Field(default=0.97, ge=0, le=1)

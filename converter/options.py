@@ -421,6 +421,14 @@ OPTIONS: tuple[Option, ...] = (
         "--quant-samples",
     ),
     Option(
+        "quantize.equalize",
+        "Before calibrating, rescale the channels between a factorized block's stages so one "
+        "INT8 range fits them all (exact in float; on by default).",
+        DEPLOYMENT,
+        bool,
+        "--quant-equalize",
+    ),
+    Option(
         "quantize.min_agreement",
         "INT8 tolerance: share of evaluation images on which it must predict the float "
         "model's class (0.97); below it exits 1 with the report written.",

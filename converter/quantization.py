@@ -80,6 +80,7 @@ def quantize_export(
         calibration_inputs(calibration, spec),
         method=settings.calibration,
         float_layers=list(float_layers),
+        equalize=settings.equalize,
     )
 
 

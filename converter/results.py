@@ -200,6 +200,8 @@ class QuantizedFile(_Section):
     opset: int
     quantized_nodes: int  # conv/linear nodes running in int8
     float_nodes: dict[str, str]  # ONNX conv/linear node kept float → its layer
+    # conv → conv edges (factorized blocks' stages) rescaled before calibration
+    equalized_edges: int = 0
     top1_agreement: float  # same top-1 class as the float file, share of `samples`
     max_logit_diff: float
     logit_scale: float  # largest |float logit|, to read max_logit_diff against

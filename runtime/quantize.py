@@ -6,6 +6,10 @@ or percentile). Activations are uint8, not onnxruntime's default int8, because i
 fuses only u8 activations × s8 weights into QLinearConv/QLinearAdd on x86: with s8 activations
 most QDQ convs stay float between Quantize/Dequantize pairs and the model runs slower than float.
 
+Before calibration, every conv → conv edge (a factorized block's stages, with no nonlinearity
+between them) is equalized (`equalize_conv_chains`): each intermediate channel is rescaled, and
+the next stage compensates exactly, so that one per-tensor uint8 range serves all channels.
+
 `quant_pre_process` is not run: it re-infers shapes the exporter already wrote (seconds per model)
 and left the fused graph of rankfold's exports unchanged.
 
@@ -20,7 +24,6 @@ import ast
 import contextlib
 import fnmatch
 import io
-import itertools
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime
 import torch
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -57,6 +61,7 @@ class QuantizedModel:
     samples: int  # calibration images
     quantized_nodes: int  # conv/linear nodes now int8
     float_nodes: dict[str, str] = field(default_factory=dict)  # ONNX node → its layer, kept float
+    equalized_edges: int = 0  # conv → conv edges rescaled before calibration
 
 
 class BatchReader(CalibrationDataReader):
@@ -107,11 +112,13 @@ def quantize_int8(
     calibration: Iterable[np.ndarray | torch.Tensor],
     method: str = "minmax",
     float_layers: Sequence[str] = (),
+    equalize: bool = True,
 ) -> QuantizedModel:
     """Write a statically quantized copy of `float_path` to `out_path`.
 
     `calibration` yields preprocessed N×C×H×W float batches (as the model is fed); conv/linear
-    nodes of layers matching `float_layers` (names, globs or parents) stay float. Raises DataError
+    nodes of layers matching `float_layers` (names, globs or parents) stay float; with `equalize`
+    the conv → conv edges are equalized first (`equalize_conv_chains`). Raises DataError
     when `calibration` yields nothing, ConfigError for an unknown method or a pattern that
     matches no layer.
     """
@@ -138,11 +145,13 @@ def quantize_int8(
     first = next(batches, None)
     if first is None or len(first) == 0:
         raise DataError("the calibration set is empty; give calibration images (--train-data)")
-    reader = BatchReader(model.graph.input[0].name, itertools.chain([first], batches))
+    calibration_batches = [first, *batches]
+    reader = BatchReader(model.graph.input[0].name, calibration_batches)
+    equalized = equalize_conv_chains(model, calibration_batches) if equalize else 0
     target = Path(out_path)
     with atomic_path(target) as tmp, _quiet_quantizer():
         quantize_static(
-            source,
+            model if equalized else source,
             tmp,
             reader,
             quant_format=QuantFormat.QDQ,
@@ -158,7 +167,131 @@ def quantize_int8(
         samples=reader.samples,
         quantized_nodes=len(nodes) - len(excluded),
         float_nodes=excluded,
+        equalized_edges=equalized,
     )
+
+
+# A channel is scaled up at most this much: a near-dead channel is not blown up to full range.
+MAX_CHANNEL_SCALE = 1e3
+
+
+def equalize_conv_chains(
+    model: onnx.ModelProto, batches: Sequence[np.ndarray | torch.Tensor]
+) -> int:
+    """Rescale, in place, the channels of every conv → conv edge so that per-tensor activation
+    quantization wastes no range; returns the number of edges rescaled. The model's function
+    is unchanged: channel r of the first conv's output is multiplied by m_r (its weights and
+    bias rows) and the second conv's input weights of channel r divided by it.
+
+    The multipliers come from each channel's largest |activation| a_r on `batches`. When every
+    input channel of the second conv feeds its own outputs only (depthwise), its per-output-
+    channel weight scales absorb any m_r, so all channels are brought to the largest range
+    (m_r = max a / a_r). Otherwise m_r also shrinks or grows that conv's weight column, so range
+    is shared between activation and weight as SmoothQuant does (m_r ∝ √(w_r / a_r), w_r the
+    column's largest |weight|, α = 0.5). Hand-written: onnxruntime's quantizer has no
+    cross-layer equalization, and neither torch.ao's nor AIMET's applies to an ONNX file.
+    """
+    edges = _conv_edges(model)
+    if not edges:
+        return 0
+    ranges = _channel_ranges(model, [a.output[0] for a, _ in edges], batches)
+    weights = {init.name: init for init in model.graph.initializer}
+    for first, second in edges:
+        activation = ranges[first.output[0]]
+        w_first = onnx.numpy_helper.to_array(weights[first.input[1]]).copy()
+        w_second = onnx.numpy_helper.to_array(weights[second.input[1]]).copy()
+        channels = w_first.shape[0]
+        groups = _attribute(second, "group", 1)
+        per_group = channels // groups
+        outputs = w_second.shape[0] // groups
+        # Input channel r is column r % per_group of the outputs of group r // per_group.
+        column = np.stack(
+            [
+                np.abs(w_second[(r // per_group) * outputs : (r // per_group + 1) * outputs,
+                                r % per_group]).max()
+                for r in range(channels)
+            ]
+        )  # fmt: skip
+        alive = (activation > 0) & (column > 0)
+        multiplier = np.ones(channels)
+        if per_group == 1:
+            multiplier[alive] = activation[alive].max() / activation[alive]
+        else:
+            balance = np.sqrt(column[alive] / activation[alive])
+            multiplier[alive] = balance / balance.min()
+        multiplier = np.minimum(multiplier, MAX_CHANNEL_SCALE)
+        w_first *= multiplier.reshape(-1, *[1] * (w_first.ndim - 1))
+        _store(weights[first.input[1]], w_first)
+        if len(first.input) > 2 and first.input[2]:
+            bias = onnx.numpy_helper.to_array(weights[first.input[2]]) * multiplier
+            _store(weights[first.input[2]], bias)
+        for r in range(channels):
+            block = slice((r // per_group) * outputs, (r // per_group + 1) * outputs)
+            w_second[block, r % per_group] /= multiplier[r]
+        _store(weights[second.input[1]], w_second)
+    return len(edges)
+
+
+def _conv_edges(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
+    """(first, second) conv pairs where the first's output feeds the second alone, and both
+    weights (and the first's bias) are initializers neither shares."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    initializers = {init.name for init in model.graph.initializer}
+    outputs = {output.name for output in model.graph.output}
+
+    def owned(node: onnx.NodeProto, names: Sequence[str]) -> bool:
+        return all(name in initializers and len(consumers[name]) == 1 for name in names if name)
+
+    edges = []
+    for node in model.graph.node:
+        if node.op_type != "Conv" or node.output[0] in outputs:
+            continue
+        users = consumers.get(node.output[0], [])
+        if len(users) != 1 or users[0].op_type != "Conv" or users[0].input[0] != node.output[0]:
+            continue
+        if owned(node, node.input[1:]) and owned(users[0], users[0].input[1:2]):
+            edges.append((node, users[0]))
+    return edges
+
+
+def _channel_ranges(
+    model: onnx.ModelProto, tensors: list[str], batches: Sequence[np.ndarray | torch.Tensor]
+) -> dict[str, np.ndarray]:
+    """Each tensor's largest |value| per channel (axis 1) over `batches`, from onnxruntime."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    for name in tensors:
+        probe.graph.output.append(
+            onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+        )
+    session = onnxruntime.InferenceSession(
+        probe.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    input_name = session.get_inputs()[0].name
+    ranges: dict[str, np.ndarray] = {}
+    for batch in batches:
+        if isinstance(batch, torch.Tensor):
+            batch = batch.detach().cpu().numpy()
+        values = session.run(tensors, {input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+        for name, value in zip(tensors, values):
+            peak = np.abs(value).max(axis=tuple(i for i in range(value.ndim) if i != 1))
+            ranges[name] = np.maximum(ranges.get(name, peak), peak).astype(np.float64)
+    return ranges
+
+
+def _attribute(node: onnx.NodeProto, name: str, default: int) -> int:
+    return next(
+        (onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default
+    )
+
+
+def _store(initializer: onnx.TensorProto, array: np.ndarray) -> None:
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(initializer.data_type)
+    initializer.CopyFrom(onnx.numpy_helper.from_array(array.astype(dtype), initializer.name))
 
 
 @contextlib.contextmanager

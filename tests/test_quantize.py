@@ -28,7 +28,7 @@ from rankfold.passes import analyze, trace
 from rankfold.passes.blocks import FactorizedBlock
 from rankfold.passes.core import ConfigError, DataError
 from rankfold.runtime import create_session, export_onnx
-from rankfold.runtime.quantize import quantize_int8
+from rankfold.runtime.quantize import equalize_conv_chains, quantize_int8
 from rankfold.runtime.validate import check_agreement
 
 runner = CliRunner()
@@ -128,6 +128,62 @@ def test_factorized_block_quantizes_and_runs(tmp_path):
     expected = model(inputs[:8]).detach().numpy()
     assert logits.shape == (8, 4)
     assert np.abs(logits - expected).max() <= 0.1 * np.abs(expected).max()
+
+
+def test_equalization_is_exact_in_float_and_rescues_int8_from_unbalanced_channels(tmp_path):
+    torch.manual_seed(0)
+    model = Factorized().eval()
+    stages = model.conv
+    # Channels of the intermediate tensors spread over two decades, compensated by the next
+    # stage, as unbalanced CP factors leave them: the same function, a bad per-tensor range.
+    spread = torch.logspace(-1, 1, 16)
+    with torch.no_grad():
+        stages.pointwise_in.weight.mul_(spread[:, None, None, None])
+        stages.depthwise.weight.div_(spread[:, None, None, None])
+        stages.depthwise.weight.mul_(spread.flip(0)[:, None, None, None])
+        stages.pointwise_out.weight.div_(spread.flip(0)[None, :, None, None])
+    export_onnx(model, torch.zeros(1, 8, 12, 12), tmp_path / "block.onnx")
+    calibration = torch.randn(64, 8, 12, 12).split(16)
+    inputs = torch.randn(256, 8, 12, 12)
+    expected = model(inputs).detach().numpy()
+
+    graph = onnx.load(str(tmp_path / "block.onnx"))
+    assert equalize_conv_chains(graph, calibration) == 2  # pointwise_in → depthwise → pointwise_out
+    onnx.save(graph, str(tmp_path / "equalized.onnx"))
+    (equalized,) = create_session(tmp_path / "equalized.onnx").run(None, {"input": inputs.numpy()})
+    np.testing.assert_allclose(equalized, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    # The depthwise stage's input channels now share one range.
+    probe = onnx.load(str(tmp_path / "equalized.onnx"))
+    first = next(node for node in probe.graph.node if node.op_type == "Conv")
+    probe.graph.output.append(
+        onnx.helper.make_tensor_value_info(first.output[0], onnx.TensorProto.FLOAT, None)
+    )
+    onnx.save(probe, str(tmp_path / "probe.onnx"))
+    session = create_session(tmp_path / "probe.onnx")
+    peaks = np.max(
+        [np.abs(session.run([first.output[0]], {"input": b.numpy()})[0]).max(axis=(0, 2, 3))
+         for b in calibration], axis=0,
+    )  # fmt: skip
+    assert peaks.min() >= 0.999 * peaks.max()
+
+    errors = {}
+    for equalize in (False, True):
+        out = tmp_path / f"int8-{equalize}.onnx"
+        result = quantize_int8(
+            tmp_path / "block.onnx", out, calibration, float_layers=["fc"], equalize=equalize
+        )
+        assert result.equalized_edges == (2 if equalize else 0)
+        (logits,) = create_session(out).run(None, {"input": inputs.numpy()})
+        errors[equalize] = np.abs(logits - expected).max() / np.abs(expected).max()
+    assert errors[True] <= 0.05 and errors[True] * 5 <= errors[False]
+
+
+def test_a_model_without_conv_chains_is_left_as_it_is(digits):
+    graph = onnx.load(str(digits["root"] / "float.onnx"))
+    before = graph.SerializeToString()
+    batches = calibration_inputs(digits["train"].subset(32), DIGITS_SPEC)
+    assert equalize_conv_chains(graph, list(batches)) == 0
+    assert graph.SerializeToString() == before
 
 
 def test_calibration_reads_images_through_the_common_preprocessing(digits, tmp_path):
