@@ -1,7 +1,9 @@
 """Per-layer analysis of a traced model: shapes, parameters and MACs on the real traced shapes.
 
 MACs (multiply-accumulates) are per sample: a conv costs H_out·W_out·T·(S/groups)·kh·kw, a linear
-layer in·out per position. Model totals count conv and linear layers, the usual convention.
+layer in·out per position. A transposed conv scatters every input position through its whole
+kernel, so it costs H_in·W_in·S·(T/groups)·kh·kw (what ONNX Runtime computes, and the count of
+ptflops/fvcore). Model totals count conv and linear layers, the usual convention.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-_CONV_TYPES = (nn.Conv2d,)
-_UNSUPPORTED_TYPES = (
+# Analysed (and counted in the MACs); which ones a method decomposes is its own `layer_types`.
+CONV_TYPES = (
     nn.Conv1d,
+    nn.Conv2d,
     nn.Conv3d,
     nn.ConvTranspose1d,
     nn.ConvTranspose2d,
@@ -32,7 +35,7 @@ class LayerInfo:
     """One conv/linear call site; shapes exclude the batch dimension."""
 
     name: str
-    type: str  # "Conv2d" | "Linear" | another conv type (then unsupported)
+    type: str  # "Linear" or the conv module's class name ("Conv2d", "Conv1d", "ConvTranspose2d", …)
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     in_features: int  # S (channels or features)
@@ -45,10 +48,25 @@ class LayerInfo:
     bias: bool = False
     padding_mode: str = "zeros"
     calls: int = 1
+    output_padding: tuple[int, ...] = ()  # transposed convs only
 
     @property
     def is_conv(self) -> bool:
-        return self.type == "Conv2d"
+        return self.type != "Linear"
+
+    @property
+    def transposed(self) -> bool:
+        return self.type.startswith("ConvTranspose")
+
+    @property
+    def kernel_positions(self) -> int:
+        """Positions the kernel is applied at: the output's for a conv, the input's for a
+        transposed conv (it scatters each input position)."""
+        return self.in_positions if self.transposed else self.out_positions
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.kernel_size)
 
     @property
     def kernel_area(self) -> int:
@@ -77,7 +95,7 @@ class LayerInfo:
     @property
     def macs(self) -> int:
         per_position = self.out_features * (self.in_features // self.groups) * self.kernel_area
-        return self.out_positions * per_position * self.calls
+        return self.kernel_positions * per_position * self.calls
 
     @property
     def one_group(self) -> LayerInfo:
@@ -116,8 +134,13 @@ class ModelAnalysis:
         raise KeyError(name)
 
     def fingerprint(self) -> str:
-        """What a plan depends on: every layer's name, type and geometry (not the weights)."""
-        rows = [dataclasses.astuple(layer) for layer in self.layers]
+        """What a plan depends on: every layer's name, type and geometry (not the weights).
+        `output_padding` counts only where a layer has one, so plans saved before transposed
+        convs were analysed still match their models."""
+        rows = [
+            dataclasses.astuple(layer)[: None if layer.output_padding else -1]
+            for layer in self.layers
+        ]
         return hashlib.sha256(json.dumps(rows, default=str).encode()).hexdigest()[:16]
 
 
@@ -166,10 +189,11 @@ def layer_info(
         bias=module.bias is not None,
         padding_mode=module.padding_mode,
         calls=calls,
+        output_padding=_dims(module.output_padding, n) if module.transposed else (),
     )
 
 
-LAYER_TYPES = (nn.Linear, *_CONV_TYPES, *_UNSUPPORTED_TYPES)
+LAYER_TYPES = (nn.Linear, *CONV_TYPES)
 
 
 def analyze(gm: fx.GraphModule) -> ModelAnalysis:
