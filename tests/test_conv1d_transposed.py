@@ -1,0 +1,320 @@
+"""Conv1d and ConvTranspose2d decompose like Conv2d: blocks reproduce the layer, costs count
+exactly, and small nets compress, export and match on onnxruntime through the public API."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from rankfold.converter import CompressConfig, compress, validate
+from rankfold.passes import RankPolicy, analyze, get_method, trace
+from rankfold.passes.blocks import block_kernel, kernel_of
+from rankfold.passes.methods import Cost, method_for_layer
+from rankfold.runtime.latency_model import layer_module, module_to_onnx
+
+METHODS = ["svd", "tucker2", "cp"]
+
+
+@st.composite
+def conv1d_configs(draw):
+    groups = draw(st.sampled_from([1, 1, 2]))
+    stride = draw(st.sampled_from([1, 2, 3]))
+    return {
+        "in_channels": groups * draw(st.integers(2, 6)),
+        "out_channels": groups * draw(st.integers(2, 6)),
+        "kernel_size": draw(st.sampled_from([2, 3, 5])),
+        "stride": stride,
+        "padding": draw(st.sampled_from(["same", 0, 2] if stride == 1 else [0, 1, 2])),
+        "dilation": draw(st.sampled_from([1, 2])),
+        "groups": groups,
+        "bias": draw(st.booleans()),
+        "padding_mode": draw(st.sampled_from(["zeros", "zeros", "reflect", "circular"])),
+    }
+
+
+@st.composite
+def transposed_configs(draw):
+    groups = draw(st.sampled_from([1, 1, 2]))
+    stride = draw(st.sampled_from([(1, 1), (2, 2), (2, 1), (3, 2)]))
+    dilation = draw(st.sampled_from([(1, 1), (2, 1)]))
+    # torch needs output_padding < stride or < dilation, per dimension.
+    limit = [max(s, d) for s, d in zip(stride, dilation)]
+    return {
+        "in_channels": groups * draw(st.integers(2, 6)),
+        "out_channels": groups * draw(st.integers(2, 6)),
+        "kernel_size": draw(st.sampled_from([(3, 3), (4, 4), (2, 3), (1, 3)])),
+        "stride": stride,
+        "padding": draw(st.sampled_from([0, 1, (1, 0)])),
+        "output_padding": tuple(draw(st.integers(0, n - 1)) for n in limit),
+        "dilation": dilation,
+        "groups": groups,
+        "bias": draw(st.booleans()),
+    }
+
+
+def _layer(conv: nn.Module):
+    size = 4 + 2 * max(np.atleast_1d(conv.kernel_size)) * max(np.atleast_1d(conv.dilation))
+    spatial = (size + 3,) if isinstance(conv, nn.Conv1d) else (size - 3, size - 4)
+    x = torch.randn(2, conv.in_channels, *spatial, dtype=torch.float64)
+    return x, analyze(trace(nn.Sequential(conv), x)).layers[0]
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b).norm() / b.norm().clamp_min(1e-300)).detach())
+
+
+def _counted_macs(block: nn.Module, x: torch.Tensor) -> int:
+    """MACs per sample of every conv stage, counted on the tensors that ran: a conv multiplies
+    each output element by C_in/g·k weights, a transposed conv each input element by C_out/g·k."""
+    macs = []
+
+    def hook(module, inputs, output):
+        k = math.prod(module.kernel_size)
+        if module.transposed:
+            macs.append(inputs[0][0].numel() * module.out_channels // module.groups * k)
+        else:
+            macs.append(output[0].numel() * module.in_channels // module.groups * k)
+
+    convs = [
+        m for m in block.modules() if isinstance(m, nn.Conv1d | nn.Conv2d | nn.ConvTranspose2d)
+    ]
+    handles = [m.register_forward_hook(hook) for m in convs]
+    block(x)
+    for handle in handles:
+        handle.remove()
+    return sum(macs)
+
+
+def _check_full_rank(conv: nn.Module, method_name: str) -> None:
+    x, layer = _layer(conv)
+    method = get_method(method_name)
+    assert method.unsupported_reason(layer) is None
+    ranks = method.max_ranks(layer)
+    block = method.build(layer, ranks).double()
+    result = method.fill(block, conv, seed=0)
+    kinds = [type(stage) for stage in block]
+    assert kinds.count(type(conv)) == 1  # only the spatial stage keeps the layer's type
+    # CP-ALS reaches the exact rank iteratively, the other two by a closed form.
+    tolerance = 1e-6 if method_name == "cp" else 1e-9
+    assert result.rel_error < tolerance
+    assert _relative(block(x), conv(x)) < tolerance
+    cost = method.cost(layer, ranks)
+    assert cost.params == sum(p.numel() for p in block.parameters())
+    assert cost.macs == _counted_macs(block, x)
+    assert layer.macs == _counted_macs(conv, x)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv1d_configs(), st.sampled_from(METHODS))
+def test_full_rank_conv1d_block_reproduces_the_layer(config, method_name):
+    _check_full_rank(nn.Conv1d(**config).double(), method_name)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(transposed_configs(), st.sampled_from(METHODS))
+def test_full_rank_transposed_block_reproduces_the_layer(config, method_name):
+    _check_full_rank(nn.ConvTranspose2d(**config).double(), method_name)
+
+
+def _reconstructed(conv: nn.Module, kernel: np.ndarray, x: torch.Tensor) -> torch.Tensor:
+    """The layer run with `kernel` (conv layout T×S×k…) in place of its own weight."""
+    weight = torch.from_numpy(kernel)
+    bias = conv.bias
+    if isinstance(conv, nn.Conv1d):
+        pad = conv.padding if conv.padding_mode == "zeros" else 0
+        if conv.padding_mode != "zeros":
+            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        return F.conv1d(x, weight, bias, conv.stride, pad, conv.dilation)
+    return F.conv_transpose2d(
+        x,
+        weight.transpose(0, 1),  # transposed layout S×T×k…
+        bias,
+        conv.stride,
+        conv.padding,
+        conv.output_padding,
+        1,
+        conv.dilation,
+    )
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.one_of(
+        conv1d_configs().map(lambda c: nn.Conv1d(**{**c, "groups": 1})),
+        transposed_configs().map(lambda c: nn.ConvTranspose2d(**{**c, "groups": 1})),
+    ),
+    st.sampled_from(METHODS),
+    st.floats(0.2, 0.8),
+)
+def test_reduced_rank_block_is_the_layer_with_the_reconstructed_kernel(conv, method_name, ratio):
+    conv = conv.double()
+    x, layer = _layer(conv)
+    method = get_method(method_name)
+    ranks = method.clamp_ranks(layer, method.ranks_from_ratio(layer, ratio))
+    block = method.build(layer, ranks).double()
+    result = method.fill(block, conv, seed=0)
+    kernel, approx = kernel_of(conv), block_kernel(block)
+    assert approx.shape == kernel.shape
+    error = np.linalg.norm(kernel - approx) / np.linalg.norm(kernel)
+    assert result.rel_error == pytest.approx(error, rel=1e-6, abs=1e-12)
+    assert _relative(block(x), _reconstructed(conv, approx, x)) < 1e-9
+
+
+def test_costs_match_a_hand_count():
+    # Conv1d 8→12, k=5, stride 2, padding 2 on length 20: 10 output positions.
+    conv1d = nn.Conv1d(8, 12, 5, stride=2, padding=2, bias=True)
+    layer = analyze(trace(nn.Sequential(conv1d), torch.zeros(1, 8, 20))).layers[0]
+    assert (layer.params, layer.macs) == (12 * 8 * 5 + 12, 10 * 12 * 8 * 5)
+    # 1×1 8→4 at 20 positions, k=5 4→6 at 10, 1×1 6→12 at 10.
+    assert get_method("tucker2").cost(layer, (6, 4)) == Cost(
+        params=8 * 4 + 4 * 6 * 5 + 6 * 12 + 12, macs=20 * 8 * 4 + 10 * (4 * 6 * 5 + 6 * 12)
+    )
+    # ConvTranspose2d 8→6, 4×4, stride 2, padding 1 on 5×5: 25 input positions, 10×10 output.
+    deconv = nn.ConvTranspose2d(8, 6, 4, stride=2, padding=1, bias=True)
+    layer = analyze(trace(nn.Sequential(deconv), torch.zeros(1, 8, 5, 5))).layers[0]
+    assert layer.out_shape == (6, 10, 10)
+    assert (layer.params, layer.macs) == (8 * 6 * 16 + 6, 25 * 8 * 6 * 16)
+    hand = {
+        # transposed 4×4 8→3 scattered from 25 positions, then 1×1 3→6 at 100.
+        ("svd", (3,)): (8 * 16 * 3 + 3 * 6 + 6, 25 * 8 * 16 * 3 + 100 * 3 * 6),
+        # 1×1 8→4 at 25, transposed 4×4 4→3 from 25, 1×1 3→6 at 100.
+        ("tucker2", (3, 4)): (8 * 4 + 4 * 3 * 16 + 3 * 6 + 6, 25 * (32 + 192) + 100 * 18),
+        # 1×1 8→5 at 25, depthwise transposed 4×4 on 5 from 25, 1×1 5→6 at 100.
+        ("cp", (5,)): (5 * (8 + 16 + 6) + 6, 25 * (40 + 80) + 100 * 30),
+    }
+    for (name, ranks), (params, macs) in hand.items():
+        cost = get_method(name).cost(layer, ranks)
+        assert (cost.params, cost.macs) == (params, macs), name
+
+
+def test_kept_layers_say_why():
+    x = torch.randn(1, 8, 6, 6)
+    deconv1d = analyze(trace(nn.Sequential(nn.ConvTranspose1d(8, 8, 3)), x[:, :, 0])).layers[0]
+    assert get_method("tucker2").unsupported_reason(deconv1d) == (
+        "tucker2 does not decompose ConvTranspose1d layers "
+        "(it takes Conv2d, Conv1d, ConvTranspose2d, Linear)"
+    )
+    conv1d = analyze(trace(nn.Sequential(nn.Conv1d(8, 8, 3)), x[:, :, 0])).layers[0]
+    assert "cp-lrf does not decompose Conv1d layers" in get_method("cp-lrf").unsupported_reason(
+        conv1d
+    )
+    depthwise = analyze(trace(nn.Sequential(nn.ConvTranspose2d(8, 8, 3, groups=8)), x)).layers[0]
+    assert "depthwise conv (groups=8)" in get_method("svd").unsupported_reason(depthwise)
+    pointwise = analyze(trace(nn.Sequential(nn.ConvTranspose2d(8, 4, 1, stride=2)), x)).layers[0]
+    method, note = method_for_layer("tucker2", pointwise)
+    assert method.name == "svd" and note == "tucker2 of a 1×1 kernel is its SVD"
+
+
+@pytest.mark.parametrize(
+    "layer_module_args",
+    [
+        (nn.Conv1d(6, 10, 3, stride=2, padding=1, bias=True), (6, 15)),
+        (nn.Conv1d(6, 10, 4, padding="same", dilation=2, padding_mode="reflect"), (6, 15)),
+        (nn.ConvTranspose2d(6, 10, 3, stride=2, padding=1, output_padding=1, bias=True), (6, 5, 7)),
+        (nn.ConvTranspose2d(6, 10, (2, 3), stride=(2, 1), dilation=(1, 2), groups=2), (6, 5, 7)),
+    ],
+)
+def test_latency_probes_compute_what_the_layer_and_its_blocks_compute(layer_module_args):
+    """The latency gate times hand-written ONNX graphs of the layer and its blocks: they must
+    be the same computation as the torch modules."""
+    conv, shape = layer_module_args
+    x = torch.randn(2, *shape)
+    layer = analyze(trace(nn.Sequential(conv), x)).layers[0]
+    torch.manual_seed(0)
+    modules = [layer_module(layer)] + [
+        get_method(name).build(layer, (3,) * len(get_method(name).rank_names)) for name in METHODS
+    ]
+    for module in modules:
+        session = onnxruntime.InferenceSession(
+            module_to_onnx(module.eval(), layer.in_shape).SerializeToString(),
+            providers=["CPUExecutionProvider"],
+        )
+        actual = session.run(None, {"input": x.numpy()})[0]
+        with torch.no_grad():
+            expected = module(x).numpy()
+        np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5)
+
+
+class AudioNet(nn.Module):
+    """A small 1-D conv net (audio / time series): 4 channels × 64 steps → 5 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(4, 32, 5, padding=2)
+        self.bn1 = nn.BatchNorm1d(32)
+        self.conv2 = nn.Conv1d(32, 48, 5, stride=2, padding=2, bias=False)
+        self.depthwise = nn.Conv1d(48, 48, 3, padding=1, groups=48)
+        self.conv3 = nn.Conv1d(48, 64, 3, padding=2, dilation=2)
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.depthwise(torch.relu(self.conv2(x))))
+        return self.head(torch.relu(self.conv3(x)).mean(-1))
+
+
+class Decoder(nn.Module):
+    """A small image decoder: 16×4×4 codes → 3×16×16 images through transposed convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up1 = nn.ConvTranspose2d(16, 48, 4, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(48)
+        self.up2 = nn.ConvTranspose2d(48, 32, 3, stride=2, padding=1, output_padding=1)
+        self.grouped = nn.ConvTranspose2d(32, 32, 3, padding=1, groups=2, bias=False)
+        self.out = nn.Conv2d(32, 3, 3, padding=1)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.up1(x)))
+        x = torch.relu(self.grouped(torch.relu(self.up2(x))))
+        return torch.tanh(self.out(x))
+
+
+@pytest.mark.parametrize("method", ["svd", "tucker2"])
+@pytest.mark.parametrize("net, shape", [(AudioNet, (4, 64)), (Decoder, (16, 4, 4))])
+def test_nets_compress_and_match_on_onnxruntime(net, shape, method, tmp_path):
+    torch.manual_seed(0)
+    model = net().eval()
+    for module in model.modules():  # BN statistics that are not the identity
+        if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+    config = CompressConfig(
+        model=net.__name__,
+        ranks=RankPolicy(method=method, macs_reduction=1.5),
+        latency={"enabled": False},
+        export={"parity_samples": 8},
+    )
+    result = compress(model, torch.randn(1, *shape), config)
+    rows = {row.name: row for row in result.decomposition.layers}
+    decomposed = {name for name, row in rows.items() if row.status == "decomposed"}
+    convs = {"conv1", "conv2", "conv3"} if net is AudioNet else {"up1", "up2", "grouped"}
+    assert convs & decomposed, rows
+    if net is AudioNet:
+        assert "depthwise conv (groups=48)" in rows["depthwise"].reason
+    for name in convs & decomposed:
+        block = result.compressed.get_submodule(name)
+        assert type(block.pointwise_out) is (nn.Conv1d if net is AudioNet else nn.Conv2d)
+    artifacts = result.save(tmp_path)
+    validation = validate(result, artifacts)
+    report = result.to_report(artifacts, validation)
+    assert abs(report.macs_reduction / 1.5 - 1) <= 0.05
+    assert validation.parity.passed
+    # onnxruntime against the compressed PyTorch model, relative to the output scale.
+    x = result.parity_inputs()
+    session = onnxruntime.InferenceSession(
+        str(artifacts.model_onnx), providers=["CPUExecutionProvider"]
+    )
+    with torch.no_grad():
+        expected = result.compressed(x).numpy()
+    actual = session.run(None, {"input": x.numpy()})[0]
+    assert actual.shape == expected.shape
+    assert np.abs(actual - expected).max() <= 1e-4 * np.abs(expected).max()
