@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from rankfold.converter import CompressConfig, compress, validate
+from rankfold.converter import CompressConfig, compress, restore, validate
 from rankfold.passes import RankPolicy, analyze, get_method, trace
 from rankfold.passes.blocks import block_kernel, kernel_of
 from rankfold.passes.methods import Cost, method_for_layer
@@ -100,8 +100,12 @@ def _check_full_rank(conv: nn.Module, method_name: str) -> None:
     ranks = method.max_ranks(layer)
     block = method.build(layer, ranks).double()
     result = method.fill(block, conv, seed=0)
-    kinds = [type(stage) for stage in block]
-    assert kinds.count(type(conv)) == 1  # only the spatial stage keeps the layer's type
+    # One stage with the layer's kernel and type; the 1×1 stages of the layer's dimension, never
+    # transposed.
+    spatial = [stage for stage in block if stage.kernel_size == conv.kernel_size]
+    assert [type(stage) for stage in spatial] == [type(conv)]
+    pointwise = nn.Conv1d if isinstance(conv, nn.Conv1d) else nn.Conv2d
+    assert all(type(stage) is pointwise for stage in block if stage not in spatial)
     # CP-ALS reaches the exact rank iteratively, the other two by a closed form.
     tolerance = 1e-6 if method_name == "cp" else 1e-9
     assert result.rel_error < tolerance
@@ -165,6 +169,27 @@ def test_reduced_rank_block_is_the_layer_with_the_reconstructed_kernel(conv, met
     assert approx.shape == kernel.shape
     error = np.linalg.norm(kernel - approx) / np.linalg.norm(kernel)
     assert result.rel_error == pytest.approx(error, rel=1e-6, abs=1e-12)
+    assert _relative(block(x), _reconstructed(conv, approx, x)) < 1e-9
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv1d(6, 8, 3, stride=2, padding=1),
+        nn.ConvTranspose2d(6, 8, 3, stride=2, padding=1, output_padding=1),
+    ],
+    ids=["Conv1d", "ConvTranspose2d"],
+)
+def test_cp_epc_builds_the_cp_block_and_fills_it_with_its_kernel(conv):
+    conv = conv.double()
+    x, layer = _layer(conv)
+    method = get_method("cp-epc")
+    block = method.build(layer, (4,)).double()
+    result = method.fill(block, conv, seed=0)
+    approx = block_kernel(block)
+    error = np.linalg.norm(kernel_of(conv) - approx) / np.linalg.norm(kernel_of(conv))
+    assert result.rel_error == pytest.approx(error, rel=1e-6)
+    assert result.extras["sensitivity"] <= result.extras["sensitivity_before"]
     assert _relative(block(x), _reconstructed(conv, approx, x)) < 1e-9
 
 
@@ -318,3 +343,7 @@ def test_nets_compress_and_match_on_onnxruntime(net, shape, method, tmp_path):
     actual = session.run(None, {"input": x.numpy()})[0]
     assert actual.shape == expected.shape
     assert np.abs(actual - expected).max() <= 1e-4 * np.abs(expected).max()
+    # The saved plan and weights rebuild the same model (plan fingerprint, block shapes).
+    with torch.no_grad():
+        restored = restore(artifacts.model, net())(x)
+    assert torch.equal(restored, torch.from_numpy(expected))
