@@ -12,13 +12,16 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from planning_helpers import plan_of, resolve
 from torch import nn
 
 from rankfold.converter import CompressConfig, compress, restore, validate
 from rankfold.passes import RankPolicy, analyze, get_method, trace
 from rankfold.passes.blocks import block_kernel, kernel_of
+from rankfold.passes.latency_gate import gate_plan
 from rankfold.passes.methods import Cost, method_for_layer
-from rankfold.runtime.latency_model import layer_module, module_to_onnx
+from rankfold.runtime.latency import onnx_macs
+from rankfold.runtime.latency_model import LatencyTable, layer_module, module_to_onnx
 
 METHODS = ["svd", "tucker2", "cp"]
 
@@ -193,6 +196,25 @@ def test_cp_epc_builds_the_cp_block_and_fills_it_with_its_kernel(conv):
     assert _relative(block(x), _reconstructed(conv, approx, x)) < 1e-9
 
 
+def test_energy_reads_the_transposed_kernel_in_the_conv_layout():
+    """A transposed conv whose kernel has exact Tucker-2 ranks (R_T, R_S) = (5, 2): energy
+    selection must find them on the output and input channel modes, not swapped."""
+    rng = np.random.default_rng(0)
+    kernel = np.einsum(  # conv layout T×S×kh×kw
+        "abhw,ta,sb->tshw",
+        rng.standard_normal((5, 2, 3, 3)),
+        rng.standard_normal((16, 5)),
+        rng.standard_normal((12, 2)),
+    )
+    deconv = nn.ConvTranspose2d(12, 16, 3, stride=2, bias=False)
+    deconv.weight.data.copy_(torch.from_numpy(kernel.transpose(1, 0, 2, 3)))
+    gm = trace(nn.Sequential(deconv).eval(), torch.randn(1, 12, 6, 6))
+    policy = RankPolicy(method="tucker2", select="energy", energy=0.999999, min_macs_share=0)
+    plan, report = resolve(gm, analyze(gm), policy, "deconv")
+    assert plan.layers[0].ranks == [5, 2]
+    assert min(report["layers"][0]["retained_energy"]) >= 0.999999
+
+
 def test_costs_match_a_hand_count():
     # Conv1d 8→12, k=5, stride 2, padding 2 on length 20: 10 output positions.
     conv1d = nn.Conv1d(8, 12, 5, stride=2, padding=2, bias=True)
@@ -268,6 +290,25 @@ def test_latency_probes_compute_what_the_layer_and_its_blocks_compute(layer_modu
         np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5)
 
 
+def test_latency_gate_times_conv1d_and_transposed_blocks(tmp_path):
+    model = nn.Sequential(nn.ConvTranspose2d(16, 32, 4, stride=2, padding=1), nn.Flatten(2))
+    model.append(nn.Conv1d(32, 32, 5, padding=2))
+    gm = trace(model.eval(), torch.zeros(1, 16, 6, 6))
+    analysis = analyze(gm)
+    assert [layer.type for layer in analysis.layers] == ["ConvTranspose2d", "Conv1d"]
+    plan = plan_of(analysis, RankPolicy(method="tucker2", macs_reduction=2.0), "seq")
+    assert [entry.decompose for entry in plan.layers] == [True, True]
+    table = LatencyTable("cpu", cache_dir=tmp_path, threads=1, repeats=3)
+    gated = gate_plan(plan, analysis, table, 1)
+    for entry in gated.layers:
+        assert (
+            ("; latency " in entry.reason)
+            if entry.decompose
+            else (entry.reason.startswith("reverted by latency gate"))
+        )
+        assert table.layer_ms(analysis.layer(entry.name), 1) > 0
+
+
 class AudioNet(nn.Module):
     """A small 1-D conv net (audio / time series): 4 channels × 64 steps → 5 classes."""
 
@@ -333,6 +374,8 @@ def test_nets_compress_and_match_on_onnxruntime(net, shape, method, tmp_path):
     report = result.to_report(artifacts, validation)
     assert abs(report.macs_reduction / 1.5 - 1) <= 0.05
     assert validation.parity.passed
+    # The ONNX file's Conv/ConvTranspose nodes count the MACs the analysis does.
+    assert onnx_macs(artifacts.original_onnx) == result.analysis.total_macs
     # onnxruntime against the compressed PyTorch model, relative to the output scale.
     x = result.parity_inputs()
     session = onnxruntime.InferenceSession(
