@@ -20,6 +20,8 @@ from rankfold.passes import RankPolicy, analyze, get_method, trace
 from rankfold.passes.blocks import block_kernel, kernel_of
 from rankfold.passes.latency_gate import gate_plan
 from rankfold.passes.methods import Cost, method_for_layer
+from rankfold.passes.search.cache import DecompositionCache
+from rankfold.passes.statistics import InputMoment, LayerStatistics, collect_statistics
 from rankfold.runtime.latency import onnx_macs
 from rankfold.runtime.latency_model import LatencyTable, layer_module, module_to_onnx
 
@@ -213,6 +215,54 @@ def test_energy_reads_the_transposed_kernel_in_the_conv_layout():
     plan, report = resolve(gm, analyze(gm), policy, "deconv")
     assert plan.layers[0].ranks == [5, 2]
     assert min(report["layers"][0]["retained_energy"]) >= 0.999999
+
+
+DATA_AWARE = [
+    (nn.Conv1d(16, 24, 3, padding=1), (16, 9)),
+    (nn.ConvTranspose2d(16, 24, 3, stride=2, padding=1, output_padding=1), (16, 4, 5)),
+]
+
+
+@pytest.mark.parametrize("layer_and_shape", DATA_AWARE, ids=["Conv1d", "ConvTranspose2d"])
+@pytest.mark.parametrize("method_name, ranks", [("svd", (5,)), ("tucker2", (6, 4)), ("cp", (10,))])
+def test_data_aware_fit_on_conv1d_and_transposed(layer_and_shape, method_name, ranks):
+    """Identity statistics give the weight-only fit; correlated inputs (3 dominant directions)
+    a lower output error than it."""
+    conv, shape = layer_and_shape
+    torch.manual_seed(2)
+    conv.reset_parameters()
+    gm = trace(nn.Sequential(conv), torch.zeros(1, *shape))
+    layer, module = analyze(gm).layers[0], gm.get_submodule("0")
+    method = get_method(method_name)
+    identity = LayerStatistics({layer.name: InputMoment(np.eye(16), 100)}, 10)
+    aware, _ = DecompositionCache(None, 0, identity).block(module, layer, method, ranks)
+    plain, _ = DecompositionCache(None, 0).block(module, layer, method, ranks)
+    for key, value in plain.state_dict().items():
+        assert torch.equal(aware.state_dict()[key], value), key
+    mix = np.random.default_rng(2).standard_normal((16, 3))
+    stats = LayerStatistics({layer.name: InputMoment(mix @ mix.T + 0.02 * np.eye(16), 1000)}, 10)
+    cache = DecompositionCache(None, 0, stats)
+    aware, entry = cache.block(module, layer, method, ranks)
+    plain, _ = cache.weight_only().block(module, layer, method, ranks)
+    whitening, kernel = stats.whitening(layer.name), kernel_of(module)
+    aware_error = whitening.output_error(kernel, block_kernel(aware))
+    assert entry.extras["output_error"] == pytest.approx(aware_error, rel=1e-6)
+    assert aware_error < 0.9 * whitening.output_error(kernel, block_kernel(plain))
+
+
+def test_statistics_pass_measures_conv1d_and_transposed_inputs():
+    model = nn.Sequential(nn.Conv1d(3, 5, 3, padding=1), nn.Unflatten(2, (2, 4)))
+    model.append(nn.ConvTranspose2d(5, 4, 3, stride=2))
+    gm = trace(model, torch.zeros(1, 3, 8))
+    batches = [torch.randn(6, 3, 8) for _ in range(2)]
+    stats = collect_statistics(gm, ["0", "2"], batches, 12)
+    x = torch.cat(batches).double()
+    with torch.no_grad():
+        hidden = model[0](x.float()).double()
+    for name, inputs in (("0", x), ("2", hidden)):
+        vectors = inputs.transpose(0, 1).reshape(inputs.shape[1], -1)
+        expected = (vectors @ vectors.T / vectors.shape[1]).numpy()
+        assert np.allclose(stats.moments[name].moment, expected, atol=1e-6), name
 
 
 def test_costs_match_a_hand_count():
