@@ -16,8 +16,9 @@ from planning_helpers import plan_of, resolve
 from torch import nn
 
 from rankfold.converter import CompressConfig, compress, restore, validate
-from rankfold.passes import RankPolicy, analyze, get_method, trace
+from rankfold.passes import RankPolicy, analyze, decompose, get_method, trace
 from rankfold.passes.blocks import block_kernel, kernel_of
+from rankfold.passes.correction import refit_last_stages
 from rankfold.passes.latency_gate import gate_plan
 from rankfold.passes.methods import Cost, method_for_layer
 from rankfold.passes.search.cache import DecompositionCache
@@ -263,6 +264,38 @@ def test_statistics_pass_measures_conv1d_and_transposed_inputs():
         vectors = inputs.transpose(0, 1).reshape(inputs.shape[1], -1)
         expected = (vectors @ vectors.T / vectors.shape[1]).numpy()
         assert np.allclose(stats.moments[name].moment, expected, atol=1e-6), name
+
+
+class Mixed(nn.Module):
+    """A transposed conv, then a Conv1d over its flattened rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(8, 12, 3, stride=2, padding=1, bias=False)
+        self.conv = nn.Conv1d(12, 16, 5, padding=2)
+
+    def forward(self, x):
+        return self.conv(torch.relu(self.up(x)).flatten(2))
+
+
+def test_last_stage_refit_corrects_conv1d_and_transposed_blocks():
+    torch.manual_seed(0)
+    gm = trace(Mixed().eval(), torch.zeros(1, 8, 5, 5))
+    analysis = analyze(gm)
+    policy = RankPolicy(method="tucker2", rank=(4, 3), min_macs_share=0.0)
+    compressed, _ = decompose(gm, analysis, plan_of(analysis, policy, "mixed"))
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randn(16, 8, 5, 5, generator=generator) for _ in range(3)]
+    refits = refit_last_stages(gm, compressed, ["up", "conv"], batches)
+    assert set(refits) == {"up", "conv"}
+    with torch.no_grad():
+        x = torch.cat(batches)
+        for name, original in (("up", gm.up(x)), ("conv", gm(x))):
+            upstream = compressed.get_submodule(name)
+            y = upstream(x) if name == "up" else compressed(x)
+            error = float((y - original).norm() / original.norm())
+            assert refits[name].after == pytest.approx(error, rel=1e-4), name
+            assert refits[name].after < refits[name].before, name
 
 
 def test_costs_match_a_hand_count():
