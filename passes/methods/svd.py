@@ -21,8 +21,10 @@ from rankfold.passes.methods.base import Cost, FillResult, Method, Ranks, kernel
 
 
 class SVDMethod(Method):
-    """Linear: in→R→out. Conv: kh×kw S→R (original geometry and type, transposed or not), then
-    1×1 R→T (the bias)."""
+    """Linear: in→R→out. Conv: kh×kw S→R (the layer's geometry), then 1×1 R→T (the bias).
+
+    The kh×kw stage has the layer's type (Conv1d, Conv2d, ConvTranspose2d: transposed or not).
+    """
 
     name = "svd"
     layer_types = ("Conv2d", "Conv1d", "ConvTranspose2d", "Linear")

@@ -22,8 +22,10 @@ from rankfold.passes.methods.base import Cost, FillResult, Method, Ranks, kernel
 
 
 class Tucker2Method(Method):
-    """1×1 S→R_S, kh×kw R_S→R_T (original geometry and type, transposed or not), 1×1 R_T→T
-    (the bias)."""
+    """1×1 S→R_S, kh×kw R_S→R_T (the layer's geometry), 1×1 R_T→T (the bias).
+
+    The kh×kw core has the layer's type (Conv1d, Conv2d, ConvTranspose2d: transposed or not).
+    """
 
     name = "tucker2"
     rank_names = ("rank_out", "rank_in")
