@@ -221,12 +221,26 @@ def analyze(gm: fx.GraphModule) -> ModelAnalysis:
 
 
 CONV_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
+TRANSPOSED_CONV_FUNCTIONS = {
+    F.conv_transpose1d,
+    F.conv_transpose2d,
+    F.conv_transpose3d,
+    torch.conv_transpose1d,
+    torch.conv_transpose2d,
+    torch.conv_transpose3d,
+}
 MATMUL_FUNCTIONS = {F.linear, torch.matmul, torch.mm, torch.bmm, operator.matmul}
 
 
 def conv_macs(out_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> int:
     """MACs per sample of a functional conv (weight: out × in/groups × k…)."""
     return int(math.prod(out_shape[1:]) * math.prod(weight_shape[1:]))
+
+
+def transposed_conv_macs(in_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> int:
+    """MACs per sample of a functional transposed conv (weight: in × out/groups × k…): every
+    input element through its group's whole kernel."""
+    return int(math.prod(in_shape[1:]) * math.prod(weight_shape[1:]))
 
 
 def matmul_macs(out_shape: tuple[int, ...], first_shape: tuple[int, ...]) -> int:
@@ -242,12 +256,14 @@ def _functional_macs(gm: fx.GraphModule) -> dict[str, int]:
         if node.op != "call_function" or "tensor_meta" not in node.meta:
             continue
         out = node.meta["tensor_meta"].shape
-        if node.target in CONV_FUNCTIONS:
+        if node.target in CONV_FUNCTIONS | TRANSPOSED_CONV_FUNCTIONS:
             weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
             meta = getattr(weight, "meta", {}).get("tensor_meta")
-            if meta is None:
-                continue
-            found[node.name] = conv_macs(out, meta.shape)
+            first = getattr(node.args[0], "meta", {}).get("tensor_meta")
+            if node.target in CONV_FUNCTIONS and meta is not None:
+                found[node.name] = conv_macs(out, meta.shape)
+            elif meta is not None and first is not None:
+                found[node.name] = transposed_conv_macs(first.shape, meta.shape)
         elif node.target in MATMUL_FUNCTIONS:
             first = (
                 node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None

@@ -18,6 +18,7 @@ from torch import nn
 from rankfold.converter import CompressConfig, compress, restore, validate
 from rankfold.passes import RankPolicy, analyze, decompose, get_method, trace
 from rankfold.passes.blocks import block_kernel, kernel_of
+from rankfold.passes.capture import analyze_captured
 from rankfold.passes.correction import refit_last_stages
 from rankfold.passes.latency_gate import gate_plan
 from rankfold.passes.methods import Cost, method_for_layer
@@ -323,6 +324,25 @@ def test_costs_match_a_hand_count():
     for (name, ranks), (params, macs) in hand.items():
         cost = get_method(name).cost(layer, ranks)
         assert (cost.params, cost.macs) == (params, macs), name
+
+
+class FunctionalUp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(8, 6, 3, stride=2, groups=2)
+
+    def forward(self, x):
+        return F.conv_transpose2d(x, self.up.weight, None, 2, 0, 0, 2)
+
+
+def test_functional_transposed_convs_count_as_the_module_does():
+    x = torch.zeros(1, 8, 5, 5)
+    model = FunctionalUp().eval()
+    (module_macs,) = (layer.macs for layer in analyze(trace(nn.Sequential(model.up), x)).layers)
+    assert module_macs == 25 * 8 * 3 * 9
+    for analysis in (analyze(trace(model, x)), analyze_captured(model, x)):
+        assert list(analysis.functional.values()) == [module_macs]
+        assert analysis.total_macs == module_macs
 
 
 def test_kept_layers_say_why():
