@@ -134,31 +134,36 @@ def merge_out(t: int, inner: int, r: int) -> bool:
 
 def five_stage_cost(layer: LayerInfo, r: int, inner_in: int, inner_out: int) -> tuple[int, int]:
     """(params, MACs) of the 5-stage block: [S·R | L_in(S+R)] + R·kh·kw + [R·T | L_out(R+T)]
-    (+T bias) parameters; the input side runs at the input positions, the rest at the output's."""
+    (+T bias) parameters; the input side runs at the input positions, the depthwise stage at the
+    layer's kernel positions, the output side at the output positions."""
     s, t, k = layer.in_features, layer.out_features, layer.kernel_area
     side_in = s * r if merge_in(s, inner_in, r) else inner_in * (s + r)
     side_out = r * t if merge_out(t, inner_out, r) else inner_out * (r + t)
     bias = t if layer.bias else 0
-    macs = layer.in_positions * side_in + layer.out_positions * (r * k + side_out)
+    macs = (
+        layer.in_positions * side_in
+        + layer.kernel_positions * r * k
+        + layer.out_positions * side_out
+    )
     return side_in + r * k + side_out + bias, macs * layer.calls
 
 
 def five_stage_block(
     layer: LayerInfo, r: int, inner_in: int, inner_out: int, method: str, ranks
 ) -> FactorizedBlock:
-    s, t = layer.in_features, layer.out_features
+    s, t, dims = layer.in_features, layer.out_features, layer.spatial_dims
     stages: OrderedDict[str, nn.Module] = OrderedDict()
     if merge_in(s, inner_in, r):
-        stages["pointwise_in"] = pointwise(s, r)
+        stages["pointwise_in"] = pointwise(s, r, dims=dims)
     else:
-        stages["pointwise_in"] = pointwise(s, inner_in)
-        stages["core_in"] = pointwise(inner_in, r)
+        stages["pointwise_in"] = pointwise(s, inner_in, dims=dims)
+        stages["core_in"] = pointwise(inner_in, r, dims=dims)
     stages["depthwise"] = spatial_like(layer, r, r, groups=r)
     if merge_out(t, inner_out, r):
-        stages["pointwise_out"] = pointwise(r, t, bias=layer.bias)
+        stages["pointwise_out"] = pointwise(r, t, bias=layer.bias, dims=dims)
     else:
-        stages["core_out"] = pointwise(r, inner_out)
-        stages["pointwise_out"] = pointwise(inner_out, t, bias=layer.bias)
+        stages["core_out"] = pointwise(r, inner_out, dims=dims)
+        stages["pointwise_out"] = pointwise(inner_out, t, bias=layer.bias, dims=dims)
     return FactorizedBlock(stages, layer.name, method, ranks)
 
 
@@ -170,20 +175,20 @@ def fill_five_stage(
     core_out: np.ndarray,
     project_out: np.ndarray,
 ) -> None:
-    """Set the block's weights from the five maps (as matrices: L_in×S, R×L_in, R×kh×kw,
+    """Set the block's weights from the five maps (as matrices: L_in×S, R×L_in, R×k…,
     L_out×R, T×L_out); a merged pair gets their product."""
     if "core_in" in block._modules:
-        set_weight(block.pointwise_in, project_in[:, :, None, None])
-        set_weight(block.core_in, core_in[:, :, None, None])
+        set_matrix(block.pointwise_in, project_in)
+        set_matrix(block.core_in, core_in)
     else:
-        set_weight(block.pointwise_in, (core_in @ project_in)[:, :, None, None])
+        set_matrix(block.pointwise_in, core_in @ project_in)
     r = spatial.shape[0]
-    set_weight(block.depthwise, spatial.reshape(r, 1, *spatial.shape[1:]))
+    set_kernel(block.depthwise, spatial.reshape(r, 1, *spatial.shape[1:]))
     if "core_out" in block._modules:
-        set_weight(block.core_out, core_out[:, :, None, None])
-        set_weight(block.pointwise_out, project_out[:, :, None, None])
+        set_matrix(block.core_out, core_out)
+        set_matrix(block.pointwise_out, project_out)
     else:
-        set_weight(block.pointwise_out, (project_out @ core_out)[:, :, None, None])
+        set_matrix(block.pointwise_out, project_out @ core_out)
 
 
 def _regrouped(conv: nn.Module, factor: int, more: bool) -> nn.Module:

@@ -27,7 +27,8 @@ from rankfold.passes.statistics import InputMoment, LayerStatistics, collect_sta
 from rankfold.runtime.latency import onnx_macs
 from rankfold.runtime.latency_model import LatencyTable, layer_module, module_to_onnx
 
-METHODS = ["svd", "tucker2", "cp"]
+METHODS = ["svd", "tucker2", "cp"]  # closed forms or exact at full rank
+ALL_METHODS = [*METHODS, "cp-epc", "tucker2-cp", "cp-lrf"]
 
 
 @st.composite
@@ -135,6 +136,26 @@ def test_full_rank_transposed_block_reproduces_the_layer(config, method_name):
     _check_full_rank(nn.ConvTranspose2d(**config).double(), method_name)
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.one_of(
+        conv1d_configs().map(lambda c: nn.Conv1d(**c)),
+        transposed_configs().map(lambda c: nn.ConvTranspose2d(**c)),
+    ),
+    st.sampled_from(ALL_METHODS),
+    st.floats(0.1, 1.0),
+)
+def test_cost_counts_the_built_block(conv, method_name, ratio):
+    x, layer = _layer(conv.double())
+    method = get_method(method_name)
+    ranks = method.clamp_ranks(layer, method.ranks_from_ratio(layer, ratio))
+    block = method.build(layer, ranks).double()
+    cost = method.cost(layer, ranks)
+    assert cost.params == sum(p.numel() for p in block.parameters())
+    assert cost.macs == _counted_macs(block, x)
+    assert block(x).shape == conv(x).shape
+
+
 def _reconstructed(conv: nn.Module, kernel: np.ndarray, x: torch.Tensor) -> torch.Tensor:
     """The layer run with `kernel` (conv layout T×S×k…) in place of its own weight."""
     weight = torch.from_numpy(kernel)
@@ -162,7 +183,7 @@ def _reconstructed(conv: nn.Module, kernel: np.ndarray, x: torch.Tensor) -> torc
         conv1d_configs().map(lambda c: nn.Conv1d(**{**c, "groups": 1})),
         transposed_configs().map(lambda c: nn.ConvTranspose2d(**{**c, "groups": 1})),
     ),
-    st.sampled_from(METHODS),
+    st.sampled_from(ALL_METHODS),
     st.floats(0.2, 0.8),
 )
 def test_reduced_rank_block_is_the_layer_with_the_reconstructed_kernel(conv, method_name, ratio):
@@ -352,9 +373,11 @@ def test_kept_layers_say_why():
         "tucker2 does not decompose ConvTranspose1d layers "
         "(it takes Conv2d, Conv1d, ConvTranspose2d, Linear)"
     )
-    conv1d = analyze(trace(nn.Sequential(nn.Conv1d(8, 8, 3)), x[:, :, 0])).layers[0]
-    assert "cp-lrf does not decompose Conv1d layers" in get_method("cp-lrf").unsupported_reason(
-        conv1d
+    conv3d = analyze(trace(nn.Sequential(nn.Conv3d(8, 8, 3)), torch.zeros(1, 8, 4, 4, 4))).layers[0]
+    assert (
+        get_method("cp-lrf")
+        .unsupported_reason(conv3d)
+        .startswith("cp-lrf does not decompose Conv3d layers")
     )
     depthwise = analyze(trace(nn.Sequential(nn.ConvTranspose2d(8, 8, 3, groups=8)), x)).layers[0]
     assert "depthwise conv (groups=8)" in get_method("svd").unsupported_reason(depthwise)
@@ -380,7 +403,8 @@ def test_latency_probes_compute_what_the_layer_and_its_blocks_compute(layer_modu
     layer = analyze(trace(nn.Sequential(conv), x)).layers[0]
     torch.manual_seed(0)
     modules = [layer_module(layer)] + [
-        get_method(name).build(layer, (3,) * len(get_method(name).rank_names)) for name in METHODS
+        get_method(name).build(layer, (3,) * len(get_method(name).rank_names))
+        for name in ALL_METHODS
     ]
     for module in modules:
         session = onnxruntime.InferenceSession(
