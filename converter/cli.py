@@ -421,7 +421,13 @@ def methods() -> None:
     """List the decomposition methods, plug-ins included (and any that failed to load)."""
     from rankfold.passes.methods import METHODS
 
-    _list_plugins(METHODS, lambda method: f"({', '.join(method.rank_names)}) {_first_line(method)}")
+    _list_plugins(
+        METHODS,
+        lambda method: (
+            f"({', '.join(method.rank_names)}) {_first_line(method)} "
+            f"[{', '.join(method.layer_types)}]"
+        ),
+    )
 
 
 @app.command()

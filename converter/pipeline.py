@@ -1098,7 +1098,7 @@ def _add_fitted_biases(model: nn.Module, state: dict[str, torch.Tensor]) -> None
             continue  # load_state_dict names it
         if (
             attribute == "bias"
-            and isinstance(module, nn.Conv2d | nn.Linear)
+            and isinstance(module, nn.modules.conv._ConvNd | nn.Linear)
             and module.bias is None
         ):
             module.bias = nn.Parameter(torch.zeros_like(state[key]))

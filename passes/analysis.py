@@ -1,7 +1,9 @@
 """Per-layer analysis of a traced model: shapes, parameters and MACs on the real traced shapes.
 
 MACs (multiply-accumulates) are per sample: a conv costs H_out·W_out·T·(S/groups)·kh·kw, a linear
-layer in·out per position. Model totals count conv and linear layers, the usual convention.
+layer in·out per position. A transposed conv scatters every input position through its whole
+kernel, so it costs H_in·W_in·S·(T/groups)·kh·kw (what ONNX Runtime computes, and the count of
+ptflops/fvcore). Model totals count conv and linear layers, the usual convention.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-_CONV_TYPES = (nn.Conv2d,)
-_UNSUPPORTED_TYPES = (
+# Analysed (and counted in the MACs); which ones a method decomposes is its own `layer_types`.
+CONV_TYPES = (
     nn.Conv1d,
+    nn.Conv2d,
     nn.Conv3d,
     nn.ConvTranspose1d,
     nn.ConvTranspose2d,
@@ -32,7 +35,7 @@ class LayerInfo:
     """One conv/linear call site; shapes exclude the batch dimension."""
 
     name: str
-    type: str  # "Conv2d" | "Linear" | another conv type (then unsupported)
+    type: str  # "Linear" or the conv module's class name ("Conv2d", "Conv1d", "ConvTranspose2d", …)
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     in_features: int  # S (channels or features)
@@ -45,10 +48,25 @@ class LayerInfo:
     bias: bool = False
     padding_mode: str = "zeros"
     calls: int = 1
+    output_padding: tuple[int, ...] = ()  # transposed convs only
 
     @property
     def is_conv(self) -> bool:
-        return self.type == "Conv2d"
+        return self.type != "Linear"
+
+    @property
+    def transposed(self) -> bool:
+        return self.type.startswith("ConvTranspose")
+
+    @property
+    def kernel_positions(self) -> int:
+        """Positions the kernel is applied at: the output's for a conv, the input's for a
+        transposed conv (it scatters each input position)."""
+        return self.in_positions if self.transposed else self.out_positions
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.kernel_size)
 
     @property
     def kernel_area(self) -> int:
@@ -77,7 +95,7 @@ class LayerInfo:
     @property
     def macs(self) -> int:
         per_position = self.out_features * (self.in_features // self.groups) * self.kernel_area
-        return self.out_positions * per_position * self.calls
+        return self.kernel_positions * per_position * self.calls
 
     @property
     def one_group(self) -> LayerInfo:
@@ -116,8 +134,13 @@ class ModelAnalysis:
         raise KeyError(name)
 
     def fingerprint(self) -> str:
-        """What a plan depends on: every layer's name, type and geometry (not the weights)."""
-        rows = [dataclasses.astuple(layer) for layer in self.layers]
+        """What a plan depends on: every layer's name, type and geometry (not the weights).
+        `output_padding` counts only where a layer has one, so plans saved before transposed
+        convs were analysed still match their models."""
+        rows = [
+            dataclasses.astuple(layer)[: None if layer.output_padding else -1]
+            for layer in self.layers
+        ]
         return hashlib.sha256(json.dumps(rows, default=str).encode()).hexdigest()[:16]
 
 
@@ -166,10 +189,11 @@ def layer_info(
         bias=module.bias is not None,
         padding_mode=module.padding_mode,
         calls=calls,
+        output_padding=_dims(module.output_padding, n) if module.transposed else (),
     )
 
 
-LAYER_TYPES = (nn.Linear, *_CONV_TYPES, *_UNSUPPORTED_TYPES)
+LAYER_TYPES = (nn.Linear, *CONV_TYPES)
 
 
 def analyze(gm: fx.GraphModule) -> ModelAnalysis:
@@ -197,12 +221,26 @@ def analyze(gm: fx.GraphModule) -> ModelAnalysis:
 
 
 CONV_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
+TRANSPOSED_CONV_FUNCTIONS = {
+    F.conv_transpose1d,
+    F.conv_transpose2d,
+    F.conv_transpose3d,
+    torch.conv_transpose1d,
+    torch.conv_transpose2d,
+    torch.conv_transpose3d,
+}
 MATMUL_FUNCTIONS = {F.linear, torch.matmul, torch.mm, torch.bmm, operator.matmul}
 
 
 def conv_macs(out_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> int:
     """MACs per sample of a functional conv (weight: out × in/groups × k…)."""
     return int(math.prod(out_shape[1:]) * math.prod(weight_shape[1:]))
+
+
+def transposed_conv_macs(in_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> int:
+    """MACs per sample of a functional transposed conv (weight: in × out/groups × k…): every
+    input element through its group's whole kernel."""
+    return int(math.prod(in_shape[1:]) * math.prod(weight_shape[1:]))
 
 
 def matmul_macs(out_shape: tuple[int, ...], first_shape: tuple[int, ...]) -> int:
@@ -218,12 +256,14 @@ def _functional_macs(gm: fx.GraphModule) -> dict[str, int]:
         if node.op != "call_function" or "tensor_meta" not in node.meta:
             continue
         out = node.meta["tensor_meta"].shape
-        if node.target in CONV_FUNCTIONS:
+        if node.target in CONV_FUNCTIONS | TRANSPOSED_CONV_FUNCTIONS:
             weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
             meta = getattr(weight, "meta", {}).get("tensor_meta")
-            if meta is None:
-                continue
-            found[node.name] = conv_macs(out, meta.shape)
+            first = getattr(node.args[0], "meta", {}).get("tensor_meta")
+            if node.target in CONV_FUNCTIONS and meta is not None:
+                found[node.name] = conv_macs(out, meta.shape)
+            elif meta is not None and first is not None:
+                found[node.name] = transposed_conv_macs(first.shape, meta.shape)
         elif node.target in MATMUL_FUNCTIONS:
             first = (
                 node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None

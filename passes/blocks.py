@@ -5,6 +5,12 @@ A block is an nn.Sequential with named stages that records where it came from (`
 spatial stage carries the original stride, padding (incl. 'same' and per-dimension), dilation and
 padding mode; pointwise stages commute with any padding because they have no bias.
 
+The stages have the layer's own dimension (Conv1d stages for a Conv1d). For a transposed conv
+only the spatial stage is transposed (its stride, padding, output padding and dilation): the 1×1
+stages act on each position alone, so they commute with the transposed geometry and stay
+ordinary convs. Methods factorize every conv's kernel in the conv layout T×(S/g)×k…
+(`kernel_of`); a transposed conv holds S×(T/g)×k…, which `set_kernel` writes back.
+
 A grouped conv (g groups) is g convs side by side, so its block is one group's block with every
 stage grouped g times more (`grouped_block`): group i's channels stay contiguous in every stage,
 and group i's factors fill the i-th slice of each stage's weight (`set_group`).
@@ -18,7 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from rankfold.passes.analysis import LayerInfo
+from rankfold.passes.analysis import CONV_TYPES, LayerInfo
+
+_POINTWISE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 class FactorizedBlock(nn.Sequential):
@@ -36,13 +44,15 @@ class FactorizedBlock(nn.Sequential):
         return f"source={self.source!r}, method={self.method!r}, ranks={self.ranks}"
 
 
-def pointwise(in_ch: int, out_ch: int, bias: bool = False) -> nn.Conv2d:
-    return nn.Conv2d(in_ch, out_ch, kernel_size=1, bias=bias)
+def pointwise(in_ch: int, out_ch: int, bias: bool = False, dims: int = 2) -> nn.Module:
+    """A 1×1 conv over `dims` spatial dimensions (a layer's `spatial_dims`)."""
+    return _POINTWISE[dims](in_ch, out_ch, kernel_size=1, bias=bias)
 
 
-def spatial_like(layer: LayerInfo, in_ch: int, out_ch: int, groups: int = 1) -> nn.Conv2d:
-    """A conv with the original layer's kernel geometry, without bias."""
-    return nn.Conv2d(
+def spatial_like(layer: LayerInfo, in_ch: int, out_ch: int, groups: int = 1) -> nn.Module:
+    """A conv of the original layer's type and kernel geometry, without bias."""
+    geometry = {"output_padding": layer.output_padding} if layer.transposed else {}
+    return getattr(nn, layer.type)(
         in_ch,
         out_ch,
         kernel_size=layer.kernel_size,
@@ -52,7 +62,36 @@ def spatial_like(layer: LayerInfo, in_ch: int, out_ch: int, groups: int = 1) -> 
         groups=groups,
         bias=False,
         padding_mode=layer.padding_mode,
+        **geometry,
     )
+
+
+def _other_layout(weight: np.ndarray, groups: int) -> np.ndarray:
+    """A conv kernel T×(S/g)×k… as a transposed conv holds it, S×(T/g)×k…, and back (the
+    same swap of each group's two channel modes either way)."""
+    rows, cols, spatial = weight.shape[0] // groups, weight.shape[1], weight.shape[2:]
+    grouped = weight.reshape(groups, rows, cols, *spatial).swapaxes(1, 2)
+    return grouped.reshape(groups * cols, rows, *spatial)
+
+
+def _is_transposed(module: nn.Module) -> bool:
+    return bool(getattr(module, "transposed", False))
+
+
+def kernel_of(module: nn.Module) -> np.ndarray:
+    """The weight as a float64 kernel in the conv layout (T×(S/g)×k…; out×in for Linear)."""
+    weight = module.weight.detach().cpu().double().numpy()
+    return _other_layout(weight, module.groups) if _is_transposed(module) else weight
+
+
+def set_kernel(module: nn.Module, kernel: np.ndarray) -> None:
+    """Set a conv's or transposed conv's weight from a kernel in the conv layout."""
+    set_weight(module, _other_layout(kernel, module.groups) if _is_transposed(module) else kernel)
+
+
+def set_matrix(module: nn.Module, matrix: np.ndarray) -> None:
+    """Set a Linear's or a 1×1 conv's (of any dimension) weight from an out×in matrix."""
+    set_weight(module, matrix.reshape(*matrix.shape, *(1,) * (module.weight.dim() - 2)))
 
 
 def set_weight(module: nn.Module, array: np.ndarray) -> None:
@@ -95,31 +134,36 @@ def merge_out(t: int, inner: int, r: int) -> bool:
 
 def five_stage_cost(layer: LayerInfo, r: int, inner_in: int, inner_out: int) -> tuple[int, int]:
     """(params, MACs) of the 5-stage block: [S·R | L_in(S+R)] + R·kh·kw + [R·T | L_out(R+T)]
-    (+T bias) parameters; the input side runs at the input positions, the rest at the output's."""
+    (+T bias) parameters; the input side runs at the input positions, the depthwise stage at the
+    layer's kernel positions, the output side at the output positions."""
     s, t, k = layer.in_features, layer.out_features, layer.kernel_area
     side_in = s * r if merge_in(s, inner_in, r) else inner_in * (s + r)
     side_out = r * t if merge_out(t, inner_out, r) else inner_out * (r + t)
     bias = t if layer.bias else 0
-    macs = layer.in_positions * side_in + layer.out_positions * (r * k + side_out)
+    macs = (
+        layer.in_positions * side_in
+        + layer.kernel_positions * r * k
+        + layer.out_positions * side_out
+    )
     return side_in + r * k + side_out + bias, macs * layer.calls
 
 
 def five_stage_block(
     layer: LayerInfo, r: int, inner_in: int, inner_out: int, method: str, ranks
 ) -> FactorizedBlock:
-    s, t = layer.in_features, layer.out_features
+    s, t, dims = layer.in_features, layer.out_features, layer.spatial_dims
     stages: OrderedDict[str, nn.Module] = OrderedDict()
     if merge_in(s, inner_in, r):
-        stages["pointwise_in"] = pointwise(s, r)
+        stages["pointwise_in"] = pointwise(s, r, dims=dims)
     else:
-        stages["pointwise_in"] = pointwise(s, inner_in)
-        stages["core_in"] = pointwise(inner_in, r)
+        stages["pointwise_in"] = pointwise(s, inner_in, dims=dims)
+        stages["core_in"] = pointwise(inner_in, r, dims=dims)
     stages["depthwise"] = spatial_like(layer, r, r, groups=r)
     if merge_out(t, inner_out, r):
-        stages["pointwise_out"] = pointwise(r, t, bias=layer.bias)
+        stages["pointwise_out"] = pointwise(r, t, bias=layer.bias, dims=dims)
     else:
-        stages["core_out"] = pointwise(r, inner_out)
-        stages["pointwise_out"] = pointwise(inner_out, t, bias=layer.bias)
+        stages["core_out"] = pointwise(r, inner_out, dims=dims)
+        stages["pointwise_out"] = pointwise(inner_out, t, bias=layer.bias, dims=dims)
     return FactorizedBlock(stages, layer.name, method, ranks)
 
 
@@ -131,26 +175,28 @@ def fill_five_stage(
     core_out: np.ndarray,
     project_out: np.ndarray,
 ) -> None:
-    """Set the block's weights from the five maps (as matrices: L_in×S, R×L_in, R×kh×kw,
+    """Set the block's weights from the five maps (as matrices: L_in×S, R×L_in, R×k…,
     L_out×R, T×L_out); a merged pair gets their product."""
     if "core_in" in block._modules:
-        set_weight(block.pointwise_in, project_in[:, :, None, None])
-        set_weight(block.core_in, core_in[:, :, None, None])
+        set_matrix(block.pointwise_in, project_in)
+        set_matrix(block.core_in, core_in)
     else:
-        set_weight(block.pointwise_in, (core_in @ project_in)[:, :, None, None])
+        set_matrix(block.pointwise_in, core_in @ project_in)
     r = spatial.shape[0]
-    set_weight(block.depthwise, spatial.reshape(r, 1, *spatial.shape[1:]))
+    set_kernel(block.depthwise, spatial.reshape(r, 1, *spatial.shape[1:]))
     if "core_out" in block._modules:
-        set_weight(block.core_out, core_out[:, :, None, None])
-        set_weight(block.pointwise_out, project_out[:, :, None, None])
+        set_matrix(block.core_out, core_out)
+        set_matrix(block.pointwise_out, project_out)
     else:
-        set_weight(block.pointwise_out, (project_out @ core_out)[:, :, None, None])
+        set_matrix(block.pointwise_out, project_out @ core_out)
 
 
-def _regrouped(conv: nn.Conv2d, factor: int, more: bool) -> nn.Conv2d:
-    """`conv` with channels and groups multiplied (`more`) or divided by `factor`."""
+def _regrouped(conv: nn.Module, factor: int, more: bool) -> nn.Module:
+    """`conv` (of any conv type) with channels and groups multiplied (`more`) or divided by
+    `factor`."""
     scale = (lambda n: n * factor) if more else (lambda n: n // factor)
-    return nn.Conv2d(
+    geometry = {"output_padding": conv.output_padding} if conv.transposed else {}
+    return type(conv)(
         scale(conv.in_channels),
         scale(conv.out_channels),
         kernel_size=conv.kernel_size,
@@ -160,16 +206,17 @@ def _regrouped(conv: nn.Conv2d, factor: int, more: bool) -> nn.Conv2d:
         groups=scale(conv.groups),
         bias=conv.bias is not None,
         padding_mode=conv.padding_mode,
+        **geometry,
     )
 
 
-def _conv_stages(block: FactorizedBlock) -> OrderedDict[str, nn.Conv2d]:
+def _conv_stages(block: FactorizedBlock) -> OrderedDict[str, nn.Module]:
     stages = OrderedDict(block.named_children())
     for name, stage in stages.items():
-        if type(stage) is not nn.Conv2d:
+        if type(stage) not in CONV_TYPES:
             raise ValueError(
                 f"{block.method} builds a {type(stage).__name__} stage '{name}'; only blocks of "
-                "Conv2d stages can be grouped, so skip grouped convs for this method"
+                "conv stages can be grouped, so skip grouped convs for this method"
             )
     return stages
 
@@ -190,15 +237,18 @@ def group_block(block: FactorizedBlock, groups: int) -> FactorizedBlock:
     return FactorizedBlock(stages, block.source, block.method, block.ranks)
 
 
-def conv_group(conv: nn.Conv2d, index: int) -> nn.Conv2d:
+def conv_group(conv: nn.Module, index: int) -> nn.Module:
     """Group `index` of a grouped conv as a conv of its own, sharing nothing with `conv`."""
     single = _regrouped(conv, conv.groups, more=False)
-    rows = slice(index * single.out_channels, (index + 1) * single.out_channels)
+    # A group's weight rows are its output channels, or its input ones for a transposed conv.
+    n = single.weight.shape[0]
+    rows = slice(index * n, (index + 1) * n)
+    outputs = slice(index * single.out_channels, (index + 1) * single.out_channels)
     with torch.no_grad():
         single = single.to(conv.weight.device, conv.weight.dtype)
         single.weight.copy_(conv.weight[rows])
         if conv.bias is not None:
-            single.bias.copy_(conv.bias[rows])
+            single.bias.copy_(conv.bias[outputs])
     return single
 
 
@@ -212,32 +262,36 @@ def set_group(block: FactorizedBlock, group: FactorizedBlock, index: int) -> Non
 
 
 def block_kernel(block: nn.Sequential) -> np.ndarray:
-    """The one kernel (T×S×kh×kw, or out×in for Linear) a filled block computes, in float64:
-    its stages composed. A block has at most one stage with a spatial extent (dense or
-    depthwise); the 1×1 stages around it multiply its channel modes."""
+    """The one kernel (T×S×k… in the conv layout, or out×in for Linear) a filled block
+    computes, in float64: its stages composed. A block has at most one stage with a spatial
+    extent (dense or depthwise, transposed or not); the 1×1 stages around it multiply its
+    channel modes."""
     kernel: np.ndarray | None = None
     for stage in block:
-        w = stage.weight.detach().cpu().double().numpy()
+        w = kernel_of(stage)
         if isinstance(stage, nn.Linear):
             kernel = w if kernel is None else w @ kernel
             continue
-        if stage.groups == 1 and w.shape[2:] == (1, 1):
+        ones = (1,) * (w.ndim - 2)
+        if stage.groups == 1 and w.shape[2:] == ones:
             kernel = (
                 w
                 if kernel is None
-                else np.einsum("oi,ishw->oshw", w[:, :, 0, 0], kernel, optimize=True)
+                else np.einsum("oi,is...->os...", w.reshape(w.shape[:2]), kernel, optimize=True)
             )
             continue
-        if kernel is not None and kernel.shape[2:] != (1, 1):
+        if kernel is not None and kernel.shape[2:] != ones:
             raise ValueError("a block with two spatial stages has no single kernel")
         if stage.groups == 1:
             kernel = (
                 w
                 if kernel is None
-                else np.einsum("oihw,is->oshw", w, kernel[:, :, 0, 0], optimize=True)
+                else np.einsum(
+                    "oi...,is->os...", w, kernel.reshape(kernel.shape[:2]), optimize=True
+                )
             )
         elif stage.groups == stage.in_channels == stage.out_channels and kernel is not None:
-            kernel = w[:, 0][:, None] * kernel[:, :, 0, 0][:, :, None, None]
+            kernel = w[:, 0][:, None] * kernel.reshape(*kernel.shape[:2], *ones)
         else:
             raise ValueError(f"stage {stage} cannot be composed into one kernel")
     return kernel

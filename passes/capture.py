@@ -25,12 +25,14 @@ from rankfold.passes.analysis import (
     CONV_FUNCTIONS,
     LAYER_TYPES,
     MATMUL_FUNCTIONS,
+    TRANSPOSED_CONV_FUNCTIONS,
     ModelAnalysis,
     analyze,
     attention_macs,
     conv_macs,
     layer_info,
     matmul_macs,
+    transposed_conv_macs,
 )
 from rankfold.passes.core import SymbolicTraceError
 from rankfold.passes.tracing import input_shape_error, trace
@@ -84,6 +86,9 @@ class _FunctionalCalls(TorchFunctionMode):
             if func in CONV_FUNCTIONS:
                 weight = args[1] if len(args) > 1 else kwargs["weight"]
                 self._add(func, conv_macs(tuple(out.shape), tuple(weight.shape)))
+            elif func in TRANSPOSED_CONV_FUNCTIONS:
+                weight = args[1] if len(args) > 1 else kwargs["weight"]
+                self._add(func, transposed_conv_macs(tuple(args[0].shape), tuple(weight.shape)))
             elif func in _MATMULS and isinstance(args[0], torch.Tensor):
                 self._add(func, matmul_macs(tuple(out.shape), tuple(args[0].shape)))
         return out

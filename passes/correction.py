@@ -160,11 +160,10 @@ def _refit(block: nn.Module, targets: list, head_args: list[tuple], damping: flo
     if not isinstance(block, nn.Sequential) or len(block) < 2:
         return None
     *head, last = list(block)
-    conv = isinstance(last, nn.Conv2d)
+    conv = isinstance(last, nn.Conv1d | nn.Conv2d)
     if conv and not (
-        last.kernel_size == (1, 1)
-        and last.stride == (1, 1)
-        and last.padding in ((0, 0), "valid")
+        set(last.kernel_size) == set(last.stride) == {1}
+        and (last.padding == "valid" or set(last.padding) == {0})
         and last.groups == 1
     ):
         return None

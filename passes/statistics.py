@@ -33,6 +33,7 @@ import torch
 from scipy.linalg.blas import dsyrk
 from torch import fx, nn
 
+from rankfold.passes.blocks import kernel_of, set_kernel
 from rankfold.passes.core import ConfigError, DecompositionError
 
 STATISTICS_FORMAT = 1
@@ -193,7 +194,7 @@ def statistics_layers(gm: fx.GraphModule, names: Iterable[str]) -> dict[str, tup
     found = {}
     for name in names:
         module = gm.get_submodule(name)
-        if isinstance(module, nn.Conv2d) and module.groups == 1:
+        if isinstance(module, nn.Conv1d | nn.Conv2d | nn.ConvTranspose2d) and module.groups == 1:
             found[name] = (module.in_channels, True)
         elif isinstance(module, nn.Linear):
             found[name] = (module.in_features, False)
@@ -273,19 +274,16 @@ def whitened_fill(method, block: nn.Module, original: nn.Module, whitening: Whit
         return method.fill(block, original, seed)
     first = block[0]
     groups = getattr(first, "groups", 1)
-    if not isinstance(first, nn.Conv2d | nn.Linear) or groups != 1:
+    if not isinstance(first, nn.Conv1d | nn.Conv2d | nn.ConvTranspose2d | nn.Linear) or groups != 1:
         raise DecompositionError(
             f"method '{method.name}' builds a block whose first stage is not a dense conv or "
             "linear layer reading the input channels, so it has no data-aware fit; drop "
             "--data-aware"
         )
-    # In float64, so the method reads W·L unrounded (it fits float64 kernels anyway).
+    # In float64, so the method reads W·L unrounded (it fits float64 kernels anyway). Kernels
+    # in the conv layout, whose axis 1 is the input channels for transposed convs too.
     transformed = copy.deepcopy(original).double()
-    kernel = original.weight.detach().cpu().double().numpy()
-    with torch.no_grad():
-        transformed.weight.copy_(torch.from_numpy(whitening.transform(kernel)))
+    set_kernel(transformed, whitening.transform(kernel_of(original)))
     filled = method.fill(block, transformed, seed)
-    with torch.no_grad():
-        weight = first.weight.detach().cpu().double().numpy()
-        first.weight.copy_(torch.from_numpy(whitening.restore(weight)))
+    set_kernel(first, whitening.restore(kernel_of(first)))
     return filled

@@ -393,7 +393,8 @@ def bench_providers(
 
 
 def onnx_macs(path: str | Path) -> int:
-    """Per-sample multiply-accumulates of an ONNX model's Conv, Gemm and MatMul nodes.
+    """Per-sample multiply-accumulates of an ONNX model's Conv, ConvTranspose, Gemm and MatMul
+    nodes.
 
     The same convention as `rankfold.passes.analyze` (conv + linear layers), read from the file
     with onnx shape inference at batch 1, so a bench of two ONNX files needs no report.
@@ -418,7 +419,7 @@ def onnx_macs(path: str | Path) -> int:
         shapes[value.name] = [d.dim_value for d in dims]
     total = 0
     for node in inferred.graph.node:
-        if node.op_type not in ("Conv", "Gemm", "MatMul"):
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
             continue
         out, a, b = (shapes.get(name) for name in (node.output[0], *node.input[:2]))
         if not out or not a or not b or 0 in out or 0 in a or 0 in b:
@@ -428,6 +429,8 @@ def onnx_macs(path: str | Path) -> int:
             )
         if node.op_type == "Conv":
             total += math.prod(out) * math.prod(b[1:])  # outputs × (C_in/groups · kh · kw)
+        elif node.op_type == "ConvTranspose":
+            total += math.prod(a) * math.prod(b[1:])  # inputs × (C_out/groups · kh · kw)
         elif node.op_type == "Gemm":
             trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
             total += math.prod(out) * (a[0] if trans_a else a[-1])

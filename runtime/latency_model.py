@@ -55,6 +55,7 @@ from rankfold.runtime.session import create_session
 
 CACHE_FORMAT = "rankfold-latency-2"  # 2: convs timed in context
 CACHE_ENV = "RANKFOLD_LATENCY_CACHE"
+TIMED_CONVS = ("Conv1d", "Conv2d", "ConvTranspose2d")
 # Opset 19: Pad's "wrap" mode (circular padding) needs it; Conv/Gemm/MatMul are unchanged.
 TIMING_OPSET = 19
 _PAD_MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
@@ -85,6 +86,8 @@ def layer_geometry(layer: LayerInfo) -> dict:
         "groups": layer.groups,
         "bias": layer.bias,
         "padding_mode": layer.padding_mode,
+        # Only where there is one, so cached times of other layers keep their keys.
+        **({"output_padding": list(layer.output_padding)} if layer.transposed else {}),
     }
 
 
@@ -92,9 +95,11 @@ def layer_module(layer: LayerInfo) -> nn.Module:
     """The original layer rebuilt from its geometry, with random weights."""
     if layer.type == "Linear":
         return nn.Linear(layer.in_features, layer.out_features, bias=layer.bias)
-    if layer.type != "Conv2d":
-        raise ValueError(f"layer '{layer.name}' is {layer.type}; only Conv2d and Linear are timed")
-    return nn.Conv2d(
+    if layer.type not in TIMED_CONVS:
+        timed = ", ".join(TIMED_CONVS)
+        raise ValueError(f"layer '{layer.name}' is {layer.type}; only {timed} and Linear are timed")
+    geometry = {"output_padding": layer.output_padding} if layer.transposed else {}
+    return getattr(nn, layer.type)(
         layer.in_features,
         layer.out_features,
         kernel_size=layer.kernel_size,
@@ -104,13 +109,15 @@ def layer_module(layer: LayerInfo) -> nn.Module:
         groups=layer.groups,
         bias=layer.bias,
         padding_mode=layer.padding_mode,
+        **geometry,
     )
 
 
 def module_to_onnx(
     module: nn.Module, input_shape: Sequence[int], context: bool = False
 ) -> onnx.ModelProto:
-    """A Conv2d, a Linear, or a Sequential of them as an ONNX graph with a symbolic batch axis.
+    """A conv (`TIMED_CONVS`), a Linear, or a Sequential of them as an ONNX graph with a
+    symbolic batch axis.
 
     With `context` (image inputs only) the graph is CONTEXT_IN → module → CONTEXT_OUT, two
     depthwise 1×1 convs standing in for the layers around it in a model.
@@ -129,12 +136,14 @@ def module_to_onnx(
         current = _context_conv(CONTEXT_IN, "input", shape[0], nodes, inits)
     for index, sub in enumerate(layers):
         out = "output" if index == len(layers) - 1 and not context else f"t{index}"
-        if isinstance(sub, nn.Conv2d):
+        if type(sub).__name__ in TIMED_CONVS:
             shape = _conv_nodes(sub, f"l{index}", current, out, shape, nodes, inits)
         elif isinstance(sub, nn.Linear):
             shape = _linear_nodes(sub, f"l{index}", current, out, shape, nodes, inits)
         else:
-            raise ValueError(f"cannot time {type(sub).__name__}; blocks must be Conv2d/Linear")
+            raise ValueError(
+                f"cannot time {type(sub).__name__}; blocks must be {'/'.join(TIMED_CONVS)}/Linear"
+            )
         current = out
     if context:
         _context_conv(CONTEXT_OUT, current, shape[0], nodes, inits, output="output")
@@ -173,7 +182,7 @@ def _weight(name: str, tensor: torch.Tensor) -> onnx.TensorProto:
 
 
 def _conv_nodes(
-    conv: nn.Conv2d,
+    conv: nn.Module,
     name: str,
     x: str,
     y: str,
@@ -181,9 +190,11 @@ def _conv_nodes(
     nodes: list[onnx.NodeProto],
     inits: list[onnx.TensorProto],
 ) -> list[int]:
-    _, height, width = shape
+    """A conv or transposed conv of any dimension as ONNX Conv / ConvTranspose (+ Pad)."""
+    sizes = shape[1:]
+    dims = len(sizes)
     before, after = [], []
-    for k, d, p in zip(conv.kernel_size, conv.dilation, _pair(conv.padding)):
+    for k, d, p in zip(conv.kernel_size, conv.dilation, _per_dim(conv.padding, dims)):
         if p == "same":  # torch puts the odd extra pixel at the end
             total = d * (k - 1)
             before.append(total // 2)
@@ -211,10 +222,21 @@ def _conv_nodes(
             )
         )
         inputs[0] = padded
-        conv_pads = [0, 0, 0, 0]
+        conv_pads = [0] * (2 * dims)
+    geometry = zip(sizes, before, after, conv.kernel_size, conv.stride, conv.dilation)
+    extra = {}
+    if conv.transposed:
+        # ONNX ConvTranspose crops `pads` from the full output, as torch's `padding` does.
+        extra["output_padding"] = list(conv.output_padding)
+        out_sizes = [
+            s * (size - 1) + o + d * (k - 1) + 1 - b - a
+            for (size, b, a, k, s, d), o in zip(geometry, conv.output_padding)
+        ]
+    else:
+        out_sizes = [(size + b + a - d * (k - 1) - 1) // s + 1 for size, b, a, k, s, d in geometry]
     nodes.append(
         helper.make_node(
-            "Conv",
+            "ConvTranspose" if conv.transposed else "Conv",
             inputs,
             [y],
             kernel_shape=list(conv.kernel_size),
@@ -222,21 +244,14 @@ def _conv_nodes(
             dilations=list(conv.dilation),
             pads=conv_pads,
             group=conv.groups,
+            **extra,
         )
     )
-    out_hw = [
-        (size + b + a - d * (k - 1) - 1) // s + 1
-        for size, b, a, k, s, d in zip(
-            (height, width), before, after, conv.kernel_size, conv.stride, conv.dilation
-        )
-    ]
-    return [conv.out_channels, *out_hw]
+    return [conv.out_channels, *out_sizes]
 
 
-def _pair(padding: str | int | tuple[int, ...]) -> tuple:
-    if isinstance(padding, str):
-        return (padding, padding)
-    return (padding, padding) if isinstance(padding, int) else tuple(padding)
+def _per_dim(padding: str | int | tuple[int, ...], dims: int) -> tuple:
+    return (padding,) * dims if isinstance(padding, str | int) else tuple(padding)
 
 
 def _linear_nodes(

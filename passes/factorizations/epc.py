@@ -355,7 +355,7 @@ class Tucker2CPFactors:
     in_factor: np.ndarray  # S×R_S
     out_factor: np.ndarray  # T×R_T
     core: EPCResult  # CP of the Tucker core reshaped to R_S×R_T×(kh·kw)
-    kernel_size: tuple[int, int]
+    kernel_size: tuple[int, ...]
 
     @property
     def ranks(self) -> tuple[int, int, int]:
@@ -368,10 +368,10 @@ class Tucker2CPFactors:
         return self.core.sensitivity
 
     def reconstruct(self) -> np.ndarray:
-        """The kernel T×S×kh×kw."""
+        """The kernel T×S×k…."""
         r_s, r_t = self.in_factor.shape[1], self.out_factor.shape[1]
         core = self.core.cp.reconstruct().reshape(r_s, r_t, *self.kernel_size)
-        return np.einsum("bahw,ta,sb->tshw", core, self.out_factor, self.in_factor, optimize=True)
+        return np.einsum("ba...,ta,sb->ts...", core, self.out_factor, self.in_factor, optimize=True)
 
     def rel_error(self, kernel: np.ndarray) -> float:
         return float(

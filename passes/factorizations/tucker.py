@@ -22,7 +22,7 @@ DEFAULT_MAX_SWEEPS = 100
 
 @dataclass(frozen=True)
 class Tucker2Factors:
-    core: np.ndarray  # R_T×R_S×kh×kw
+    core: np.ndarray  # R_T×R_S×k… (the kernel's spatial modes)
     out_factor: np.ndarray  # T×R_T
     in_factor: np.ndarray  # S×R_S
 
@@ -32,7 +32,7 @@ class Tucker2Factors:
 
     def reconstruct(self) -> np.ndarray:
         return np.einsum(
-            "abhw,ta,sb->tshw", self.core, self.out_factor, self.in_factor, optimize=True
+            "ab...,ta,sb->ts...", self.core, self.out_factor, self.in_factor, optimize=True
         )
 
     def rel_error(self, kernel: np.ndarray) -> float:

@@ -41,7 +41,7 @@ def method_for_layer(requested: str, layer: LayerInfo) -> tuple[Method, str]:
     notes = []
     if method is not svd and layer.type == "Linear":
         method, notes = svd, [f"{requested} of a matrix is its SVD"]
-    if method is not svd and layer.type == "Conv2d" and layer.kernel_area == 1:
+    if method is not svd and layer.type in svd.layer_types and layer.kernel_area == 1:
         method, notes = svd, [f"{requested} of a 1×1 kernel is its SVD"]
     if layer.groups > 1:
         one = layer.one_group

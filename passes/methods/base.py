@@ -18,6 +18,7 @@ from rankfold.passes.blocks import (
     conv_group,
     group_block,
     grouped_block,
+    kernel_of,
     set_group,
 )
 
@@ -46,7 +47,8 @@ class FillResult:
 
 
 def kernel_array(module: nn.Module) -> np.ndarray:
-    return module.weight.detach().cpu().double().numpy()
+    """The layer's kernel in float64, in the conv layout T×(S/g)×k… for every conv type."""
+    return kernel_of(module)
 
 
 class Method(ABC):
@@ -66,6 +68,8 @@ class Method(ABC):
 
     name: str
     rank_names: tuple[str, ...] = ("rank",)
+    # The layer types (LayerInfo.type) whose blocks the method builds and fills.
+    layer_types: tuple[str, ...] = ("Conv2d", "Linear")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -75,8 +79,9 @@ class Method(ABC):
 
     def unsupported_reason(self, layer: LayerInfo) -> str | None:
         """None when the method applies to `layer`, else why not (shown in the report)."""
-        if layer.type not in ("Conv2d", "Linear"):
-            return f"{layer.type} is not supported (Conv2d and Linear are)"
+        if layer.type not in self.layer_types:
+            takes = ", ".join(self.layer_types)
+            return f"{self.name} does not decompose {layer.type} layers (it takes {takes})"
         if layer.groups > 1 and layer.groups == layer.in_features:
             return (
                 f"depthwise conv (groups={layer.groups}) has one input channel per group: no "

@@ -13,7 +13,8 @@ from rankfold.passes.blocks import (
     balanced,
     copy_bias,
     pointwise,
-    set_weight,
+    set_kernel,
+    set_matrix,
     spatial_like,
 )
 from rankfold.passes.factorizations import cp_als, cp_sensitivity
@@ -21,15 +22,16 @@ from rankfold.passes.methods.base import Cost, FillResult, Method, Ranks, kernel
 
 
 def cp_tensor(kernel: np.ndarray) -> np.ndarray:
-    """T×S×kh×kw → S×T×(kh·kw), the 3-way tensor every CP method decomposes."""
+    """T×S×k… → S×T×(∏k), the 3-way tensor every CP method decomposes."""
     t, s = kernel.shape[:2]
-    return kernel.transpose(1, 0, 2, 3).reshape(s, t, -1)
+    return kernel.swapaxes(0, 1).reshape(s, t, -1)
 
 
 class CPMethod(Method):
     """CP-ALS of the S×T×(kh·kw) kernel: 1×1 S→R, depthwise kh×kw on R, 1×1 R→T (the bias)."""
 
     name = "cp"
+    layer_types = ("Conv2d", "Conv1d", "ConvTranspose2d", "Linear")
 
     def max_ranks(self, layer: LayerInfo) -> Ranks:
         # A rank-(min over modes of the other modes' product) CP is exact, so more is never needed.
@@ -40,7 +42,11 @@ class CPMethod(Method):
         (r,) = ranks
         s, t, k = layer.in_features, layer.out_features, layer.kernel_area
         bias = t if layer.bias else 0
-        macs = layer.in_positions * s * r + layer.out_positions * r * (k + t)
+        macs = (
+            layer.in_positions * s * r
+            + layer.kernel_positions * r * k
+            + layer.out_positions * r * t
+        )
         return Cost(params=r * (s + k + t) + bias, macs=macs * layer.calls)
 
     def candidates(self, layer: LayerInfo) -> list[Ranks]:
@@ -54,20 +60,21 @@ class CPMethod(Method):
         s, t, k = layer.in_features, layer.out_features, layer.kernel_area
         by_params = s * t * k / (s + k + t)
         by_macs = (
-            layer.out_positions
+            layer.kernel_positions
             * s
             * t
             * k
-            / (layer.in_positions * s + layer.out_positions * (k + t))
+            / (layer.in_positions * s + layer.kernel_positions * k + layer.out_positions * t)
         )
         return (max(1, int(ratio * min(by_params, by_macs))),)
 
     def build(self, layer: LayerInfo, ranks: Ranks) -> FactorizedBlock:
         (r,) = ranks
+        dims = layer.spatial_dims
         stages = OrderedDict(
-            pointwise_in=pointwise(layer.in_features, r),
+            pointwise_in=pointwise(layer.in_features, r, dims=dims),
             depthwise=spatial_like(layer, r, r, groups=r),
-            pointwise_out=pointwise(r, layer.out_features, bias=layer.bias),
+            pointwise_out=pointwise(r, layer.out_features, bias=layer.bias, dims=dims),
         )
         return FactorizedBlock(stages, layer.name, self.name, ranks)
 
@@ -86,10 +93,10 @@ class CPMethod(Method):
 
 
 def load_cp(block: FactorizedBlock, cp, kernel_size: tuple[int, ...]) -> None:
-    """Write a CP of the S×T×(kh·kw) tensor into pointwise_in / depthwise / pointwise_out."""
+    """Write a CP of the S×T×(∏k) tensor into pointwise_in / depthwise / pointwise_out."""
     unit = cp.normalized()
     a, b, c = balanced(list(unit.factors), unit.weights)
     r = unit.rank
-    set_weight(block.pointwise_in, a.T[:, :, None, None])
-    set_weight(block.depthwise, c.T.reshape(r, 1, *kernel_size))
-    set_weight(block.pointwise_out, b[:, :, None, None])
+    set_matrix(block.pointwise_in, a.T)
+    set_kernel(block.depthwise, c.T.reshape(r, 1, *kernel_size))
+    set_matrix(block.pointwise_out, b)

@@ -32,6 +32,7 @@ class CPLRFMethod(Method):
 
     name = "cp-lrf"
     rank_names = ("rank", "rank_in", "rank_out")
+    layer_types = ("Conv2d", "Conv1d", "ConvTranspose2d", "Linear")
 
     def max_ranks(self, layer: LayerInfo) -> Ranks:
         s, t, k = layer.in_features, layer.out_features, layer.kernel_area

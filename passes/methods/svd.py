@@ -8,15 +8,26 @@ import numpy as np
 from torch import nn
 
 from rankfold.passes.analysis import LayerInfo
-from rankfold.passes.blocks import FactorizedBlock, copy_bias, pointwise, set_weight, spatial_like
+from rankfold.passes.blocks import (
+    FactorizedBlock,
+    copy_bias,
+    pointwise,
+    set_kernel,
+    set_matrix,
+    spatial_like,
+)
 from rankfold.passes.factorizations import truncated_svd
 from rankfold.passes.methods.base import Cost, FillResult, Method, Ranks, kernel_array
 
 
 class SVDMethod(Method):
-    """Linear: in→R→out. Conv: kh×kw S→R (original geometry), then 1×1 R→T (the bias)."""
+    """Linear: in→R→out. Conv: kh×kw S→R (the layer's geometry), then 1×1 R→T (the bias).
+
+    The kh×kw stage has the layer's type (Conv1d, Conv2d, ConvTranspose2d: transposed or not).
+    """
 
     name = "svd"
+    layer_types = ("Conv2d", "Conv1d", "ConvTranspose2d", "Linear")
 
     def max_ranks(self, layer: LayerInfo) -> Ranks:
         return (min(layer.out_features, layer.in_features * layer.kernel_area),)
@@ -27,7 +38,7 @@ class SVDMethod(Method):
         bias = t if layer.bias else 0
         return Cost(
             params=s * k * r + r * t + bias,
-            macs=layer.out_positions * (r * s * k + t * r) * layer.calls,
+            macs=(layer.kernel_positions * r * s * k + layer.out_positions * t * r) * layer.calls,
         )
 
     def candidates(self, layer: LayerInfo) -> list[Ranks]:
@@ -51,7 +62,9 @@ class SVDMethod(Method):
         else:
             stages = OrderedDict(
                 spatial=spatial_like(layer, layer.in_features, r),
-                pointwise_out=pointwise(r, layer.out_features, bias=layer.bias),
+                pointwise_out=pointwise(
+                    r, layer.out_features, bias=layer.bias, dims=layer.spatial_dims
+                ),
             )
         return FactorizedBlock(stages, layer.name, self.name, ranks)
 
@@ -60,7 +73,7 @@ class SVDMethod(Method):
         matrix = weight.reshape(weight.shape[0], -1)
         factors = truncated_svd(matrix, block.ranks[0])
         first, second = block[0], block[1]
-        set_weight(first, factors.right.reshape(first.weight.shape))
-        set_weight(second, factors.left.reshape(second.weight.shape))
+        set_kernel(first, factors.right.reshape(-1, *weight.shape[1:]))
+        set_matrix(second, factors.left)
         copy_bias(second, original)
         return FillResult(factors.rel_error(matrix))

@@ -9,16 +9,27 @@ import numpy as np
 from torch import nn
 
 from rankfold.passes.analysis import LayerInfo
-from rankfold.passes.blocks import FactorizedBlock, copy_bias, pointwise, set_weight, spatial_like
+from rankfold.passes.blocks import (
+    FactorizedBlock,
+    copy_bias,
+    pointwise,
+    set_kernel,
+    set_matrix,
+    spatial_like,
+)
 from rankfold.passes.factorizations import tucker2
 from rankfold.passes.methods.base import Cost, FillResult, Method, Ranks, kernel_array
 
 
 class Tucker2Method(Method):
-    """1×1 S→R_S, kh×kw R_S→R_T (original geometry), 1×1 R_T→T (the bias)."""
+    """1×1 S→R_S, kh×kw R_S→R_T (the layer's geometry), 1×1 R_T→T (the bias).
+
+    The kh×kw core has the layer's type (Conv1d, Conv2d, ConvTranspose2d: transposed or not).
+    """
 
     name = "tucker2"
     rank_names = ("rank_out", "rank_in")
+    layer_types = ("Conv2d", "Conv1d", "ConvTranspose2d", "Linear")
 
     def max_ranks(self, layer: LayerInfo) -> Ranks:
         return (layer.out_features, layer.in_features)
@@ -27,7 +38,11 @@ class Tucker2Method(Method):
         r_out, r_in = ranks
         s, t, k = layer.in_features, layer.out_features, layer.kernel_area
         bias = t if layer.bias else 0
-        macs = layer.in_positions * s * r_in + layer.out_positions * (r_out * r_in * k + t * r_out)
+        macs = (
+            layer.in_positions * s * r_in
+            + layer.kernel_positions * r_out * r_in * k
+            + layer.out_positions * t * r_out
+        )
         return Cost(params=s * r_in + r_in * r_out * k + r_out * t + bias, macs=macs * layer.calls)
 
     def candidates(self, layer: LayerInfo) -> list[Ranks]:
@@ -57,18 +72,19 @@ class Tucker2Method(Method):
 
     def build(self, layer: LayerInfo, ranks: Ranks) -> FactorizedBlock:
         r_out, r_in = ranks
+        dims = layer.spatial_dims
         stages = OrderedDict(
-            pointwise_in=pointwise(layer.in_features, r_in),
+            pointwise_in=pointwise(layer.in_features, r_in, dims=dims),
             core=spatial_like(layer, r_in, r_out),
-            pointwise_out=pointwise(r_out, layer.out_features, bias=layer.bias),
+            pointwise_out=pointwise(r_out, layer.out_features, bias=layer.bias, dims=dims),
         )
         return FactorizedBlock(stages, layer.name, self.name, ranks)
 
     def fill(self, block: FactorizedBlock, original: nn.Module, seed: int) -> FillResult:
         kernel = kernel_array(original)
         factors = tucker2(kernel, *block.ranks, seed=seed)
-        set_weight(block.pointwise_in, factors.in_factor.T[:, :, None, None])
-        set_weight(block.core, factors.core)
-        set_weight(block.pointwise_out, factors.out_factor[:, :, None, None])
+        set_matrix(block.pointwise_in, factors.in_factor.T)
+        set_kernel(block.core, factors.core)
+        set_matrix(block.pointwise_out, factors.out_factor)
         copy_bias(block.pointwise_out, original)
         return FillResult(factors.rel_error(kernel))

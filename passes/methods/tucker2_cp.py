@@ -42,6 +42,7 @@ class Tucker2CPMethod(Method):
 
     name = "tucker2-cp"
     rank_names = ("rank_out", "rank_in", "rank")
+    layer_types = ("Conv2d", "Conv1d", "ConvTranspose2d", "Linear")
 
     def __init__(
         self,
@@ -117,22 +118,22 @@ class Tucker2CPMethod(Method):
 
     def fill(self, block: FactorizedBlock, original: nn.Module, seed: int) -> FillResult:
         kernel = kernel_array(original)
-        t, s, kh, kw = kernel.shape
+        spatial = kernel.shape[2:]
         r_out, r_in, r = block.ranks
         tucker = tucker2(kernel, r_out, r_in, seed=seed)
-        core = tucker.core.transpose(1, 0, 2, 3).reshape(r_in, r_out, kh * kw)
+        core = tucker.core.swapaxes(0, 1).reshape(r_in, r_out, -1)
         # The core gets exactly what cp-epc does to a kernel: the cp method's ALS, then EPC.
         als, _ = self._als.factorize(core, r, seed)
         hybrid = Tucker2CPFactors(
             in_factor=tucker.in_factor,
             out_factor=tucker.out_factor,
             core=epc(core, als, max_sweeps=self.max_sweeps, tol=self.tol, patience=self.patience),
-            kernel_size=(kh, kw),
+            kernel_size=spatial,
         )
         unit = hybrid.core.cp.normalized()
-        a, b, c = balanced(list(unit.factors), unit.weights)  # R_S×R, R_T×R, (kh·kw)×R
+        a, b, c = balanced(list(unit.factors), unit.weights)  # R_S×R, R_T×R, (∏k)×R
         fill_five_stage(
-            block, hybrid.in_factor.T, a.T, c.T.reshape(r, kh, kw), b, hybrid.out_factor
+            block, hybrid.in_factor.T, a.T, c.T.reshape(r, *spatial), b, hybrid.out_factor
         )
         copy_bias(block.pointwise_out, original)
         # The same Tucker factors with the ALS core: what EPC started from, on the whole kernel.

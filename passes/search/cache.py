@@ -26,7 +26,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 from rankfold.passes.analysis import LayerInfo
-from rankfold.passes.blocks import FactorizedBlock, block_kernel
+from rankfold.passes.blocks import FactorizedBlock, block_kernel, kernel_of
 from rankfold.passes.core import DecompositionError, atomic_path
 from rankfold.passes.methods import Method, Ranks
 from rankfold.passes.statistics import LayerStatistics, Whitening, whitened_fill
@@ -233,7 +233,7 @@ class DecompositionCache:
 
 def fit_errors(module: nn.Module, block: nn.Module, whitening: Whitening) -> dict[str, float]:
     """The block's relative weight error and relative output error on the layer's statistics."""
-    kernel = module.weight.detach().cpu().double().numpy()
+    kernel = kernel_of(module)
     approx = block_kernel(block).reshape(kernel.shape)
     weight_error = np.linalg.norm(kernel - approx) / max(np.linalg.norm(kernel), 1e-300)
     return {

@@ -10,12 +10,13 @@ import numpy as np
 from torch import fx
 
 from rankfold.passes.core import ConfigError
-from rankfold.passes.methods import METHODS, Ranks
+from rankfold.passes.methods import METHODS, Ranks, kernel_array
 from rankfold.passes.plan import Choices, PlanDraft, Slot, allocate
 
 
 def _kernel(slot: Slot, gm: fx.GraphModule) -> np.ndarray:
-    return gm.get_submodule(slot.layer.name).weight.detach().cpu().double().numpy()
+    # The conv layout T×(S/g)×k… for transposed convs too: groups are contiguous in T.
+    return kernel_array(gm.get_submodule(slot.layer.name))
 
 
 def unfoldings(slot: Slot, gm: fx.GraphModule, selector: str) -> list[list[np.ndarray]]:
