@@ -25,6 +25,24 @@ import argparse  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="cp,tucker2")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--block", type=int, default=16, help="channel block ranks align to")
+    parser.add_argument("--ranks", type=int, default=16, help="aligned ranks timed per layer")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "benchmarks" / "results" / "block_efficiency.json"
+    )
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # before the heavy imports below: --help answers at once
+
 import torch  # noqa: E402
 
 from rankfold.models import load_model  # noqa: E402
@@ -35,7 +53,6 @@ from rankfold.passes.methods import get_method  # noqa: E402
 from rankfold.runtime.backends import get_backend  # noqa: E402
 from rankfold.runtime.latency_model import LatencyTable  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 LAYERS = {
     "resnet56": ["layer1.1.conv1", "layer2.1.conv1", "layer3.1.conv1"],
     "torchvision:resnet18": [
@@ -47,16 +64,7 @@ LAYERS = {
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default="cp,tucker2")
-    parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--block", type=int, default=16, help="channel block ranks align to")
-    parser.add_argument("--ranks", type=int, default=16, help="aligned ranks timed per layer")
-    parser.add_argument(
-        "--out", type=Path, default=REPO / "benchmarks" / "results" / "block_efficiency.json"
-    )
-    args = parser.parse_args()
+def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     table = LatencyTable("cpu", cache_dir=tempfile.mkdtemp(prefix="rankfold-eff-"), threads=1)
     rows = []
@@ -136,4 +144,4 @@ def print_row(r: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

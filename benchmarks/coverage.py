@@ -23,13 +23,30 @@ import re
 import time
 from pathlib import Path
 
-import torch
 
-from rankfold.converter import CompressConfig, ExportConfig, LatencyConfig, run_compress
-from rankfold.models import load_model
-from rankfold.passes import RankPolicy, analyze, trace
-from rankfold.passes.core import atomic_write_json
-from rankfold.passes.plan import budgeted_slots
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="RegNetX-400MF and ConvNeXt only.")
+    parser.add_argument("--out", default="/tmp/rankfold-coverage")
+    parser.add_argument("--no-record", action="store_true", help="Do not append to BENCHMARKS.md.")
+    parser.add_argument(
+        "--reachable-only",
+        action="store_true",
+        help="Only the grouped models' MACs reachable (analysis, no compression; ~1 minute).",
+    )
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # before the heavy imports below: --help answers at once
+
+import torch  # noqa: E402
+
+from rankfold.converter import CompressConfig, ExportConfig, LatencyConfig, run_compress  # noqa: E402
+from rankfold.models import load_model  # noqa: E402
+from rankfold.passes import RankPolicy, analyze, trace  # noqa: E402
+from rankfold.passes.core import atomic_write_json  # noqa: E402
+from rankfold.passes.plan import budgeted_slots  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,17 +133,7 @@ def run(model_name: str, method: str, reduction: float, shape, out: Path) -> dic
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="RegNetX-400MF and ConvNeXt only.")
-    parser.add_argument("--out", default="/tmp/rankfold-coverage")
-    parser.add_argument("--no-record", action="store_true", help="Do not append to BENCHMARKS.md.")
-    parser.add_argument(
-        "--reachable-only",
-        action="store_true",
-        help="Only the grouped models' MACs reachable (analysis, no compression; ~1 minute).",
-    )
-    args = parser.parse_args()
+def main(args: argparse.Namespace) -> None:
     models = [m for m in MODELS if not args.quick or m[0].endswith(("400mf", "convnext_tiny"))]
     rows, ceilings = [], {}
     for model_name, method, reduction, shape in models:
@@ -212,4 +219,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -32,12 +32,30 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from torch import nn
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
-from rankfold.converter import build_config, compress
-from rankfold.models import (
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet20,resnet56")
+    parser.add_argument("--methods", default="cp,tucker2")
+    parser.add_argument("--reductions", default="2,3")
+    parser.add_argument("--stats-samples", type=int, default=512)
+    parser.add_argument("--train-limit", type=int, default=2048)
+    parser.add_argument("--cache", type=Path, default=None, help="decomposition cache folder")
+    parser.add_argument("--out", type=Path, default=RESULTS / "data_aware.json")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # before the heavy imports below: --help answers at once
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from rankfold.converter import build_config, compress  # noqa: E402
+from rankfold.models import (  # noqa: E402
     SHARED_CHECKPOINTS,
     ArrayDataset,
     ModelSpec,
@@ -47,11 +65,10 @@ from rankfold.models import (
     shared_file,
     training_batches,
 )
-from rankfold.passes import plan_cost
-from rankfold.passes.core import atomic_write_json
-from rankfold.passes.recalibrate import recalibrate_bn
+from rankfold.passes import plan_cost  # noqa: E402
+from rankfold.passes.core import atomic_write_json  # noqa: E402
+from rankfold.passes.recalibrate import recalibrate_bn  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 TRAIN = "cifar10/train_lossless_5085.npz"
 TEST = "cifar10/test_lossless_1017.npz"
 
@@ -134,16 +151,7 @@ def run(args, model_name: str, method: str, reduction: float, arm: str, cache: P
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="resnet20,resnet56")
-    parser.add_argument("--methods", default="cp,tucker2")
-    parser.add_argument("--reductions", default="2,3")
-    parser.add_argument("--stats-samples", type=int, default=512)
-    parser.add_argument("--train-limit", type=int, default=2048)
-    parser.add_argument("--cache", type=Path, default=None, help="decomposition cache folder")
-    parser.add_argument("--out", type=Path, default=RESULTS / "data_aware.json")
-    args = parser.parse_args()
+def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     cache = args.cache or Path(tempfile.mkdtemp(prefix="rankfold-data-aware-"))
     rows = []
@@ -202,4 +210,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

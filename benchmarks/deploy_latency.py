@@ -43,6 +43,36 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet18,resnet56")
+    parser.add_argument("--methods", default="cp,cp-epc,tucker2")
+    parser.add_argument("--targets", default="2,3,4")
+    parser.add_argument(
+        "--variants", default="plan,gate,gate+eff0.9,latency+gate,latency+cal", help="see above"
+    )
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--margin", type=float, default=0.05)
+    parser.add_argument("--round-to", type=int, default=16, help="multiple ranks align to")
+    parser.add_argument("--efficiency", type=float, default=0.9, help="gate+eff minimum")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--work", type=Path, default=None, help="folder for the runs' outputs")
+    parser.add_argument("--out", type=Path, default=RESULTS / "deploy_latency.json")
+    args = parser.parse_args()
+    for variant in args.variants.split(","):
+        if variant.startswith("gate+eff") and variant != f"gate+eff{args.efficiency:g}":
+            parser.error(f"variant {variant} does not match --efficiency {args.efficiency:g}")
+    return args
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # before the heavy imports below: --help answers at once
+
 import onnxruntime  # noqa: E402
 import torch  # noqa: E402
 
@@ -53,8 +83,6 @@ from rankfold.passes.core import PlanError, atomic_write_json  # noqa: E402
 from rankfold.runtime import get_backend  # noqa: E402
 from rankfold.runtime.latency_model import LatencyTable  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 MACHINE = "2-core x86-64 CPU, 24 GiB, no GPU"
 
 MODELS = {
@@ -90,30 +118,11 @@ def slowest_kept(plan: Plan, analysis: ModelAnalysis, table: LatencyTable, batch
     return max(ratios, default=0.0)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="resnet18,resnet56")
-    parser.add_argument("--methods", default="cp,cp-epc,tucker2")
-    parser.add_argument("--targets", default="2,3,4")
-    parser.add_argument(
-        "--variants", default="plan,gate,gate+eff0.9,latency+gate,latency+cal", help="see above"
-    )
-    parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--margin", type=float, default=0.05)
-    parser.add_argument("--round-to", type=int, default=16, help="multiple ranks align to")
-    parser.add_argument("--efficiency", type=float, default=0.9, help="gate+eff minimum")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--work", type=Path, default=None, help="folder for the runs' outputs")
-    parser.add_argument("--out", type=Path, default=RESULTS / "deploy_latency.json")
-    args = parser.parse_args()
+def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     batches = [int(b) for b in args.batches.split(",")]
     targets = [float(t) for t in args.targets.split(",")]
     variants = args.variants.split(",")
-    for variant in variants:
-        if variant.startswith("gate+eff") and variant != f"gate+eff{args.efficiency:g}":
-            parser.error(f"variant {variant} does not match --efficiency {args.efficiency:g}")
     work = args.work or Path(tempfile.mkdtemp(prefix="rankfold-deploy-"))
     cache = work / "latency-table"  # a fresh table per benchmark, shared by its runs
     table = LatencyTable("cpu", cache_dir=cache, threads=1)
@@ -283,4 +292,4 @@ def print_calibration(rows: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

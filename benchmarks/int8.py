@@ -33,6 +33,27 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", default="3", help="MAC reductions, e.g. 2,3")
+    parser.add_argument("--batch", default="1,8")
+    parser.add_argument("--methods-r18", default="tucker2,cp")
+    parser.add_argument("--methods-r56", default="tucker2,cp")
+    parser.add_argument("--repeats-r18", type=int, default=10)
+    parser.add_argument("--repeats-r56", type=int, default=20)
+    parser.add_argument("--calib-r18", type=int, default=32, help="calibration images at 224²")
+    parser.add_argument("--calib-r56", type=int, default=256)
+    parser.add_argument("--train-limit", type=int, default=2048, help="BN recalibration images")
+    parser.add_argument("--jpeg-limit", type=int, default=10000, help="0: skip the JPEG set")
+    parser.add_argument("--skip-r18", action="store_true")
+    parser.add_argument("--skip-r56", action="store_true")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # before the heavy imports below: --help answers at once
+
 import onnxruntime  # noqa: E402
 import torch  # noqa: E402
 
@@ -247,21 +268,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--targets", default="3", help="MAC reductions, e.g. 2,3")
-    parser.add_argument("--batch", default="1,8")
-    parser.add_argument("--methods-r18", default="tucker2,cp")
-    parser.add_argument("--methods-r56", default="tucker2,cp")
-    parser.add_argument("--repeats-r18", type=int, default=10)
-    parser.add_argument("--repeats-r56", type=int, default=20)
-    parser.add_argument("--calib-r18", type=int, default=32, help="calibration images at 224²")
-    parser.add_argument("--calib-r56", type=int, default=256)
-    parser.add_argument("--train-limit", type=int, default=2048, help="BN recalibration images")
-    parser.add_argument("--jpeg-limit", type=int, default=10000, help="0: skip the JPEG set")
-    parser.add_argument("--skip-r18", action="store_true")
-    parser.add_argument("--skip-r56", action="store_true")
-    args = parser.parse_args()
+def main(args: argparse.Namespace) -> None:
     args.targets = [float(t) for t in args.targets.split(",")]
     args.batch = [int(b) for b in args.batch.split(",")]
     args.methods_r18 = [m for m in args.methods_r18.split(",") if m]
@@ -294,4 +301,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

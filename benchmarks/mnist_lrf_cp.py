@@ -37,6 +37,20 @@ import time  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one LRF-CPD row, no auto ranks")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for .json and .png")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # before the heavy imports below: --help answers at once
+
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
@@ -53,8 +67,6 @@ from rankfold.passes.factorizations import (  # noqa: E402
     lrf_cp_auto,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 MACHINE = "2-core x86-64 CPU, 24 GiB, no GPU"
 DATE = "2026-11-24"
 COMMAND = ".venv/bin/python benchmarks/mnist_lrf_cp.py"
@@ -121,11 +133,7 @@ def fmt_ranks(ranks: tuple[int | None, ...]) -> str:
     return "(" + ", ".join("–" if r is None else str(r) for r in ranks) + ")"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one LRF-CPD row, no auto ranks")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for .json and .png")
-    args = parser.parse_args()
+def main(args: argparse.Namespace) -> None:
     cp_ranks = QUICK_CP_RANKS if args.quick else CP_RANKS
     lrf_grid = QUICK_LRF_GRID if args.quick else LRF_GRID
     auto_bounds = () if args.quick else AUTO_BOUNDS
@@ -388,4 +396,4 @@ def _section(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

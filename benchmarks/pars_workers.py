@@ -25,13 +25,30 @@ import tempfile
 import time
 from pathlib import Path
 
-import optuna
-
-from rankfold.models import shared_file
-from rankfold.passes.core import atomic_write_json
-from rankfold.passes.search import open_storage, redacted
-
 RESULTS = Path(__file__).parent / "results"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=60)
+    parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--backends", default="postgresql,sqlite")
+    parser.add_argument("--calib", type=int, default=1024, help="proxy images")
+    parser.add_argument("--bn", type=int, default=512, help="BatchNorm recalibration images")
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS / "pars_workers.json")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # before the heavy imports below: --help answers at once
+
+import optuna  # noqa: E402
+
+from rankfold.models import shared_file  # noqa: E402
+from rankfold.passes.core import atomic_write_json  # noqa: E402
+from rankfold.passes.search import open_storage, redacted  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 WEIGHTS = "weights/resnet20-12fca82f.th"
 TRAIN = "cifar10/train_lossless_5085.npz"
@@ -94,16 +111,7 @@ def run_configuration(url: str, study: str, workers: int, args, work: Path) -> d
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=60)
-    parser.add_argument("--workers", default="1,2")
-    parser.add_argument("--backends", default="postgresql,sqlite")
-    parser.add_argument("--calib", type=int, default=1024, help="proxy images")
-    parser.add_argument("--bn", type=int, default=512, help="BatchNorm recalibration images")
-    parser.add_argument("--work", type=Path, default=None)
-    parser.add_argument("--out", type=Path, default=RESULTS / "pars_workers.json")
-    args = parser.parse_args()
+def main(args: argparse.Namespace) -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="rankfold-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     server = Path(tempfile.mkdtemp(prefix="rankfold-postgres-"))
@@ -152,4 +160,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

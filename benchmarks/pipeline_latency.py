@@ -17,14 +17,8 @@ import platform
 import time
 from pathlib import Path
 
-from rankfold.converter import CompressConfig, LatencyConfig, run_compress
-from rankfold.passes import RankPolicy
-from rankfold.passes.core import atomic_write_json
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="torchvision:resnet18")
     parser.add_argument("--weights", default=None)
@@ -34,8 +28,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--out", default="/tmp/rankfold-bench")
     parser.add_argument("--no-record", action="store_true", help="Do not append to BENCHMARKS.md.")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # before the heavy imports below: --help answers at once
+
+from rankfold.converter import CompressConfig, LatencyConfig, run_compress  # noqa: E402
+from rankfold.passes import RankPolicy  # noqa: E402
+from rankfold.passes.core import atomic_write_json  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(args: argparse.Namespace) -> None:
     config = CompressConfig(
         model=args.model,
         weights=args.weights,
@@ -101,4 +107,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -22,22 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from rankfold.converter import build_config, restore, run_compress
-from rankfold.converter.report import plot_search
-from rankfold.models import batches, load_dataset, load_model, shared_file
-from rankfold.passes.core import atomic_write_json
-from rankfold.runtime import torch_accuracy
-
 RESULTS = Path(__file__).parent / "results"
 SELECTORS = ("uniform", "energy", "vbmf", "error", "eps-search", "pars")
-WEIGHTS = "weights/resnet56-4bfd9763.th"
-TRAIN = "cifar10/train_lossless_5085.npz"
-TEST = "cifar10/test_lossless_1017.npz"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="tucker2")
     parser.add_argument("--reduction", type=float, default=3.0)
@@ -52,7 +41,26 @@ def main() -> None:
     parser.add_argument("--selectors", default=",".join(SELECTORS))
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (runs, caches)")
     parser.add_argument("--out", type=Path, default=RESULTS / "rank_selection_resnet56.json")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # before the heavy imports below: --help answers at once
+
+import torch  # noqa: E402
+
+from rankfold.converter import build_config, restore, run_compress  # noqa: E402
+from rankfold.converter.report import plot_search  # noqa: E402
+from rankfold.models import batches, load_dataset, load_model, shared_file  # noqa: E402
+from rankfold.passes.core import atomic_write_json  # noqa: E402
+from rankfold.runtime import torch_accuracy  # noqa: E402
+
+WEIGHTS = "weights/resnet56-4bfd9763.th"
+TRAIN = "cifar10/train_lossless_5085.npz"
+TEST = "cifar10/test_lossless_1017.npz"
+
+
+def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     work = args.work or Path(tempfile.mkdtemp(prefix="rankfold-bench-"))
 
@@ -164,4 +172,4 @@ def print_table(result: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

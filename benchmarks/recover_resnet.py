@@ -37,6 +37,30 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("resnet20", "resnet56"), default="resnet20")
+    parser.add_argument("--method", choices=("cp", "cp-epc", "tucker2"), default="cp")
+    parser.add_argument("--macs-reduction", type=float, default=2.0)
+    parser.add_argument("--epochs", type=int, default=4, help="0: stop after BN recalibration")
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, default=None, help="folder for the runs' outputs")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.epochs < 0:
+        parser.error("--epochs must be >= 0")
+    return args
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # before the heavy imports below: --help answers at once
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -54,28 +78,13 @@ from rankfold.models import (  # noqa: E402
 )
 from rankfold.passes.core import atomic_write_json  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 MACHINE = "2-core x86-64 CPU, 24 GiB, no GPU"
 GOAL_DROP_PT = 0.3
 TRAIN = "cifar10/train_lossless_5085.npz"
 TEST = "cifar10/test_lossless_1017.npz"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("resnet20", "resnet56"), default="resnet20")
-    parser.add_argument("--method", choices=("cp", "cp-epc", "tucker2"), default="cp")
-    parser.add_argument("--macs-reduction", type=float, default=2.0)
-    parser.add_argument("--epochs", type=int, default=4, help="0: stop after BN recalibration")
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--work", type=Path, default=None, help="folder for the runs' outputs")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    if args.epochs < 0:
-        parser.error("--epochs must be >= 0")
+def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     started = time.perf_counter()
     work = args.work or Path(tempfile.mkdtemp(prefix="rankfold-recover-"))
@@ -275,4 +284,4 @@ def table(summary: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

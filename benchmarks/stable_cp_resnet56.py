@@ -42,6 +42,24 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-long-als", action="store_true", help="skip cp-ls / cp-epc-ls")
+    parser.add_argument(
+        "--quick", action="store_true", help="cp and cp-epc only: the cp → cp-epc row"
+    )
+    parser.add_argument("--work", type=Path, default=None, help="folder for the runs' outputs")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # before the heavy imports below: --help answers at once
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -70,8 +88,6 @@ from rankfold.passes.factorizations import cp_als  # noqa: E402
 from rankfold.passes.methods import METHODS, CPEPCMethod, CPMethod  # noqa: E402
 from rankfold.runtime import get_backend, torch_accuracy  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 MACHINE = "2-core x86-64 CPU, 24 GiB, no GPU"
 DATE = "2026-11-24"
 REDUCTION = 3.0
@@ -296,15 +312,7 @@ def markdown(summary: dict, runs: dict[str, dict], original: float) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--no-long-als", action="store_true", help="skip cp-ls / cp-epc-ls")
-    parser.add_argument(
-        "--quick", action="store_true", help="cp and cp-epc only: the cp → cp-epc row"
-    )
-    parser.add_argument("--work", type=Path, default=None, help="folder for the runs' outputs")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     full = not args.quick
@@ -429,4 +437,4 @@ def _fully_merged(row: dict) -> bool:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)
