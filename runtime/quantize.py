@@ -76,9 +76,7 @@ class BatchReader(CalibrationDataReader):
         batch = next(self._batches, None)
         if batch is None:
             return None
-        if isinstance(batch, torch.Tensor):
-            batch = batch.detach().cpu().numpy()
-        array = np.ascontiguousarray(batch, dtype=np.float32)
+        array = as_input_array(batch)
         self.samples += len(array)
         return {self.input_name: array}
 
@@ -202,19 +200,13 @@ def equalize_conv_chains(
         w_second = onnx.numpy_helper.to_array(weights[second.input[1]]).copy()
         channels = w_first.shape[0]
         groups = _attribute(second, "group", 1)
-        per_group = channels // groups
-        outputs = w_second.shape[0] // groups
-        # Input channel r is column r % per_group of the outputs of group r // per_group.
-        column = np.stack(
-            [
-                np.abs(w_second[(r // per_group) * outputs : (r // per_group + 1) * outputs,
-                                r % per_group]).max()
-                for r in range(channels)
-            ]
-        )  # fmt: skip
+        # (group, its outputs, its input channels, kernel): input channel r is [r // per_group,
+        # :, r % per_group], so channel order is the flattened (group, input channel) order.
+        by_group = w_second.reshape(groups, -1, channels // groups, *w_second.shape[2:])
+        column = np.abs(by_group).max(axis=(1, *range(3, by_group.ndim))).reshape(-1)
         alive = (activation > 0) & (column > 0)
         multiplier = np.ones(channels)
-        if per_group == 1:
+        if channels == groups:
             multiplier[alive] = activation[alive].max() / activation[alive]
         else:
             balance = np.sqrt(column[alive] / activation[alive])
@@ -225,9 +217,7 @@ def equalize_conv_chains(
         if len(first.input) > 2 and first.input[2]:
             bias = onnx.numpy_helper.to_array(weights[first.input[2]]) * multiplier
             _store(weights[first.input[2]], bias)
-        for r in range(channels):
-            block = slice((r // per_group) * outputs, (r // per_group + 1) * outputs)
-            w_second[block, r % per_group] /= multiplier[r]
+        by_group /= multiplier.reshape(groups, 1, -1, *[1] * (by_group.ndim - 3))
         _store(weights[second.input[1]], w_second)
     return len(edges)
 
@@ -274,13 +264,18 @@ def _channel_ranges(
     input_name = session.get_inputs()[0].name
     ranges: dict[str, np.ndarray] = {}
     for batch in batches:
-        if isinstance(batch, torch.Tensor):
-            batch = batch.detach().cpu().numpy()
-        values = session.run(tensors, {input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+        values = session.run(tensors, {input_name: as_input_array(batch)})
         for name, value in zip(tensors, values):
             peak = np.abs(value).max(axis=tuple(i for i in range(value.ndim) if i != 1))
             ranges[name] = np.maximum(ranges.get(name, peak), peak).astype(np.float64)
     return ranges
+
+
+def as_input_array(batch: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A batch as onnxruntime takes it: contiguous float32 NumPy."""
+    if isinstance(batch, torch.Tensor):
+        batch = batch.detach().cpu().numpy()
+    return np.ascontiguousarray(batch, dtype=np.float32)
 
 
 def _attribute(node: onnx.NodeProto, name: str, default: int) -> int:
