@@ -70,10 +70,20 @@ def rankfold_command(processes: int) -> list[str]:
     return [*launcher, f"--nproc_per_node={processes}", "--no-python", str(exe)]
 
 
+# Runs a command and prints the largest peak RSS (KiB on Linux) among its descendants: each stage
+# gets its own wrapper, so RUSAGE_CHILDREN covers that stage's processes only (torchrun's ranks
+# are reaped by torchrun, whose own children's peak is folded into the wrapper's).
+PEAK_RSS_WRAPPER = (
+    "import resource, subprocess, sys; code = subprocess.run(sys.argv[2:]).returncode; "
+    "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); "
+    "sys.exit(code)"
+)
+
+
 def run_stage(
     name: str, command: list[str], out: Path, threads: int, reuse: bool
 ) -> dict[str, Any]:
-    """Run one `rankfold compress` into `out`; its report.json, and the wall seconds."""
+    """Run one `rankfold compress` into `out`; its report.json, wall seconds and peak RSS."""
     record = out / "benchmark_command.json"
     if reuse and record.is_file() and (out / "report.json").is_file():
         saved = json.loads(record.read_text())
@@ -87,13 +97,18 @@ def run_stage(
     }
     env["OMP_NUM_THREADS"] = str(threads)
     log(f"{name}: {' '.join(command)}")
+    peak_file = out.with_name(f"{out.name}.peak_rss_kib")
     start = time.perf_counter()
-    done = subprocess.run(command, env=env, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS_WRAPPER, str(peak_file), *command], env=env, cwd=REPO
+    )
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"{name}: rankfold compress exited with {done.returncode} (see the log above)")
     log(f"{name}: done in {seconds:.0f} s")
-    saved = {"command": command, "seconds": seconds}
+    peak_mib = int(peak_file.read_text()) / 1024
+    log(f"{name}: largest peak RSS of one process {peak_mib:.0f} MiB")
+    saved = {"command": command, "seconds": seconds, "peak_rss_mib": peak_mib}
     record.write_text(json.dumps(saved, indent=2))
     return {"report": json.loads((out / "report.json").read_text()), **saved}
 
@@ -277,6 +292,7 @@ def main() -> None:
             for stage, rows in histories.items()
         },
         "seconds": {stage: run["seconds"] for stage, run in runs.items()},
+        "peak_rss_mib_per_process": {stage: run["peak_rss_mib"] for stage, run in runs.items()},
         "commands": {stage: " ".join(run["command"]) for stage, run in runs.items()},
         "work": str(work),
         "total_seconds": time.perf_counter() - started,
@@ -324,7 +340,14 @@ def table(summary: dict[str, Any]) -> str:
                 f"{rate:.0f} | {row['seconds']:.0f} |"
             )
     runs = ", ".join(f"{stage} {s:.0f} s" for stage, s in summary["seconds"].items())
-    lines += ["", f"wall time: {runs}; whole benchmark {summary['total_seconds']:.0f} s"]
+    peaks = ", ".join(
+        f"{stage} {mib:,.0f} MiB" for stage, mib in summary["peak_rss_mib_per_process"].items()
+    )
+    lines += [
+        "",
+        f"wall time: {runs}; whole benchmark {summary['total_seconds']:.0f} s",
+        f"largest peak RSS of one process: {peaks}",
+    ]
     return "\n".join(lines)
 
 
