@@ -225,7 +225,7 @@ _RSS_SCRIPT = textwrap.dedent(
     """
     import json, resource, sys
     from rankfold.models import ModelSpec, batches, load_dataset
-    spec = ModelSpec("m", (3, 128, 128), 10, (0.5,) * 3, (0.25,) * 3)
+    spec = ModelSpec("m", (3, 48, 48), 10, (0.5,) * 3, (0.25,) * 3)
     peaks = []
     for folder in sys.argv[1:]:  # smaller first: the peak only grows
         data = load_dataset(folder, spec, workers=0)
@@ -238,14 +238,14 @@ _RSS_SCRIPT = textwrap.dedent(
 
 
 def test_peak_memory_does_not_grow_with_the_dataset(tmp_path: Path) -> None:
-    # One 128×128 JPEG's bytes written 1,000 and 4,000 times (the suite's time allows no more
-    # decodes): holding the decoded images would take 4,000 × 48 KiB = 188 MiB, 141 MiB more
-    # than the smaller folder's. The allocator alone moves the peak by up to ~20 MiB.
+    # The issue's scale: one 48×48 JPEG's bytes written 2,000 and 20,000 times. Holding the
+    # decoded images would take 18,000 × 6.75 KiB = 119 MiB more for the larger folder (4× that
+    # as float tensors); the allocator alone moves the peak by up to ~20 MiB.
     buffer = io.BytesIO()
-    _noise(128, 128, 0).save(buffer, format="JPEG")
+    _noise(48, 48, 0).save(buffer, format="JPEG")
     payload = buffer.getvalue()
     folders = []
-    for name, per_class in (("small", 100), ("large", 400)):
+    for name, per_class in (("small", 200), ("large", 2_000)):
         for label in range(10):
             folder = tmp_path / name / f"class{label}"
             folder.mkdir(parents=True)
@@ -260,7 +260,7 @@ def test_peak_memory_does_not_grow_with_the_dataset(tmp_path: Path) -> None:
         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
     )
     small, large = json.loads(done.stdout.strip().splitlines()[-1])
-    assert small["seen"] == 1_000 and large["seen"] == 4_000
+    assert small["seen"] == 2_000 and large["seen"] == 20_000
     assert large["peak_mib"] - small["peak_mib"] < 40, (small, large)
 
 
