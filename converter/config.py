@@ -200,6 +200,15 @@ class CompressConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _output_selector_needs_training_images(self) -> CompressConfig:
+        if self.ranks.select == "output" and self.train_data is None and self.plan is None:
+            raise ConfigError(
+                "--select output weighs every layer's error by its input statistics on "
+                "training images; pass --train-data (an .npz or ImageFolder)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _rel_error_needs_its_selector(self) -> CompressConfig:
         # Only a bound the user gave: the default is harmless under any selector.
         if "rel_error" in self.ranks.model_fields_set and self.ranks.select != "error":
@@ -219,10 +228,10 @@ class CompressConfig(_Strict):
         )
         for key in given:
             readers = "data-aware fits and the last-stage refit" if key == "samples" else None
-            if readers and not (self.data_aware or self.refits):
+            if readers and not (self.data_aware or self.refits or self.reads_moments):
                 why = "--data-aware or --refit" if self.train_data else "--train-data"
-            elif not readers and not self.data_aware:
-                readers = "data-aware fits"
+            elif not readers and not (self.data_aware or self.reads_moments):
+                readers = "data-aware fits and --select output"
                 why = "--data-aware" if self.train_data else "--train-data"
             else:
                 continue
@@ -235,6 +244,11 @@ class CompressConfig(_Strict):
     def data_aware(self) -> bool:
         """Whether layers are fitted to their outputs on the training images."""
         return self.train_data is not None and self.statistics.data_aware
+
+    @property
+    def reads_moments(self) -> bool:
+        """Whether planning reads the layers' input statistics (`--select output`)."""
+        return self.train_data is not None and self.ranks.select == "output" and self.plan is None
 
     @property
     def refits(self) -> bool:

@@ -232,7 +232,7 @@ OPTIONS: tuple[Option, ...] = (
     # ---- selection
     Option(
         "ranks.select",
-        "Rank selector: uniform, energy, error, vbmf, eps-search, pars.",
+        "Rank selector: uniform, energy, error, output, vbmf, eps-search, pars.",
         SELECTION,
     ),
     Option("ranks.energy", "energy: retained energy of the unfoldings (0.95).", SELECTION, float),

@@ -537,7 +537,7 @@ def compress(
         ]
     cache_dir = config.search.cache_dir or default_cache_dir()
     statistics = None
-    if config.data_aware:
+    if config.data_aware or config.reads_moments:
         settings = config.statistics
         statistics = layer_statistics(
             original,
@@ -550,6 +550,11 @@ def compress(
             cache_dir,
             batch_size=config.search.batch_size,
         )
+    moments = None if statistics is None else statistics.statistics
+    # Statistics collected for `--select output` alone leave the fits weight-only.
+    fitted_to = moments if config.data_aware else None
+    if not config.data_aware:
+        statistics = None
     plan, selection, cache = _choose_plan(
         original,
         analysis,
@@ -558,13 +563,12 @@ def compress(
         spec,
         train,
         tables,
-        None if statistics is None else statistics.statistics,
+        fitted_to,
+        moments,
     )
     if cache is None or cache.directory is None:
         # On disk, so every finished layer survives a killed run and a rerun computes nothing.
-        cache = DecompositionCache(
-            cache_dir, config.seed, None if statistics is None else statistics.statistics
-        )
+        cache = DecompositionCache(cache_dir, config.seed, fitted_to)
     with progress_bar("decompose", total=len(plan.decomposed())) as advance:
         compressed, decomposition = decompose(
             original, analysis, plan, seed=config.seed, progress=advance, cache=cache
@@ -688,6 +692,7 @@ def _choose_plan(
     train: ImageData | None,
     tables: list[LatencyTable],
     statistics: LayerStatistics | None = None,
+    moments: LayerStatistics | None = None,
 ) -> tuple[Plan, SelectionReport, DecompositionCache | None]:
     """The plan to decompose with, how it was chosen, and the decomposition cache the selector
     filled (the final decomposition reuses it). `tables`: one per deployed thread count.
@@ -708,6 +713,7 @@ def _choose_plan(
     policy = config.ranks
     context = _planning_context(original, analysis, config, spec, train, tables[:1])
     context.statistics = statistics
+    context.moments = moments
 
     def planned(ranks: RankPolicy) -> tuple[Plan, dict[str, Any]]:
         selection = select_ranks(analysis, ranks, context)

@@ -66,6 +66,11 @@ def select_ranks(
             f"--select {selector.name} needs calibration data; pass --train-data (labelled "
             "images, e.g. cifar10/train_lossless_5085.npz)"
         )
+    if selector.needs_statistics and context.moments is None:
+        raise ConfigError(
+            f"--select {selector.name} reads the layers' input statistics; pass --train-data "
+            "(or PlanningContext(moments=layer_statistics(...)))"
+        )
     if selector.needs_kernels and context.gm is None:
         raise ConfigError(
             f"--select {selector.name} reads the layers' weights; pass PlanningContext(gm=the "

@@ -20,6 +20,7 @@ from rankfold.passes.selectors.base import (
 from rankfold.passes.selectors.energy import EnergySelector
 from rankfold.passes.selectors.eps_search import EpsSearchSelector
 from rankfold.passes.selectors.error import ErrorSelector
+from rankfold.passes.selectors.output import OutputErrorSelector
 from rankfold.passes.selectors.pars import ParsSelector
 from rankfold.passes.selectors.uniform import UniformSelector
 from rankfold.passes.selectors.vbmf import VBMFSelector, evbmf_rank
@@ -33,6 +34,7 @@ for _selector in (
     UniformSelector(),
     EnergySelector(),
     ErrorSelector(),
+    OutputErrorSelector(),
     VBMFSelector(),
     EpsSearchSelector(),
     ParsSelector(),

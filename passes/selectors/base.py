@@ -35,7 +35,9 @@ class PlanningContext:
     `cache`: the decomposition cache the search fills and the final decomposition reuses;
     `seed`: the factorization seed, so searched blocks are the final ones;
     `statistics`: layer input statistics, so searched blocks are fitted data-aware as the final
-    ones are (the cache the selector makes carries them).
+    ones are (the cache the selector makes carries them);
+    `moments`: layer input statistics for selectors that read them (`--select output`), whether
+    or not the fits are data-aware.
     """
 
     gm: nn.Module | None = None
@@ -45,6 +47,7 @@ class PlanningContext:
     cache: DecompositionCache | None = None
     seed: int = 0
     statistics: LayerStatistics | None = None
+    moments: LayerStatistics | None = None
     model_name: str = "model"
     progress: ProgressFactory = no_progress
 
@@ -67,6 +70,7 @@ class Selector(ABC):
     needs_kernels = True  # reads the layers' weights (context.gm)
     needs_calibration = False  # reads labelled data (context.calibration)
     needs_budget = False  # only works under a whole-model budget
+    needs_statistics = False  # reads layer input statistics (context.moments)
     uses_cache = False  # factorizes candidates (context.cache)
 
     def steps(self, draft: PlanDraft, context: PlanningContext) -> int:

@@ -61,10 +61,13 @@ from rankfold.passes.selectors.base import Advance, Choice, PlanningContext, Sel
 from rankfold.passes.selectors.chains import has_unfoldings
 from rankfold.passes.selectors.energy import energy_choice
 from rankfold.passes.selectors.eps_search import last_within
+from rankfold.passes.selectors.output import output_choice
 from rankfold.passes.selectors.vbmf import vbmf_choice
 
 if TYPE_CHECKING:
     import optuna
+
+    from rankfold.passes.statistics import LayerStatistics
 
 SHARE_LOW = 0.25  # a layer keeps at least a quarter of the share of the most favoured one
 
@@ -80,18 +83,25 @@ class ParsSelector(Selector):
         return context.search.trials
 
     def choose(self, draft: PlanDraft, context: PlanningContext, advance: Advance) -> Choice:
-        return pars_search(SearchContext.of(draft, context), pars_seeds(draft, context.gm), advance)
+        seeds = pars_seeds(draft, context.gm, context.moments)
+        return pars_search(SearchContext.of(draft, context), seeds, advance)
 
 
-def pars_seeds(draft: PlanDraft, gm) -> list[tuple[str, Choices]]:
+def pars_seeds(
+    draft: PlanDraft, gm, moments: LayerStatistics | None = None
+) -> list[tuple[str, Choices]]:
     """Configurations PARS tries right after the uniform one: the energy and VBMF allocations
-    where the methods have unfoldings (they cost no decomposition)."""
+    where the methods have unfoldings (they cost no decomposition), and with layer statistics
+    the output-error allocation (`--select output`)."""
     if not has_unfoldings(draft, gm):
         return []
-    return [
+    seeds = [
         ("energy", energy_choice(draft, gm, 1.0).choices),
         ("vbmf", vbmf_choice(draft, gm).choices),
     ]
+    if moments is not None and all(slot.layer.name in moments.moments for slot in draft.slots):
+        seeds.append(("output", output_choice(draft, gm, moments).choices))
+    return seeds
 
 
 def plan_totals(draft: PlanDraft, choices: Choices) -> dict[str, int]:
