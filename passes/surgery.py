@@ -14,8 +14,9 @@ from __future__ import annotations
 import copy
 import os
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 from torch import nn
@@ -28,9 +29,12 @@ from rankfold.passes.plan import LayerPlan, Plan, check_plan
 from rankfold.passes.search.cache import (
     CachedBlock,
     DecompositionCache,
+    Fill,
     compute_threads,
+    fill_entry,
     fit_errors,
 )
+from rankfold.passes.search.evaluator import spawn_context
 
 
 @dataclass
@@ -105,6 +109,33 @@ def pool_shape(jobs: int, cores: int | None = None) -> tuple[int, int]:
     return max(1, min(cores, jobs)), 1
 
 
+def _fill_single_threaded(*args: object) -> CachedBlock:
+    with compute_threads(1):
+        return fill_entry(*args)
+
+
+@contextmanager
+def worker_processes(workers: int, gil_bound_fills: int) -> Iterator[Fill | None]:
+    """A fill that runs in one of `workers` processes, given at least two GIL-bound fills per
+    worker to amortise starting them (a fresh interpreter imports torch): methods whose inner
+    loops are Python-level NumPy steps on small arrays (EPC's sweeps) hold the GIL most of the
+    time, so threads wait on each other, and only processes run them side by side. A layer
+    thread hands its fill over and waits without the GIL."""
+    if workers < 2 or gil_bound_fills < 2 * workers:
+        yield None
+        return
+    with ProcessPoolExecutor(workers, mp_context=spawn_context()) as pool:
+
+        def remote(*args: object) -> CachedBlock:
+            return pool.submit(_fill_single_threaded, *args).result()
+
+        try:
+            yield remote
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
 def largest_first(planned: list[LayerPlan], layers: dict[str, LayerInfo]) -> list[LayerPlan]:
     """Planned layers by falling size (weights × largest rank, what a factorization's sweeps
     scale with): with the big ones started first, a few wide layers do not run alone at the end
@@ -157,18 +188,29 @@ def decompose(
         method = get_method(entry.method)
         module = new.get_submodule(entry.name)
         layer, ranks = layers[entry.name], tuple(entry.ranks)
-        cached, computed = cache.lookup(module, layer, method, ranks, threads=None)
+        compute = remote if method.gil_bound else None
+        cached, computed = cache.lookup(module, layer, method, ranks, None, compute)
         compared: dict[str, float] = {}
         whitening = cache.whitening(layer)
         if baseline is not None and whitening is not None:
-            plain, _ = baseline.lookup(module, layer, method, ranks, threads=None)
+            plain, _ = baseline.lookup(module, layer, method, ranks, None, compute)
             block = method.build(layer, ranks)
             block.load_state_dict(plain.state)
             compared = fit_errors(module, block, whitening)
         return cached, computed, time.perf_counter() - start, compared
 
     filled: dict[str, tuple[CachedBlock, bool, float, dict[str, float]]] = {}
-    with compute_threads(threads), ThreadPoolExecutor(n_workers) as pool:
+
+    def gil_bound_fill(entry: LayerPlan) -> bool:
+        method, module = get_method(entry.method), new.get_submodule(entry.name)
+        return method.gil_bound and not cache.has(module, layers[entry.name], method, entry.ranks)
+
+    gil_bound_fills = sum(map(gil_bound_fill, planned))
+    with (
+        compute_threads(threads),
+        worker_processes(n_workers, gil_bound_fills) as remote,
+        ThreadPoolExecutor(n_workers) as pool,
+    ):
         futures = {pool.submit(fill, entry): entry.name for entry in largest_first(planned, layers)}
         try:
             for future in as_completed(futures):

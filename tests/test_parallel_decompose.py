@@ -1,19 +1,24 @@
-"""decompose on a thread pool: the same blocks as one worker, progress per layer, resumable."""
+"""decompose on a thread pool (EPC in worker processes): the same blocks as one worker, progress
+per layer, resumable."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from planning_helpers import plan_of
 from torch import nn
 
-from rankfold.passes import RankPolicy, analyze, decompose, trace
+from rankfold.passes import RankPolicy, analyze, decompose, surgery, trace
 from rankfold.passes.search import DecompositionCache
+from rankfold.passes.search.evaluator import spawn_context
 from rankfold.passes.surgery import largest_first, pool_shape
 
 
-def _model() -> tuple[nn.Module, torch.Tensor]:
+def _model(depth: int = 3) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     layers = [nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)]
+    for _ in range(depth - 3):
+        layers += [nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)]
     layers += [nn.ReLU(), nn.Conv2d(16, 12, 3, padding=1)]
     return nn.Sequential(*layers).eval(), torch.randn(1, 8, 8, 8)
 
@@ -27,17 +32,24 @@ def test_pool_shape_never_oversubscribes_the_cores() -> None:
         assert 1 <= workers <= jobs and workers * threads <= 6
 
 
-def test_parallel_blocks_equal_serial_ones_and_a_rerun_loads_them(tmp_path) -> None:
-    model, x = _model()
+@pytest.mark.parametrize("method", ["cp", "cp-epc"])
+def test_parallel_blocks_equal_serial_ones_and_a_rerun_loads_them(
+    tmp_path, monkeypatch, method
+) -> None:
+    # Four layers: two GIL-bound fills per worker start the worker processes.
+    model, x = _model(depth=4 if method == "cp-epc" else 3)
     gm = trace(model, x)
     analysis = analyze(gm)
-    plan = plan_of(analysis, RankPolicy(method="cp", macs_reduction=2.0, round_to=None))
+    plan = plan_of(analysis, RankPolicy(method=method, macs_reduction=2.0, round_to=None))
     serial, serial_report = decompose(gm, analysis, plan, cores=1)
     finished: list[str] = []
     cache = DecompositionCache(tmp_path, seed=0)
+    spawned = []  # EPC's GIL-bound sweeps go to worker processes, ALS stays on threads
+    monkeypatch.setattr(surgery, "spawn_context", lambda: spawned.append(1) or spawn_context())
     parallel, report = decompose(gm, analysis, plan, progress=finished.append, cache=cache, cores=2)
+    assert len(spawned) == (method == "cp-epc")
     names = [entry.name for entry in plan.decomposed()]
-    assert sorted(finished) == sorted(names) and len(names) == 3
+    assert sorted(finished) == sorted(names) and len(names) == len(analysis.layers)
     for key, value in serial.state_dict().items():
         torch.testing.assert_close(parallel.state_dict()[key], value, rtol=0, atol=0)
     assert [r.rel_error for r in report.layers] == [r.rel_error for r in serial_report.layers]
@@ -45,7 +57,7 @@ def test_parallel_blocks_equal_serial_ones_and_a_rerun_loads_them(tmp_path) -> N
     # Every finished layer is on disk: a new run with the same plan factorizes nothing.
     again = DecompositionCache(tmp_path, seed=0)
     _, rerun = decompose(gm, analysis, plan, cache=again, cores=2)
-    assert again.misses == 0 and again.hits == 3
+    assert again.misses == 0 and again.hits == len(names)
     assert all(row.from_cache for row in rerun.layers if row.status == "decomposed")
 
 

@@ -70,6 +70,9 @@ class Method(ABC):
     rank_names: tuple[str, ...] = ("rank",)
     # The layer types (LayerInfo.type) whose blocks the method builds and fills.
     layer_types: tuple[str, ...] = ("Conv2d", "Linear")
+    # Whether `fill` is mostly Python-level steps holding the GIL (then `decompose` runs layers
+    # in worker processes rather than threads).
+    gil_bound: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

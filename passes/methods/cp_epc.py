@@ -49,6 +49,7 @@ class CPEPCMethod(CPMethod):
     """Stable CP: the cp method's ALS, then EPC at the same error (far less sensitive factors)."""
 
     name = "cp-epc"
+    gil_bound = True  # EPC's sweeps: many small NumPy steps
 
     def __init__(
         self,

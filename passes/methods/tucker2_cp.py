@@ -41,6 +41,7 @@ class Tucker2CPMethod(Method):
     """Tucker-2 on the channels, EPC-CP of the core: 1×1 S→R_S→R, depthwise, 1×1 R→R_T→T."""
 
     name = "tucker2-cp"
+    gil_bound = True  # EPC's sweeps on the core: many small NumPy steps
     rank_names = ("rank_out", "rank_in", "rank")
     layer_types = ("Conv2d", "Conv1d", "ConvTranspose2d", "Linear")
 

@@ -15,7 +15,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +122,13 @@ class DecompositionCache:
             h.update(f"|statistics:{whitening.fingerprint}".encode())
         return h.hexdigest()
 
+    def has(self, module: nn.Module, layer: LayerInfo, method: Method, ranks: Ranks) -> bool:
+        """Whether the entry is stored (without loading it)."""
+        key = self.key(module, method, ranks, self.whitening(layer))
+        if self.directory is None:
+            return key in self._memory
+        return self._path(key).is_file()
+
     def get(
         self,
         module: nn.Module,
@@ -139,10 +146,12 @@ class DecompositionCache:
         method: Method,
         ranks: Ranks,
         threads: int | None = 1,
+        compute: Fill | None = None,
     ) -> tuple[CachedBlock, bool]:
         """The entry and whether it was computed now. The fill runs on `threads` BLAS/torch
         threads (default 1: rank search runs many small fills side by side; None: the caller
-        set them, as `decompose`'s pool does)."""
+        set them, as `decompose`'s pool does), through `compute` (default `fill_entry` here;
+        `decompose` sends GIL-bound methods to worker processes)."""
         whitening = self.whitening(layer)
         key = self.key(module, method, ranks, whitening)
         entry = self._load(key)
@@ -151,25 +160,11 @@ class DecompositionCache:
                 self.hits += 1
             return entry, False
         start = time.perf_counter()
-        block = method.build(layer, ranks).to(module.weight.device, module.weight.dtype)
-        try:
+        if compute is None:
             with compute_threads(threads):
-                if whitening is None:
-                    filled = method.fill(block, module, self.seed)
-                else:
-                    filled = whitened_fill(method, block, module, whitening, self.seed)
-                    filled.extras.update(fit_errors(module, block, whitening))
-                    filled.rel_error = filled.extras.pop("weight_error")
-        except (ValueError, ArithmeticError, RuntimeError) as exc:
-            raise DecompositionError(
-                f"decomposing layer '{layer.name}' ({method.name}, ranks {list(ranks)}) failed: "
-                f"{str(exc).splitlines()[0]}; try other ranks or method, or skip the layer"
-            ) from None
-        entry = CachedBlock(
-            {k: v.detach().cpu().clone() for k, v in block.state_dict().items()},
-            float(filled.rel_error),
-            {k: float(v) for k, v in filled.extras.items()},
-        )
+                entry = fill_entry(module, layer, method, ranks, self.seed, whitening)
+        else:
+            entry = compute(module, layer, method, ranks, self.seed, whitening)
         # Stored as soon as it is computed: a killed run resumes from the finished layers.
         self._store(key, entry)
         with self._lock:
@@ -229,6 +224,40 @@ class DecompositionCache:
         payload = {"state": entry.state, "rel_error": entry.rel_error, "extras": entry.extras}
         with atomic_path(self._path(key)) as tmp:
             torch.save(payload, tmp)
+
+
+def fill_entry(
+    module: nn.Module,
+    layer: LayerInfo,
+    method: Method,
+    ranks: Ranks,
+    seed: int,
+    whitening: Whitening | None,
+) -> CachedBlock:
+    """The work behind a cache miss: `module` factorized into a new block at `ranks`, fitted to
+    its output in the `whitening` metric when given (a module-level function, so that worker
+    processes can run it)."""
+    block = method.build(layer, ranks).to(module.weight.device, module.weight.dtype)
+    try:
+        if whitening is None:
+            filled = method.fill(block, module, seed)
+        else:
+            filled = whitened_fill(method, block, module, whitening, seed)
+            filled.extras.update(fit_errors(module, block, whitening))
+            filled.rel_error = filled.extras.pop("weight_error")
+    except (ValueError, ArithmeticError, RuntimeError) as exc:
+        raise DecompositionError(
+            f"decomposing layer '{layer.name}' ({method.name}, ranks {list(ranks)}) failed: "
+            f"{str(exc).splitlines()[0]}; try other ranks or method, or skip the layer"
+        ) from None
+    return CachedBlock(
+        {k: v.detach().cpu().clone() for k, v in block.state_dict().items()},
+        float(filled.rel_error),
+        {k: float(v) for k, v in filled.extras.items()},
+    )
+
+
+Fill = Callable[[nn.Module, LayerInfo, Method, Ranks, int, "Whitening | None"], CachedBlock]
 
 
 def fit_errors(module: nn.Module, block: nn.Module, whitening: Whitening) -> dict[str, float]:
