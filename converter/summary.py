@@ -10,6 +10,7 @@ from rich.table import Table
 
 from rankfold.converter.results import Report
 from rankfold.converter.ui import console
+from rankfold.passes.analysis import ATTENTION_PRODUCTS_NOTE
 from rankfold.passes.latency_gate import threads_text
 from rankfold.runtime.latency import format_speedup
 
@@ -108,10 +109,22 @@ def summary_lines(report: Report, out: Path) -> list[str]:
             f"training images refitted {check.accuracy_refitted:.2%}, recalibrated "
             f"{check.accuracy_recalibrated:.2%}"
         )
-    if original.functional_macs:
-        calls = ", ".join(f"{name} {macs:,}" for name, macs in original.functional_macs.items())
+    products = {
+        name: macs
+        for name, macs in original.functional_macs.items()
+        if name.endswith(ATTENTION_PRODUCTS_NOTE)
+    }
+    if products:
         lines.append(
-            f"not decomposable: {len(original.functional_macs)} functional call(s) counted in "
+            f"attention scores and weighted sums: {len(products)} call(s), "
+            f"{sum(products.values()):,} MACs counted (products of activations: no weights to "
+            "decompose)"
+        )
+    functional = {k: v for k, v in original.functional_macs.items() if k not in products}
+    if functional:
+        calls = ", ".join(f"{name} {macs:,}" for name, macs in functional.items())
+        lines.append(
+            f"not decomposable: {len(functional)} functional call(s) counted in "
             f"the MACs ({calls}); make them Conv2d/Linear modules to compress them"
         )
     gate = report.selection.latency_gate

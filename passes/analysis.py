@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from rankfold.passes.attention import ATTENTION_MACS, kept_reason
+
 # Analysed (and counted in the MACs); which ones a method decomposes is its own `layer_types`.
 CONV_TYPES = (
     nn.Conv1d,
@@ -255,6 +257,12 @@ def _functional_macs(gm: fx.GraphModule) -> dict[str, int]:
     for node in gm.graph.nodes:
         if node.op != "call_function" or "tensor_meta" not in node.meta:
             continue
+        if node.target in ATTENTION_MACS:
+            shapes = [arg.meta["tensor_meta"].shape for arg in node.args[:3]]
+            found[attention_key(node)] = ATTENTION_MACS[node.target](*shapes)
+            continue
+        if isinstance(node.meta["tensor_meta"], tuple | list | dict):
+            continue  # a function returning several values: none of the products below
         out = node.meta["tensor_meta"].shape
         if node.target in CONV_FUNCTIONS | TRANSPOSED_CONV_FUNCTIONS:
             weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
@@ -274,11 +282,21 @@ def _functional_macs(gm: fx.GraphModule) -> dict[str, int]:
     return found
 
 
+def attention_key(node: fx.Node) -> str:
+    """The report's name for the attention products of a split attention module: the module
+    that called them (from fx's module stack), else the node."""
+    stack = node.meta.get("nn_module_stack")
+    owner = next(reversed(stack.values()))[0] if stack else node.name
+    return f"{owner} {ATTENTION_PRODUCTS_NOTE}"
+
+
+ATTENTION_PRODUCTS_NOTE = "(attention scores and weighted sum)"
+
+
 def _attention_macs(gm: fx.GraphModule) -> dict[str, int]:
-    """MACs of nn.MultiheadAttention calls (a leaf to torch.fx): the q/k/v and output
-    projections and the two attention products. Its projections are packed weights that
-    F.multi_head_attention_forward uses directly, not Linear modules, so they are kept whole;
-    the key says so in every report."""
+    """MACs of nn.MultiheadAttention modules called whole (a leaf to torch.fx; those
+    `split_attention` keeps): the q/k/v and output projections and the two attention products,
+    kept whole; the key says why in every report."""
     found = {}
     for node in gm.graph.nodes:
         if node.op != "call_module":
@@ -287,13 +305,14 @@ def _attention_macs(gm: fx.GraphModule) -> dict[str, int]:
         metas = [getattr(arg, "meta", {}).get("tensor_meta") for arg in node.args[:3]]
         if not isinstance(module, nn.MultiheadAttention) or None in metas:
             continue
-        found[f"{node.target} {ATTENTION_NOTE}"] = attention_macs(
+        found[attention_kept_key(node.target, module)] = attention_macs(
             module, *(meta.shape for meta in metas)
         )
     return found
 
 
-ATTENTION_NOTE = "(nn.MultiheadAttention: packed projections kept whole)"
+def attention_kept_key(name: str, module: nn.MultiheadAttention) -> str:
+    return f"{name} (nn.MultiheadAttention kept whole: {kept_reason(module)})"
 
 
 def attention_macs(module: nn.MultiheadAttention, *shapes: tuple[int, ...]) -> int:
