@@ -11,8 +11,8 @@ Swin's windows) is one `torch.fx.wrap`ped function per call, counted in the anal
 `ATTENTION_MACS` and never decomposed.
 
 An `nn.MultiheadAttention` with `add_bias_kv` or `add_zero_attn` (keys/values extended after the
-projection), a subclass (its forward may differ) or one inside a `--leaf` module is kept whole;
-`kept_reason` says why, and the analysis puts that in its key.
+projection), a subclass (its forward may differ) or one that is (or is inside) a `--leaf` module
+is kept whole; `kept_reason` says why, and the analysis puts that in its key.
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def kept_reason(module: nn.MultiheadAttention) -> str:
         return "add_bias_kv appends learned key/value rows after the projections"
     if module.add_zero_attn:
         return "add_zero_attn appends zero key/value rows after the projections"
-    return "packed projections; split_attention was not applied"
+    return "a leaf module (--leaf), so its packed projections are not split"
 
 
 def _window_geometry(

@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from typer.testing import CliRunner
 
@@ -106,7 +108,7 @@ def test_unsupported_attention_is_counted_and_kept_with_its_reason(kwargs, reaso
 def test_an_attention_marked_a_leaf_stays_whole():
     analysis = analyze(trace(TinyViT().eval(), torch.zeros(1, 3, 16, 16), leaf_modules=["attn"]))
     assert "attn.q_proj" not in [layer.name for layer in analysis.layers]
-    reason = "packed projections; split_attention was not applied"
+    reason = "a leaf module (--leaf), so its packed projections are not split"
     assert list(analysis.functional) == [f"attn (nn.MultiheadAttention kept whole: {reason})"]
 
 
@@ -169,6 +171,48 @@ def test_split_attention_matches_nn_multihead_attention(
         torch.testing.assert_close(weights, expected_weights, atol=1e-5, rtol=0)
     else:
         assert weights is None and expected_weights is None
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    heads=st.integers(1, 4),
+    head_dim=st.integers(1, 6),
+    n=st.integers(1, 3),
+    length=st.integers(1, 6),
+    source=st.integers(1, 6),
+    kdim=st.sampled_from([None, 3, 9]),
+    batch_first=st.booleans(),
+    bias=st.booleans(),
+    need_weights=st.booleans(),
+    padding=st.booleans(),
+)
+def test_split_attention_matches_on_random_shapes(
+    heads, head_dim, n, length, source, kdim, batch_first, bias, need_weights, padding
+):
+    generator = torch.Generator().manual_seed(heads * 100 + head_dim * 10 + length)
+    e = heads * head_dim
+    module = nn.MultiheadAttention(
+        e, heads, bias=bias, kdim=kdim, vdim=kdim, batch_first=batch_first
+    ).eval()
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.normal_(0, 0.5, generator=generator)
+    split = SplitMultiheadAttention.from_attention(module)
+    shape = (lambda m, d: (n, m, d)) if batch_first else (lambda m, d: (m, n, d))
+    query = torch.randn(shape(length, e), generator=generator)
+    key = torch.randn(shape(source, kdim or e), generator=generator)
+    value = torch.randn(shape(source, kdim or e), generator=generator)
+    kwargs = {"need_weights": need_weights}
+    if padding:
+        kwargs["key_padding_mask"] = torch.rand(n, source, generator=generator) < 0.5
+        kwargs["key_padding_mask"][:, 0] = False
+    with torch.no_grad():
+        expected, out = module(query, key, value, **kwargs), split(query, key, value, **kwargs)
+    for got, want in zip(out, expected, strict=True):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 def test_split_self_attention_matches_the_fast_path_and_unbatched_inputs():
