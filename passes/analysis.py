@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import operator
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -250,6 +251,23 @@ def matmul_macs(out_shape: tuple[int, ...], first_shape: tuple[int, ...]) -> int
     return int(math.prod(out_shape[1:]) * first_shape[-1])
 
 
+def einsum_macs(
+    equation: str, shapes: Sequence[Sequence[int]], out_shape: Sequence[int]
+) -> int | None:
+    """MACs per sample of a two-operand einsum (MaxViT's attention): every index's size
+    multiplied, over the batch (the output's first dimension); None for other forms."""
+    equation = equation.replace(" ", "")
+    terms = equation.partition("->")[0].split(",")
+    if len(terms) != 2 or "." in equation or len(shapes) != 2:
+        return None
+    sizes: dict[str, int] = {}
+    for term, shape in zip(terms, shapes, strict=True):
+        if len(term) != len(shape):
+            return None
+        sizes.update(zip(term, (int(d) for d in shape), strict=True))
+    return math.prod(sizes.values()) // max(int(out_shape[0]), 1)
+
+
 def _functional_macs(gm: fx.GraphModule) -> dict[str, int]:
     """MACs of conv and matrix-product calls that are not modules, from the traced shapes (a
     model that calls F.conv2d would otherwise report a reduction larger than it gets)."""
@@ -261,7 +279,7 @@ def _functional_macs(gm: fx.GraphModule) -> dict[str, int]:
             shapes = [arg.meta["tensor_meta"].shape for arg in node.args[:3]]
             found[attention_key(node)] = ATTENTION_MACS[node.target](*shapes)
             continue
-        if isinstance(node.meta["tensor_meta"], tuple | list | dict):
+        if not hasattr(node.meta["tensor_meta"], "shape"):
             continue  # a function returning several values: none of the products below
         out = node.meta["tensor_meta"].shape
         if node.target in CONV_FUNCTIONS | TRANSPOSED_CONV_FUNCTIONS:
@@ -272,6 +290,13 @@ def _functional_macs(gm: fx.GraphModule) -> dict[str, int]:
                 found[node.name] = conv_macs(out, meta.shape)
             elif meta is not None and first is not None:
                 found[node.name] = transposed_conv_macs(first.shape, meta.shape)
+        elif node.target is torch.einsum and isinstance(node.args[0], str):
+            operands = node.args[1] if isinstance(node.args[1], list | tuple) else node.args[1:]
+            metas = [getattr(op, "meta", {}).get("tensor_meta") for op in operands]
+            if None not in metas:
+                macs = einsum_macs(node.args[0], [meta.shape for meta in metas], out)
+                if macs is not None:
+                    found[node.name] = macs
         elif node.target in MATMUL_FUNCTIONS:
             first = (
                 node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None

@@ -32,6 +32,7 @@ from rankfold.passes.analysis import (
     attention_kept_key,
     attention_macs,
     conv_macs,
+    einsum_macs,
     layer_info,
     matmul_macs,
     transposed_conv_macs,
@@ -96,6 +97,11 @@ class _FunctionalCalls(TorchFunctionMode):
                 self._add(func, transposed_conv_macs(tuple(args[0].shape), tuple(weight.shape)))
             elif func in _MATMULS and isinstance(args[0], torch.Tensor):
                 self._add(func, matmul_macs(tuple(out.shape), tuple(args[0].shape)))
+            elif func is torch.einsum and isinstance(args[0], str):
+                operands = args[1] if isinstance(args[1], list | tuple) else args[1:]
+                macs = einsum_macs(args[0], [t.shape for t in operands], tuple(out.shape))
+                if macs is not None:
+                    self._add(func, macs)
             elif func is F.scaled_dot_product_attention:
                 query, key = (args[0], args[1]) if len(args) > 1 else (args[0], kwargs["key"])
                 self._add(func, 2 * math.prod(query.shape[1:]) * key.shape[-2])
@@ -109,6 +115,7 @@ class _FunctionalCalls(TorchFunctionMode):
 
 def analyze_captured(model: nn.Module, example_input: torch.Tensor) -> ModelAnalysis:
     """One LayerInfo per conv/linear module the forward calls on `example_input`, in call order,
+    on the model as given (`trace_or_capture` splits its attention first),
     with shapes from forward hooks; functional convs and matrix products, and
     nn.MultiheadAttention calls, counted as `analyze` counts them."""
     seen: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}

@@ -369,3 +369,27 @@ def test_the_capture_path_counts_split_attention_as_fx_does():
     assert captured.layers == fx_analysis.layers
     assert captured.total_macs == fx_analysis.total_macs
     assert captured.functional == {"scaled_dot_product_attention": 2 * 17 * 17 * 32}
+
+
+class EinsumAttention(nn.Module):
+    """MaxViT's attention products: einsum over (batch, windows, heads, positions, dims)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.to_qkv = nn.Linear(8, 24)
+
+    def forward(self, x):
+        q, k, v = torch.chunk(self.to_qkv(x), 3, dim=-1)
+        q = q.reshape(x.shape[0], 3, 5, 2, 4).transpose(2, 3)
+        k = k.reshape(x.shape[0], 3, 5, 2, 4).transpose(2, 3)
+        v = v.reshape(x.shape[0], 3, 5, 2, 4).transpose(2, 3)
+        scores = torch.einsum("B G H I D, B G H J D -> B G H I J", q, k)
+        return torch.einsum("bghij,bghjd->bghid", scores.softmax(-1), v)
+
+
+def test_einsum_products_are_counted_on_either_path():
+    x = torch.randn(2, 3, 5, 8)
+    per_product = 3 * 2 * 5 * 5 * 4  # windows · heads · positions² · head dim, per sample
+    fx_analysis = analyze(trace(EinsumAttention(), x))
+    assert fx_analysis.functional == {"einsum": per_product, "einsum_1": per_product}
+    assert analyze_captured(EinsumAttention(), x).functional == fx_analysis.functional
