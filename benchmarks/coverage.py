@@ -51,7 +51,10 @@ import torch  # noqa: E402
 from rankfold.converter import CompressConfig, ExportConfig, LatencyConfig, run_compress  # noqa: E402
 from rankfold.models import load_model  # noqa: E402
 from rankfold.passes import RankPolicy, analyze, trace  # noqa: E402
-from rankfold.passes.analysis import ATTENTION_PRODUCTS_NOTE  # noqa: E402
+from rankfold.passes.analysis import (  # noqa: E402
+    ACTIVATION_PRODUCT_NOTE,
+    ATTENTION_PRODUCTS_NOTE,
+)
 from rankfold.passes.core import atomic_write_json  # noqa: E402
 from rankfold.passes.plan import budgeted_slots  # noqa: E402
 
@@ -130,7 +133,8 @@ def run(model_name: str, method: str, reduction: float, shape, out: Path) -> dic
         reason_kind(row["reason"]) for row in layers if row["status"] == "skipped"
     )
     functional = report["original"]["functional_macs"]
-    products = {k: v for k, v in functional.items() if k.endswith(ATTENTION_PRODUCTS_NOTE)}
+    notes = (ATTENTION_PRODUCTS_NOTE, ACTIVATION_PRODUCT_NOTE)
+    products = {k: v for k, v in functional.items() if k.endswith(notes)}
     functional = {k: v for k, v in functional.items() if k not in products}
     return {
         "model": model_name,
@@ -189,7 +193,7 @@ def main(args: argparse.Namespace) -> None:
         kept = "; ".join(f"{n}× {why}" for why, n in sorted(row["kept"].items())) or "none"
         if row["attention_products"]:
             kept += (
-                f"; {row['attention_products']} attention score/weighted-sum call(s) "
+                f"; {row['attention_products']} activation product(s) (attention) "
                 f"({row['attention_products_macs_share']:.1%} of MACs)"
             )
         if row["not_decomposable_calls"]:

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from rankfold.converter.results import Report
 from rankfold.converter.ui import console
-from rankfold.passes.analysis import ATTENTION_PRODUCTS_NOTE
+from rankfold.passes.analysis import ACTIVATION_PRODUCT_NOTE, ATTENTION_PRODUCTS_NOTE
 from rankfold.passes.latency_gate import threads_text
 from rankfold.runtime.latency import format_speedup
 
@@ -112,13 +112,12 @@ def summary_lines(report: Report, out: Path) -> list[str]:
     products = {
         name: macs
         for name, macs in original.functional_macs.items()
-        if name.endswith(ATTENTION_PRODUCTS_NOTE)
+        if name.endswith((ATTENTION_PRODUCTS_NOTE, ACTIVATION_PRODUCT_NOTE))
     }
     if products:
         lines.append(
-            f"attention scores and weighted sums: {len(products)} call(s), "
-            f"{sum(products.values()):,} MACs counted (products of activations: no weights to "
-            "decompose)"
+            f"products of activations (attention scores and weighted sums): {len(products)} "
+            f"call(s), {sum(products.values()):,} MACs counted, no weights to decompose"
         )
     functional = {k: v for k, v in original.functional_macs.items() if k not in products}
     if functional:

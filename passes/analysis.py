@@ -272,7 +272,10 @@ def _functional_macs(gm: fx.GraphModule) -> dict[str, int]:
     """MACs of conv and matrix-product calls that are not modules, from the traced shapes (a
     model that calls F.conv2d would otherwise report a reduction larger than it gets)."""
     found = {}
+    from_input: set[fx.Node] = set()  # nodes whose value depends on the model's input
     for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(arg in from_input for arg in node.all_input_nodes):
+            from_input.add(node)
         if node.op != "call_function" or "tensor_meta" not in node.meta:
             continue
         if node.target in ATTENTION_MACS:
@@ -296,15 +299,26 @@ def _functional_macs(gm: fx.GraphModule) -> dict[str, int]:
             if None not in metas:
                 macs = einsum_macs(node.args[0], [meta.shape for meta in metas], out)
                 if macs is not None:
-                    found[node.name] = macs
+                    found[_product_key(node, operands, from_input)] = macs
         elif node.target in MATMUL_FUNCTIONS:
             first = (
                 node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
             )
             if first is None:
                 continue
-            found[node.name] = matmul_macs(out, first.shape)
+            found[_product_key(node, node.args[:2], from_input)] = matmul_macs(out, first.shape)
     return found
+
+
+ACTIVATION_PRODUCT_NOTE = "(product of activations)"
+
+
+def _product_key(node: fx.Node, operands: Sequence, from_input: set[fx.Node]) -> str:
+    """A matrix product's name, marked when every operand comes from the input (attention's
+    scores, say): it has no weight that a decomposition could factor."""
+    if all(op in from_input for op in operands):
+        return f"{node.name} {ACTIVATION_PRODUCT_NOTE}"
+    return node.name
 
 
 def attention_key(node: fx.Node) -> str:
