@@ -12,7 +12,8 @@ Swin's windows) is one `torch.fx.wrap`ped function per call, counted in the anal
 
 An `nn.MultiheadAttention` with `add_bias_kv` or `add_zero_attn` (keys/values extended after the
 projection), a subclass (its forward may differ) or one that is (or is inside) a `--leaf` module
-is kept whole; `kept_reason` says why, and the analysis puts that in its key.
+is kept whole, `kept_reason` saying why in the analysis's key; so is one inside a torch.nn module
+(nn.TransformerEncoderLayer reads its packed weights; torch.fx keeps it whole, uncounted).
 """
 
 from __future__ import annotations
@@ -355,15 +356,25 @@ def _inside(name: str, leaves: Sequence[str]) -> bool:
     return any(name == leaf or name.startswith(f"{leaf}.") for leaf in leaves)
 
 
+def _in_torch_leaf(model: nn.Module, name: str) -> bool:
+    """Whether a parent of module `name` is one torch.fx keeps whole (a torch.nn module such as
+    nn.TransformerEncoderLayer, whose forward reads its attention's packed weights)."""
+    tracer = fx.Tracer()
+    parts = name.split(".")
+    parents = (".".join(parts[:i]) for i in range(1, len(parts)))
+    return any(tracer.is_leaf_module(model.get_submodule(p), p) for p in parents)
+
+
 def split_attention(model: nn.Module, leaf_modules: Sequence[str] = ()) -> nn.Module:
     """`model` with every supported attention module replaced by its split equivalent, on a
     deep copy (the model itself where there is nothing to replace). Modules in or under
-    `leaf_modules` stay as they are."""
+    `leaf_modules`, or inside a torch.nn module torch.fx keeps whole, stay as they are."""
     targets = [
         name
         for name, module in model.named_modules()
         if name
         and not _inside(name, leaf_modules)
+        and not _in_torch_leaf(model, name)
         and (
             type(module) in _WINDOW_SPLITS
             or (

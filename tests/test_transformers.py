@@ -397,3 +397,17 @@ def test_einsum_products_are_counted_on_either_path():
     }
     captured = analyze_captured(EinsumAttention(), x).functional
     assert captured == {"einsum": per_product, "einsum_1": per_product}
+
+
+def test_attention_inside_a_torch_transformer_layer_is_left_alone():
+    # nn.TransformerEncoderLayer reads its attention's packed weights (its fused fast path) and
+    # is a leaf to torch.fx: its attention is not split.
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0), nn.Linear(16, 3)
+    ).eval()
+    x = torch.randn(2, 5, 16)
+    gm = trace(model, x)
+    assert type(gm.get_submodule("0.self_attn")) is nn.MultiheadAttention
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), atol=0, rtol=0)
