@@ -2,6 +2,7 @@
 
     python benchmarks/coverage.py            # the table of BENCHMARKS.md (reduced input sizes)
     python benchmarks/coverage.py --quick    # RegNetX-400MF and ConvNeXt-tiny only
+    python benchmarks/coverage.py --only swin_t,maxvit_t   # those rows, printed only
 
 Each model runs through the public pipeline (`run_compress`, what `rankfold compress` does) with
 random weights and no latency timing: layers decomposed / kept (by reason), MAC reduction, ONNX
@@ -30,6 +31,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default="/tmp/rankfold-coverage")
     parser.add_argument("--no-record", action="store_true", help="Do not append to BENCHMARKS.md.")
     parser.add_argument(
+        "--only",
+        help="Comma-separated row names (e.g. swin_t,vit_b_16): run those rows and print them; "
+        "nothing is appended to BENCHMARKS.md.",
+    )
+    parser.add_argument(
         "--reachable-only",
         action="store_true",
         help="Only the grouped models' MACs reachable (analysis, no compression; ~1 minute).",
@@ -45,21 +51,35 @@ import torch  # noqa: E402
 from rankfold.converter import CompressConfig, ExportConfig, LatencyConfig, run_compress  # noqa: E402
 from rankfold.models import load_model  # noqa: E402
 from rankfold.passes import RankPolicy, analyze, trace  # noqa: E402
+from rankfold.passes.analysis import (  # noqa: E402
+    ACTIVATION_PRODUCT_NOTE,
+    ATTENTION_PRODUCTS_NOTE,
+)
 from rankfold.passes.core import atomic_write_json  # noqa: E402
 from rankfold.passes.plan import budgeted_slots  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# (model, method, MAC reduction, input shape or None for the model's own 3×224×224). ViT checks
-# its input size against the one it was built for, so it runs at 224².
+# (model, method, MAC reduction, input shape or None for the model's own 3×224×224). ViT and
+# MaxViT check their input size against the one they were built for, so they run at 224². The
+# ViTs get a random head (torchvision's is zeros, so their outputs would be zeros).
+VIT_FILE = ROOT / "benchmarks" / "model_files" / "vit_random_head.py"
 MODELS = [
     ("torchvision:regnet_x_400mf", "tucker2", 1.5, (3, 128, 128)),
     ("torchvision:resnext50_32x4d", "tucker2", 1.5, (3, 64, 64)),
     ("torchvision:convnext_tiny", "svd", 1.2, (3, 64, 64)),
-    ("torchvision:swin_t", "svd", 1.2, (3, 64, 64)),
-    ("torchvision:vit_b_32", "svd", 1.2, None),
+    ("torchvision:swin_t", "svd", 1.5, (3, 64, 64)),
+    (f"{VIT_FILE}:vit_b_32", "svd", 1.5, None),
+    (f"{VIT_FILE}:vit_b_16", "svd", 1.5, None),
+    ("torchvision:maxvit_t", "svd", 1.5, None),
 ]
 GROUPED = {"torchvision:regnet_x_400mf", "torchvision:resnext50_32x4d"}
+
+
+def label(model_name: str) -> str:
+    """The table's name for a row: the torchvision name, and whether its head was replaced."""
+    name = model_name.split(":")[-1]
+    return f"{name} (random head)" if model_name.startswith(str(VIT_FILE)) else name
 
 
 def reason_kind(reason: str) -> str:
@@ -113,6 +133,9 @@ def run(model_name: str, method: str, reduction: float, shape, out: Path) -> dic
         reason_kind(row["reason"]) for row in layers if row["status"] == "skipped"
     )
     functional = report["original"]["functional_macs"]
+    notes = (ATTENTION_PRODUCTS_NOTE, ACTIVATION_PRODUCT_NOTE)
+    products = {k: v for k, v in functional.items() if k.endswith(notes)}
+    functional = {k: v for k, v in functional.items() if k not in products}
     return {
         "model": model_name,
         "method": method,
@@ -126,6 +149,8 @@ def run(model_name: str, method: str, reduction: float, shape, out: Path) -> dic
         "kept": dict(kept),
         "not_decomposable_calls": len(functional),
         "not_decomposable_macs_share": sum(functional.values()) / report["original"]["macs"],
+        "attention_products": len(products),
+        "attention_products_macs_share": sum(products.values()) / report["original"]["macs"],
         "macs_reduction": report["macs_reduction"],
         "max_abs_diff": report["onnx"]["max_abs_diff"],
         "parity_passed": report["onnx"]["parity_passed"],
@@ -135,6 +160,13 @@ def run(model_name: str, method: str, reduction: float, shape, out: Path) -> dic
 
 def main(args: argparse.Namespace) -> None:
     models = [m for m in MODELS if not args.quick or m[0].endswith(("400mf", "convnext_tiny"))]
+    if args.only:
+        only = args.only.split(",")
+        unknown = sorted(set(only) - {m[0].split(":")[-1] for m in MODELS})
+        if unknown:
+            names = ", ".join(m[0].split(":")[-1] for m in MODELS)
+            raise SystemExit(f"--only: no row named {', '.join(unknown)}; rows: {names}")
+        models = [m for m in models if m[0].split(":")[-1] in only]
     rows, ceilings = [], {}
     for model_name, method, reduction, shape in models:
         tag = model_name.split(":")[-1]
@@ -145,6 +177,8 @@ def main(args: argparse.Namespace) -> None:
             rows.append(run(model_name, method, reduction, shape, Path(args.out) / tag))
             print(json.dumps(rows[-1]), flush=True)
     name = "coverage_reachable.json" if args.reachable_only else "coverage.json"
+    if args.only:
+        name = f"coverage_{'_'.join(args.only.split(','))}.json"
     atomic_write_json(
         ROOT / "benchmarks" / "results" / name,
         {"args": vars(args), "rows": rows, "reachable": ceilings},
@@ -157,6 +191,11 @@ def main(args: argparse.Namespace) -> None:
     ]
     for row in rows:
         kept = "; ".join(f"{n}× {why}" for why, n in sorted(row["kept"].items())) or "none"
+        if row["attention_products"]:
+            kept += (
+                f"; {row['attention_products']} activation product(s) (attention) "
+                f"({row['attention_products_macs_share']:.1%} of MACs)"
+            )
         if row["not_decomposable_calls"]:
             kept += (
                 f"; {row['not_decomposable_calls']} functional/attention call(s) "
@@ -164,7 +203,7 @@ def main(args: argparse.Namespace) -> None:
             )
         grouped = f" ({row['grouped_decomposed']} grouped)" if row["grouped_decomposed"] else ""
         lines.append(
-            f"| {row['model'].split(':')[-1]} | {'×'.join(map(str, row['input_shape']))} | "
+            f"| {label(row['model'])} | {'×'.join(map(str, row['input_shape']))} | "
             f"{row['method']}, {row['target']:g}× | {row['decomposed']}/{row['layers']}{grouped} | "
             f"{kept} | {row['macs_reduction']:.2f}× | "
             f"{'passed' if row['parity_passed'] else 'FAILED'} ({row['max_abs_diff']:.1e}) | "
@@ -187,7 +226,7 @@ def main(args: argparse.Namespace) -> None:
     ceiling_table = "\n".join(ceiling_lines)
     print(table)
     print(ceiling_table)
-    if args.no_record:
+    if args.no_record or args.only:
         return
     flags = [
         f for f, on in (("--quick", args.quick), ("--reachable-only", args.reachable_only)) if on
@@ -201,7 +240,8 @@ def main(args: argparse.Namespace) -> None:
     coverage = (
         "\n## Architecture coverage: grouped convs and transformers\n\n"
         f"{header}, no latency timing, 8 parity samples; input sizes reduced where the "
-        "architecture accepts it (ViT checks its 224² input). Kept layers are counted by "
+        "architecture accepts it (ViT and MaxViT check their 224² input; the ViTs with a random "
+        "head, `benchmarks/model_files/vit_random_head.py`). Kept layers are counted by "
         f"reason.\n\n{table}\n\n"
     )
     section = (

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from rankfold.converter.results import Report
 from rankfold.converter.ui import console
+from rankfold.passes.analysis import ACTIVATION_PRODUCT_NOTE, ATTENTION_PRODUCTS_NOTE
 from rankfold.passes.latency_gate import threads_text
 from rankfold.runtime.latency import format_speedup
 
@@ -108,10 +109,21 @@ def summary_lines(report: Report, out: Path) -> list[str]:
             f"training images refitted {check.accuracy_refitted:.2%}, recalibrated "
             f"{check.accuracy_recalibrated:.2%}"
         )
-    if original.functional_macs:
-        calls = ", ".join(f"{name} {macs:,}" for name, macs in original.functional_macs.items())
+    products = {
+        name: macs
+        for name, macs in original.functional_macs.items()
+        if name.endswith((ATTENTION_PRODUCTS_NOTE, ACTIVATION_PRODUCT_NOTE))
+    }
+    if products:
         lines.append(
-            f"not decomposable: {len(original.functional_macs)} functional call(s) counted in "
+            f"products of activations (attention scores and weighted sums): {len(products)} "
+            f"call(s), {sum(products.values()):,} MACs counted, no weights to decompose"
+        )
+    functional = {k: v for k, v in original.functional_macs.items() if k not in products}
+    if functional:
+        calls = ", ".join(f"{name} {macs:,}" for name, macs in functional.items())
+        lines.append(
+            f"not decomposable: {len(functional)} functional call(s) counted in "
             f"the MACs ({calls}); make them Conv2d/Linear modules to compress them"
         )
     gate = report.selection.latency_gate

@@ -13,11 +13,14 @@ import hashlib
 import json
 import math
 import operator
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+
+from rankfold.passes.attention import ATTENTION_MACS, kept_reason
 
 # Analysed (and counted in the MACs); which ones a method decomposes is its own `layer_types`.
 CONV_TYPES = (
@@ -248,13 +251,39 @@ def matmul_macs(out_shape: tuple[int, ...], first_shape: tuple[int, ...]) -> int
     return int(math.prod(out_shape[1:]) * first_shape[-1])
 
 
+def einsum_macs(
+    equation: str, shapes: Sequence[Sequence[int]], out_shape: Sequence[int]
+) -> int | None:
+    """MACs per sample of a two-operand einsum (MaxViT's attention): every index's size
+    multiplied, over the batch (the output's first dimension); None for other forms."""
+    equation = equation.replace(" ", "")
+    terms = equation.partition("->")[0].split(",")
+    if len(terms) != 2 or "." in equation or len(shapes) != 2:
+        return None
+    sizes: dict[str, int] = {}
+    for term, shape in zip(terms, shapes, strict=True):
+        if len(term) != len(shape):
+            return None
+        sizes.update(zip(term, (int(d) for d in shape), strict=True))
+    return math.prod(sizes.values()) // max(int(out_shape[0]), 1)
+
+
 def _functional_macs(gm: fx.GraphModule) -> dict[str, int]:
     """MACs of conv and matrix-product calls that are not modules, from the traced shapes (a
     model that calls F.conv2d would otherwise report a reduction larger than it gets)."""
     found = {}
+    from_input: set[fx.Node] = set()  # nodes whose value depends on the model's input
     for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(arg in from_input for arg in node.all_input_nodes):
+            from_input.add(node)
         if node.op != "call_function" or "tensor_meta" not in node.meta:
             continue
+        if node.target in ATTENTION_MACS:
+            shapes = [arg.meta["tensor_meta"].shape for arg in node.args[:3]]
+            found[attention_key(node)] = ATTENTION_MACS[node.target](*shapes)
+            continue
+        if not hasattr(node.meta["tensor_meta"], "shape"):
+            continue  # a function returning several values: none of the products below
         out = node.meta["tensor_meta"].shape
         if node.target in CONV_FUNCTIONS | TRANSPOSED_CONV_FUNCTIONS:
             weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
@@ -264,21 +293,49 @@ def _functional_macs(gm: fx.GraphModule) -> dict[str, int]:
                 found[node.name] = conv_macs(out, meta.shape)
             elif meta is not None and first is not None:
                 found[node.name] = transposed_conv_macs(first.shape, meta.shape)
+        elif node.target is torch.einsum and isinstance(node.args[0], str):
+            operands = node.args[1] if isinstance(node.args[1], list | tuple) else node.args[1:]
+            metas = [getattr(op, "meta", {}).get("tensor_meta") for op in operands]
+            if None not in metas:
+                macs = einsum_macs(node.args[0], [meta.shape for meta in metas], out)
+                if macs is not None:
+                    found[_product_key(node, operands, from_input)] = macs
         elif node.target in MATMUL_FUNCTIONS:
             first = (
                 node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
             )
             if first is None:
                 continue
-            found[node.name] = matmul_macs(out, first.shape)
+            found[_product_key(node, node.args[:2], from_input)] = matmul_macs(out, first.shape)
     return found
 
 
+ACTIVATION_PRODUCT_NOTE = "(product of activations)"
+
+
+def _product_key(node: fx.Node, operands: Sequence, from_input: set[fx.Node]) -> str:
+    """A matrix product's name, marked when every operand comes from the input (attention's
+    scores, say): it has no weight that a decomposition could factor."""
+    if all(op in from_input for op in operands):
+        return f"{node.name} {ACTIVATION_PRODUCT_NOTE}"
+    return node.name
+
+
+def attention_key(node: fx.Node) -> str:
+    """The report's name for the attention products of a split attention module: the module
+    that called them (from fx's module stack), else the node."""
+    stack = node.meta.get("nn_module_stack")
+    owner = next(reversed(stack.values()))[0] if stack else node.name
+    return f"{owner} {ATTENTION_PRODUCTS_NOTE}"
+
+
+ATTENTION_PRODUCTS_NOTE = "(attention scores and weighted sum)"
+
+
 def _attention_macs(gm: fx.GraphModule) -> dict[str, int]:
-    """MACs of nn.MultiheadAttention calls (a leaf to torch.fx): the q/k/v and output
-    projections and the two attention products. Its projections are packed weights that
-    F.multi_head_attention_forward uses directly, not Linear modules, so they are kept whole;
-    the key says so in every report."""
+    """MACs of nn.MultiheadAttention modules called whole (a leaf to torch.fx; those
+    `split_attention` keeps): the q/k/v and output projections and the two attention products,
+    kept whole; the key says why in every report."""
     found = {}
     for node in gm.graph.nodes:
         if node.op != "call_module":
@@ -287,13 +344,14 @@ def _attention_macs(gm: fx.GraphModule) -> dict[str, int]:
         metas = [getattr(arg, "meta", {}).get("tensor_meta") for arg in node.args[:3]]
         if not isinstance(module, nn.MultiheadAttention) or None in metas:
             continue
-        found[f"{node.target} {ATTENTION_NOTE}"] = attention_macs(
+        found[attention_kept_key(node.target, module)] = attention_macs(
             module, *(meta.shape for meta in metas)
         )
     return found
 
 
-ATTENTION_NOTE = "(nn.MultiheadAttention: packed projections kept whole)"
+def attention_kept_key(name: str, module: nn.MultiheadAttention) -> str:
+    return f"{name} (nn.MultiheadAttention kept whole: {kept_reason(module)})"
 
 
 def attention_macs(module: nn.MultiheadAttention, *shapes: tuple[int, ...]) -> int:

@@ -13,27 +13,31 @@ before planning, so such a model fails early.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
 from rankfold.passes.analysis import (
-    ATTENTION_NOTE,
     CONV_FUNCTIONS,
     LAYER_TYPES,
     MATMUL_FUNCTIONS,
     TRANSPOSED_CONV_FUNCTIONS,
     ModelAnalysis,
     analyze,
+    attention_kept_key,
     attention_macs,
     conv_macs,
+    einsum_macs,
     layer_info,
     matmul_macs,
     transposed_conv_macs,
 )
+from rankfold.passes.attention import split_attention
 from rankfold.passes.core import SymbolicTraceError
 from rankfold.passes.tracing import input_shape_error, trace
 
@@ -63,7 +67,9 @@ class Captured:
 def trace_or_capture(
     model: nn.Module, example_input: torch.Tensor, leaf_modules: tuple[str, ...] | list[str] = ()
 ) -> Captured:
-    """torch.fx's trace and analysis, or the capture path where fx stops at control flow."""
+    """torch.fx's trace and analysis, or the capture path where fx stops at control flow;
+    either way on the model with its attention split (`split_attention`)."""
+    model = split_attention(model, leaf_modules)
     try:
         gm = trace(model, example_input, leaf_modules)
     except SymbolicTraceError as exc:
@@ -91,6 +97,14 @@ class _FunctionalCalls(TorchFunctionMode):
                 self._add(func, transposed_conv_macs(tuple(args[0].shape), tuple(weight.shape)))
             elif func in _MATMULS and isinstance(args[0], torch.Tensor):
                 self._add(func, matmul_macs(tuple(out.shape), tuple(args[0].shape)))
+            elif func is torch.einsum and isinstance(args[0], str):
+                operands = args[1] if isinstance(args[1], list | tuple) else args[1:]
+                macs = einsum_macs(args[0], [t.shape for t in operands], tuple(out.shape))
+                if macs is not None:
+                    self._add(func, macs)
+            elif func is F.scaled_dot_product_attention:
+                query, key = (args[0], args[1]) if len(args) > 1 else (args[0], kwargs["key"])
+                self._add(func, 2 * math.prod(query.shape[1:]) * key.shape[-2])
         return out
 
     def _add(self, func: Any, macs: int) -> None:
@@ -101,6 +115,7 @@ class _FunctionalCalls(TorchFunctionMode):
 
 def analyze_captured(model: nn.Module, example_input: torch.Tensor) -> ModelAnalysis:
     """One LayerInfo per conv/linear module the forward calls on `example_input`, in call order,
+    on the model as given (`trace_or_capture` splits its attention first),
     with shapes from forward hooks; functional convs and matrix products, and
     nn.MultiheadAttention calls, counted as `analyze` counts them."""
     seen: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
@@ -117,7 +132,7 @@ def analyze_captured(model: nn.Module, example_input: torch.Tensor) -> ModelAnal
             names = ("query", "key", "value")
             inputs = [*args, *(kwargs[n] for n in names[len(args) :] if n in kwargs)][:3]
             macs = attention_macs(module, *(tuple(t.shape) for t in inputs))
-            key = f"{name} {ATTENTION_NOTE}"
+            key = attention_kept_key(name, module)
             attention[key] = attention.get(key, 0) + macs
         else:
             shapes = (tuple(args[0].shape[1:]), tuple(output.shape[1:]))

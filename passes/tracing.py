@@ -1,7 +1,8 @@
 """Trace a model with torch.fx and record every node's output shape.
 
-A model fx cannot trace gets a SymbolicTraceError naming the innermost module being traced when
-tracing broke (the pipeline then tries the capture path, see `rankfold.passes.capture`).
+Attention modules are first split (`rankfold.passes.attention`). A model fx cannot trace gets a
+SymbolicTraceError naming the innermost module being traced when tracing broke (the pipeline then
+tries the capture path, see `rankfold.passes.capture`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from rankfold.passes.attention import split_attention
 from rankfold.passes.core import SymbolicTraceError, TraceError
 
 
@@ -67,9 +69,12 @@ def trace(
 ) -> fx.GraphModule:
     """Symbolically trace `model` and run shape propagation on `example_input`.
 
-    Every node gets `node.meta["tensor_meta"]` (shape, dtype). The returned GraphModule shares its
-    submodules with `model`; passes deep-copy before they change anything.
+    Every node gets `node.meta["tensor_meta"]` (shape, dtype). Attention modules are first
+    replaced by their split equivalents (`split_attention`, on a copy), so their projections are
+    Linear calls. Otherwise the returned GraphModule shares its submodules with `model`; passes
+    deep-copy before they change anything.
     """
+    model = split_attention(model, leaf_modules)
     tracer = _RecordingTracer(leaf_modules)
     try:
         graph = tracer.trace(model, concrete_args=_defaults(model))
