@@ -1,5 +1,6 @@
-"""Build a model by name: the CIFAR ResNets, any torchvision classifier, the digits demo CNN, or
-a factory in a user's Python file, each with the `ModelSpec` saying what input it takes.
+"""Build a model by name: the CIFAR ResNets, any torchvision classifier, segmentation model or
+detection backbone, the digits demo CNN, or a factory in a user's Python file, each with the
+`ModelSpec` saying what input it takes.
 
 Models start from random initialisation; trained weights come only from an explicit `weights`
 checkpoint (the CLI's --weights). Users add names of their own with `register_model`.
@@ -33,6 +34,20 @@ TORCHVISION_EXAMPLES = (
     "torchvision:alexnet",
     "torchvision:mobilenet_v2",
 )
+# torchvision's other tasks, named by their module in torchvision.models. A segmentation model
+# returns {"out", "aux"} (FCN, DeepLabV3) or {"out"} (LR-ASPP); a detector's forward takes a
+# list of images and returns a variable number of boxes, which no fixed ONNX graph holds, so
+# only its backbone (feature maps, {"0", "1", …, "pool"} for an FPN) is a model here.
+SEGMENTATION = "segmentation."
+DETECTION = "detection."
+BACKBONE = ".backbone"
+TASK_EXAMPLES = (
+    "torchvision:segmentation.fcn_resnet50",
+    "torchvision:segmentation.lraspp_mobilenet_v3_large",
+    "torchvision:detection.fasterrcnn_mobilenet_v3_large_fpn.backbone",
+)
+# torchvision's evaluation size for its segmentation models (resize to 520).
+SEGMENTATION_SIZE = 520
 # The pretrained checkpoints of the shared data folder (path under data_dir(), sha256), for
 # callers that want `load_weights(..., sha256=...)` to confirm they have the original files.
 SHARED_CHECKPOINTS = {
@@ -65,8 +80,9 @@ def register_model(
 
 
 def list_models() -> list[str]:
-    """The registered names, then a few of the torchvision classifiers `load_model` accepts."""
-    return [*_REGISTRY, *TORCHVISION_EXAMPLES]
+    """The registered names, then a few of the torchvision classifiers, segmentation models and
+    detection backbones `load_model` accepts."""
+    return [*_REGISTRY, *TORCHVISION_EXAMPLES, *TASK_EXAMPLES]
 
 
 def load_model(
@@ -78,13 +94,18 @@ def load_model(
 ) -> tuple[nn.Module, ModelSpec]:
     """Build model `name` in eval mode, float32, randomly initialised unless `weights` is given.
 
-    `name` is a registered name (resnet20/32/44/56/110, digits-cnn), "torchvision:NAME" or
+    `name` is a registered name (resnet20/32/44/56/110, digits-cnn), "torchvision:NAME" (a
+    classifier), "torchvision:segmentation.NAME", "torchvision:detection.NAME.backbone" or
     "path/to/file.py:factory". `input_shape` (C, H, W) replaces the spec's; a user file without
     a module-level `RANKFOLD_SPEC` dict needs it. `mean` and `std` (per channel, on the 0..1
     scale) replace the spec's normalisation, which a bare factory leaves at 0 and 1.
     """
     shape = None if input_shape is None else _checked_shape(input_shape)
-    if name.startswith(TORCHVISION_PREFIX):
+    if name.startswith(TORCHVISION_PREFIX + SEGMENTATION):
+        model, spec = _segmentation(name[len(TORCHVISION_PREFIX + SEGMENTATION) :])
+    elif name.startswith(TORCHVISION_PREFIX + DETECTION):
+        model, spec = _detection_backbone(name[len(TORCHVISION_PREFIX + DETECTION) :])
+    elif name.startswith(TORCHVISION_PREFIX):
         model, spec = _torchvision(name[len(TORCHVISION_PREFIX) :])
     elif name in _REGISTRY:
         factory, spec = _REGISTRY[name]
@@ -129,6 +150,87 @@ def _torchvision(arch: str) -> tuple[nn.Module, ModelSpec]:
         description=f"torchvision {arch}, ImageNet classifier (random init unless weights given)",
     )
     return model, spec
+
+
+def _task_model(task: str, arch: str, example: str):
+    """torchvision.models.<task>'s builder `arch`, randomly initialised, backbone included."""
+    import torchvision.models
+
+    module = getattr(torchvision.models, task)
+    known = torchvision.models.list_models(module=module)
+    if arch not in known:
+        close = difflib.get_close_matches(arch, known, n=3)
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+        raise ModelLoadError(
+            f"unknown torchvision {task} model '{arch}'; {hint}torchvision has "
+            f"{', '.join(known)} (e.g. {example})"
+        )
+    # weights=None and weights_backbone=None: nothing is downloaded.
+    kwargs = {"weights": None, "weights_backbone": None}
+    if task == "segmentation" and not arch.startswith("lraspp"):
+        # Pretrained FCN/DeepLabV3 checkpoints carry the auxiliary head: build it, so that
+        # --weights loads them and the model returns {"out", "aux"} as trained.
+        kwargs["aux_loss"] = True
+    return torchvision.models.get_model(arch, **kwargs)
+
+
+def _segmentation(arch: str) -> tuple[nn.Module, ModelSpec]:
+    model = _task_model("segmentation", arch, TASK_EXAMPLES[0])
+    head = model.classifier  # FCN/DeepLabV3: a Sequential ending in the class conv
+    classes = (head.low_classifier if hasattr(head, "low_classifier") else head[-1]).out_channels
+    spec = ModelSpec(
+        name=TORCHVISION_PREFIX + SEGMENTATION + arch,
+        input_shape=(3, SEGMENTATION_SIZE, SEGMENTATION_SIZE),
+        num_classes=classes,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        description=f"torchvision {arch}, semantic segmentation: returns "
+        f"{{{', '.join(_segmentation_outputs(model))}}} (random init unless weights given)",
+    )
+    return model, spec
+
+
+def _segmentation_outputs(model: nn.Module) -> list[str]:
+    return ["out", "aux"] if getattr(model, "aux_classifier", None) is not None else ["out"]
+
+
+def _detection_backbone(name: str) -> tuple[nn.Module, ModelSpec]:
+    arch = name.removesuffix(BACKBONE)
+    if arch == name:
+        raise ModelLoadError(
+            f"torchvision:{DETECTION}{name} is a whole detector, whose forward takes a list of "
+            "images and returns a variable number of boxes (no fixed ONNX graph holds that); "
+            f"compress its backbone: torchvision:{DETECTION}{name}{BACKBONE}"
+        )
+    detector = _task_model("detection", arch, TASK_EXAMPLES[2])
+    backbone = getattr(detector, "backbone", None)
+    if not isinstance(backbone, nn.Module):
+        raise ModelLoadError(
+            f"torchvision {arch} has no backbone module; pick a detector with one "
+            "(fasterrcnn_*, retinanet_*, fcos_*, maskrcnn_*, keypointrcnn_*)"
+        )
+    transform = detector.transform  # the detector resizes images to its min_size first
+    size = int(transform.min_size[0])
+    classes = _detector_classes(detector)
+    spec = ModelSpec(
+        name=TORCHVISION_PREFIX + DETECTION + name,
+        input_shape=(3, size, size),
+        num_classes=classes,
+        mean=tuple(transform.image_mean),
+        std=tuple(transform.image_std),
+        description=f"torchvision {arch}'s backbone: returns its feature maps by name "
+        "(random init unless weights given; the detector's heads are not included)",
+    )
+    return backbone, spec
+
+
+def _detector_classes(detector: nn.Module) -> int:
+    """The detector's class count (background included), for the spec."""
+    for module in detector.modules():
+        if hasattr(module, "num_classes") and isinstance(module.num_classes, int):
+            return module.num_classes
+    # Faster/Mask/Keypoint R-CNN: the box predictor's class scores.
+    return detector.roi_heads.box_predictor.cls_score.out_features
 
 
 def _from_file(name: str, input_shape: tuple[int, int, int] | None) -> tuple[nn.Module, ModelSpec]:
@@ -313,7 +415,8 @@ def _suggest(name: str) -> str:
     close = [candidates[c] for c in difflib.get_close_matches(name, candidates, n=3)]
     hint = f"did you mean {' or '.join(map(repr, dict.fromkeys(close)))}? " if close else ""
     return (
-        f"{hint}valid names: {', '.join(_REGISTRY)}, torchvision:NAME (e.g. torchvision:resnet18) "
+        f"{hint}valid names: {', '.join(_REGISTRY)}, torchvision:NAME (e.g. torchvision:resnet18), "
+        f"torchvision:{SEGMENTATION}NAME, torchvision:{DETECTION}NAME{BACKBONE} "
         "or path/to/file.py:factory"
     )
 
