@@ -2,12 +2,15 @@
 
     python benchmarks/coverage.py            # the table of BENCHMARKS.md (reduced input sizes)
     python benchmarks/coverage.py --quick    # RegNetX-400MF and ConvNeXt-tiny only
+    python benchmarks/coverage.py --only segmentation. --only detection. \
+        --results coverage_tasks.json      # the segmentation and detection rows only
 
 Each model runs through the public pipeline (`run_compress`, what `rankfold compress` does) with
 random weights and no latency timing: layers decomposed / kept (by reason), MAC reduction, ONNX
-parity and wall time. For the grouped-conv models it also reports the MAC reduction reachable
-(every budgeted layer at its smallest ranks, the planner's own ceiling) with grouped convs kept
-whole, as before grouped support, and decomposed per group. Input sizes are reduced where the
+parity (per output for models returning several tensors) and wall time. For the grouped-conv
+models it also reports the MAC reduction reachable (every budgeted layer at its smallest ranks,
+the planner's own ceiling) with grouped convs kept whole, as before grouped support, and
+decomposed per group. Input sizes are reduced where the
 architecture allows (said in the table) to keep the whole run within ~10 CPU minutes. Writes
 benchmarks/results/coverage.json and, unless --no-record, a section of BENCHMARKS.md.
 """
@@ -29,6 +32,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="RegNetX-400MF and ConvNeXt only.")
     parser.add_argument("--out", default="/tmp/rankfold-coverage")
     parser.add_argument("--no-record", action="store_true", help="Do not append to BENCHMARKS.md.")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        help="Run only the models whose name contains this (repeatable).",
+    )
+    parser.add_argument(
+        "--results", default="coverage.json", help="File name under benchmarks/results/."
+    )
     parser.add_argument(
         "--reachable-only",
         action="store_true",
@@ -58,6 +70,10 @@ MODELS = [
     ("torchvision:convnext_tiny", "svd", 1.2, (3, 64, 64)),
     ("torchvision:swin_t", "svd", 1.2, (3, 64, 64)),
     ("torchvision:vit_b_32", "svd", 1.2, None),
+    # Outputs other than logits: {"out", "aux"}, {"out"}, and five FPN feature maps.
+    ("torchvision:segmentation.fcn_resnet50", "tucker2", 1.5, (3, 128, 128)),
+    ("torchvision:segmentation.lraspp_mobilenet_v3_large", "svd", 1.5, (3, 128, 128)),
+    ("torchvision:detection.fasterrcnn_resnet50_fpn.backbone", "svd", 1.5, (3, 128, 128)),
 ]
 GROUPED = {"torchvision:regnet_x_400mf", "torchvision:resnext50_32x4d"}
 
@@ -129,12 +145,18 @@ def run(model_name: str, method: str, reduction: float, shape, out: Path) -> dic
         "macs_reduction": report["macs_reduction"],
         "max_abs_diff": report["onnx"]["max_abs_diff"],
         "parity_passed": report["onnx"]["parity_passed"],
+        "outputs": [
+            {key: o[key] for key in ("name", "max_abs_diff", "max_rel_diff", "scale")}
+            for o in report["onnx"]["outputs"]
+        ],
         "seconds": seconds,
     }
 
 
 def main(args: argparse.Namespace) -> None:
     models = [m for m in MODELS if not args.quick or m[0].endswith(("400mf", "convnext_tiny"))]
+    if args.only:
+        models = [m for m in models if any(part in m[0] for part in args.only)]
     rows, ceilings = [], {}
     for model_name, method, reduction, shape in models:
         tag = model_name.split(":")[-1]
@@ -144,7 +166,7 @@ def main(args: argparse.Namespace) -> None:
         if not args.reachable_only:
             rows.append(run(model_name, method, reduction, shape, Path(args.out) / tag))
             print(json.dumps(rows[-1]), flush=True)
-    name = "coverage_reachable.json" if args.reachable_only else "coverage.json"
+    name = "coverage_reachable.json" if args.reachable_only else args.results
     atomic_write_json(
         ROOT / "benchmarks" / "results" / name,
         {"args": vars(args), "rows": rows, "reachable": ceilings},
@@ -163,11 +185,16 @@ def main(args: argparse.Namespace) -> None:
                 f"({row['not_decomposable_macs_share']:.0%} of MACs) not decomposable"
             )
         grouped = f" ({row['grouped_decomposed']} grouped)" if row["grouped_decomposed"] else ""
+        parity = f"{row['max_abs_diff']:.1e}"
+        if len(row["outputs"]) > 1:  # each output's max abs diff and the scale it is read on
+            parity = ", ".join(
+                f"{o['name']} {o['max_abs_diff']:.1e} of {o['scale']:.2g}" for o in row["outputs"]
+            )
         lines.append(
             f"| {row['model'].split(':')[-1]} | {'×'.join(map(str, row['input_shape']))} | "
             f"{row['method']}, {row['target']:g}× | {row['decomposed']}/{row['layers']}{grouped} | "
             f"{kept} | {row['macs_reduction']:.2f}× | "
-            f"{'passed' if row['parity_passed'] else 'FAILED'} ({row['max_abs_diff']:.1e}) | "
+            f"{'passed' if row['parity_passed'] else 'FAILED'} ({parity}) | "
             f"{row['seconds']:.0f} |"
         )
     table = "\n".join(lines)
@@ -192,18 +219,30 @@ def main(args: argparse.Namespace) -> None:
     flags = [
         f for f, on in (("--quick", args.quick), ("--reachable-only", args.reachable_only)) if on
     ]
+    flags += [f"--only {part}" for part in args.only]
+    if args.results != "coverage.json":
+        flags.append(f"--results {args.results}")
     command = " ".join(["python benchmarks/coverage.py", *flags])
     header = (
         f"Command: `{command}`  \nMachine: 2-core x86-64 CPU ({platform.processor() or 'x86_64'}"
         f"), AVX-512, no GPU; shared with other jobs (wall times are not comparable to quiet "
         f"runs).  \nDate: {datetime.date.today().isoformat()}. Random weights"
     )
+    title = (
+        "models returning several outputs (segmentation, detection backbones)"
+        if args.only
+        else "grouped convs and transformers"
+    )
     coverage = (
-        "\n## Architecture coverage: grouped convs and transformers\n\n"
+        f"\n## Architecture coverage: {title}\n\n"
         f"{header}, no latency timing, 8 parity samples; input sizes reduced where the "
         "architecture accepts it (ViT checks its 224² input). Kept layers are counted by "
         f"reason.\n\n{table}\n\n"
     )
+    if not ceilings:
+        with open(ROOT / "BENCHMARKS.md", "a", encoding="utf-8") as handle:
+            handle.write(coverage)
+        return
     section = (
         ("" if args.reachable_only else coverage)
         + "\n## Grouped convs: MACs reachable before and after grouped support\n\n"

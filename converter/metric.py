@@ -38,14 +38,14 @@ class TaskMetric:
 
     def __call__(self, module: nn.Module) -> float:
         with eval_mode(module), torch.no_grad():
-            value = self.score(module, self.data)
+            raw = self.score(module, self.data)
         try:
-            value = float(value)
+            value = float(raw)
         except (TypeError, ValueError):
             value = math.nan
         if not math.isfinite(value):
             raise ValidationError(
-                f"task metric '{self.name}' returned {value!r}, not a finite number; make its "
+                f"task metric '{self.name}' returned {raw!r}, not a finite number; make its "
                 "score function return a float"
             )
         return value

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from rankfold.models.checkpoint import check_finite, load_weights
 from rankfold.models.digits import DIGITS32_SPEC, DIGITS_SPEC, Digits32CNN, DigitsCNN
@@ -77,6 +78,11 @@ def register_model(
     if name in _REGISTRY and not replace_existing:
         raise ValueError(f"model '{name}' is already registered; pass replace_existing=True")
     _REGISTRY[name] = (factory, replace(spec, name=name))
+
+
+def registered_specs() -> dict[str, ModelSpec]:
+    """Each registered name's spec (input shape, classes, description)."""
+    return {name: spec for name, (_, spec) in _REGISTRY.items()}
 
 
 def list_models() -> list[str]:
@@ -278,7 +284,7 @@ def _from_file(name: str, input_shape: tuple[int, int, int] | None) -> tuple[nn.
         return model, ModelSpec(
             name=name,
             input_shape=input_shape,
-            num_classes=_output_classes(model, input_shape, name),
+            num_classes=_output_classes(model, input_shape, name)[0],
             mean=(0.0,) * channels,
             std=(1.0,) * channels,
             description=f"{factory_name}() from {path}",
@@ -286,8 +292,8 @@ def _from_file(name: str, input_shape: tuple[int, int, int] | None) -> tuple[nn.
     spec = _declared_spec(declared, name, path)
     if input_shape is not None:
         spec = _with_shape(spec, input_shape)
-    num_classes = _output_classes(model, spec.input_shape, name)
-    if num_classes != spec.num_classes:
+    num_classes, logits = _output_classes(model, spec.input_shape, name)
+    if logits and num_classes != spec.num_classes:
         raise ModelLoadError(
             f"model '{name}' outputs {num_classes} classes but RANKFOLD_SPEC says "
             f"{spec.num_classes}; fix num_classes in {path.name}"
@@ -345,8 +351,11 @@ def _declared_spec(declared: object, name: str, path: Path) -> ModelSpec:
         raise ModelLoadError(f"RANKFOLD_SPEC in {path.name} is invalid: {exc}") from None
 
 
-def _output_classes(model: nn.Module, input_shape: tuple[int, int, int], name: str) -> int:
-    """The class count read off one forward pass of zeros; the pass also checks the shape works."""
+def _output_classes(
+    model: nn.Module, input_shape: tuple[int, int, int], name: str
+) -> tuple[int, bool]:
+    """The class count read off one forward pass of zeros, and whether the model returns one
+    logits tensor (1×classes); the pass also checks the shape works."""
     try:
         with torch.no_grad():
             out = model(torch.zeros(1, *input_shape))
@@ -355,13 +364,17 @@ def _output_classes(model: nn.Module, input_shape: tuple[int, int, int], name: s
             f"model '{name}' fails on a {_fmt((1, *input_shape))} input "
             f"({_describe(exc)}); check the input shape"
         ) from None
-    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 1:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    leaves = pytree.tree_leaves(out)
+    if not leaves or not all(isinstance(leaf, torch.Tensor) and leaf.ndim >= 1 for leaf in leaves):
         raise ModelLoadError(
-            f"model '{name}' returns {got} for one input, not logits of shape (1, classes); "
-            "make forward return only the logits"
+            f"model '{name}' returns {type(out).__name__} for one input, not tensors; make "
+            "forward return one tensor, or a tuple, list or dict of tensors"
         )
-    return int(out.shape[1])
+    # Logits: their width. Any other output (segmentation maps, feature maps): the first
+    # tensor's channels, the classes of a segmentation map; no top-1 is read off it.
+    first = leaves[0]
+    logits = isinstance(out, torch.Tensor) and out.ndim == 2
+    return (int(first.shape[1]) if first.ndim >= 2 else 1), logits
 
 
 def _with_shape(spec: ModelSpec, shape: tuple[int, int, int]) -> ModelSpec:

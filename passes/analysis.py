@@ -255,6 +255,8 @@ def _functional_macs(gm: fx.GraphModule) -> dict[str, int]:
     for node in gm.graph.nodes:
         if node.op != "call_function" or "tensor_meta" not in node.meta:
             continue
+        if not hasattr(node.meta["tensor_meta"], "shape"):
+            continue  # several tensors (chunk, unbind): neither a conv nor a matrix product
         out = node.meta["tensor_meta"].shape
         if node.target in CONV_FUNCTIONS | TRANSPOSED_CONV_FUNCTIONS:
             weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")

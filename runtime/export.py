@@ -56,8 +56,7 @@ def export_onnx(
         )
     target = Path(path)
     with eval_mode(module):
-        with torch.no_grad():
-            names = [name for name, _ in named_outputs(module(example_input))]
+        names = _output_names(module, example_input)
         program, traced_input = _export_dynamic_batch(module, example_input, opset, names)
     _check_exported_graph(program.model_proto, traced_input, names)
     try:
@@ -105,8 +104,19 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
             sub.training = mode
 
 
+def _output_names(module: nn.Module, example_input: torch.Tensor) -> list[str] | None:
+    """The ONNX output names of `module`'s outputs, read off one forward pass; None if that
+    pass fails, so the exporter runs it and its error names the failing module."""
+    try:
+        with torch.no_grad():
+            output = module(example_input)
+    except Exception:  # any failure in user code: described by the exporter below
+        return None
+    return [name for name, _ in named_outputs(output)]
+
+
 def _export_dynamic_batch(
-    module: nn.Module, example_input: torch.Tensor, opset: int, output_names: list[str]
+    module: nn.Module, example_input: torch.Tensor, opset: int, output_names: list[str] | None
 ) -> tuple[torch.onnx.ONNXProgram, torch.Tensor]:
     """The exported program and the input it was traced at.
 
@@ -128,7 +138,7 @@ def _export_dynamic_batch(
 
 
 def _run_exporter(
-    module: nn.Module, example_input: torch.Tensor, opset: int, output_names: list[str]
+    module: nn.Module, example_input: torch.Tensor, opset: int, output_names: list[str] | None
 ) -> torch.onnx.ONNXProgram:
     # The exporter prints progress, graph dumps and warnings even with verbose=False when a
     # strategy fails; the one-line ExportError below is what the user needs, so silence the rest.
@@ -156,7 +166,7 @@ def _run_exporter(
 
 
 def _check_exported_graph(
-    model: onnx.ModelProto, example_input: torch.Tensor, names: list[str]
+    model: onnx.ModelProto, example_input: torch.Tensor, names: list[str] | None
 ) -> None:
     """Refuse graphs rankfold cannot use: outputs other than the model's, or a batch size
     baked in."""

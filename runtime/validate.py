@@ -192,6 +192,13 @@ def onnx_accuracy(
     """Top-1 accuracy (fraction in [0, 1]) of the ONNX model on labelled batches."""
     session = create_session(onnx_path, provider)
     name = single_input_name(session, onnx_path)
+    outputs = session.get_outputs()
+    if len(outputs) != 1 or len(outputs[0].shape) != 2:
+        raise ValidationError(
+            f"top-1 needs one N×classes logits output, but {onnx_path} returns "
+            f"{', '.join(f'{o.name} {o.shape}' for o in outputs)}; score it with a task metric "
+            "of your own (the Python API's metric=)"
+        )
     correct = 0
     total = 0
     for x, y in batches:
