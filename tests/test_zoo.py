@@ -123,11 +123,13 @@ def _regnet() -> nn.Module:
 
 
 def _fcn() -> nn.Module:
-    """FCN on a one-block ResNet: returns {"out", "aux"} at the input's size."""
+    """FCN on a one-block ResNet cut after layer2 (torchvision's FCN reads layer3/layer4 of a
+    ResNet-50; the heads and the dict are the same): returns {"out", "aux"} at the input's
+    size."""
     from torchvision.models._utils import IntermediateLayerGetter
 
-    backbone = IntermediateLayerGetter(_tiny_resnet(), {"layer4": "out", "layer3": "aux"})
-    return FCN(backbone, FCNHead(512, 3), FCNHead(256, 3))
+    backbone = IntermediateLayerGetter(_tiny_resnet(), {"layer2": "out", "layer1": "aux"})
+    return FCN(backbone, FCNHead(128, 3), FCNHead(64, 3))
 
 
 def _fpn_backbone() -> nn.Module:
