@@ -213,7 +213,8 @@ def main(args: argparse.Namespace) -> None:
             )
     ceiling_table = "\n".join(ceiling_lines)
     print(table)
-    print(ceiling_table)
+    if ceilings:
+        print(ceiling_table)
     if args.no_record:
         return
     flags = [
