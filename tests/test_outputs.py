@@ -290,3 +290,35 @@ def test_a_torchvision_segmentation_model_compresses_with_parity_per_output(tmp_
     assert report.onnx.outputs[0].max_rel_diff < 1e-4 and report.onnx.parity_passed
     assert report.macs_reduction == pytest.approx(1.5, rel=0.05)
     assert report.metric is None
+
+
+def test_the_cli_lists_the_model_forms_and_refuses_eval_data_in_one_line(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from rankfold.converter.cli import app
+
+    runner = CliRunner()
+    listed = runner.invoke(app, ["models"])
+    assert listed.exit_code == 0
+    assert "torchvision:segmentation.NAME" in listed.output
+    assert "torchvision:detection.NAME.backbone" in listed.output
+    _file_model(tmp_path)
+    eval_file = tmp_path / "eval.npz"
+    x = np.zeros((2, 3, SIDE, SIDE), dtype=np.uint8)
+    np.savez(eval_file, x=x, y=np.zeros(2, dtype=np.int64))
+    refused = runner.invoke(
+        app,
+        [
+            "compress",
+            f"{tmp_path / 'seg.py'}:TinySeg",
+            "--eval-data",
+            str(eval_file),
+            "--no-latency",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
+    assert refused.exit_code == 1
+    message = refused.output.strip()
+    assert message.count("\n") == 0 and "--eval-data scores top-1" in message, message
+    assert "metric=TaskMetric" in message and not (tmp_path / "out" / "model.onnx").exists()
