@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -281,7 +281,8 @@ class CompressionResult:
                 atol=parity.atol,
                 rtol=parity.rtol,
                 parity_passed=parity.passed,
-                outputs=[OutputParity(**output.to_dict()) for output in parity.outputs],
+                # asdict, not to_dict: NaN/inf stay floats, as in the fields above.
+                outputs=[OutputParity(**asdict(output)) for output in parity.outputs],
                 accuracy=validation.accuracy,
             ),
             latency=None
