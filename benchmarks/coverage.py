@@ -2,13 +2,16 @@
 
     python benchmarks/coverage.py            # the table of BENCHMARKS.md (reduced input sizes)
     python benchmarks/coverage.py --quick    # RegNetX-400MF and ConvNeXt-tiny only
-    python benchmarks/coverage.py --only swin_t,maxvit_t   # those rows, printed only
+    python benchmarks/coverage.py --only swin_t,maxvit_t   # rows whose name holds a part
+    python benchmarks/coverage.py --only segmentation. --only detection. \
+        --results coverage_tasks.json      # the segmentation and detection rows only
 
 Each model runs through the public pipeline (`run_compress`, what `rankfold compress` does) with
 random weights and no latency timing: layers decomposed / kept (by reason), MAC reduction, ONNX
-parity and wall time. For the grouped-conv models it also reports the MAC reduction reachable
-(every budgeted layer at its smallest ranks, the planner's own ceiling) with grouped convs kept
-whole, as before grouped support, and decomposed per group. Input sizes are reduced where the
+parity (per output for models returning several tensors) and wall time. For the grouped-conv
+models it also reports the MAC reduction reachable (every budgeted layer at its smallest ranks,
+the planner's own ceiling) with grouped convs kept whole, as before grouped support, and
+decomposed per group. Input sizes are reduced where the
 architecture allows (said in the table) to keep the whole run within ~10 CPU minutes. Writes
 benchmarks/results/coverage.json and, unless --no-record, a section of BENCHMARKS.md.
 """
@@ -32,8 +35,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-record", action="store_true", help="Do not append to BENCHMARKS.md.")
     parser.add_argument(
         "--only",
-        help="Comma-separated row names (e.g. swin_t,vit_b_16): run those rows and print them; "
-        "nothing is appended to BENCHMARKS.md.",
+        action="append",
+        default=[],
+        help="Run only the models whose name contains one of these comma-separated parts "
+        "(repeatable).",
+    )
+    parser.add_argument(
+        "--results", default="coverage.json", help="File name under benchmarks/results/."
     )
     parser.add_argument(
         "--reachable-only",
@@ -72,6 +80,10 @@ MODELS = [
     (f"{VIT_FILE}:vit_b_32", "svd", 1.5, None),
     (f"{VIT_FILE}:vit_b_16", "svd", 1.5, None),
     ("torchvision:maxvit_t", "svd", 1.5, None),
+    # Outputs other than logits: {"out", "aux"}, {"out"}, and five FPN feature maps.
+    ("torchvision:segmentation.fcn_resnet50", "tucker2", 1.5, (3, 128, 128)),
+    ("torchvision:segmentation.lraspp_mobilenet_v3_large", "svd", 1.5, (3, 128, 128)),
+    ("torchvision:detection.fasterrcnn_resnet50_fpn.backbone", "svd", 1.5, (3, 128, 128)),
 ]
 GROUPED = {"torchvision:regnet_x_400mf", "torchvision:resnext50_32x4d"}
 
@@ -154,6 +166,10 @@ def run(model_name: str, method: str, reduction: float, shape, out: Path) -> dic
         "macs_reduction": report["macs_reduction"],
         "max_abs_diff": report["onnx"]["max_abs_diff"],
         "parity_passed": report["onnx"]["parity_passed"],
+        "outputs": [
+            {key: o[key] for key in ("name", "max_abs_diff", "max_rel_diff", "scale")}
+            for o in report["onnx"]["outputs"]
+        ],
         "seconds": seconds,
     }
 
@@ -161,12 +177,12 @@ def run(model_name: str, method: str, reduction: float, shape, out: Path) -> dic
 def main(args: argparse.Namespace) -> None:
     models = [m for m in MODELS if not args.quick or m[0].endswith(("400mf", "convnext_tiny"))]
     if args.only:
-        only = args.only.split(",")
-        unknown = sorted(set(only) - {m[0].split(":")[-1] for m in MODELS})
+        parts = [part for value in args.only for part in value.split(",") if part]
+        unknown = sorted(p for p in parts if not any(p in m[0] for m in MODELS))
         if unknown:
             names = ", ".join(m[0].split(":")[-1] for m in MODELS)
-            raise SystemExit(f"--only: no row named {', '.join(unknown)}; rows: {names}")
-        models = [m for m in models if m[0].split(":")[-1] in only]
+            raise SystemExit(f"--only: no row matches {', '.join(unknown)}; rows: {names}")
+        models = [m for m in models if any(part in m[0] for part in parts)]
     rows, ceilings = [], {}
     for model_name, method, reduction, shape in models:
         tag = model_name.split(":")[-1]
@@ -176,9 +192,7 @@ def main(args: argparse.Namespace) -> None:
         if not args.reachable_only:
             rows.append(run(model_name, method, reduction, shape, Path(args.out) / tag))
             print(json.dumps(rows[-1]), flush=True)
-    name = "coverage_reachable.json" if args.reachable_only else "coverage.json"
-    if args.only:
-        name = f"coverage_{'_'.join(args.only.split(','))}.json"
+    name = "coverage_reachable.json" if args.reachable_only else args.results
     atomic_write_json(
         ROOT / "benchmarks" / "results" / name,
         {"args": vars(args), "rows": rows, "reachable": ceilings},
@@ -202,11 +216,16 @@ def main(args: argparse.Namespace) -> None:
                 f"({row['not_decomposable_macs_share']:.0%} of MACs) not decomposable"
             )
         grouped = f" ({row['grouped_decomposed']} grouped)" if row["grouped_decomposed"] else ""
+        parity = f"{row['max_abs_diff']:.1e}"
+        if len(row["outputs"]) > 1:  # each output's max abs diff and the scale it is read on
+            parity = ", ".join(
+                f"{o['name']} {o['max_abs_diff']:.1e} of {o['scale']:.2g}" for o in row["outputs"]
+            )
         lines.append(
             f"| {label(row['model'])} | {'×'.join(map(str, row['input_shape']))} | "
             f"{row['method']}, {row['target']:g}× | {row['decomposed']}/{row['layers']}{grouped} | "
             f"{kept} | {row['macs_reduction']:.2f}× | "
-            f"{'passed' if row['parity_passed'] else 'FAILED'} ({row['max_abs_diff']:.1e}) | "
+            f"{'passed' if row['parity_passed'] else 'FAILED'} ({parity}) | "
             f"{row['seconds']:.0f} |"
         )
     table = "\n".join(lines)
@@ -225,25 +244,38 @@ def main(args: argparse.Namespace) -> None:
             )
     ceiling_table = "\n".join(ceiling_lines)
     print(table)
-    print(ceiling_table)
-    if args.no_record or args.only:
+    if ceilings:
+        print(ceiling_table)
+    if args.no_record:
         return
     flags = [
         f for f, on in (("--quick", args.quick), ("--reachable-only", args.reachable_only)) if on
     ]
+    flags += [f"--only {part}" for part in args.only]
+    if args.results != "coverage.json":
+        flags.append(f"--results {args.results}")
     command = " ".join(["python benchmarks/coverage.py", *flags])
     header = (
         f"Command: `{command}`  \nMachine: 2-core x86-64 CPU ({platform.processor() or 'x86_64'}"
         f"), AVX-512, no GPU; shared with other jobs (wall times are not comparable to quiet "
         f"runs).  \nDate: {datetime.date.today().isoformat()}. Random weights"
     )
+    title = (
+        "models returning several outputs (segmentation, detection backbones)"
+        if args.only
+        else "grouped convs and transformers"
+    )
     coverage = (
-        "\n## Architecture coverage: grouped convs and transformers\n\n"
+        f"\n## Architecture coverage: {title}\n\n"
         f"{header}, no latency timing, 8 parity samples; input sizes reduced where the "
         "architecture accepts it (ViT and MaxViT check their 224² input; the ViTs with a random "
         "head, `benchmarks/model_files/vit_random_head.py`). Kept layers are counted by "
         f"reason.\n\n{table}\n\n"
     )
+    if not ceilings:
+        with open(ROOT / "BENCHMARKS.md", "a", encoding="utf-8") as handle:
+            handle.write(coverage)
+        return
     section = (
         ("" if args.reachable_only else coverage)
         + "\n## Grouped convs: MACs reachable before and after grouped support\n\n"

@@ -23,6 +23,7 @@ _EXPORTS = {
     "compress": "pipeline",
     "restore": "pipeline",
     "run_compress": "pipeline",
+    "TaskMetric": "metric",
 }
 
 __all__ = sorted(_EXPORTS)

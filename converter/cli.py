@@ -39,7 +39,9 @@ app = typer.Typer(
 ModelArg = Annotated[
     str,
     typer.Argument(
-        help="resnet20|32|44|56|110, digits-cnn, torchvision:NAME, or path/to/file.py:factory"
+        help="resnet20|32|44|56|110, digits-cnn, torchvision:NAME, "
+        "torchvision:segmentation.NAME, torchvision:detection.NAME.backbone, or "
+        "path/to/file.py:factory (see `rankfold models`)"
     ),
 ]
 WeightsOpt = Annotated[
@@ -163,8 +165,9 @@ def analyze(
 ModelOpt = Annotated[
     str | None,
     typer.Argument(
-        help="resnet20|32|44|56|110, digits-cnn, torchvision:NAME, or path/to/file.py:factory "
-        "(default: the --config file's model).",
+        help="resnet20|32|44|56|110, digits-cnn, torchvision:NAME, "
+        "torchvision:segmentation.NAME, torchvision:detection.NAME.backbone, or "
+        "path/to/file.py:factory (see `rankfold models`; default: the --config file's model).",
         metavar="MODEL",
         show_default=False,
     ),
@@ -427,6 +430,33 @@ def methods() -> None:
             f"({', '.join(method.rank_names)}) {_first_line(method)} "
             f"[{', '.join(method.layer_types)}]"
         ),
+    )
+
+
+@app.command()
+@_friendly
+def models() -> None:
+    """List the model names and forms the MODEL argument takes."""
+    from rankfold.models.zoo import TASK_EXAMPLES, TORCHVISION_EXAMPLES, registered_specs
+
+    for name, spec in registered_specs().items():
+        typer.echo(f"{name}  {spec.description}")
+    typer.echo(
+        "torchvision:NAME  any torchvision classifier (torchvision.models.list_models()), "
+        f"e.g. {', '.join(TORCHVISION_EXAMPLES[:3])}"
+    )
+    typer.echo(
+        "torchvision:segmentation.NAME  a torchvision segmentation model (fcn_*, deeplabv3_*, "
+        "lraspp_*), returning {out, aux} (LR-ASPP: {out}); no top-1: --eval-data is refused, "
+        f"score it with the Python API's metric=; e.g. {TASK_EXAMPLES[0]}"
+    )
+    typer.echo(
+        "torchvision:detection.NAME.backbone  a torchvision detector's backbone (its feature "
+        f"maps by name; the heads are not compressed), e.g. {TASK_EXAMPLES[2]}"
+    )
+    typer.echo(
+        "path/to/file.py:factory  your own model: factory() returns the nn.Module; the file "
+        "defines RANKFOLD_SPEC or you pass --input-shape"
     )
 
 

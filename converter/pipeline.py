@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from rankfold.converter.calibration import (
 )
 from rankfold.converter.config import CompressConfig
 from rankfold.converter.finetune import FinetuneResult, check_resume, finetune, plot_history
+from rankfold.converter.metric import TOP1, TaskMetric, top1
 from rankfold.converter.quantization import (
     QuantizedCheck,
     check_quantized,
@@ -48,6 +49,8 @@ from rankfold.converter.results import (
     LayerRow,
     OnnxCheck,
     OriginalModel,
+    OutputParity,
+    OutputTensor,
     Quantization,
     QuantizedFile,
     QuantizedLatencyRow,
@@ -113,8 +116,9 @@ from rankfold.runtime import (
 )
 from rankfold.runtime.latency import SideBySide, time_side_by_side
 from rankfold.runtime.latency_model import LatencyMetric, LatencyTable
+from rankfold.runtime.outputs import OutputLayout, named_outputs, output_layout
 from rankfold.runtime.quantize import QuantizedModel
-from rankfold.runtime.validate import agreement_error
+from rankfold.runtime.validate import OnnxModule, agreement_error
 
 MODEL_FILE_FORMAT = "rankfold-model-1"
 
@@ -178,6 +182,9 @@ class CompressionResult:
     # early), and what its clean-up did.
     original_onnx: bytes | None = None
     original_cleanup: dict[str, int] | None = None
+    # The model's output tensors, and the task metric the accuracy fields hold (None: none).
+    outputs: OutputLayout | None = None
+    metric: TaskMetric | None = None
 
     def save(self, out_dir: str | Path) -> Artifacts:
         """Write plan.json, model.pt, original.onnx and model.onnx (with --quantize also
@@ -235,6 +242,13 @@ class CompressionResult:
             method=plan.method,
             target=plan.target,
             capture=self.capture,
+            outputs=[]
+            if self.outputs is None
+            else [
+                OutputTensor(name=name, shape=list(shape))
+                for name, shape in zip(self.outputs.names, self.outputs.shapes)
+            ],
+            metric=None if self.metric is None else self.metric.name,
             original=OriginalModel(
                 params=analysis.total_params,
                 macs=analysis.total_macs,
@@ -267,6 +281,8 @@ class CompressionResult:
                 atol=parity.atol,
                 rtol=parity.rtol,
                 parity_passed=parity.passed,
+                # asdict, not to_dict: NaN/inf stay floats, as in the fields above.
+                outputs=[OutputParity(**asdict(output)) for output in parity.outputs],
                 accuracy=validation.accuracy,
             ),
             latency=None
@@ -384,10 +400,15 @@ def validate(result: CompressionResult, artifacts: Artifacts) -> Validation:
         rtol=config.export.rtol,
     )
     accuracy = None
-    if result.eval_data is not None and result.spec is not None:
+    if result.metric is not None and result.metric.name == TOP1 and result.eval_data is not None:
+        # onnxruntime batch by batch, without rebuilding the output structure.
         accuracy = onnx_accuracy(
             artifacts.model_onnx, batches(result.eval_data, result.spec), provider=provider
         )
+    elif result.metric is not None:
+        with torch.no_grad():
+            reference = result.compressed(result.example_input)
+        accuracy = result.metric(OnnxModule(artifacts.model_onnx, reference, provider))
     quantized = {}
     for name, float_path in (
         ("original", artifacts.original_onnx),
@@ -488,8 +509,13 @@ def compress(
     config: CompressConfig,
     spec: ModelSpec | None = None,
     workdir: str | Path | None = None,
+    metric: TaskMetric | None = None,
 ) -> CompressionResult:
     """Trace, plan and decompose `model`, then recover accuracy when `config.train_data` is set.
+
+    The task metric reported before and after (original, decomposed, each recovery stage, and
+    model.onnx in `validate`) is `metric`, a user's score on the user's data, or else top-1 on
+    `config.eval_data`, which needs a model returning one N×classes logits tensor.
 
     With training data and `statistics.data_aware` every layer is fitted to its
     output on the first `statistics.samples` training images instead of to its weights.
@@ -506,6 +532,11 @@ def compress(
         raise ConfigError("reading data needs the model's spec (mean/std); pass spec=")
     if config.finetune.epochs > 0 and config.train_data is None:
         raise ConfigError("fine-tuning needs training data: pass --train-data")
+    if metric is not None and config.eval_data is not None:
+        raise ConfigError(
+            f"metric= scores the model on its own data, --eval-data would score top-1 on "
+            f"{config.eval_data}: pass one of them"
+        )
     # Everything cheap to check is checked before tracing, planning and decomposing.
     train = None
     if config.train_data is not None:
@@ -519,6 +550,10 @@ def compress(
         check_resume(Path(workdir) / "checkpoints", config.finetune, config.seed)
     captured = trace_or_capture(model, example_inputs, config.leaf_modules)
     original, analysis = captured.module, captured.analysis
+    with torch.no_grad():
+        outputs = output_layout(original(example_inputs))
+    if not outputs.is_logits:
+        check_task_options(outputs, config)
     # original.onnx now, not after the decomposition: what the exporter refuses fails in seconds.
     original_onnx, original_cleanup = export_original(captured, example_inputs, config)
     float_layers = {}
@@ -589,16 +624,18 @@ def compress(
         capture=capture_report(captured, config),
         original_onnx=original_onnx,
         original_cleanup=original_cleanup,
+        outputs=outputs,
+        metric=metric if eval_data is None else top1(eval_data, spec),
     )
     if config.quantize.dtype is not None:
         result.calibration = train.subset(config.quantize.samples)
-    if eval_data is not None:
-        result.eval_data = eval_data
+    result.eval_data = eval_data
+    if result.metric is not None:
         result.accuracy["original"] = _accuracy(original, result)
         result.accuracy["decomposed"] = _accuracy(compressed, result)
     if config.refits and captured.traced and plan.decomposed():
         refit(result, train)
-        if eval_data is not None:
+        if result.metric is not None:
             result.accuracy["refitted"] = _accuracy(compressed, result)
     if train is not None:
         if workdir is None:
@@ -612,6 +649,33 @@ def compress(
                 f"(--skip-bad-images), e.g. {next(iter(train.skipped))}[/yellow]"
             )
     return result
+
+
+def check_task_options(outputs: OutputLayout, config: CompressConfig) -> None:
+    """Refuse, in one line and before any planning, the options that read class labels off
+    one logits tensor, for a model that returns something else."""
+    what = f"model '{config.model}' returns {outputs.describe()}"
+    if config.eval_data is not None:
+        raise ConfigError(
+            f"--eval-data scores top-1, which needs one N×classes logits tensor, but {what}; "
+            "drop --eval-data and score the task through the Python API (compress(..., "
+            "metric=TaskMetric(name, score, data)))"
+        )
+    if config.finetune.epochs > 0:
+        raise ConfigError(
+            f"fine-tuning trains on class labels (cross-entropy, distilled logits), but {what}; "
+            "drop --finetune-epochs and fine-tune the compressed model with your task's loss"
+        )
+    if config.quantize.dtype is not None:
+        raise ConfigError(
+            f"--quantize checks INT8 by top-1 agreement with the float model, but {what}; "
+            "drop --quantize"
+        )
+    if get_selector(config.ranks.select).needs_calibration:
+        raise ConfigError(
+            f"--select {config.ranks.select} scores candidate plans by top-1 on training "
+            f"images, but {what}; use --select uniform, energy, error or vbmf"
+        )
 
 
 def export_original(
@@ -877,9 +941,24 @@ def _gate(
 
 
 def _accuracy(module: nn.Module, result: CompressionResult) -> float | None:
-    if result.eval_data is None or result.spec is None:
-        return None
-    return torch_accuracy(module, batches(result.eval_data, result.spec))
+    """The run's task metric of `module` (None without one)."""
+    return None if result.metric is None else result.metric(module)
+
+
+def _judge(result: CompressionResult, images: ImageData, by_top1: bool) -> float:
+    """Top-1 of the compressed model on `images`, or (label-free) the relative squared error
+    of all its outputs against the original's."""
+    if by_top1:
+        return torch_accuracy(result.compressed, batches(images, result.spec))
+    error = reference = 0.0
+    with torch.no_grad():
+        for x, _ in batches(images, result.spec):
+            expected = named_outputs(result.original(x))
+            actual = named_outputs(result.compressed(x))
+            for (_, a), (_, b) in zip(expected, actual):
+                error += float((b - a).square().sum())
+                reference += float(a.square().sum())
+    return error / max(reference, float(np.finfo(np.float32).tiny))
 
 
 def refit(result: CompressionResult, train: ImageData) -> None:
@@ -920,16 +999,18 @@ def judging_images(train: ImageData) -> ImageData:
 def recover(result: CompressionResult, train: ImageData, workdir: Path) -> None:
     """BatchNorm recalibration on augmented training batches (bias correction without BN), kept
     after a refit only if it does not lower held-out training accuracy, then optional
-    fine-tuning."""
+    fine-tuning. A model without one logits tensor is judged label-free instead: by its
+    outputs' relative error against the original's on the same images."""
     config, spec = result.config, result.spec
     decomposed = [entry.name for entry in result.plan.decomposed()]
     if config.recalibrate and decomposed:
         # A refitted block's outputs are least-squares fits whose statistics recalibration may
         # undo: training images' labels, which neither step reads, decide whether it stays.
         judge = judging_images(train) if result.refit is not None else None
+        by_top1 = result.outputs is None or result.outputs.is_logits
         if judge is not None:
             refitted = {k: v.clone() for k, v in result.compressed.state_dict().items()}
-            refitted_accuracy = torch_accuracy(result.compressed, batches(judge, spec))
+            refitted_score = _judge(result, judge, by_top1)
         if has_batchnorm(result.compressed):
             # The original statistics came from augmented images (see training_batches).
             inputs = training_batches(train, spec, 256, config.finetune.augment, config.seed)
@@ -944,15 +1025,29 @@ def recover(result: CompressionResult, train: ImageData, workdir: Path) -> None:
             result.recalibration = "bias"
         kept = "recalibrated"
         if judge is not None:
-            recalibrated_accuracy = torch_accuracy(result.compressed, batches(judge, spec))
-            if recalibrated_accuracy < refitted_accuracy:
+            recalibrated_score = _judge(result, judge, by_top1)
+            # Top-1 must not drop; an output error must not rise.
+            worse = (
+                recalibrated_score < refitted_score
+                if by_top1
+                else recalibrated_score > refitted_score
+            )
+            if worse:
                 kept = "refitted"
                 result.compressed.load_state_dict(refitted)
+            scores = (
+                {"accuracy_refitted": refitted_score, "accuracy_recalibrated": recalibrated_score}
+                if by_top1
+                else {
+                    "output_error_refitted": refitted_score,
+                    "output_error_recalibrated": recalibrated_score,
+                }
+            )
             result.recalibration_check = RecalibrationCheck(
                 images=len(judge),
-                accuracy_refitted=refitted_accuracy,
-                accuracy_recalibrated=recalibrated_accuracy,
+                criterion="top-1" if by_top1 else "output error",
                 kept=kept,
+                **scores,
             )
         if kept == "recalibrated":
             result.accuracy["recalibrated"] = _accuracy(result.compressed, result)
@@ -988,8 +1083,11 @@ ARTEFACTS = (
 )
 
 
-def run_compress(config: CompressConfig, out_dir: str | Path) -> CompressionResult:
-    """The CLI's `compress`: load the model by name, compress, save, validate, report.
+def run_compress(
+    config: CompressConfig, out_dir: str | Path, metric: TaskMetric | None = None
+) -> CompressionResult:
+    """The CLI's `compress`: load the model by name, compress, save, validate, report;
+    `metric` is the task metric to report (see `compress`), else top-1 on --eval-data.
 
     The output folder is transactional: every artefact is written into a staging folder inside
     it and published together at the end, so a run that fails or is interrupted leaves the
@@ -1005,7 +1103,7 @@ def run_compress(config: CompressConfig, out_dir: str | Path) -> CompressionResu
         config.model, config.weights, config.input_shape, config.mean, config.std
     )
     example = torch.zeros(1, *spec.input_shape)
-    result = compress(model, example, config, spec, workdir=out)
+    result = compress(model, example, config, spec, workdir=out, metric=metric)
     with tempfile.TemporaryDirectory(prefix=".rankfold-staging-", dir=out) as staging:
         stage = Path(staging)
         try:

@@ -18,8 +18,9 @@ from rankfold.passes.core import ConfigError
 
 # 2: typed sections; 3: latency intervals, threads, the slower flag; 4: INT8 quantization;
 # 5: data-aware fits (layer statistics, per-layer output errors beside the weight-only fit's);
-# 6: how the model was captured (torch.fx or forward hooks) and the passes that needs skipped
-SCHEMA_VERSION = 6
+# 6: how the model was captured (torch.fx or forward hooks) and the passes that needs skipped;
+# 7: named outputs (tuple/dict models), parity per output, the task metric's name
+SCHEMA_VERSION = 7
 
 
 class _Section(BaseModel):
@@ -137,11 +138,16 @@ class Refit(_Section):
 
 class RecalibrationCheck(_Section):
     """After a refit: top-1 of the refitted and the recalibrated model on the last training
-    images (labels neither step reads, so no evaluation data decides), and which was kept."""
+    images (labels neither step reads, so no evaluation data decides), and which was kept. A
+    model without one logits tensor is judged by its outputs' relative squared error against
+    the original's on those images instead (no labels needed)."""
 
     images: int
-    accuracy_refitted: float
-    accuracy_recalibrated: float
+    criterion: Literal["top-1", "output error"] = "top-1"
+    accuracy_refitted: float | None = None
+    accuracy_recalibrated: float | None = None
+    output_error_refitted: float | None = None
+    output_error_recalibrated: float | None = None
     kept: Literal["recalibrated", "refitted"]
 
 
@@ -152,7 +158,26 @@ class Recovery(_Section):
     finetune: dict[str, Any] | None = None
 
 
+class OutputTensor(_Section):
+    """One output tensor of the model: its name (the ONNX output's) and per-sample shape."""
+
+    name: str
+    shape: list[int]
+
+
+class OutputParity(_Section):
+    """One output's parity: it passes when max_abs_diff ≤ atol + rtol × its own scale."""
+
+    name: str
+    max_abs_diff: float
+    max_rel_diff: float
+    scale: float  # the largest |PyTorch output| of this tensor
+    passed: bool
+
+
 class OnnxCheck(_Section):
+    """model.onnx against PyTorch; the top-level diffs are the worst output's."""
+
     path: str
     opset: int
     max_abs_diff: float
@@ -160,7 +185,8 @@ class OnnxCheck(_Section):
     atol: float
     rtol: float = 0.0
     parity_passed: bool
-    accuracy: float | None = None
+    outputs: list[OutputParity] = []
+    accuracy: float | None = None  # the task metric (Report.metric) on model.onnx
 
 
 Verdict = Literal["faster", "slower", "no measurable difference"]
@@ -292,13 +318,17 @@ class LayerRow(BaseModel):
 
 
 class Report(_Section):
-    """report.json."""
+    """report.json. The `accuracy` fields hold the task metric `metric` names: "top-1" on
+    --eval-data for a classifier, a Python API metric's name, or None when none was computed
+    (no evaluation data, or outputs top-1 cannot be read from and no metric given)."""
 
-    schema_version: Literal[6] = SCHEMA_VERSION
+    schema_version: Literal[7] = SCHEMA_VERSION
     model: str
     method: str
     target: dict[str, float] | None
     capture: Capture = Capture()
+    outputs: list[OutputTensor] = []
+    metric: str | None = None
     original: OriginalModel
     compressed: CompressedModel
     selection: SelectionReport

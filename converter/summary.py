@@ -39,9 +39,43 @@ def headline(report: Report) -> str:
         )
     final = report.onnx.accuracy
     if final is not None and report.original.accuracy is not None:
-        delta = 100 * (final - report.original.accuracy)
-        parts.append(f"{delta:+.1f} pt".replace("-", "−"))
+        if report.metric == "top-1":
+            delta = 100 * (final - report.original.accuracy)
+            parts.append(f"{delta:+.1f} pt".replace("-", "−"))
+        else:
+            parts.append(f"{report.metric} {_value(report.original.accuracy)} → {_value(final)}")
     return ", ".join(parts)
+
+
+def metric_line(report: Report) -> str:
+    """The task metric at each stage; top-1 as percentages, a user metric as it came."""
+    original, compressed = report.original, report.compressed
+    if report.metric is None:
+        logits = [(o.name, len(o.shape)) for o in report.outputs] == [("logits", 1)]
+        if report.outputs and not logits:
+            shapes = ", ".join(f"{o.name} N×{'×'.join(map(str, o.shape))}" for o in report.outputs)
+            return (
+                f"task metric: none applies (the model returns {shapes}; top-1 needs one "
+                "N×classes logits tensor: score the task with metric= in the Python API)"
+            )
+        return "accuracy: n/a (no --eval-data)"
+    show = _percent if report.metric == "top-1" else _value
+    label = "accuracy" if report.metric == "top-1" else report.metric
+    return (
+        f"{label}: original {show(original.accuracy)}, decomposed "
+        f"{show(compressed.accuracy_decomposed)}, "
+        + (
+            ""
+            if compressed.accuracy_refitted is None
+            else f"refitted {show(compressed.accuracy_refitted)}, "
+        )
+        + f"recalibrated {show(compressed.accuracy_recalibrated)}, fine-tuned "
+        f"{show(compressed.accuracy_finetuned)}, ONNX {show(report.onnx.accuracy)}"
+    )
+
+
+def _value(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
 
 
 def summary_lines(report: Report, out: Path) -> list[str]:
@@ -52,19 +86,18 @@ def summary_lines(report: Report, out: Path) -> list[str]:
         headline(report),
         f"MACs {original.macs:,} → {compressed.macs:,} ({report.macs_reduction:.2f}×), "
         f"params {report.params_reduction:.2f}× fewer",
-        f"accuracy: original {_percent(original.accuracy)}, decomposed "
-        f"{_percent(compressed.accuracy_decomposed)}, "
-        + (
-            ""
-            if compressed.accuracy_refitted is None
-            else f"refitted {_percent(compressed.accuracy_refitted)}, "
-        )
-        + "recalibrated "
-        f"{_percent(compressed.accuracy_recalibrated)}, fine-tuned "
-        f"{_percent(compressed.accuracy_finetuned)}, ONNX {_percent(onnx.accuracy)}",
+        metric_line(report),
         f"ONNX parity: max abs diff {onnx.max_abs_diff:.2e} (tolerance {onnx.atol:.0e} + "
         f"{onnx.rtol:.0e} × output scale)",
     ]
+    if len(onnx.outputs) > 1:
+        lines.append(
+            "ONNX parity per output (max abs diff / output scale): "
+            + ", ".join(
+                f"{o.name} {o.max_abs_diff:.1e}/{o.scale:.2g}{'' if o.passed else ' FAILED'}"
+                for o in onnx.outputs
+            )
+        )
     if report.statistics is not None:
         stats = report.statistics
         aware = [row for row in report.layers if row.output_error is not None]
@@ -104,11 +137,18 @@ def summary_lines(report: Report, out: Path) -> list[str]:
     check = report.recovery.recalibration_check
     if check is not None:
         verdict = "kept" if check.kept == "recalibrated" else "undone (the refitted model is kept)"
-        lines.append(
-            f"recalibration after the refit {verdict}: top-1 on the last {check.images} "
-            f"training images refitted {check.accuracy_refitted:.2%}, recalibrated "
-            f"{check.accuracy_recalibrated:.2%}"
-        )
+        if check.criterion == "top-1":
+            scores = (
+                f"top-1 on the last {check.images} training images refitted "
+                f"{check.accuracy_refitted:.2%}, recalibrated {check.accuracy_recalibrated:.2%}"
+            )
+        else:
+            scores = (
+                f"relative output error against the original on the last {check.images} "
+                f"training images refitted {check.output_error_refitted:.4f}, recalibrated "
+                f"{check.output_error_recalibrated:.4f}"
+            )
+        lines.append(f"recalibration after the refit {verdict}: {scores}")
     products = {
         name: macs
         for name, macs in original.functional_macs.items()

@@ -79,4 +79,10 @@ def validate_export(
         result.update(
             max_abs_diff=parity.max_abs_diff, atol=atol, rtol=rtol, parity_passed=parity.passed
         )
+        if len(parity.outputs) > 1:  # each output judged on its own scale
+            result["outputs"] = ", ".join(
+                f"{o.name} {o.max_abs_diff:.1e} of {o.scale:.2g} "
+                f"({'passed' if o.passed else 'FAILED'})"
+                for o in parity.outputs
+            )
     return result

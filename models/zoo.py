@@ -1,5 +1,6 @@
-"""Build a model by name: the CIFAR ResNets, any torchvision classifier, the digits demo CNN, or
-a factory in a user's Python file, each with the `ModelSpec` saying what input it takes.
+"""Build a model by name: the CIFAR ResNets, any torchvision classifier, segmentation model or
+detection backbone, the digits demo CNN, or a factory in a user's Python file, each with the
+`ModelSpec` saying what input it takes.
 
 Models start from random initialisation; trained weights come only from an explicit `weights`
 checkpoint (the CLI's --weights). Users add names of their own with `register_model`.
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from rankfold.models.checkpoint import check_finite, load_weights
 from rankfold.models.digits import DIGITS32_SPEC, DIGITS_SPEC, Digits32CNN, DigitsCNN
@@ -33,6 +35,20 @@ TORCHVISION_EXAMPLES = (
     "torchvision:alexnet",
     "torchvision:mobilenet_v2",
 )
+# torchvision's other tasks, named by their module in torchvision.models. A segmentation model
+# returns {"out", "aux"} (FCN, DeepLabV3) or {"out"} (LR-ASPP); a detector's forward takes a
+# list of images and returns a variable number of boxes, which no fixed ONNX graph holds, so
+# only its backbone (feature maps, {"0", "1", …, "pool"} for an FPN) is a model here.
+SEGMENTATION = "segmentation."
+DETECTION = "detection."
+BACKBONE = ".backbone"
+TASK_EXAMPLES = (
+    "torchvision:segmentation.fcn_resnet50",
+    "torchvision:segmentation.lraspp_mobilenet_v3_large",
+    "torchvision:detection.fasterrcnn_mobilenet_v3_large_fpn.backbone",
+)
+# torchvision's evaluation size for its segmentation models (resize to 520).
+SEGMENTATION_SIZE = 520
 # The pretrained checkpoints of the shared data folder (path under data_dir(), sha256), for
 # callers that want `load_weights(..., sha256=...)` to confirm they have the original files.
 SHARED_CHECKPOINTS = {
@@ -64,9 +80,15 @@ def register_model(
     _REGISTRY[name] = (factory, replace(spec, name=name))
 
 
+def registered_specs() -> dict[str, ModelSpec]:
+    """Each registered name's spec (input shape, classes, description)."""
+    return {name: spec for name, (_, spec) in _REGISTRY.items()}
+
+
 def list_models() -> list[str]:
-    """The registered names, then a few of the torchvision classifiers `load_model` accepts."""
-    return [*_REGISTRY, *TORCHVISION_EXAMPLES]
+    """The registered names, then a few of the torchvision classifiers, segmentation models and
+    detection backbones `load_model` accepts."""
+    return [*_REGISTRY, *TORCHVISION_EXAMPLES, *TASK_EXAMPLES]
 
 
 def load_model(
@@ -78,13 +100,18 @@ def load_model(
 ) -> tuple[nn.Module, ModelSpec]:
     """Build model `name` in eval mode, float32, randomly initialised unless `weights` is given.
 
-    `name` is a registered name (resnet20/32/44/56/110, digits-cnn), "torchvision:NAME" or
+    `name` is a registered name (resnet20/32/44/56/110, digits-cnn), "torchvision:NAME" (a
+    classifier), "torchvision:segmentation.NAME", "torchvision:detection.NAME.backbone" or
     "path/to/file.py:factory". `input_shape` (C, H, W) replaces the spec's; a user file without
     a module-level `RANKFOLD_SPEC` dict needs it. `mean` and `std` (per channel, on the 0..1
     scale) replace the spec's normalisation, which a bare factory leaves at 0 and 1.
     """
     shape = None if input_shape is None else _checked_shape(input_shape)
-    if name.startswith(TORCHVISION_PREFIX):
+    if name.startswith(TORCHVISION_PREFIX + SEGMENTATION):
+        model, spec = _segmentation(name[len(TORCHVISION_PREFIX + SEGMENTATION) :])
+    elif name.startswith(TORCHVISION_PREFIX + DETECTION):
+        model, spec = _detection_backbone(name[len(TORCHVISION_PREFIX + DETECTION) :])
+    elif name.startswith(TORCHVISION_PREFIX):
         model, spec = _torchvision(name[len(TORCHVISION_PREFIX) :])
     elif name in _REGISTRY:
         factory, spec = _REGISTRY[name]
@@ -129,6 +156,87 @@ def _torchvision(arch: str) -> tuple[nn.Module, ModelSpec]:
         description=f"torchvision {arch}, ImageNet classifier (random init unless weights given)",
     )
     return model, spec
+
+
+def _task_model(task: str, arch: str, example: str):
+    """torchvision.models.<task>'s builder `arch`, randomly initialised, backbone included."""
+    import torchvision.models
+
+    module = getattr(torchvision.models, task)
+    known = torchvision.models.list_models(module=module)
+    if arch not in known:
+        close = difflib.get_close_matches(arch, known, n=3)
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+        raise ModelLoadError(
+            f"unknown torchvision {task} model '{arch}'; {hint}torchvision has "
+            f"{', '.join(known)} (e.g. {example})"
+        )
+    # weights=None and weights_backbone=None: nothing is downloaded.
+    kwargs = {"weights": None, "weights_backbone": None}
+    if task == "segmentation" and not arch.startswith("lraspp"):
+        # Pretrained FCN/DeepLabV3 checkpoints carry the auxiliary head: build it, so that
+        # --weights loads them and the model returns {"out", "aux"} as trained.
+        kwargs["aux_loss"] = True
+    return torchvision.models.get_model(arch, **kwargs)
+
+
+def _segmentation(arch: str) -> tuple[nn.Module, ModelSpec]:
+    model = _task_model("segmentation", arch, TASK_EXAMPLES[0])
+    head = model.classifier  # FCN/DeepLabV3: a Sequential ending in the class conv
+    classes = (head.low_classifier if hasattr(head, "low_classifier") else head[-1]).out_channels
+    spec = ModelSpec(
+        name=TORCHVISION_PREFIX + SEGMENTATION + arch,
+        input_shape=(3, SEGMENTATION_SIZE, SEGMENTATION_SIZE),
+        num_classes=classes,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        description=f"torchvision {arch}, semantic segmentation: returns "
+        f"{{{', '.join(_segmentation_outputs(model))}}} (random init unless weights given)",
+    )
+    return model, spec
+
+
+def _segmentation_outputs(model: nn.Module) -> list[str]:
+    return ["out", "aux"] if getattr(model, "aux_classifier", None) is not None else ["out"]
+
+
+def _detection_backbone(name: str) -> tuple[nn.Module, ModelSpec]:
+    arch = name.removesuffix(BACKBONE)
+    if arch == name:
+        raise ModelLoadError(
+            f"torchvision:{DETECTION}{name} is a whole detector, whose forward takes a list of "
+            "images and returns a variable number of boxes (no fixed ONNX graph holds that); "
+            f"compress its backbone: torchvision:{DETECTION}{name}{BACKBONE}"
+        )
+    detector = _task_model("detection", arch, TASK_EXAMPLES[2])
+    backbone = getattr(detector, "backbone", None)
+    if not isinstance(backbone, nn.Module):
+        raise ModelLoadError(
+            f"torchvision {arch} has no backbone module; pick a detector with one "
+            "(fasterrcnn_*, retinanet_*, fcos_*, maskrcnn_*, keypointrcnn_*)"
+        )
+    transform = detector.transform  # the detector resizes images to its min_size first
+    size = int(transform.min_size[0])
+    classes = _detector_classes(detector)
+    spec = ModelSpec(
+        name=TORCHVISION_PREFIX + DETECTION + name,
+        input_shape=(3, size, size),
+        num_classes=classes,
+        mean=tuple(transform.image_mean),
+        std=tuple(transform.image_std),
+        description=f"torchvision {arch}'s backbone: returns its feature maps by name "
+        "(random init unless weights given; the detector's heads are not included)",
+    )
+    return backbone, spec
+
+
+def _detector_classes(detector: nn.Module) -> int:
+    """The detector's class count (background included), for the spec."""
+    for module in detector.modules():
+        if hasattr(module, "num_classes") and isinstance(module.num_classes, int):
+            return module.num_classes
+    # Faster/Mask/Keypoint R-CNN: the box predictor's class scores.
+    return detector.roi_heads.box_predictor.cls_score.out_features
 
 
 def _from_file(name: str, input_shape: tuple[int, int, int] | None) -> tuple[nn.Module, ModelSpec]:
@@ -176,7 +284,7 @@ def _from_file(name: str, input_shape: tuple[int, int, int] | None) -> tuple[nn.
         return model, ModelSpec(
             name=name,
             input_shape=input_shape,
-            num_classes=_output_classes(model, input_shape, name),
+            num_classes=_output_classes(model, input_shape, name)[0],
             mean=(0.0,) * channels,
             std=(1.0,) * channels,
             description=f"{factory_name}() from {path}",
@@ -184,8 +292,8 @@ def _from_file(name: str, input_shape: tuple[int, int, int] | None) -> tuple[nn.
     spec = _declared_spec(declared, name, path)
     if input_shape is not None:
         spec = _with_shape(spec, input_shape)
-    num_classes = _output_classes(model, spec.input_shape, name)
-    if num_classes != spec.num_classes:
+    num_classes, logits = _output_classes(model, spec.input_shape, name)
+    if logits and num_classes != spec.num_classes:
         raise ModelLoadError(
             f"model '{name}' outputs {num_classes} classes but RANKFOLD_SPEC says "
             f"{spec.num_classes}; fix num_classes in {path.name}"
@@ -243,8 +351,11 @@ def _declared_spec(declared: object, name: str, path: Path) -> ModelSpec:
         raise ModelLoadError(f"RANKFOLD_SPEC in {path.name} is invalid: {exc}") from None
 
 
-def _output_classes(model: nn.Module, input_shape: tuple[int, int, int], name: str) -> int:
-    """The class count read off one forward pass of zeros; the pass also checks the shape works."""
+def _output_classes(
+    model: nn.Module, input_shape: tuple[int, int, int], name: str
+) -> tuple[int, bool]:
+    """The class count read off one forward pass of zeros, and whether the model returns one
+    logits tensor (1×classes); the pass also checks the shape works."""
     try:
         with torch.no_grad():
             out = model(torch.zeros(1, *input_shape))
@@ -253,13 +364,17 @@ def _output_classes(model: nn.Module, input_shape: tuple[int, int, int], name: s
             f"model '{name}' fails on a {_fmt((1, *input_shape))} input "
             f"({_describe(exc)}); check the input shape"
         ) from None
-    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 1:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    leaves = pytree.tree_leaves(out)
+    if not leaves or not all(isinstance(leaf, torch.Tensor) and leaf.ndim >= 1 for leaf in leaves):
         raise ModelLoadError(
-            f"model '{name}' returns {got} for one input, not logits of shape (1, classes); "
-            "make forward return only the logits"
+            f"model '{name}' returns {type(out).__name__} for one input, not tensors; make "
+            "forward return one tensor, or a tuple, list or dict of tensors"
         )
-    return int(out.shape[1])
+    # Logits: their width. Any other output (segmentation maps, feature maps): the first
+    # tensor's channels, the classes of a segmentation map; no top-1 is read off it.
+    first = leaves[0]
+    logits = isinstance(out, torch.Tensor) and out.ndim == 2
+    return (int(first.shape[1]) if first.ndim >= 2 else 1), logits
 
 
 def _with_shape(spec: ModelSpec, shape: tuple[int, int, int]) -> ModelSpec:
@@ -313,7 +428,8 @@ def _suggest(name: str) -> str:
     close = [candidates[c] for c in difflib.get_close_matches(name, candidates, n=3)]
     hint = f"did you mean {' or '.join(map(repr, dict.fromkeys(close)))}? " if close else ""
     return (
-        f"{hint}valid names: {', '.join(_REGISTRY)}, torchvision:NAME (e.g. torchvision:resnet18) "
+        f"{hint}valid names: {', '.join(_REGISTRY)}, torchvision:NAME (e.g. torchvision:resnet18), "
+        f"torchvision:{SEGMENTATION}NAME, torchvision:{DETECTION}NAME{BACKBONE} "
         "or path/to/file.py:factory"
     )
 

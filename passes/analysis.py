@@ -283,7 +283,7 @@ def _functional_macs(gm: fx.GraphModule) -> dict[str, int]:
             found[attention_key(node)] = ATTENTION_MACS[node.target](*shapes)
             continue
         if not hasattr(node.meta["tensor_meta"], "shape"):
-            continue  # a function returning several values: none of the products below
+            continue  # several tensors (chunk, unbind): neither a conv nor a matrix product
         out = node.meta["tensor_meta"].shape
         if node.target in CONV_FUNCTIONS | TRANSPOSED_CONV_FUNCTIONS:
             weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")

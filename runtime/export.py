@@ -29,9 +29,9 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from rankfold.passes.core import ExportError, OutputError, atomic_path
+from rankfold.runtime.outputs import named_outputs
 
 INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
 MIN_OPSET = 18
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -41,8 +41,9 @@ _ATEN_OP = re.compile(r"op='([\w.]+)'|torch\.ops\.([\w.]+)")
 def export_onnx(
     module: nn.Module, example_input: torch.Tensor, path: str | Path, opset: int = MIN_OPSET
 ) -> Path:
-    """Write `module` (run in eval mode) to `path` as ONNX: input "input", output "logits",
-    dynamic batch axis 0, weights inside the file. The file appears only if export succeeds."""
+    """Write `module` (run in eval mode) to `path` as ONNX: input "input", one output per
+    output tensor ("logits" for a lone tensor, dict keys for a dict: `runtime.outputs`), dynamic
+    batch axis 0, weights inside the file. The file appears only if export succeeds."""
     if opset < MIN_OPSET:
         raise ExportError(
             f"opset {opset} is below {MIN_OPSET}, the lowest the torch.export-based ONNX exporter "
@@ -55,8 +56,9 @@ def export_onnx(
         )
     target = Path(path)
     with eval_mode(module):
-        program, traced_input = _export_dynamic_batch(module, example_input, opset)
-    _check_exported_graph(program.model_proto, traced_input)
+        names = _output_names(module, example_input)
+        program, traced_input = _export_dynamic_batch(module, example_input, opset, names)
+    _check_exported_graph(program.model_proto, traced_input, names)
     try:
         with atomic_path(target) as tmp:
             # external_data=False keeps the weights inside the one file (CNNs are far below
@@ -102,8 +104,19 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
             sub.training = mode
 
 
+def _output_names(module: nn.Module, example_input: torch.Tensor) -> list[str] | None:
+    """The ONNX output names of `module`'s outputs, read off one forward pass; None if that
+    pass fails, so the exporter runs it and its error names the failing module."""
+    try:
+        with torch.no_grad():
+            output = module(example_input)
+    except Exception:  # any failure in user code: described by the exporter below
+        return None
+    return [name for name, _ in named_outputs(output)]
+
+
 def _export_dynamic_batch(
-    module: nn.Module, example_input: torch.Tensor, opset: int
+    module: nn.Module, example_input: torch.Tensor, opset: int, output_names: list[str] | None
 ) -> tuple[torch.onnx.ONNXProgram, torch.Tensor]:
     """The exported program and the input it was traced at.
 
@@ -114,18 +127,18 @@ def _export_dynamic_batch(
     what pins its batch size.
     """
     if example_input.shape[0] != 1:
-        return _run_exporter(module, example_input, opset), example_input
+        return _run_exporter(module, example_input, opset, output_names), example_input
     doubled = example_input.expand(2, *example_input.shape[1:]).clone()
     try:
-        return _run_exporter(module, doubled, opset), doubled
+        return _run_exporter(module, doubled, opset, output_names), doubled
     except ExportError as exc:
         if exc.data_dependent:  # fails at any batch size: do not pay for a second try
             raise
-        return _run_exporter(module, example_input, opset), example_input
+        return _run_exporter(module, example_input, opset, output_names), example_input
 
 
 def _run_exporter(
-    module: nn.Module, example_input: torch.Tensor, opset: int
+    module: nn.Module, example_input: torch.Tensor, opset: int, output_names: list[str] | None
 ) -> torch.onnx.ONNXProgram:
     # The exporter prints progress, graph dumps and warnings even with verbose=False when a
     # strategy fails; the one-line ExportError below is what the user needs, so silence the rest.
@@ -143,7 +156,7 @@ def _run_exporter(
                 dynamo=True,
                 opset_version=opset,
                 input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
+                output_names=output_names,
                 dynamic_shapes=({0: torch.export.Dim("batch")},),
                 optimize=True,
                 verbose=False,
@@ -152,13 +165,17 @@ def _run_exporter(
         raise _describe_failure(exc, module) from None
 
 
-def _check_exported_graph(model: onnx.ModelProto, example_input: torch.Tensor) -> None:
-    """Refuse graphs rankfold cannot use: several outputs or a batch size baked in."""
+def _check_exported_graph(
+    model: onnx.ModelProto, example_input: torch.Tensor, names: list[str] | None
+) -> None:
+    """Refuse graphs rankfold cannot use: outputs other than the model's, or a batch size
+    baked in."""
     outputs = [out.name for out in model.graph.output]
-    if len(outputs) != 1:
+    if outputs != names:
         raise ExportError(
-            f"ONNX export failed at the model output: forward returns {len(outputs)} tensors "
-            f"({', '.join(outputs)}); wrap the model so forward returns only the logits tensor"
+            f"ONNX export failed at the model output: the graph returns {len(outputs)} tensor(s) "
+            f"({', '.join(outputs)}) where forward returns {len(names)} ({', '.join(names)}); "
+            "return each output tensor once (not the same tensor under two names)"
         )
     batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
     if not batch_dim.dim_param:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from rankfold.passes.core import ConfigError, DataError, ValidationError
 from rankfold.runtime.export import eval_mode
+from rankfold.runtime.outputs import named_outputs
 from rankfold.runtime.session import create_session, single_input_name
 
 # Guards the relative difference against all-zero reference outputs.
@@ -20,22 +22,43 @@ _TINY = float(np.finfo(np.float32).tiny)
 
 
 @dataclass
+class OutputParity:
+    """One output tensor's largest difference between onnxruntime and PyTorch."""
+
+    name: str
+    max_abs_diff: float
+    max_rel_diff: float  # max_abs_diff / scale
+    scale: float  # the largest |PyTorch output| of this tensor
+    passed: bool  # max_abs_diff <= atol + rtol × scale
+
+    def to_dict(self) -> dict[str, float | str | bool | None]:
+        return _finite_dict(self)
+
+
+@dataclass
 class ParityReport:
-    """Largest output differences between onnxruntime and PyTorch over `n_samples` inputs."""
+    """Largest output differences between onnxruntime and PyTorch over `n_samples` inputs; the
+    top-level figures are the worst output's, `outputs` has each one (in the model's order)."""
 
     max_abs_diff: float
     max_rel_diff: float
     atol: float
     n_samples: int
-    passed: bool  # max_abs_diff <= atol + rtol × the largest PyTorch output magnitude
+    passed: bool  # every output passed
     rtol: float = 0.0
+    outputs: list[OutputParity] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, float | int | bool | None]:
+    def to_dict(self) -> dict[str, object]:
         """Plain dict; non-finite diffs (NaN/inf outputs) become None, as strict JSON has no inf."""
-        return {
-            key: (None if isinstance(value, float) and not math.isfinite(value) else value)
-            for key, value in asdict(self).items()
-        }
+        summary = {key: value for key, value in _finite_dict(self).items() if key != "outputs"}
+        return {**summary, "outputs": [output.to_dict() for output in self.outputs]}
+
+
+def _finite_dict(report: object) -> dict:
+    return {
+        key: (None if isinstance(value, float) and not math.isfinite(value) else value)
+        for key, value in asdict(report).items()
+    }
 
 
 def check_parity(
@@ -47,12 +70,13 @@ def check_parity(
     batch_size: int = 64,
     rtol: float = 0.0,
 ) -> ParityReport:
-    """Run `inputs` through both models and report the differences.
+    """Run `inputs` through both models and report the differences, per output tensor.
 
     Never raises on a mismatch: the caller decides, e.g. with `parity_error`.
-    max_rel_diff = max|a - b| / max|a| with a the PyTorch output. The check passes when
-    max|a - b| <= atol + rtol·max|a|: float32 rounding grows with the outputs' scale, so a model
-    whose logits reach 1e4 cannot match to an absolute 1e-4.
+    Each output's max_rel_diff = max|a - b| / max|a| with a the PyTorch output, and it passes
+    when max|a - b| <= atol + rtol·max|a|: float32 rounding grows with the outputs' scale, so a
+    model whose logits reach 1e4 cannot match to an absolute 1e-4, and a segmentation model's
+    auxiliary head is judged on its own scale, not its main head's.
     """
     if inputs.dim() < 1 or len(inputs) == 0:
         raise DataError("no inputs to compare ONNX and PyTorch on; pass at least one sample")
@@ -60,54 +84,104 @@ def check_parity(
         raise ConfigError(f"batch size must be >= 1, got {batch_size}; pass a positive batch size")
     session = create_session(onnx_path, provider)
     name = single_input_name(session, onnx_path)
+    onnx_names = [output.name for output in session.get_outputs()]
     device = _device_of(module)
-    max_abs = 0.0
-    max_ref = 0.0
-    finite = True
+    max_abs = dict.fromkeys(onnx_names, 0.0)
+    max_ref = dict.fromkeys(onnx_names, 0.0)
+    finite = dict.fromkeys(onnx_names, True)
     with eval_mode(module), torch.no_grad():
         for chunk in inputs.float().split(batch_size):
-            expected = _logits(module(chunk.to(device)))
-            actual = session.run(None, {name: chunk.cpu().numpy()})[0]
-            if actual.shape != expected.shape:
+            expected = named_outputs(module(chunk.to(device)))
+            if [key for key, _ in expected] != onnx_names:
                 raise ValidationError(
-                    f"ONNX output shape {tuple(actual.shape)} differs from PyTorch "
-                    f"{tuple(expected.shape)}; {onnx_path} was not exported from this model, "
-                    "re-export it"
+                    f"ONNX outputs ({', '.join(onnx_names)}) differ from PyTorch's "
+                    f"({', '.join(key for key, _ in expected)}); {onnx_path} was not exported "
+                    "from this model, re-export it"
                 )
-            if not (np.isfinite(expected).all() and np.isfinite(actual).all()):
-                finite = False
-                continue
-            max_abs = max(max_abs, float(np.max(np.abs(actual - expected))))
-            max_ref = max(max_ref, float(np.max(np.abs(expected))))
-    if not finite:
-        max_abs = math.inf
-    max_rel = max_abs / max(max_ref, _TINY)
+            actual = session.run(None, {name: chunk.cpu().numpy()})
+            for (key, reference), got in zip(expected, actual):
+                reference = reference.detach().float().cpu().numpy()
+                if got.shape != reference.shape:
+                    raise ValidationError(
+                        f"ONNX output '{key}' has shape {tuple(got.shape)}, PyTorch "
+                        f"{tuple(reference.shape)}; {onnx_path} was not exported from this "
+                        "model, re-export it"
+                    )
+                if not (np.isfinite(reference).all() and np.isfinite(got).all()):
+                    finite[key] = False
+                    continue
+                max_abs[key] = max(max_abs[key], float(np.max(np.abs(got - reference))))
+                max_ref[key] = max(max_ref[key], float(np.max(np.abs(reference))))
+    outputs = []
+    for key in onnx_names:
+        diff = max_abs[key] if finite[key] else math.inf
+        outputs.append(
+            OutputParity(
+                name=key,
+                max_abs_diff=diff,
+                max_rel_diff=diff / max(max_ref[key], _TINY),
+                scale=max_ref[key],
+                passed=finite[key] and diff <= atol + rtol * max_ref[key],
+            )
+        )
     return ParityReport(
-        max_abs_diff=max_abs,
-        max_rel_diff=max_rel,
+        max_abs_diff=max(output.max_abs_diff for output in outputs),
+        max_rel_diff=max(output.max_rel_diff for output in outputs),
         atol=atol,
         n_samples=len(inputs),
-        passed=finite and max_abs <= atol + rtol * max_ref,
+        passed=all(output.passed for output in outputs),
         rtol=rtol,
+        outputs=outputs,
     )
 
 
 def parity_error(report: ParityReport) -> ValidationError:
-    """The one-line error for a failed parity check."""
+    """The one-line error for a failed parity check, naming the failing outputs when the model
+    has several."""
     if report.passed:
         raise ValueError("parity_error needs a failed ParityReport; this one passed")
+    failed = [output for output in report.outputs if not output.passed]
+    which = ""
+    if len(report.outputs) > 1:
+        which = f" (output{'s' if len(failed) > 1 else ''} {', '.join(o.name for o in failed)})"
     if not math.isfinite(report.max_abs_diff):
         return ValidationError(
-            f"ONNX or PyTorch output has NaN/inf on {report.n_samples} inputs; check the weights "
-            "and inputs are finite and re-export the model"
+            f"ONNX or PyTorch output{which} has NaN/inf on {report.n_samples} inputs; check the "
+            "weights and inputs are finite and re-export the model"
         )
+    worst = max(
+        failed, key=lambda output: output.max_abs_diff / (report.atol + report.rtol * output.scale)
+    )
     return ValidationError(
-        f"ONNX output differs from PyTorch: max abs diff {report.max_abs_diff:.1e} > tolerance "
-        f"{_short(report.atol)} + {_short(report.rtol)} × output scale on {report.n_samples} "
-        f"inputs (max rel diff {report.max_rel_diff:.1e}); "
+        f"ONNX output{which} differs from PyTorch: max abs diff {worst.max_abs_diff:.1e} > "
+        f"tolerance {_short(report.atol)} + {_short(report.rtol)} × output scale on "
+        f"{report.n_samples} inputs (max rel diff {worst.max_rel_diff:.1e}); "
         "a rel diff near 1e-6 is float32 rounding (raise --rtol), a larger one means an op was "
         "exported wrongly (re-export with another opset or report the model)"
     )
+
+
+class OnnxModule(nn.Module):
+    """An ONNX file behind nn.Module's call, returning what `reference_output` (one PyTorch
+    forward's output) is shaped as: a tensor, or the same tuple, list or dict, on the CPU. So
+    a task metric written for the PyTorch model scores the deployed file unchanged."""
+
+    def __init__(self, path: str | Path, reference_output: object, provider: str = "cpu") -> None:
+        super().__init__()
+        self.session = create_session(path, provider)
+        self.input_name = single_input_name(self.session, path)
+        names = [name for name, _ in named_outputs(reference_output)]
+        onnx_names = [output.name for output in self.session.get_outputs()]
+        if names != onnx_names:
+            raise ValidationError(
+                f"{path} returns ({', '.join(onnx_names)}), the model ({', '.join(names)}); "
+                "it was not exported from this model, re-export it"
+            )
+        self.structure = pytree.tree_structure(reference_output)
+
+    def forward(self, x: torch.Tensor) -> object:
+        outputs = self.session.run(None, {self.input_name: x.detach().float().cpu().numpy()})
+        return pytree.tree_unflatten([torch.from_numpy(o) for o in outputs], self.structure)
 
 
 def onnx_accuracy(
@@ -118,6 +192,13 @@ def onnx_accuracy(
     """Top-1 accuracy (fraction in [0, 1]) of the ONNX model on labelled batches."""
     session = create_session(onnx_path, provider)
     name = single_input_name(session, onnx_path)
+    outputs = session.get_outputs()
+    if len(outputs) != 1 or len(outputs[0].shape) != 2:
+        raise ValidationError(
+            f"top-1 needs one N×classes logits output, but {onnx_path} returns "
+            f"{', '.join(f'{o.name} {o.shape}' for o in outputs)}; score it with a task metric "
+            "of your own (the Python API's metric=)"
+        )
     correct = 0
     total = 0
     for x, y in batches:
@@ -145,8 +226,9 @@ def torch_accuracy(
 def _logits(output: object) -> np.ndarray:
     if not isinstance(output, torch.Tensor):
         raise ValidationError(
-            f"the model's forward returns {type(output).__name__}, not one logits tensor; wrap "
-            "the model so forward returns only the logits"
+            f"top-1 accuracy needs one logits tensor, but the model's forward returns "
+            f"{type(output).__name__}; score it with a task metric of your own (the Python "
+            "API's metric=)"
         )
     return output.detach().float().cpu().numpy()
 

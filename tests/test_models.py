@@ -249,8 +249,12 @@ USER_FILE = """
             net.conv.weight[0, 0, 0, 0] = float("nan")
         return net
 
-    def identity():
-        return nn.Identity()
+    class Shapes(nn.Module):
+        def forward(self, x):
+            return dict(shape=tuple(x.shape))
+
+    def shapes():
+        return Shapes()
 
     def linear_only():
         return nn.Linear(3, 2)
@@ -308,7 +312,7 @@ def test_user_file_errors(tmp_path: Path) -> None:
         (f"{path}:broken", "broken() in", "raised RuntimeError: no GPU here"),
         (f"{path}:not_a_model", "returned a int, not an nn.Module", ""),
         (f"{path}:nan_model", "NaN or infinite values in conv.weight", ""),
-        (f"{path}:identity", "returns (1, 1, 6, 6) for one input", "not logits"),
+        (f"{path}:shapes", "returns dict for one input, not tensors", "tuple, list or dict"),
         (f"{path}:linear_only", "fails on a 1×1×6×6 input", "RuntimeError"),
         (f"{bad_spec}:build", "missing ['num_classes', 'mean', 'std']", ""),
         (f"{wrong_classes}:build", "outputs 4 classes but RANKFOLD_SPEC says 7", ""),
