@@ -378,7 +378,7 @@ class Outlier(nn.Module):
                 self.conv2.pointwise_out if block else self.conv2,
                 self.conv3,
             ):
-                layer.bias.zero_()  # no constant to drown the input: predictions spread over classes
+                layer.bias.zero_()  # no constant drowns the input: predictions vary
             if outlier:
                 self.conv1.bias[0] = -100  # below any input's response: ReLU gives 0
                 first = self.conv2.pointwise_in.weight if block else self.conv2.weight
