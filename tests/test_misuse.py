@@ -197,21 +197,10 @@ CASES = [
         # The cap bounds what 'sensitive' keeps float: without it, it would bound nothing.
         "float-share-cap-without-sensitive",
         {},
-        [
-            "compress",
-            "digits-cnn",
-            "--rank",
-            "4",
-            "--quantize",
-            "int8",
-            "--float-layers",
-            "auto",
-            "--max-float-share",
-            "0.5",
-            *COMMON,
-        ],
+        ["compress", "digits-cnn", "--rank", "4", "--quantize", "int8", "--float-layers", "auto"]
+        + ["--max-float-share", "0.5", *COMMON],
         "--float-layers has no 'sensitive'",
-    ),  # fmt: skip
+    ),
     (
         "rel-error-without-error-selector",
         {},
