@@ -254,6 +254,13 @@ def test_cli_writes_checked_int8_files_and_four_way_latency(digits, tmp_path):
     quant = report.quantization
     assert quant is not None and quant.passed and quant.calibration_samples == 128
     assert quant.float_layers == {"conv1": FIRST_CONV, "fc": LAST_LINEAR}
+    # The default also measures sensitivity: both files agree well, so nothing more stays float.
+    for file in (quant.original, quant.compressed):
+        sensitive = file.sensitive
+        assert sensitive.outcome == "reached" and not sensitive.kept and not sensitive.measured
+        assert sensitive.images == "held-out training images" and sensitive.samples == 128
+        assert sensitive.agreement == sensitive.agreement_before >= MIN_AGREEMENT
+    assert "INT8 compressed: sensitive layers: no layer needed" in result.output
     for file, name in (
         (quant.original, "original.int8.onnx"),
         (quant.compressed, "model.int8.onnx"),
@@ -312,6 +319,7 @@ def test_cli_writes_checked_int8_files_and_four_way_latency(digits, tmp_path):
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 1 and len(lines) == 1 and "below the tolerance" in lines[0]
     assert failed.calibration == "percentile" and failed.float_layers == {}
+    assert failed.compressed.sensitive is None  # 'none': no search either
     assert (strict / "model.int8.onnx").is_file()
 
 
