@@ -255,7 +255,7 @@ def quantize_int8(
 def _quantize(
     float_file: Path,
     out: Path,
-    reader: CalibrationDataReader,
+    reader: CalibrationDataReader | None,  # None: the ranges are in the `ranges` cache
     method: str,
     excluded: dict[str, str],
     ranges: Path,

@@ -87,7 +87,7 @@ def test_a_report_of_another_schema_is_refused(result, tmp_path):
     report = result.to_report(artifacts, validate(result, artifacts))
     data = report.to_json()
     (tmp_path / "old.json").write_text(json.dumps({**data, "schema_version": 1}))
-    with pytest.raises(ConfigError, match="schema 1, this rankfold reads 6"):
+    with pytest.raises(ConfigError, match="schema 1, this rankfold reads 7"):
         Report.load(tmp_path / "old.json")
     (tmp_path / "odd.json").write_text(json.dumps({**data, "macs_reduction": "fast"}))
     with pytest.raises(ConfigError, match="does not match the report schema"):
