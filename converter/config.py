@@ -143,7 +143,9 @@ class QuantizeConfig(_Strict):
 
     @model_validator(mode="after")
     def _cap_needs_the_search(self) -> QuantizeConfig:
-        if "max_float_share" in self.model_fields_set and "sensitive" not in self.float_layers:
+        # A cap other than the default (a printed config holds the default; it binds nothing).
+        default = type(self).model_fields["max_float_share"].default
+        if self.max_float_share != default and "sensitive" not in self.float_layers:
             raise ConfigError(
                 "--max-float-share caps the layers 'sensitive' keeps float, and --float-layers "
                 "has no 'sensitive'; add it (--float-layers sensitive) or drop the cap"

@@ -28,8 +28,8 @@ from rankfold.models import DIGITS_SPEC, ArrayDataset, digits_splits, normalize,
 from rankfold.passes import analyze, trace
 from rankfold.passes.blocks import FactorizedBlock
 from rankfold.passes.core import ConfigError, DataError
-from rankfold.runtime import create_session, export_onnx
-from rankfold.runtime.quantize import SensitiveSearch, equalize_conv_chains, quantize_int8
+from rankfold.runtime import SensitiveSearch, create_session, export_onnx
+from rankfold.runtime.quantize import equalize_conv_chains, quantize_int8
 from rankfold.runtime.validate import check_agreement
 
 runner = CliRunner()
