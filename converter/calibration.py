@@ -171,6 +171,7 @@ class PlanTimer:
         # ranges change the int8 values, not the kernels' time.
         generator = torch.Generator().manual_seed(self.config.seed)
         inputs = torch.randn((8, *self.example_input.shape[1:]), generator=generator)
+        # The named and auto layers float; 'sensitive' ones are chosen after the final export.
         float_layers = float_layer_choice(settings.float_layers, self.analysis)
         target = path.with_suffix(".int8.onnx")
         return quantize_int8(path, target, [inputs], float_layers=list(float_layers)).path

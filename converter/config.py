@@ -117,8 +117,13 @@ class QuantizeConfig(_Strict):
 
     dtype: Literal["int8"] | None = None  # None: float only
     # Layers kept in float: names, globs or parents; "auto" stands for the first conv and the
-    # last linear layer (see rankfold.converter.quantization).
-    float_layers: list[str] = Field(default_factory=lambda: ["auto"])
+    # last linear layer, "sensitive" for the layers that lose most SQNR, kept float one at a
+    # time until top-1 agreement reaches min_agreement on held-out training images (see
+    # rankfold.converter.quantization).
+    float_layers: list[str] = Field(default_factory=lambda: ["auto", "sensitive"])
+    # "sensitive" stops before the float layers would hold more than this share of the model's
+    # conv/linear MACs.
+    max_float_share: float = Field(default=0.25, gt=0, le=1)
     calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
     samples: int = Field(default=256, ge=1)  # training images the ranges are calibrated on
     # Rescale the channels between factorized stages before calibrating (exact in float).
@@ -135,6 +140,17 @@ class QuantizeConfig(_Strict):
         if len(value) > 1:
             raise ValueError("'none' keeps no layer in float; give it alone or drop it")
         return []
+
+    @model_validator(mode="after")
+    def _cap_needs_the_search(self) -> QuantizeConfig:
+        # A cap other than the default (a printed config holds the default; it binds nothing).
+        default = type(self).model_fields["max_float_share"].default
+        if self.max_float_share != default and "sensitive" not in self.float_layers:
+            raise ConfigError(
+                "--max-float-share caps the layers 'sensitive' keeps float, and --float-layers "
+                "has no 'sensitive'; add it (--float-layers sensitive) or drop the cap"
+            )
+        return self
 
 
 class StatisticsConfig(_Strict):

@@ -403,9 +403,18 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "quantize.float_layers",
         "Layer name, glob or parent to keep in float when quantizing (repeatable; auto: the "
-        "first conv and the last linear, the default; none: quantize all).",
+        "first conv and the last linear; sensitive: the layers losing most SQNR, until top-1 "
+        "agreement reaches --min-agreement on held-out training images; default auto and "
+        "sensitive; none: quantize all).",
         DEPLOYMENT,
         many=True,
+    ),
+    Option(
+        "quantize.max_float_share",
+        "Cap of --float-layers sensitive: the float layers hold at most this share of the "
+        "conv/linear MACs (0.25).",
+        DEPLOYMENT,
+        float,
     ),
     Option(
         "quantize.calibration",

@@ -38,6 +38,7 @@ from rankfold.converter.quantization import (
     check_quantized,
     float_layer_choice,
     quantize_export,
+    sensitive_reasons,
 )
 from rankfold.converter.report import plot_layers, plot_search
 from rankfold.converter.results import (
@@ -59,6 +60,8 @@ from rankfold.converter.results import (
     Refit,
     Report,
     SelectionReport,
+    Sensitive,
+    SensitiveLayer,
     StatisticsSummary,
 )
 from rankfold.converter.search_data import (
@@ -117,7 +120,7 @@ from rankfold.runtime import (
 from rankfold.runtime.latency import SideBySide, time_side_by_side
 from rankfold.runtime.latency_model import LatencyMetric, LatencyTable
 from rankfold.runtime.outputs import OutputLayout, named_outputs, output_layout
-from rankfold.runtime.quantize import QuantizedModel
+from rankfold.runtime.quantize import QuantizedModel, SensitiveChoice
 from rankfold.runtime.validate import OnnxModule, agreement_error
 
 MODEL_FILE_FORMAT = "rankfold-model-1"
@@ -170,6 +173,9 @@ class CompressionResult:
     # kept float (name or glob → why).
     calibration: ImageData | None = None
     float_layers: dict[str, str] = field(default_factory=dict)
+    # The training images after the calibration ones: `--float-layers sensitive` measures its
+    # agreement there (None when there are none).
+    held_out: ImageData | None = None
     accuracy: dict[str, float | None] = field(default_factory=dict)
     refit: Refit | None = None  # when the last stages were refitted
     recalibration: str | None = None  # "batchnorm" | "bias" when recovery ran
@@ -228,6 +234,7 @@ class CompressionResult:
                         self.float_layers,
                         self.calibration,
                         self.spec,
+                        self.held_out,
                     )
                     advance()
         return artifacts
@@ -338,6 +345,7 @@ class CompressionResult:
                 accuracy=agreement.accuracy,
                 float_accuracy=agreement.float_accuracy,
                 passed=agreement.passed,
+                sensitive=_sensitive_report(check.model.sensitive),
             )
 
         rows = None
@@ -381,6 +389,35 @@ class CompressionResult:
             return normalize_images(first_images(self.eval_data, n), self.spec)
         generator = torch.Generator().manual_seed(self.config.seed)
         return torch.randn((n, *self.example_input.shape[1:]), generator=generator)
+
+
+def _sensitive_report(choice: SensitiveChoice | None) -> Sensitive | None:
+    if choice is None:
+        return None
+    return Sensitive(
+        min_agreement=choice.min_agreement,
+        max_float_share=choice.max_float_share,
+        images=choice.images,
+        samples=choice.samples,
+        agreement_before=choice.agreement_before,
+        agreement=choice.agreement,
+        float_share=choice.float_share,
+        outcome=choice.outcome,
+        kept=sensitive_reasons(choice),
+        measured=[
+            SensitiveLayer(
+                layer=row.layer,
+                sqnr_in_db=row.sqnr_in_db,
+                sqnr_out_db=row.sqnr_out_db,
+                loss_db=row.loss_db,
+                mac_share=row.mac_share,
+                kept_float=row.kept_float,
+                agreement=row.agreement,
+                requantized_by_runtime=row.requantized_by_runtime,
+            )
+            for row in choice.layers
+        ],
+    )
 
 
 def validate(result: CompressionResult, artifacts: Artifacts) -> Validation:
@@ -628,7 +665,10 @@ def compress(
         metric=metric if eval_data is None else top1(eval_data, spec),
     )
     if config.quantize.dtype is not None:
-        result.calibration = train.subset(config.quantize.samples)
+        samples = config.quantize.samples
+        result.calibration = train.subset(samples)
+        if len(train) > samples:
+            result.held_out = train.take(np.arange(samples, min(len(train), 2 * samples)))
     result.eval_data = eval_data
     if result.metric is not None:
         result.accuracy["original"] = _accuracy(original, result)

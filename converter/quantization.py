@@ -4,6 +4,13 @@ The original and the compressed model are quantized with the same settings on th
 calibration images, so every INT8 comparison is like for like. The images go through the same
 preprocessing as evaluation (`rankfold.models.batches`: scale to [0, 1], normalise with the
 model's mean/std), clean: the deployed model sees clean images, and the ranges must cover them.
+
+`sensitive` in --float-layers is decided per file, after quantizing it
+(`rankfold.runtime.quantize.SensitiveSearch`): the layers that lose most SQNR are kept float
+until top-1 agreement with the float file reaches --min-agreement on the training images after
+the calibration ones. Not on the calibration images themselves: the ranges were fitted to them,
+so agreement there flatters (ResNet-56 CP: 97.7 % on them, 96.2 % on the next 1,024 training
+images, 93.7 % on test images; BENCHMARKS.md). Each choice is explained with its numbers.
 """
 
 from __future__ import annotations
@@ -19,10 +26,18 @@ from rankfold.models import ImageData, ModelSpec, batches
 from rankfold.passes import ModelAnalysis
 from rankfold.passes.core import ConfigError
 from rankfold.runtime import check_onnx
-from rankfold.runtime.quantize import QuantizedModel, layer_matches, quantize_int8
+from rankfold.runtime.quantize import (
+    SENSITIVITY_SAMPLES,
+    QuantizedModel,
+    SensitiveChoice,
+    SensitiveSearch,
+    layer_matches,
+    quantize_int8,
+)
 from rankfold.runtime.validate import AgreementReport, check_agreement
 
 AUTO = "auto"
+SENSITIVE = "sensitive"
 # Why the automatic choice keeps these layers in float (written into the report).
 FIRST_CONV = (
     "first conv: its input is the normalised image, a few channels over a wide range that one "
@@ -39,9 +54,12 @@ CALIBRATION_BATCH = 32
 
 def float_layer_choice(patterns: list[str], analysis: ModelAnalysis) -> dict[str, str]:
     """Layer name or glob → why it stays float. `auto` becomes the first conv and the last
-    linear layer; any other pattern must match a layer (a typo would silently quantize it)."""
+    linear layer; `sensitive` is measured later, per file (`quantize_export`); any other pattern
+    must match a layer (a typo would silently quantize it)."""
     chosen: dict[str, str] = {}
     for pattern in patterns:
+        if pattern == SENSITIVE:
+            continue
         if pattern == AUTO:
             convs = [layer.name for layer in analysis.layers if layer.is_conv]
             linears = [layer.name for layer in analysis.layers if layer.type == "Linear"]
@@ -55,7 +73,7 @@ def float_layer_choice(patterns: list[str], analysis: ModelAnalysis) -> dict[str
             names = ", ".join(layer.name for layer in analysis.layers[:6])
             raise ConfigError(
                 f"--float-layers '{pattern}' matches no conv/linear layer (layers: {names}, …); "
-                "give a layer name, glob or parent, auto, or none"
+                "give a layer name, glob or parent, auto, sensitive, or none"
             )
     return chosen
 
@@ -72,8 +90,24 @@ def quantize_export(
     float_layers: dict[str, str],
     calibration: ImageData,
     spec: ModelSpec,
+    held_out: ImageData | None = None,
 ) -> QuantizedModel:
-    """Write the INT8 copy of one exported file, calibrated on `calibration`."""
+    """Write the INT8 copy of one exported file, calibrated on `calibration`; with `sensitive`
+    in the settings' float layers, agreement is measured on `held_out` (training images the
+    ranges were not calibrated on), else, when there are none, on `calibration`."""
+    search = None
+    if SENSITIVE in settings.float_layers:
+        images, label = (
+            (held_out, "held-out training images")
+            if held_out is not None
+            else (calibration, "calibration images (no other training images)")
+        )
+        search = SensitiveSearch(
+            min_agreement=settings.min_agreement,
+            max_float_share=settings.max_float_share,
+            images=list(calibration_inputs(images, spec)),
+            images_label=label,
+        )
     return quantize_int8(
         float_path,
         out_path,
@@ -81,7 +115,24 @@ def quantize_export(
         method=settings.calibration,
         float_layers=list(float_layers),
         equalize=settings.equalize,
+        sensitive=search,
     )
+
+
+def sensitive_reasons(choice: SensitiveChoice) -> dict[str, str]:
+    """Layer → why `sensitive` kept it float, with its numbers."""
+    reasons = {}
+    previous = choice.agreement_before
+    for row in choice.kept:
+        reasons[row.layer] = (
+            f"loses {row.loss_db:.1f} dB SQNR ({row.sqnr_in_db:.1f} dB at its input → "
+            f"{row.sqnr_out_db:.1f} dB at its output, float vs INT8 on "
+            f"{SENSITIVITY_SAMPLES} calibration images), the most of the quantized layers left; "
+            f"kept float: top-1 agreement {previous:.1%} → {row.agreement:.1%} on "
+            f"{choice.samples} {choice.images}; {row.mac_share:.1%} of the MACs"
+        )
+        previous = row.agreement
+    return reasons
 
 
 @dataclass

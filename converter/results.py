@@ -19,7 +19,8 @@ from rankfold.passes.core import ConfigError
 # 2: typed sections; 3: latency intervals, threads, the slower flag; 4: INT8 quantization;
 # 5: data-aware fits (layer statistics, per-layer output errors beside the weight-only fit's);
 # 6: how the model was captured (torch.fx or forward hooks) and the passes that needs skipped;
-# 7: named outputs (tuple/dict models), parity per output, the task metric's name
+# 7: named outputs (tuple/dict models), parity per output, the task metric's name; INT8 layers
+#    kept float by measured sensitivity (`QuantizedFile.sensitive`)
 SCHEMA_VERSION = 7
 
 
@@ -219,6 +220,36 @@ class Latency(_Section):
     slower: bool
 
 
+class SensitiveLayer(_Section):
+    """One layer `--float-layers sensitive` measured: the SQNR (float vs INT8, dB) it loses."""
+
+    layer: str
+    sqnr_in_db: float
+    sqnr_out_db: float
+    loss_db: float  # sqnr_in_db − sqnr_out_db
+    mac_share: float  # of the model's conv/linear MACs
+    kept_float: bool
+    agreement: float | None = None  # top-1 agreement after it was kept float
+    # Skipped: onnxruntime quantizes a float conv between int8 tensors when it loads the file.
+    requantized_by_runtime: bool = False
+
+
+class Sensitive(_Section):
+    """`--float-layers sensitive` on one file: layers kept float, most SQNR lost first, until
+    top-1 agreement with the float file on `images` reached `min_agreement`, within the cap."""
+
+    min_agreement: float
+    max_float_share: float
+    images: str
+    samples: int
+    agreement_before: float
+    agreement: float
+    float_share: float  # conv/linear MACs in float at the end, every float layer included
+    outcome: Literal["reached", "cap", "exhausted"]
+    kept: dict[str, str]  # layer → why, with its numbers
+    measured: list[SensitiveLayer]  # most SQNR lost first (empty when none was needed)
+
+
 class QuantizedFile(_Section):
     """One INT8 file, checked against the float file it was quantized from."""
 
@@ -235,6 +266,7 @@ class QuantizedFile(_Section):
     accuracy: float | None = None  # on the evaluation data
     float_accuracy: float | None = None  # the float file's, on the same images
     passed: bool  # top1_agreement ≥ Quantization.min_agreement
+    sensitive: Sensitive | None = None  # with --float-layers sensitive
 
 
 class QuantizedLatencyRow(_Section):

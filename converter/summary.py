@@ -8,7 +8,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from rankfold.converter.results import Report
+from rankfold.converter.results import Report, Sensitive
 from rankfold.converter.ui import console
 from rankfold.passes.analysis import ACTIVATION_PRODUCT_NOTE, ATTENTION_PRODUCTS_NOTE
 from rankfold.passes.latency_gate import threads_text
@@ -244,6 +244,8 @@ def quantization_lines(report: Report) -> list[str]:
             f"(logits up to {file.logit_scale:.2g}), accuracy {_percent(file.accuracy)} "
             f"(float {_percent(file.float_accuracy)})"
         )
+        if file.sensitive is not None:
+            lines.append(f"INT8 {label}: {sensitive_text(file.sensitive)}")
     for row in quant.latency or []:
         speedup = format_speedup(row.speedup, row.speedup_low, row.speedup_high)
         lines.append(
@@ -253,6 +255,36 @@ def quantization_lines(report: Report) -> list[str]:
             f"vs INT8 original {speedup}, vs float original {row.total_speedup:.2f}×"
         )
     return lines
+
+
+def sensitive_text(choice: Sensitive) -> str:
+    """What `--float-layers sensitive` kept float and why, in one line."""
+    where = f"on {choice.samples} {choice.images}"
+    if not choice.kept:
+        verdict = {
+            "reached": "no layer needed",
+            "cap": f"no layer fits the cap of {choice.max_float_share:.0%} of the MACs",
+            "exhausted": "no layer left to keep float",
+        }[choice.outcome]
+        return (
+            f"sensitive layers: {verdict} (top-1 agreement {choice.agreement_before:.1%} {where}, "
+            f"target {choice.min_agreement:.0%})"
+        )
+    layers = ", ".join(
+        f"{row.layer} ({row.sqnr_in_db:.1f} → {row.sqnr_out_db:.1f} dB SQNR)"
+        for row in choice.measured
+        if row.kept_float
+    )
+    stop = {
+        "reached": "target reached",
+        "cap": f"stopped at the cap of {choice.max_float_share:.0%} of the MACs",
+        "exhausted": "no layer left",
+    }[choice.outcome]
+    return (
+        f"kept float as most sensitive: {layers}; top-1 agreement {choice.agreement_before:.1%} → "
+        f"{choice.agreement:.1%} {where} (target {choice.min_agreement:.0%}, {stop}); "
+        f"{choice.float_share:.1%} of the MACs float"
+    )
 
 
 def shorten(text: str, width: int = REASON_WIDTH) -> str:

@@ -11,7 +11,13 @@ from rankfold.runtime.latency import (
     measure_latency,
     time_side_by_side,
 )
-from rankfold.runtime.quantize import CALIBRATION_METHODS, QuantizedModel, quantize_int8
+from rankfold.runtime.quantize import (
+    CALIBRATION_METHODS,
+    QuantizedModel,
+    SensitiveChoice,
+    SensitiveSearch,
+    quantize_int8,
+)
 from rankfold.runtime.session import create_session
 from rankfold.runtime.validate import (
     AgreementReport,
@@ -29,6 +35,8 @@ __all__ = [
     "CALIBRATION_METHODS",
     "AgreementReport",
     "QuantizedModel",
+    "SensitiveChoice",
+    "SensitiveSearch",
     "SideBySide",
     "agreement_error",
     "check_agreement",

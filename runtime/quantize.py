@@ -16,6 +16,17 @@ and left the fused graph of rankfold's exports unchanged.
 Layers kept in float are named as in the PyTorch model: the exporter records each node's module
 path (`pkg.torch.onnx.name_scopes`), so `layer1.0.conv1` (or a glob, or a parent) selects the
 node(s) of that layer, including every stage of its factorized block.
+
+With a `SensitiveSearch`, layers are also kept float by measurement: after quantizing, the float
+and INT8 models are run side by side through onnxruntime's own debugging tool
+(`onnxruntime.quantization.qdq_loss_debug`), which gives each activation's SQNR (float vs INT8,
+20·log10(‖x‖ / ‖x − x̂‖)). A layer's sensitivity is the SQNR it loses, from its input to its output:
+the noise its own int8 weights and inner activations add (a degenerate CP block, whose output is
+a small difference of large stage outputs, loses tens of dB). The layers losing most are kept
+float one at a time, re-quantized on the same calibrated ranges (onnxruntime's calibration
+cache), until the INT8 model's top-1 agreement with the float model on the search's images
+reaches the target, or the next layer would take the float share of the conv/linear MACs past
+the cap.
 """
 
 from __future__ import annotations
@@ -25,6 +36,8 @@ import contextlib
 import fnmatch
 import io
 import logging
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +53,7 @@ from onnxruntime.quantization import (
     QuantType,
     quantize_static,
 )
+from onnxruntime.quantization import qdq_loss_debug as qdq_debug
 
 from rankfold.passes.core import ConfigError, DataError, ExportError, atomic_path
 
@@ -52,6 +66,61 @@ COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
 
+# Calibration images the sensitivity is measured on (every activation of both models is held).
+SENSITIVITY_SAMPLES = 64
+
+
+@dataclass(frozen=True)
+class SensitiveSearch:
+    """Keep the layers that lose most SQNR float until top-1 agreement with the float model on
+    `images` (preprocessed batches) reaches `min_agreement`, within `max_float_share` of the
+    model's conv/linear MACs in float (the layers kept float anyway included)."""
+
+    min_agreement: float
+    max_float_share: float
+    images: Sequence[np.ndarray | torch.Tensor]
+    images_label: str = "held-out training images"
+
+
+@dataclass
+class LayerSensitivity:
+    """One layer's measured quantization noise and what keeping it float did."""
+
+    layer: str
+    sqnr_in_db: float  # float vs INT8 activation at the layer's input
+    sqnr_out_db: float  # ... at its output (after the ReLU onnxruntime folds into it)
+    mac_share: float  # of the model's conv/linear MACs
+    kept_float: bool = False
+    agreement: float | None = None  # top-1 agreement after it was kept float
+    # Left int8: kept float alone, onnxruntime would quantize it anyway (see float_units).
+    requantized_by_runtime: bool = False
+
+    @property
+    def loss_db(self) -> float:
+        return self.sqnr_in_db - self.sqnr_out_db
+
+
+@dataclass
+class SensitiveChoice:
+    """What a `SensitiveSearch` measured and chose."""
+
+    min_agreement: float
+    max_float_share: float
+    images: str  # what the agreement was measured on
+    samples: int
+    agreement_before: float
+    agreement: float  # after the layers below were kept float
+    float_share: float  # conv/linear MACs in float at the end, all float layers included
+    # "reached" (with no layer or after some), "cap" (the next layer would pass the share),
+    # "exhausted" (no layer left to keep float)
+    outcome: str
+    layers: list[LayerSensitivity] = field(default_factory=list)  # most sensitive first
+
+    @property
+    def kept(self) -> list[LayerSensitivity]:
+        return [layer for layer in self.layers if layer.kept_float]
+
+
 @dataclass
 class QuantizedModel:
     """What `quantize_int8` wrote."""
@@ -62,6 +131,7 @@ class QuantizedModel:
     quantized_nodes: int  # conv/linear nodes now int8
     float_nodes: dict[str, str] = field(default_factory=dict)  # ONNX node → its layer, kept float
     equalized_edges: int = 0  # conv → conv edges rescaled before calibration
+    sensitive: SensitiveChoice | None = None  # with a SensitiveSearch
 
 
 class BatchReader(CalibrationDataReader):
@@ -111,14 +181,16 @@ def quantize_int8(
     method: str = "minmax",
     float_layers: Sequence[str] = (),
     equalize: bool = True,
+    sensitive: SensitiveSearch | None = None,
 ) -> QuantizedModel:
     """Write a statically quantized copy of `float_path` to `out_path`.
 
     `calibration` yields preprocessed N×C×H×W float batches (as the model is fed); conv/linear
     nodes of layers matching `float_layers` (names, globs or parents) stay float; with `equalize`
-    the conv → conv edges are equalized first (`equalize_conv_chains`). Raises DataError
-    when `calibration` yields nothing, ConfigError for an unknown method or a pattern that
-    matches no layer.
+    the conv → conv edges are equalized first (`equalize_conv_chains`); with `sensitive` the
+    layers losing most SQNR are kept float too, as the module docstring says. Raises DataError
+    when `calibration` (or the search's images) yields nothing, ConfigError for an unknown
+    method or a pattern that matches no layer.
     """
     if method not in CALIBRATION_METHODS:
         raise ConfigError(
@@ -143,22 +215,32 @@ def quantize_int8(
     first = next(batches, None)
     if first is None or len(first) == 0:
         raise DataError("the calibration set is empty; give calibration images (--train-data)")
+    if sensitive is not None and not any(len(batch) for batch in sensitive.images):
+        raise DataError(
+            "the sensitivity search has no images to measure agreement on; give more "
+            "--train-data images or drop 'sensitive' from --float-layers"
+        )
     calibration_batches = [first, *batches]
     reader = BatchReader(model.graph.input[0].name, calibration_batches)
     equalized = equalize_conv_chains(model, calibration_batches) if equalize else 0
     target = Path(out_path)
-    with atomic_path(target) as tmp, _quiet_quantizer():
-        quantize_static(
-            model if equalized else source,
-            tmp,
-            reader,
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CALIBRATION_METHODS[method],
-            nodes_to_exclude=sorted(excluded),
-        )
+    with tempfile.TemporaryDirectory(prefix="rankfold-int8-") as folder:
+        work = Path(folder)
+        float_file = work / "float.onnx"  # what is quantized: equalized, the search's reference
+        if equalized:
+            onnx.save(model, str(float_file))
+        else:
+            shutil.copyfile(source, float_file)
+        ranges = work / "ranges.json"  # calibrated once, reused by every re-quantization
+        quantized = work / "int8.onnx"
+        _quantize(float_file, quantized, reader, method, excluded, ranges)
+        choice = None
+        if sensitive is not None:
+            choice = _keep_sensitive_float(
+                float_file, quantized, calibration_batches, method, excluded, ranges, sensitive
+            )
+        with atomic_path(target) as tmp:
+            shutil.copyfile(quantized, tmp)
     return QuantizedModel(
         path=target,
         method=method,
@@ -166,6 +248,264 @@ def quantize_int8(
         quantized_nodes=len(nodes) - len(excluded),
         float_nodes=excluded,
         equalized_edges=equalized,
+        sensitive=choice,
+    )
+
+
+def _quantize(
+    float_file: Path,
+    out: Path,
+    reader: CalibrationDataReader | None,  # None: the ranges are in the `ranges` cache
+    method: str,
+    excluded: dict[str, str],
+    ranges: Path,
+) -> None:
+    with _quiet_quantizer():
+        quantize_static(
+            float_file,
+            out,
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CALIBRATION_METHODS[method],
+            nodes_to_exclude=sorted(excluded),
+            calibration_cache_path=ranges,
+        )
+
+
+def _keep_sensitive_float(
+    float_file: Path,
+    quantized: Path,
+    calibration: Sequence[np.ndarray | torch.Tensor],
+    method: str,
+    excluded: dict[str, str],
+    ranges: Path,
+    search: SensitiveSearch,
+) -> SensitiveChoice:
+    """The greedy search of `SensitiveSearch`; `quantized` and `excluded` are updated in place."""
+    model = onnx.load(str(float_file))
+    macs = node_macs(model)
+    total = sum(macs.values()) or 1
+    layer_nodes = float_units(model)
+
+    def share(names: Iterable[str]) -> float:
+        return sum(macs.get(name, 0) for name in names) / total
+
+    reference = _top1(float_file, search.images)
+
+    def agreement() -> float:
+        return float(np.mean(_top1(quantized, search.images) == reference))
+
+    before = current = agreement()
+    choice = SensitiveChoice(
+        min_agreement=search.min_agreement,
+        max_float_share=search.max_float_share,
+        images=search.images_label,
+        samples=len(reference),
+        agreement_before=before,
+        agreement=before,
+        float_share=share(excluded),
+        outcome="reached",
+    )
+    if current >= search.min_agreement:
+        return choice
+    probe = _first_samples(calibration, SENSITIVITY_SAMPLES)
+    candidates = {layer: names for layer, names in layer_nodes.items() if names[0] not in excluded}
+    measured = layer_sensitivity(float_file, quantized, probe, candidates, model)
+    for row in measured:
+        row.mac_share = share(candidates[row.layer])
+    choice.layers = sorted(measured, key=lambda row: row.loss_db, reverse=True)
+    choice.outcome = "exhausted"
+    for row in choice.layers:
+        if choice.float_share + row.mac_share > search.max_float_share:
+            choice.outcome = "cap"
+            break
+        chosen = dict.fromkeys(candidates[row.layer], row.layer)
+        trial = quantized.with_name("trial.onnx")
+        _quantize(float_file, trial, None, method, {**excluded, **chosen}, ranges)
+        if _requantized_by_runtime(onnx.load(str(trial))) & set(chosen):
+            row.requantized_by_runtime = True  # float in the file, int8 when it runs
+            continue
+        trial.replace(quantized)
+        excluded.update(chosen)
+        current = agreement()
+        row.kept_float, row.agreement = True, current
+        choice.float_share += row.mac_share
+        if current >= search.min_agreement:
+            choice.outcome = "reached"
+            break
+    choice.agreement = current
+    return choice
+
+
+def float_units(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """The conv/linear nodes the search keeps float together, named by their common layer: a
+    chain whose nodes feed each other directly (a factorized block's stages). A stage kept float
+    alone still has int8 neighbours on both sides, and onnxruntime re-quantizes it (see
+    `_requantized_by_runtime`); the whole chain float leaves no Quantize/Dequantize inside. A
+    single conv between int8 layers is re-quantized the same way, so the search skips it."""
+    producer = {node.output[0]: node for node in model.graph.node}
+    consumers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    chains: list[list[tuple[onnx.NodeProto, str]]] = []
+    chain_of: dict[str, int] = {}
+    for node, layer in compute_nodes(model):
+        before = producer.get(node.input[0])
+        if before is not None and before.name in chain_of and consumers[before.output[0]] == 1:
+            chain_of[node.name] = chain_of[before.name]
+            chains[chain_of[node.name]].append((node, layer))
+        else:
+            chain_of[node.name] = len(chains)
+            chains.append([(node, layer)])
+    units = {}
+    for chain in chains:
+        parts = [layer.split(".") for _, layer in chain]
+        common = [p[0] for p in zip(*parts) if all(part == p[0] for part in p)]
+        units[".".join(common) or chain[0][1]] = [node.name for node, _ in chain]
+    return units
+
+
+def _requantized_by_runtime(quantized: onnx.ModelProto) -> set[str]:
+    """Conv/linear nodes left float that onnxruntime quantizes anyway when it loads the file:
+    its WeightBiasQuantization optimizer gives per-tensor int8 weights to a float conv, or Gemm
+    whose input comes from a DequantizeLinear and whose output (through ReLU/Clip) goes to a
+    QuantizeLinear. Such a node cannot be kept float alone."""
+    producer = {out: node for node in quantized.graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in quantized.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    found = set()
+    for node in quantized.graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm"):
+            continue
+        source = producer.get(node.input[0])
+        weight = producer.get(node.input[1])
+        if source is None or source.op_type != "DequantizeLinear":
+            continue
+        if weight is not None and weight.op_type == "DequantizeLinear":
+            continue  # quantized already
+        current = node
+        while len(users := consumers.get(current.output[0], [])) == 1:
+            if users[0].op_type == "QuantizeLinear":
+                found.add(node.name)
+                break
+            if users[0].op_type not in ("Relu", "Clip"):
+                break
+            current = users[0]
+    return found
+
+
+def layer_sensitivity(
+    float_file: Path,
+    quantized: Path,
+    batches: Sequence[np.ndarray | torch.Tensor],
+    layers: dict[str, list[str]],
+    model: onnx.ModelProto,
+) -> list[LayerSensitivity]:
+    """Each layer's SQNR at its input and output, float vs `quantized` on `batches`, from
+    onnxruntime's qdq_loss_debug (the float model saves its conv/linear/ReLU tensors, the QDQ
+    model the tensors around its Quantize/Dequantize pairs). A layer's input is its first node's,
+    its output its last node's, or the following ReLU's when onnxruntime folded that ReLU into
+    the quantized range (the conv's own output is then not kept). Layers whose tensors are not
+    quantized on both sides are left out."""
+    with tempfile.TemporaryDirectory(prefix="rankfold-sqnr-") as folder:
+        work = Path(folder)
+        saved = {}
+        for name, path, ops in (
+            ("float", float_file, [*COMPUTE_OPS, "Relu"]),
+            ("int8", quantized, ["QuantizeLinear", "DequantizeLinear"]),
+        ):
+            augmented = work / f"{name}.onnx"
+            qdq_debug.modify_model_output_intermediate_tensors(path, augmented, ops)
+            saved[name] = qdq_debug.collect_activations(
+                str(augmented), _Feed(model.graph.input[0].name, batches)
+            )
+    matched = qdq_debug.create_activation_matching(saved["int8"], saved["float"])
+    errors = qdq_debug.compute_activation_error(
+        {name: pair for name, pair in matched.items() if "float" in pair}
+    )
+    by_name = {node.name: node for node in model.graph.node}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    rows = []
+    for layer, names in layers.items():
+        entry = by_name[names[0]].input[0]
+        output = by_name[names[-1]].output[0]
+        after = consumers.get(output, [])
+        if output not in errors and len(after) == 1 and after[0].op_type == "Relu":
+            output = after[0].output[0]
+        if entry in errors and output in errors:
+            rows.append(
+                LayerSensitivity(
+                    layer=layer,
+                    sqnr_in_db=errors[entry]["xmodel_err"],
+                    sqnr_out_db=errors[output]["xmodel_err"],
+                    mac_share=0.0,
+                )
+            )
+    return rows
+
+
+def node_macs(model: onnx.ModelProto) -> dict[str, int]:
+    """Multiply-accumulates per sample of each conv/linear node, from the inferred shapes: a
+    conv's weight size times its output positions (a transposed conv's: its input positions),
+    a matrix product's inner size times its output size."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {
+        info.name: [dim.dim_value for dim in info.type.tensor_type.shape.dim]
+        for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    }
+    shapes.update({init.name: list(init.dims) for init in model.graph.initializer})
+    macs = {}
+    for node in model.graph.node:
+        if node.op_type not in COMPUTE_OPS:
+            continue
+        weight = shapes.get(node.input[1], [])
+        positions = shapes.get(node.input[0] if node.op_type == "ConvTranspose" else node.output[0])
+        if not weight or not positions:
+            continue
+        if node.op_type in ("Conv", "ConvTranspose"):
+            macs[node.name] = int(np.prod(weight)) * int(np.prod(positions[2:]))
+        else:
+            inner = shapes.get(node.input[0], [0])[-1]
+            macs[node.name] = int(inner) * int(np.prod(positions[1:]))
+    return macs
+
+
+class _Feed(CalibrationDataReader):
+    """The given batches once, as qdq_loss_debug's collect_activations reads them."""
+
+    def __init__(self, input_name: str, batches: Sequence[np.ndarray | torch.Tensor]) -> None:
+        self._feeds = iter([{input_name: as_input_array(batch)} for batch in batches])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+def _first_samples(
+    batches: Sequence[np.ndarray | torch.Tensor], n: int
+) -> list[np.ndarray | torch.Tensor]:
+    taken, count = [], 0
+    for batch in batches:
+        if count >= n:
+            break
+        taken.append(batch[: n - count])
+        count += len(taken[-1])
+    return taken
+
+
+def _top1(path: Path, batches: Sequence[np.ndarray | torch.Tensor]) -> np.ndarray:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.concatenate(
+        [session.run(None, {name: as_input_array(batch)})[0].argmax(axis=1) for batch in batches]
     )
 
 

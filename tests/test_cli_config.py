@@ -108,6 +108,7 @@ SAMPLES: dict[str, tuple[list[str], Any]] = {
     "quantize.float_layers": (["conv1", "layer4.*"], ["conv1", "layer4.*"]),
     "quantize.calibration": (["entropy"], "entropy"),
     "quantize.min_agreement": (["0.9"], 0.9),
+    "quantize.max_float_share": (["0.5"], 0.5),
     "statistics.damping": (["0.1"], 0.1),
 }
 # Other settings a sample changes on purpose.

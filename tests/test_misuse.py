@@ -194,6 +194,14 @@ CASES = [
         "tensor values (m.py:",
     ),
     (
+        # The cap bounds what 'sensitive' keeps float: without it, it would bound nothing.
+        "float-share-cap-without-sensitive",
+        {},
+        ["compress", "digits-cnn", "--rank", "4", "--quantize", "int8", "--float-layers", "auto"]
+        + ["--max-float-share", "0.5", *COMMON],
+        "--float-layers has no 'sensitive'",
+    ),
+    (
         "rel-error-without-error-selector",
         {},
         ["compress", "digits-cnn", "--macs-reduction", "2", "--rel-error", "0.2", *COMMON],

@@ -21,13 +21,14 @@ from rankfold.converter.quantization import (
     LAST_LINEAR,
     calibration_inputs,
     float_layer_choice,
+    sensitive_reasons,
 )
 from rankfold.converter.results import Report
 from rankfold.models import DIGITS_SPEC, ArrayDataset, digits_splits, normalize, train_digits_cnn
 from rankfold.passes import analyze, trace
 from rankfold.passes.blocks import FactorizedBlock
 from rankfold.passes.core import ConfigError, DataError
-from rankfold.runtime import create_session, export_onnx
+from rankfold.runtime import SensitiveSearch, create_session, export_onnx
 from rankfold.runtime.quantize import equalize_conv_chains, quantize_int8
 from rankfold.runtime.validate import check_agreement
 
@@ -253,6 +254,13 @@ def test_cli_writes_checked_int8_files_and_four_way_latency(digits, tmp_path):
     quant = report.quantization
     assert quant is not None and quant.passed and quant.calibration_samples == 128
     assert quant.float_layers == {"conv1": FIRST_CONV, "fc": LAST_LINEAR}
+    # The default also measures sensitivity: both files agree well, so nothing more stays float.
+    for file in (quant.original, quant.compressed):
+        sensitive = file.sensitive
+        assert sensitive.outcome == "reached" and not sensitive.kept and not sensitive.measured
+        assert sensitive.images == "held-out training images" and sensitive.samples == 128
+        assert sensitive.agreement == sensitive.agreement_before >= MIN_AGREEMENT
+    assert "INT8 compressed: sensitive layers: no layer needed" in result.output
     for file, name in (
         (quant.original, "original.int8.onnx"),
         (quant.compressed, "model.int8.onnx"),
@@ -311,6 +319,7 @@ def test_cli_writes_checked_int8_files_and_four_way_latency(digits, tmp_path):
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 1 and len(lines) == 1 and "below the tolerance" in lines[0]
     assert failed.calibration == "percentile" and failed.float_layers == {}
+    assert failed.compressed.sensitive is None  # 'none': no search either
     assert (strict / "model.int8.onnx").is_file()
 
 
@@ -342,3 +351,120 @@ def test_int8_latency_table_times_quantized_probes(digits, tmp_path, monkeypatch
     assert quantized and set(quantized) == {"probe.onnx"}
     with pytest.raises(ConfigError, match="precision 'int4'"):
         latency_model.LatencyTable("cpu", tmp_path, precision="int4")
+
+
+class Outlier(nn.Module):
+    """A conv, a factorized block (1×1 → depthwise 3×3 → 1×1, as CP builds it), a conv and a
+    linear layer; `outlier` makes the block int8-hostile: conv1's channel 0 is dead (its bias far
+    below any response) and the block's first stage reads it with weights 10⁴ × the others. In
+    float that column multiplies zeros; in int8 it sets each output channel's weight scale, and
+    the stage's real weights round to zero."""
+
+    def __init__(self, outlier: bool, block: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = (
+            nn.Conv2d(16, 16, 3, padding=1)
+            if not block
+            else FactorizedBlock(
+                OrderedDict(
+                    pointwise_in=nn.Conv2d(16, 16, 1, bias=False),
+                    depthwise=nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False),
+                    pointwise_out=nn.Conv2d(16, 16, 1),
+                ),
+                source="conv2",
+                method="cp",
+                ranks=(16,),
+            )
+        )
+        self.conv3 = nn.Conv2d(16, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+        with torch.no_grad():
+            for layer in (
+                self.conv1,
+                self.conv2.pointwise_out if block else self.conv2,
+                self.conv3,
+            ):
+                layer.bias.zero_()  # no constant drowns the input: predictions vary
+            if outlier:
+                self.conv1.bias[0] = -100  # below any input's response: ReLU gives 0
+                first = self.conv2.pointwise_in.weight if block else self.conv2.weight
+                first[:, 0] = 1e4 * first.abs().max()
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        return self.fc(self.conv3(x).flatten(1))
+
+
+def _sensitive_run(tmp_path, outlier: bool, cap: float = 0.75, block: bool = True):
+    model = Outlier(outlier, block).eval()
+    path = tmp_path / f"outlier-{outlier}.onnx"
+    export_onnx(model, torch.zeros(1, 3, 8, 8), path)
+    generator = torch.Generator().manual_seed(1)
+    calibration = torch.randn(64, 3, 8, 8, generator=generator).split(32)
+    held_out = torch.randn(256, 3, 8, 8, generator=generator).split(64)
+    search = SensitiveSearch(min_agreement=0.95, max_float_share=cap, images=held_out)
+    out = tmp_path / f"outlier-{outlier}.int8.onnx"
+    return quantize_int8(path, out, calibration, float_layers=[], sensitive=search), path
+
+
+def test_sensitive_search_keeps_exactly_the_badly_quantizing_layer_float(tmp_path):
+    result, path = _sensitive_run(tmp_path, outlier=True)
+    choice = result.sensitive
+    # Every layer int8, the block's real weights rounded away: a quarter of the predictions flip.
+    assert choice.agreement_before < 0.8 and choice.samples == 256
+    # conv2 loses the most SQNR by far and is the one layer kept; agreement then passes.
+    first, *others = choice.layers
+    assert first.layer == "conv2" and first.loss_db > 20
+    assert all(first.loss_db > row.loss_db + 15 for row in others)
+    assert [row.layer for row in choice.kept] == ["conv2"] and choice.outcome == "reached"
+    assert choice.agreement >= 0.95 and first.agreement == choice.agreement
+    assert set(result.float_nodes.values()) == {"conv2"} and result.quantized_nodes == 3
+    # Its share of the MACs: the block's 16·16 + 16·9 + 16·16 per position of 64, of conv1's
+    # 3·16·9, conv3's 16·4·9 and fc's 256·10.
+    block = 16 * 16 + 16 * 9 + 16 * 16
+    assert first.mac_share == pytest.approx(block * 64 / ((432 + block + 576) * 64 + 2560))
+    assert choice.float_share == pytest.approx(first.mac_share)
+    # The written file is the final one: it agrees as the search measured.
+    check = check_agreement(path, result.path, ((x, None) for x in _held_out_again()))
+    assert check.top1_agreement == pytest.approx(choice.agreement)
+    reasons = sensitive_reasons(choice)
+    assert list(reasons) == ["conv2"]
+    assert f"loses {first.loss_db:.1f} dB SQNR" in reasons["conv2"]
+    assert f"{choice.agreement_before:.1%} → {choice.agreement:.1%}" in reasons["conv2"]
+
+
+def _held_out_again():
+    generator = torch.Generator().manual_seed(1)
+    torch.randn(64, 3, 8, 8, generator=generator)
+    return torch.randn(256, 3, 8, 8, generator=generator).split(64)
+
+
+def test_sensitive_search_keeps_nothing_extra_for_a_model_that_quantizes_well(tmp_path):
+    result, _ = _sensitive_run(tmp_path, outlier=False)
+    choice = result.sensitive
+    assert choice.agreement_before >= 0.95 and choice.outcome == "reached"
+    assert not choice.layers and not choice.kept and not result.float_nodes
+    assert choice.float_share == 0 and result.quantized_nodes == 6  # the block has three
+
+
+def test_sensitive_search_stops_at_the_cap(tmp_path):
+    result, _ = _sensitive_run(tmp_path, outlier=True, cap=0.3)  # conv2 holds 40 %
+    choice = result.sensitive
+    assert choice.outcome == "cap" and not choice.kept and not result.float_nodes
+    assert choice.layers[0].layer == "conv2" and choice.agreement == choice.agreement_before
+
+
+def test_sensitive_search_skips_a_single_conv_onnxruntime_would_requantize(tmp_path):
+    # The outlier in a plain conv between int8 layers: left float in the file, onnxruntime's
+    # WeightBiasQuantization gives it per-tensor int8 weights when it loads the file, so keeping
+    # it float cannot help, and the search says so instead of spending the cap on it.
+    result, _ = _sensitive_run(tmp_path, outlier=True, cap=1.0, block=False)
+    choice = result.sensitive
+    first = choice.layers[0]
+    assert first.layer == "conv2" and first.loss_db > 20
+    assert first.requantized_by_runtime and not first.kept_float
+    assert "conv2" not in result.float_nodes.values()
+    assert choice.agreement < 0.95 and choice.outcome == "exhausted"
