@@ -211,7 +211,8 @@ CASES = [
         "data-aware-setting-without-data",
         {},
         ["compress", "digits-cnn", "--macs-reduction", "2", "--damping", "0.1", *COMMON],
-        "statistics.damping is read by data-aware fits, but they need --train-data",
+        "statistics.damping is read by data-aware fits and --select output, but they need "
+        "--train-data",
     ),
     (
         "stats-samples-read-by-nothing",

@@ -410,6 +410,19 @@ def test_two_workers_finish_the_requested_trials_without_loss_or_duplicates(digi
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     search = SearchConfig(trials=16, storage=storage, study_name="w", workers=2, cache_dir=tmp_path)
     steps = []
+
+    def step_once_both_work(*args: object) -> None:
+        # The spawned worker imports torch before its first trial, which can take longer than
+        # this process needs for all 16: hold this one after its first trial until the other
+        # has taken a trial too (bounded; the assertions below then fail if it never did).
+        steps.append(args)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            trials = optuna.load_study(study_name="w", storage=storage).get_trials(deepcopy=False)
+            if any(t.user_attrs.get("worker") == 1 for t in trials):
+                return
+            time.sleep(0.2)
+
     _, report = resolve(
         gm,
         analysis,
@@ -417,7 +430,7 @@ def test_two_workers_finish_the_requested_trials_without_loss_or_duplicates(digi
         "d",
         calibration,
         search,
-        progress=steps.append,
+        progress=step_once_both_work,
     )
     study = optuna.load_study(study_name="w", storage=open_storage(storage))
     trials = study.get_trials()
