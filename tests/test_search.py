@@ -441,5 +441,14 @@ def test_two_workers_finish_the_requested_trials_without_loss_or_duplicates(digi
     others = [t for t in trials if t.state != optuna.trial.TrialState.COMPLETE]
     assert all(t.user_attrs.get("surplus") for t in others) and len(others) <= 2
     assert {t.user_attrs["worker"] for t in complete} == {0, 1}
-    sampled = [tuple(sorted(t.params.items())) for t in complete if "seed" not in t.user_attrs]
-    assert len(set(sampled)) == len(sampled)  # the two samplers drew different configurations
+    drawn = {
+        worker: {
+            tuple(sorted(t.params.items()))
+            for t in complete
+            if "seed" not in t.user_attrs and t.user_attrs["worker"] == worker
+        }
+        for worker in (0, 1)
+    }
+    # Not the same draws in lockstep (differently seeded samplers). A GP may re-propose a box
+    # corner it has already evaluated, so repeats across the study are not excluded.
+    assert drawn[0] - drawn[1] and drawn[1] - drawn[0]
