@@ -9,13 +9,12 @@ the class takes a depth, small widths where it takes one) at a small input, beca
 Inception-v3, MNASNet, SqueezeNet and AlexNet take no depth, so they run at full depth; VGG's
 and AlexNet's classifiers are 128 wide instead of 4096 (`_narrow_head`).
 
-One method per family keeps the file within its time budget: tucker2 where the family's dense
-k×k convs hold the MACs it factorizes into Tucker-2 blocks (ResNeXt's and RegNet's grouped convs
-per group, DenseNet, SqueezeNet's 3×3 expands, AlexNet, VGG, EfficientNetV2's fused MBConvs),
-svd elsewhere (1×1-and-depthwise networks and transformers, whose budgeted layers are 1×1 convs
-and linears: SVD whatever the method, so tucker2 would repeat the svd run). ResNet, Wide ResNet,
-GoogLeNet and Inception-v3 also hold k×k convs, but 256- to 1024-channel ones whose Tucker-2 HOOI
-costs tens of seconds: svd (spatial k×1 → 1×k) covers their k×k convs there.
+Methods: tucker2 where the family's dense k×k convs hold the MACs it factorizes into Tucker-2
+blocks (ResNeXt's and RegNet's grouped convs per group, DenseNet, SqueezeNet's 3×3 expands,
+AlexNet, VGG, EfficientNetV2's fused MBConvs), svd on 1×1-and-depthwise networks and transformers
+(whose budgeted layers are 1×1 convs and linears: SVD whatever the method, so tucker2 would repeat
+the svd run), and both on ResNet, Wide ResNet, GoogLeNet and Inception-v3, whose k×k convs the
+two methods factorize differently (spatial k×1 → 1×k against Tucker-2).
 """
 
 from __future__ import annotations
@@ -234,9 +233,17 @@ def test_every_torchvision_classification_family_is_here():
     assert not missing, f"no family row for {missing}"
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_family_compresses_and_exports(family, tmp_path):
-    build, side, method = FAMILIES[family]
+BOTH_METHODS = ("resnet", "wide_resnet", "googlenet", "inception_v3")
+CASES = [
+    (family, method)
+    for family, (_, _, first) in FAMILIES.items()
+    for method in ((first, "tucker2") if family in BOTH_METHODS else (first,))
+]
+
+
+@pytest.mark.parametrize(("family", "method"), CASES)
+def test_family_compresses_and_exports(family, method, tmp_path):
+    build, side, _ = FAMILIES[family]
     torch.manual_seed(0)
     model = build().eval()
     example = torch.randn(1, 3, side, side)
