@@ -394,29 +394,11 @@ class CompressionResult:
 def _sensitive_report(choice: SensitiveChoice | None) -> Sensitive | None:
     if choice is None:
         return None
+    fields = {k: v for k, v in asdict(choice).items() if k != "layers"}
     return Sensitive(
-        min_agreement=choice.min_agreement,
-        max_float_share=choice.max_float_share,
-        images=choice.images,
-        samples=choice.samples,
-        agreement_before=choice.agreement_before,
-        agreement=choice.agreement,
-        float_share=choice.float_share,
-        outcome=choice.outcome,
+        **fields,
         kept=sensitive_reasons(choice),
-        measured=[
-            SensitiveLayer(
-                layer=row.layer,
-                sqnr_in_db=row.sqnr_in_db,
-                sqnr_out_db=row.sqnr_out_db,
-                loss_db=row.loss_db,
-                mac_share=row.mac_share,
-                kept_float=row.kept_float,
-                agreement=row.agreement,
-                requantized_by_runtime=row.requantized_by_runtime,
-            )
-            for row in choice.layers
-        ],
+        measured=[SensitiveLayer(**asdict(row), loss_db=row.loss_db) for row in choice.layers],
     )
 
 
