@@ -48,6 +48,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--jpeg-limit", type=int, default=10000, help="0: skip the JPEG set")
     parser.add_argument("--skip-r18", action="store_true")
     parser.add_argument("--skip-r56", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="default: results/int8.json")
     return parser.parse_args()
 
 
@@ -85,7 +86,8 @@ def resnet18_rows(args: argparse.Namespace, work: Path) -> list[dict]:
     original = trace(model.eval(), example)
     analysis = analyze(original)
     calibration = load_dataset(data_dir() / "cifar10/jpeg/train", spec, args.calib_r18)
-    quantize = QuantizeConfig(dtype="int8", samples=args.calib_r18)
+    # `sensitive` would judge agreement on a random-init model: meaningless, so only `auto`.
+    quantize = QuantizeConfig(dtype="int8", samples=args.calib_r18, float_layers=["auto"])
     float_layers = float_layer_choice(quantize.float_layers, analysis)
     export = ExportConfig()
     paths = {"original": work / "r18_original.onnx"}
@@ -286,9 +288,9 @@ def main(args: argparse.Namespace) -> None:
     table = markdown(rows)
     print(table)
     atomic_write_json(
-        RESULTS / "int8.json",
+        args.out or RESULTS / "int8.json",
         {
-            "args": vars(args),
+            "args": {k: str(v) for k, v in vars(args).items()},
             "date": datetime.date.today().isoformat(),
             "machine": platform.machine(),
             "onnxruntime": onnxruntime.__version__,

@@ -38,7 +38,7 @@ import io
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -222,12 +222,13 @@ def quantize_int8(
         )
     calibration_batches = [first, *batches]
     reader = BatchReader(model.graph.input[0].name, calibration_batches)
+    pooled = pool_before_relu(model, excluded)
     equalized = equalize_conv_chains(model, calibration_batches) if equalize else 0
     target = Path(out_path)
     with tempfile.TemporaryDirectory(prefix="rankfold-int8-") as folder:
         work = Path(folder)
         float_file = work / "float.onnx"  # what is quantized: equalized, the search's reference
-        if equalized:
+        if equalized or pooled:
             onnx.save(model, str(float_file))
         else:
             shutil.copyfile(source, float_file)
@@ -507,6 +508,42 @@ def _top1(path: Path, batches: Sequence[np.ndarray | torch.Tensor]) -> np.ndarra
     return np.concatenate(
         [session.run(None, {name: as_input_array(batch)})[0].argmax(axis=1) for batch in batches]
     )
+
+
+def pool_before_relu(model: onnx.ModelProto, float_nodes: Collection[str]) -> int:
+    """Rewrite, in place, each Relu → MaxPool whose Relu reads a node kept float as MaxPool →
+    Relu; returns the number rewritten. Exact: a max commutes with a monotone map.
+
+    Why: onnxruntime's QDQ propagation moves the QuantizeLinear after such a MaxPool above it,
+    and a uint8 MaxPool in NCHW layout runs its generic kernel, tens of times slower than the
+    float pool in the float conv's blocked layout (ResNet-18's stem: BENCHMARKS.md, INT8).
+    After the swap the pool stays float and the quantization happens on the pooled tensor.
+    """
+    graph = model.graph
+    producers = {output: node for node in graph.node for output in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {output.name for output in graph.output}
+    rewritten = 0
+    for relu in [node for node in graph.node if node.op_type == "Relu"]:
+        source = producers.get(relu.input[0])
+        users = consumers.get(relu.output[0], [])
+        if source is None or source.name not in float_nodes or relu.output[0] in outputs:
+            continue
+        if len(users) != 1 or users[0].op_type != "MaxPool" or len(users[0].output) != 1:
+            continue
+        pool = users[0]
+        stale, pooled = relu.output[0], pool.output[0]
+        pool.input[0], pool.output[0] = relu.input[0], f"{pooled}_before_relu"
+        relu.input[0], relu.output[0] = pool.output[0], pooled
+        graph.node.remove(relu)  # the Relu now follows the pool in topological order
+        graph.node.insert(list(graph.node).index(pool) + 1, relu)
+        for info in [info for info in graph.value_info if info.name == stale]:
+            graph.value_info.remove(info)  # the unpooled activation no longer exists
+        rewritten += 1
+    return rewritten
 
 
 # A channel is scaled up at most this much: a near-dead channel is not blown up to full range.

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import torch
 from onnx import numpy_helper
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from torch import nn
+from torch.nn import functional as F
 from typer.testing import CliRunner
 
 from rankfold.converter.cli import app
@@ -29,7 +34,12 @@ from rankfold.passes import analyze, trace
 from rankfold.passes.blocks import FactorizedBlock
 from rankfold.passes.core import ConfigError, DataError
 from rankfold.runtime import SensitiveSearch, create_session, export_onnx
-from rankfold.runtime.quantize import equalize_conv_chains, quantize_int8
+from rankfold.runtime.quantize import (
+    compute_nodes,
+    equalize_conv_chains,
+    pool_before_relu,
+    quantize_int8,
+)
 from rankfold.runtime.validate import check_agreement
 
 runner = CliRunner()
@@ -177,6 +187,83 @@ def test_equalization_is_exact_in_float_and_rescues_int8_from_unbalanced_channel
         (logits,) = create_session(out).run(None, {"input": inputs.numpy()})
         errors[equalize] = np.abs(logits - expected).max() / np.abs(expected).max()
     assert errors[True] <= 0.05 and errors[True] * 5 <= errors[False]
+
+
+class PooledStem(nn.Module):
+    """conv → ReLU → max-pool → conv, as torchvision ResNets begin."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.body = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = F.max_pool2d(torch.relu(self.stem(x)), 3, stride=2, padding=1)
+        return self.fc(torch.relu(self.body(x)).mean((2, 3)))
+
+
+def _max_pool_reads(path: Path, optimized: Path) -> str:
+    """The op type producing the MaxPool's input once onnxruntime has optimized `path`."""
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(optimized)
+    onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(str(optimized)).graph
+    producers = {output: node.op_type for node in graph.node for output in node.output}
+    (pool,) = [node for node in graph.node if node.op_type == "MaxPool"]
+    return producers[pool.input[0]]
+
+
+def test_a_pool_after_a_float_stem_stays_float_and_exact(tmp_path):
+    torch.manual_seed(0)
+    model = PooledStem().eval()
+    export_onnx(model, torch.zeros(1, 3, 16, 16), tmp_path / "stem.onnx")
+    inputs = torch.randn(32, 3, 16, 16)
+    expected = model(inputs).detach().numpy()
+
+    # In float the rewrite is exact, and only where the ReLU reads a float layer.
+    exported = onnx.load(str(tmp_path / "stem.onnx"))
+    stem_nodes = {node.name for node, layer in compute_nodes(exported) if layer == "stem"}
+    assert pool_before_relu(exported, set()) == 0
+    assert pool_before_relu(exported, stem_nodes) == 1
+    onnx.checker.check_model(exported, full_check=True)
+    nodes = exported.graph.node
+    assert [node.op_type for node in nodes if node.op_type in ("Relu", "MaxPool")] == [
+        "MaxPool",
+        "Relu",
+        "Relu",
+    ]
+    onnx.save(exported, str(tmp_path / "swapped.onnx"))
+    (swapped,) = create_session(tmp_path / "swapped.onnx").run(None, {"input": inputs.numpy()})
+    np.testing.assert_array_equal(swapped, create_session(tmp_path / "stem.onnx").run(
+        None, {"input": inputs.numpy()})[0])  # fmt: skip
+    np.testing.assert_allclose(swapped, expected, rtol=1e-5, atol=1e-6)
+
+    # Quantized with the stem float, onnxruntime pools the float tensor, not a uint8 one (its
+    # QDQ propagation moves the quantization above a pool that follows the ReLU).
+    out = tmp_path / "stem.int8.onnx"
+    quantize_int8(
+        tmp_path / "stem.onnx", out, torch.randn(64, 3, 16, 16).split(16), float_layers=["stem"]
+    )
+    assert _max_pool_reads(out, tmp_path / "optimized.onnx") != "QuantizeLinear"
+    as_exported = tmp_path / "as_exported.int8.onnx"
+    with contextlib.redirect_stdout(io.StringIO()):
+        quantize_static(tmp_path / "stem.onnx", as_exported, _Batches(torch.randn(64, 3, 16, 16)),
+                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=sorted(stem_nodes))  # fmt: skip
+    assert _max_pool_reads(as_exported, tmp_path / "optimized2.onnx") == "QuantizeLinear"
+    (logits,) = create_session(out).run(None, {"input": inputs.numpy()})
+    assert np.abs(logits - expected).max() <= 0.05 * np.abs(expected).max()
+
+
+class _Batches(CalibrationDataReader):
+    def __init__(self, images: torch.Tensor) -> None:
+        self.batches = iter([{"input": b.numpy()} for b in images.split(16)])
+
+    def get_next(self):
+        return next(self.batches, None)
 
 
 def test_a_model_without_conv_chains_is_left_as_it_is(digits):

@@ -1,0 +1,281 @@
+"""Low rank with the refit, fine-tuned, against structured pruning at the same MACs (issue #20).
+
+    .venv/bin/python benchmarks/data_aware_finetune.py [--methods cp-epc,cp,tucker2]
+        [--reduction 4] [--epochs 6] [--arms refit,weight_only] [--no-pruning]
+
+Each low-rank cell is one `rankfold compress` (a subprocess) on ResNet-56 with its real weights,
+`--train-data cifar10/train_lossless_5085.npz --eval-data cifar10/test_lossless_1017.npz
+--finetune-epochs E`, everything else at its default; the arms differ by one option:
+
+- `refit` (the default with training data): weight-only fit, last-stage refit, BatchNorm
+  recalibration kept only where it helps, then fine-tuning;
+- `weight_only`: `--no-refit` (fit, BatchNorm recalibration, fine-tuning), the pipeline before
+  issue #20.
+
+Top-1 after each stage comes from the run's report.json; the final model.pt is then scored on the
+1,017 lossless test images (paired against the original on the same images, ± standard error)
+and on the 10,000 JPEG test images.
+
+The pruning arm is Torch-Pruning's documented CIFAR recipe (group-norm importance, global
+pruning, GroupNormPruner stepping until the MAC target is reached), run through its public API,
+with rankfold's fine-tuning (the same epochs, data, distillation and defaults as the low-rank
+arms). The option-A shortcut of these ResNets is a fixed channel-padding map, so the residual
+stream's channels are coupled across each stage through it; only each block's inner channels
+(conv1's outputs) are pruned, as in L1-norm filter pruning on these networks. MACs of every arm
+are counted by rankfold's `analyze` on the traced model.
+
+Finally the original, every compressed model.onnx and the pruned model are timed side by side on
+onnxruntime's CPU provider at batch 1 and 8 (`time_side_by_side`). A run directory that already
+holds a report.json is reused, so an interrupted benchmark resumes. Needs the `bench` extra
+(torch-pruning). Writes benchmarks/results/data_aware_finetune.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from output_selector import paired  # the same paired difference ± standard error
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+MODEL = "resnet56"
+WEIGHTS = "weights/resnet56-4bfd9763.th"
+TRAIN = "cifar10/train_lossless_5085.npz"
+TESTS = {
+    "lossless_1017": "cifar10/test_lossless_1017.npz",
+    "jpeg_10000": "cifar10/test_jpeg_10000.npz",
+}
+ARMS = {"refit": [], "weight_only": ["--no-refit"]}
+BATCHES = (1, 8)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="cp-epc,cp,tucker2")
+    parser.add_argument("--reduction", type=float, default=4.0)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--arms", default="refit,weight_only")
+    parser.add_argument("--no-pruning", action="store_true")
+    parser.add_argument("--latency-repeats", type=int, default=50)
+    parser.add_argument("--data", type=Path, default=None, help="RANKFOLD_DATA folder")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/rankfold-data-aware-finetune"))
+    parser.add_argument("--out", type=Path, default=RESULTS / "data_aware_finetune.json")
+    args = parser.parse_args()
+    unknown = set(args.arms.split(",")) - set(ARMS)
+    if unknown:
+        parser.error(f"unknown arm(s) {sorted(unknown)}; choose from {sorted(ARMS)}")
+    return args
+
+
+def compress(args, base: Path, method: str, arm: str, out: Path) -> tuple[dict, float, list]:
+    rankfold = Path(sys.executable).with_name("rankfold")
+    command = [
+        str(rankfold), "compress", MODEL, "--weights", str(base / WEIGHTS),
+        "--method", method, "--macs-reduction", f"{args.reduction:g}",
+        "--train-data", str(base / TRAIN), "--eval-data", str(base / TESTS["lossless_1017"]),
+        "--finetune-epochs", str(args.epochs), "--no-latency",
+        "--search-cache-dir", str(args.work / "cache"), "--out", str(out), *ARMS[arm],
+    ]  # fmt: skip
+    if (out / "report.json").is_file():
+        print(f"reusing {out}", flush=True)
+        return json.loads((out / "report.json").read_text()), float("nan"), command
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(command)} exited {done.returncode}:\n{done.stderr[-2000:]}")
+    return json.loads((out / "report.json").read_text()), time.perf_counter() - start, command
+
+
+def prune(original, example, target: float, macs_of):
+    """Torch-Pruning's group-norm global pruning of the blocks' inner channels, stepped until
+    rankfold's MAC count falls by `target`; returns the pruned copy and its MAC reduction."""
+    import copy
+
+    import torch_pruning as tp
+    from torch import nn
+
+    model = copy.deepcopy(original)
+    ignored = [  # the residual stream (stem, each block's conv2) and the classifier stay whole
+        module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) or name == "conv1" or name.endswith(".conv2")
+    ]
+    pruner = tp.pruner.GroupNormPruner(
+        model,
+        example,
+        importance=tp.importance.GroupMagnitudeImportance(p=2),
+        iterative_steps=400,
+        pruning_ratio=1.0,
+        max_pruning_ratio=0.95,
+        global_pruning=True,
+        ignored_layers=ignored,
+    )
+    base = macs_of(original)
+    for _ in range(400):
+        pruner.step()
+        if base / macs_of(model) >= target:
+            break
+    return model, base / macs_of(model)
+
+
+def main() -> None:
+    args = parse_args()
+    import numpy as np
+    import torch
+
+    from rankfold.converter import restore
+    from rankfold.converter.finetune import finetune, finetune_config
+    from rankfold.models import batches, data_dir, load_dataset, load_model
+    from rankfold.passes import analyze, trace
+    from rankfold.runtime import export_onnx, time_side_by_side
+
+    base = (args.data or data_dir()).resolve()
+    args.work.mkdir(parents=True, exist_ok=True)
+    original, spec = load_model(MODEL, base / WEIGHTS)
+    example = torch.zeros(1, *spec.input_shape)
+    tests = {name: load_dataset(base / rel, spec) for name, rel in TESTS.items()}
+
+    def predict(model) -> dict[str, Any]:
+        model.eval()
+        with torch.no_grad():
+            return {
+                name: np.concatenate(
+                    [model(x).argmax(1).numpy() for x, _ in batches(data, spec, 500)]
+                )
+                for name, data in tests.items()
+            }
+
+    labels = {
+        name: np.concatenate([np.asarray(y) for _, y in batches(data, spec, 500)])
+        for name, data in tests.items()
+    }
+    reference = predict(original)
+
+    def scores(predictions: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "final": {n: float((predictions[n] == labels[n]).mean()) for n in tests},
+            "vs_original": {n: paired(predictions[n], reference[n], labels[n]) for n in tests},
+        }
+
+    def macs_of(model) -> float:
+        return analyze(trace(model, example)).total_macs
+
+    rows: list[dict[str, Any]] = []
+    onnx_files: dict[str, Path] = {}
+
+    def save() -> None:  # after every row: a run cut short keeps what it measured
+        summary = {
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+            "settings": {k: str(v) for k, v in vars(args).items()},
+            "original": {n: float((reference[n] == labels[n]).mean()) for n in tests},
+            "rows": rows,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(summary, indent=2))
+
+    runs = [(m, arm) for arm in args.arms.split(",") for m in args.methods.split(",")]
+    for method, arm in runs:
+        out = args.work / f"{method}-{args.reduction:g}-{arm}"
+        report, seconds, command = compress(args, base, method, arm, out)
+        onnx_files.setdefault("original", out / "original.onnx")
+        onnx_files[f"{method} {arm}"] = out / "model.onnx"
+        acc = report["compressed"]
+        rows.append(
+            {
+                "arm": arm,
+                "method": method,
+                "macs_reduction": report["macs_reduction"],
+                "stages": {
+                    stage: acc.get(f"accuracy_{stage}")
+                    for stage in ("decomposed", "refitted", "recalibrated", "finetuned")
+                },
+                "recalibration_kept": (report["recovery"].get("recalibration_check") or {}).get(
+                    "kept"
+                ),
+                **scores(predict(restore(out / "model.pt"))),
+                "seconds": seconds,
+                "command": " ".join(command),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+        save()
+
+    if not args.no_pruning:
+        start = time.perf_counter()
+        pruned, reduction = prune(original, example, args.reduction, macs_of)
+        pruned_scores = scores(predict(pruned))
+        train = load_dataset(base / TRAIN, spec)
+        with tempfile.TemporaryDirectory() as checkpoints:
+            history = finetune(
+                pruned,
+                original,
+                train,
+                spec,
+                finetune_config({"epochs": args.epochs}),
+                checkpoints,
+                eval_data=tests["lossless_1017"],
+            )
+        onnx_files["pruned"] = export_onnx(pruned, example, args.work / "pruned.onnx")
+        rows.append(
+            {
+                "arm": "pruning",
+                "method": "torch-pruning group-norm (inner channels)",
+                "macs_reduction": reduction,
+                "stages": {"pruned": pruned_scores["final"]["lossless_1017"]}
+                | {"finetuned": history.final_accuracy},
+                **scores(predict(pruned)),
+                "seconds": time.perf_counter() - start,
+                "command": "torch_pruning.pruner.GroupNormPruner + rankfold finetune",
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+        save()
+
+    timings = time_side_by_side(
+        list(onnx_files.values()), spec.input_shape, BATCHES, repeats=args.latency_repeats
+    )
+    latency = {
+        name: {str(t.batch): t.median_ms(i) for t in timings} for i, name in enumerate(onnx_files)
+    }
+    for row in rows:
+        key = "pruned" if row["arm"] == "pruning" else f"{row['method']} {row['arm']}"
+        row["latency_ms"] = latency[key]
+    save()
+    print(table(rows, latency["original"]))
+
+
+def pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f} %"
+
+
+def table(rows: list[dict[str, Any]], original_ms: dict[str, float]) -> str:
+    lines = [
+        "| arm | method | MACs × | decomposed / pruned | refitted | recalibrated | fine-tuned "
+        "| drop, lossless 1,017 (paired) | JPEG 10k | drop, JPEG 10k | batch 1 speed-up "
+        "| batch 8 speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        s, d1, d2 = r["stages"], r["vs_original"]["lossless_1017"], r["vs_original"]["jpeg_10000"]
+        speed = [original_ms[str(b)] / r["latency_ms"][str(b)] for b in BATCHES]
+        lines.append(
+            f"| {r['arm']} | {r['method']} | {r['macs_reduction']:.2f} | "
+            f"{pct(s.get('decomposed', s.get('pruned')))} | {pct(s.get('refitted'))} | "
+            f"{pct(s.get('recalibrated'))} | {pct(s.get('finetuned'))} | "
+            f"{-d1['delta_pt']:.2f} ± {d1['se_pt']:.2f} pt | "
+            f"{pct(r['final']['jpeg_10000'])} | {-d2['delta_pt']:.2f} ± {d2['se_pt']:.2f} pt | "
+            f"{speed[0]:.2f}× | {speed[1]:.2f}× |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
