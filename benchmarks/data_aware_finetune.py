@@ -1,7 +1,7 @@
 """Low rank with the refit, fine-tuned, against structured pruning at the same MACs (issue #20).
 
     .venv/bin/python benchmarks/data_aware_finetune.py [--methods cp-epc,cp,tucker2]
-        [--reduction 4] [--epochs 6] [--arms refit,weight_only] [--no-pruning]
+        [--reduction 4] [--epochs 6] [--arms refit,weight_only] [--select uniform] [--no-pruning]
 
 Each low-rank cell is one `rankfold compress` (a subprocess) on ResNet-56 with its real weights,
 `--train-data cifar10/train_lossless_5085.npz --eval-data cifar10/test_lossless_1017.npz
@@ -63,6 +63,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reduction", type=float, default=4.0)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--arms", default="refit,weight_only")
+    parser.add_argument("--select", default="uniform", help="rank selector of every arm")
     parser.add_argument("--no-pruning", action="store_true")
     parser.add_argument("--latency-repeats", type=int, default=50)
     parser.add_argument("--data", type=Path, default=None, help="RANKFOLD_DATA folder")
@@ -81,7 +82,7 @@ def compress(args, base: Path, method: str, arm: str, out: Path) -> tuple[dict, 
         str(rankfold), "compress", MODEL, "--weights", str(base / WEIGHTS),
         "--method", method, "--macs-reduction", f"{args.reduction:g}",
         "--train-data", str(base / TRAIN), "--eval-data", str(base / TESTS["lossless_1017"]),
-        "--finetune-epochs", str(args.epochs), "--no-latency",
+        "--finetune-epochs", str(args.epochs), "--select", args.select, "--no-latency",
         "--search-cache-dir", str(args.work / "cache"), "--out", str(out), *ARMS[arm],
     ]  # fmt: skip
     if (out / "report.json").is_file():
@@ -183,7 +184,7 @@ def main() -> None:
 
     runs = [(m, arm) for arm in args.arms.split(",") for m in args.methods.split(",")]
     for method, arm in runs:
-        out = args.work / f"{method}-{args.reduction:g}-{arm}"
+        out = args.work / f"{method}-{args.reduction:g}-{arm}-{args.select}"
         report, seconds, command = compress(args, base, method, arm, out)
         onnx_files.setdefault("original", out / "original.onnx")
         onnx_files[f"{method} {arm}"] = out / "model.onnx"
@@ -192,6 +193,7 @@ def main() -> None:
             {
                 "arm": arm,
                 "method": method,
+                "select": args.select,
                 "macs_reduction": report["macs_reduction"],
                 "stages": {
                     stage: acc.get(f"accuracy_{stage}")
