@@ -171,12 +171,14 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = []
     onnx_files: dict[str, Path] = {}
+    latency: dict[str, dict[str, float]] = {}
 
     def save() -> None:  # after every row: a run cut short keeps what it measured
         summary = {
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
             "settings": {k: str(v) for k, v in vars(args).items()},
             "original": {n: float((reference[n] == labels[n]).mean()) for n in tests},
+            "original_latency_ms": latency.get("original"),
             "rows": rows,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -244,9 +246,8 @@ def main() -> None:
     timings = time_side_by_side(
         list(onnx_files.values()), spec.input_shape, BATCHES, repeats=args.latency_repeats
     )
-    latency = {
-        name: {str(t.batch): t.median_ms(i) for t in timings} for i, name in enumerate(onnx_files)
-    }
+    for i, name in enumerate(onnx_files):
+        latency[name] = {str(t.batch): t.median_ms(i) for t in timings}
     for row in rows:
         key = "pruned" if row["arm"] == "pruning" else f"{row['method']} {row['arm']}"
         row["latency_ms"] = latency[key]
