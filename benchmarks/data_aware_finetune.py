@@ -1,7 +1,8 @@
 """Low rank with the refit, fine-tuned, against structured pruning at the same MACs (issue #20).
 
     .venv/bin/python benchmarks/data_aware_finetune.py [--methods cp-epc,cp,tucker2]
-        [--reduction 4] [--epochs 6] [--arms refit,weight_only] [--select uniform] [--no-pruning]
+        [--reduction 4] [--epochs 6] [--arms refit,weight_only] [--select uniform]
+        [--pruning global|local|none]
 
 Each low-rank cell is one `rankfold compress` (a subprocess) on ResNet-56 with its real weights,
 `--train-data cifar10/train_lossless_5085.npz --eval-data cifar10/test_lossless_1017.npz
@@ -17,7 +18,9 @@ Top-1 after each stage comes from the run's report.json; the final model.pt is t
 and on the 10,000 JPEG test images.
 
 The pruning arm is Torch-Pruning's documented CIFAR recipe (group-norm importance, global
-pruning, GroupNormPruner stepping until the MAC target is reached), run through its public API,
+pruning, GroupNormPruner stepping until the MAC target is reached; `--pruning local` prunes every
+layer by the same share instead, `--methods none` runs the pruning arm alone), run through its
+public API,
 with rankfold's fine-tuning (the same epochs, data, distillation and defaults as the low-rank
 arms). The option-A shortcut of these ResNets is a fixed channel-padding map, so the residual
 stream's channels are coupled across each stage through it; only each block's inner channels
@@ -64,7 +67,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--arms", default="refit,weight_only")
     parser.add_argument("--select", default="uniform", help="rank selector of every arm")
-    parser.add_argument("--no-pruning", action="store_true")
+    parser.add_argument("--pruning", choices=("global", "local", "none"), default="global")
     parser.add_argument("--latency-repeats", type=int, default=50)
     parser.add_argument("--data", type=Path, default=None, help="RANKFOLD_DATA folder")
     parser.add_argument("--work", type=Path, default=Path("/tmp/rankfold-data-aware-finetune"))
@@ -95,9 +98,10 @@ def compress(args, base: Path, method: str, arm: str, out: Path) -> tuple[dict, 
     return json.loads((out / "report.json").read_text()), time.perf_counter() - start, command
 
 
-def prune(original, example, target: float, macs_of):
-    """Torch-Pruning's group-norm global pruning of the blocks' inner channels, stepped until
-    rankfold's MAC count falls by `target`; returns the pruned copy and its MAC reduction."""
+def prune(original, example, target: float, macs_of, scope: str):
+    """Torch-Pruning's group-norm pruning (`scope`: global or local) of the blocks' inner
+    channels, stepped until rankfold's MAC count falls by `target`; returns the pruned copy and
+    its MAC reduction."""
     import copy
 
     import torch_pruning as tp
@@ -116,7 +120,7 @@ def prune(original, example, target: float, macs_of):
         iterative_steps=400,
         pruning_ratio=1.0,
         max_pruning_ratio=0.95,
-        global_pruning=True,
+        global_pruning=scope == "global",
         ignored_layers=ignored,
     )
     base = macs_of(original)
@@ -184,7 +188,8 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=2))
 
-    runs = [(m, arm) for arm in args.arms.split(",") for m in args.methods.split(",")]
+    methods = [] if args.methods == "none" else args.methods.split(",")
+    runs = [(m, arm) for arm in args.arms.split(",") for m in methods]
     for method, arm in runs:
         out = args.work / f"{method}-{args.reduction:g}-{arm}-{args.select}"
         report, seconds, command = compress(args, base, method, arm, out)
@@ -212,9 +217,11 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
         save()
 
-    if not args.no_pruning:
+    if not runs:
+        onnx_files["original"] = export_onnx(original, example, args.work / "original.onnx")
+    if args.pruning != "none":
         start = time.perf_counter()
-        pruned, reduction = prune(original, example, args.reduction, macs_of)
+        pruned, reduction = prune(original, example, args.reduction, macs_of, args.pruning)
         pruned_scores = scores(predict(pruned))
         train = load_dataset(base / TRAIN, spec)
         with tempfile.TemporaryDirectory() as checkpoints:
@@ -231,7 +238,7 @@ def main() -> None:
         rows.append(
             {
                 "arm": "pruning",
-                "method": "torch-pruning group-norm (inner channels)",
+                "method": f"torch-pruning group-norm, {args.pruning} (inner channels)",
                 "macs_reduction": reduction,
                 "stages": {"pruned": pruned_scores["final"]["lossless_1017"]}
                 | {"finetuned": history.final_accuracy},
