@@ -410,11 +410,12 @@ def test_demo_compresses_and_measures(tmp_path):
         assert row["threads"] == 1 and row["speedup_low"] <= row["speedup"] * 1.5
     assert all((out / name).is_file() for name in ("layers.png", "finetune.png", "model.onnx"))
     assert "fewer MACs" in result.output and "pt" in result.output
-    # The timing is a real measurement: the original against itself shows no difference.
+    # The timing is a real measurement: the original against itself times alike. (Not its
+    # verdict: a 95 % interval excludes 1 for identical models in about one run in twenty.)
     (same,) = compare_latency(
         out / "original.onnx", out / "original.onnx", (1, 32, 32), [1], threads=1
     )
-    assert same.verdict == "no measurable difference"
+    assert 0.85 <= same.speedup <= 1 / 0.85 and same.speedup_low <= same.speedup_high
 
 
 def _compress(digits, out: Path, *extra: str):

@@ -415,13 +415,13 @@ def test_speedup_interval_from_blocks_and_no_measurable_difference() -> None:
     assert row.to_dict()["verdict"] == latency.NO_DIFFERENCE
 
 
-def test_a_model_against_itself_shows_no_measurable_difference(
-    tiny: tuple[TinyCNN, Path],
-) -> None:
+def test_a_model_against_itself_times_alike(tiny: tuple[TinyCNN, Path]) -> None:
     _, path = tiny
     (result,) = compare_latency(path, path, SHAPE, [1], warmup=2, repeats=30, threads=1)
-    assert result.speedup_low is not None and result.speedup_low <= 1 <= result.speedup_high
-    assert result.verdict == latency.NO_DIFFERENCE and result.threads == 1
+    # Not the verdict: a 95 % interval excludes 1 for identical models in about one run in
+    # twenty (six blocks: all six ratios on one side of 1 with probability 2/64).
+    assert result.speedup_low is not None and result.speedup_low <= result.speedup_high
+    assert 0.85 <= result.speedup <= 1 / 0.85 and result.threads == 1
 
 
 def test_time_runs_warms_up_then_averages_inner_runs_per_sample(monkeypatch) -> None:
