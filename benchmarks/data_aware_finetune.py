@@ -1,12 +1,13 @@
 """Low rank with the refit, fine-tuned, against structured pruning at the same MACs (issue #20).
 
-    .venv/bin/python benchmarks/data_aware_finetune.py [--methods cp-epc,cp,tucker2]
-        [--reduction 4] [--epochs 6] [--arms refit,weight_only] [--select uniform]
-        [--pruning global|local|none]
+    .venv/bin/python benchmarks/data_aware_finetune.py [--model resnet56]
+        [--methods cp-epc,cp,tucker2] [--reduction 4] [--epochs 6]
+        [--arms refit,weight_only] [--select uniform] [--pruning global|local|none]
 
-Each low-rank cell is one `rankfold compress` (a subprocess) on ResNet-56 with its real weights,
-`--train-data cifar10/train_lossless_5085.npz --eval-data cifar10/test_lossless_1017.npz
---finetune-epochs E`, everything else at its default; the arms differ by one option:
+Each low-rank cell is one `rankfold compress` (a subprocess) on ResNet-56 (`--model resnet20`:
+ResNet-20) with its real weights, `--train-data cifar10/train_lossless_5085.npz --eval-data
+cifar10/test_lossless_1017.npz --finetune-epochs E`, everything else at its default; the arms
+differ by one option:
 
 - `refit` (the default with training data): weight-only fit, last-stage refit, BatchNorm
   recalibration kept only where it helps, then fine-tuning;
@@ -45,23 +46,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from output_selector import paired  # the same paired difference ± standard error
+# The same data, weights and paired difference (± standard error) as the selector comparison.
+from output_selector import RESULTS, TESTS, TRAIN, WEIGHTS, paired
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
-MODEL = "resnet56"
-WEIGHTS = "weights/resnet56-4bfd9763.th"
-TRAIN = "cifar10/train_lossless_5085.npz"
-TESTS = {
-    "lossless_1017": "cifar10/test_lossless_1017.npz",
-    "jpeg_10000": "cifar10/test_jpeg_10000.npz",
-}
 ARMS = {"refit": [], "weight_only": ["--no-refit"]}
 BATCHES = (1, 8)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(WEIGHTS), default="resnet56")
     parser.add_argument("--methods", default="cp-epc,cp,tucker2")
     parser.add_argument("--reduction", type=float, default=4.0)
     parser.add_argument("--epochs", type=int, default=6)
@@ -82,7 +76,7 @@ def parse_args() -> argparse.Namespace:
 def compress(args, base: Path, method: str, arm: str, out: Path) -> tuple[dict, float, list]:
     rankfold = Path(sys.executable).with_name("rankfold")
     command = [
-        str(rankfold), "compress", MODEL, "--weights", str(base / WEIGHTS),
+        str(rankfold), "compress", args.model, "--weights", str(base / WEIGHTS[args.model]),
         "--method", method, "--macs-reduction", f"{args.reduction:g}",
         "--train-data", str(base / TRAIN), "--eval-data", str(base / TESTS["lossless_1017"]),
         "--finetune-epochs", str(args.epochs), "--select", args.select, "--no-latency",
@@ -144,7 +138,7 @@ def main() -> None:
 
     base = (args.data or data_dir()).resolve()
     args.work.mkdir(parents=True, exist_ok=True)
-    original, spec = load_model(MODEL, base / WEIGHTS)
+    original, spec = load_model(args.model, base / WEIGHTS[args.model])
     example = torch.zeros(1, *spec.input_shape)
     tests = {name: load_dataset(base / rel, spec) for name, rel in TESTS.items()}
 
@@ -191,7 +185,7 @@ def main() -> None:
     methods = [] if args.methods == "none" else args.methods.split(",")
     runs = [(m, arm) for arm in args.arms.split(",") for m in methods]
     for method, arm in runs:
-        out = args.work / f"{method}-{args.reduction:g}-{arm}-{args.select}"
+        out = args.work / f"{args.model}-{method}-{args.reduction:g}-{arm}-{args.select}"
         report, seconds, command = compress(args, base, method, arm, out)
         onnx_files.setdefault("original", out / "original.onnx")
         onnx_files[f"{method} {arm}"] = out / "model.onnx"
@@ -218,7 +212,9 @@ def main() -> None:
         save()
 
     if not runs:
-        onnx_files["original"] = export_onnx(original, example, args.work / "original.onnx")
+        onnx_files["original"] = export_onnx(
+            original, example, args.work / f"{args.model}-original.onnx"
+        )
     if args.pruning != "none":
         start = time.perf_counter()
         pruned, reduction = prune(original, example, args.reduction, macs_of, args.pruning)
@@ -234,7 +230,7 @@ def main() -> None:
                 checkpoints,
                 eval_data=tests["lossless_1017"],
             )
-        onnx_files["pruned"] = export_onnx(pruned, example, args.work / "pruned.onnx")
+        onnx_files["pruned"] = export_onnx(pruned, example, args.work / f"{args.model}-pruned.onnx")
         rows.append(
             {
                 "arm": "pruning",
