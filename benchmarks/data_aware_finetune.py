@@ -37,6 +37,8 @@ holds a report.json is reused, so an interrupted benchmark resumes. Needs the `b
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib.util
 import json
 import subprocess
 import sys
@@ -51,6 +53,7 @@ from output_selector import RESULTS, TESTS, TRAIN, WEIGHTS, paired
 
 ARMS = {"refit": [], "weight_only": ["--no-refit"]}
 BATCHES = (1, 8)
+PRUNING_STEPS = 400  # Torch-Pruning's iterative steps; each removes about 1/400 of the channels
 
 
 def parse_args() -> argparse.Namespace:
@@ -70,6 +73,10 @@ def parse_args() -> argparse.Namespace:
     unknown = set(args.arms.split(",")) - set(ARMS)
     if unknown:
         parser.error(f"unknown arm(s) {sorted(unknown)}; choose from {sorted(ARMS)}")
+    if args.pruning != "none" and importlib.util.find_spec("torch_pruning") is None:
+        parser.error(
+            "the pruning arm needs Torch-Pruning: pip install -e '.[bench]', or pass --pruning none"
+        )
     return args
 
 
@@ -96,8 +103,6 @@ def prune(original, example, target: float, macs_of, scope: str):
     """Torch-Pruning's group-norm pruning (`scope`: global or local) of the blocks' inner
     channels, stepped until rankfold's MAC count falls by `target`; returns the pruned copy and
     its MAC reduction."""
-    import copy
-
     import torch_pruning as tp
     from torch import nn
 
@@ -111,18 +116,20 @@ def prune(original, example, target: float, macs_of, scope: str):
         model,
         example,
         importance=tp.importance.GroupMagnitudeImportance(p=2),
-        iterative_steps=400,
+        iterative_steps=PRUNING_STEPS,
         pruning_ratio=1.0,
         max_pruning_ratio=0.95,
         global_pruning=scope == "global",
         ignored_layers=ignored,
     )
     base = macs_of(original)
-    for _ in range(400):
+    reduction = 1.0
+    for _ in range(PRUNING_STEPS):
         pruner.step()
-        if base / macs_of(model) >= target:
+        reduction = base / macs_of(model)
+        if reduction >= target:
             break
-    return model, base / macs_of(model)
+    return model, reduction
 
 
 def main() -> None:

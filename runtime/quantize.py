@@ -341,6 +341,15 @@ def _keep_sensitive_float(
     return choice
 
 
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name → the nodes that read it."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
 def float_units(model: onnx.ModelProto) -> dict[str, list[str]]:
     """The conv/linear nodes the search keeps float together, named by their common layer: a
     chain whose nodes feed each other directly (a factorized block's stages). A stage kept float
@@ -348,15 +357,12 @@ def float_units(model: onnx.ModelProto) -> dict[str, list[str]]:
     `_requantized_by_runtime`); the whole chain float leaves no Quantize/Dequantize inside. A
     single conv between int8 layers is re-quantized the same way, so the search skips it."""
     producer = {node.output[0]: node for node in model.graph.node}
-    consumers: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
+    consumers = _consumers(model.graph)
     chains: list[list[tuple[onnx.NodeProto, str]]] = []
     chain_of: dict[str, int] = {}
     for node, layer in compute_nodes(model):
         before = producer.get(node.input[0])
-        if before is not None and before.name in chain_of and consumers[before.output[0]] == 1:
+        if before is not None and before.name in chain_of and len(consumers[before.output[0]]) == 1:
             chain_of[node.name] = chain_of[before.name]
             chains[chain_of[node.name]].append((node, layer))
         else:
@@ -376,10 +382,7 @@ def _requantized_by_runtime(quantized: onnx.ModelProto) -> set[str]:
     whose input comes from a DequantizeLinear and whose output (through ReLU/Clip) goes to a
     QuantizeLinear. Such a node cannot be kept float alone."""
     producer = {out: node for node in quantized.graph.node for out in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in quantized.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _consumers(quantized.graph)
     found = set()
     for node in quantized.graph.node:
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm"):
@@ -431,10 +434,7 @@ def layer_sensitivity(
         {name: pair for name, pair in matched.items() if "float" in pair}
     )
     by_name = {node.name: node for node in model.graph.node}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _consumers(model.graph)
     rows = []
     for layer, names in layers.items():
         entry = by_name[names[0]].input[0]
@@ -521,10 +521,7 @@ def pool_before_relu(model: onnx.ModelProto, float_nodes: Collection[str]) -> in
     """
     graph = model.graph
     producers = {output: node for node in graph.node for output in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _consumers(graph)
     outputs = {output.name for output in graph.output}
     rewritten = 0
     for relu in [node for node in graph.node if node.op_type == "Relu"]:
@@ -602,10 +599,7 @@ def equalize_conv_chains(
 def _conv_edges(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
     """(first, second) conv pairs where the first's output feeds the second alone, and both
     weights (and the first's bias) are initializers neither shares."""
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _consumers(model.graph)
     initializers = {init.name for init in model.graph.initializer}
     outputs = {output.name for output in model.graph.output}
 

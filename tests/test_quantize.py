@@ -14,7 +14,7 @@ import onnxruntime
 import pytest
 import torch
 from onnx import numpy_helper
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from torch import nn
 from torch.nn import functional as F
 from typer.testing import CliRunner
@@ -35,6 +35,7 @@ from rankfold.passes.blocks import FactorizedBlock
 from rankfold.passes.core import ConfigError, DataError
 from rankfold.runtime import SensitiveSearch, create_session, export_onnx
 from rankfold.runtime.quantize import (
+    BatchReader,
     compute_nodes,
     equalize_conv_chains,
     pool_before_relu,
@@ -248,22 +249,15 @@ def test_a_pool_after_a_float_stem_stays_float_and_exact(tmp_path):
     )
     assert _max_pool_reads(out, tmp_path / "optimized.onnx") != "QuantizeLinear"
     as_exported = tmp_path / "as_exported.int8.onnx"
+    reader = BatchReader("input", torch.randn(64, 3, 16, 16).split(16))
     with contextlib.redirect_stdout(io.StringIO()):
-        quantize_static(tmp_path / "stem.onnx", as_exported, _Batches(torch.randn(64, 3, 16, 16)),
+        quantize_static(tmp_path / "stem.onnx", as_exported, reader,
                         quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         nodes_to_exclude=sorted(stem_nodes))  # fmt: skip
     assert _max_pool_reads(as_exported, tmp_path / "optimized2.onnx") == "QuantizeLinear"
     (logits,) = create_session(out).run(None, {"input": inputs.numpy()})
     assert np.abs(logits - expected).max() <= 0.05 * np.abs(expected).max()
-
-
-class _Batches(CalibrationDataReader):
-    def __init__(self, images: torch.Tensor) -> None:
-        self.batches = iter([{"input": b.numpy()} for b in images.split(16)])
-
-    def get_next(self):
-        return next(self.batches, None)
 
 
 def test_a_model_without_conv_chains_is_left_as_it_is(digits):
