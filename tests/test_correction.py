@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
-from planning_helpers import plan_of
+from planning_helpers import compress_digits, plan_of
 from torch import nn
 
 from rankfold.passes import RankPolicy, analyze, decompose, trace
@@ -125,9 +126,8 @@ def test_refit_rejects_another_graph_and_empty_data():
 
 
 def test_compress_refits_with_training_data_and_the_saved_model_restores(tmp_path):
-    from rankfold.converter import build_config, compress
+    from rankfold.converter import build_config
     from rankfold.converter.pipeline import restore, save_model
-    from rankfold.models import load_model
     from rankfold.models.digits import digits_splits
 
     _, test = digits_splits()
@@ -142,11 +142,7 @@ def test_compress_refits_with_training_data_and_the_saved_model_restores(tmp_pat
         "search": {"cache_dir": str(tmp_path / "cache")},
     }
 
-    def run(**changes):
-        torch.manual_seed(0)
-        model, spec = load_model("digits-cnn")
-        config = build_config({**settings, **changes})
-        return compress(model, torch.zeros(1, *spec.input_shape), config, spec)
+    run = partial(compress_digits, settings)
 
     refitted = run()  # on by default with training data
     rows = [row for row in refitted.decomposition.layers if "refit_error_after" in row.extras]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import tracemalloc
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
+from planning_helpers import compress_digits
 from torch import nn
 
 from rankfold.passes import analyze, get_method, trace
@@ -184,8 +186,6 @@ def test_whitening_maps_the_first_stage_back():
 
 
 def test_compress_fits_data_aware_with_training_data_and_not_without(tmp_path):
-    from rankfold.converter import build_config, compress
-    from rankfold.models import load_model
     from rankfold.models.digits import digits_splits
 
     _, test = digits_splits()
@@ -200,11 +200,7 @@ def test_compress_fits_data_aware_with_training_data_and_not_without(tmp_path):
         "search": {"cache_dir": str(tmp_path / "cache")},
     }
 
-    def run(**changes):
-        torch.manual_seed(0)
-        model, spec = load_model("digits-cnn")
-        config = build_config({**settings, **changes})
-        return compress(model, torch.zeros(1, *spec.input_shape), config, spec)
+    run = partial(compress_digits, settings)
 
     aware = run(statistics={"data_aware": True, "samples": 128})
     rows = [row for row in aware.decomposition.layers if row.status == "decomposed"]

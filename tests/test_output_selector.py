@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import itertools
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
+from planning_helpers import compress_digits
 from torch import nn
 
 from rankfold.converter import CompressConfig
@@ -141,8 +143,6 @@ def test_missing_statistics_and_methods_without_spectra_are_one_line_errors(plan
 
 
 def test_compress_plans_on_statistics_and_keeps_the_fits_as_configured(tmp_path):
-    from rankfold.converter import build_config, compress
-    from rankfold.models import load_model
     from rankfold.models.digits import digits_splits
 
     _, test = digits_splits()
@@ -157,11 +157,7 @@ def test_compress_plans_on_statistics_and_keeps_the_fits_as_configured(tmp_path)
         "search": {"cache_dir": str(tmp_path / "cache")},
     }
 
-    def run(**changes):
-        torch.manual_seed(0)
-        model, spec = load_model("digits-cnn")
-        config = build_config({**settings, **changes})
-        return compress(model, torch.zeros(1, *spec.input_shape), config, spec)
+    run = partial(compress_digits, settings)
 
     planned = run()  # statistics for the plan, weight-only fits
     details = planned.selection.model_dump()
