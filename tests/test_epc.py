@@ -13,6 +13,7 @@ from scipy.optimize import minimize
 from tensorly.decomposition import parafac
 from tensorly.tenalg import khatri_rao
 
+from rankfold.passes.factorizations import epc as epc_module
 from rankfold.passes.factorizations.cp import CPFactors, cp_als, cp_sensitivity
 from rankfold.passes.factorizations.epc import _update_mode, cp_epc, epc, max_cp_rank, tucker2_cp
 
@@ -149,6 +150,32 @@ def test_epc_invariants_on_random_tensors(
     assert result.rel_error == pytest.approx(errors[-1] / np.linalg.norm(tensor), rel=1e-9)
     assert math.isfinite(result.sensitivity)
     assert result.sensitivity <= result.sensitivity_before * (1.0 + 1e-12)
+
+
+def test_a_sweep_the_exact_residual_rejects_is_redone_exactly(monkeypatch) -> None:
+    """Within a sweep errors come from the Gram formula; the exact check at the sweep's end is
+    what keeps the bound. A formula that understates every error by 5 % of ‖K‖² picks models
+    beyond the bound: each sweep must be rejected and redone with exact errors, ending where
+    the run with the true formula ends."""
+    tensor, rank = _planted_degenerate(4, (8, 7, 3), n_normal=3)
+    als = cp_als(tensor, rank, seed=0, n_iter_max=300, tol=1e-10)
+    honest = epc(tensor, als, max_sweeps=40)
+
+    init = epc_module._Residual.__init__
+
+    def understated(self, k: np.ndarray) -> None:
+        init(self, k)
+        self.norm_sq *= 0.95
+
+    monkeypatch.setattr(epc_module._Residual, "__init__", understated)
+    redone = epc(tensor, als, max_sweeps=40)
+
+    delta = honest.errors[0]
+    assert max(redone.errors) <= delta * (1.0 + 1e-9)
+    assert np.all(np.diff(redone.sum_sq_weights) <= 0.0)
+    assert redone.sum_sq_weights[-1] <= 0.7 * redone.sum_sq_weights[0]
+    np.testing.assert_allclose(redone.sum_sq_weights, honest.sum_sq_weights, rtol=1e-6)
+    np.testing.assert_allclose(redone.errors, honest.errors, rtol=1e-9)
 
 
 def test_larger_delta_buys_more_stability_and_smaller_never_raises_error() -> None:

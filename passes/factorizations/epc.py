@@ -27,10 +27,12 @@ The Lagrangian ‖U‖² + μ(error − τ²) is stationary at U(η) = G (Γ + �
 The second form of e(η) has no cancellation, so η is found from it: the largest η with
 e(η) = τ² (Brent's method on log η), where τ² = δ² when the least-squares error e(0) ≤ δ², else
 the current error (the error never grows). The problem is convex, so that U(η) is the
-minimum-norm model within the bound; the old U is feasible, hence Σ λ² never increases. The
-error of every accepted update is recomputed exactly from the residual (not from the formula),
-and an update that would break the bound (or raise Σ λ²) through rounding is shrunk toward
-η = 0 or dropped: in floating point Σ λ² never rises and the error stays ≤ τ²·(1 + 1e-10).
+minimum-norm model within the bound; the old U is feasible, hence Σ λ² never increases. An
+update that would break the bound (or raise Σ λ²) through rounding is shrunk toward η = 0 or
+dropped. Within a sweep a candidate's error comes from the Gram formula above (no residual);
+the model at the end of every sweep is checked against the exact residual, and a sweep that
+fails the check is redone with every candidate checked exactly: in floating point Σ λ² never
+rises and the error of every model EPC keeps stays ≤ τ²·(1 + 1e-10).
 """
 
 from __future__ import annotations
@@ -155,6 +157,7 @@ class _Residual:
     def __init__(self, tensor: np.ndarray) -> None:
         self.mode = int(np.argmax(tensor.shape))
         self.unfolded = tl.unfold(tensor, self.mode)
+        self.norm_sq = float(np.sum(self.unfolded * self.unfolded))
 
     def __call__(self, factors: list[np.ndarray]) -> float:
         diff = self.unfolded - factors[self.mode] @ _khatri_rao(factors, self.mode).T
@@ -212,25 +215,23 @@ def _update(
     mode: int,
     err_sq: float,
     delta_sq: float,
+    exact: bool,
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """`_update_mode` of `mode` with the other modes' directions taken from `directions`."""
+    """`_update_mode` of `mode` with the other modes' directions taken from `directions`;
+    candidates' errors from the exact residual if `exact`, else from the Gram formula."""
     gamma = np.ones((weights.shape[0], weights.shape[0]))
     for m, d in enumerate(directions):
         if m != mode:
             gamma = gamma * (d.T @ d)
+    g = _mttkrp(tensor, directions, mode)
 
     def residual_sq(u: np.ndarray) -> float:
+        if not exact:
+            # ‖K‖² − 2⟨U, G⟩ + ⟨UΓ, U⟩: an I×R×R product instead of the I×(Π others)×R residual.
+            return residual.norm_sq - 2.0 * float(np.vdot(u, g)) + float(np.vdot(u @ gamma, u))
         return residual([u if m == mode else d for m, d in enumerate(directions)])
 
-    return _update_mode(
-        _mttkrp(tensor, directions, mode),
-        gamma,
-        residual_sq,
-        directions[mode],
-        weights,
-        err_sq,
-        delta_sq,
-    )
+    return _update_mode(g, gamma, residual_sq, directions[mode], weights, err_sq, delta_sq)
 
 
 # Extrapolation step: it starts at half the last sweep's step, doubles after an accepted jump
@@ -287,34 +288,44 @@ def epc(
     sums = [float(np.sum(weights**2))]
     errors = [math.sqrt(err_sq)]
     calm = 0
-    sweeps = 0
     last = k.ndim - 1
     jump = _JUMP_START
-    previous: list[np.ndarray] | None = None
-    while sweeps < max_sweeps and calm < patience:
+
+    def sweep(exact: bool) -> tuple[list[np.ndarray], np.ndarray, float, float]:
+        """One sweep from the current model: (directions, weights, squared error, next jump)."""
+        new_directions, new_weights, new_err, new_jump = list(directions), weights, err_sq, jump
         for n in range(k.ndim):
-            directions[n], weights, err_sq = _update(
-                k, residual, directions, weights, n, err_sq, delta_sq
+            new_directions[n], new_weights, new_err = _update(
+                k, residual, new_directions, new_weights, n, new_err, delta_sq, exact
             )
-        if extrapolate and previous is not None:
-            trial = [d + jump * (d - p) for d, p in zip(directions[:last], previous)]
+        if extrapolate and len(sums) > 1:
+            # Along this sweep's step, from the model it started from.
+            trial = [d + jump * (d - p) for d, p in zip(new_directions[:last], directions)]
             norms = [np.linalg.norm(t, axis=0) for t in trial]
             accepted = False
             if all(np.all(norm > 0.0) for norm in norms):
-                trial = [t / norm for t, norm in zip(trial, norms)] + [directions[last]]
-                solved, new_weights, new_err = _update(
-                    k, residual, trial, weights, last, err_sq, delta_sq
+                trial = [t / norm for t, norm in zip(trial, norms)] + [new_directions[last]]
+                solved, jumped_weights, jumped_err = _update(
+                    k, residual, trial, new_weights, last, new_err, delta_sq, exact
                 )
                 # `_update_mode` hands back the model unchanged when the jump does not pay.
-                accepted = solved is not directions[last]
+                accepted = solved is not new_directions[last]
             if accepted:
-                directions = [*trial[:last], solved]
-                weights, err_sq = new_weights, new_err
-                jump = min(2.0 * jump, _JUMP_MAX)
+                new_directions = [*trial[:last], solved]
+                new_weights, new_err = jumped_weights, jumped_err
+                new_jump = min(2.0 * jump, _JUMP_MAX)
             else:
-                jump = max(0.5 * jump, _JUMP_MIN)
-        previous = [d.copy() for d in directions[:last]]
-        sweeps += 1
+                new_jump = max(0.5 * jump, _JUMP_MIN)
+        return new_directions, new_weights, new_err, new_jump
+
+    while len(sums) <= max_sweeps and calm < patience:
+        # The sweep may only keep the error within the larger of δ and the error it starts from.
+        limit = max(delta_sq, err_sq) * (1.0 + _BOUND_RTOL)
+        new_directions, new_weights, _, new_jump = sweep(exact=False)
+        new_err = residual([new_directions[0] * new_weights, *new_directions[1:]])
+        if new_err > limit:
+            new_directions, new_weights, new_err, new_jump = sweep(exact=True)
+        directions, weights, err_sq, jump = new_directions, new_weights, new_err, new_jump
         sums.append(float(np.sum(weights**2)))
         errors.append(math.sqrt(err_sq))
         change = abs(sums[-2] - sums[-1])
@@ -330,7 +341,7 @@ def epc(
         sensitivity_before=cp_sensitivity(init),
         sum_sq_weights=tuple(sums),
         errors=tuple(errors),
-        n_sweeps=sweeps,
+        n_sweeps=len(sums) - 1,
     )
 
 
