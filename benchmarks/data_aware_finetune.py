@@ -69,6 +69,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=None, help="RANKFOLD_DATA folder")
     parser.add_argument("--work", type=Path, default=Path("/tmp/rankfold-data-aware-finetune"))
     parser.add_argument("--out", type=Path, default=RESULTS / "data_aware_finetune.json")
+    parser.add_argument(
+        "--summarize",
+        nargs="+",
+        type=Path,
+        metavar="RESULTS",
+        help="print one table of these results files (any models and reductions) and exit",
+    )
     args = parser.parse_args()
     unknown = set(args.arms.split(",")) - set(ARMS)
     if unknown:
@@ -134,6 +141,9 @@ def prune(original, example, target: float, macs_of, scope: str):
 
 def main() -> None:
     args = parse_args()
+    if args.summarize:
+        print(summary_table(args.summarize))
+        return
     import numpy as np
     import torch
 
@@ -269,24 +279,48 @@ def pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.2f} %"
 
 
-def table(rows: list[dict[str, Any]], original_ms: dict[str, float]) -> str:
-    lines = [
-        "| arm | method | MACs × | decomposed / pruned | refitted | recalibrated | fine-tuned "
-        "| drop, lossless 1,017 (paired) | JPEG 10k | drop, JPEG 10k | batch 1 speed-up "
-        "| batch 8 speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+HEADER = (
+    "| arm | method | MACs × | decomposed / pruned | refitted | recalibrated | fine-tuned "
+    "| drop, lossless 1,017 (paired) | JPEG 10k | drop, JPEG 10k | batch 1 speed-up "
+    "| batch 8 speed-up |"
+)
+
+
+def row_cells(r: dict[str, Any], original_ms: dict[str, float] | None) -> str:
+    s, d1, d2 = r["stages"], r["vs_original"]["lossless_1017"], r["vs_original"]["jpeg_10000"]
+    speed = [
+        "–" if original_ms is None else f"{original_ms[str(b)] / r['latency_ms'][str(b)]:.2f}×"
+        for b in BATCHES
     ]
-    for r in rows:
-        s, d1, d2 = r["stages"], r["vs_original"]["lossless_1017"], r["vs_original"]["jpeg_10000"]
-        speed = [original_ms[str(b)] / r["latency_ms"][str(b)] for b in BATCHES]
-        lines.append(
-            f"| {r['arm']} | {r['method']} | {r['macs_reduction']:.2f} | "
-            f"{pct(s.get('decomposed', s.get('pruned')))} | {pct(s.get('refitted'))} | "
-            f"{pct(s.get('recalibrated'))} | {pct(s.get('finetuned'))} | "
-            f"{-d1['delta_pt']:.2f} ± {d1['se_pt']:.2f} pt | "
-            f"{pct(r['final']['jpeg_10000'])} | {-d2['delta_pt']:.2f} ± {d2['se_pt']:.2f} pt | "
-            f"{speed[0]:.2f}× | {speed[1]:.2f}× |"
-        )
+    return (
+        f"{r['arm']} | {r['method']} | {r['macs_reduction']:.2f} | "
+        f"{pct(s.get('decomposed', s.get('pruned')))} | {pct(s.get('refitted'))} | "
+        f"{pct(s.get('recalibrated'))} | {pct(s.get('finetuned'))} | "
+        f"{-d1['delta_pt']:.2f} ± {d1['se_pt']:.2f} pt | "
+        f"{pct(r['final']['jpeg_10000'])} | {-d2['delta_pt']:.2f} ± {d2['se_pt']:.2f} pt | "
+        f"{speed[0]} | {speed[1]} |"
+    )
+
+
+def table(rows: list[dict[str, Any]], original_ms: dict[str, float]) -> str:
+    lines = [HEADER, "|---" * 12 + "|"]
+    lines += [f"| {row_cells(r, original_ms)}" for r in rows]
+    return "\n".join(lines)
+
+
+def summary_table(files: list[Path]) -> str:
+    """One table of several runs: model and target first, then each run's rows. Files written
+    before the script recorded the original's latency show no speed-ups."""
+    lines = ["| model | target " + HEADER, "|---" * 14 + "|"]
+    for file in files:
+        result = json.loads(file.read_text())
+        # Results written before `--model` existed are ResNet-56's, the only model then.
+        model = result["settings"].get("model", "resnet56")
+        target = float(result["settings"]["reduction"])
+        lines += [
+            f"| {model} | {target:g}× | {row_cells(r, result.get('original_latency_ms'))}"
+            for r in result["rows"]
+        ]
     return "\n".join(lines)
 
 
