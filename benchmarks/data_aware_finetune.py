@@ -296,8 +296,8 @@ def row_cells(r: dict[str, Any], original_ms: dict[str, float] | None) -> str:
         f"{r['arm']} | {r['method']} | {r['macs_reduction']:.2f} | "
         f"{pct(s.get('decomposed', s.get('pruned')))} | {pct(s.get('refitted'))} | "
         f"{pct(s.get('recalibrated'))} | {pct(s.get('finetuned'))} | "
-        f"{-d1['delta_pt']:.2f} ± {d1['se_pt']:.2f} pt | "
-        f"{pct(r['final']['jpeg_10000'])} | {-d2['delta_pt']:.2f} ± {d2['se_pt']:.2f} pt | "
+        f"{0.0 - d1['delta_pt']:.2f} ± {d1['se_pt']:.2f} pt | "
+        f"{pct(r['final']['jpeg_10000'])} | {0.0 - d2['delta_pt']:.2f} ± {d2['se_pt']:.2f} pt | "
         f"{speed[0]} | {speed[1]} |"
     )
 
