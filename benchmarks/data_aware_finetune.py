@@ -80,7 +80,8 @@ def parse_args() -> argparse.Namespace:
     unknown = set(args.arms.split(",")) - set(ARMS)
     if unknown:
         parser.error(f"unknown arm(s) {sorted(unknown)}; choose from {sorted(ARMS)}")
-    if args.pruning != "none" and importlib.util.find_spec("torch_pruning") is None:
+    needs_pruning = args.pruning != "none" and not args.summarize
+    if needs_pruning and importlib.util.find_spec("torch_pruning") is None:
         parser.error(
             "the pruning arm needs Torch-Pruning: pip install -e '.[bench]', or pass --pruning none"
         )
