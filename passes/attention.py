@@ -19,16 +19,14 @@ is kept whole, `kept_reason` saying why in the analysis's key; so is one inside 
 from __future__ import annotations
 
 import copy
+import functools
 import math
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torchvision.models.swin_transformer import (
-    ShiftedWindowAttention,
-    ShiftedWindowAttentionV2,
-)
 
 
 def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -336,20 +334,45 @@ class _SplitWindowForward:
         return merge_windows(out, x, self.window_size, self.shift_size)
 
 
-class SplitShiftedWindowAttention(_SplitWindowForward, ShiftedWindowAttention):
-    """torchvision's ShiftedWindowAttention (same parameters) calling its qkv and proj."""
+@functools.cache
+def _window_split_classes() -> dict[type, type]:
+    """torchvision's Swin attention classes → their split subclasses. Made on first use, because
+    importing torchvision's models costs about a second, which every process that decomposes
+    layers would pay (the worker processes of `decompose` load this module, never a Swin)."""
+    from torchvision.models.swin_transformer import (
+        ShiftedWindowAttention,
+        ShiftedWindowAttentionV2,
+    )
+
+    class SplitShiftedWindowAttention(_SplitWindowForward, ShiftedWindowAttention):
+        """torchvision's ShiftedWindowAttention (same parameters) calling its qkv and proj."""
+
+    class SplitShiftedWindowAttentionV2(_SplitWindowForward, ShiftedWindowAttentionV2):
+        """torchvision's ShiftedWindowAttentionV2 (same parameters) calling its qkv and proj.
+        Its forward zeroes the key part of the qkv bias on every call; here it is zeroed once
+        (still trainable by fine-tuning, a freedom the original lacks)."""
+
+    splits = {
+        ShiftedWindowAttention: SplitShiftedWindowAttention,
+        ShiftedWindowAttentionV2: SplitShiftedWindowAttentionV2,
+    }
+    for split in splits.values():  # where pickle and torch.save look them up
+        split.__qualname__ = split.__name__
+    return splits
 
 
-class SplitShiftedWindowAttentionV2(_SplitWindowForward, ShiftedWindowAttentionV2):
-    """torchvision's ShiftedWindowAttentionV2 (same parameters) calling its qkv and proj. Its
-    forward zeroes the key part of the qkv bias on every call; here it is zeroed once (still
-    trainable by fine-tuning, a freedom the original lacks)."""
+def _window_splits() -> dict[type, type]:
+    """The split classes, or none while torchvision's Swin module is not loaded: a model holding
+    a Swin attention module has loaded it."""
+    if "torchvision.models.swin_transformer" not in sys.modules:
+        return {}
+    return _window_split_classes()
 
 
-_WINDOW_SPLITS = {
-    ShiftedWindowAttention: SplitShiftedWindowAttention,
-    ShiftedWindowAttentionV2: SplitShiftedWindowAttentionV2,
-}
+def __getattr__(name: str) -> type:
+    if name in ("SplitShiftedWindowAttention", "SplitShiftedWindowAttentionV2"):
+        return next(s for s in _window_split_classes().values() if s.__name__ == name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _inside(name: str, leaves: Sequence[str]) -> bool:
@@ -369,6 +392,7 @@ def split_attention(model: nn.Module, leaf_modules: Sequence[str] = ()) -> nn.Mo
     """`model` with every supported attention module replaced by its split equivalent, on a
     deep copy (the model itself where there is nothing to replace). Modules in or under
     `leaf_modules`, or inside a torch.nn module torch.fx keeps whole, stay as they are."""
+    window_splits = _window_splits()
     targets = [
         name
         for name, module in model.named_modules()
@@ -376,7 +400,7 @@ def split_attention(model: nn.Module, leaf_modules: Sequence[str] = ()) -> nn.Mo
         and not _inside(name, leaf_modules)
         and not _in_torch_leaf(model, name)
         and (
-            type(module) in _WINDOW_SPLITS
+            type(module) in window_splits
             or (
                 type(module) is nn.MultiheadAttention
                 and module.bias_k is None
@@ -394,19 +418,17 @@ def split_attention(model: nn.Module, leaf_modules: Sequence[str] = ()) -> nn.Mo
             split = SplitMultiheadAttention.from_attention(module)
             setattr(model.get_submodule(parent), attribute, split)
             continue
-        if isinstance(module, ShiftedWindowAttentionV2) and module.qkv.bias is not None:
+        if hasattr(module, "logit_scale") and module.qkv.bias is not None:  # V2
             length = module.qkv.bias.numel() // 3
             with torch.no_grad():
                 module.qkv.bias[length : 2 * length] = 0
-        module.__class__ = _WINDOW_SPLITS[type(module)]
+        module.__class__ = window_splits[type(module)]
     return model
 
 
 __all__ = [
     "ATTENTION_MACS",
     "SplitMultiheadAttention",
-    "SplitShiftedWindowAttention",
-    "SplitShiftedWindowAttentionV2",
     "kept_reason",
     "split_attention",
 ]

@@ -3,6 +3,9 @@ per layer, resumable."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from planning_helpers import plan_of
@@ -70,3 +73,17 @@ def test_largest_layers_are_started_first() -> None:
     order = [entry.name for entry in largest_first(plan.decomposed(), layers)]
     # By weights × rank: 16→16 (2304 weights), then 16→12 (1728), then 8→16 (1152).
     assert order == ["2", "4", "0"]
+
+
+def test_worker_processes_load_no_torchvision_models() -> None:
+    """A worker process imports the fill's module; torchvision's model zoo (a second per
+    process) is loaded only where a model needs it, e.g. to split a Swin attention."""
+    probe = (
+        "import sys, rankfold.passes.surgery, rankfold.passes.analysis\n"
+        "assert 'torchvision.models' not in sys.modules, 'loaded torchvision.models'\n"
+        "from rankfold.passes.attention import SplitShiftedWindowAttentionV2 as split\n"
+        "from torchvision.models.swin_transformer import ShiftedWindowAttentionV2\n"
+        "assert issubclass(split, ShiftedWindowAttentionV2)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
