@@ -116,6 +116,43 @@ def balanced(columns: list[np.ndarray], weights: np.ndarray) -> list[np.ndarray]
     return scaled
 
 
+def equalize_stages(block: nn.Sequential, rounds: int = 40) -> None:
+    """Rescale each channel between two consecutive stages so that the weights writing it and
+    the weights reading it have equal norms, the reader compensating exactly (a positive scale
+    passes through a linear stage unchanged), until every stage carries its share of the scale.
+    The block computes the same function, but fine-tuning is well posed: SGD moves every weight
+    by the same rate, so a stage 20× smaller than its neighbours (a factorization that puts all
+    of λ in one stage) is changed 20× faster than the others. Stages are dense or depthwise."""
+    stages = list(block.children())
+    kernels = [kernel_of(stage) for stage in stages]
+    for stage, kernel in zip(stages, kernels):
+        if stage.groups not in (1, kernel.shape[0]):
+            raise ValueError(f"cannot equalize a stage with {stage.groups} groups")
+    depthwise = [stage.groups > 1 for stage in stages]
+    scales = [np.ones(kernel.shape[0]) for kernel in kernels]  # each stage's outputs (biases)
+    for _ in range(rounds):
+        for i in range(len(stages) - 1):
+            writer, reader = kernels[i], kernels[i + 1]
+            out_norms = np.sqrt(np.sum(writer * writer, axis=tuple(range(1, writer.ndim))))
+            read_axes = tuple(a for a in range(reader.ndim) if a != (0 if depthwise[i + 1] else 1))
+            in_norms = np.sqrt(np.sum(reader * reader, axis=read_axes))
+            scale = np.ones_like(out_norms)
+            alive = (out_norms > 0) & (in_norms > 0)
+            scale[alive] = np.sqrt(in_norms[alive] / out_norms[alive])
+            shape = (-1,) + (1,) * (writer.ndim - 1)
+            kernels[i] = writer * scale.reshape(shape)
+            scales[i] = scales[i] * scale
+            if depthwise[i + 1]:
+                kernels[i + 1] = reader / scale.reshape(shape)
+            else:
+                kernels[i + 1] = reader / scale.reshape(1, -1, *(1,) * (reader.ndim - 2))
+    for stage, kernel, scale in zip(stages, kernels, scales):
+        set_kernel(stage, kernel)
+        if stage.bias is not None:
+            with torch.no_grad():
+                stage.bias.mul_(torch.from_numpy(scale).to(stage.bias.dtype))
+
+
 # The 5-stage block shared by `cp-lrf` and `tucker2-cp`: 1×1 S→L_in, 1×1 L_in→R, depthwise kh×kw
 # on R (the layer's geometry), 1×1 R→L_out, 1×1 L_out→T (bias). Each adjacent 1×1 pair runs at
 # one resolution, so it is one conv whenever that costs no more; the decision depends on shapes

@@ -16,7 +16,7 @@ from rankfold.passes import (
     plan_cost,
     trace,
 )
-from rankfold.passes.blocks import merge_in, merge_out
+from rankfold.passes.blocks import equalize_stages, kernel_of, merge_in, merge_out
 from rankfold.passes.core import PlanError
 from rankfold.passes.factorizations.lrf_cp import lrf_cp
 from rankfold.passes.methods import cp_tensor
@@ -121,3 +121,60 @@ def test_error_bound_resolves_into_per_layer_ranks(tmp_path):
     # The same selector as every method: the classifier is below min_macs_share, as with cp.
     fc = result.decomposition.by_name()["6"]
     assert fc.status == "skipped" and "min_macs_share" in fc.reason
+
+
+def _edge_norms(block: nn.Module) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(norms of the weights writing each channel, of those reading it) between stages."""
+    stages = list(block.children())
+    kernels = [kernel_of(stage) for stage in stages]
+    edges = []
+    for writer, reader, stage in zip(kernels, kernels[1:], stages[1:]):
+        read_axis = 0 if stage.groups > 1 else 1
+        out_norms = np.linalg.norm(writer.reshape(writer.shape[0], -1), axis=1)
+        in_norms = np.linalg.norm(
+            np.moveaxis(reader, read_axis, 0).reshape(len(out_norms), -1), axis=1
+        )
+        edges.append((out_norms, in_norms))
+    return edges
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_equalized_stages_keep_the_function_and_share_the_scale(transposed: bool) -> None:
+    torch.manual_seed(0)
+    spatial = (
+        nn.ConvTranspose2d(7, 7, 3, stride=2, groups=7, bias=False)
+        if transposed
+        else nn.Conv2d(7, 7, 3, padding=1, groups=7, bias=False)
+    )
+    block = nn.Sequential(
+        nn.Conv2d(6, 5, 1, bias=False),
+        nn.Conv2d(5, 7, 1, bias=True),  # an inner bias scales with its channel
+        spatial,
+        nn.Conv2d(7, 4, 1, bias=False),
+        nn.Conv2d(4, 8, 1, bias=True),
+    ).double()
+    with torch.no_grad():
+        block[4].weight.mul_(
+            50.0
+        )  # all of the scale in the last stage, as a factorization leaves it
+        block[2].weight.mul_(0.1)
+        block[1].bias.normal_()
+    x = torch.randn(2, 6, 9, 9, dtype=torch.float64)
+    before = block(x).detach()
+    ratio_before = max(float(np.max(o / i)) for o, i in _edge_norms(block))
+    equalize_stages(block)
+    assert torch.allclose(block(x), before, rtol=1e-10, atol=1e-10 * float(before.abs().max()))
+    for out_norms, in_norms in _edge_norms(block):
+        np.testing.assert_allclose(out_norms, in_norms, rtol=1e-6)
+    assert ratio_before > 10.0
+
+
+def test_cp_lrf_blocks_leave_no_stage_with_all_the_scale() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(12, 10, 3, padding=1).double()
+    x = torch.randn(2, 12, 9, 9, dtype=torch.float64)
+    method = get_method("cp-lrf")
+    block = method.build(_layer(conv, x), (8, 3, 2)).double()
+    method.fill(block, conv, seed=0)
+    for out_norms, in_norms in _edge_norms(block):
+        np.testing.assert_allclose(out_norms, in_norms, rtol=1e-6)

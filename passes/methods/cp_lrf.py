@@ -16,6 +16,7 @@ from rankfold.passes.analysis import LayerInfo
 from rankfold.passes.blocks import (
     FactorizedBlock,
     copy_bias,
+    equalize_stages,
     fill_five_stage,
     five_stage_block,
     five_stage_cost,
@@ -82,6 +83,8 @@ class CPLRFMethod(Method):
         (u_s, u_t, spatial), (v_s, v_t, _) = factors.left, factors.right
         fill_five_stage(block, u_s.T, v_s, spatial.T.reshape(r, *kernel.shape[2:]), v_t.T, u_t)
         copy_bias(block.pointwise_out, original)
+        # All of λ sits in mode 1's factor; spread over the stages, as `cp` does.
+        equalize_stages(block)
         return FillResult(fitted.rel_error, {"lrf_params": float(fitted.factors.n_params)})
 
     def ranks_within_error(
