@@ -15,7 +15,14 @@ from tensorly.tenalg import khatri_rao
 
 from rankfold.passes.factorizations import epc as epc_module
 from rankfold.passes.factorizations.cp import CPFactors, cp_als, cp_sensitivity
-from rankfold.passes.factorizations.epc import _update_mode, cp_epc, epc, max_cp_rank, tucker2_cp
+from rankfold.passes.factorizations.epc import (
+    _solve_eta,
+    _update_mode,
+    cp_epc,
+    epc,
+    max_cp_rank,
+    tucker2_cp,
+)
 
 BOUND = 1.0 + 1e-6  # allowed relative excess of the error over δ
 
@@ -269,7 +276,7 @@ def test_mode_update_is_the_constrained_minimum_of_a_generic_solver() -> None:
     tau_sq = err_ls + 0.3 * (float(np.sum(tensor**2)) - err_ls)
     weights = np.linalg.norm(least_squares, axis=0)
     gram = np.prod([d.T @ d for d in others], axis=0)
-    _, new_weights, err = _update_mode(
+    _, new_weights, err, _ = _update_mode(
         unfolded @ z,
         gram,
         lambda u: float(np.sum((unfolded - u @ z.T) ** 2)),
@@ -299,6 +306,27 @@ def test_mode_update_is_the_constrained_minimum_of_a_generic_solver() -> None:
     assert generic.success and residual(generic.x) <= tau_sq * (1 + 1e-8)
     assert np.sum(new_weights**2) == pytest.approx(generic.fun, rel=1e-6)
     assert np.sum(new_weights**2) < 0.9 * np.sum(weights**2)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_eta_from_a_hint_is_the_root_brent_finds(seed: int, monkeypatch) -> None:
+    """Newton from the last sweep's η, near or far (or off the bracket), lands on the same root
+    of the secular equation as Brent's method from scratch; from a near hint without Brent."""
+    rng = np.random.default_rng(seed)
+    gamma = np.exp(rng.uniform(-12, 2, 40))
+    ratio = rng.uniform(0, 1, 40) ** 3
+    target = float(rng.uniform(0.01, 0.99) * ratio.sum())
+    scratch = _solve_eta(ratio, gamma, target, None)
+    share = scratch / (gamma + scratch)
+    assert ratio @ (share * share) == pytest.approx(target, rel=1e-10)
+    for hint in (scratch * 1.03, scratch * 0.5, scratch * 1e6, scratch * 1e-9, 1e300):
+        assert _solve_eta(ratio, gamma, target, hint) == pytest.approx(scratch, rel=1e-10)
+
+    def no_brent(*args, **kwargs):
+        raise AssertionError("Brent's method was called")
+
+    monkeypatch.setattr(epc_module, "brentq", no_brent)
+    assert _solve_eta(ratio, gamma, target, scratch * 1.03) == pytest.approx(scratch, rel=1e-10)
 
 
 def test_extrapolation_reaches_a_lower_sum_in_the_same_sweeps(monkeypatch) -> None:

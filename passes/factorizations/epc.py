@@ -25,8 +25,9 @@ The Lagrangian ‖U‖² + μ(error − τ²) is stationary at U(η) = G (Γ + �
             = e(0) + Σ (φ_r / γ_r) · (η / (γ_r + η))².
 
 The second form of e(η) has no cancellation, so η is found from it: the largest η with
-e(η) = τ² (Brent's method on log η), where τ² = δ² when the least-squares error e(0) ≤ δ², else
-the current error (the error never grows). The problem is convex, so that U(η) is the
+e(η) = τ² (Newton on log η from the mode's η of the last sweep, Brent's method as the fallback),
+where τ² = δ² when the least-squares error e(0) ≤ δ², else the current error (the error never
+grows). The problem is convex, so that U(η) is the
 minimum-norm model within the bound; the old U is feasible, hence Σ λ² never increases. An
 update that would break the bound (or raise Σ λ²) through rounding is shrunk toward η = 0 or
 dropped. Within a sweep a candidate's error comes from the Gram formula above (no residual);
@@ -52,6 +53,8 @@ from rankfold.passes.factorizations.tucker import tucker2
 _GAMMA_FLOOR = 1e-10
 # Slack on the error bound for rounding in the exactly recomputed residual.
 _BOUND_RTOL = 1e-10
+# Newton steps for η from the last sweep's value before falling back to Brent's method.
+_NEWTON_STEPS = 8
 
 
 @dataclass(frozen=True)
@@ -102,8 +105,13 @@ def _unit_columns(u: np.ndarray, fallback: np.ndarray) -> tuple[np.ndarray, np.n
     return directions, norms
 
 
-def _solve_eta(ratio: np.ndarray, gamma: np.ndarray, target: float) -> float:
-    """Largest η ≥ 0 with h(η) = Σ ratio_r (η/(γ_r+η))² ≤ target (h rises from 0 to Σ ratio)."""
+def _solve_eta(ratio: np.ndarray, gamma: np.ndarray, target: float, hint: float | None) -> float:
+    """Largest η ≥ 0 with h(η) = Σ ratio_r (η/(γ_r+η))² ≤ target (h rises from 0 to Σ ratio).
+
+    From `hint` (the η this mode took in the previous sweep, near convergence within a few per
+    cent of the answer): Newton on log η, kept inside a bracket that every evaluation narrows;
+    without a hint, or if Newton has not settled after a few steps, Brent's method on the
+    bracket. Both stop at a step of 1e-12 in log η."""
     if target <= 0.0:
         return 0.0
 
@@ -118,6 +126,26 @@ def _solve_eta(ratio: np.ndarray, gamma: np.ndarray, target: float) -> float:
         return 0.0
     if excess(hi) <= 0.0:
         return math.exp(hi)
+    if hint is not None and hint > 0.0 and lo < math.log(hint) < hi:
+        log_eta = math.log(hint)
+        for _ in range(_NEWTON_STEPS):
+            share = np.reciprocal(1.0 + gamma * math.exp(-log_eta))
+            weighted = ratio * share * share
+            value = float(np.sum(weighted)) - target
+            if value < 0.0:
+                lo = log_eta
+            elif value > 0.0:
+                hi = log_eta
+            else:
+                return math.exp(log_eta)
+            # dh/d log η = Σ 2 ratio_r share_r² (1 − share_r) > 0 inside the bracket.
+            slope = 2.0 * float(weighted @ (1.0 - share))
+            step = -value / slope if slope > 0.0 else math.inf
+            if abs(step) <= 1e-12:
+                return math.exp(log_eta + step)
+            log_eta = log_eta + step
+            if not lo < log_eta < hi:
+                break
     return math.exp(brentq(excess, lo, hi, xtol=1e-12, maxiter=200))
 
 
@@ -172,13 +200,15 @@ def _update_mode(
     weights: np.ndarray,
     err_now: float,
     delta_sq: float,
-) -> tuple[np.ndarray, np.ndarray, float]:
+    eta_hint: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Minimum-norm update of one mode within the error bound, from its MTTKRP `g`, the
     Hadamard product of the other Grams and `residual_sq(U)` (the exact squared error with this
-    mode's factor U, all scale in it).
+    mode's factor U, all scale in it); `eta_hint` starts the search for η.
 
-    Returns the new (unit directions, weights, exact squared error); the model is returned
-    unchanged when no candidate keeps both the bound and Σ λ² ≤ its current value.
+    Returns the new (unit directions, weights, exact squared error) and the η solved for; the
+    model is returned unchanged when no candidate keeps both the bound and Σ λ² ≤ its current
+    value.
     """
     gamma, q = np.linalg.eigh(gamma_matrix)
     gamma = np.maximum(gamma, _GAMMA_FLOOR)
@@ -189,7 +219,7 @@ def _update_mode(
     limit = tau_sq * (1.0 + _BOUND_RTOL)
     sum_now = float(np.sum(weights**2))
 
-    eta = _solve_eta(phi / gamma, gamma, tau_sq - err_ls)
+    eta = solved = _solve_eta(phi / gamma, gamma, tau_sq - err_ls, eta_hint)
     # The formula is exact only in exact arithmetic (and for unfloored γ): check the true error
     # of the renormalised model, and back off toward the least-squares end if rounding pushed it
     # over the bound.
@@ -199,12 +229,12 @@ def _update_mode(
         if err <= limit:
             # A smaller η only raises Σ λ², so a rise (rounding, at convergence) ends the search.
             if float(np.sum(new_weights**2)) <= sum_now:
-                return new_direction, new_weights, err
+                return new_direction, new_weights, err, solved
             break
         if eta == 0.0:
             break
         eta = eta * 0.25 if eta > 1e-300 else 0.0
-    return direction, weights, err_now
+    return direction, weights, err_now, solved
 
 
 def _update(
@@ -216,9 +246,11 @@ def _update(
     err_sq: float,
     delta_sq: float,
     exact: bool,
+    etas: list[float | None],
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """`_update_mode` of `mode` with the other modes' directions taken from `directions`;
-    candidates' errors from the exact residual if `exact`, else from the Gram formula."""
+    candidates' errors from the exact residual if `exact`, else from the Gram formula.
+    `etas[mode]` (the mode's last η) starts the search for η and is replaced by the new one."""
     gamma = np.ones((weights.shape[0], weights.shape[0]))
     for m, d in enumerate(directions):
         if m != mode:
@@ -231,7 +263,10 @@ def _update(
             return residual.norm_sq - 2.0 * float(np.vdot(u, g)) + float(np.vdot(u @ gamma, u))
         return residual([u if m == mode else d for m, d in enumerate(directions)])
 
-    return _update_mode(g, gamma, residual_sq, directions[mode], weights, err_sq, delta_sq)
+    direction, weights, err_sq, etas[mode] = _update_mode(
+        g, gamma, residual_sq, directions[mode], weights, err_sq, delta_sq, etas[mode]
+    )
+    return direction, weights, err_sq
 
 
 # Extrapolation step: it starts at half the last sweep's step, doubles after an accepted jump
@@ -291,6 +326,7 @@ def epc(
     calm = 0
     last = k.ndim - 1
     jump = _JUMP_START
+    etas: list[float | None] = [None] * k.ndim
 
     def sweep(exact: bool) -> tuple[list[np.ndarray], np.ndarray, float, float]:
         """One sweep from the current model: (directions, weights, squared error, next jump)."""
@@ -299,7 +335,7 @@ def epc(
         # A jump re-solves the last mode, so the plain update of it waits until a jump fails.
         for n in range(last if jumping else k.ndim):
             new_directions[n], new_weights, new_err = _update(
-                k, residual, new_directions, new_weights, n, new_err, delta_sq, exact
+                k, residual, new_directions, new_weights, n, new_err, delta_sq, exact, etas
             )
         if not jumping:
             return new_directions, new_weights, new_err, new_jump
@@ -309,14 +345,14 @@ def epc(
         if all(np.all(norm > 0.0) for norm in norms):
             trial = [t / norm for t, norm in zip(trial, norms)] + [new_directions[last]]
             solved, jumped_weights, jumped_err = _update(
-                k, residual, trial, new_weights, last, new_err, delta_sq, exact
+                k, residual, trial, new_weights, last, new_err, delta_sq, exact, etas
             )
             # `_update_mode` hands back the model unchanged when the jump does not pay.
             if solved is not new_directions[last]:
                 trial[last] = solved
                 return trial, jumped_weights, jumped_err, min(2.0 * jump, _JUMP_MAX)
         new_directions[last], new_weights, new_err = _update(
-            k, residual, new_directions, new_weights, last, new_err, delta_sq, exact
+            k, residual, new_directions, new_weights, last, new_err, delta_sq, exact, etas
         )
         return new_directions, new_weights, new_err, max(0.5 * jump, _JUMP_MIN)
 
