@@ -99,9 +99,6 @@ class FinetuneConfig(BaseModel):
     # The evaluation data is only reported per epoch: choosing on it would make the score
     # optimistic (model selection on the test set).
     validation: float = Field(default=0.0, ge=0, lt=0.5)
-    # Share of the steps over which the rate rises linearly to `lr` before the cosine decay
-    # (0: none).
-    warmup: float = Field(default=0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _optimizer_defaults(self) -> FinetuneConfig:
@@ -110,23 +107,6 @@ class FinetuneConfig(BaseModel):
         if self.weight_decay is None:
             self.weight_decay = DEFAULT_WEIGHT_DECAY[self.optimizer]
         return self
-
-
-def _schedule(
-    optimizer: torch.optim.Optimizer, steps: int, warmup: float
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """Cosine decay to zero over `steps`, after a linear rise over the first `warmup` share."""
-    rising = round(warmup * steps)
-    if rising == 0:
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    return torch.optim.lr_scheduler.SequentialLR(
-        optimizer,
-        [
-            torch.optim.lr_scheduler.LinearLR(optimizer, 1.0 / rising, 1.0, rising),
-            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps - rising, 1)),
-        ],
-        milestones=[rising],
-    )
 
 
 def finetune_config(
@@ -333,7 +313,9 @@ class _Trainer:
     ) -> FinetuneResult:
         config = self.config
         optimizer = _optimizer(trainable, config)
-        scheduler = _schedule(optimizer, config.epochs * self.steps_per_epoch, config.warmup)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=config.epochs * self.steps_per_epoch
+        )
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         model: nn.Module = self.student
         if self.world > 1:

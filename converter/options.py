@@ -327,13 +327,6 @@ OPTIONS: tuple[Option, ...] = (
         RECOVERY,
         float,
     ),
-    Option(
-        "finetune.warmup",
-        "Share of the fine-tuning steps over which the rate rises linearly to --lr (0: none).",
-        RECOVERY,
-        float,
-        "--finetune-warmup",
-    ),
     Option("resume", "Continue an interrupted fine-tuning in --out.", RECOVERY, bool),
     # ---- deployment
     Option(

@@ -97,7 +97,6 @@ SAMPLES: dict[str, tuple[list[str], Any]] = {
     "finetune.alpha": (["0.5"], 0.5),
     "finetune.augment": (["none"], "none"),
     "finetune.validation": (["0.1"], 0.1),
-    "finetune.warmup": (["0.15"], 0.15),
     "export.atol": (["0.001"], 0.001),
     "export.rtol": (["0.001"], 0.001),
     "latency.provider": (["cuda"], "cuda"),

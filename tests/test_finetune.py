@@ -17,7 +17,6 @@ from rankfold.converter.finetune import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
     FinetuneConfig,
-    _schedule,
     finetune,
     finetune_config,
     kd_loss,
@@ -237,13 +236,7 @@ def test_the_evaluation_labels_influence_no_weight(tmp_path: Path) -> None:
         assert torch.equal(value, weights[1][key]), key
 
 
-def _run(
-    tmp_path: Path,
-    name: str,
-    interrupt_at: int | None = None,
-    resume: bool = False,
-    warmup: float = 0.0,
-):
+def _run(tmp_path: Path, name: str, interrupt_at: int | None = None, resume: bool = False):
     """A fresh student trained 3 epochs; optionally Ctrl-C at the given forward call."""
     student, teacher = tiny(0), tiny(1)
     calls = {"n": 0}
@@ -256,35 +249,24 @@ def _run(
     handle = student.fc.register_forward_hook(interrupt)
     try:
         result = finetune(
-            student,
-            teacher,
-            TRAIN,
-            SPEC,
-            config(warmup=warmup),
-            tmp_path / name,
-            eval_data=EVAL,
-            resume=resume,
+            student, teacher, TRAIN, SPEC, config(), tmp_path / name, eval_data=EVAL, resume=resume
         )
     finally:
         handle.remove()
     return student, result
 
 
-# With warm-up 0.9 the rate still rises at the resume point (step 16 of 24; 22 rising).
-@pytest.mark.parametrize("warmup", [0.0, 0.9])
-def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(
-    tmp_path: Path, warmup: float
-) -> None:
-    reference, reference_result = _run(tmp_path, "ref", warmup=warmup)
+def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
+    reference, reference_result = _run(tmp_path, "ref")
     # Forward calls per epoch: 8 training steps + 1 eval batch (+ 1 input probe at the start).
     with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path, "cut", interrupt_at=1 + 9 + 9 + 2, warmup=warmup)  # epoch 3, step 2
+        _run(tmp_path, "cut", interrupt_at=1 + 9 + 9 + 2)  # in epoch 3's second step
     directory = tmp_path / "cut"
     assert sorted(p.name for p in directory.iterdir()) == [LAST_CHECKPOINT]
     saved = torch.load(directory / LAST_CHECKPOINT, weights_only=True)
     assert saved["epoch"] == 2 and len(saved["history"]) == 2
 
-    resumed, result = _run(tmp_path, "cut", resume=True, warmup=warmup)
+    resumed, result = _run(tmp_path, "cut", resume=True)
     assert result.resumed_from == 2
     for key, value in reference.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
@@ -296,37 +278,9 @@ def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(
     assert result.best_epoch == reference_result.best_epoch
 
     # A finished run resumed again trains nothing and keeps its result.
-    again, finished = _run(tmp_path, "cut", resume=True, warmup=warmup)
+    again, finished = _run(tmp_path, "cut", resume=True)
     assert finished.resumed_from == 3 and len(finished.history) == 3
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in reference.state_dict().items())
-
-
-def _rates(steps: int, warmup: float) -> list[float]:
-    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.2)
-    schedule = _schedule(optimizer, steps, warmup)
-    rates = []
-    for _ in range(steps):
-        rates.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        schedule.step()
-    return rates + [optimizer.param_groups[0]["lr"]]
-
-
-def test_warmup_rises_linearly_then_decays_by_cosine() -> None:
-    rates = _rates(20, 0.25)  # 5 rising steps from a fifth of the rate, then 15 of cosine
-    assert rates[:5] == pytest.approx([0.2 * (0.2 + 0.8 * k / 5) for k in range(5)], abs=1e-12)
-    cosine = [0.2 * (1 + np.cos(np.pi * k / 15)) / 2 for k in range(16)]
-    assert rates[5:] == pytest.approx([0.2] + cosine[1:], abs=1e-12)
-    assert rates[-1] == pytest.approx(0.0, abs=1e-12)
-    # No warm-up: exactly the cosine schedule the pipeline always used.
-    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.2)
-    plain = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=20)
-    reference = []
-    for _ in range(20):
-        reference.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        plain.step()
-    assert _rates(20, 0.0)[:20] == reference
 
 
 def test_interrupt_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch) -> None:
