@@ -17,7 +17,7 @@ import fnmatch
 import json
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, Protocol
@@ -526,12 +526,19 @@ def plan_cost(analysis: ModelAnalysis, plan: Plan) -> Cost:
     return Cost(params=params, macs=macs)
 
 
+# Bisection steps of `allocate` on its setting: 2⁻⁶⁰ of the range, below any rank's step.
+BISECTION_STEPS = 60
+# Times `allocate` evaluates every slot's level: at the top, each bisection step, the result.
+ALLOCATE_EVALUATIONS = BISECTION_STEPS + 2
+
+
 def allocate(
     draft: PlanDraft,
     ladders: Sequence[Sequence[Ranks | None]],
     level: Callable[[int, float], int],
     low: float,
     high: float,
+    mapper: Callable[[Callable[[int], int], Iterable[int]], Iterable[int]] = map,
 ) -> tuple[list[int], float]:
     """Fit the budget: one index into each slot's ladder, with the total at most the goal.
 
@@ -539,6 +546,8 @@ def allocate(
     `level(j, x)` is the index slot j takes at setting x, non-decreasing in x. The largest x in
     [low, high] whose total fits is found by bisection; then single ladder steps, cheapest layers
     first, use what is left of the budget without ever exceeding it. Returns the indices and x.
+    `mapper` evaluates the slots' levels at one x (e.g. a thread pool's map, when a level costs
+    decompositions).
     """
     budget = draft.budget
     if budget is None:
@@ -560,7 +569,8 @@ def allocate(
         return budget.fixed + sum(c[i] for c, i in zip(costs, indices))
 
     def pick(x: float) -> list[int]:
-        return [min(max(level(j, x), 0), len(c) - 1) for j, c in enumerate(costs)]
+        levels = mapper(lambda j: level(j, x), range(len(costs)))
+        return [min(max(i, 0), len(c) - 1) for i, c in zip(levels, costs, strict=True)]
 
     smallest = budget.fixed + sum(c[0] for c in costs)
     if smallest > goal:
@@ -573,7 +583,7 @@ def allocate(
     if total_of(pick(high)) <= goal:
         low = high
     else:
-        for _ in range(60):
+        for _ in range(BISECTION_STEPS):
             mid = (low + high) / 2
             if total_of(pick(mid)) <= goal:
                 low = mid

@@ -280,3 +280,36 @@ def test_real_resnet56_selectors_fit_three_times_fewer_macs_within_two_percent(d
         macs = plan_cost(analysis, plan).macs
         assert 0.98 * goal <= macs <= goal, select
     assert len({tuple(e.ranks or ()) for e in plan.layers}) > 10  # vbmf ranks differ per layer
+
+
+@pytest.mark.parametrize("method", ["tucker2", "cp-epc"])
+def test_error_selector_searches_layers_side_by_side_as_one_would_in_turn(
+    traced, tmp_path, monkeypatch, method
+):
+    """The same plan, bound and fits whether the layers' searches run side by side (threads;
+    cp-epc's fits in worker processes) or one after another."""
+    import rankfold.passes.selectors.error as error_module
+
+    gm, analysis = traced
+    policy = RankPolicy(
+        method=method, select="error", macs_reduction=2, min_macs_share=0, round_to=None
+    )
+    spawned = []
+    real_pool = error_module.worker_processes
+
+    def counted(workers, gil_bound_fills):
+        spawned.append(workers >= 2 and gil_bound_fills >= 2 * workers)
+        return real_pool(workers, gil_bound_fills)
+
+    monkeypatch.setattr(error_module, "worker_processes", counted)
+    monkeypatch.setattr(error_module, "pool_shape", lambda jobs: (2, 1))
+    side_by_side = resolve(
+        gm, analysis, policy, "net", search=SearchConfig(cache_dir=tmp_path / "a")
+    )
+    monkeypatch.setattr(error_module, "pool_shape", lambda jobs: (1, 1))
+    in_turn = resolve(gm, analysis, policy, "net", search=SearchConfig(cache_dir=tmp_path / "b"))
+    assert spawned == [method == "cp-epc", False]  # processes only for the GIL-bound method
+    assert [e.ranks for e in side_by_side[0].layers] == [e.ranks for e in in_turn[0].layers]
+    assert side_by_side[1]["bound"] == in_turn[1]["bound"]
+    assert side_by_side[1]["decompositions"] == in_turn[1]["decompositions"] > 0
+    assert side_by_side[1]["layers"] == in_turn[1]["layers"]

@@ -3,12 +3,17 @@ error is within a bound (decompositions come from the cache, so any method works
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+
 from torch import fx
 
 from rankfold.passes.methods import Ranks
-from rankfold.passes.plan import PlanDraft, allocate
+from rankfold.passes.plan import ALLOCATE_EVALUATIONS, PlanDraft, allocate
 from rankfold.passes.search import DecompositionCache
+from rankfold.passes.search.cache import Fill, compute_threads
 from rankfold.passes.selectors.base import Advance, Choice, PlanningContext, Selector
+from rankfold.passes.surgery import pool_shape, worker_processes
 
 
 class ErrorSelector(Selector):
@@ -16,26 +21,61 @@ class ErrorSelector(Selector):
     summary = "smallest ranks within a relative reconstruction error per layer (--rel-error)"
     uses_cache = True
 
+    def steps(self, draft: PlanDraft, context: PlanningContext) -> int:
+        # With a budget: each evaluation of all layers at one bound; else each layer searched.
+        return ALLOCATE_EVALUATIONS if draft.budget is not None else len(draft.slots)
+
     def choose(self, draft: PlanDraft, context: PlanningContext, advance: Advance) -> Choice:
-        return error_choice(draft, context.gm, draft.policy.rel_error, context.cache)
+        return error_choice(draft, context.gm, draft.policy.rel_error, context.cache, advance)
 
 
 def error_choice(
-    draft: PlanDraft, gm: fx.GraphModule, rel_error: float, cache: DecompositionCache
+    draft: PlanDraft,
+    gm: fx.GraphModule,
+    rel_error: float,
+    cache: DecompositionCache,
+    advance: Advance | None = None,
 ) -> Choice:
     """Smallest candidate whose relative reconstruction error is within the bound, per layer;
     with a budget, the common bound that fits it. Errors are taken as non-increasing in the
     candidate (true for SVD and Tucker-2 up to ALS noise), so each layer is a binary search.
     Without a budget, a method with its own rule (`Method.ranks_within_error`, e.g. cp-lrf's
-    LRF-CPD) picks its layers' ranks itself."""
+    LRF-CPD) picks its layers' ranks itself.
+
+    Layers are searched side by side, one single-threaded thread per core (as `decompose` fills
+    them), GIL-bound methods' fits in worker processes: each layer's binary search is its own."""
+    workers, _ = pool_shape(len(draft.slots))
+    # Every bisection step can miss the cache in every layer: enough fits to pay for processes.
+    gil_bound = 2 * workers if any(slot.method.gil_bound for slot in draft.slots) else 0
+    with (
+        compute_threads(1),
+        worker_processes(workers, gil_bound) as remote,
+        ThreadPoolExecutor(workers) as pool,
+    ):
+        return _error_choice(
+            draft, gm, rel_error, cache, pool.map, remote, advance or (lambda *_: None)
+        )
+
+
+def _error_choice(
+    draft: PlanDraft,
+    gm: fx.GraphModule,
+    rel_error: float,
+    cache: DecompositionCache,
+    mapper: Callable[[Callable[[int], object], Iterable[int]], Iterable[object]],
+    remote: Fill | None,
+    advance: Advance,
+) -> Choice:
     ladders = [slot.candidates() for slot in draft.slots]
-    errors: dict[tuple[int, int], float] = {}
+    errors: dict[tuple[int, int], float] = {}  # each layer's keys are written by one thread
 
     def error(j: int, i: int) -> float:
         if (j, i) not in errors:
             slot = draft.slots[j]
             module = gm.get_submodule(slot.layer.name)
-            errors[j, i] = cache.get(module, slot.layer, slot.method, ladders[j][i]).rel_error
+            compute = remote if slot.method.gil_bound else None
+            entry, _ = cache.lookup(module, slot.layer, slot.method, ladders[j][i], None, compute)
+            errors[j, i] = entry.rel_error
         return errors[j, i]
 
     def smallest_within(j: int, bound: float) -> int | None:
@@ -63,13 +103,26 @@ def error_choice(
             answer = slot.method.ranks_within_error(slot.layer, module, rel_error, cache.seed)
             if answer is not None:
                 own[j] = answer
-        found = [None if j in own else smallest_within(j, rel_error) for j in range(len(ladders))]
+
+        def own_or_smallest(j: int) -> int | None:
+            return None if j in own else smallest_within(j, rel_error)
+
+        found = []
+        for index in mapper(own_or_smallest, range(len(ladders))):  # in order, as each ends
+            found.append(index)
+            advance()
         choices = [None if i is None else ladder[i] for ladder, i in zip(ladders, found)]
         for j, answer in own.items():
             choices[j] = answer if isinstance(answer, tuple) else None
         bound = rel_error
     else:
-        indices, setting = allocate(draft, ladders, level, 0.0, 1.0)
+
+        def levels(function: Callable[[int], int], slots: Iterable[int]) -> list[int]:
+            done = list(mapper(function, slots))
+            advance()
+            return done
+
+        indices, setting = allocate(draft, ladders, level, 0.0, 1.0, levels)
         choices = [ladder[i] for ladder, i in zip(ladders, indices)]
         found = indices
         bound = 1.0 - setting
