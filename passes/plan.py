@@ -528,7 +528,8 @@ def plan_cost(analysis: ModelAnalysis, plan: Plan) -> Cost:
 
 # Bisection steps of `allocate` on its setting: 2⁻⁶⁰ of the range, below any rank's step.
 BISECTION_STEPS = 60
-# Times `allocate` evaluates every slot's level: at the top, each bisection step, the result.
+# Times `allocate` evaluates every slot's level: at the top, each bisection step, the result
+# (only twice when the top already fits).
 ALLOCATE_EVALUATIONS = BISECTION_STEPS + 2
 
 

@@ -136,6 +136,20 @@ def worker_processes(workers: int, gil_bound_fills: int) -> Iterator[Fill | None
             raise
 
 
+@contextmanager
+def layer_pool(
+    workers: int, threads: int | None, gil_bound_fills: int
+) -> Iterator[tuple[ThreadPoolExecutor, Fill | None]]:
+    """`workers` layer threads on `threads` BLAS threads each, and the worker processes'
+    fill for GIL-bound methods (None when `worker_processes` finds them not worth starting)."""
+    with (
+        compute_threads(threads),
+        worker_processes(workers, gil_bound_fills) as remote,
+        ThreadPoolExecutor(workers) as pool,
+    ):
+        yield pool, remote
+
+
 def largest_first(planned: list[LayerPlan], layers: dict[str, LayerInfo]) -> list[LayerPlan]:
     """Planned layers by falling size (weights × largest rank, what a factorization's sweeps
     scale with): with the big ones started first, a few wide layers do not run alone at the end
@@ -206,11 +220,7 @@ def decompose(
         return method.gil_bound and not cache.has(module, layers[entry.name], method, entry.ranks)
 
     gil_bound_fills = sum(map(gil_bound_fill, planned))
-    with (
-        compute_threads(threads),
-        worker_processes(n_workers, gil_bound_fills) as remote,
-        ThreadPoolExecutor(n_workers) as pool,
-    ):
+    with layer_pool(n_workers, threads, gil_bound_fills) as (pool, remote):
         futures = {pool.submit(fill, entry): entry.name for entry in largest_first(planned, layers)}
         try:
             for future in as_completed(futures):

@@ -289,19 +289,20 @@ def test_error_selector_searches_layers_side_by_side_as_one_would_in_turn(
     """The same plan, bound and fits whether the layers' searches run side by side (threads;
     cp-epc's fits in worker processes) or one after another."""
     import rankfold.passes.selectors.error as error_module
+    import rankfold.passes.surgery as surgery_module
 
     gm, analysis = traced
     policy = RankPolicy(
         method=method, select="error", macs_reduction=2, min_macs_share=0, round_to=None
     )
     spawned = []
-    real_pool = error_module.worker_processes
+    real_pool = surgery_module.worker_processes
 
     def counted(workers, gil_bound_fills):
         spawned.append(workers >= 2 and gil_bound_fills >= 2 * workers)
         return real_pool(workers, gil_bound_fills)
 
-    monkeypatch.setattr(error_module, "worker_processes", counted)
+    monkeypatch.setattr(surgery_module, "worker_processes", counted)
     monkeypatch.setattr(error_module, "pool_shape", lambda jobs: (2, 1))
     side_by_side = resolve(
         gm, analysis, policy, "net", search=SearchConfig(cache_dir=tmp_path / "a")

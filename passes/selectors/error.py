@@ -4,16 +4,15 @@ error is within a bound (decompositions come from the cache, so any method works
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 
 from torch import fx
 
 from rankfold.passes.methods import Ranks
 from rankfold.passes.plan import ALLOCATE_EVALUATIONS, PlanDraft, allocate
 from rankfold.passes.search import DecompositionCache
-from rankfold.passes.search.cache import Fill, compute_threads
+from rankfold.passes.search.cache import Fill
 from rankfold.passes.selectors.base import Advance, Choice, PlanningContext, Selector
-from rankfold.passes.surgery import pool_shape, worker_processes
+from rankfold.passes.surgery import layer_pool, pool_shape
 
 
 class ErrorSelector(Selector):
@@ -44,14 +43,10 @@ def error_choice(
 
     Layers are searched side by side, one single-threaded thread per core (as `decompose` fills
     them), GIL-bound methods' fits in worker processes: each layer's binary search is its own."""
-    workers, _ = pool_shape(len(draft.slots))
+    workers, threads = pool_shape(len(draft.slots))
     # Every bisection step can miss the cache in every layer: enough fits to pay for processes.
     gil_bound = 2 * workers if any(slot.method.gil_bound for slot in draft.slots) else 0
-    with (
-        compute_threads(1),
-        worker_processes(workers, gil_bound) as remote,
-        ThreadPoolExecutor(workers) as pool,
-    ):
+    with layer_pool(workers, threads, gil_bound) as (pool, remote):
         return _error_choice(
             draft, gm, rel_error, cache, pool.map, remote, advance or (lambda *_: None)
         )
