@@ -279,6 +279,7 @@ def test_mode_update_is_the_constrained_minimum_of_a_generic_solver() -> None:
     _, new_weights, err, _ = _update_mode(
         unfolded @ z,
         gram,
+        float(np.sum(tensor**2)),
         lambda u: float(np.sum((unfolded - u @ z.T) ** 2)),
         least_squares / weights,
         weights,
@@ -327,6 +328,50 @@ def test_eta_from_a_hint_is_the_root_brent_finds(seed: int, monkeypatch) -> None
 
     monkeypatch.setattr(epc_module, "brentq", no_brent)
     assert _solve_eta(ratio, gamma, target, scratch * 1.03) == pytest.approx(scratch, rel=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mode_update_from_a_hint_by_cholesky_equals_the_eigendecomposition(
+    seed: int, monkeypatch
+) -> None:
+    """Within the bound and from a near hint, the update takes η from Cholesky factors alone
+    (no eigendecomposition) and lands on the same η and model as the eigendecomposition route;
+    from a far hint it still does."""
+    rng = np.random.default_rng(seed)
+    tensor = rng.standard_normal((9, 7, 6))
+    rank = 12  # > 9: Γ is far from diagonal, as in CNN kernels at 3× MACs
+    others = [_unit(rng.standard_normal((size, rank))) for size in tensor.shape[1:]]
+    z = khatri_rao([np.ones((9, rank)), *others], skip_matrix=0)
+    unfolded = tl.unfold(tensor, 0)
+    least_squares = np.linalg.lstsq(z, unfolded.T, rcond=None)[0].T
+    err_now = float(np.sum((unfolded - least_squares @ z.T) ** 2))
+    delta_sq = err_now + 0.2 * (float(np.sum(tensor**2)) - err_now)
+    weights = np.linalg.norm(least_squares, axis=0)
+    args = (
+        unfolded @ z,
+        np.prod([d.T @ d for d in others], axis=0),
+        float(np.sum(tensor**2)),
+        lambda u: float(np.sum((unfolded - u @ z.T) ** 2)),
+        least_squares / weights,
+        weights,
+        err_now,
+        delta_sq,
+    )
+    direction, new_weights, err, eta = _update_mode(*args)
+    assert err == pytest.approx(delta_sq, rel=1e-9)
+    far = _update_mode(*args, eta * 1e4)
+    assert far[3] == pytest.approx(eta, rel=1e-8)
+
+    def no_eigh(*args, **kwargs):
+        raise AssertionError("the eigendecomposition was used")
+
+    monkeypatch.setattr(epc_module.np.linalg, "eigh", no_eigh)
+    hinted = _update_mode(*args, eta * 1.05)
+    assert hinted[3] == pytest.approx(eta, rel=1e-8)
+    assert hinted[2] == pytest.approx(delta_sq, rel=1e-9)
+    assert hinted[2] <= delta_sq * (1.0 + 1e-10)
+    np.testing.assert_allclose(hinted[1], new_weights, rtol=1e-7)
+    np.testing.assert_allclose(hinted[0] * hinted[1], direction * new_weights, atol=1e-7)
 
 
 def test_extrapolation_reaches_a_lower_sum_in_the_same_sweeps(monkeypatch) -> None:

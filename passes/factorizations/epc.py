@@ -27,7 +27,10 @@ The Lagrangian ‖U‖² + μ(error − τ²) is stationary at U(η) = G (Γ + �
 The second form of e(η) has no cancellation, so η is found from it: the largest η with
 e(η) = τ² (Newton on log η from the mode's η of the last sweep, Brent's method as the fallback),
 where τ² = δ² when the least-squares error e(0) ≤ δ², else the current error (the error never
-grows). The problem is convex, so that U(η) is the
+grows). Once the model is within the bound, e(0) ≤ δ² holds without computing it, and from the
+last sweep's η Newton needs e(η) at a few points only: those come from Cholesky factors of
+Γ + ηI (`_eta_by_cholesky`), cheaper than the eigendecomposition, which stays the route for the
+first sweep and the fallback. The problem is convex, so that U(η) is the
 minimum-norm model within the bound; the old U is feasible, hence Σ λ² never increases. An
 update that would break the bound (or raise Σ λ²) through rounding is shrunk toward η = 0 or
 dropped. Within a sweep a candidate's error comes from the Gram formula above (no residual);
@@ -44,6 +47,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import tensorly as tl
+from scipy.linalg import lapack
 from scipy.optimize import brentq
 
 from rankfold.passes.factorizations.cp import CPFactors, cp_als, cp_sensitivity
@@ -160,21 +164,42 @@ def _khatri_rao(matrices: list[np.ndarray], skip: int) -> np.ndarray:
     return out
 
 
-def _mttkrp(tensor: np.ndarray, factors: list[np.ndarray], mode: int) -> np.ndarray:
+class _Mttkrp:
     """unfold(tensor, mode) @ KhatriRao(other factors), I_mode×R, without forming the Khatri–Rao
     product: the largest other mode is contracted by one matrix product, the rest column by
-    column. NumPy rather than `cp.mttkrp` (torch): EPC's kernels are small, and per call torch's
-    einsum costs more than the arithmetic."""
-    others = [m for m in range(tensor.ndim) if m != mode]
-    first = max(others, key=tensor.shape.__getitem__)
-    out = np.tensordot(tensor, factors[first], axes=([first], [0]))
-    axes = [m for m in range(tensor.ndim) if m != first]
-    for m in others:
-        if m == first:
-            continue
-        out = np.einsum("...ir,ir->...r", np.moveaxis(out, axes.index(m), -2), factors[m])
-        axes.remove(m)
-    return out
+    column. The tensor is unfolded along each mode contracted first once, up front (a view for
+    mode 0, a copy for another), where `np.tensordot` would copy it on every call. NumPy rather
+    than `cp.mttkrp` (torch): EPC's kernels are small, and per call torch's einsum costs more
+    than the arithmetic."""
+
+    def __init__(self, tensor: np.ndarray) -> None:
+        shape = tensor.shape
+        self.first = {
+            mode: max((m for m in range(tensor.ndim) if m != mode), key=shape.__getitem__)
+            for mode in range(tensor.ndim)
+        }
+        self.unfolded = {
+            first: (
+                tensor.reshape(shape[0], -1).T
+                if first == 0
+                else np.ascontiguousarray(np.moveaxis(tensor, first, -1).reshape(-1, shape[first]))
+            )
+            for first in set(self.first.values())
+        }
+        self.shape = shape
+
+    def __call__(self, factors: list[np.ndarray], mode: int) -> np.ndarray:
+        first = self.first[mode]
+        axes = [m for m in range(len(self.shape)) if m != first]
+        out = (self.unfolded[first] @ factors[first]).reshape(
+            *(self.shape[m] for m in axes), factors[first].shape[1]
+        )
+        for m in list(axes):
+            if m == mode:
+                continue
+            out = np.einsum("...ir,ir->...r", np.moveaxis(out, axes.index(m), -2), factors[m])
+            axes.remove(m)
+        return out
 
 
 class _Residual:
@@ -192,9 +217,61 @@ class _Residual:
         return float(np.sum(diff * diff))
 
 
+def _eta_by_cholesky(
+    g: np.ndarray, gamma_matrix: np.ndarray, norm_sq: float, tau_sq: float, hint: float
+) -> tuple[float, np.ndarray] | None:
+    """(η, U(η)) with e(η) = τ², by Newton on log η from `hint`, each step one Cholesky factor
+    L Lᵀ = Γ + ηI and up to three triangular solves instead of Γ's eigendecomposition (several
+    times the cost of one step at R = 90). With Uᵀ = L⁻ᵀL⁻¹Gᵀ and Γ = (Γ + ηI) − ηI,
+
+        e(η) = ‖K‖² − ‖L⁻¹Gᵀ‖² − η‖U‖²,    de/dη = 2η tr(U (Γ + ηI)⁻¹ Uᵀ) = 2η ‖L⁻¹Uᵀ‖².
+
+    None when Γ + ηI is not positive definite in floating point, or Newton leaves its bracket or
+    has not settled after a few steps: the caller then solves by the eigendecomposition."""
+    # LAPACK directly: at these sizes SciPy's checked wrappers cost about as much as the work.
+    rows = gamma_matrix.shape[0]
+    diagonal = np.arange(rows)
+    # Settled when e is within a tenth of the bound's slack of τ² (the candidate is checked
+    # against τ²·(1 + _BOUND_RTOL)), or within rounding: e is a difference of sums of ~‖K‖².
+    settled = max(0.1 * _BOUND_RTOL * tau_sq, 64.0 * np.finfo(np.float64).eps * norm_sq)
+    # Γ has a unit diagonal, so its eigenvalues lie in [0, R]: as `_solve_eta`'s bracket.
+    lo, hi = math.log(_GAMMA_FLOOR) - 40.0, math.log(rows) + 40.0
+    log_eta = math.log(hint)
+    if not lo < log_eta < hi:
+        return None
+    for _ in range(_NEWTON_STEPS):
+        eta = math.exp(log_eta)
+        shifted = gamma_matrix.copy()
+        shifted[diagonal, diagonal] += eta
+        chol, info = lapack.dpotrf(shifted, lower=1, clean=0, overwrite_a=1)
+        if info != 0:
+            return None
+        y, _ = lapack.dtrtrs(chol, g.T, lower=1)
+        u_t, _ = lapack.dtrtrs(chol, y, lower=1, trans=1)
+        value = norm_sq - float(np.vdot(y, y)) - eta * float(np.vdot(u_t, u_t)) - tau_sq
+        if abs(value) <= settled:
+            return eta, u_t.T
+        z, _ = lapack.dtrtrs(chol, u_t, lower=1)
+        slope = 2.0 * eta * eta * float(np.vdot(z, z))  # de/d log η
+        if value < 0.0:
+            lo = log_eta
+        else:
+            hi = log_eta
+        if not slope > 0.0:
+            return None
+        step = -value / slope
+        if abs(step) <= 1e-12:
+            return eta, u_t.T
+        log_eta = log_eta + step
+        if not lo < log_eta < hi:
+            return None
+    return None
+
+
 def _update_mode(
     g: np.ndarray,
     gamma_matrix: np.ndarray,
+    norm_sq: float,
     residual_sq: Callable[[np.ndarray], float],
     direction: np.ndarray,
     weights: np.ndarray,
@@ -203,13 +280,28 @@ def _update_mode(
     eta_hint: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Minimum-norm update of one mode within the error bound, from its MTTKRP `g`, the
-    Hadamard product of the other Grams and `residual_sq(U)` (the exact squared error with this
-    mode's factor U, all scale in it); `eta_hint` starts the search for η.
+    Hadamard product of the other Grams, ‖K‖² and `residual_sq(U)` (the exact squared error
+    with this mode's factor U, all scale in it); `eta_hint` starts the search for η.
 
     Returns the new (unit directions, weights, exact squared error) and the η solved for; the
     model is returned unchanged when no candidate keeps both the bound and Σ λ² ≤ its current
     value.
     """
+    sum_now = float(np.sum(weights**2))
+    # Within the bound, e(0) ≤ e(now) ≤ δ² and τ² = δ² without the least-squares error: from a
+    # hint, η comes from Cholesky factors alone.
+    if eta_hint is not None and eta_hint > 0.0 and err_now <= delta_sq * (1.0 + _BOUND_RTOL):
+        found = _eta_by_cholesky(g, gamma_matrix, norm_sq, delta_sq, eta_hint)
+        if found is not None:
+            eta, u = found
+            new_direction, new_weights = _unit_columns(u, direction)
+            err = residual_sq(new_direction * new_weights)
+            if err <= delta_sq * (1.0 + _BOUND_RTOL):
+                if float(np.sum(new_weights**2)) <= sum_now:
+                    return new_direction, new_weights, err, eta
+                return direction, weights, err_now, eta
+            eta_hint = eta
+
     gamma, q = np.linalg.eigh(gamma_matrix)
     gamma = np.maximum(gamma, _GAMMA_FLOOR)
     f = g @ q
@@ -217,7 +309,6 @@ def _update_mode(
     err_ls = residual_sq((f / gamma) @ q.T)
     tau_sq = delta_sq if delta_sq >= err_ls else err_now
     limit = tau_sq * (1.0 + _BOUND_RTOL)
-    sum_now = float(np.sum(weights**2))
 
     eta = solved = _solve_eta(phi / gamma, gamma, tau_sq - err_ls, eta_hint)
     # The formula is exact only in exact arithmetic (and for unfloored γ): check the true error
@@ -238,7 +329,7 @@ def _update_mode(
 
 
 def _update(
-    tensor: np.ndarray,
+    mttkrp: _Mttkrp,
     residual: _Residual,
     directions: list[np.ndarray],
     weights: np.ndarray,
@@ -255,7 +346,7 @@ def _update(
     for m, d in enumerate(directions):
         if m != mode:
             gamma = gamma * (d.T @ d)
-    g = _mttkrp(tensor, directions, mode)
+    g = mttkrp(directions, mode)
 
     def residual_sq(u: np.ndarray) -> float:
         if not exact:
@@ -264,14 +355,24 @@ def _update(
         return residual([u if m == mode else d for m, d in enumerate(directions)])
 
     direction, weights, err_sq, etas[mode] = _update_mode(
-        g, gamma, residual_sq, directions[mode], weights, err_sq, delta_sq, etas[mode]
+        g,
+        gamma,
+        residual.norm_sq,
+        residual_sq,
+        directions[mode],
+        weights,
+        err_sq,
+        delta_sq,
+        etas[mode],
     )
     return direction, weights, err_sq
 
 
-# Extrapolation step: it starts at half the last sweep's step, doubles after an accepted jump
-# (up to this many steps) and halves after a rejected one.
+# Extrapolation step: it starts at half the last sweep's step, triples after an accepted jump
+# (up to this many steps) and falls to a tenth after a rejected one, which costs a mode solve
+# more (against doubling and halving: BENCHMARKS.md, decomposition speed, round 8).
 _JUMP_START, _JUMP_MAX, _JUMP_MIN = 0.5, 100.0, 0.1
+_JUMP_GROWTH, _JUMP_CUT = 3.0, 0.1
 
 
 def epc(
@@ -313,6 +414,7 @@ def epc(
     directions[0] = directions[0] * np.where(start.weights < 0, -1.0, 1.0)
     weights = np.abs(start.weights).astype(np.float64)
     residual = _Residual(k)
+    mttkrp = _Mttkrp(k)
     # Every error, this one included, comes from the same residual computation.
     err_sq = residual([directions[0] * weights, *directions[1:]])
     if delta is None:
@@ -335,7 +437,7 @@ def epc(
         # A jump re-solves the last mode, so the plain update of it waits until a jump fails.
         for n in range(last if jumping else k.ndim):
             new_directions[n], new_weights, new_err = _update(
-                k, residual, new_directions, new_weights, n, new_err, delta_sq, exact, etas
+                mttkrp, residual, new_directions, new_weights, n, new_err, delta_sq, exact, etas
             )
         if not jumping:
             return new_directions, new_weights, new_err, new_jump
@@ -345,16 +447,16 @@ def epc(
         if all(np.all(norm > 0.0) for norm in norms):
             trial = [t / norm for t, norm in zip(trial, norms)] + [new_directions[last]]
             solved, jumped_weights, jumped_err = _update(
-                k, residual, trial, new_weights, last, new_err, delta_sq, exact, etas
+                mttkrp, residual, trial, new_weights, last, new_err, delta_sq, exact, etas
             )
             # `_update_mode` hands back the model unchanged when the jump does not pay.
             if solved is not new_directions[last]:
                 trial[last] = solved
-                return trial, jumped_weights, jumped_err, min(2.0 * jump, _JUMP_MAX)
+                return trial, jumped_weights, jumped_err, min(_JUMP_GROWTH * jump, _JUMP_MAX)
         new_directions[last], new_weights, new_err = _update(
-            k, residual, new_directions, new_weights, last, new_err, delta_sq, exact, etas
+            mttkrp, residual, new_directions, new_weights, last, new_err, delta_sq, exact, etas
         )
-        return new_directions, new_weights, new_err, max(0.5 * jump, _JUMP_MIN)
+        return new_directions, new_weights, new_err, max(_JUMP_CUT * jump, _JUMP_MIN)
 
     while len(sums) <= max_sweeps and calm < patience:
         # The sweep may only keep the error within the larger of δ and the error it starts from.
