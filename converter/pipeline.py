@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,11 +102,13 @@ from rankfold.passes.core import (
 )
 from rankfold.passes.correction import DEFAULT_CORRECTION_DAMPING, refit_last_stages
 from rankfold.passes.latency_gate import gate_plan, round_ranks
+from rankfold.passes.methods import get_method
 from rankfold.passes.plan import RankPolicy, budgeted_slots, resolve_round_to
 from rankfold.passes.recalibrate import correct_bias, has_batchnorm, recalibrate_bn
 from rankfold.passes.search import DecompositionCache, check_storage, default_cache_dir
 from rankfold.passes.selectors import PlanningContext, get_selector
 from rankfold.passes.statistics import LayerStatistics
+from rankfold.passes.surgery import FillProcesses, pool_shape
 from rankfold.runtime import (
     LatencyResult,
     ParityReport,
@@ -573,60 +575,71 @@ def compress(
         outputs = output_layout(original(example_inputs))
     if not outputs.is_logits:
         check_task_options(outputs, config)
-    # original.onnx now, not after the decomposition: what the exporter refuses fails in seconds.
-    original_onnx, original_cleanup = export_original(captured, example_inputs, config)
-    float_layers = {}
-    if config.quantize.dtype is not None:  # a typo in --float-layers fails before planning
-        float_layers = float_layer_choice(config.quantize.float_layers, analysis)
-    tables: list[LatencyTable] = []
-    if config.latency.gate or config.ranks.latency_reduction:
-        get_backend(config.latency.provider).check()  # an unusable provider fails before timing
-        # With --quantize the deployed models are the INT8 ones: plan for their kernels.
-        precision = "int8" if config.quantize.dtype is not None else "float"
-        tables = [
-            LatencyTable(
-                config.latency.provider, config.latency.cache_dir, threads, precision=precision
+    # GIL-bound fits run in worker processes: started now, their interpreters load while
+    # original.onnx is exported and the plan is made.
+    with fill_processes(config, analysis) as processes:
+        # original.onnx now, not after the decomposition: what the exporter refuses fails in
+        # seconds.
+        original_onnx, original_cleanup = export_original(captured, example_inputs, config)
+        float_layers = {}
+        if config.quantize.dtype is not None:  # a typo in --float-layers fails before planning
+            float_layers = float_layer_choice(config.quantize.float_layers, analysis)
+        tables: list[LatencyTable] = []
+        if config.latency.gate or config.ranks.latency_reduction:
+            get_backend(config.latency.provider).check()  # an unusable provider fails before timing
+            # With --quantize the deployed models are the INT8 ones: plan for their kernels.
+            precision = "int8" if config.quantize.dtype is not None else "float"
+            tables = [
+                LatencyTable(
+                    config.latency.provider, config.latency.cache_dir, threads, precision=precision
+                )
+                for threads in config.latency.thread_counts
+            ]
+        cache_dir = config.search.cache_dir or default_cache_dir()
+        statistics = None
+        if config.data_aware or config.reads_moments:
+            settings = config.statistics
+            statistics = layer_statistics(
+                original,
+                analysis,
+                train,
+                spec,
+                settings.samples,
+                settings.damping,
+                settings.memory_mb,
+                cache_dir,
+                batch_size=config.search.batch_size,
             )
-            for threads in config.latency.thread_counts
-        ]
-    cache_dir = config.search.cache_dir or default_cache_dir()
-    statistics = None
-    if config.data_aware or config.reads_moments:
-        settings = config.statistics
-        statistics = layer_statistics(
+        moments = None if statistics is None else statistics.statistics
+        # Statistics collected for `--select output` alone leave the fits weight-only.
+        fitted_to = moments if config.data_aware else None
+        if not config.data_aware:
+            statistics = None
+        plan, selection, cache = _choose_plan(
             original,
             analysis,
-            train,
+            example_inputs,
+            config,
             spec,
-            settings.samples,
-            settings.damping,
-            settings.memory_mb,
-            cache_dir,
-            batch_size=config.search.batch_size,
+            train,
+            tables,
+            fitted_to,
+            moments,
+            processes,
         )
-    moments = None if statistics is None else statistics.statistics
-    # Statistics collected for `--select output` alone leave the fits weight-only.
-    fitted_to = moments if config.data_aware else None
-    if not config.data_aware:
-        statistics = None
-    plan, selection, cache = _choose_plan(
-        original,
-        analysis,
-        example_inputs,
-        config,
-        spec,
-        train,
-        tables,
-        fitted_to,
-        moments,
-    )
-    if cache is None or cache.directory is None:
-        # On disk, so every finished layer survives a killed run and a rerun computes nothing.
-        cache = DecompositionCache(cache_dir, config.seed, fitted_to)
-    with progress_bar("decompose", total=len(plan.decomposed())) as advance:
-        compressed, decomposition = decompose(
-            original, analysis, plan, seed=config.seed, progress=advance, cache=cache
-        )
+        if cache is None or cache.directory is None:
+            # On disk, so every finished layer survives a killed run and a rerun computes nothing.
+            cache = DecompositionCache(cache_dir, config.seed, fitted_to)
+        with progress_bar("decompose", total=len(plan.decomposed())) as advance:
+            compressed, decomposition = decompose(
+                original,
+                analysis,
+                plan,
+                seed=config.seed,
+                progress=advance,
+                cache=cache,
+                processes=processes,
+            )
     compressed.eval()
     result = CompressionResult(
         config,
@@ -671,6 +684,21 @@ def compress(
                 f"(--skip-bad-images), e.g. {next(iter(train.skipped))}[/yellow]"
             )
     return result
+
+
+def fill_processes(
+    config: CompressConfig, analysis: ModelAnalysis
+) -> AbstractContextManager[FillProcesses | None]:
+    """Worker processes for the GIL-bound fits the config asks for, by `decompose`'s rule (one
+    per core, worth starting from two fits per worker), or none."""
+    methods = {config.ranks.method} | {
+        override.method for override in config.ranks.layers.values() if override.method
+    }
+    layers = len(analysis.layers)
+    workers, _ = pool_shape(layers)
+    if workers < 2 or layers < 2 * workers or not any(get_method(m).gil_bound for m in methods):
+        return nullcontext(None)
+    return FillProcesses(workers, in_turn=True)
 
 
 def check_task_options(outputs: OutputLayout, config: CompressConfig) -> None:
@@ -779,9 +807,11 @@ def _choose_plan(
     tables: list[LatencyTable],
     statistics: LayerStatistics | None = None,
     moments: LayerStatistics | None = None,
+    processes: FillProcesses | None = None,
 ) -> tuple[Plan, SelectionReport, DecompositionCache | None]:
     """The plan to decompose with, how it was chosen, and the decomposition cache the selector
-    filled (the final decomposition reuses it). `tables`: one per deployed thread count.
+    filled (the final decomposition reuses it). `tables`: one per deployed thread count;
+    `processes`: worker processes for GIL-bound fits, if started.
 
     One path: `select_ranks` plans, then Plan → Plan refinements: measured rank rounding and
     the latency gate, then (for a latency budget) calibration against whole-model timings.
@@ -800,6 +830,7 @@ def _choose_plan(
     context = _planning_context(original, analysis, config, spec, train, tables[:1])
     context.statistics = statistics
     context.moments = moments
+    context.processes = processes
 
     def planned(ranks: RankPolicy) -> tuple[Plan, dict[str, Any]]:
         selection = select_ranks(analysis, ranks, context)

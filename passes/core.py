@@ -220,3 +220,13 @@ def lazy_exports(package: str, exports: dict[str, str]) -> tuple[Callable, Calla
         return sorted(exports)
 
     return __getattr__, __dir__
+
+
+def import_in_turn(lock: Any, module: str) -> None:
+    """A worker process's initializer: import `module`, holding `lock` (a multiprocessing lock
+    shared by processes started together, or None) so that they load one after another."""
+    if lock is None:
+        importlib.import_module(module)
+        return
+    with lock:
+        importlib.import_module(module)

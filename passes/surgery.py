@@ -23,7 +23,7 @@ from torch import nn
 
 from rankfold.passes.analysis import LayerInfo, ModelAnalysis
 from rankfold.passes.capture import recompiled
-from rankfold.passes.core import ConfigError, DecompositionError
+from rankfold.passes.core import ConfigError, DecompositionError, import_in_turn
 from rankfold.passes.methods import get_method
 from rankfold.passes.plan import LayerPlan, Plan, check_plan
 from rankfold.passes.search.cache import (
@@ -114,37 +114,74 @@ def _fill_single_threaded(*args: object) -> CachedBlock:
         return fill_entry(*args)
 
 
+class FillProcesses:
+    """Worker processes for GIL-bound fills (see `worker_processes`), started on creation: each
+    fresh interpreter imports torch, which a caller can overlap with its own work (`compress`
+    starts them before it exports original.onnx and plans). `in_turn`: the processes import
+    one after another, so that together they load on one core and leave the caller the other
+    (side by side, two of them slow a caller's export on two cores by about half). `fill` has
+    `Fill`'s signature."""
+
+    def __init__(self, workers: int, in_turn: bool = False) -> None:
+        self.workers = workers
+        context = spawn_context()
+        self._pool = ProcessPoolExecutor(
+            workers,
+            mp_context=context,
+            initializer=import_in_turn,
+            initargs=(context.Lock() if in_turn else None, __name__),
+        )
+        # The executor starts one process per task submitted while none is idle; unpickling
+        # `int` imports nothing, so the initializer does the loading.
+        for _ in range(workers):
+            self._pool.submit(int)
+
+    def fill(self, *args: object) -> CachedBlock:
+        return self._pool.submit(_fill_single_threaded, *args).result()
+
+    def close(self, cancel: bool = False) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=cancel)
+
+    def __enter__(self) -> FillProcesses:
+        return self
+
+    def __exit__(self, error_type: type[BaseException] | None, *_: object) -> None:
+        self.close(cancel=error_type is not None)
+
+
 @contextmanager
-def worker_processes(workers: int, gil_bound_fills: int) -> Iterator[Fill | None]:
+def worker_processes(
+    workers: int, gil_bound_fills: int, started: FillProcesses | None = None
+) -> Iterator[Fill | None]:
     """A fill that runs in one of `workers` processes, given at least two GIL-bound fills per
-    worker to amortise starting them (a fresh interpreter imports torch): methods whose inner
-    loops are Python-level NumPy steps on small arrays (EPC's sweeps) hold the GIL most of the
-    time, so threads wait on each other, and only processes run them side by side. A layer
-    thread hands its fill over and waits without the GIL."""
+    worker to amortise starting them (a fresh interpreter imports torch), or in `started`
+    processes for any GIL-bound fill: methods whose inner loops are Python-level NumPy steps
+    on small arrays (EPC's sweeps) hold the GIL most of the time, so threads wait on each
+    other, and only processes run them side by side. A layer thread hands its fill over and
+    waits without the GIL."""
+    if started is not None and gil_bound_fills > 0:
+        yield started.fill
+        return
     if workers < 2 or gil_bound_fills < 2 * workers:
         yield None
         return
-    with ProcessPoolExecutor(workers, mp_context=spawn_context()) as pool:
-
-        def remote(*args: object) -> CachedBlock:
-            return pool.submit(_fill_single_threaded, *args).result()
-
-        try:
-            yield remote
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+    with FillProcesses(workers) as processes:
+        yield processes.fill
 
 
 @contextmanager
 def layer_pool(
-    workers: int, threads: int | None, gil_bound_fills: int
+    workers: int,
+    threads: int | None,
+    gil_bound_fills: int,
+    started: FillProcesses | None = None,
 ) -> Iterator[tuple[ThreadPoolExecutor, Fill | None]]:
     """`workers` layer threads on `threads` BLAS threads each, and the worker processes'
-    fill for GIL-bound methods (None when `worker_processes` finds them not worth starting)."""
+    fill for GIL-bound methods (None when `worker_processes` finds them not worth starting;
+    `started` processes are used, not closed)."""
     with (
         compute_threads(threads),
-        worker_processes(workers, gil_bound_fills) as remote,
+        worker_processes(workers, gil_bound_fills, started) as remote,
         ThreadPoolExecutor(workers) as pool,
     ):
         yield pool, remote
@@ -172,6 +209,7 @@ def decompose(
     cache: DecompositionCache | None = None,
     cores: int | None = None,
     compare_weight_only: bool = True,
+    processes: FillProcesses | None = None,
 ) -> tuple[nn.Module, DecompositionReport]:
     """Apply `plan` to a copy of `gm`; returns the new module and one report row per layer.
 
@@ -181,7 +219,9 @@ def decompose(
     because the factorizations spend their time in BLAS, outside the GIL); each finished layer is in
     the cache at once, and `progress` is called with its name. A cache with layer statistics
     fits those layers data-aware; with `compare_weight_only` the weight-only fit at the same
-    ranks is also made (or read from the cache) and its errors reported beside.
+    ranks is also made (or read from the cache) and its errors reported beside. GIL-bound
+    methods fit in worker processes: `processes` when given (left running), else started here
+    when there are enough such fits.
     """
     check_plan(plan, analysis)
     cache = DecompositionCache(None, seed) if cache is None else cache
@@ -220,7 +260,7 @@ def decompose(
         return method.gil_bound and not cache.has(module, layers[entry.name], method, entry.ranks)
 
     gil_bound_fills = sum(map(gil_bound_fill, planned))
-    with layer_pool(n_workers, threads, gil_bound_fills) as (pool, remote):
+    with layer_pool(n_workers, threads, gil_bound_fills, processes) as (pool, remote):
         futures = {pool.submit(fill, entry): entry.name for entry in largest_first(planned, layers)}
         try:
             for future in as_completed(futures):

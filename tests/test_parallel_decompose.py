@@ -87,3 +87,86 @@ def test_worker_processes_load_no_torchvision_models() -> None:
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_compress_starts_the_worker_processes_before_exporting_and_decompose_uses_them(
+    tmp_path, monkeypatch
+) -> None:
+    """cp-epc's worker processes load while original.onnx is exported; decompose fills in
+    them instead of starting its own, with the blocks one worker makes."""
+    import rankfold.converter.pipeline as pipeline
+    from rankfold.converter import CompressConfig, compress
+
+    events: list[str] = []
+    real_export, real_pool = pipeline.export_original, surgery.worker_processes
+
+    class Recorded(surgery.FillProcesses):
+        def __init__(self, workers: int, in_turn: bool = False) -> None:
+            events.append(f"start {workers} in turn" if in_turn else f"start {workers}")
+            super().__init__(workers, in_turn)
+
+        def close(self, cancel: bool = False) -> None:
+            events.append("close")
+            super().close(cancel)
+
+    def export(*args):
+        events.append("export")
+        return real_export(*args)
+
+    def pool(workers, gil_bound_fills, started=None):
+        events.append("decompose in started processes" if started else "decompose")
+        return real_pool(workers, gil_bound_fills, started)
+
+    monkeypatch.setattr(pipeline, "FillProcesses", Recorded)
+    monkeypatch.setattr(pipeline, "pool_shape", lambda jobs: (2, 1))
+    monkeypatch.setattr(pipeline, "export_original", export)
+    monkeypatch.setattr(surgery, "worker_processes", pool)
+    model, x = _model(depth=4)
+    config = CompressConfig(
+        model="net",
+        ranks=RankPolicy(method="cp-epc", macs_reduction=2.0, round_to=None),
+        search={"cache_dir": tmp_path},
+        latency={"enabled": False},
+    )
+    result = compress(model, x, config)
+    assert events == ["start 2 in turn", "export", "decompose in started processes", "close"]
+    gm = trace(model, x)
+    analysis = analyze(gm)
+    _, serial = decompose(gm, analysis, result.plan, cores=1)
+    assert [r.rel_error for r in result.decomposition.layers] == [
+        r.rel_error for r in serial.layers
+    ]
+
+    # The error selector's searches fill in the same processes.
+    events.clear()
+    searched = config.ranks.model_copy(update={"select": "error"})
+    compress(model, x, config.model_copy(update={"ranks": searched}))
+    assert events == [
+        "start 2 in turn",
+        "export",
+        "decompose in started processes",  # the selector's binary searches
+        "decompose in started processes",
+        "close",
+    ]
+
+    # A refused export closes the processes it started beside.
+    events.clear()
+
+    def refused(*args):
+        events.append("export")
+        raise pipeline.ExportError("refused")
+
+    monkeypatch.setattr(pipeline, "export_original", refused)
+    with pytest.raises(pipeline.ExportError):
+        compress(model, x, config)
+    assert events == ["start 2 in turn", "export", "close"]
+
+    # cp holds no GIL: no processes.
+    events.clear()
+    monkeypatch.setattr(pipeline, "export_original", export)
+    compress(
+        model,
+        x,
+        config.model_copy(update={"ranks": config.ranks.model_copy(update={"method": "cp"})}),
+    )
+    assert events == ["export", "decompose"]

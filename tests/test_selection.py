@@ -298,9 +298,9 @@ def test_error_selector_searches_layers_side_by_side_as_one_would_in_turn(
     spawned = []
     real_pool = surgery_module.worker_processes
 
-    def counted(workers, gil_bound_fills):
+    def counted(workers, gil_bound_fills, started=None):
         spawned.append(workers >= 2 and gil_bound_fills >= 2 * workers)
-        return real_pool(workers, gil_bound_fills)
+        return real_pool(workers, gil_bound_fills, started)
 
     monkeypatch.setattr(surgery_module, "worker_processes", counted)
     monkeypatch.setattr(error_module, "pool_shape", lambda jobs: (2, 1))

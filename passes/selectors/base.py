@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
     from rankfold.passes.search import Calibration, DecompositionCache, SearchConfig
     from rankfold.passes.statistics import LayerStatistics
+    from rankfold.passes.surgery import FillProcesses
 
 Advance = Callable[..., None]
 # (label, total) → a context manager yielding a function called once per step done.
@@ -37,7 +38,9 @@ class PlanningContext:
     `statistics`: layer input statistics, so searched blocks are fitted data-aware as the final
     ones are (the cache the selector makes carries them);
     `moments`: layer input statistics for selectors that read them (`--select output`), whether
-    or not the fits are data-aware.
+    or not the fits are data-aware;
+    `processes`: worker processes already started for GIL-bound fits (`compress` starts them
+    early), which a selector that fits layers uses instead of starting its own.
     """
 
     gm: nn.Module | None = None
@@ -50,6 +53,7 @@ class PlanningContext:
     moments: LayerStatistics | None = None
     model_name: str = "model"
     progress: ProgressFactory = no_progress
+    processes: FillProcesses | None = None
 
 
 @dataclass

@@ -12,7 +12,7 @@ from rankfold.passes.plan import ALLOCATE_EVALUATIONS, PlanDraft, allocate
 from rankfold.passes.search import DecompositionCache
 from rankfold.passes.search.cache import Fill
 from rankfold.passes.selectors.base import Advance, Choice, PlanningContext, Selector
-from rankfold.passes.surgery import layer_pool, pool_shape
+from rankfold.passes.surgery import FillProcesses, layer_pool, pool_shape
 
 
 class ErrorSelector(Selector):
@@ -25,7 +25,9 @@ class ErrorSelector(Selector):
         return ALLOCATE_EVALUATIONS if draft.budget is not None else len(draft.slots)
 
     def choose(self, draft: PlanDraft, context: PlanningContext, advance: Advance) -> Choice:
-        return error_choice(draft, context.gm, draft.policy.rel_error, context.cache, advance)
+        return error_choice(
+            draft, context.gm, draft.policy.rel_error, context.cache, advance, context.processes
+        )
 
 
 def error_choice(
@@ -34,6 +36,7 @@ def error_choice(
     rel_error: float,
     cache: DecompositionCache,
     advance: Advance | None = None,
+    processes: FillProcesses | None = None,
 ) -> Choice:
     """Smallest candidate whose relative reconstruction error is within the bound, per layer;
     with a budget, the common bound that fits it. Errors are taken as non-increasing in the
@@ -42,11 +45,12 @@ def error_choice(
     LRF-CPD) picks its layers' ranks itself.
 
     Layers are searched side by side, one single-threaded thread per core (as `decompose` fills
-    them), GIL-bound methods' fits in worker processes: each layer's binary search is its own."""
+    them), GIL-bound methods' fits in worker processes (`processes` when given): each layer's
+    binary search is its own."""
     workers, threads = pool_shape(len(draft.slots))
     # Every bisection step can miss the cache in every layer: enough fits to pay for processes.
     gil_bound = 2 * workers if any(slot.method.gil_bound for slot in draft.slots) else 0
-    with layer_pool(workers, threads, gil_bound) as (pool, remote):
+    with layer_pool(workers, threads, gil_bound, processes) as (pool, remote):
         return _error_choice(
             draft, gm, rel_error, cache, pool.map, remote, advance or (lambda *_: None)
         )
