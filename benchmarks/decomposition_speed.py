@@ -35,6 +35,7 @@ CASES = [
     ("torchvision:resnet18", None, "tucker2", 2.0),
     ("resnet56", RESNET56, "tucker2", 3.0),
     ("resnet56", RESNET56, "cp", 2.0),
+    ("resnet56", RESNET56, "cp-epc", 2.0),
 ]
 
 
