@@ -36,6 +36,7 @@ CASES = [
     ("resnet56", RESNET56, "tucker2", 3.0),
     ("resnet56", RESNET56, "cp", 2.0),
     ("resnet56", RESNET56, "cp-epc", 2.0),
+    ("layer512", None, "cp-epc", 3.0),
 ]
 
 
