@@ -263,29 +263,39 @@ def test_tucker2_cp_recovers_exact_structure(rank_out: int, rank_in: int) -> Non
     assert math.isfinite(hybrid.sensitivity)
 
 
-def test_mode_update_is_the_constrained_minimum_of_a_generic_solver() -> None:
-    """One EPC mode update equals SLSQP on min ‖U‖² s.t. ‖K_(0) − U Zᵀ‖² ≤ τ² (a convex QCQP)."""
-    rng = np.random.default_rng(0)
-    tensor = rng.standard_normal((5, 4, 3))
-    others = [_unit(rng.standard_normal((size, 3))) for size in tensor.shape[1:]]
-    z = khatri_rao([np.ones((5, 3)), *others], skip_matrix=0)
+def _mode_problem(
+    rng: np.random.Generator, shape: tuple[int, int, int], rank: int, share: float
+) -> tuple[tuple, np.ndarray, np.ndarray]:
+    """A mode-0 update at the least-squares model of a random tensor, its bound `share` of the
+    way from the least-squares error to the zero model's: (`_update_mode`'s arguments, the
+    mode-0 unfolding, the Khatri–Rao product Z of the other modes)."""
+    tensor = rng.standard_normal(shape)
+    others = [_unit(rng.standard_normal((size, rank))) for size in shape[1:]]
+    z = khatri_rao([np.ones((shape[0], rank)), *others], skip_matrix=0)
     unfolded = tl.unfold(tensor, 0)
     least_squares = np.linalg.lstsq(z, unfolded.T, rcond=None)[0].T
     err_ls = float(np.sum((unfolded - least_squares @ z.T) ** 2))
-    # Start at the least-squares model and allow 30 % of the way to the zero model's error.
-    tau_sq = err_ls + 0.3 * (float(np.sum(tensor**2)) - err_ls)
+    norm_sq = float(np.sum(tensor**2))
     weights = np.linalg.norm(least_squares, axis=0)
-    gram = np.prod([d.T @ d for d in others], axis=0)
-    _, new_weights, err, _ = _update_mode(
+    args = (
         unfolded @ z,
-        gram,
-        float(np.sum(tensor**2)),
+        np.prod([d.T @ d for d in others], axis=0),
+        norm_sq,
         lambda u: float(np.sum((unfolded - u @ z.T) ** 2)),
         least_squares / weights,
         weights,
         err_ls,
-        tau_sq,
+        err_ls + share * (norm_sq - err_ls),
     )
+    return args, unfolded, z
+
+
+def test_mode_update_is_the_constrained_minimum_of_a_generic_solver() -> None:
+    """One EPC mode update equals SLSQP on min ‖U‖² s.t. ‖K_(0) − U Zᵀ‖² ≤ τ² (a convex QCQP)."""
+    # Start at the least-squares model and allow 30 % of the way to the zero model's error.
+    args, unfolded, z = _mode_problem(np.random.default_rng(0), (5, 4, 3), 3, 0.3)
+    least_squares, weights, tau_sq = args[4] * args[5], args[5], args[7]
+    _, new_weights, err, _ = _update_mode(*args)
     assert err == pytest.approx(tau_sq, rel=1e-9)  # the bound is active at the optimum
 
     def residual(u: np.ndarray) -> float:
@@ -337,26 +347,9 @@ def test_mode_update_from_a_hint_by_cholesky_equals_the_eigendecomposition(
     """Within the bound and from a near hint, the update takes η from Cholesky factors alone
     (no eigendecomposition) and lands on the same η and model as the eigendecomposition route;
     from a far hint it still does."""
-    rng = np.random.default_rng(seed)
-    tensor = rng.standard_normal((9, 7, 6))
-    rank = 12  # > 9: Γ is far from diagonal, as in CNN kernels at 3× MACs
-    others = [_unit(rng.standard_normal((size, rank))) for size in tensor.shape[1:]]
-    z = khatri_rao([np.ones((9, rank)), *others], skip_matrix=0)
-    unfolded = tl.unfold(tensor, 0)
-    least_squares = np.linalg.lstsq(z, unfolded.T, rcond=None)[0].T
-    err_now = float(np.sum((unfolded - least_squares @ z.T) ** 2))
-    delta_sq = err_now + 0.2 * (float(np.sum(tensor**2)) - err_now)
-    weights = np.linalg.norm(least_squares, axis=0)
-    args = (
-        unfolded @ z,
-        np.prod([d.T @ d for d in others], axis=0),
-        float(np.sum(tensor**2)),
-        lambda u: float(np.sum((unfolded - u @ z.T) ** 2)),
-        least_squares / weights,
-        weights,
-        err_now,
-        delta_sq,
-    )
+    # Rank 12 > 9: Γ is far from diagonal, as in CNN kernels at 3× MACs.
+    args, _, _ = _mode_problem(np.random.default_rng(seed), (9, 7, 6), 12, 0.2)
+    delta_sq = args[7]
     direction, new_weights, err, eta = _update_mode(*args)
     assert err == pytest.approx(delta_sq, rel=1e-9)
     far = _update_mode(*args, eta * 1e4)
