@@ -37,6 +37,7 @@ CASES = [
     ("resnet56", RESNET56, "cp", 2.0),
     ("resnet56", RESNET56, "cp-epc", 2.0),
     ("layer512", None, "cp-epc", 3.0),
+    ("torchvision:resnet18", None, "cp-epc", 3.0),
 ]
 
 
