@@ -155,8 +155,8 @@ def _solve_eta(ratio: np.ndarray, gamma: np.ndarray, target: float, hint: float 
 
 def _khatri_rao(matrices: list[np.ndarray], skip: int) -> np.ndarray:
     """Column-wise Kronecker product of all matrices but `skip`, in tensorly's order and with
-    the same products, but without its overhead: 17× faster on 64×64 modes (5.7 → 0.33 ms), the
-    largest cost of an EPC sweep on ResNet-56's widest kernels."""
+    the same products, but without its overhead (many times faster on 64×64 modes; the exact
+    residual forms one every sweep)."""
     others = [m for n, m in enumerate(matrices) if n != skip]
     out = others[0]
     for m in others[1:]:
