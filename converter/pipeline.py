@@ -698,7 +698,7 @@ def fill_processes(
     workers, _ = pool_shape(layers)
     if workers < 2 or layers < 2 * workers or not any(get_method(m).gil_bound for m in methods):
         return nullcontext(None)
-    return FillProcesses(workers, in_turn=True)
+    return FillProcesses(workers, spare_core=True)
 
 
 def check_task_options(outputs: OutputLayout, config: CompressConfig) -> None:

@@ -222,11 +222,12 @@ def lazy_exports(package: str, exports: dict[str, str]) -> tuple[Callable, Calla
     return __getattr__, __dir__
 
 
-def import_in_turn(lock: Any, module: str) -> None:
-    """A worker process's initializer: import `module`, holding `lock` (a multiprocessing lock
-    shared by processes started together, or None) so that they load one after another."""
-    if lock is None:
+def import_gated(gate: Any, module: str) -> None:
+    """A worker process's initializer: import `module` holding `gate` (a multiprocessing
+    semaphore shared by processes started together, or None), so that only so many load at a
+    time."""
+    if gate is None:
         importlib.import_module(module)
         return
-    with lock:
+    with gate:
         importlib.import_module(module)

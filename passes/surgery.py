@@ -23,7 +23,7 @@ from torch import nn
 
 from rankfold.passes.analysis import LayerInfo, ModelAnalysis
 from rankfold.passes.capture import recompiled
-from rankfold.passes.core import ConfigError, DecompositionError, import_in_turn
+from rankfold.passes.core import ConfigError, DecompositionError, import_gated
 from rankfold.passes.methods import get_method
 from rankfold.passes.plan import LayerPlan, Plan, check_plan
 from rankfold.passes.search.cache import (
@@ -117,19 +117,17 @@ def _fill_single_threaded(*args: object) -> CachedBlock:
 class FillProcesses:
     """Worker processes for GIL-bound fills (see `worker_processes`), started on creation: each
     fresh interpreter imports torch, which a caller can overlap with its own work (`compress`
-    starts them before it exports original.onnx and plans). `in_turn`: the processes import
-    one after another, so that together they load on one core and leave the caller the other
-    (side by side, two of them slow a caller's export on two cores by about half). `fill` has
+    starts them before it exports original.onnx and plans). With `spare_core` at most
+    cores − 1 of them load at a time, leaving the caller a core (two loading beside an export on
+    two cores slow it markedly: BENCHMARKS.md, decomposition speed, round 8). `fill` has
     `Fill`'s signature."""
 
-    def __init__(self, workers: int, in_turn: bool = False) -> None:
+    def __init__(self, workers: int, spare_core: bool = False) -> None:
         self.workers = workers
         context = spawn_context()
+        gate = context.Semaphore(max(1, (os.cpu_count() or 1) - 1)) if spare_core else None
         self._pool = ProcessPoolExecutor(
-            workers,
-            mp_context=context,
-            initializer=import_in_turn,
-            initargs=(context.Lock() if in_turn else None, __name__),
+            workers, mp_context=context, initializer=import_gated, initargs=(gate, __name__)
         )
         # The executor starts one process per task submitted while none is idle; unpickling
         # `int` imports nothing, so the initializer does the loading.

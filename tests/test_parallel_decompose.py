@@ -101,9 +101,9 @@ def test_compress_starts_the_worker_processes_before_exporting_and_decompose_use
     real_export, real_pool = pipeline.export_original, surgery.worker_processes
 
     class Recorded(surgery.FillProcesses):
-        def __init__(self, workers: int, in_turn: bool = False) -> None:
-            events.append(f"start {workers} in turn" if in_turn else f"start {workers}")
-            super().__init__(workers, in_turn)
+        def __init__(self, workers: int, spare_core: bool = False) -> None:
+            events.append(f"start {workers}, a core spared" if spare_core else f"start {workers}")
+            super().__init__(workers, spare_core)
 
         def close(self, cancel: bool = False) -> None:
             events.append("close")
@@ -129,7 +129,7 @@ def test_compress_starts_the_worker_processes_before_exporting_and_decompose_use
         latency={"enabled": False},
     )
     result = compress(model, x, config)
-    assert events == ["start 2 in turn", "export", "decompose in started processes", "close"]
+    assert events == ["start 2, a core spared", "export", "decompose in started processes", "close"]
     gm = trace(model, x)
     analysis = analyze(gm)
     _, serial = decompose(gm, analysis, result.plan, cores=1)
@@ -142,7 +142,7 @@ def test_compress_starts_the_worker_processes_before_exporting_and_decompose_use
     searched = config.ranks.model_copy(update={"select": "error"})
     compress(model, x, config.model_copy(update={"ranks": searched}))
     assert events == [
-        "start 2 in turn",
+        "start 2, a core spared",
         "export",
         "decompose in started processes",  # the selector's binary searches
         "decompose in started processes",
@@ -159,7 +159,7 @@ def test_compress_starts_the_worker_processes_before_exporting_and_decompose_use
     monkeypatch.setattr(pipeline, "export_original", refused)
     with pytest.raises(pipeline.ExportError):
         compress(model, x, config)
-    assert events == ["start 2 in turn", "export", "close"]
+    assert events == ["start 2, a core spared", "export", "close"]
 
     # cp holds no GIL: no processes.
     events.clear()
