@@ -108,7 +108,7 @@ from rankfold.passes.recalibrate import correct_bias, has_batchnorm, recalibrate
 from rankfold.passes.search import DecompositionCache, check_storage, default_cache_dir
 from rankfold.passes.selectors import PlanningContext, get_selector
 from rankfold.passes.statistics import LayerStatistics
-from rankfold.passes.surgery import FillProcesses, pool_shape
+from rankfold.passes.surgery import FillProcesses, pool_shape, processes_pay
 from rankfold.runtime import (
     LatencyResult,
     ParityReport,
@@ -694,9 +694,9 @@ def fill_processes(
     methods = {config.ranks.method} | {
         override.method for override in config.ranks.layers.values() if override.method
     }
-    layers = len(analysis.layers)
-    workers, _ = pool_shape(layers)
-    if workers < 2 or layers < 2 * workers or not any(get_method(m).gil_bound for m in methods):
+    workers, _ = pool_shape(len(analysis.layers))
+    gil_bound = any(get_method(m).gil_bound for m in methods)
+    if not (gil_bound and processes_pay(workers, len(analysis.layers))):
         return nullcontext(None)
     return FillProcesses(workers, spare_core=True)
 

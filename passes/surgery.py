@@ -123,7 +123,6 @@ class FillProcesses:
     `Fill`'s signature."""
 
     def __init__(self, workers: int, spare_core: bool = False) -> None:
-        self.workers = workers
         context = spawn_context()
         gate = context.Semaphore(max(1, (os.cpu_count() or 1) - 1)) if spare_core else None
         self._pool = ProcessPoolExecutor(
@@ -147,6 +146,12 @@ class FillProcesses:
         self.close(cancel=error_type is not None)
 
 
+def processes_pay(workers: int, gil_bound_fills: int) -> bool:
+    """Whether `workers` processes are worth starting for so many GIL-bound fills: at least two
+    workers, and two fills per worker to amortise their start."""
+    return workers >= 2 and gil_bound_fills >= 2 * workers
+
+
 @contextmanager
 def worker_processes(
     workers: int, gil_bound_fills: int, started: FillProcesses | None = None
@@ -160,7 +165,7 @@ def worker_processes(
     if started is not None and gil_bound_fills > 0:
         yield started.fill
         return
-    if workers < 2 or gil_bound_fills < 2 * workers:
+    if not processes_pay(workers, gil_bound_fills):
         yield None
         return
     with FillProcesses(workers) as processes:

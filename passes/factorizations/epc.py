@@ -288,18 +288,28 @@ def _update_mode(
     value.
     """
     sum_now = float(np.sum(weights**2))
+
+    def kept_model(u: np.ndarray, limit: float) -> tuple[np.ndarray, np.ndarray, float] | None:
+        """The model to return for candidate U: U renormalised if its exact error is within
+        `limit` and Σ λ² does not rise, the unchanged model if it is within but Σ λ² rises (a
+        smaller η only raises it further: rounding, at convergence), None if over the limit."""
+        new_direction, new_weights = _unit_columns(u, direction)
+        err = residual_sq(new_direction * new_weights)
+        if err > limit:
+            return None
+        if float(np.sum(new_weights**2)) <= sum_now:
+            return new_direction, new_weights, err
+        return direction, weights, err_now
+
     # Within the bound, e(0) ≤ e(now) ≤ δ² and τ² = δ² without the least-squares error: from a
     # hint, η comes from Cholesky factors alone.
     if eta_hint is not None and eta_hint > 0.0 and err_now <= delta_sq * (1.0 + _BOUND_RTOL):
         found = _eta_by_cholesky(g, gamma_matrix, norm_sq, delta_sq, eta_hint)
         if found is not None:
             eta, u = found
-            new_direction, new_weights = _unit_columns(u, direction)
-            err = residual_sq(new_direction * new_weights)
-            if err <= delta_sq * (1.0 + _BOUND_RTOL):
-                if float(np.sum(new_weights**2)) <= sum_now:
-                    return new_direction, new_weights, err, eta
-                return direction, weights, err_now, eta
+            kept = kept_model(u, delta_sq * (1.0 + _BOUND_RTOL))
+            if kept is not None:
+                return (*kept, eta)
             eta_hint = eta
 
     gamma, q = np.linalg.eigh(gamma_matrix)
@@ -315,13 +325,9 @@ def _update_mode(
     # of the renormalised model, and back off toward the least-squares end if rounding pushed it
     # over the bound.
     for _ in range(40):
-        new_direction, new_weights = _unit_columns((f / (gamma + eta)) @ q.T, direction)
-        err = residual_sq(new_direction * new_weights)
-        if err <= limit:
-            # A smaller η only raises Σ λ², so a rise (rounding, at convergence) ends the search.
-            if float(np.sum(new_weights**2)) <= sum_now:
-                return new_direction, new_weights, err, solved
-            break
+        kept = kept_model((f / (gamma + eta)) @ q.T, limit)
+        if kept is not None:
+            return (*kept, solved)
         if eta == 0.0:
             break
         eta = eta * 0.25 if eta > 1e-300 else 0.0
