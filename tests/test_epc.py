@@ -163,7 +163,9 @@ def test_a_sweep_the_exact_residual_rejects_is_redone_exactly(monkeypatch) -> No
     """Within a sweep errors come from the Gram formula; the exact check at the sweep's end is
     what keeps the bound. A formula that understates every error by 5 % of ‖K‖² picks models
     beyond the bound: each sweep must be rejected and redone with exact errors, ending where
-    the run with the true formula ends."""
+    the run with the true formula ends (to the shortfall the honest run's Cholesky-route
+    updates may leave: up to 1e-6 of ‖U‖² per update, where the redone run, whose formula
+    fails every Cholesky candidate, solves each update exactly by the eigendecomposition)."""
     tensor, rank = _planted_degenerate(4, (8, 7, 3), n_normal=3)
     als = cp_als(tensor, rank, seed=0, n_iter_max=300, tol=1e-10)
     honest = epc(tensor, als, max_sweeps=40)
@@ -181,8 +183,9 @@ def test_a_sweep_the_exact_residual_rejects_is_redone_exactly(monkeypatch) -> No
     assert max(redone.errors) <= delta * (1.0 + 1e-9)
     assert np.all(np.diff(redone.sum_sq_weights) <= 0.0)
     assert redone.sum_sq_weights[-1] <= 0.7 * redone.sum_sq_weights[0]
-    np.testing.assert_allclose(redone.sum_sq_weights, honest.sum_sq_weights, rtol=1e-6)
-    np.testing.assert_allclose(redone.errors, honest.errors, rtol=1e-9)
+    assert max(honest.errors) <= delta * (1.0 + 1e-9)
+    np.testing.assert_allclose(redone.sum_sq_weights, honest.sum_sq_weights, rtol=1e-4)
+    np.testing.assert_allclose(redone.errors, honest.errors, rtol=1e-6)
 
 
 def test_larger_delta_buys_more_stability_and_smaller_never_raises_error() -> None:
@@ -345,26 +348,53 @@ def test_mode_update_from_a_hint_by_cholesky_equals_the_eigendecomposition(
     seed: int, monkeypatch
 ) -> None:
     """Within the bound and from a near hint, the update takes η from Cholesky factors alone
-    (no eigendecomposition) and lands on the same η and model as the eigendecomposition route;
-    from a far hint it still does."""
+    (no eigendecomposition) and lands on the eigendecomposition route's model, short of the
+    bound by at most the allowed shortfall (1e-6 of ‖U‖²); from a far hint it still does."""
     # Rank 12 > 9: Γ is far from diagonal, as in CNN kernels at 3× MACs.
     args, _, _ = _mode_problem(np.random.default_rng(seed), (9, 7, 6), 12, 0.2)
     delta_sq = args[7]
     direction, new_weights, err, eta = _update_mode(*args)
     assert err == pytest.approx(delta_sq, rel=1e-9)
-    far = _update_mode(*args, eta * 1e4)
-    assert far[3] == pytest.approx(eta, rel=1e-8)
+    sum_sq = float(np.sum(new_weights**2))
+
+    def assert_within_the_shortfall(update) -> None:
+        update_direction, update_weights, update_err, update_eta = update
+        update_sum_sq = float(np.sum(update_weights**2))
+        assert update_eta <= eta * (1.0 + 1e-8)
+        assert sum_sq * (1.0 - 1e-9) <= update_sum_sq <= sum_sq * (1.0 + 1.01e-6)
+        # Stopping short by Δe leaves Δe/η on ‖U‖².
+        assert delta_sq - 1.01e-6 * update_eta * update_sum_sq <= update_err
+        assert update_err <= delta_sq * (1.0 + 1e-10)
+        np.testing.assert_allclose(update_weights, new_weights, rtol=1e-5)
+        np.testing.assert_allclose(
+            update_direction * update_weights, direction * new_weights, atol=1e-5
+        )
+
+    assert_within_the_shortfall(_update_mode(*args, eta * 1e4))
 
     def no_eigh(*args, **kwargs):
         raise AssertionError("the eigendecomposition was used")
 
     monkeypatch.setattr(epc_module.np.linalg, "eigh", no_eigh)
-    hinted = _update_mode(*args, eta * 1.05)
-    assert hinted[3] == pytest.approx(eta, rel=1e-8)
-    assert hinted[2] == pytest.approx(delta_sq, rel=1e-9)
-    assert hinted[2] <= delta_sq * (1.0 + 1e-10)
-    np.testing.assert_allclose(hinted[1], new_weights, rtol=1e-7)
-    np.testing.assert_allclose(hinted[0] * hinted[1], direction * new_weights, atol=1e-7)
+    assert_within_the_shortfall(_update_mode(*args, eta * 1.05))
+
+
+def test_mode_update_above_the_bound_even_at_least_squares_keeps_the_model(monkeypatch) -> None:
+    """A bound below the least-squares error (a jump too long) leaves no feasible η: from a
+    hint the Cholesky route finds it out without the eigendecomposition, keeps the model and
+    the hint."""
+    args, _, _ = _mode_problem(np.random.default_rng(0), (9, 7, 6), 12, 0.2)
+    g, gamma, norm_sq, residual_sq, direction, weights, err_ls, _ = args
+    # The bound 1 % below the least-squares error; the model said to be at it.
+    delta_sq = 0.99 * err_ls
+
+    def no_eigh(*args, **kwargs):
+        raise AssertionError("the eigendecomposition was used")
+
+    monkeypatch.setattr(epc_module.np.linalg, "eigh", no_eigh)
+    kept = _update_mode(g, gamma, norm_sq, residual_sq, direction, weights, delta_sq, delta_sq, 0.3)
+    assert kept[0] is direction and kept[1] is weights
+    assert kept[2] == delta_sq and kept[3] == 0.3
 
 
 def test_extrapolation_reaches_a_lower_sum_in_the_same_sweeps(monkeypatch) -> None:

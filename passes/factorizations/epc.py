@@ -27,10 +27,11 @@ The Lagrangian ‖U‖² + μ(error − τ²) is stationary at U(η) = G (Γ + �
 The second form of e(η) has no cancellation, so η is found from it: the largest η with
 e(η) = τ² (Newton on log η from the mode's η of the last sweep, Brent's method as the fallback),
 where τ² = δ² when the least-squares error e(0) ≤ δ², else the current error (the error never
-grows). Once the model is within the bound, e(0) ≤ δ² holds without computing it, and from the
-last sweep's η Newton needs e(η) at a few points only: those come from Cholesky factors of
-Γ + ηI (`_eta_by_cholesky`), cheaper than the eigendecomposition, which stays the route for the
-first sweep and the fallback. The problem is convex, so that U(η) is the
+grows). Once the model is within the bound, τ² = δ² (unless not even e(0) meets it, which one
+Cholesky factor at η → 0 tells), and from the last sweep's η Halley's method needs e(η) at about
+two points: those come from Cholesky factors of Γ + ηI (`_eta_by_cholesky`), cheaper than the
+eigendecomposition, which stays the route for the first sweep and the fallback; that route may
+stop short of the bound by a millionth of ‖U‖². The problem is convex, so that U(η) is the
 minimum-norm model within the bound; the old U is feasible, hence Σ λ² never increases. An
 update that would break the bound (or raise Σ λ²) through rounding is shrunk toward η = 0 or
 dropped. Within a sweep a candidate's error comes from the Gram formula above (no residual);
@@ -57,8 +58,10 @@ from rankfold.passes.factorizations.tucker import tucker2
 _GAMMA_FLOOR = 1e-10
 # Slack on the error bound for rounding in the exactly recomputed residual.
 _BOUND_RTOL = 1e-10
-# Newton steps for η from the last sweep's value before falling back to Brent's method.
+# Newton (Halley) steps for η from the last sweep's value before the fallback.
 _NEWTON_STEPS = 8
+# How short of the error bound a Cholesky-route update may stop, as a share of ‖U‖² given up.
+_ETA_SHORTFALL = 1e-6
 
 
 @dataclass(frozen=True)
@@ -219,47 +222,82 @@ class _Residual:
 
 def _eta_by_cholesky(
     g: np.ndarray, gamma_matrix: np.ndarray, norm_sq: float, tau_sq: float, hint: float
-) -> tuple[float, np.ndarray] | None:
-    """(η, U(η)) with e(η) = τ², by Newton on log η from `hint`, each step one Cholesky factor
-    L Lᵀ = Γ + ηI and up to three triangular solves instead of Γ's eigendecomposition (several
-    times the cost of one step at R = 90). With Uᵀ = L⁻ᵀL⁻¹Gᵀ and Γ = (Γ + ηI) − ηI,
+) -> tuple[float, np.ndarray | None] | None:
+    """(η, U(η)) with e(η) at most τ² and short of it by little, by Halley's method on log η
+    from `hint`, each step one Cholesky factor L Lᵀ = Γ + ηI and up to four triangular solves
+    instead of Γ's eigendecomposition (several times the cost of one step at R = 90). With
+    Uᵀ = L⁻ᵀL⁻¹Gᵀ, Γ = (Γ + ηI) − ηI, Z = L⁻¹Uᵀ and W = L⁻ᵀZ = (Γ + ηI)⁻¹Uᵀ,
 
-        e(η) = ‖K‖² − ‖L⁻¹Gᵀ‖² − η‖U‖²,    de/dη = 2η tr(U (Γ + ηI)⁻¹ Uᵀ) = 2η ‖L⁻¹Uᵀ‖².
+        e(η) = ‖K‖² − ‖L⁻¹Gᵀ‖² − η‖U‖²,   de/dη = 2η‖Z‖²,   d²e/dη² = 2‖Z‖² − 6η‖W‖².
 
-    None when Γ + ηI is not positive definite in floating point, or Newton leaves its bracket or
-    has not settled after a few steps: the caller then solves by the eigendecomposition."""
+    e is convex in log η near the root, so Newton from below overshoots and then creeps up on
+    the root from the infeasible side; Halley's step, from the curvature, mostly lands within
+    the accepted window in one step from the last sweep's η (BENCHMARKS.md, decomposition
+    speed, round 9).
+
+    (η, None) when not even the least-squares fit (η → 0) meets the bound: the caller keeps
+    its model. None when Γ + ηI is not positive definite in floating point, or the iteration
+    leaves its bracket or has not settled after a few steps: the caller then solves by the
+    eigendecomposition."""
     # LAPACK directly: at these sizes SciPy's checked wrappers cost about as much as the work.
     rows = gamma_matrix.shape[0]
     diagonal = np.arange(rows)
-    # Settled when e is within a tenth of the bound's slack of τ² (the candidate is checked
-    # against τ²·(1 + _BOUND_RTOL)), or within rounding: e is a difference of sums of ~‖K‖².
-    settled = max(0.1 * _BOUND_RTOL * tau_sq, 64.0 * np.finfo(np.float64).eps * norm_sq)
+    # e may end above τ² by a tenth of the bound's slack (the candidate is checked against
+    # τ²·(1 + _BOUND_RTOL)), or by rounding: e is a difference of sums of ~‖K‖².
+    above = max(0.1 * _BOUND_RTOL * tau_sq, 64.0 * np.finfo(np.float64).eps * norm_sq)
     # Γ has a unit diagonal, so its eigenvalues lie in [0, R]: as `_solve_eta`'s bracket.
     lo, hi = math.log(_GAMMA_FLOOR) - 40.0, math.log(rows) + 40.0
     log_eta = math.log(hint)
     if not lo < log_eta < hi:
         return None
-    for _ in range(_NEWTON_STEPS):
-        eta = math.exp(log_eta)
+    least_squares_checked = False
+
+    def factor(eta: float) -> np.ndarray | None:
         shifted = gamma_matrix.copy()
         shifted[diagonal, diagonal] += eta
         chol, info = lapack.dpotrf(shifted, lower=1, clean=0, overwrite_a=1)
-        if info != 0:
-            return None
+        return chol if info == 0 else None
+
+    def excess(chol: np.ndarray, eta: float) -> tuple[float, np.ndarray]:
+        """(e(η) − τ², Uᵀ)."""
         y, _ = lapack.dtrtrs(chol, g.T, lower=1)
         u_t, _ = lapack.dtrtrs(chol, y, lower=1, trans=1)
-        value = norm_sq - float(np.vdot(y, y)) - eta * float(np.vdot(u_t, u_t)) - tau_sq
-        if abs(value) <= settled:
+        return norm_sq - float(np.vdot(y, y)) - eta * float(np.vdot(u_t, u_t)) - tau_sq, u_t
+
+    for _ in range(_NEWTON_STEPS):
+        eta = math.exp(log_eta)
+        chol = factor(eta)
+        if chol is None:
+            return None
+        value, u_t = excess(chol, eta)
+        # Ending short of the root by Δe leaves Δe/η on ‖U‖² (d‖U‖²/dη = −(de/dη)/η): a
+        # millionth of it at most, and the error left unused goes to the next mode's update.
+        below = _ETA_SHORTFALL * eta * float(np.vdot(u_t, u_t))
+        if -below <= value <= above:
             return eta, u_t.T
-        z, _ = lapack.dtrtrs(chol, u_t, lower=1)
-        slope = 2.0 * eta * eta * float(np.vdot(z, z))  # de/d log η
         if value < 0.0:
             lo = log_eta
         else:
             hi = log_eta
+        z, _ = lapack.dtrtrs(chol, u_t, lower=1)
+        w, _ = lapack.dtrtrs(chol, z, lower=1, trans=1)
+        zz, ww = float(np.vdot(z, z)), float(np.vdot(w, w))
+        slope = 2.0 * eta * eta * zz  # de/d log η
+        curvature = slope + eta * eta * (2.0 * zz - 6.0 * eta * ww)  # d²e/d(log η)²
         if not slope > 0.0:
             return None
-        step = -value / slope
+        # Aim at the middle of the accepted window.
+        miss = value + 0.5 * below
+        if value > 0.0 and -miss / slope < -math.log(2.0) and not least_squares_checked:
+            # Far above the bound, and Newton would more than halve η: is any η feasible?
+            least_squares_checked = True
+            floor_chol = factor(_GAMMA_FLOOR)
+            if floor_chol is None:
+                return None
+            if excess(floor_chol, _GAMMA_FLOOR)[0] > _BOUND_RTOL * tau_sq:
+                return eta, None
+        denominator = 2.0 * slope * slope - miss * curvature
+        step = -2.0 * miss * slope / denominator if denominator > 0.0 else -miss / slope
         if abs(step) <= 1e-12:
             return eta, u_t.T
         log_eta = log_eta + step
@@ -307,6 +345,10 @@ def _update_mode(
         found = _eta_by_cholesky(g, gamma_matrix, norm_sq, delta_sq, eta_hint)
         if found is not None:
             eta, u = found
+            if u is None:
+                # The least-squares fit is above the bound (a jump too long): nothing to keep,
+                # and the hint stays for the next update of this mode.
+                return direction, weights, err_now, eta_hint
             kept = kept_model(u, delta_sq * (1.0 + _BOUND_RTOL))
             if kept is not None:
                 return (*kept, eta)
