@@ -5,8 +5,8 @@
 Each case runs the public `compress` (uniform ranks at a MAC reduction, no latency, no export) in
 a fresh process of each checkout's Python, timed after a warm-up compress of one small layer,
 under `flock /tmp/rankfold-bench.lock` so benchmarks do not overlap; an old run is stopped after
---old-limit seconds. Writes benchmarks/results/decomposition_speed.json and prints a Markdown
-table.
+--old-limit seconds (without --old-python, this checkout alone). Writes
+benchmarks/results/decomposition_speed.json (after every case) and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -38,6 +38,17 @@ CASES = [
     ("resnet56", RESNET56, "cp-epc", 2.0),
     ("layer512", None, "cp-epc", 3.0),
     ("torchvision:resnet18", None, "cp-epc", 3.0),
+    ("torchvision:resnet18", None, "tucker2", 3.0),
+    ("torchvision:resnet50", None, "tucker2", 3.0),
+    ("layer512", None, "tucker2", 3.0),
+    ("layer512", None, "cp", 2.0),
+    ("torchvision:resnet18", None, "cp", 2.0),
+    ("torchvision:resnet50", None, "cp", 3.0),
+    ("torchvision:resnet50", None, "cp", 2.0),
+    ("torchvision:resnet50", None, "cp-epc", 3.0),
+    ("layer512", None, "cp-epc", 2.0),
+    ("torchvision:resnet18", None, "cp-epc", 2.0),
+    ("torchvision:resnet50", None, "cp-epc", 2.0),
 ]
 
 
@@ -172,8 +183,8 @@ def main() -> None:
             for side in ("new", "old")
         }
         print(json.dumps({**case, **brief}), flush=True)
-    out = ROOT / args.out
-    out.write_text(json.dumps(rows, indent=2) + "\n")
+        # After every case, so that a run stopped part-way keeps what it measured.
+        (ROOT / args.out).write_text(json.dumps(rows, indent=2) + "\n")
     print(
         "| model | method | MACs | old | new | mean rel. error old → new | median sensitivity "
         "reduction old → new | layers |"
@@ -181,9 +192,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         old, new = row["old"], row["new"]
-        err = (
-            f"{old.get('mean_rel_error', float('nan')):.4f} → "
-            f"{new.get('mean_rel_error', float('nan')):.4f}"
+        err = " → ".join(
+            f"{side['mean_rel_error']:.4f}" if "mean_rel_error" in side else "–"
+            for side in (old, new)
         )
         sens = " → ".join(
             f"{side['median_sensitivity_reduction']:.1f}×"
