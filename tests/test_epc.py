@@ -343,6 +343,13 @@ def test_eta_from_a_hint_is_the_root_brent_finds(seed: int, monkeypatch) -> None
     assert _solve_eta(ratio, gamma, target, scratch * 1.03) == pytest.approx(scratch, rel=1e-10)
 
 
+def _forbid_the_eigendecomposition(monkeypatch) -> None:
+    def no_eigh(*args, **kwargs):
+        raise AssertionError("the eigendecomposition was used")
+
+    monkeypatch.setattr(epc_module.np.linalg, "eigh", no_eigh)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_mode_update_from_a_hint_by_cholesky_equals_the_eigendecomposition(
     seed: int, monkeypatch
@@ -372,10 +379,7 @@ def test_mode_update_from_a_hint_by_cholesky_equals_the_eigendecomposition(
 
     assert_within_the_shortfall(_update_mode(*args, eta * 1e4))
 
-    def no_eigh(*args, **kwargs):
-        raise AssertionError("the eigendecomposition was used")
-
-    monkeypatch.setattr(epc_module.np.linalg, "eigh", no_eigh)
+    _forbid_the_eigendecomposition(monkeypatch)
     assert_within_the_shortfall(_update_mode(*args, eta * 1.05))
 
 
@@ -388,10 +392,7 @@ def test_mode_update_above_the_bound_even_at_least_squares_keeps_the_model(monke
     # The bound 1 % below the least-squares error; the model said to be at it.
     delta_sq = 0.99 * err_ls
 
-    def no_eigh(*args, **kwargs):
-        raise AssertionError("the eigendecomposition was used")
-
-    monkeypatch.setattr(epc_module.np.linalg, "eigh", no_eigh)
+    _forbid_the_eigendecomposition(monkeypatch)
     kept = _update_mode(g, gamma, norm_sq, residual_sq, direction, weights, delta_sq, delta_sq, 0.3)
     assert kept[0] is direction and kept[1] is weights
     assert kept[2] == delta_sq and kept[3] == 0.3

@@ -58,8 +58,9 @@ from rankfold.passes.factorizations.tucker import tucker2
 _GAMMA_FLOOR = 1e-10
 # Slack on the error bound for rounding in the exactly recomputed residual.
 _BOUND_RTOL = 1e-10
-# Newton (Halley) steps for η from the last sweep's value before the fallback.
-_NEWTON_STEPS = 8
+# Steps for η from the last sweep's value (Newton, or Halley on the Cholesky route) before
+# the fallback.
+_ETA_STEPS = 8
 # How short of the error bound a Cholesky-route update may stop, as a share of ‖U‖² given up.
 _ETA_SHORTFALL = 1e-6
 
@@ -135,7 +136,7 @@ def _solve_eta(ratio: np.ndarray, gamma: np.ndarray, target: float, hint: float 
         return math.exp(hi)
     if hint is not None and hint > 0.0 and lo < math.log(hint) < hi:
         log_eta = math.log(hint)
-        for _ in range(_NEWTON_STEPS):
+        for _ in range(_ETA_STEPS):
             share = np.reciprocal(1.0 + gamma * math.exp(-log_eta))
             weighted = ratio * share * share
             value = float(np.sum(weighted)) - target
@@ -264,7 +265,7 @@ def _eta_by_cholesky(
         u_t, _ = lapack.dtrtrs(chol, y, lower=1, trans=1)
         return norm_sq - float(np.vdot(y, y)) - eta * float(np.vdot(u_t, u_t)) - tau_sq, u_t
 
-    for _ in range(_NEWTON_STEPS):
+    for _ in range(_ETA_STEPS):
         eta = math.exp(log_eta)
         chol = factor(eta)
         if chol is None:
