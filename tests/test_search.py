@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import subprocess
@@ -273,6 +274,39 @@ def test_pars_on_a_batchnorm_free_model_uses_bias_correction(digits, tmp_path):
         SearchConfig(trials=3, cache_dir=tmp_path),
     )
     assert report["calibration"]["recalibration"] == "bias correction"
+
+
+_POP_ENQUEUED = textwrap.dedent(
+    """
+    import json, sys
+    import optuna
+    from rankfold.passes.search import open_storage
+
+    study = optuna.load_study(study_name="q", storage=open_storage(sys.argv[1]))
+    claimed = []
+    while (trial_id := study._pop_waiting_trial_id()) is not None:
+        claimed.append(trial_id)
+    print(json.dumps(claimed))
+    """
+)
+
+
+def test_two_processes_on_a_sqlite_study_never_claim_the_same_enqueued_trial(tmp_path):
+    """optuna's SELECT … FOR UPDATE is a no-op on SQLite: without serialized transactions two
+    workers claim the same enqueued trial (14–15 of 200 here), and one of them later fails on
+    'Cannot tell a COMPLETE trial'."""
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    study = optuna.create_study(study_name="q", storage=open_storage(url))
+    for x in range(200):
+        study.enqueue_trial({"x": x})
+    workers = [
+        subprocess.Popen([sys.executable, "-c", _POP_ENQUEUED, url], stdout=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    claimed = [json.loads(worker.communicate(timeout=120)[0]) for worker in workers]
+    assert all(worker.returncode == 0 for worker in workers)
+    assert not set(claimed[0]) & set(claimed[1])
+    assert sorted(claimed[0] + claimed[1]) == sorted(t._trial_id for t in study.get_trials())
 
 
 def test_storage_urls_and_fingerprint_mismatch(digits, tmp_path):

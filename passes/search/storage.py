@@ -26,12 +26,14 @@ from rankfold.passes.core import ConfigError
 
 if TYPE_CHECKING:
     import optuna
+    import sqlalchemy
 
 HOST = socket.gethostname()
 HEARTBEAT_SECONDS = 10
 GRACE_HEARTBEATS = 3  # a trial is stale after this many missed heartbeats
 MAX_RETRY = 2  # a configuration that killed its worker this often is not tried again
 CONNECT_TIMEOUT_SECONDS = 10
+SQLITE_LOCK_TIMEOUT_SECONDS = 60
 SCHEMA_ATTEMPTS = 3
 SCHEMA_RACE_SIGNS = ("already exists", "UNIQUE constraint failed: alembic_version")
 
@@ -87,6 +89,9 @@ def open_storage(
             raise ValueError("not a URL")
         if url.startswith("postgresql"):
             engine_kwargs = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_SECONDS}}
+        if url.startswith("sqlite"):
+            # Transactions wait for each other's lock (serialized below) rather than fail.
+            engine_kwargs = {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT_SECONDS}}
         if url.startswith(("postgresql://", "postgres://")):
             # The driver rankfold ships, whichever one SQLAlchemy's version defaults to.
             url = "postgresql+psycopg://" + url.partition("://")[2]
@@ -94,13 +99,16 @@ def open_storage(
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    return optuna.storages.RDBStorage(
+                    storage = optuna.storages.RDBStorage(
                         url,
                         engine_kwargs=engine_kwargs,
                         heartbeat_interval=heartbeat,
                         grace_period=GRACE_HEARTBEATS * heartbeat,
                         heartbeat_stale_trial_callback=retry_callback(),
                     )
+                if url.startswith("sqlite"):
+                    _serialize_sqlite_transactions(storage.engine)
+                return storage
             except Exception as exc:  # noqa: BLE001 - re-raised unless it is the race below
                 # Workers started together on a new database all create its tables (and stamp
                 # its schema version); the losers fail and find both made when they retry.
@@ -119,6 +127,28 @@ def open_storage(
             "that the database server is reachable and that its driver is installed "
             "(postgresql: pip install 'psycopg[binary]')"
         ) from None
+
+
+def _serialize_sqlite_transactions(engine: sqlalchemy.engine.Engine) -> None:
+    """Every transaction on `engine` takes SQLite's write lock when it begins (BEGIN IMMEDIATE).
+
+    optuna claims an enqueued trial by reading it WAITING and writing RUNNING under
+    SELECT … FOR UPDATE, which SQLite ignores, and Python's sqlite3 runs the read outside any
+    transaction: two workers can claim the same trial (PARS's seed trials, retried ones), and
+    the later `tell` fails with "Cannot tell a COMPLETE trial" (optuna issues #4002, #4621).
+    SQLAlchemy's documented recipe for pysqlite: let it issue BEGIN itself."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def no_implicit_transactions(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def begin_with_the_write_lock(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    # Connections opened while the storage checked its schema predate the hooks.
+    engine.dispose()
 
 
 def check_storage(url: str | None, workers: int) -> None:
