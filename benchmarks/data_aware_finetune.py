@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/data_aware_finetune.py [--model resnet56]
         [--methods cp-epc,cp,tucker2] [--reduction 4] [--epochs 6]
-        [--arms refit,weight_only] [--select uniform] [--pruning global|local|none]
+        [--arms refit,weight_only] [--select uniform] [--pruning global|local|none] [--mixup A]
 
 Each low-rank cell is one `rankfold compress` (a subprocess) on ResNet-56 (`--model resnet20`:
 ResNet-20) with its real weights, `--train-data cifar10/train_lossless_5085.npz --eval-data
@@ -21,12 +21,12 @@ and on the 10,000 JPEG test images.
 The pruning arm is Torch-Pruning's documented CIFAR recipe (group-norm importance, global
 pruning, GroupNormPruner stepping until the MAC target is reached; `--pruning local` prunes every
 layer by the same share instead, `--methods none` runs the pruning arm alone), run through its
-public API,
-with rankfold's fine-tuning (the same epochs, data, distillation and defaults as the low-rank
-arms). The option-A shortcut of these ResNets is a fixed channel-padding map, so the residual
-stream's channels are coupled across each stage through it; only each block's inner channels
-(conv1's outputs) are pruned, as in L1-norm filter pruning on these networks. MACs of every arm
-are counted by rankfold's `analyze` on the traced model.
+public API, with rankfold's fine-tuning (the same epochs, data, distillation and defaults as the
+low-rank arms; `--mixup A` fine-tunes every arm, pruning too, with mixup). The option-A
+shortcut of these ResNets is a fixed channel-padding map, so the residual stream's channels are
+coupled across each stage through it; only each block's inner channels (conv1's outputs) are
+pruned, as in L1-norm filter pruning on these networks. MACs of every arm are counted by
+rankfold's `analyze` on the traced model.
 
 Finally the original, every compressed model.onnx and the pruned model are timed side by side on
 onnxruntime's CPU provider at batch 1 and 8 (`time_side_by_side`). A run directory that already
@@ -65,6 +65,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--arms", default="refit,weight_only")
     parser.add_argument("--select", default="uniform", help="rank selector of every arm")
     parser.add_argument("--pruning", choices=("global", "local", "none"), default="global")
+    parser.add_argument(
+        "--mixup",
+        type=float,
+        default=0.0,
+        help="fine-tune every arm with `--mixup A` (0: the default fine-tuning, no mixup)",
+    )
     parser.add_argument("--latency-repeats", type=int, default=50)
     parser.add_argument("--data", type=Path, default=None, help="RANKFOLD_DATA folder")
     parser.add_argument("--work", type=Path, default=Path("/tmp/rankfold-data-aware-finetune"))
@@ -96,6 +102,7 @@ def compress(args, base: Path, method: str, arm: str, out: Path) -> tuple[dict, 
         "--train-data", str(base / TRAIN), "--eval-data", str(base / TESTS["lossless_1017"]),
         "--finetune-epochs", str(args.epochs), "--select", args.select, "--no-latency",
         "--search-cache-dir", str(args.work / "cache"), "--out", str(out), *ARMS[arm],
+        *(["--mixup", f"{args.mixup:g}"] if args.mixup else []),
     ]  # fmt: skip
     if (out / "report.json").is_file():
         print(f"reusing {out}", flush=True)
@@ -203,14 +210,16 @@ def main() -> None:
     methods = [] if args.methods == "none" else args.methods.split(",")
     runs = [(m, arm) for arm in args.arms.split(",") for m in methods]
     for method, arm in runs:
-        out = args.work / f"{args.model}-{method}-{args.reduction:g}-{arm}-{args.select}"
+        mixed = f"-mixup{args.mixup:g}" if args.mixup else ""
+        label = arm + (f" + mixup {args.mixup:g}" if args.mixup else "")
+        out = args.work / f"{args.model}-{method}-{args.reduction:g}-{arm}-{args.select}{mixed}"
         report, seconds, command = compress(args, base, method, arm, out)
         onnx_files.setdefault("original", out / "original.onnx")
-        onnx_files[f"{method} {arm}"] = out / "model.onnx"
+        onnx_files[f"{method} {label}"] = out / "model.onnx"
         acc = report["compressed"]
         rows.append(
             {
-                "arm": arm,
+                "arm": label,
                 "method": method,
                 "select": args.select,
                 "macs_reduction": report["macs_reduction"],
@@ -244,14 +253,14 @@ def main() -> None:
                 original,
                 train,
                 spec,
-                finetune_config({"epochs": args.epochs}),
+                finetune_config({"epochs": args.epochs, "mixup": args.mixup}),
                 checkpoints,
                 eval_data=tests["lossless_1017"],
             )
         onnx_files["pruned"] = export_onnx(pruned, example, args.work / f"{args.model}-pruned.onnx")
         rows.append(
             {
-                "arm": "pruning",
+                "arm": "pruning" + (f" + mixup {args.mixup:g}" if args.mixup else ""),
                 "method": f"torch-pruning group-norm, {args.pruning} (inner channels)",
                 "macs_reduction": reduction,
                 "stages": {"pruned": pruned_scores["final"]["lossless_1017"]}
@@ -270,7 +279,7 @@ def main() -> None:
     for i, name in enumerate(onnx_files):
         latency[name] = {str(t.batch): t.median_ms(i) for t in timings}
     for row in rows:
-        key = "pruned" if row["arm"] == "pruning" else f"{row['method']} {row['arm']}"
+        key = "pruned" if row["arm"].startswith("pruning") else f"{row['method']} {row['arm']}"
         row["latency_ms"] = latency[key]
     save()
     print(table(rows, latency["original"]))

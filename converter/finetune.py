@@ -3,7 +3,8 @@
 The factor structure (the ranks) stays fixed; by default every weight trains, or only the
 decomposed blocks (`train_only_decomposed`). The loss mixes knowledge distillation from the
 original model (KL divergence of temperature-softened logits, Hinton et al. 2015) with the label
-loss. Defaults that work for the zoo models: SGD with Nesterov momentum 0.9, lr 1e-3, weight decay
+loss; optionally each factorized block's output is matched to its original layer's (hints), and
+mixup shows teacher and student the same mixed images. Defaults that work for the zoo models: SGD with Nesterov momentum 0.9, lr 1e-3, weight decay
 5e-4, cosine decay to zero per step, batch 128, T = 4, alpha = 0.9 (AdamW: lr 3e-4, weight decay
 0.05). The rate is low on purpose: CP blocks (1×1, depthwise, 1×1) diverged at SGD lr 0.01 and 3e-3
 on ResNet-20, while 1e-3 was the best rate tried for both CP and Tucker-2 (2 epochs on the 5,085
@@ -21,7 +22,8 @@ Multi-GPU / multi-machine: started under torchrun (WORLD_SIZE > 1), training run
 DistributedDataParallel (nccl on CUDA, gloo on CPU). Every global batch of `batch_size` examples is
 split across ranks as DistributedSampler does (rank r takes every world-size-th example), and each
 rank's loss is scaled so that DDP's gradient average equals the gradient of the global batch mean:
-for a model without BatchNorm the result equals single-process training. BatchNorm layers
+for a model without BatchNorm the result equals single-process training (with mixup only up to
+which images are paired: each rank mixes within its own share). BatchNorm layers
 normalize with their own rank's shard statistics (standard DDP behaviour; SyncBatchNorm would need
 GPUs), and their running statistics are taken from rank 0 at each epoch end. Only rank 0 prints
 and writes checkpoints; on resume it reads the checkpoint and sends it to the other ranks, so the
@@ -88,6 +90,13 @@ class FinetuneConfig(BaseModel):
     distill: bool = True
     temperature: float = Field(default=4.0, gt=0)
     alpha: float = Field(default=0.9, ge=0, le=1)  # weight of the distillation term
+    # Weight of the hint term: each factorized block's output matched to its original layer's
+    # (normalised squared error, FitNets' hints, Romero et al. 2015); 0 turns it off.
+    feature_weight: float = Field(default=0.0, ge=0)
+    # Mixup (Zhang et al. 2018) of each image with another, λ ~ Beta(a, a) with a = mixup; the
+    # teacher sees the same mixed images, so distillation matches its function between the
+    # training images too ("consistent" distillation, Beyer et al. 2022). 0 turns it off.
+    mixup: float = Field(default=0.0, ge=0)
     augment: Augment = "auto"  # auto: cifar for 3×32×32 inputs
     train_only_decomposed: bool = False
     amp: bool = True  # mixed precision, on CUDA only
@@ -166,6 +175,53 @@ def kd_loss(
     return per_example.mean() if reduction == "mean" else per_example
 
 
+def mixup_weights(rng: np.random.Generator, n: int, concentration: float) -> np.ndarray:
+    """Each example's share λ ~ Beta(a, a) of its mixed image, as float32."""
+    return rng.beta(concentration, concentration, n).astype(np.float32)
+
+
+def mix(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """λ·x_i + (1 − λ)·x_{i−1}: each image mixed with the one before it in the batch (the order
+    is already shuffled)."""
+    w = weights.view(-1, *([1] * (x.ndim - 1)))
+    return w * x + (1 - w) * x.roll(1, 0)
+
+
+def hint_loss(
+    student_outputs: Mapping[str, list[torch.Tensor]],
+    teacher_outputs: Mapping[str, list[torch.Tensor]],
+) -> torch.Tensor:
+    """Per example, the mean over blocks of ‖student − teacher‖² over the batch's mean
+    ‖teacher‖²: each block's output error relative to its layer's energy, so wide and narrow
+    layers weigh alike."""
+    terms = []
+    for name, teacher in teacher_outputs.items():
+        for s, t in zip(student_outputs[name], teacher, strict=True):
+            t = t.float().flatten(1)
+            energy = t.square().sum(1).mean().clamp_min(torch.finfo(torch.float32).tiny)
+            terms.append((s.float().flatten(1) - t).square().sum(1) / energy)
+    return torch.stack(terms).mean(0)
+
+
+@contextlib.contextmanager
+def block_outputs(
+    model: nn.Module, names: Sequence[str]
+) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """The outputs of `model`'s submodules `names`, one per call, recorded while in the block."""
+    recorded: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    handles = [
+        model.get_submodule(name).register_forward_hook(
+            lambda _module, _args, output, name=name: recorded[name].append(output)
+        )
+        for name in names
+    ]
+    try:
+        yield recorded
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def finetune(
     student: nn.Module,
     teacher: nn.Module | None,
@@ -182,7 +238,8 @@ def finetune(
     `config.validation` of the training images held out, of the epoch best on them.
 
     `teacher` (the original model) is needed when `config.distill`. `decomposed_names` are the
-    dotted names of the factorized blocks, needed for `train_only_decomposed`. Checkpoints go to
+    dotted names of the factorized blocks, needed for `train_only_decomposed` and the hint term
+    (`feature_weight`; the teacher has the layers at the same names). Checkpoints go to
     `checkpoint_dir` (finetune_last.pt every epoch, finetune_best.pt at each new best); with
     `resume` a run continues from finetune_last.pt. Ctrl-C leaves the last complete checkpoint and
     re-raises. `seed` fixes shuffling, augmentation and the RNGs. The student is returned in eval
@@ -190,7 +247,7 @@ def finetune(
     """
     if config.epochs == 0:
         return FinetuneResult([], None, None, None)
-    _check_inputs(student, teacher, train, spec, config, eval_data)
+    _check_inputs(student, teacher, train, spec, config, eval_data, decomposed_names)
     train, validation = validation_split(train, config.validation, seed)
     directory = Path(checkpoint_dir)
     device = _device_of(student)
@@ -339,6 +396,7 @@ class _Trainer:
         resumed_from = state.epoch if payload is not None else None
 
         frozen = _frozen_modules(self.student, decomposed) if config.train_only_decomposed else []
+        hinted = list(decomposed) if config.feature_weight > 0 else []
         for epoch in range(state.epoch + 1, config.epochs + 1):
             start = time.perf_counter()
             # A run resumed mid-epoch reports the rate the epoch started with, as the first did.
@@ -346,7 +404,7 @@ class _Trainer:
                 state.epoch_lr = optimizer.param_groups[0]["lr"]
             lr = state.epoch_lr
             loss, train_accuracy = self._train_epoch(
-                model, optimizer, scheduler, scaler, frozen, epoch, state
+                model, optimizer, scheduler, scaler, frozen, hinted, epoch, state
             )
             self._sync_buffers()
             eval_accuracy = None if self.eval_data is None else self._evaluate(self.eval_data)
@@ -389,6 +447,7 @@ class _Trainer:
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         scaler: torch.amp.GradScaler,
         frozen: list[nn.Module],
+        hinted: list[str],
         epoch: int,
         state: _RunState,
     ) -> tuple[float, float]:
@@ -400,12 +459,17 @@ class _Trainer:
         groups, rng = _global_batches(
             len(self.train), config.batch_size, self.world, self.seed, epoch
         )
+        # Mixup draws come from a generator of their own, so turning it on leaves the crops as
+        # they were.
+        mixing = np.random.default_rng([self.seed, epoch, 1]) if config.mixup > 0 else None
         totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, examples (this rank)
         done = state.step  # steps of this epoch a resumed run already made
         if done:
             for indices in groups[:done]:  # the same draws as the interrupted run made
                 if self.augment == "cifar":
                     crop_flip_params(rng, len(indices))
+                if mixing is not None:
+                    mixup_weights(mixing, len(indices), config.mixup)
             if self.rank == 0:  # the checkpoint holds all ranks' sums; the others start at 0
                 totals = state.partial.clone()
         description = f"fine-tune {epoch}/{config.epochs}"
@@ -426,15 +490,14 @@ class _Trainer:
                     images = crop_flip(images, *(part[local][kept] for part in crops))
                 x = normalize(images, self.spec).to(self.device, non_blocking=True)
                 y = torch.from_numpy(labels).to(self.device)
+                weights = None
+                if mixing is not None:
+                    weights = torch.from_numpy(
+                        mixup_weights(mixing, len(indices), config.mixup)[local][kept]
+                    ).to(self.device)
+                    x = mix(x, weights)
                 with self._autocast():
-                    logits = model(x)
-                    if self.teacher is not None:
-                        teacher_logits = self._teacher_logits(self.teacher, x)
-                        per_example = kd_loss(
-                            logits, teacher_logits, y, config.temperature, config.alpha, "none"
-                        )
-                    else:
-                        per_example = F.cross_entropy(logits.float(), y, reduction="none")
+                    logits, per_example = self._loss(model, x, y, weights, hinted)
                 # Sum over this rank's share of the global batch, scaled so that DDP's average
                 # over ranks is the mean over the global batch even when shares differ in size.
                 loss = per_example.sum() * (self.world / len(indices))
@@ -443,6 +506,8 @@ class _Trainer:
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
+                if weights is not None:  # scored against each mixed image's larger part
+                    y = torch.where(weights >= 0.5, y, y.roll(1))
                 correct = (logits.detach().argmax(1) == y).sum()
                 totals += torch.tensor(
                     [float(per_example.detach().sum()), float(correct), len(y)],
@@ -460,6 +525,39 @@ class _Trainer:
                     self._save_last(optimizer, scheduler, scaler, state)
         totals = self._all_reduce(totals)
         return float(totals[0] / totals[2]), float(totals[1] / totals[2])
+
+    def _loss(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        weights: torch.Tensor | None,
+        hinted: list[str],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, loss per example). With mixup `weights`, x holds mixed images and the label
+        loss is the same mix of the two images' labels; the teacher sees the same mixed images."""
+        config = self.config
+        with block_outputs(self.student, hinted) as student_features:
+            logits = model(x)
+        if self.teacher is None:
+            ce = F.cross_entropy(logits.float(), y, reduction="none")
+            if weights is None:
+                return logits, ce
+            other = F.cross_entropy(logits.float(), y.roll(1), reduction="none")
+            return logits, weights * ce + (1 - weights) * other
+        with block_outputs(self.teacher, hinted) as teacher_features:
+            teacher_logits = self._teacher_logits(self.teacher, x)
+        distill = (config.temperature, config.alpha, "none")
+        per_example = kd_loss(logits, teacher_logits, y, *distill)
+        if weights is not None:
+            # The distillation terms are equal, so this mixes only the label terms.
+            other = kd_loss(logits, teacher_logits, y.roll(1), *distill)
+            per_example = weights * per_example + (1 - weights) * other
+        if hinted:
+            per_example = per_example + config.feature_weight * hint_loss(
+                student_features, teacher_features
+            )
+        return logits, per_example
 
     @staticmethod
     def _teacher_logits(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -694,6 +792,7 @@ def _check_inputs(
     spec: ModelSpec,
     config: FinetuneConfig,
     eval_data: ImageData | None,
+    decomposed: Sequence[str],
 ) -> None:
     # Configs built without validation (model_construct) are checked here too.
     if not (config.lr is not None and config.lr > 0):
@@ -707,6 +806,20 @@ def _check_inputs(
             "distillation needs the original model as teacher; pass it, or turn it off "
             "(--no-distill)"
         )
+    if config.feature_weight > 0 and not (config.distill and decomposed):
+        needs = "distillation (drop --no-distill)" if not config.distill else "decomposed blocks"
+        raise ConfigError(
+            f"matching block outputs (feature weight {config.feature_weight:g}) needs {needs}; "
+            "set --feature-weight 0 or give what it needs"
+        )
+    if config.feature_weight > 0:
+        for model, role in ((student, "compressed model"), (teacher, "original")):
+            missing = [name for name in decomposed if not _has_submodule(model, name)]
+            if missing:
+                raise ConfigError(
+                    f"decomposed block '{missing[0]}' is not in the {role}; pass names from its "
+                    "plan"
+                )
     for name, data in (("training", train), ("evaluation", eval_data)):
         if data is None:
             continue
@@ -730,6 +843,14 @@ def _check_inputs(
             f"the model outputs shape {tuple(probe.shape)} but model '{spec.name}' has "
             f"{spec.num_classes} classes; fine-tuning needs N×{spec.num_classes} logits"
         )
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _select_trainable(

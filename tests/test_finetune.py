@@ -17,12 +17,14 @@ from rankfold.converter.finetune import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
     FinetuneConfig,
+    block_outputs,
     finetune,
     finetune_config,
+    hint_loss,
     kd_loss,
     plot_history,
 )
-from rankfold.models import ArrayDataset, ModelSpec
+from rankfold.models import ArrayDataset, ModelSpec, normalize
 from rankfold.passes.blocks import FactorizedBlock
 from rankfold.passes.core import ConfigError, DataError
 
@@ -112,6 +114,22 @@ def test_kd_loss_matches_a_hand_computation() -> None:
         kd_loss(*args[:3], 0.0, alpha)
     with pytest.raises(ValueError, match="alpha"):
         kd_loss(*args[:3], t, 1.5)
+
+
+def test_hint_loss_is_each_blocks_error_relative_to_its_layers_energy() -> None:
+    torch.manual_seed(0)
+    wide, narrow = torch.randn(3, 16, 4, 4), 1e-3 * torch.randn(3, 2, 4, 4)
+    teacher = {"wide": [wide], "narrow": [narrow, 2 * narrow]}  # narrow is called twice
+    student = {"wide": [wide + 0.1], "narrow": [narrow, 0 * narrow]}
+    per_example = hint_loss(student, teacher)
+    energy = narrow.square().sum((1, 2, 3))
+    expected = (
+        0.01 * 256 / wide.square().sum((1, 2, 3)).mean()  # 0.1² over 256 values
+        + 0.0  # the first call matches exactly
+        + 4 * energy / (4 * energy).mean()  # a zero output: each example's share of the energy
+    ) / 3
+    np.testing.assert_allclose(per_example.numpy(), expected.numpy(), rtol=1e-5)
+    assert float(hint_loss(teacher, teacher).abs().max()) == 0.0
 
 
 def test_config_defaults_depend_on_the_optimizer() -> None:
@@ -236,7 +254,13 @@ def test_the_evaluation_labels_influence_no_weight(tmp_path: Path) -> None:
         assert torch.equal(value, weights[1][key]), key
 
 
-def _run(tmp_path: Path, name: str, interrupt_at: int | None = None, resume: bool = False):
+def _run(
+    tmp_path: Path,
+    name: str,
+    interrupt_at: int | None = None,
+    resume: bool = False,
+    settings: FinetuneConfig | None = None,
+):
     """A fresh student trained 3 epochs; optionally Ctrl-C at the given forward call."""
     student, teacher = tiny(0), tiny(1)
     calls = {"n": 0}
@@ -249,7 +273,14 @@ def _run(tmp_path: Path, name: str, interrupt_at: int | None = None, resume: boo
     handle = student.fc.register_forward_hook(interrupt)
     try:
         result = finetune(
-            student, teacher, TRAIN, SPEC, config(), tmp_path / name, eval_data=EVAL, resume=resume
+            student,
+            teacher,
+            TRAIN,
+            SPEC,
+            settings or config(),
+            tmp_path / name,
+            eval_data=EVAL,
+            resume=resume,
         )
     finally:
         handle.remove()
@@ -281,6 +312,18 @@ def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(tmp_path:
     again, finished = _run(tmp_path, "cut", resume=True)
     assert finished.resumed_from == 3 and len(finished.history) == 3
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in reference.state_dict().items())
+
+
+def test_a_run_with_mixup_resumed_mid_epoch_replays_the_same_mixes(tmp_path: Path) -> None:
+    settings = config(mixup=1.0, checkpoint_every=3)
+    reference, _ = _run(tmp_path, "ref", settings=settings)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "cut", interrupt_at=1 + 9 + 5, settings=settings)  # epoch 2, step 5
+    saved = torch.load(tmp_path / "cut" / LAST_CHECKPOINT, weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (1, 3)
+    resumed, _ = _run(tmp_path, "cut", resume=True, settings=settings)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
 
 
 def test_interrupt_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch) -> None:
@@ -366,6 +409,76 @@ def test_train_only_decomposed_freezes_everything_else(tmp_path: Path) -> None:
             tmp_path,
             decomposed_names=["blok"],
         )
+
+
+def test_the_hint_term_brings_the_blocks_output_towards_its_layers(tmp_path: Path) -> None:
+    teacher = tiny(1)
+    x = normalize(TRAIN.x[:64], SPEC)
+
+    def block_error(student: nn.Module) -> float:
+        with block_outputs(student, ["block"]) as s, block_outputs(teacher, ["block"]) as t:
+            with torch.no_grad():
+                student(x), teacher(x)
+        return float(hint_loss(s, t).mean())
+
+    errors = {}
+    for weight in (0.0, 1.0):
+        student = tiny(0)
+        start = block_error(student)
+        finetune(
+            student,
+            teacher,
+            TRAIN,
+            SPEC,
+            config(epochs=2, feature_weight=weight),
+            tmp_path / str(weight),
+            decomposed_names=["block"],
+        )
+        errors[weight] = block_error(student)
+    assert errors[1.0] < 0.5 * start and errors[1.0] < 0.5 * errors[0.0], (start, errors)
+    student = tiny(0)
+    for settings, names, words in (
+        ({"feature_weight": 1.0}, [], "needs decomposed blocks"),
+        ({"feature_weight": 1.0, "distill": False}, ["block"], "needs distillation"),
+        ({"feature_weight": 1.0}, ["blok"], "'blok' is not in the compressed model"),
+    ):
+        with pytest.raises(ConfigError, match=words) as info:
+            finetune(
+                student, teacher, TRAIN, SPEC, config(**settings), tmp_path, decomposed_names=names
+            )
+        assert "\n" not in str(info.value)
+
+
+def test_mixup_shows_teacher_and_student_the_same_mixed_images(tmp_path: Path) -> None:
+    seen: dict[float, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for concentration in (0.0, 0.5):
+        student, teacher = tiny(0), tiny(1)
+        inputs: dict[str, list[torch.Tensor]] = {"student": [], "teacher": []}
+
+        def record(role, log=inputs, trained=student):
+            def hook(module, args):
+                if trained.training:  # training steps only, not the input probe
+                    log[role].append(args[0].clone())
+
+            return hook
+
+        student.register_forward_pre_hook(record("student"))
+        teacher.register_forward_pre_hook(record("teacher"))
+        result = finetune(
+            student, teacher, TRAIN, SPEC, config(epochs=1, mixup=concentration), tmp_path / "m"
+        )
+        seen[concentration] = list(zip(inputs["student"], inputs["teacher"], strict=True))
+        assert 0.25 < result.history[0]["train_accuracy"] <= 1.0
+    assert len(seen[0.5]) == 8  # 8 steps, each seen by both models
+    draws = np.random.default_rng([0, 1, 1])  # the epoch's mixup generator (seed 0, epoch 1)
+    for (plain, _), (mixed, teacher_input) in zip(seen[0.0], seen[0.5], strict=True):
+        assert torch.equal(mixed, teacher_input)
+        share = torch.from_numpy(draws.beta(0.5, 0.5, len(plain)).astype(np.float32))
+        expected = share.view(-1, 1, 1, 1) * plain + (1 - share.view(-1, 1, 1, 1)) * plain.roll(
+            1, 0
+        )
+        torch.testing.assert_close(mixed, expected, rtol=1e-5, atol=1e-5)
+        assert float((mixed - plain).abs().max()) > 0.1  # the mix really changed the images
 
 
 def test_zero_epochs_is_a_no_op(tmp_path: Path) -> None:
