@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/data_aware_finetune.py [--model resnet56]
         [--methods cp-epc,cp,tucker2] [--reduction 4] [--epochs 6]
-        [--arms refit,weight_only] [--select uniform] [--pruning global|local|none] [--mixup A]
+        [--arms refit,weight_only] [--select uniform] [--pruning global|local|none]
+        [--mixup A] [--lr X]
 
 Each low-rank cell is one `rankfold compress` (a subprocess) on ResNet-56 (`--model resnet20`:
 ResNet-20) with its real weights, `--train-data cifar10/train_lossless_5085.npz --eval-data
@@ -22,7 +23,7 @@ The pruning arm is Torch-Pruning's documented CIFAR recipe (group-norm importanc
 pruning, GroupNormPruner stepping until the MAC target is reached; `--pruning local` prunes every
 layer by the same share instead, `--methods none` runs the pruning arm alone), run through its
 public API, with rankfold's fine-tuning (the same epochs, data, distillation and defaults as the
-low-rank arms; `--mixup A` fine-tunes every arm, pruning too, with mixup). The option-A
+low-rank arms; `--mixup A` and `--lr X` change them for every arm, pruning too). The option-A
 shortcut of these ResNets is a fixed channel-padding map, so the residual stream's channels are
 coupled across each stage through it; only each block's inner channels (conv1's outputs) are
 pruned, as in L1-norm filter pruning on these networks. MACs of every arm are counted by
@@ -71,6 +72,9 @@ def parse_args() -> argparse.Namespace:
         default=0.0,
         help="fine-tune every arm with `--mixup A` (0: the default fine-tuning, no mixup)",
     )
+    parser.add_argument(
+        "--lr", type=float, default=None, help="fine-tuning rate of every arm (default: rankfold's)"
+    )
     parser.add_argument("--latency-repeats", type=int, default=50)
     parser.add_argument("--data", type=Path, default=None, help="RANKFOLD_DATA folder")
     parser.add_argument("--work", type=Path, default=Path("/tmp/rankfold-data-aware-finetune"))
@@ -103,6 +107,7 @@ def compress(args, base: Path, method: str, arm: str, out: Path) -> tuple[dict, 
         "--finetune-epochs", str(args.epochs), "--select", args.select, "--no-latency",
         "--search-cache-dir", str(args.work / "cache"), "--out", str(out), *ARMS[arm],
         *(["--mixup", f"{args.mixup:g}"] if args.mixup else []),
+        *(["--lr", f"{args.lr:g}"] if args.lr else []),
     ]  # fmt: skip
     if (out / "report.json").is_file():
         print(f"reusing {out}", flush=True)
@@ -210,8 +215,8 @@ def main() -> None:
     methods = [] if args.methods == "none" else args.methods.split(",")
     runs = [(m, arm) for arm in args.arms.split(",") for m in methods]
     for method, arm in runs:
-        mixed = f"-mixup{args.mixup:g}" if args.mixup else ""
-        label = arm + (f" + mixup {args.mixup:g}" if args.mixup else "")
+        mixed = "".join(f"-{k}{v:g}" for k, v in (("mixup", args.mixup), ("lr", args.lr)) if v)
+        label = arm + finetune_label(args)
         out = args.work / f"{args.model}-{method}-{args.reduction:g}-{arm}-{args.select}{mixed}"
         report, seconds, command = compress(args, base, method, arm, out)
         onnx_files.setdefault("original", out / "original.onnx")
@@ -253,14 +258,17 @@ def main() -> None:
                 original,
                 train,
                 spec,
-                finetune_config({"epochs": args.epochs, "mixup": args.mixup}),
+                finetune_config(
+                    {"epochs": args.epochs, "mixup": args.mixup}
+                    | ({"lr": args.lr} if args.lr else {})
+                ),
                 checkpoints,
                 eval_data=tests["lossless_1017"],
             )
         onnx_files["pruned"] = export_onnx(pruned, example, args.work / f"{args.model}-pruned.onnx")
         rows.append(
             {
-                "arm": "pruning" + (f" + mixup {args.mixup:g}" if args.mixup else ""),
+                "arm": "pruning" + finetune_label(args),
                 "method": f"torch-pruning group-norm, {args.pruning} (inner channels)",
                 "macs_reduction": reduction,
                 "stages": {"pruned": pruned_scores["final"]["lossless_1017"]}
@@ -283,6 +291,14 @@ def main() -> None:
         row["latency_ms"] = latency[key]
     save()
     print(table(rows, latency["original"]))
+
+
+def finetune_label(args: argparse.Namespace) -> str:
+    """What the arms' fine-tuning changes from rankfold's defaults, e.g. " + mixup 1, lr 0.003"."""
+    changes = [
+        f"{name} {value:g}" for name, value in (("mixup", args.mixup), ("lr", args.lr)) if value
+    ]
+    return f" + {', '.join(changes)}" if changes else ""
 
 
 def pct(value: float | None) -> str:
