@@ -3,12 +3,12 @@
 The factor structure (the ranks) stays fixed; by default every weight trains, or only the
 decomposed blocks (`train_only_decomposed`). The loss mixes knowledge distillation from the
 original model (KL divergence of temperature-softened logits, Hinton et al. 2015) with the label
-loss; optionally each factorized block's output is matched to its original layer's (hints), and
-mixup shows teacher and student the same mixed images. Defaults that work for the zoo models: SGD with Nesterov momentum 0.9, lr 1e-3, weight decay
-5e-4, cosine decay to zero per step, batch 128, T = 4, alpha = 0.9 (AdamW: lr 3e-4, weight decay
-0.05). The rate is low on purpose: CP blocks (1×1, depthwise, 1×1) diverged at SGD lr 0.01 and 3e-3
-on ResNet-20, while 1e-3 was the best rate tried for both CP and Tucker-2 (2 epochs on the 5,085
-CIFAR training images: CP 87.8 → 91.8 %, Tucker-2 67.6 → 87.0 % on 500 test images, original 91.0).
+loss; optionally mixup shows teacher and student the same mixed images. Defaults that work for
+the zoo models: SGD with Nesterov momentum 0.9, lr 1e-3, weight decay 5e-4, cosine decay to zero
+per step, batch 128, T = 4, alpha = 0.9 (AdamW: lr 3e-4, weight decay 0.05). The rate is low on
+purpose: CP blocks (1×1, depthwise, 1×1) diverged at SGD lr 0.01 and 3e-3 on ResNet-20, while 1e-3
+was the best rate tried for both CP and Tucker-2 (2 epochs on the 5,085 CIFAR training images: CP
+87.8 → 91.8 %, Tucker-2 67.6 → 87.0 % on 500 test images, original 91.0).
 
 Reproducibility: each epoch's shuffling and augmentation come from a NumPy generator seeded by
 (seed, epoch), and the model, optimizer, scheduler and torch RNG states are checkpointed at every
@@ -90,9 +90,6 @@ class FinetuneConfig(BaseModel):
     distill: bool = True
     temperature: float = Field(default=4.0, gt=0)
     alpha: float = Field(default=0.9, ge=0, le=1)  # weight of the distillation term
-    # Weight of the hint term: each factorized block's output matched to its original layer's
-    # (normalised squared error, FitNets' hints, Romero et al. 2015); 0 turns it off.
-    feature_weight: float = Field(default=0.0, ge=0)
     # Mixup (Zhang et al. 2018) of each image with another, λ ~ Beta(a, a) with a = mixup; the
     # teacher sees the same mixed images, so distillation matches its function between the
     # training images too ("consistent" distillation, Beyer et al. 2022). 0 turns it off.
@@ -187,41 +184,6 @@ def mix(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return w * x + (1 - w) * x.roll(1, 0)
 
 
-def hint_loss(
-    student_outputs: Mapping[str, list[torch.Tensor]],
-    teacher_outputs: Mapping[str, list[torch.Tensor]],
-) -> torch.Tensor:
-    """Per example, the mean over blocks of ‖student − teacher‖² over the batch's mean
-    ‖teacher‖²: each block's output error relative to its layer's energy, so wide and narrow
-    layers weigh alike."""
-    terms = []
-    for name, teacher in teacher_outputs.items():
-        for s, t in zip(student_outputs[name], teacher, strict=True):
-            t = t.float().flatten(1)
-            energy = t.square().sum(1).mean().clamp_min(torch.finfo(torch.float32).tiny)
-            terms.append((s.float().flatten(1) - t).square().sum(1) / energy)
-    return torch.stack(terms).mean(0)
-
-
-@contextlib.contextmanager
-def block_outputs(
-    model: nn.Module, names: Sequence[str]
-) -> Iterator[dict[str, list[torch.Tensor]]]:
-    """The outputs of `model`'s submodules `names`, one per call, recorded while in the block."""
-    recorded: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    handles = [
-        model.get_submodule(name).register_forward_hook(
-            lambda _module, _args, output, name=name: recorded[name].append(output)
-        )
-        for name in names
-    ]
-    try:
-        yield recorded
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def finetune(
     student: nn.Module,
     teacher: nn.Module | None,
@@ -238,8 +200,7 @@ def finetune(
     `config.validation` of the training images held out, of the epoch best on them.
 
     `teacher` (the original model) is needed when `config.distill`. `decomposed_names` are the
-    dotted names of the factorized blocks, needed for `train_only_decomposed` and the hint term
-    (`feature_weight`; the teacher has the layers at the same names). Checkpoints go to
+    dotted names of the factorized blocks, needed for `train_only_decomposed`. Checkpoints go to
     `checkpoint_dir` (finetune_last.pt every epoch, finetune_best.pt at each new best); with
     `resume` a run continues from finetune_last.pt. Ctrl-C leaves the last complete checkpoint and
     re-raises. `seed` fixes shuffling, augmentation and the RNGs. The student is returned in eval
@@ -247,7 +208,7 @@ def finetune(
     """
     if config.epochs == 0:
         return FinetuneResult([], None, None, None)
-    _check_inputs(student, teacher, train, spec, config, eval_data, decomposed_names)
+    _check_inputs(student, teacher, train, spec, config, eval_data)
     train, validation = validation_split(train, config.validation, seed)
     directory = Path(checkpoint_dir)
     device = _device_of(student)
@@ -396,7 +357,6 @@ class _Trainer:
         resumed_from = state.epoch if payload is not None else None
 
         frozen = _frozen_modules(self.student, decomposed) if config.train_only_decomposed else []
-        hinted = list(decomposed) if config.feature_weight > 0 else []
         for epoch in range(state.epoch + 1, config.epochs + 1):
             start = time.perf_counter()
             # A run resumed mid-epoch reports the rate the epoch started with, as the first did.
@@ -404,7 +364,7 @@ class _Trainer:
                 state.epoch_lr = optimizer.param_groups[0]["lr"]
             lr = state.epoch_lr
             loss, train_accuracy = self._train_epoch(
-                model, optimizer, scheduler, scaler, frozen, hinted, epoch, state
+                model, optimizer, scheduler, scaler, frozen, epoch, state
             )
             self._sync_buffers()
             eval_accuracy = None if self.eval_data is None else self._evaluate(self.eval_data)
@@ -447,7 +407,6 @@ class _Trainer:
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         scaler: torch.amp.GradScaler,
         frozen: list[nn.Module],
-        hinted: list[str],
         epoch: int,
         state: _RunState,
     ) -> tuple[float, float]:
@@ -497,7 +456,7 @@ class _Trainer:
                     ).to(self.device)
                     x = mix(x, weights)
                 with self._autocast():
-                    logits, per_example = self._loss(model, x, y, weights, hinted)
+                    logits, per_example = self._loss(model, x, y, weights)
                 # Sum over this rank's share of the global batch, scaled so that DDP's average
                 # over ranks is the mean over the global batch even when shares differ in size.
                 loss = per_example.sum() * (self.world / len(indices))
@@ -532,31 +491,24 @@ class _Trainer:
         x: torch.Tensor,
         y: torch.Tensor,
         weights: torch.Tensor | None,
-        hinted: list[str],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, loss per example). With mixup `weights`, x holds mixed images and the label
         loss is the same mix of the two images' labels; the teacher sees the same mixed images."""
         config = self.config
-        with block_outputs(self.student, hinted) as student_features:
-            logits = model(x)
+        logits = model(x)
         if self.teacher is None:
             ce = F.cross_entropy(logits.float(), y, reduction="none")
             if weights is None:
                 return logits, ce
             other = F.cross_entropy(logits.float(), y.roll(1), reduction="none")
             return logits, weights * ce + (1 - weights) * other
-        with block_outputs(self.teacher, hinted) as teacher_features:
-            teacher_logits = self._teacher_logits(self.teacher, x)
+        teacher_logits = self._teacher_logits(self.teacher, x)
         distill = (config.temperature, config.alpha, "none")
         per_example = kd_loss(logits, teacher_logits, y, *distill)
         if weights is not None:
             # The distillation terms are equal, so this mixes only the label terms.
             other = kd_loss(logits, teacher_logits, y.roll(1), *distill)
             per_example = weights * per_example + (1 - weights) * other
-        if hinted:
-            per_example = per_example + config.feature_weight * hint_loss(
-                student_features, teacher_features
-            )
         return logits, per_example
 
     @staticmethod
@@ -792,7 +744,6 @@ def _check_inputs(
     spec: ModelSpec,
     config: FinetuneConfig,
     eval_data: ImageData | None,
-    decomposed: Sequence[str],
 ) -> None:
     # Configs built without validation (model_construct) are checked here too.
     if not (config.lr is not None and config.lr > 0):
@@ -806,20 +757,6 @@ def _check_inputs(
             "distillation needs the original model as teacher; pass it, or turn it off "
             "(--no-distill)"
         )
-    if config.feature_weight > 0 and not (config.distill and decomposed):
-        needs = "distillation (drop --no-distill)" if not config.distill else "decomposed blocks"
-        raise ConfigError(
-            f"matching block outputs (feature weight {config.feature_weight:g}) needs {needs}; "
-            "set --feature-weight 0 or give what it needs"
-        )
-    if config.feature_weight > 0:
-        for model, role in ((student, "compressed model"), (teacher, "original")):
-            missing = [name for name in decomposed if not _has_submodule(model, name)]
-            if missing:
-                raise ConfigError(
-                    f"decomposed block '{missing[0]}' is not in the {role}; pass names from its "
-                    "plan"
-                )
     for name, data in (("training", train), ("evaluation", eval_data)):
         if data is None:
             continue
@@ -843,14 +780,6 @@ def _check_inputs(
             f"the model outputs shape {tuple(probe.shape)} but model '{spec.name}' has "
             f"{spec.num_classes} classes; fine-tuning needs N×{spec.num_classes} logits"
         )
-
-
-def _has_submodule(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
 
 
 def _select_trainable(

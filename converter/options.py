@@ -307,12 +307,6 @@ OPTIONS: tuple[Option, ...] = (
     Option("finetune.temperature", "Distillation temperature (4).", RECOVERY, float),
     Option("finetune.alpha", "Weight of the distillation term (0.9).", RECOVERY, float),
     Option(
-        "finetune.feature_weight",
-        "Weight of matching each block's output to its layer's (0: off).",
-        RECOVERY,
-        float,
-    ),
-    Option(
         "finetune.mixup",
         "Mixup Beta(a, a) concentration a; teacher and student see the same mix (0: off).",
         RECOVERY,

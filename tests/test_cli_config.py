@@ -95,7 +95,6 @@ SAMPLES: dict[str, tuple[list[str], Any]] = {
     "finetune.weight_decay": (["0.001"], 0.001),
     "finetune.temperature": (["2"], 2.0),
     "finetune.alpha": (["0.5"], 0.5),
-    "finetune.feature_weight": (["2"], 2.0),
     "finetune.mixup": (["0.4"], 0.4),
     "finetune.augment": (["none"], "none"),
     "finetune.validation": (["0.1"], 0.1),

@@ -17,14 +17,12 @@ from rankfold.converter.finetune import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
     FinetuneConfig,
-    block_outputs,
     finetune,
     finetune_config,
-    hint_loss,
     kd_loss,
     plot_history,
 )
-from rankfold.models import ArrayDataset, ModelSpec, normalize
+from rankfold.models import ArrayDataset, ModelSpec
 from rankfold.passes.blocks import FactorizedBlock
 from rankfold.passes.core import ConfigError, DataError
 
@@ -114,22 +112,6 @@ def test_kd_loss_matches_a_hand_computation() -> None:
         kd_loss(*args[:3], 0.0, alpha)
     with pytest.raises(ValueError, match="alpha"):
         kd_loss(*args[:3], t, 1.5)
-
-
-def test_hint_loss_is_each_blocks_error_relative_to_its_layers_energy() -> None:
-    torch.manual_seed(0)
-    wide, narrow = torch.randn(3, 16, 4, 4), 1e-3 * torch.randn(3, 2, 4, 4)
-    teacher = {"wide": [wide], "narrow": [narrow, 2 * narrow]}  # narrow is called twice
-    student = {"wide": [wide + 0.1], "narrow": [narrow, 0 * narrow]}
-    per_example = hint_loss(student, teacher)
-    energy = narrow.square().sum((1, 2, 3))
-    expected = (
-        0.01 * 256 / wide.square().sum((1, 2, 3)).mean()  # 0.1² over 256 values
-        + 0.0  # the first call matches exactly
-        + 4 * energy / (4 * energy).mean()  # a zero output: each example's share of the energy
-    ) / 3
-    np.testing.assert_allclose(per_example.numpy(), expected.numpy(), rtol=1e-5)
-    assert float(hint_loss(teacher, teacher).abs().max()) == 0.0
 
 
 def test_config_defaults_depend_on_the_optimizer() -> None:
@@ -409,44 +391,6 @@ def test_train_only_decomposed_freezes_everything_else(tmp_path: Path) -> None:
             tmp_path,
             decomposed_names=["blok"],
         )
-
-
-def test_the_hint_term_brings_the_blocks_output_towards_its_layers(tmp_path: Path) -> None:
-    teacher = tiny(1)
-    x = normalize(TRAIN.x[:64], SPEC)
-
-    def block_error(student: nn.Module) -> float:
-        with block_outputs(student, ["block"]) as s, block_outputs(teacher, ["block"]) as t:
-            with torch.no_grad():
-                student(x), teacher(x)
-        return float(hint_loss(s, t).mean())
-
-    errors = {}
-    for weight in (0.0, 1.0):
-        student = tiny(0)
-        start = block_error(student)
-        finetune(
-            student,
-            teacher,
-            TRAIN,
-            SPEC,
-            config(epochs=2, feature_weight=weight),
-            tmp_path / str(weight),
-            decomposed_names=["block"],
-        )
-        errors[weight] = block_error(student)
-    assert errors[1.0] < 0.5 * start and errors[1.0] < 0.5 * errors[0.0], (start, errors)
-    student = tiny(0)
-    for settings, names, words in (
-        ({"feature_weight": 1.0}, [], "needs decomposed blocks"),
-        ({"feature_weight": 1.0, "distill": False}, ["block"], "needs distillation"),
-        ({"feature_weight": 1.0}, ["blok"], "'blok' is not in the compressed model"),
-    ):
-        with pytest.raises(ConfigError, match=words) as info:
-            finetune(
-                student, teacher, TRAIN, SPEC, config(**settings), tmp_path, decomposed_names=names
-            )
-        assert "\n" not in str(info.value)
 
 
 def test_mixup_shows_teacher_and_student_the_same_mixed_images(tmp_path: Path) -> None:
