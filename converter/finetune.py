@@ -496,19 +496,18 @@ class _Trainer:
         loss is the same mix of the two images' labels; the teacher sees the same mixed images."""
         config = self.config
         logits = model(x)
-        if self.teacher is None:
-            ce = F.cross_entropy(logits.float(), y, reduction="none")
-            if weights is None:
-                return logits, ce
-            other = F.cross_entropy(logits.float(), y.roll(1), reduction="none")
-            return logits, weights * ce + (1 - weights) * other
-        teacher_logits = self._teacher_logits(self.teacher, x)
-        distill = (config.temperature, config.alpha, "none")
-        per_example = kd_loss(logits, teacher_logits, y, *distill)
+        teacher_logits = None if self.teacher is None else self._teacher_logits(self.teacher, x)
+
+        def loss_for(labels: torch.Tensor) -> torch.Tensor:
+            if teacher_logits is None:
+                return F.cross_entropy(logits.float(), labels, reduction="none")
+            distill = (config.temperature, config.alpha, "none")
+            return kd_loss(logits, teacher_logits, labels, *distill)
+
+        per_example = loss_for(y)
         if weights is not None:
-            # The distillation terms are equal, so this mixes only the label terms.
-            other = kd_loss(logits, teacher_logits, y.roll(1), *distill)
-            per_example = weights * per_example + (1 - weights) * other
+            # Only the label term depends on the labels, so this mixes the label terms alone.
+            per_example = weights * per_example + (1 - weights) * loss_for(y.roll(1))
         return logits, per_example
 
     @staticmethod
