@@ -31,7 +31,7 @@ grows). Once the model is within the bound, τ² = δ² (unless not even e(0) me
 Cholesky factor at η → 0 tells), and from the last sweep's η Halley's method needs e(η) at about
 two points: those come from Cholesky factors of Γ + ηI (`_eta_by_cholesky`), cheaper than the
 eigendecomposition, which stays the route for the first sweep and the fallback; that route may
-stop short of the bound by a millionth of ‖U‖². The problem is convex, so that U(η) is the
+stop short of the bound by 3e-5 of ‖U‖². The problem is convex, so that U(η) is the
 minimum-norm model within the bound; the old U is feasible, hence Σ λ² never increases. An
 update that would break the bound (or raise Σ λ²) through rounding is shrunk toward η = 0 or
 dropped. Within a sweep a candidate's error comes from the Gram formula above (no residual);
@@ -61,8 +61,10 @@ _BOUND_RTOL = 1e-10
 # Steps for η from the last sweep's value (Newton, or Halley on the Cholesky route) before
 # the fallback.
 _ETA_STEPS = 8
-# How short of the error bound a Cholesky-route update may stop, as a share of ‖U‖² given up.
-_ETA_SHORTFALL = 1e-6
+# How short of the error bound a Cholesky-route update may stop, as a share of ‖U‖² given up:
+# the error left goes to the next mode's update, and a wider window saves Cholesky factors
+# (BENCHMARKS.md, decomposition speed, round 10).
+_ETA_SHORTFALL = 3e-5
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ def _as_tensor(tensor: np.ndarray) -> np.ndarray:
 
 def _unit_columns(u: np.ndarray, fallback: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(directions, norms) of u's columns; a zero column keeps its previous unit direction."""
-    norms = np.linalg.norm(u, axis=0)
+    norms = np.sqrt(np.einsum("ir,ir->r", u, u))
     alive = norms > 0
     directions = fallback.copy()
     directions[:, alive] = u[:, alive] / norms[alive]
@@ -168,20 +170,25 @@ def _khatri_rao(matrices: list[np.ndarray], skip: int) -> np.ndarray:
     return out
 
 
-class _Mttkrp:
-    """unfold(tensor, mode) @ KhatriRao(other factors), I_mode×R, without forming the Khatri–Rao
-    product: the largest other mode is contracted by one matrix product, the rest column by
-    column. The tensor is unfolded along each mode contracted first once, up front (a view for
-    mode 0, a copy for another), where `np.tensordot` would copy it on every call. NumPy rather
-    than `cp.mttkrp` (torch): EPC's kernels are small, and per call torch's einsum costs more
-    than the arithmetic."""
+class _ModeProducts:
+    """What a mode's update needs of the others: the MTTKRP and Γ, the Hadamard product of the
+    other modes' Grams.
+
+    MTTKRP: unfold(tensor, mode) @ KhatriRao(other factors), I_mode×R, without forming the
+    Khatri–Rao product: one other mode is contracted by a matrix product (the partial), the rest
+    column by column. NumPy rather than `cp.mttkrp` (torch): EPC's kernels are small, and per
+    call torch's einsum costs more than the arithmetic.
+
+    The partial is the costly step, and consecutive updates share it (a dimension tree): mode n
+    contracts mode n − 1 first, the mode updated just before it, so the next mode's update finds
+    that partial computed with the very factor it needs and pays only the column-wise steps. One
+    partial is kept per contracted mode, valid while the factor it was computed with is the one
+    passed (factors are never changed in place). The tensor is unfolded for each contracted
+    mode once, up front (a view for mode 0, a copy for another)."""
 
     def __init__(self, tensor: np.ndarray) -> None:
         shape = tensor.shape
-        self.first = {
-            mode: max((m for m in range(tensor.ndim) if m != mode), key=shape.__getitem__)
-            for mode in range(tensor.ndim)
-        }
+        self.first = {mode: self._first_mode(shape, mode) for mode in range(tensor.ndim)}
         self.unfolded = {
             first: (
                 tensor.reshape(shape[0], -1).T
@@ -191,13 +198,43 @@ class _Mttkrp:
             for first in set(self.first.values())
         }
         self.shape = shape
+        self.partials: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # Each mode's Gram, kept by the same rule as the partials.
+        self.grams: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def __call__(self, factors: list[np.ndarray], mode: int) -> np.ndarray:
-        first = self.first[mode]
-        axes = [m for m in range(len(self.shape)) if m != first]
-        out = (self.unfolded[first] @ factors[first]).reshape(
-            *(self.shape[m] for m in axes), factors[first].shape[1]
+    @staticmethod
+    def _first_mode(shape: tuple[int, ...], mode: int) -> int:
+        """The mode updated before `mode` (cyclically), unless it is under half the largest other
+        mode: contracting a short mode first is a poorly shaped product with a large result."""
+        others = [m for m in range(len(shape)) if m != mode]
+        largest = max(others, key=shape.__getitem__)
+        previous = (mode - 1) % len(shape)
+        return previous if 2 * shape[previous] >= shape[largest] else largest
+
+    def gamma(self, factors: list[np.ndarray], mode: int) -> np.ndarray:
+        """Γ = ⊛_{m≠mode} U_mᵀU_m (R×R, a new array)."""
+        gamma = np.ones((factors[0].shape[1],) * 2)
+        for m, f in enumerate(factors):
+            if m == mode:
+                continue
+            if m not in self.grams or self.grams[m][0] is not f:
+                self.grams[m] = (f, f.T @ f)
+            gamma = gamma * self.grams[m][1]
+        return gamma
+
+    def mttkrp(self, factors: list[np.ndarray], mode: int) -> np.ndarray:
+        first = next(
+            (m for m, (f, _) in self.partials.items() if m != mode and f is factors[m]),
+            self.first[mode],
         )
+        if first in self.partials and self.partials[first][0] is factors[first]:
+            out = self.partials[first][1]
+        else:
+            out = (self.unfolded[first] @ factors[first]).reshape(
+                *(n for m, n in enumerate(self.shape) if m != first), factors[first].shape[1]
+            )
+            self.partials[first] = (factors[first], out)
+        axes = [m for m in range(len(self.shape)) if m != first]
         for m in list(axes):
             if m == mode:
                 continue
@@ -271,8 +308,8 @@ def _eta_by_cholesky(
         if chol is None:
             return None
         value, u_t = excess(chol, eta)
-        # Ending short of the root by Δe leaves Δe/η on ‖U‖² (d‖U‖²/dη = −(de/dη)/η): a
-        # millionth of it at most, and the error left unused goes to the next mode's update.
+        # Ending short of the root by Δe leaves Δe/η on ‖U‖² (d‖U‖²/dη = −(de/dη)/η): at most
+        # `_ETA_SHORTFALL` of it, and the error left unused goes to the next mode's update.
         below = _ETA_SHORTFALL * eta * float(np.vdot(u_t, u_t))
         if -below <= value <= above:
             return eta, u_t.T
@@ -378,7 +415,7 @@ def _update_mode(
 
 
 def _update(
-    mttkrp: _Mttkrp,
+    products: _ModeProducts,
     residual: _Residual,
     directions: list[np.ndarray],
     weights: np.ndarray,
@@ -391,11 +428,8 @@ def _update(
     """`_update_mode` of `mode` with the other modes' directions taken from `directions`;
     candidates' errors from the exact residual if `exact`, else from the Gram formula.
     `etas[mode]` (the mode's last η) starts the search for η and is replaced by the new one."""
-    gamma = np.ones((weights.shape[0], weights.shape[0]))
-    for m, d in enumerate(directions):
-        if m != mode:
-            gamma = gamma * (d.T @ d)
-    g = mttkrp(directions, mode)
+    gamma = products.gamma(directions, mode)
+    g = products.mttkrp(directions, mode)
 
     def residual_sq(u: np.ndarray) -> float:
         if not exact:
@@ -463,7 +497,7 @@ def epc(
     directions[0] = directions[0] * np.where(start.weights < 0, -1.0, 1.0)
     weights = np.abs(start.weights).astype(np.float64)
     residual = _Residual(k)
-    mttkrp = _Mttkrp(k)
+    products = _ModeProducts(k)
     # Every error, this one included, comes from the same residual computation.
     err_sq = residual([directions[0] * weights, *directions[1:]])
     if delta is None:
@@ -486,7 +520,7 @@ def epc(
         # A jump re-solves the last mode, so the plain update of it waits until a jump fails.
         for n in range(last if jumping else k.ndim):
             new_directions[n], new_weights, new_err = _update(
-                mttkrp, residual, new_directions, new_weights, n, new_err, delta_sq, exact, etas
+                products, residual, new_directions, new_weights, n, new_err, delta_sq, exact, etas
             )
         if not jumping:
             return new_directions, new_weights, new_err, new_jump
@@ -496,14 +530,14 @@ def epc(
         if all(np.all(norm > 0.0) for norm in norms):
             trial = [t / norm for t, norm in zip(trial, norms)] + [new_directions[last]]
             solved, jumped_weights, jumped_err = _update(
-                mttkrp, residual, trial, new_weights, last, new_err, delta_sq, exact, etas
+                products, residual, trial, new_weights, last, new_err, delta_sq, exact, etas
             )
             # `_update_mode` hands back the model unchanged when the jump does not pay.
             if solved is not new_directions[last]:
                 trial[last] = solved
                 return trial, jumped_weights, jumped_err, min(_JUMP_GROWTH * jump, _JUMP_MAX)
         new_directions[last], new_weights, new_err = _update(
-            mttkrp, residual, new_directions, new_weights, last, new_err, delta_sq, exact, etas
+            products, residual, new_directions, new_weights, last, new_err, delta_sq, exact, etas
         )
         return new_directions, new_weights, new_err, max(_JUMP_CUT * jump, _JUMP_MIN)
 
