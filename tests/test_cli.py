@@ -347,7 +347,12 @@ def test_latency_target_is_met_on_the_whole_model(digits, tmp_path, monkeypatch)
     report = json.loads((out / "report.json").read_text())
     energy, calibrated = report["selection"], report["selection"]["latency_calibration"]
     assert energy["selector"] == "energy" and "stand-in" in calibrated["selector"]
-    assert calibrated["rounds"][0]["requested"] == 1.5 and len(calibrated["rounds"]) > 1
+    # Re-planned only while off target: whether tucker2's first round lands within the
+    # tolerance depends on the trained weights, which differ by CPU.
+    first = calibrated["rounds"][0]
+    assert first["requested"] == 1.5
+    on_target = abs(first["measured"] / 1.5 - 1) <= TOLERANCE
+    assert (len(calibrated["rounds"]) == 1) == on_target
     # Each distinct plan is timed once (nearby requests can round to the same plan), then the
     # energy plan.
     distinct = {(r["macs_reduction"], r["compressed_ms"]) for r in calibrated["rounds"]}
