@@ -131,6 +131,9 @@ class QuantizeConfig(_Strict):
     # The stated tolerance: a quantized file must predict the float file's class on at least
     # this share of the evaluation images (or of the calibration images without eval data).
     min_agreement: float = Field(default=0.97, ge=0, le=1)
+    # Weights in 7 bits, for CPUs whose int8 kernels saturate (x86 without VNNI); None: decided
+    # by the CPU that quantizes (rankfold.runtime.quantize.int8_dot_saturates).
+    reduce_range: bool | None = None
 
     @field_validator("float_layers")
     @classmethod

@@ -444,6 +444,14 @@ OPTIONS: tuple[Option, ...] = (
         "--quant-equalize",
     ),
     Option(
+        "quantize.reduce_range",
+        "INT8 weights in 7 bits, for CPUs whose int8 kernels saturate in 16 bits (x86 without "
+        "VNNI); default: on exactly when this CPU is one (set it for another deployment CPU).",
+        DEPLOYMENT,
+        bool,
+        "--quant-reduce-range",
+    ),
+    Option(
         "quantize.min_agreement",
         "INT8 tolerance: share of evaluation images on which it must predict the float "
         "model's class (0.97); below it exits 1 with the report written.",

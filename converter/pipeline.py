@@ -340,6 +340,7 @@ class CompressionResult:
                 quantized_nodes=check.model.quantized_nodes,
                 float_nodes=check.model.float_nodes,
                 equalized_edges=check.model.equalized_edges,
+                reduce_range=check.model.reduce_range,
                 top1_agreement=agreement.top1_agreement,
                 max_logit_diff=agreement.max_logit_diff,
                 logit_scale=agreement.logit_scale,

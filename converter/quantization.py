@@ -116,6 +116,7 @@ def quantize_export(
         float_layers=list(float_layers),
         equalize=settings.equalize,
         sensitive=search,
+        reduce_range=settings.reduce_range,
     )
 
 

@@ -259,6 +259,7 @@ class QuantizedFile(_Section):
     float_nodes: dict[str, str]  # ONNX conv/linear node kept float → its layer
     # conv → conv edges (factorized blocks' stages) rescaled before calibration
     equalized_edges: int = 0
+    reduce_range: bool = False  # weights in 7 bits (--quant-reduce-range, or this CPU's need)
     top1_agreement: float  # same top-1 class as the float file, share of `samples`
     max_logit_diff: float
     logit_scale: float  # largest |float logit|, to read max_logit_diff against

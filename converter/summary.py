@@ -231,8 +231,10 @@ def quantization_lines(report: Report) -> list[str]:
     if quant is None:
         return []
     kept = ", ".join(quant.float_layers) or "none"
+    # 7-bit weights: this CPU's int8 kernels saturate, or --quant-reduce-range asked for them.
+    bits = "; weights in 7 bits" if quant.compressed.reduce_range else ""
     lines = [
-        f"INT8 ({quant.scheme}; {quant.calibration} ranges on {quant.calibration_samples} "
+        f"INT8 ({quant.scheme}{bits}; {quant.calibration} ranges on {quant.calibration_samples} "
         f"training images), kept float: {kept}"
     ]
     for label, file in (("compressed", quant.compressed), ("original", quant.original)):

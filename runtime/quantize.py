@@ -10,6 +10,12 @@ Before calibration, every conv → conv edge (a factorized block's stages, with 
 between them) is equalized (`equalize_conv_chains`): each intermediate channel is rescaled, and
 the next stage compensates exactly, so that one per-tensor uint8 range serves all channels.
 
+Weights use 7 of their 8 bits (`reduce_range`) where this CPU's int8 kernels can saturate: on
+x86 without VNNI, onnxruntime's u8×s8 kernels multiply with VPMADDUBSW, which adds pairs of
+u8·s8 products in int16 with saturation, and full-range weights overflow it; VNNI instructions
+(and other architectures) accumulate in int32. The choice can be forced for a deployment CPU
+other than the quantizing one.
+
 `quant_pre_process` is not run: it re-infers shapes the exporter already wrote (seconds per model)
 and left the fused graph of rankfold's exports unchanged.
 
@@ -36,6 +42,8 @@ import contextlib
 import fnmatch
 import io
 import logging
+import platform
+import re
 import shutil
 import tempfile
 from collections.abc import Collection, Iterable, Iterator, Sequence
@@ -132,6 +140,7 @@ class QuantizedModel:
     float_nodes: dict[str, str] = field(default_factory=dict)  # ONNX node → its layer, kept float
     equalized_edges: int = 0  # conv → conv edges rescaled before calibration
     sensitive: SensitiveChoice | None = None  # with a SensitiveSearch
+    reduce_range: bool = False  # weights in 7 bits (see the module docstring)
 
 
 class BatchReader(CalibrationDataReader):
@@ -174,6 +183,18 @@ def compute_nodes(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str]]:
     return [(node, node_layer(node)) for node in model.graph.node if node.op_type in COMPUTE_OPS]
 
 
+def int8_dot_saturates() -> bool:
+    """Whether onnxruntime's u8×s8 kernels on this CPU add products in int16 with saturation:
+    x86 without VNNI (an x86 CPU whose flags cannot be read counts as one)."""
+    if platform.machine().lower() not in {"x86_64", "amd64", "i386", "i686", "x86"}:
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    return re.search(r"\b(avx512_vnni|avx_vnni|amx_int8)\b", flags) is None
+
+
 def quantize_int8(
     float_path: str | Path,
     out_path: str | Path,
@@ -182,13 +203,15 @@ def quantize_int8(
     float_layers: Sequence[str] = (),
     equalize: bool = True,
     sensitive: SensitiveSearch | None = None,
+    reduce_range: bool | None = None,
 ) -> QuantizedModel:
     """Write a statically quantized copy of `float_path` to `out_path`.
 
     `calibration` yields preprocessed N×C×H×W float batches (as the model is fed); conv/linear
     nodes of layers matching `float_layers` (names, globs or parents) stay float; with `equalize`
     the conv → conv edges are equalized first (`equalize_conv_chains`); with `sensitive` the
-    layers losing most SQNR are kept float too, as the module docstring says. Raises DataError
+    layers losing most SQNR are kept float too, as the module docstring says; `reduce_range`
+    (7-bit weights) defaults to `int8_dot_saturates()`. Raises DataError
     when `calibration` (or the search's images) yields nothing, ConfigError for an unknown
     method or a pattern that matches no layer.
     """
@@ -221,6 +244,8 @@ def quantize_int8(
             "--train-data images or drop 'sensitive' from --float-layers"
         )
     calibration_batches = [first, *batches]
+    if reduce_range is None:
+        reduce_range = int8_dot_saturates()
     reader = BatchReader(model.graph.input[0].name, calibration_batches)
     pooled = pool_before_relu(model, excluded)
     equalized = equalize_conv_chains(model, calibration_batches) if equalize else 0
@@ -234,11 +259,18 @@ def quantize_int8(
             shutil.copyfile(source, float_file)
         ranges = work / "ranges.json"  # calibrated once, reused by every re-quantization
         quantized = work / "int8.onnx"
-        _quantize(float_file, quantized, reader, method, excluded, ranges)
+        _quantize(float_file, quantized, reader, method, excluded, ranges, reduce_range)
         choice = None
         if sensitive is not None:
             choice = _keep_sensitive_float(
-                float_file, quantized, calibration_batches, method, excluded, ranges, sensitive
+                float_file,
+                quantized,
+                calibration_batches,
+                method,
+                excluded,
+                ranges,
+                sensitive,
+                reduce_range,
             )
         with atomic_path(target) as tmp:
             shutil.copyfile(quantized, tmp)
@@ -250,6 +282,7 @@ def quantize_int8(
         float_nodes=excluded,
         equalized_edges=equalized,
         sensitive=choice,
+        reduce_range=reduce_range,
     )
 
 
@@ -260,6 +293,7 @@ def _quantize(
     method: str,
     excluded: dict[str, str],
     ranges: Path,
+    reduce_range: bool,
 ) -> None:
     with _quiet_quantizer():
         quantize_static(
@@ -268,6 +302,7 @@ def _quantize(
             reader,
             quant_format=QuantFormat.QDQ,
             per_channel=True,
+            reduce_range=reduce_range,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CALIBRATION_METHODS[method],
@@ -284,6 +319,7 @@ def _keep_sensitive_float(
     excluded: dict[str, str],
     ranges: Path,
     search: SensitiveSearch,
+    reduce_range: bool,
 ) -> SensitiveChoice:
     """The greedy search of `SensitiveSearch`; `quantized` and `excluded` are updated in place."""
     model = onnx.load(str(float_file))
@@ -325,7 +361,7 @@ def _keep_sensitive_float(
             break
         chosen = dict.fromkeys(candidates[row.layer], row.layer)
         trial = quantized.with_name("trial.onnx")
-        _quantize(float_file, trial, None, method, {**excluded, **chosen}, ranges)
+        _quantize(float_file, trial, None, method, {**excluded, **chosen}, ranges, reduce_range)
         if _requantized_by_runtime(onnx.load(str(trial))) & set(chosen):
             row.requantized_by_runtime = True  # float in the file, int8 when it runs
             continue

@@ -208,6 +208,52 @@ def test_a_killed_worker_s_trial_is_failed_by_heartbeat_and_redone(
     assert rows[redo[0].number]["retry_of"] == failed[0].number
 
 
+def test_a_trial_has_a_heartbeat_before_it_is_marked_as_reached(digits, tmp_path, monkeypatch):
+    """A worker killed after its trial got "host" (so `fail_orphaned_trials` leaves it to the
+    heartbeat) but before optuna's heartbeat thread wrote a beat would leave the trial RUNNING
+    for ever. With the thread's beats dropped, every trial must still have a beat by the time
+    "host" is set: the objective writes one itself."""
+    import sqlite3
+    import threading
+
+    from rankfold.passes import PlanningContext, RankPolicy, analyze, select_ranks
+    from rankfold.passes.search import SearchConfig
+
+    record = optuna.storages.RDBStorage.record_heartbeat
+
+    def main_thread_only(self, trial_id):
+        if threading.current_thread() is threading.main_thread():
+            record(self, trial_id)
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "record_heartbeat", main_thread_only)
+    database = tmp_path / "study.db"
+    beats_at_host: list[int] = []
+    set_user_attr = optuna.Trial.set_user_attr
+
+    def checked(self, key, value):
+        if key == "host":
+            with sqlite3.connect(database) as connection:
+                (count,) = connection.execute(
+                    "SELECT COUNT(*) FROM trial_heartbeats WHERE trial_id = ?", (self._trial_id,)
+                ).fetchone()
+            beats_at_host.append(count)
+        set_user_attr(self, key, value)
+
+    monkeypatch.setattr(optuna.Trial, "set_user_attr", checked)
+    payload = torch.load(digits["job"], weights_only=False)
+    gm = trace(payload["gm"], torch.zeros(1, 1, 8, 8))
+    settings = {**_settings(f"sqlite:///{database}", tmp_path), "trials": 3}
+    context = PlanningContext(
+        gm=gm, calibration=payload["calibration"], search=SearchConfig(**settings),
+        model_name="digits",
+    )  # fmt: skip
+    policy = RankPolicy(
+        method="tucker2", min_macs_share=0, select="pars", macs_reduction=3.0, round_to=None
+    )
+    select_ranks(analyze(gm), policy, context)
+    assert len(beats_at_host) == 3 and all(count == 1 for count in beats_at_host)
+
+
 def test_cli_resumes_a_postgres_study_and_never_shows_its_password(digits, postgres_url, tmp_path):
     password = postgres_url.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
     assert len(password) >= 8

@@ -34,6 +34,7 @@ from rankfold.passes import analyze, trace
 from rankfold.passes.blocks import FactorizedBlock
 from rankfold.passes.core import ConfigError, DataError
 from rankfold.runtime import SensitiveSearch, create_session, export_onnx
+from rankfold.runtime import quantize as quantize_module
 from rankfold.runtime.quantize import (
     BatchReader,
     compute_nodes,
@@ -93,6 +94,46 @@ def test_tiny_model_quantizes_passes_checker_and_agrees(digits, tmp_path):
     assert 0 < agreement.max_logit_diff <= MAX_LOGIT_SHARE * agreement.logit_scale
     assert agreement.float_accuracy > 0.9
     assert abs(agreement.accuracy - agreement.float_accuracy) <= 0.02
+
+
+@pytest.mark.parametrize("reduce_range", [True, False, None])
+def test_weights_use_seven_bits_where_the_int8_kernels_saturate(
+    digits, tmp_path, monkeypatch, reduce_range
+):
+    """reduce_range keeps every int8 weight within [-64, 64] (7 bits: u8·s8 pairs cannot
+    overflow int16), full range otherwise; unset, this CPU decides (`int8_dot_saturates`, which
+    onnxruntime's u8×s8 kernels need on x86 without VNNI)."""
+    monkeypatch.setattr(quantize_module, "int8_dot_saturates", lambda: True)
+    out = tmp_path / "int8.onnx"
+    result = quantize_int8(
+        digits["root"] / "float.onnx",
+        out,
+        calibration_inputs(digits["train"].subset(64), DIGITS_SPEC),
+        float_layers=[],
+        reduce_range=reduce_range,
+    )
+    expected = True if reduce_range is None else reduce_range
+    assert result.reduce_range is expected
+    int8 = onnx.TensorProto.INT8
+    weights = [
+        numpy_helper.to_array(i)
+        for i in onnx.load(str(out)).graph.initializer
+        if i.data_type == int8 and len(i.dims) > 1
+    ]
+    peak = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+    assert peak == (64 if expected else 127)
+
+
+def test_int8_dot_saturates_on_x86_without_vnni(monkeypatch, tmp_path) -> None:
+    flags = {"avx2": "flags : fpu sse avx avx2 fma", "vnni": "flags : avx2 avx512f avx512_vnni"}
+    monkeypatch.setattr(quantize_module.platform, "machine", lambda: "x86_64")
+    for name, line in flags.items():
+        cpuinfo = tmp_path / name
+        cpuinfo.write_text(line + "\n")
+        monkeypatch.setattr(quantize_module, "Path", lambda _path, file=cpuinfo: file)
+        assert quantize_module.int8_dot_saturates() is (name == "avx2")
+    monkeypatch.setattr(quantize_module.platform, "machine", lambda: "aarch64")
+    assert quantize_module.int8_dot_saturates() is False
 
 
 class Factorized(nn.Module):
