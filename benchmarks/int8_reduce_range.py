@@ -10,6 +10,7 @@ float file on the 360 test images, with whether `int8_dot_saturates()` holds for
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from rankfold.runtime.validate import check_agreement
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     torch.manual_seed(0)
     train, test = digits_splits()
     model = train_digits_cnn(epochs=3)
