@@ -223,13 +223,13 @@ class _ModeProducts:
         return gamma
 
     def mttkrp(self, factors: list[np.ndarray], mode: int) -> np.ndarray:
-        first = next(
-            (m for m, (f, _) in self.partials.items() if m != mode and f is factors[m]),
-            self.first[mode],
+        reusable = next(
+            (m for m, (f, _) in self.partials.items() if m != mode and f is factors[m]), None
         )
-        if first in self.partials and self.partials[first][0] is factors[first]:
-            out = self.partials[first][1]
+        if reusable is not None:
+            first, out = reusable, self.partials[reusable][1]
         else:
+            first = self.first[mode]
             out = (self.unfolded[first] @ factors[first]).reshape(
                 *(n for m, n in enumerate(self.shape) if m != first), factors[first].shape[1]
             )

@@ -222,6 +222,7 @@ class ParsRun:
             isinstance(storage, optuna.storages.RDBStorage)
             and storage.get_heartbeat_interval() is not None
         )
+        study_id = storage.get_study_id_from_name(study.study_name) if heartbeat else None
 
         def objective(trial: optuna.Trial) -> float:
             if heartbeat:
@@ -229,10 +230,9 @@ class ParsRun:
                 # worker killed before that leaves a RUNNING trial with no beat, which the
                 # heartbeat never fails. With one beat written here, before "host" marks the
                 # trial as reached, every trial is failed by one of the two rules.
-                trial_id = storage.get_trial_id_from_study_id_trial_number(
-                    storage.get_study_id_from_name(study.study_name), trial.number
+                storage.record_heartbeat(
+                    storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
                 )
-                storage.record_heartbeat(trial_id)
             trial.set_user_attr("host", HOST)
             trial.set_user_attr("pid", os.getpid())
             trial.set_user_attr("worker", worker)
