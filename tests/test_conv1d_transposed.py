@@ -10,7 +10,7 @@ import onnxruntime
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from planning_helpers import plan_of, resolve
 from torch import nn
@@ -186,6 +186,8 @@ def _reconstructed(conv: nn.Module, kernel: np.ndarray, x: torch.Tensor) -> torc
     st.sampled_from(ALL_METHODS),
     st.floats(0.2, 0.8),
 )
+# cp-lrf's CP rank capped at the kernel's largest (4·2 = 8) below its factor rank 9 (a CI find).
+@example(nn.Conv1d(4, 12, 2, padding="same", bias=False), "cp-lrf", 0.75)
 def test_reduced_rank_block_is_the_layer_with_the_reconstructed_kernel(conv, method_name, ratio):
     conv = conv.double()
     x, layer = _layer(conv)

@@ -9,6 +9,8 @@ when cheaper), with L_in = L_S and L_out = L_T.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from torch import nn
 
@@ -47,6 +49,12 @@ class CPLRFMethod(Method):
                 f"rank {values[0]}; give rank_in, rank_out ≤ rank"
             )
         return values
+
+    def clamp_ranks(self, layer: LayerInfo, ranks: Sequence[int]) -> Ranks:
+        # The factors are I_n×R: once R is capped at the kernel's largest CP rank, a factor rank
+        # above it is above the factor's too.
+        r, l_s, l_t = super().clamp_ranks(layer, ranks)
+        return r, min(l_s, r), min(l_t, r)
 
     def cost(self, layer: LayerInfo, ranks: Ranks) -> Cost:
         r, l_s, l_t = ranks
