@@ -112,8 +112,8 @@ def tucker2(
     costs one half-step. (Extrapolation in the manner of tensorly's CP line search; hand-written
     because no library extrapolates Tucker subspaces.)
     The sweeps run in float32 (twice the BLAS throughput; a subspace off by ε changes the error
-    by O(ε²)); the fit that stops them, the factors' final orthonormalisation and the core are
-    float64.
+    by O(ε²)), their fit is the float32 eigenvalues summed in float64; the factors' final
+    orthonormalisation and the core are float64.
     """
     t, s = kernel.shape[:2]
     if not (1 <= rank_out <= t and 1 <= rank_in <= s):
