@@ -108,6 +108,15 @@ def _grams(factors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [f.T @ f for f in factors]
 
 
+def _hadamard(grams: list[torch.Tensor], skip: int | None = None) -> torch.Tensor:
+    """The elementwise product of the Grams, all but `skip`'s."""
+    product = torch.ones_like(grams[0])
+    for m, gram in enumerate(grams):
+        if m != skip:
+            product = product * gram
+    return product
+
+
 def _sq_error(
     norm_sq: float,
     factors: list[torch.Tensor],
@@ -115,11 +124,8 @@ def _sq_error(
     last_mttkrp: torch.Tensor,
 ) -> float:
     """‖K − model‖² from the factors' Grams and the last mode's MTTKRP (no reconstruction)."""
-    gram = torch.ones_like(grams[0])
-    for g in grams:
-        gram = gram * g
     inner = float(torch.sum(last_mttkrp * factors[-1]))
-    return abs(norm_sq + float(gram.sum()) - 2.0 * inner)
+    return abs(norm_sq + float(_hadamard(grams).sum()) - 2.0 * inner)
 
 
 def _sweep(
@@ -138,11 +144,7 @@ def _sweep(
             if shared is None:
                 shared = _contract(tensor, factors[0], 0)
             g = _finish(shared, [None, *factors[1:]], n)
-        pinv = torch.ones_like(grams[0])
-        for m, gm in enumerate(grams):
-            if m != n:
-                pinv = pinv * gm
-        factors[n] = _solve_spd(pinv, g.T).T
+        factors[n] = _solve_spd(_hadamard(grams, skip=n), g.T).T
         grams[n] = factors[n].T @ factors[n]
     return g
 
