@@ -109,6 +109,8 @@ def _as_tensor(tensor: np.ndarray) -> np.ndarray:
 def _unit_columns(u: np.ndarray, fallback: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(directions, norms) of u's columns; a zero column keeps its previous unit direction."""
     norms = np.sqrt(np.einsum("ir,ir->r", u, u))
+    if norms.all():
+        return u / norms, norms
     alive = norms > 0
     directions = fallback.copy()
     directions[:, alive] = u[:, alive] / norms[alive]
@@ -213,13 +215,13 @@ class _ModeProducts:
 
     def gamma(self, factors: list[np.ndarray], mode: int) -> np.ndarray:
         """Γ = ⊛_{m≠mode} U_mᵀU_m (R×R, a new array)."""
-        gamma = np.ones((factors[0].shape[1],) * 2)
+        gamma = None
         for m, f in enumerate(factors):
             if m == mode:
                 continue
             if m not in self.grams or self.grams[m][0] is not f:
                 self.grams[m] = (f, f.T @ f)
-            gamma = gamma * self.grams[m][1]
+            gamma = self.grams[m][1].copy() if gamma is None else gamma * self.grams[m][1]
         return gamma
 
     def mttkrp(self, factors: list[np.ndarray], mode: int) -> np.ndarray:
@@ -234,12 +236,14 @@ class _ModeProducts:
                 *(n for m, n in enumerate(self.shape) if m != first), factors[first].shape[1]
             )
             self.partials[first] = (factors[first], out)
-        axes = [m for m in range(len(self.shape)) if m != first]
-        for m in list(axes):
-            if m == mode:
-                continue
-            out = np.einsum("...ir,ir->...r", np.moveaxis(out, axes.index(m), -2), factors[m])
-            axes.remove(m)
+        # einsum's operand/sublist form names the contracted axis in place (no moved view).
+        rank_label = len(self.shape)
+        axes = [m for m in range(len(self.shape)) if m != first] + [rank_label]
+        for m in axes[:-1]:
+            if m != mode:
+                kept = [a for a in axes if a != m]
+                out = np.einsum(out, axes, factors[m], [m, rank_label], kept)
+                axes = kept
         return out
 
 
@@ -254,8 +258,9 @@ class _Residual:
         self.norm_sq = float(np.sum(self.unfolded * self.unfolded))
 
     def __call__(self, factors: list[np.ndarray]) -> float:
-        diff = self.unfolded - factors[self.mode] @ _khatri_rao(factors, self.mode).T
-        return float(np.sum(diff * diff))
+        diff = factors[self.mode] @ _khatri_rao(factors, self.mode).T
+        np.subtract(self.unfolded, diff, out=diff)
+        return float(np.sum(np.square(diff, out=diff)))
 
 
 def _eta_by_cholesky(
@@ -279,7 +284,6 @@ def _eta_by_cholesky(
     eigendecomposition."""
     # LAPACK directly: at these sizes SciPy's checked wrappers cost about as much as the work.
     rows = gamma_matrix.shape[0]
-    diagonal = np.arange(rows)
     # e may end above τ² by a tenth of the bound's slack (the candidate is checked against
     # τ²·(1 + _BOUND_RTOL)), or by rounding: e is a difference of sums of ~‖K‖².
     above = max(0.1 * _BOUND_RTOL * tau_sq, 64.0 * np.finfo(np.float64).eps * norm_sq)
@@ -292,7 +296,7 @@ def _eta_by_cholesky(
 
     def factor(eta: float) -> np.ndarray | None:
         shifted = gamma_matrix.copy()
-        shifted[diagonal, diagonal] += eta
+        shifted.flat[:: rows + 1] += eta
         chol, info = lapack.dpotrf(shifted, lower=1, clean=0, overwrite_a=1)
         return chol if info == 0 else None
 
