@@ -256,6 +256,14 @@ def quantization_lines(report: Report) -> list[str]:
             f"{row.compressed_ms:.2f} ms, INT8 {row.compressed_int8_ms:.2f} ms; INT8 compressed "
             f"vs INT8 original {speedup}, vs float original {row.total_speedup:.2f}×"
         )
+    not_faster = [row for row in quant.latency or [] if row.compressed_int8_ms >= row.compressed_ms]
+    if not_faster:
+        batches = ", ".join(str(row.batch) for row in not_faster)
+        lines.append(
+            f"WARNING: model.int8.onnx is not faster than model.onnx on this machine at batch "
+            f"{batches} (see above): deploy the float file here; onnxruntime's int8 kernels pay "
+            "on x86 CPUs with VNNI and gain little without"
+        )
     return lines
 
 

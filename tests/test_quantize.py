@@ -590,3 +590,60 @@ def test_sensitive_search_skips_a_single_conv_onnxruntime_would_requantize(tmp_p
     assert first.requantized_by_runtime and not first.kept_float
     assert "conv2" not in result.float_nodes.values()
     assert choice.agreement < 0.95 and choice.outcome == "exhausted"
+
+
+def test_summary_warns_when_int8_is_not_faster_than_float():
+    from types import SimpleNamespace
+
+    from rankfold.converter.results import Quantization
+    from rankfold.converter.summary import quantization_lines
+
+    file = {
+        "path": "model.int8.onnx",
+        "opset": 17,
+        "quantized_nodes": 3,
+        "float_nodes": {},
+        "top1_agreement": 1.0,
+        "max_logit_diff": 0.1,
+        "logit_scale": 5.0,
+        "samples": 64,
+        "passed": True,
+    }
+
+    def row(batch: int, compressed_ms: float, compressed_int8_ms: float) -> dict:
+        return {
+            "batch": batch,
+            "threads": 1,
+            "original_ms": 10.0,
+            "original_int8_ms": 10.0,
+            "compressed_ms": compressed_ms,
+            "compressed_int8_ms": compressed_int8_ms,
+            "speedup": 10.0 / compressed_int8_ms,
+            "speedup_low": None,
+            "speedup_high": None,
+            "verdict": "faster",
+            "total_speedup": 10.0 / compressed_int8_ms,
+        }
+
+    def warnings(rows: list[dict]) -> list[str]:
+        quant = Quantization.model_validate(
+            {
+                "dtype": "int8",
+                "calibration": "minmax",
+                "calibration_samples": 64,
+                "float_layers": {},
+                "min_agreement": 0.97,
+                "agreement_data": "evaluation",
+                "original": file,
+                "compressed": file,
+                "latency": rows,
+                "passed": True,
+            }
+        )
+        lines = quantization_lines(SimpleNamespace(quantization=quant))
+        return [line for line in lines if line.startswith("WARNING")]
+
+    assert warnings([row(1, 4.0, 2.5), row(8, 30.0, 20.0)]) == []
+    (warning,) = warnings([row(1, 3.4, 3.8), row(8, 30.0, 20.0)])
+    assert "not faster than model.onnx on this machine at batch 1 " in warning
+    assert "deploy the float file here" in warning
