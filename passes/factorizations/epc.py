@@ -215,13 +215,16 @@ class _ModeProducts:
 
     def gamma(self, factors: list[np.ndarray], mode: int) -> np.ndarray:
         """Γ = ⊛_{m≠mode} U_mᵀU_m (R×R, a new array)."""
-        gamma = None
+        grams = []
         for m, f in enumerate(factors):
             if m == mode:
                 continue
             if m not in self.grams or self.grams[m][0] is not f:
                 self.grams[m] = (f, f.T @ f)
-            gamma = self.grams[m][1].copy() if gamma is None else gamma * self.grams[m][1]
+            grams.append(self.grams[m][1])
+        gamma = grams[0].copy()
+        for gram in grams[1:]:
+            gamma *= gram
         return gamma
 
     def mttkrp(self, factors: list[np.ndarray], mode: int) -> np.ndarray:
