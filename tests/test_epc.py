@@ -9,13 +9,14 @@ import pytest
 import tensorly as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy.optimize import minimize
+from scipy.optimize import brentq, minimize
 from tensorly.decomposition import parafac
 from tensorly.tenalg import khatri_rao
 
 from rankfold.passes.factorizations import epc as epc_module
 from rankfold.passes.factorizations.cp import CPFactors, cp_als, cp_sensitivity
 from rankfold.passes.factorizations.epc import (
+    _linear_move,
     _solve_eta,
     _update_mode,
     cp_epc,
@@ -387,6 +388,42 @@ def test_mode_update_from_a_hint_by_cholesky_equals_the_eigendecomposition(
 
     _forbid_the_eigendecomposition(monkeypatch)
     assert_within_the_shortfall(_update_mode(*args, eta * 1.05))
+
+
+@pytest.mark.parametrize("relative_move", [-0.04, -0.01, 0.01, 0.04])
+def test_linear_move_hits_its_error_and_is_nearly_the_minimum_norm_model(
+    relative_move: float,
+) -> None:
+    """U(η)ᵀ − ΔW has exactly the error `_linear_move` solved for (checked by the residual),
+    and at that error its ‖U‖² exceeds the minimum, U(η') with e(η') equal, by far less than
+    the Cholesky route's allowed shortfall; a move beyond the limit is refused."""
+    args, unfolded, z = _mode_problem(np.random.default_rng(1), (9, 7, 6), 12, 0.2)
+    g, gamma_matrix = args[0], args[1]
+    gamma, q = np.linalg.eigh(gamma_matrix)
+    f = g @ q
+
+    def model(eta: float) -> np.ndarray:
+        return (f / (gamma + eta)) @ q.T
+
+    def error(u: np.ndarray) -> float:
+        return float(np.sum((unfolded - u @ z.T) ** 2))
+
+    eta = 0.3
+    u = model(eta)
+    w = np.linalg.solve(gamma_matrix + eta * np.eye(12), u.T)
+    zz, ww = float(np.vdot(u.T, w)), float(np.vdot(w, w))
+    # The error a move of `relative_move`·η along e(η) would add, to first order.
+    miss = -2.0 * eta * zz * relative_move * eta
+    delta = _linear_move(eta, zz, ww, miss, limit=0.05)
+    assert delta == pytest.approx(relative_move * eta, rel=0.1)
+    moved = u - delta * w.T
+    assert error(moved) == pytest.approx(error(u) - miss, rel=1e-11)
+    # The minimum-norm model with the moved candidate's error.
+    target = error(moved)
+    best = model(brentq(lambda e: error(model(e)) - target, eta * 0.8, eta * 1.25, xtol=1e-15))
+    excess = float(np.sum(moved**2)) / float(np.sum(best**2)) - 1.0
+    assert 0.0 <= excess + 1e-13 and excess <= 1e-3 * epc_module._ETA_SHORTFALL
+    assert _linear_move(eta, zz, ww, miss, limit=0.5 * abs(relative_move)) is None
 
 
 def test_mode_update_above_the_bound_even_at_least_squares_keeps_the_model(monkeypatch) -> None:

@@ -28,16 +28,17 @@ The second form of e(η) has no cancellation, so η is found from it: the larges
 e(η) = τ² (Newton on log η from the mode's η of the last sweep, Brent's method as the fallback),
 where τ² = δ² when the least-squares error e(0) ≤ δ², else the current error (the error never
 grows). Once the model is within the bound, τ² = δ² (unless not even e(0) meets it, which one
-Cholesky factor at η → 0 tells), and from the last sweep's η Halley's method needs e(η) at about
-two points: those come from Cholesky factors of Γ + ηI (`_eta_by_cholesky`), cheaper than the
-eigendecomposition, which stays the route for the first sweep and the fallback; that route may
-stop short of the bound by 3e-5 of ‖U‖². The problem is convex, so that U(η) is the
-minimum-norm model within the bound; the old U is feasible, hence Σ λ² never increases. An
-update that would break the bound (or raise Σ λ²) through rounding is shrunk toward η = 0 or
-dropped. Within a sweep a candidate's error comes from the Gram formula above (no residual);
-the model at the end of every sweep is checked against the exact residual, and a sweep that
-fails the check is redone with every candidate checked exactly: in floating point Σ λ² never
-rises and the error of every model EPC keeps stays ≤ τ²·(1 + 1e-10).
+Cholesky factor at η → 0 tells), and from the last sweep's η one Cholesky factor of Γ + ηI
+mostly suffices (`_eta_by_cholesky`): U(η) moved to first order in η, whose error is exactly
+quadratic in the move, lands in the window, and Halley's method with another factor is the
+route for longer moves; the eigendecomposition stays the route for the first sweep and the
+fallback. That route may stop short of the bound by 3e-5 of ‖U‖². The problem is convex, so
+that U(η) is the minimum-norm model within the bound; the old U is feasible, hence Σ λ² never
+increases. An update that would break the bound (or raise Σ λ²) through rounding is shrunk
+toward η = 0 or dropped. Within a sweep a candidate's error comes from the Gram formula above
+(no residual); the model at the end of every sweep is checked against the exact residual, and
+a sweep that fails the check is redone with every candidate checked exactly: in floating point
+Σ λ² never rises and the error of every model EPC keeps stays ≤ τ²·(1 + 1e-10).
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ _ETA_STEPS = 8
 # the error left goes to the next mode's update, and a wider window saves Cholesky factors
 # (BENCHMARKS.md, decomposition speed, round 10).
 _ETA_SHORTFALL = 3e-5
+# Largest |Δη|/η for which a Cholesky-route update takes U(η)'s first-order move instead of a
+# factor at η + Δη: at 0.1 EPC's path on a degenerate tensor already departs from the exact
+# updates' (BENCHMARKS.md, decomposition speed, round 13).
+_MOVE_LIMIT = 0.05
 
 
 @dataclass(frozen=True)
@@ -266,6 +271,27 @@ class _Residual:
         return float(np.sum(np.square(diff, out=diff)))
 
 
+def _linear_move(eta: float, zz: float, ww: float, miss: float, limit: float) -> float | None:
+    """Δ with e(Uᵀ − ΔW) = e(U) − `miss`, where U = U(η) and W = (Γ + ηI)⁻¹Uᵀ, or None when
+    |Δ| would exceed `limit`·η or no Δ reaches it.
+
+    With A = Γ + ηI, AUᵀ = Gᵀ and AW = Uᵀ give ΓUᵀ and ΓW in terms of Gᵀ, Uᵀ and W, so
+
+        e(Uᵀ − ΔW) = e(U) + 2η‖Z‖²Δ + (‖Z‖² − η‖W‖²)Δ²,   ‖Z‖² = ⟨Uᵀ, W⟩,
+
+    exact for this candidate (not an expansion of e(η)); ‖Z‖² − η‖W‖² = Σ c_r² γ_r/(γ_r + η)²
+    ≥ 0 in Γ's eigenbasis. The candidate is U(η + Δ) up to terms in (Δ/(γ_r + η))², so its
+    ‖U‖² at that error is the minimum's to fourth order in Δ/η."""
+    slope = 2.0 * eta * zz
+    curvature = max(zz - eta * ww, 0.0)
+    discriminant = slope * slope - 4.0 * curvature * miss
+    if not slope > 0.0 or discriminant < 0.0:
+        return None
+    # The root nearer 0, in the form without cancellation.
+    delta = -2.0 * miss / (slope + math.sqrt(discriminant))
+    return delta if abs(delta) <= limit * eta else None
+
+
 def _eta_by_cholesky(
     g: np.ndarray, gamma_matrix: np.ndarray, norm_sq: float, tau_sq: float, hint: float
 ) -> tuple[float, np.ndarray | None] | None:
@@ -279,7 +305,7 @@ def _eta_by_cholesky(
     e is convex in log η near the root, so Newton from below overshoots and then creeps up on
     the root from the infeasible side; Halley's step, from the curvature, mostly lands within
     the accepted window in one step from the last sweep's η (BENCHMARKS.md, decomposition
-    speed, round 9).
+    speed, round 9). Shorter steps skip that factor: `_linear_move` (round 13).
 
     (η, None) when not even the least-squares fit (η → 0) meets the bound: the caller keeps
     its model. None when Γ + ηI is not positive definite in floating point, or the iteration
@@ -341,6 +367,12 @@ def _eta_by_cholesky(
                 return None
             if excess(floor_chol, _GAMMA_FLOOR)[0] > _BOUND_RTOL * tau_sq:
                 return eta, None
+        # Uᵀ − Δ·W, the first-order move of U(η) to η + Δ, has an error exactly quadratic in Δ
+        # (the inner products above give it, see `_linear_move`): solved for the middle of the
+        # window it is a candidate without another factor, as good as U(η + Δ) while Δ ≪ η.
+        moved = _linear_move(eta, zz, ww, miss, _MOVE_LIMIT)
+        if moved is not None:
+            return eta + moved, (u_t - moved * w).T
         denominator = 2.0 * slope * slope - miss * curvature
         step = -2.0 * miss * slope / denominator if denominator > 0.0 else -miss / slope
         if abs(step) <= 1e-12:
