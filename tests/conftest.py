@@ -15,7 +15,8 @@ from rankfold.models.data import data_dir as _data_dir
 
 @pytest.fixture(autouse=True, scope="session")
 def _deterministic_torch() -> None:
-    # Two cores run the whole suite; extra intra-op threads only add contention.
+    # Two xdist workers share the two cores the suite runs on: more intra-op threads only add
+    # contention.
     torch.set_num_threads(1)
     threadpool_limits(limits=1)
     torch.manual_seed(0)
