@@ -14,17 +14,20 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import torch
+if __name__ == "__main__":
+    # before the heavy imports below: --help answers at once
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
 
-from rankfold.converter.quantization import calibration_inputs
-from rankfold.models import DIGITS_SPEC, batches, digits_splits, train_digits_cnn
-from rankfold.runtime import export_onnx
-from rankfold.runtime.quantize import int8_dot_saturates, quantize_int8
-from rankfold.runtime.validate import check_agreement
+import torch  # noqa: E402
+
+from rankfold.converter.quantization import calibration_inputs  # noqa: E402
+from rankfold.models import DIGITS_SPEC, batches, digits_splits, train_digits_cnn  # noqa: E402
+from rankfold.runtime import export_onnx  # noqa: E402
+from rankfold.runtime.quantize import int8_dot_saturates, quantize_int8  # noqa: E402
+from rankfold.runtime.validate import check_agreement  # noqa: E402
 
 
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     torch.manual_seed(0)
     train, test = digits_splits()
     model = train_digits_cnn(epochs=3)

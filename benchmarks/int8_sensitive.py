@@ -18,14 +18,26 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import numpy as np
 
-from rankfold.converter.config import QuantizeConfig
-from rankfold.converter.quantization import quantize_export
-from rankfold.converter.results import Report
-from rankfold.models import batches, load_model, shared_file
-from rankfold.models.data import load_dataset
-from rankfold.runtime import create_session
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--model", default="resnet56")
+    parser.add_argument("--sweep", default="", help="TARGET:CAP pairs, e.g. 0.99:0.25,0.99:0.5")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # before the heavy imports below: --help answers at once
+
+import numpy as np  # noqa: E402
+
+from rankfold.converter.config import QuantizeConfig  # noqa: E402
+from rankfold.converter.quantization import quantize_export  # noqa: E402
+from rankfold.converter.results import Report  # noqa: E402
+from rankfold.models import batches, load_model, shared_file  # noqa: E402
+from rankfold.models.data import load_dataset  # noqa: E402
+from rankfold.runtime import create_session  # noqa: E402
 
 TEST_SETS = ("cifar10/test_lossless_1017.npz", "cifar10/test_jpeg_10000.npz")
 TRAIN = "cifar10/train_lossless_5085.npz"
@@ -70,12 +82,7 @@ def row(label: str, kept: str, float_path: Path, int8_path: Path, spec) -> str:
     return f"| {label} | {kept} | " + " | ".join(paired(float_path, int8_path, spec)) + " |"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path)
-    parser.add_argument("--model", default="resnet56")
-    parser.add_argument("--sweep", default="", help="TARGET:CAP pairs, e.g. 0.99:0.25,0.99:0.5")
-    args = parser.parse_args()
+def main(args: argparse.Namespace) -> None:
     _, spec = load_model(args.model, None)
     report = Report.load(args.run / "report.json")
     quant = report.quantization
@@ -106,4 +113,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)
