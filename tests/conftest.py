@@ -23,10 +23,12 @@ def _deterministic_torch() -> None:
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _private_decomposition_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    # compress always writes decompositions to the on-disk cache: each test session gets its
-    # own, so no run reuses (or is slowed, or passed, by) another run's factorizations.
+def _private_caches(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # compress always writes decompositions and layer timings to on-disk caches (by default in
+    # ~/.cache): each test session (each xdist worker) gets its own, so no run reuses (or is
+    # slowed, or passed, by) another run's factorizations or timings.
     os.environ["RANKFOLD_CACHE"] = str(tmp_path_factory.mktemp("decompositions"))
+    os.environ["RANKFOLD_LATENCY_CACHE"] = str(tmp_path_factory.mktemp("latency"))
 
 
 @pytest.fixture(autouse=True, scope="session")
