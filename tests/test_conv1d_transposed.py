@@ -114,8 +114,10 @@ def _check_full_rank(conv: nn.Module, method_name: str) -> None:
     assert [type(stage) for stage in spatial] == [type(conv)]
     pointwise = nn.Conv1d if isinstance(conv, nn.Conv1d) else nn.Conv2d
     assert all(type(stage) is pointwise for stage in block if stage not in spatial)
-    # CP-ALS reaches the exact rank iteratively, the other two by a closed form.
-    tolerance = 1e-6 if method_name == "cp" else 1e-9
+    # The other two reach the exact rank by a closed form; CP-ALS iteratively, and the method's
+    # ALS stops once a sweep moves the error by under 1e-6 (or after 100 sweeps): below 1e-6 on
+    # 7,694 of 7,695 random kernels, but a slow tail ended at 3.0e-5 on one 5×5×3 kernel in CI.
+    tolerance = 1e-4 if method_name == "cp" else 1e-9
     assert result.rel_error < tolerance
     assert _relative(block(x), conv(x)) < tolerance
     cost = method.cost(layer, ranks)
@@ -125,14 +127,16 @@ def _check_full_rank(conv: nn.Module, method_name: str) -> None:
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(conv1d_configs(), st.sampled_from(METHODS))
-def test_full_rank_conv1d_block_reproduces_the_layer(config, method_name):
+@given(conv1d_configs(), st.sampled_from(METHODS), st.integers(0, 2**16))
+def test_full_rank_conv1d_block_reproduces_the_layer(config, method_name, seed):
+    torch.manual_seed(seed)  # the layer's random init: a failing example replays exactly
     _check_full_rank(nn.Conv1d(**config).double(), method_name)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(transposed_configs(), st.sampled_from(METHODS))
-def test_full_rank_transposed_block_reproduces_the_layer(config, method_name):
+@given(transposed_configs(), st.sampled_from(METHODS), st.integers(0, 2**16))
+def test_full_rank_transposed_block_reproduces_the_layer(config, method_name, seed):
+    torch.manual_seed(seed)
     _check_full_rank(nn.ConvTranspose2d(**config).double(), method_name)
 
 
