@@ -94,24 +94,18 @@ def test_cp_als_is_as_accurate_as_tensorly_parafac(kernels, name: str, linesearc
     assert new.rel_error(tensor) <= reference.rel_error(tensor) * (1.0 + TOLERANCE)
 
 
-def test_tucker2_on_a_flat_spectrum_beats_tensorly_hooi_or_stops_within_tolerance() -> None:
+def test_tucker2_beats_tensorly_hooi_where_the_spectrum_is_flat() -> None:
     # An untrained layer's kernel (i.i.d. entries, like a Kaiming init): plain HOOI is still
-    # gaining after 100 iterations (100 plain sweeps end within 1e-9 of it). Run to the fit
-    # criterion alone, the extrapolated sweeps get further (7e-5 lower here); the default also
-    # stops on the residual, earlier, and must still be within TOLERANCE of tensorly. Either
-    # way the factors must match the core they come with.
+    # gaining after 100 iterations (100 plain sweeps end within 1e-9 of it); the extrapolated
+    # sweeps get further (7e-5 lower here), and the factors must match the core they come with.
     kernel = np.random.default_rng(3).standard_normal((96, 80, 3, 3)) / np.sqrt(80 * 9)
     ranks = (40, 36)
     reference_error = tensorly_tucker2_error(kernel, ranks)
-    converged = tucker2(kernel, *ranks, residual_tol=0.0)
-    default = tucker2(kernel, *ranks)
-    assert converged.rel_error(kernel) <= reference_error - 3e-5
-    assert default.rel_error(kernel) <= reference_error * (1.0 + TOLERANCE)
-    assert default.rel_error(kernel) > converged.rel_error(kernel)  # it did stop earlier
-    for factors in (converged, default):
-        assert_orthonormal(factors)
-        projected = np.einsum("tshw,ta,sb->abhw", kernel, factors.out_factor, factors.in_factor)
-        np.testing.assert_allclose(factors.core, projected, atol=1e-12)
+    factors = tucker2(kernel, *ranks)
+    assert factors.rel_error(kernel) <= reference_error - 3e-5
+    assert_orthonormal(factors)
+    projected = np.einsum("tshw,ta,sb->abhw", kernel, factors.out_factor, factors.in_factor)
+    np.testing.assert_allclose(factors.core, projected, atol=1e-12)
 
 
 def test_cp_normal_equations_fall_back_to_lu_when_cholesky_fails() -> None:

@@ -16,7 +16,7 @@ AlexNet, VGG, EfficientNetV2's fused MBConvs), svd on 1×1-and-depthwise network
 the svd run), and both on ResNet, whose 3×3 convs the two methods factorize differently (spatial
 k×1 → 1×k against Tucker-2). Wide ResNet, GoogLeNet and Inception-v3 run svd only: their kernel
 shapes (3×3, 5×5, 1×k, k×1) under both methods are test_factorized_layers' hypothesis cases, and a
-second whole-network run would cost 25–45 s each (Wide ResNet's Tucker-2 mostly HOOI on flat
+second whole-network run would cost 25–85 s each (Wide ResNet's Tucker-2 mostly HOOI on flat
 1,024-channel random-init spectra) for no block kind the other rows do not export.
 """
 

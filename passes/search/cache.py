@@ -31,8 +31,8 @@ from rankfold.passes.core import DecompositionError, atomic_path
 from rankfold.passes.methods import Method, Ranks
 from rankfold.passes.statistics import LayerStatistics, Whitening, whitened_fill
 
-CACHE_FORMAT = 5  # 2: the key includes the method's settings; 3: cp-lrf's stages equalized;
-# 4: Tucker-2 by extrapolated HOOI; 5: HOOI also stops on the residual
+CACHE_FORMAT = 4  # 2: the key includes the method's settings; 3: cp-lrf's stages equalized;
+# 4: Tucker-2 by extrapolated HOOI
 
 
 def default_cache_dir() -> Path:
