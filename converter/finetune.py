@@ -72,8 +72,9 @@ LAST_CHECKPOINT = "finetune_last.pt"
 BEST_CHECKPOINT = "finetune_best.pt"
 DEFAULT_LR = {"sgd": 1e-3, "adamw": 3e-4}
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 0.05}
-# Settings that do not change the trained weights, so a resumed run may change them.
-_RESUME_FREE = ("eval_batch_size", "checkpoint_every")
+# Settings a resumed run may change: they do not change the trained weights, or (device) only
+# as resuming on another machine would.
+_RESUME_FREE = ("eval_batch_size", "checkpoint_every", "device")
 
 
 class FinetuneConfig(BaseModel):
@@ -97,6 +98,8 @@ class FinetuneConfig(BaseModel):
     augment: Augment = "auto"  # auto: cifar for 3×32×32 inputs
     train_only_decomposed: bool = False
     amp: bool = True  # mixed precision, on CUDA only
+    # auto: CUDA when torch sees a GPU (or the student's own accelerator), else the CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_batch_size: int = Field(default=256, ge=1)
     # Also checkpoint every this many steps within an epoch (0: at epoch ends only), so a killed
     # run resumes mid-epoch on the same sample order.
@@ -135,6 +138,7 @@ class FinetuneResult:
     best_accuracy: float | None  # its validation accuracy (None: the last epoch was kept)
     resumed_from: int | None  # the completed epoch a resumed run continued from
     selected_by: str = "last epoch"  # or "validation split of N training images"
+    device: str = "cpu"  # where it trained, e.g. "cuda:0 (NVIDIA H200)"
 
     @property
     def final_accuracy(self) -> float | None:
@@ -211,8 +215,10 @@ def finetune(
     _check_inputs(student, teacher, train, spec, config, eval_data)
     train, validation = validation_split(train, config.validation, seed)
     directory = Path(checkpoint_dir)
-    device = _device_of(student)
+    device = training_device(config.device, student)
     saved_flags = [(p, p.requires_grad) for p in student.parameters()]
+    # Both models train on `device` and go back where the caller had them.
+    homes = [(module, _device_of(module)) for module in (student, teacher) if module is not None]
     rank, world, created_group = _init_distributed(device)
     try:
         if len(train) < world:
@@ -223,9 +229,8 @@ def finetune(
         if world > 1 and device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
-            student.to(device)
-            if teacher is not None:
-                teacher.to(device)
+        for module, _ in homes:
+            module.to(device)
         trainable = _select_trainable(student, config, decomposed_names)
         with _isolated_rng(device):
             return _Trainer(
@@ -243,6 +248,8 @@ def finetune(
                 world,
             ).run(trainable, resume, decomposed_names)
     finally:
+        for module, home in homes:
+            module.to(home)
         for parameter, flag in saved_flags:
             parameter.requires_grad_(flag)
         student.eval()
@@ -391,13 +398,16 @@ class _Trainer:
             self._save_last(optimizer, scheduler, scaler, state)
             self._report_epoch(state.history[-1], improved)
 
+        device = str(self.device)
+        if self.device.type == "cuda":
+            device += f" ({torch.cuda.get_device_name(self.device)})"
         if self.validation is None:
-            return FinetuneResult(state.history, state.epoch, None, resumed_from)
+            return FinetuneResult(state.history, state.epoch, None, resumed_from, device=device)
         if state.best_model is not None:
             self.student.load_state_dict(state.best_model)
         selected_by = f"validation split of {len(self.validation)} training images"
         return FinetuneResult(
-            state.history, state.best_epoch, state.best_accuracy, resumed_from, selected_by
+            state.history, state.best_epoch, state.best_accuracy, resumed_from, selected_by, device
         )
 
     def _train_epoch(
@@ -849,6 +859,26 @@ def _amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
         return None
     # bfloat16 keeps float32's range (no loss scaling); float16 on GPUs without it.
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def training_device(choice: str, student: nn.Module | None = None) -> torch.device:
+    """The device `finetune.device` names: "cpu"; "cuda" (the student's GPU if it sits on one);
+    "auto", the student's own accelerator, else CUDA when torch sees a GPU, else the CPU.
+    "cuda" without a usable GPU is a one-line ConfigError."""
+    current = _device_of(student) if student is not None else torch.device("cpu")
+    if choice == "cpu":
+        return torch.device("cpu")
+    if current.type == "cuda" or (choice == "auto" and current.type != "cpu"):
+        return current
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if choice == "cuda":
+        raise ConfigError(
+            "fine-tuning on CUDA was asked for (--finetune-device cuda) but torch sees no GPU; "
+            "run on a machine with an NVIDIA GPU and a CUDA build of torch, or use "
+            "--finetune-device auto or cpu"
+        )
+    return torch.device("cpu")
 
 
 def _device_of(module: nn.Module) -> torch.device:

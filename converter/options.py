@@ -319,6 +319,12 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("finetune.train_only_decomposed", "Train only the factorized blocks.", RECOVERY, bool),
     Option("finetune.amp", "Mixed precision on CUDA.", RECOVERY, bool),
+    Option(
+        "finetune.device",
+        "Where to fine-tune: auto (CUDA when torch sees a GPU), cpu or cuda.",
+        RECOVERY,
+        flag="--finetune-device",
+    ),
     Option("finetune.eval_batch_size", "Evaluation batch size (256).", RECOVERY, int),
     Option(
         "finetune.checkpoint_every",

@@ -31,7 +31,13 @@ from rankfold.converter.calibration import (
     export_as_deployed,
 )
 from rankfold.converter.config import CompressConfig
-from rankfold.converter.finetune import FinetuneResult, check_resume, finetune, plot_history
+from rankfold.converter.finetune import (
+    FinetuneResult,
+    check_resume,
+    finetune,
+    plot_history,
+    training_device,
+)
 from rankfold.converter.metric import TOP1, TaskMetric, top1
 from rankfold.converter.quantization import (
     QuantizedCheck,
@@ -554,6 +560,8 @@ def compress(
         raise ConfigError("reading data needs the model's spec (mean/std); pass spec=")
     if config.finetune.epochs > 0 and config.train_data is None:
         raise ConfigError("fine-tuning needs training data: pass --train-data")
+    if config.finetune.epochs > 0:
+        training_device(config.finetune.device)  # --finetune-device cuda without a GPU fails now
     if metric is not None and config.eval_data is not None:
         raise ConfigError(
             f"metric= scores the model on its own data, --eval-data would score top-1 on "

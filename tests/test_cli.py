@@ -526,6 +526,13 @@ def test_config_typo_and_cuda_and_untraceable(digits, tmp_path):
     result = _compress(digits, tmp_path / "o2", "--provider", "cuda")
     if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
         assert result.exit_code == 1 and "onnxruntime-gpu" in error_line(result)
+    if not torch.cuda.is_available():  # refused before any decomposition: no folder content
+        train = ("--train-data", digits["data"], "--finetune-epochs", "1")
+        result = _compress(digits, tmp_path / "o3", *train, "--finetune-device", "cuda")
+        assert result.exit_code == 1
+        assert "--finetune-device cuda" in error_line(result)
+        assert "torch sees no GPU" in error_line(result)
+        assert not any((tmp_path / "o3").glob("*.onnx"))
     source = tmp_path / "branchy.py"
     source.write_text(
         "import torch\nfrom torch import nn\n"

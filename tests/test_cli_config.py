@@ -97,6 +97,7 @@ SAMPLES: dict[str, tuple[list[str], Any]] = {
     "finetune.alpha": (["0.5"], 0.5),
     "finetune.mixup": (["0.4"], 0.4),
     "finetune.augment": (["none"], "none"),
+    "finetune.device": (["cpu"], "cpu"),
     "finetune.validation": (["0.1"], 0.1),
     "export.atol": (["0.001"], 0.001),
     "export.rtol": (["0.001"], 0.001),

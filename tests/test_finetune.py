@@ -21,6 +21,7 @@ from rankfold.converter.finetune import (
     finetune_config,
     kd_loss,
     plot_history,
+    training_device,
 )
 from rankfold.models import ArrayDataset, ModelSpec
 from rankfold.passes.blocks import FactorizedBlock
@@ -423,6 +424,43 @@ def test_mixup_shows_teacher_and_student_the_same_mixed_images(tmp_path: Path) -
         )
         torch.testing.assert_close(mixed, expected, rtol=1e-5, atol=1e-5)
         assert float((mixed - plain).abs().max()) > 0.1  # the mix really changed the images
+
+
+# ---- device --------------------------------------------------------------------------------------
+
+
+def test_the_training_device_follows_the_setting_and_the_machine(monkeypatch) -> None:
+    on_meta = nn.Linear(2, 2, device="meta")  # stands for a student already on an accelerator
+    assert training_device("auto", on_meta) == torch.device("meta")
+    assert training_device("cpu", on_meta) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training_device("auto", tiny(0)) == torch.device("cpu")
+    with pytest.raises(ConfigError, match="--finetune-device cuda.*torch sees no GPU") as info:
+        training_device("cuda", tiny(0))
+    assert "\n" not in str(info.value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert training_device("auto", tiny(0)) == torch.device("cuda", 0)
+    assert training_device("cuda") == torch.device("cuda", 0)
+    assert training_device("cpu", tiny(0)) == torch.device("cpu")
+
+
+def test_both_models_train_on_the_chosen_device_and_come_back(tmp_path: Path) -> None:
+    student, teacher = tiny(0), tiny(1)
+    seen: dict[str, set[str]] = {"student": set(), "teacher": set()}
+    for name, module in (("student", student), ("teacher", teacher)):
+        module.fc.register_forward_pre_hook(
+            lambda _, args, name=name: seen[name].add(args[0].device.type)
+        )
+    settings = config(epochs=3, alpha=0.0)  # the teacher still runs, its term weighs nothing
+    result = finetune(student, teacher, TRAIN, SPEC, settings, tmp_path, eval_data=EVAL)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert result.device.split(":")[0].split(" ")[0] == expected
+    assert expected in seen["student"] and seen["teacher"] == {expected}
+    for module in (student, teacher):
+        assert {p.device.type for p in module.parameters()} == {"cpu"}
+        assert {b.device.type for b in module.buffers()} == {"cpu"}
+    assert result.history[-1]["eval_accuracy"] >= 0.7
 
 
 def test_zero_epochs_is_a_no_op(tmp_path: Path) -> None:
