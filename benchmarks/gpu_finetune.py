@@ -1,8 +1,8 @@
 """Fine-tuning on the GPU against the CPU, and the CUDA provider, through the CLI, side by side.
 
     python benchmarks/gpu_finetune.py [--model resnet56] [--method cp-epc] [--reduction 4]
-        [--epochs 6] [--cpu-epochs 1] [--devices cuda,cpu] [--providers cpu,cuda]
-        [--work DIR] [--out JSON]
+        [--epochs 6] [--cpu-epochs 1] [--devices cuda,cpu] [--seed N]
+        [--providers cpu,cuda | --skip-bench] [--work DIR] [--out JSON]
 
 Each device is one `rankfold compress MODEL --weights … --method M --macs-reduction X
 --train-data cifar10/train_lossless_5085.npz --eval-data cifar10/test_lossless_1017.npz
@@ -11,7 +11,7 @@ sharing one decomposition cache (the second run reuses the first one's factors, 
 differ only in the fine-tuning). The CPU arm trains `--cpu-epochs` epochs, since there an epoch
 takes minutes: devices are compared by their seconds per epoch (training on the 5,085 images plus
 scoring the 1,017 evaluation images, the median over epochs), accuracy after E epochs is each
-arm's own. Then `rankfold bench` times the GPU arm's original.onnx against its model.onnx on each
+arm's own (`--seed` seeds shuffling, augmentation and initial draws). Then `rankfold bench` times the GPU arm's original.onnx against its model.onnx on each
 of `--providers` (an unusable provider is skipped with its reason) at batch 1, 8 and 64.
 Writes benchmarks/results/gpu_finetune.json (after each step, so a cut run keeps what it did) and
 prints a Markdown table.
@@ -44,7 +44,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=6, help="epochs of every arm but the CPU's")
     parser.add_argument("--cpu-epochs", type=int, default=1)
     parser.add_argument("--devices", default="cuda,cpu", help="--finetune-device of each arm")
+    parser.add_argument("--seed", type=int, default=0, help="rankfold compress --seed")
     parser.add_argument("--providers", default="cpu,cuda", help="rankfold bench --provider")
+    parser.add_argument("--skip-bench", action="store_true", help="no rankfold bench at the end")
     parser.add_argument("--bench-repeats", type=int, default=50)
     parser.add_argument("--data", type=Path, default=None, help="RANKFOLD_DATA folder")
     parser.add_argument("--work", type=Path, default=Path("/tmp/rankfold-gpu-finetune"))
@@ -65,13 +67,14 @@ def run(command: list[str]) -> tuple[subprocess.CompletedProcess, float]:
 
 
 def compress(args, base: Path, device: str) -> dict:
-    out = args.work / device
     epochs = args.cpu_epochs if device == "cpu" else args.epochs
+    out = args.work / f"{device}-e{epochs}-s{args.seed}"
     command = [
         "rankfold", "compress", args.model, "--weights", str(base / WEIGHTS[args.model]),
         "--method", args.method, "--macs-reduction", f"{args.reduction:g}",
         "--train-data", str(base / TRAIN), "--eval-data", str(base / TESTS["lossless_1017"]),
         "--finetune-epochs", str(epochs), "--finetune-device", device, "--no-latency",
+        "--seed", str(args.seed),
         "--search-cache-dir", str(args.work / "cache"), "--out", str(out),
     ]  # fmt: skip
     _, seconds = run(command)
@@ -83,6 +86,7 @@ def compress(args, base: Path, device: str) -> dict:
         "device": device,
         "ran_on": finetune["device"],
         "epochs": epochs,
+        "seed": args.seed,
         "epoch_seconds": epoch_seconds,
         "median_epoch_seconds": statistics.median(epoch_seconds),
         "stages": {
@@ -147,8 +151,9 @@ def main() -> None:
         result["arms"].append(compress(args, base, device))
         print(json.dumps(result["arms"][-1]), flush=True)
         save()
-    result["bench"] = bench(args, Path(result["arms"][0]["out"]))
-    save()
+    if not args.skip_bench:
+        result["bench"] = bench(args, Path(result["arms"][0]["out"]))
+        save()
 
     print(
         "\n| device | epochs | s per epoch (median) | vs first arm | top-1 decomposed → refitted "

@@ -531,7 +531,8 @@ class _Trainer:
         size = self.config.eval_batch_size
         parts = [indices[start : start + size] for start in range(0, len(indices), size)]
         totals = torch.zeros(2, dtype=torch.float64)
-        with eval_mode(self.student), torch.no_grad(), self._autocast():
+        # In float32, as the model is deployed: an epoch is chosen and reported on these scores.
+        with eval_mode(self.student), torch.no_grad():
             for images, labels, _ in read_groups(data, parts):
                 if not len(labels):
                     continue
@@ -556,8 +557,9 @@ class _Trainer:
             "config": self.settings,
             "data": self.fingerprint,
             "world_size": self.world,
-            "model": self.student.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            # On the CPU, so that a checkpoint written on a GPU loads on any machine.
+            "model": _cpu_state(self.student),
+            "optimizer": _on_cpu(optimizer.state_dict()),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
             "history": state.history,
@@ -888,6 +890,17 @@ def _device_of(module: nn.Module) -> torch.device:
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.detach().to("cpu", copy=True) for key, value in module.state_dict().items()}
+
+
+def _on_cpu(value: Any) -> Any:
+    """`value` (nested dicts, lists and tuples of tensors) with every tensor copied to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _on_cpu(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_on_cpu(item) for item in value)
+    return value
 
 
 # ---- RNG state and files -------------------------------------------------------------------------

@@ -403,7 +403,7 @@ def test_mixup_shows_teacher_and_student_the_same_mixed_images(tmp_path: Path) -
         def record(role, log=inputs, trained=student):
             def hook(module, args):
                 if trained.training:  # training steps only, not the input probe
-                    log[role].append(args[0].clone())
+                    log[role].append(args[0].detach().cpu())
 
             return hook
 
@@ -413,7 +413,9 @@ def test_mixup_shows_teacher_and_student_the_same_mixed_images(tmp_path: Path) -
             student, teacher, TRAIN, SPEC, config(epochs=1, mixup=concentration), tmp_path / "m"
         )
         seen[concentration] = list(zip(inputs["student"], inputs["teacher"], strict=True))
-        assert 0.25 < result.history[0]["train_accuracy"] <= 1.0
+        # The student mostly follows a random teacher here: its label accuracy is near chance
+        # (exactly 0.25 on one GPU), so only that the step trained is checked.
+        assert np.isfinite(result.history[0]["loss"]) and len(inputs["student"]) == 8
     assert len(seen[0.5]) == 8  # 8 steps, each seen by both models
     draws = np.random.default_rng([0, 1, 1])  # the epoch's mixup generator (seed 0, epoch 1)
     for (plain, _), (mixed, teacher_input) in zip(seen[0.0], seen[0.5], strict=True):
@@ -461,6 +463,11 @@ def test_both_models_train_on_the_chosen_device_and_come_back(tmp_path: Path) ->
         assert {p.device.type for p in module.parameters()} == {"cpu"}
         assert {b.device.type for b in module.buffers()} == {"cpu"}
     assert result.history[-1]["eval_accuracy"] >= 0.7
+    # The checkpoint holds CPU tensors only: written on a GPU, it loads on any machine.
+    saved = torch.load(tmp_path / LAST_CHECKPOINT, weights_only=True)
+    momentum = [state["momentum_buffer"] for state in saved["optimizer"]["state"].values()]
+    assert len(momentum) == len(list(student.parameters()))
+    assert {t.device.type for t in [*saved["model"].values(), *momentum]} == {"cpu"}
 
 
 def test_zero_epochs_is_a_no_op(tmp_path: Path) -> None:
@@ -513,7 +520,10 @@ def test_finetuning_recovers_digits_accuracy(tmp_path: Path) -> None:
         decomposed_names=[entry.name for entry in plan.decomposed()],
     )
     accuracy["finetuned"] = torch_accuracy(compressed, batches(test, DIGITS_SPEC))
-    assert accuracy["finetuned"] == pytest.approx(result.final_accuracy)
+    # The last epoch's score, in float32 on the training device: on the CPU the same number; on
+    # CUDA, whose convs round differently (TF32), at most one image apart.
+    one_image = 1 / len(test) if result.device.startswith("cuda") else 1e-9
+    assert abs(accuracy["finetuned"] - result.final_accuracy) <= one_image
     # Within 3 pt (11 of 360 images) of the original, from a 50 % start: the trained weights,
     # hence the last image or two, differ between CPUs (AVX-512 vs AVX2 kernels).
     assert accuracy["finetuned"] >= accuracy["original"] - 0.03, accuracy
