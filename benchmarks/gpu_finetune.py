@@ -11,8 +11,9 @@ sharing one decomposition cache (the second run reuses the first one's factors, 
 differ only in the fine-tuning). The CPU arm trains `--cpu-epochs` epochs, since there an epoch
 takes minutes: devices are compared by their seconds per epoch (training on the 5,085 images plus
 scoring the 1,017 evaluation images, the median over epochs), accuracy after E epochs is each
-arm's own (`--seed` seeds shuffling, augmentation and initial draws). Then `rankfold bench` times the GPU arm's original.onnx against its model.onnx on each
-of `--providers` (an unusable provider is skipped with its reason) at batch 1, 8 and 64.
+arm's own (`--seed` seeds the factorizations, shuffling and augmentation). Then `rankfold
+bench` times the first arm's original.onnx against its model.onnx on each of `--providers` (an
+unusable provider is skipped with its reason) at batch 1, 8 and 64.
 Writes benchmarks/results/gpu_finetune.json (after each step, so a cut run keeps what it did) and
 prints a Markdown table.
 """

@@ -21,7 +21,10 @@ and left the fused graph of rankfold's exports unchanged.
 
 Layers kept in float are named as in the PyTorch model: the exporter records each node's module
 path (`pkg.torch.onnx.name_scopes`), so `layer1.0.conv1` (or a glob, or a parent) selects the
-node(s) of that layer, including every stage of its factorized block.
+node(s) of that layer, including every stage of its factorized block. A layer kept float for
+what its input is (the first conv, which reads the image) can keep only the stages of its block
+that see that input float: the block's last stage reads the block's own activations, and is
+quantized like any other conv.
 
 With a `SensitiveSearch`, layers are also kept float by measurement: after quantizing, the float
 and INT8 models are run side by side through onnxruntime's own debugging tool
@@ -183,6 +186,23 @@ def compute_nodes(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str]]:
     return [(node, node_layer(node)) for node in model.graph.node if node.op_type in COMPUTE_OPS]
 
 
+def _without_output_stages(model: onnx.ModelProto, matched: dict[str, str]) -> dict[str, str]:
+    """`matched` (node → layer) less the output stages of its factorized blocks: the nodes that
+    read another matched node's output directly (a block's stages follow each other with no op
+    between) and feed none. A layer of one node reads and feeds none, and stays."""
+    outputs = {node.name: set(node.output) for node in model.graph.node if node.name in matched}
+    reads: dict[str, set[str]] = {name: set() for name in matched}  # node → matched producers
+    for node in model.graph.node:
+        if node.name in matched:
+            reads[node.name] = {
+                producer
+                for producer, produced in outputs.items()
+                if producer != node.name and produced & set(node.input)
+            }
+    feeds = {producer for producers in reads.values() for producer in producers}
+    return {name: layer for name, layer in matched.items() if not reads[name] or name in feeds}
+
+
 def int8_dot_saturates() -> bool:
     """Whether onnxruntime's u8×s8 kernels on this CPU add products in int16 with saturation:
     x86 without VNNI (an x86 CPU whose flags cannot be read counts as one)."""
@@ -204,16 +224,18 @@ def quantize_int8(
     equalize: bool = True,
     sensitive: SensitiveSearch | None = None,
     reduce_range: bool | None = None,
+    input_stages_only: Collection[str] = (),
 ) -> QuantizedModel:
     """Write a statically quantized copy of `float_path` to `out_path`.
 
     `calibration` yields preprocessed N×C×H×W float batches (as the model is fed); conv/linear
-    nodes of layers matching `float_layers` (names, globs or parents) stay float; with `equalize`
-    the conv → conv edges are equalized first (`equalize_conv_chains`); with `sensitive` the
-    layers losing most SQNR are kept float too, as the module docstring says; `reduce_range`
-    (7-bit weights) defaults to `int8_dot_saturates()`. Raises DataError
-    when `calibration` (or the search's images) yields nothing, ConfigError for an unknown
-    method or a pattern that matches no layer.
+    nodes of layers matching `float_layers` (names, globs or parents) stay float, but of the
+    factorized blocks of those also in `input_stages_only` the last stage is quantized; with
+    `equalize` the conv → conv edges are equalized first (`equalize_conv_chains`); with
+    `sensitive` the layers losing most SQNR are kept float too, as the module docstring says;
+    `reduce_range` (7-bit weights) defaults to `int8_dot_saturates()`. Raises DataError when
+    `calibration` (or the search's images) yields nothing, ConfigError for an unknown method or
+    a pattern that matches no layer.
     """
     if method not in CALIBRATION_METHODS:
         raise ConfigError(
@@ -233,6 +255,8 @@ def quantize_int8(
                 f"float layer '{pattern}' matches no conv/linear layer of {source.name} "
                 f"(layers: {known}, …); give a layer name, glob or parent"
             )
+        if pattern in input_stages_only:
+            matched = _without_output_stages(model, matched)
         excluded.update(matched)
     batches = iter(calibration)
     first = next(batches, None)

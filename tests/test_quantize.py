@@ -182,6 +182,37 @@ def test_factorized_block_quantizes_and_runs(tmp_path):
     assert logits.shape == (8, 4)
     assert np.abs(logits - expected).max() <= 0.1 * np.abs(expected).max()
 
+    # Kept float for its input (as `auto` keeps a first conv), the block keeps the two stages
+    # that see that input float; its last stage reads the block's own activations and is int8.
+    stages = [node.name for node, _ in compute_nodes(onnx.load(str(tmp_path / "block.onnx")))]
+    out = tmp_path / "input_stages.int8.onnx"
+    result = quantize_int8(
+        tmp_path / "block.onnx",
+        out,
+        inputs.split(16),
+        float_layers=["conv", "fc"],
+        input_stages_only=["conv"],
+    )
+    assert set(result.float_nodes) == {stages[0], stages[1], stages[3]}
+    assert result.quantized_nodes == 1
+    graph = onnx.load(str(out)).graph
+    produced_by = {output: node for node in graph.node for output in node.output}
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    weight_sources = [produced_by.get(node.input[1]) for node in convs]
+    assert [source is not None and source.op_type == "DequantizeLinear" for source in
+            weight_sources] == [False, False, True]  # fmt: skip
+    (logits,) = create_session(out).run(None, {"input": inputs[:8].numpy()})
+    assert np.abs(logits - expected).max() <= 0.1 * np.abs(expected).max()
+    # A layer of one node stays whole in float.
+    single = quantize_int8(
+        tmp_path / "block.onnx",
+        tmp_path / "fc_float.int8.onnx",
+        inputs.split(16),
+        float_layers=["fc"],
+        input_stages_only=["fc"],
+    )
+    assert set(single.float_nodes) == {stages[3]}
+
 
 def test_equalization_is_exact_in_float_and_rescues_int8_from_unbalanced_channels(tmp_path):
     torch.manual_seed(0)
