@@ -48,6 +48,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--jpeg-limit", type=int, default=10000, help="0: skip the JPEG set")
     parser.add_argument("--skip-r18", action="store_true")
     parser.add_argument("--skip-r56", action="store_true")
+    parser.add_argument(
+        "--stem-output",
+        action="store_true",
+        help="--quant-stem-output: quantize a factorized first conv's last stage",
+    )
     parser.add_argument("--out", type=Path, default=None, help="default: results/int8.json")
     return parser.parse_args()
 
@@ -87,7 +92,9 @@ def resnet18_rows(args: argparse.Namespace, work: Path) -> list[dict]:
     analysis = analyze(original)
     calibration = load_dataset(data_dir() / "cifar10/jpeg/train", spec, args.calib_r18)
     # `sensitive` would judge agreement on a random-init model: meaningless, so only `auto`.
-    quantize = QuantizeConfig(dtype="int8", samples=args.calib_r18, float_layers=["auto"])
+    quantize = QuantizeConfig(
+        dtype="int8", samples=args.calib_r18, float_layers=["auto"], stem_output=args.stem_output
+    )
     float_layers = float_layer_choice(quantize.float_layers, analysis)
     export = ExportConfig()
     paths = {"original": work / "r18_original.onnx"}
@@ -160,7 +167,9 @@ def resnet56_rows(args: argparse.Namespace, work: Path) -> list[dict]:
                 train_data=shared_file("cifar10/train_lossless_5085.npz"),
                 train_limit=args.train_limit,
                 eval_data=shared_file("cifar10/test_lossless_1017.npz"),
-                quantize=QuantizeConfig(dtype="int8", samples=args.calib_r56),
+                quantize=QuantizeConfig(
+                    dtype="int8", samples=args.calib_r56, stem_output=args.stem_output
+                ),
                 latency=LatencyConfig(
                     batch=args.batch, threads=[1], gate=False, warmup=3, repeats=args.repeats_r56
                 ),

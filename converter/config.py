@@ -134,6 +134,9 @@ class QuantizeConfig(_Strict):
     # Weights in 7 bits, for CPUs whose int8 kernels saturate (x86 without VNNI); None: decided
     # by the CPU that quantizes (rankfold.runtime.quantize.int8_dot_saturates).
     reduce_range: bool | None = None
+    # Of a factorized first conv kept float by "auto", quantize the last stage: it reads the
+    # block's own activations, not the image; faster, at an accuracy cost that is model-dependent.
+    stem_output: bool = False
 
     @field_validator("float_layers")
     @classmethod

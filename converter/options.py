@@ -458,6 +458,15 @@ OPTIONS: tuple[Option, ...] = (
         "--quant-reduce-range",
     ),
     Option(
+        "quantize.stem_output",
+        "Quantize the last stage of a factorized first conv, which `auto` keeps float whole: "
+        "faster (that stage and the pool after it run in int8), but its rounding reaches every "
+        "later layer; measure the accuracy (BENCHMARKS.md, issue #16).",
+        DEPLOYMENT,
+        bool,
+        "--quant-stem-output",
+    ),
+    Option(
         "quantize.min_agreement",
         "INT8 tolerance: share of evaluation images on which it must predict the float "
         "model's class (0.97); below it exits 1 with the report written.",

@@ -42,8 +42,7 @@ SENSITIVE = "sensitive"
 FIRST_CONV = (
     "first conv: its input is the normalised image, a few channels over a wide range that one "
     "uint8 scale per tensor resolves coarsely, and its error reaches every later layer; it holds "
-    "few of the model's weights (factorized, only the stages before its last: the last reads the "
-    "block's own activations and is quantized)"
+    "few of the model's weights"
 )
 LAST_LINEAR = (
     "last linear: it writes the logits the top-1 is read from, so its rounding moves the "
@@ -118,7 +117,9 @@ def quantize_export(
         equalize=settings.equalize,
         sensitive=search,
         reduce_range=settings.reduce_range,
-        input_stages_only=[name for name, why in float_layers.items() if why == FIRST_CONV],
+        input_stages_only=[name for name, why in float_layers.items() if why == FIRST_CONV]
+        if settings.stem_output
+        else (),
     )
 
 

@@ -26,10 +26,18 @@ from rankfold.converter.quantization import (
     LAST_LINEAR,
     calibration_inputs,
     float_layer_choice,
+    quantize_export,
     sensitive_reasons,
 )
 from rankfold.converter.results import Report
-from rankfold.models import DIGITS_SPEC, ArrayDataset, digits_splits, normalize, train_digits_cnn
+from rankfold.models import (
+    DIGITS_SPEC,
+    ArrayDataset,
+    ModelSpec,
+    digits_splits,
+    normalize,
+    train_digits_cnn,
+)
 from rankfold.passes import analyze, trace
 from rankfold.passes.blocks import FactorizedBlock
 from rankfold.passes.core import ConfigError, DataError
@@ -212,6 +220,31 @@ def test_factorized_block_quantizes_and_runs(tmp_path):
         input_stages_only=["fc"],
     )
     assert set(single.float_nodes) == {stages[3]}
+
+
+def test_auto_keeps_a_factorized_first_conv_float_whole_unless_its_output_is_asked_for(tmp_path):
+    torch.manual_seed(0)
+    export_onnx(Factorized().eval(), torch.zeros(1, 8, 12, 12), tmp_path / "block.onnx")
+    stages = [node.name for node, _ in compute_nodes(onnx.load(str(tmp_path / "block.onnx")))]
+    spec = ModelSpec(
+        name="block", input_shape=(8, 12, 12), num_classes=4, mean=(0.5,) * 8, std=(0.25,) * 8
+    )
+    images = ArrayDataset(
+        np.random.default_rng(0).integers(0, 256, (64, 8, 12, 12), dtype=np.uint8),
+        np.zeros(64, dtype=np.int64),
+    )
+    float_layers = {"conv": FIRST_CONV, "fc": LAST_LINEAR}  # what `auto` chose
+    kept = {}
+    for stem_output in (False, True):
+        settings = QuantizeConfig(dtype="int8", float_layers=["auto"], stem_output=stem_output)
+        out = tmp_path / f"stem_output_{stem_output}.int8.onnx"
+        kept[stem_output] = set(
+            quantize_export(
+                tmp_path / "block.onnx", out, settings, float_layers, images, spec
+            ).float_nodes
+        )
+    assert kept[False] == set(stages)  # every stage of the block, and fc
+    assert kept[True] == {stages[0], stages[1], stages[3]}  # the block's last stage is int8
 
 
 def test_equalization_is_exact_in_float_and_rescues_int8_from_unbalanced_channels(tmp_path):
