@@ -154,7 +154,16 @@ def module_to_onnx(
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", *shape])],
         initializer=inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", TIMING_OPSET)])
+    return probe_model(graph)
+
+
+def probe_model(graph: onnx.GraphProto) -> onnx.ModelProto:
+    """`graph` as a model of opset TIMING_OPSET, at the oldest IR version that carries it: the
+    `onnx` package would stamp its own newest one, which an older onnxruntime refuses to load."""
+    opsets = [helper.make_opsetid("", TIMING_OPSET)]
+    return helper.make_model(
+        graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets)
+    )
 
 
 def _context_conv(
@@ -394,7 +403,7 @@ class LatencyTable:
             graph = helper.make_graph(
                 [helper.make_node("Identity", ["input"], ["output"])], "overhead", [x], [y]
             )
-            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", TIMING_OPSET)])
+            model = probe_model(graph)
             self._overhead = self._time(model, (1, 1), quantize=False)[0]
         return self._overhead
 
