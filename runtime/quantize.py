@@ -65,6 +65,7 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 from onnxruntime.quantization import qdq_loss_debug as qdq_debug
+from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
 from rankfold.passes.core import ConfigError, DataError, ExportError, atomic_path
 
@@ -282,6 +283,8 @@ def quantize_int8(
         else:
             shutil.copyfile(source, float_file)
         ranges = work / "ranges.json"  # calibrated once, reused by every re-quantization
+        if method == "entropy":
+            _entropy_ranges(float_file, reader, ranges, work)
         quantized = work / "int8.onnx"
         _quantize(float_file, quantized, reader, method, excluded, ranges, reduce_range)
         choice = None
@@ -333,6 +336,26 @@ def _quantize(
             nodes_to_exclude=sorted(excluded),
             calibration_cache_path=ranges,
         )
+
+
+# KL-divergence calibration: a histogram of this many bins, each threshold candidate quantized
+# into ENTROPY_LEVELS bins (TensorRT's and PyTorch's HistogramObserver's choice of 2048 bins).
+ENTROPY_BINS, ENTROPY_LEVELS = 2048, 128
+
+
+def _entropy_ranges(float_file: Path, reader: BatchReader, ranges: Path, work: Path) -> None:
+    """Write `ranges` (quantize_static's calibration cache) by onnxruntime's entropy calibrator.
+    quantize_static does not pass the bin counts on, and its defaults (128 bins for 128 levels)
+    leave the KL search a single candidate, the min/max range: entropy would equal minmax."""
+    with _quiet_quantizer():
+        calibrator = create_calibrator(
+            float_file,
+            augmented_model_path=str(work / "entropy_augmented.onnx"),
+            calibrate_method=CalibrationMethod.Entropy,
+            extra_options={"num_bins": ENTROPY_BINS, "num_quantized_bins": ENTROPY_LEVELS},
+        )
+        calibrator.collect_data(reader)
+        save_tensors_data(calibrator.compute_data(), ranges)
 
 
 def _keep_sensitive_float(

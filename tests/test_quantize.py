@@ -104,6 +104,38 @@ def test_tiny_model_quantizes_passes_checker_and_agrees(digits, tmp_path):
     assert abs(agreement.accuracy - agreement.float_accuracy) <= 0.02
 
 
+def _activation_scales(path: Path) -> dict[str, float]:
+    """The per-tensor (activation) scales of a QDQ file, by name."""
+    return {
+        init.name: float(numpy_helper.to_array(init))
+        for init in onnx.load(str(path)).graph.initializer
+        if init.name.endswith("_scale") and not init.dims
+    }
+
+
+def test_entropy_calibration_clips_ranges_minmax_keeps_whole(digits, tmp_path):
+    scales = {}
+    for method in ("minmax", "entropy"):
+        out = tmp_path / f"{method}.onnx"
+        quantize_int8(
+            digits["root"] / "float.onnx",
+            out,
+            calibration_inputs(digits["train"].subset(256), DIGITS_SPEC),
+            method=method,
+            float_layers=[],
+        )
+        scales[method] = _activation_scales(out)
+        agreement = check_agreement(
+            digits["root"] / "float.onnx", out, _labelled(digits["test"]), min_agreement=0.0
+        )
+        assert agreement.top1_agreement >= MIN_AGREEMENT, method
+    assert scales["entropy"].keys() == scales["minmax"].keys() and len(scales["minmax"]) >= 5
+    ratios = [scales["entropy"][name] / scales["minmax"][name] for name in scales["minmax"]]
+    # The KL search picks a threshold inside the observed range (onnxruntime's defaults through
+    # quantize_static left it the range itself: every ratio 1).
+    assert max(ratios) <= 1 + 1e-6 and min(ratios) <= 0.8
+
+
 @pytest.mark.parametrize("reduce_range", [True, False, None])
 def test_weights_use_seven_bits_where_the_int8_kernels_saturate(
     digits, tmp_path, monkeypatch, reduce_range
