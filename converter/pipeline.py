@@ -1190,7 +1190,9 @@ def run_compress(
         raise parity_error(validation.parity)
     for check in validation.quantized.values():
         if not check.agreement.passed:
-            raise agreement_error(check.agreement, out / check.model.path.name)
+            raise agreement_error(
+                check.agreement, out / check.model.path.name, config.quantize.calibration
+            )
     return result
 
 

@@ -338,9 +338,11 @@ def _quantize(
         )
 
 
-# KL-divergence calibration: a histogram of this many bins, each threshold candidate quantized
-# into ENTROPY_LEVELS bins (TensorRT's and PyTorch's HistogramObserver's choice of 2048 bins).
-ENTROPY_BINS, ENTROPY_LEVELS = 2048, 128
+# KL-divergence calibration over onnxruntime's signed histogram [-T, T]: each candidate range
+# [-t, t] is modelled with ENTROPY_LEVELS levels, the 256 of uint8 on one-sided (post-ReLU) data
+# (its 128, TensorRT's signed-int8 setting, modelled 64 and clipped far too much); candidates run
+# from T/2 to T in steps of T/512.
+ENTROPY_BINS, ENTROPY_LEVELS = 1024, 512
 
 
 def _entropy_ranges(float_file: Path, reader: BatchReader, ranges: Path, work: Path) -> None:

@@ -311,14 +311,22 @@ def check_agreement(
     )
 
 
-def agreement_error(report: AgreementReport, path: str | Path) -> ValidationError:
-    """The one-line error for a quantized model that disagrees with its float model."""
+def agreement_error(
+    report: AgreementReport, path: str | Path, calibration: str = "minmax"
+) -> ValidationError:
+    """The one-line error for a quantized model that disagrees with its float model, which was
+    calibrated by `calibration` (the hint names the other methods)."""
     if report.passed:
         raise ValueError("agreement_error needs a failed AgreementReport; this one passed")
+    from rankfold.runtime.quantize import (
+        CALIBRATION_METHODS,
+    )  # quantize imports onnxruntime's tools
+
+    others = " or ".join(method for method in CALIBRATION_METHODS if method != calibration)
     return ValidationError(
         f"{Path(path).name} predicts the float model's class on {report.top1_agreement:.1%} of "
         f"{report.samples} inputs, below the tolerance {report.min_agreement:.1%} (max logit "
         f"diff {report.max_logit_diff:.2g} on logits up to {report.logit_scale:.2g}); keep the "
-        "sensitive layers in float (--float-layers), try --quant-calibration entropy or "
-        "percentile, or lower --min-agreement"
+        f"sensitive layers in float (--float-layers), try --quant-calibration {others}, or lower "
+        "--min-agreement"
     )

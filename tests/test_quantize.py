@@ -50,7 +50,7 @@ from rankfold.runtime.quantize import (
     pool_before_relu,
     quantize_int8,
 )
-from rankfold.runtime.validate import check_agreement
+from rankfold.runtime.validate import AgreementReport, agreement_error, check_agreement
 
 runner = CliRunner()
 # The stated tolerance of these tests: a quantized digits model keeps its float model's top-1 on
@@ -134,6 +134,13 @@ def test_entropy_calibration_clips_ranges_minmax_keeps_whole(digits, tmp_path):
     # The KL search picks a threshold inside the observed range (onnxruntime's defaults through
     # quantize_static left it the range itself: every ratio 1).
     assert max(ratios) <= 1 + 1e-6 and min(ratios) <= 0.8
+
+
+def test_an_agreement_error_suggests_the_calibrations_not_tried():
+    failed = AgreementReport(0.949, 11.0, 30.0, 1017, 0.97)
+    message = str(agreement_error(failed, "/out/original.int8.onnx", "entropy"))
+    assert message.startswith("original.int8.onnx predicts the float model's class on 94.9% of")
+    assert "try --quant-calibration minmax or percentile," in message and "\n" not in message
 
 
 @pytest.mark.parametrize("reduce_range", [True, False, None])
