@@ -10,6 +10,10 @@ purpose: CP blocks (1×1, depthwise, 1×1) diverged at SGD lr 0.01 and 3e-3 on R
 was the best rate tried for both CP and Tucker-2 (2 epochs on the 5,085 CIFAR training images: CP
 87.8 → 91.8 %, Tucker-2 67.6 → 87.0 % on 500 test images, original 91.0).
 
+Device: `device` "auto" trains on CUDA when torch sees a GPU (bfloat16 autocast unless `amp` is
+off), else on the CPU; student and teacher go back to where the caller had them, checkpoints hold
+CPU tensors, and each epoch is scored in float32, as the model is deployed.
+
 Reproducibility: each epoch's shuffling and augmentation come from a NumPy generator seeded by
 (seed, epoch), and the model, optimizer, scheduler and torch RNG states are checkpointed at every
 epoch end and, with `checkpoint_every`, every N steps; a run resumed mid-epoch skips the steps
