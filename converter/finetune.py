@@ -329,6 +329,9 @@ class _Trainer:
         self.rank, self.world = rank, world
         self.augment = augments(config.augment, spec)
         self.amp_dtype = _amp_dtype(device, config.amp)
+        self.device_label = str(device)
+        if device.type == "cuda":
+            self.device_label += f" ({torch.cuda.get_device_name(device)})"
         self.fingerprint = {
             "train": train.fingerprint(),
             "eval": None if eval_data is None else eval_data.fingerprint(),
@@ -368,6 +371,11 @@ class _Trainer:
         resumed_from = state.epoch if payload is not None else None
 
         frozen = _frozen_modules(self.student, decomposed) if config.train_only_decomposed else []
+        if self.rank == 0 and state.epoch < config.epochs:
+            precision = ""
+            if self.amp_dtype is not None:
+                precision = f", {str(self.amp_dtype).removeprefix('torch.')} autocast"
+            console.print(f"fine-tuning on {self.device_label}{precision}")
         for epoch in range(state.epoch + 1, config.epochs + 1):
             start = time.perf_counter()
             # A run resumed mid-epoch reports the rate the epoch started with, as the first did.
@@ -402,9 +410,7 @@ class _Trainer:
             self._save_last(optimizer, scheduler, scaler, state)
             self._report_epoch(state.history[-1], improved)
 
-        device = str(self.device)
-        if self.device.type == "cuda":
-            device += f" ({torch.cuda.get_device_name(self.device)})"
+        device = self.device_label
         if self.validation is None:
             return FinetuneResult(state.history, state.epoch, None, resumed_from, device=device)
         if state.best_model is not None:

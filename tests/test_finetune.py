@@ -447,7 +447,7 @@ def test_the_training_device_follows_the_setting_and_the_machine(monkeypatch) ->
     assert training_device("cpu", tiny(0)) == torch.device("cpu")
 
 
-def test_both_models_train_on_the_chosen_device_and_come_back(tmp_path: Path) -> None:
+def test_both_models_train_on_the_chosen_device_and_come_back(tmp_path: Path, capsys) -> None:
     student, teacher = tiny(0), tiny(1)
     seen: dict[str, set[str]] = {"student": set(), "teacher": set()}
     for name, module in (("student", student), ("teacher", teacher)):
@@ -458,6 +458,7 @@ def test_both_models_train_on_the_chosen_device_and_come_back(tmp_path: Path) ->
     result = finetune(student, teacher, TRAIN, SPEC, settings, tmp_path, eval_data=EVAL)
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert result.device.split(":")[0].split(" ")[0] == expected
+    assert f"fine-tuning on {result.device}" in capsys.readouterr().err
     assert expected in seen["student"] and seen["teacher"] == {expected}
     for module in (student, teacher):
         assert {p.device.type for p in module.parameters()} == {"cpu"}
