@@ -410,14 +410,20 @@ class _Trainer:
             self._save_last(optimizer, scheduler, scaler, state)
             self._report_epoch(state.history[-1], improved)
 
-        device = self.device_label
         if self.validation is None:
-            return FinetuneResult(state.history, state.epoch, None, resumed_from, device=device)
+            return FinetuneResult(
+                state.history, state.epoch, None, resumed_from, device=self.device_label
+            )
         if state.best_model is not None:
             self.student.load_state_dict(state.best_model)
         selected_by = f"validation split of {len(self.validation)} training images"
         return FinetuneResult(
-            state.history, state.best_epoch, state.best_accuracy, resumed_from, selected_by, device
+            state.history,
+            state.best_epoch,
+            state.best_accuracy,
+            resumed_from,
+            selected_by,
+            self.device_label,
         )
 
     def _train_epoch(

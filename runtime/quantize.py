@@ -191,15 +191,17 @@ def _without_output_stages(model: onnx.ModelProto, matched: dict[str, str]) -> d
     """`matched` (node → layer) less the output stages of its factorized blocks: the nodes that
     read another matched node's output directly (a block's stages follow each other with no op
     between) and feed none. A layer of one node reads and feeds none, and stays."""
-    outputs = {node.name: set(node.output) for node in model.graph.node if node.name in matched}
-    reads: dict[str, set[str]] = {name: set() for name in matched}  # node → matched producers
-    for node in model.graph.node:
-        if node.name in matched:
-            reads[node.name] = {
-                producer
-                for producer, produced in outputs.items()
-                if producer != node.name and produced & set(node.input)
-            }
+    producer_of = {
+        output: node.name
+        for node in model.graph.node
+        if node.name in matched
+        for output in node.output
+    }
+    reads = {  # node → the matched nodes whose outputs it reads
+        node.name: {producer_of[name] for name in node.input if name in producer_of} - {node.name}
+        for node in model.graph.node
+        if node.name in matched
+    }
     feeds = {producer for producers in reads.values() for producer in producers}
     return {name: layer for name, layer in matched.items() if not reads[name] or name in feeds}
 
