@@ -10,8 +10,11 @@ ResNet-20) with its real weights, `--train-data cifar10/train_lossless_5085.npz 
 cifar10/test_lossless_1017.npz --finetune-epochs E`, everything else at its default; the arms
 differ by one option:
 
-- `refit` (the default with training data): weight-only fit, last-stage refit, BatchNorm
-  recalibration kept only where it helps, then fine-tuning;
+- `refit` (the default with training data): weight-only fit, the refit (last stage by least
+  squares, then all stages by Adam steps), BatchNorm recalibration kept only where it brings the
+  model closer to the original, then fine-tuning;
+- `last_stage`: `--refit-steps 0`, the refit of the last stage alone (the default before the
+  refinement existed);
 - `weight_only`: `--no-refit` (fit, BatchNorm recalibration, fine-tuning), the pipeline before
   issue #20.
 
@@ -52,7 +55,7 @@ from typing import Any
 # The same data, weights and paired difference (± standard error) as the selector comparison.
 from output_selector import RESULTS, TESTS, TRAIN, WEIGHTS, paired
 
-ARMS = {"refit": [], "weight_only": ["--no-refit"]}
+ARMS = {"refit": [], "last_stage": ["--refit-steps", "0"], "weight_only": ["--no-refit"]}
 BATCHES = (1, 8)
 PRUNING_STEPS = 400  # Torch-Pruning's iterative steps; each removes about 1/400 of the channels
 

@@ -24,6 +24,7 @@ from pydantic import (
 from rankfold.converter.finetune import FinetuneConfig
 from rankfold.converter.strict import config_error
 from rankfold.passes.core import ConfigError, ProviderError
+from rankfold.passes.correction import DEFAULT_REFINE_STEPS
 from rankfold.passes.plan import RankPolicy
 from rankfold.passes.search import SearchConfig, redacted
 from rankfold.runtime.backends import get_backend
@@ -194,6 +195,8 @@ class CompressConfig(_Strict):
     # compressed network's activations), then BatchNorm recalibration (or bias correction for
     # BN-free models).
     refit: bool = True
+    # Then every block's stages together: Adam steps on the same outputs (0: least squares only).
+    refit_steps: int = Field(default=DEFAULT_REFINE_STEPS, ge=0)
     recalibrate: bool = True
     statistics: StatisticsConfig = Field(default_factory=StatisticsConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
@@ -237,6 +240,17 @@ class CompressConfig(_Strict):
             raise ConfigError(
                 f"--rel-error (ranks.rel_error) is read by --select error only, not --select "
                 f"{self.ranks.select}; add --select error or drop --rel-error"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _refit_steps_need_the_refit(self) -> CompressConfig:
+        default = type(self).model_fields["refit_steps"].default
+        if self.refit_steps != default and not self.refits:
+            why = "--refit" if self.train_data else "--train-data"
+            raise ConfigError(
+                f"--refit-steps (refit_steps) is read by the refit, which needs {why}; add it or "
+                "drop --refit-steps"
             )
         return self
 

@@ -290,6 +290,13 @@ OPTIONS: tuple[Option, ...] = (
         RECOVERY,
         bool,
     ),
+    Option(
+        "refit_steps",
+        "Refit: then Adam steps on all of each block's stages together, same objective (200; 0: "
+        "the last stage only). Runs where --finetune-device says.",
+        RECOVERY,
+        int,
+    ),
     Option("recalibrate", "Recalibrate BatchNorm (bias correction without BN).", RECOVERY, bool),
     Option(
         "finetune.epochs",
@@ -321,7 +328,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("finetune.amp", "Mixed precision on CUDA.", RECOVERY, bool),
     Option(
         "finetune.device",
-        "Where to fine-tune: auto (CUDA when torch sees a GPU), cpu or cuda.",
+        "Where fine-tuning and the refit's steps run: auto (CUDA when torch sees a GPU), cpu or "
+        "cuda.",
         RECOVERY,
         flag="--finetune-device",
     ),

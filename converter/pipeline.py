@@ -123,7 +123,6 @@ from rankfold.runtime import (
     get_backend,
     onnx_accuracy,
     parity_error,
-    torch_accuracy,
 )
 from rankfold.runtime.latency import SideBySide, time_side_by_side
 from rankfold.runtime.latency_model import LatencyMetric, LatencyTable
@@ -560,7 +559,7 @@ def compress(
         raise ConfigError("reading data needs the model's spec (mean/std); pass spec=")
     if config.finetune.epochs > 0 and config.train_data is None:
         raise ConfigError("fine-tuning needs training data: pass --train-data")
-    if config.finetune.epochs > 0:
+    if config.finetune.epochs > 0 or (config.refits and config.refit_steps):
         training_device(config.finetune.device)  # --finetune-device cuda without a GPU fails now
     if metric is not None and config.eval_data is not None:
         raise ConfigError(
@@ -1007,13 +1006,20 @@ def _accuracy(module: nn.Module, result: CompressionResult) -> float | None:
     return None if result.metric is None else result.metric(module)
 
 
-def _judge(result: CompressionResult, images: ImageData, by_top1: bool) -> float:
-    """Top-1 of the compressed model on `images`, or (label-free) the relative squared error
-    of all its outputs against the original's."""
-    if by_top1:
-        return torch_accuracy(result.compressed, batches(images, result.spec))
+def _judge(result: CompressionResult, images: ImageData, logits: bool) -> float:
+    """How far the compressed model is from the original on `images`: the mean KL divergence
+    of their predicted distributions (`logits`), else the relative squared error of all the
+    outputs. Lower is closer."""
     error = reference = 0.0
     with torch.no_grad():
+        if logits:
+            for x, _ in batches(images, result.spec):
+                expected = torch.log_softmax(result.original(x).double(), 1)
+                actual = torch.log_softmax(result.compressed(x).double(), 1)
+                error += float(
+                    torch.nn.functional.kl_div(actual, expected, log_target=True, reduction="sum")
+                )
+            return error / len(images)
         for x, _ in batches(images, result.spec):
             expected = named_outputs(result.original(x))
             actual = named_outputs(result.compressed(x))
@@ -1031,9 +1037,17 @@ def refit(result: CompressionResult, train: ImageData) -> None:
     names = [entry.name for entry in result.plan.decomposed()]
     images = train.subset(config.statistics.samples)
     inputs = (x for x, _ in batches(images, result.spec, config.search.batch_size))
-    with progress_bar("refit last stages", total=len(names)) as advance:
+    device = training_device(config.finetune.device) if config.refit_steps else None
+    with progress_bar("refit blocks", total=len(names)) as advance:
         refits = refit_last_stages(
-            result.original, result.compressed, names, inputs, progress=advance
+            result.original,
+            result.compressed,
+            names,
+            inputs,
+            progress=advance,
+            refine_steps=config.refit_steps,
+            device=device,
+            seed=config.seed,
         )
     for row in result.decomposition.layers:
         if row.name in refits:
@@ -1044,6 +1058,7 @@ def refit(result: CompressionResult, train: ImageData) -> None:
         layers=len(refits),
         damping=DEFAULT_CORRECTION_DAMPING,
         seconds=time.perf_counter() - started,
+        refine_steps=config.refit_steps,
     )
 
 
@@ -1060,19 +1075,18 @@ def judging_images(train: ImageData) -> ImageData:
 
 def recover(result: CompressionResult, train: ImageData, workdir: Path) -> None:
     """BatchNorm recalibration on augmented training batches (bias correction without BN), kept
-    after a refit only if it does not lower held-out training accuracy, then optional
-    fine-tuning. A model without one logits tensor is judged label-free instead: by its
-    outputs' relative error against the original's on the same images."""
+    after a refit only if it brings the model closer to the original on training images the
+    refit did not read (see `_judge`), then optional fine-tuning."""
     config, spec = result.config, result.spec
     decomposed = [entry.name for entry in result.plan.decomposed()]
     if config.recalibrate and decomposed:
-        # A refitted block's outputs are least-squares fits whose statistics recalibration may
-        # undo: training images' labels, which neither step reads, decide whether it stays.
+        # A refitted block's outputs are fitted to the original's, which recalibration may undo;
+        # a continuous distance decides, not top-1, which 1,024 images resolve to a few images.
         judge = judging_images(train) if result.refit is not None else None
-        by_top1 = result.outputs is None or result.outputs.is_logits
+        logits = result.outputs is None or result.outputs.is_logits
         if judge is not None:
             refitted = {k: v.clone() for k, v in result.compressed.state_dict().items()}
-            refitted_score = _judge(result, judge, by_top1)
+            refitted_score = _judge(result, judge, logits)
         if has_batchnorm(result.compressed):
             # The original statistics came from augmented images (see training_batches).
             inputs = training_batches(train, spec, 256, config.finetune.augment, config.seed)
@@ -1087,19 +1101,16 @@ def recover(result: CompressionResult, train: ImageData, workdir: Path) -> None:
             result.recalibration = "bias"
         kept = "recalibrated"
         if judge is not None:
-            recalibrated_score = _judge(result, judge, by_top1)
-            # Top-1 must not drop; an output error must not rise.
-            worse = (
-                recalibrated_score < refitted_score
-                if by_top1
-                else recalibrated_score > refitted_score
-            )
-            if worse:
+            recalibrated_score = _judge(result, judge, logits)
+            if not recalibrated_score < refitted_score:
                 kept = "refitted"
                 result.compressed.load_state_dict(refitted)
             scores = (
-                {"accuracy_refitted": refitted_score, "accuracy_recalibrated": recalibrated_score}
-                if by_top1
+                {
+                    "divergence_refitted": refitted_score,
+                    "divergence_recalibrated": recalibrated_score,
+                }
+                if logits
                 else {
                     "output_error_refitted": refitted_score,
                     "output_error_recalibrated": recalibrated_score,
@@ -1107,7 +1118,7 @@ def recover(result: CompressionResult, train: ImageData, workdir: Path) -> None:
             )
             result.recalibration_check = RecalibrationCheck(
                 images=len(judge),
-                criterion="top-1" if by_top1 else "output error",
+                criterion="divergence" if logits else "output error",
                 kept=kept,
                 **scores,
             )

@@ -21,7 +21,7 @@ from rankfold.passes.core import ConfigError
 # 6: how the model was captured (torch.fx or forward hooks) and the passes that needs skipped;
 # 7: named outputs (tuple/dict models), parity per output, the task metric's name; INT8 layers
 #    kept float by measured sensitivity (`QuantizedFile.sensitive`)
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 
 class _Section(BaseModel):
@@ -129,24 +129,27 @@ class SelectionReport(BaseModel):
 
 
 class Refit(_Section):
-    """The sequential correction: blocks whose last stage was refitted, on how many images."""
+    """The sequential correction: blocks refitted (last stage by least squares, then all stages
+    by `refine_steps` Adam steps), on how many images."""
 
     images: int
     layers: int
     damping: float
     seconds: float
+    refine_steps: int = 0
 
 
 class RecalibrationCheck(_Section):
-    """After a refit: top-1 of the refitted and the recalibrated model on the last training
-    images (labels neither step reads, so no evaluation data decides), and which was kept. A
-    model without one logits tensor is judged by its outputs' relative squared error against
-    the original's on those images instead (no labels needed)."""
+    """After a refit: how far the refitted and the recalibrated model are from the original on
+    the last training images (the refit reads the first ones; no labels, no evaluation data),
+    and which was kept. Logits are compared by the mean KL divergence of the original's
+    predicted distribution from the compressed model's, any other outputs by their relative
+    squared error."""
 
     images: int
-    criterion: Literal["top-1", "output error"] = "top-1"
-    accuracy_refitted: float | None = None
-    accuracy_recalibrated: float | None = None
+    criterion: Literal["divergence", "output error"] = "divergence"
+    divergence_refitted: float | None = None
+    divergence_recalibrated: float | None = None
     output_error_refitted: float | None = None
     output_error_recalibrated: float | None = None
     kept: Literal["recalibrated", "refitted"]
@@ -355,7 +358,7 @@ class Report(_Section):
     --eval-data for a classifier, a Python API metric's name, or None when none was computed
     (no evaluation data, or outputs top-1 cannot be read from and no metric given)."""
 
-    schema_version: Literal[7] = SCHEMA_VERSION
+    schema_version: Literal[8] = SCHEMA_VERSION
     model: str
     method: str
     target: dict[str, float] | None

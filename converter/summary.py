@@ -129,18 +129,25 @@ def summary_lines(report: Report, out: Path) -> list[str]:
     if refitted:
         before = sum(row.refit_error_before for row in refitted) / len(refitted)
         after = sum(row.refit_error_after for row in refitted) / len(refitted)
+        refit = report.recovery.refit
+        how = (
+            f"last stage by least squares, then all stages by {refit.refine_steps} steps"
+            if refit.refine_steps
+            else "last stage by least squares"
+        )
         lines.append(
-            f"refit: {len(refitted)} last stage(s) refitted in graph order on "
-            f"{report.recovery.refit.images} training images; mean output error in the "
-            f"compressed network {before:.3f} → {after:.3f}"
+            f"refit: {len(refitted)} block(s) refitted in graph order ({how}) on "
+            f"{refit.images} training images; mean output error in the compressed network "
+            f"{before:.3f} → {after:.3f}"
         )
     check = report.recovery.recalibration_check
     if check is not None:
         verdict = "kept" if check.kept == "recalibrated" else "undone (the refitted model is kept)"
-        if check.criterion == "top-1":
+        if check.criterion == "divergence":
             scores = (
-                f"top-1 on the last {check.images} training images refitted "
-                f"{check.accuracy_refitted:.2%}, recalibrated {check.accuracy_recalibrated:.2%}"
+                f"KL divergence from the original on the last {check.images} training images "
+                f"refitted {check.divergence_refitted:.4f}, recalibrated "
+                f"{check.divergence_recalibrated:.4f}"
             )
         else:
             scores = (

@@ -14,11 +14,18 @@ original layer's outputs and B₀ the stage as fitted. Since the objective at B*
 value at B₀, the output error never rises on the calibration data (checked in float64; a stage
 whose refit would raise it is left as it was).
 
+With `refine_steps`, every block is then refined as a whole: all its stages take Adam steps on the
+same objective (minibatches of the calibration images, a cosine-decayed rate), starting from the
+least-squares fit; a refinement that does not lower the block's error on all the images is undone.
+The last stage alone is a linear problem; the stages together are not, and this is where most of
+the remaining error goes at high compression (ResNet-56 at 4×: BENCHMARKS.md, issue #20).
+
 Both networks run once, side by side over one graph (the compressed network is the original
 with some modules swapped for blocks of the same name), so the cost is one forward pass of each
 on the calibration images, not one per block.
 
-Hand-written: the lockstep pass over two fx graphs and the closed-form refit have no library.
+Hand-written: the lockstep pass over two fx graphs, the closed-form refit and the block-wise
+refinement have no library.
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ from torch import fx, nn
 from rankfold.passes.core import ConfigError, DataError
 
 DEFAULT_CORRECTION_DAMPING = 1e-3
+DEFAULT_REFINE_STEPS = 200
+DEFAULT_REFINE_LR = 1e-3
+REFINE_BATCH = 32  # calibration images per refinement step
 
 
 @dataclass(frozen=True)
@@ -49,14 +59,26 @@ def refit_last_stages(
     inputs: Iterable[torch.Tensor],
     damping: float = DEFAULT_CORRECTION_DAMPING,
     progress: Callable[[], None] | None = None,
+    refine_steps: int = 0,
+    refine_lr: float = DEFAULT_REFINE_LR,
+    device: torch.device | None = None,
+    seed: int = 0,
 ) -> dict[str, Refit]:
     """Refit the last stage of every named block of `compressed`, in the order the graph runs
-    them; returns each refitted block's output error before and after. `inputs` are batches
-    of network inputs, held in memory for the pass. Blocks whose last stage is not a linear map
-    of channels (a 1×1 conv with stride 1, or a linear layer), or that the graph calls more than
-    once, are left alone and not reported. `progress` is called once per named block reached."""
+    them, then (with `refine_steps`) refine all its stages together; returns each block's
+    output error before and after. `inputs` are batches of network inputs, held in memory for
+    the pass. The least-squares step needs a last stage that is a linear map of channels (a 1×1
+    conv with stride 1, or a linear layer); the refinement takes any block. Blocks the graph
+    calls more than once, or that neither step applies to, are left alone and not reported.
+    The refinement runs on `device` (default: the CPU). `progress` is called once per named
+    block reached."""
     if not damping >= 0:
         raise ConfigError(f"correction damping must be ≥ 0, got {damping}; use e.g. 1e-3")
+    if refine_steps < 0 or not refine_lr > 0:
+        raise ConfigError(
+            f"refinement needs steps ≥ 0 and a rate > 0, got {refine_steps} and {refine_lr}; "
+            f"use e.g. {DEFAULT_REFINE_STEPS} and {DEFAULT_REFINE_LR:g}"
+        )
     nodes_o, nodes_c = list(original.graph.nodes), list(compressed.graph.nodes)
     shape = [(n.op, str(n.target)) for n in nodes_o]
     if shape != [(n.op, str(n.target)) for n in nodes_c]:
@@ -107,6 +129,19 @@ def refit_last_stages(
                         args for args, _ in _arguments(node_c, values_c, position, len(chunks))
                     ]
                     refit = _refit(block, values_o[index], head_inputs, damping)
+                    if refine_steps:
+                        refined = refine_block(
+                            block,
+                            [args[0] for args in head_inputs],
+                            values_o[index],
+                            refine_steps,
+                            refine_lr,
+                            device or torch.device("cpu"),
+                            seed,
+                        )
+                        if refined is not None:
+                            before = refit.before if refit is not None else refined.before
+                            refit = Refit(before, refined.after)
                     if refit is not None:
                         refits[target] = refit
                 if node_o.op == "call_module" and target in names and progress is not None:
@@ -209,4 +244,73 @@ def _refit(block: nn.Module, targets: list, head_args: list[tuple], damping: flo
         if last.bias is None:
             last.bias = nn.Parameter(torch.zeros(len(weight), dtype=last.weight.dtype))
         last.bias.copy_(solved[-1].to(last.bias.dtype))
+    return Refit(before**0.5, after**0.5)
+
+
+def refine_block(
+    block: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    steps: int,
+    lr: float,
+    device: torch.device,
+    seed: int = 0,
+) -> Refit | None:
+    """Adam on all of `block`'s parameters to lower Σ‖block(x) − y‖² over the chunks of
+    (`inputs`, `targets`), REFINE_BATCH images a step; the block is left as it was unless its
+    relative error on all the chunks falls. None for a block without parameters, whose chunks
+    are not single tensors, or whose targets are all zero."""
+    parameters = [p for p in block.parameters() if p.is_floating_point()]
+    if not parameters or not all(isinstance(v, torch.Tensor) for v in (*inputs, *targets)):
+        return None
+    home = parameters[0].device
+    saved = [p.detach().clone() for p in parameters]
+    sizes = torch.tensor([len(x) for x in inputs])
+    starts = torch.cumsum(sizes, 0) - sizes
+    energy = sum(float(y.double().square().sum()) for y in targets)
+    if energy == 0:
+        return None
+
+    def batch(pick: torch.Tensor, chunks: Sequence[torch.Tensor]) -> torch.Tensor:
+        chunk = torch.searchsorted(starts, pick, right=True) - 1
+        rows = [chunks[c][r] for c, r in zip(chunk.tolist(), (pick - starts[chunk]).tolist())]
+        return torch.stack(rows).to(device)
+
+    def error() -> float:
+        with torch.no_grad():
+            total = sum(
+                float((block(x.to(device)).double() - y.to(device).double()).square().sum())
+                for x, y in zip(inputs, targets, strict=True)
+            )
+        return total / energy
+
+    modes = [(m, m.training) for m in block.modules()]
+    block.to(device).eval()
+    try:
+        before = error()
+        optimizer = torch.optim.Adam(parameters, lr=lr)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+        generator = torch.Generator().manual_seed(seed)
+        count = int(sizes.sum())
+        size = min(REFINE_BATCH, count)
+        scale = count / (size * energy)  # the batch's share of the whole error
+        with torch.enable_grad():
+            for _ in range(steps):
+                pick = torch.randint(count, (size,), generator=generator)
+                x, y = batch(pick, inputs), batch(pick, targets)
+                optimizer.zero_grad(set_to_none=True)
+                loss = (block(x) - y).square().sum() * scale
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+        after = error()
+        if not after < before:
+            with torch.no_grad():
+                for parameter, value in zip(parameters, saved, strict=True):
+                    parameter.copy_(value.to(parameter.device))
+            after = before
+    finally:
+        block.to(home)
+        for module, mode in modes:
+            module.training = mode
     return Refit(before**0.5, after**0.5)

@@ -13,7 +13,7 @@ from torch import nn
 
 from rankfold.passes import RankPolicy, analyze, decompose, trace
 from rankfold.passes.core import ConfigError, DataError
-from rankfold.passes.correction import refit_last_stages
+from rankfold.passes.correction import refine_block, refit_last_stages
 
 
 class Chain(nn.Module):
@@ -103,6 +103,54 @@ def test_refit_never_raises_a_blocks_output_error_and_reports_it(method, rank):
     assert gap_refit < 0.8 * gap_plain
 
 
+@pytest.mark.parametrize(("method", "rank"), [("cp", 4), ("tucker2", (3, 3))])
+def test_refinement_lowers_every_blocks_error_below_the_least_squares_refit(method, rank):
+    names = ["conv1", "conv2", "conv3"]
+    calibration = inputs(1)
+    original, least_squares = chain_and_blocks(method, rank)
+    plain = refit_last_stages(original, least_squares, names, calibration)
+    original, refined = chain_and_blocks(method, rank)
+    refits = refit_last_stages(original, refined, names, calibration, refine_steps=300, seed=1)
+    for name in names:
+        # What the refinement reports is what the corrected network computes.
+        assert refits[name].after == pytest.approx(
+            layer_error(original, refined, name, calibration), rel=1e-4
+        )
+        assert refits[name].after < plain[name].after, name
+    # conv1 reads white noise, where the last stage alone is near the optimum (measured 0.1-0.3 %
+    # lower); behind it all stages together gain more (measured 3-6 % lower).
+    assert refits["conv1"].before == pytest.approx(plain["conv1"].before, rel=1e-6)
+    for name in ("conv2", "conv3"):
+        assert refits[name].after < 0.98 * plain[name].after, name
+    # The same seed gives the same blocks.
+    original, again = chain_and_blocks(method, rank)
+    refit_last_stages(original, again, names, calibration, refine_steps=300, seed=1)
+    for key, value in refined.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+
+
+def test_refinement_is_undone_when_it_does_not_lower_the_error():
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(3, 2, 1), nn.Conv2d(2, 4, 1))
+    x = [torch.randn(8, 3, 5, 5) for _ in range(2)]
+    with torch.no_grad():
+        y = [block(chunk) for chunk in x]  # the block is already exact
+    kept = copy.deepcopy(block.state_dict())
+    refit = refine_block(block, x, y, steps=20, lr=1e-2, device=torch.device("cpu"))
+    assert refit.before == refit.after < 1e-6
+    for key, value in kept.items():
+        assert torch.equal(block.state_dict()[key], value)
+    # A target it can only approach: the error falls, and the block keeps the better weights.
+    target = [chunk + 0.1 * torch.randn_like(chunk) for chunk in y]
+    noisy = nn.Sequential(nn.Conv2d(3, 2, 1), nn.Conv2d(2, 4, 1))
+    refit = refine_block(noisy, x, target, steps=200, lr=1e-2, device=torch.device("cpu"))
+    assert refit.after < 0.5 * refit.before
+    with torch.no_grad():
+        error = sum(float((noisy(a) - b).square().sum()) for a, b in zip(x, target, strict=True))
+    energy = sum(float(b.square().sum()) for b in target)
+    assert refit.after == pytest.approx((error / energy) ** 0.5, rel=1e-4)
+
+
 def test_infinite_damping_keeps_the_fit():
     original, compressed = chain_and_blocks("cp", 4)
     kept = copy.deepcopy(compressed.state_dict())
@@ -123,6 +171,8 @@ def test_refit_rejects_another_graph_and_empty_data():
         refit_last_stages(original, compressed, ["conv1"], [])
     with pytest.raises(ConfigError, match="damping"):
         refit_last_stages(original, compressed, ["conv1"], inputs(1), damping=-1)
+    with pytest.raises(ConfigError, match="steps ≥ 0"):
+        refit_last_stages(original, compressed, ["conv1"], inputs(1), refine_steps=-1)
 
 
 def test_compress_refits_with_training_data_and_the_saved_model_restores(tmp_path):
@@ -160,11 +210,12 @@ def test_compress_refits_with_training_data_and_the_saved_model_restores(tmp_pat
         assert torch.allclose(restored(x), refitted.compressed(x), atol=1e-5)
 
 
-def test_recalibration_after_a_refit_is_kept_only_if_held_out_accuracy_holds(tmp_path, monkeypatch):
+def test_recalibration_after_a_refit_is_kept_only_if_it_brings_the_model_closer(
+    tmp_path, monkeypatch
+):
     from rankfold.converter import build_config, compress, pipeline
     from rankfold.models import batches, load_model, train_digits_cnn
     from rankfold.models.digits import digits_splits
-    from rankfold.runtime import torch_accuracy
 
     train, _ = digits_splits()
     np.savez(tmp_path / "train.npz", x=train.x[:300], y=train.y[:300])
@@ -187,12 +238,25 @@ def test_recalibration_after_a_refit_is_kept_only_if_held_out_accuracy_holds(tmp
     judge = pipeline.judging_images(pipeline.open_dataset(config.train_data, spec, None, config))
     assert len(judge) == 300  # fewer than JUDGING_IMAGES: all of them
 
+    def divergence(result) -> float:
+        """Mean KL(original ‖ compressed) of the predicted distributions on the judging images."""
+        total = 0.0
+        with torch.no_grad():
+            for x, _ in batches(judge, spec):
+                p = torch.log_softmax(result.original(x).double(), 1)
+                q = torch.log_softmax(result.compressed(x).double(), 1)
+                total += float((p.exp() * (p - q)).sum())
+        return total / len(judge)
+
     honest = run()
     check = honest.recalibration_check
     assert check.images == 300 and honest.recalibration == "batchnorm"
-    assert (check.kept == "refitted") == (check.accuracy_recalibrated < check.accuracy_refitted)
-    kept_accuracy = torch_accuracy(honest.compressed, batches(judge, spec))
-    assert kept_accuracy == max(check.accuracy_refitted, check.accuracy_recalibrated)
+    assert check.criterion == "divergence" and check.divergence_refitted > 0
+    closer = check.divergence_recalibrated < check.divergence_refitted
+    assert (check.kept == "recalibrated") == closer
+    assert divergence(honest) == pytest.approx(
+        min(check.divergence_refitted, check.divergence_recalibrated), rel=1e-6
+    )
 
     # A recalibration that wrecks the statistics is undone: the refitted weights come back.
     real_recalibrate = pipeline.recalibrate_bn
@@ -206,6 +270,7 @@ def test_recalibration_after_a_refit_is_kept_only_if_held_out_accuracy_holds(tmp
     monkeypatch.setattr(pipeline, "recalibrate_bn", wrecking_recalibrate)
     wrecked = run()
     check = wrecked.recalibration_check
-    assert check.kept == "refitted" and check.accuracy_recalibrated < check.accuracy_refitted - 0.2
+    assert check.kept == "refitted"
+    assert check.divergence_recalibrated > 10 * check.divergence_refitted
     assert wrecked.accuracy.get("recalibrated") is None
-    assert torch_accuracy(wrecked.compressed, batches(judge, spec)) == check.accuracy_refitted
+    assert divergence(wrecked) == pytest.approx(check.divergence_refitted, rel=1e-6)

@@ -86,11 +86,12 @@ def test_resnet20_tucker2_at_2x_recovers_to_80_percent(data_dir, tmp_path):
     assert compressed["accuracy_decomposed"] + 0.2 < compressed["accuracy_refitted"]
     check = report["recovery"]["recalibration_check"]
     assert check["images"] == 1024
+    assert check["criterion"] == "divergence"
     if check["kept"] == "recalibrated":
-        assert check["accuracy_recalibrated"] >= check["accuracy_refitted"]
+        assert check["divergence_recalibrated"] < check["divergence_refitted"]
         assert compressed["accuracy_recalibrated"] > compressed["accuracy_decomposed"]
     else:
-        assert check["accuracy_recalibrated"] < check["accuracy_refitted"]
+        assert check["divergence_recalibrated"] >= check["divergence_refitted"]
         assert compressed["accuracy_recalibrated"] is None
     assert compressed["accuracy_finetuned"] >= 0.80
     assert report["onnx"]["accuracy"] == pytest.approx(compressed["accuracy_finetuned"], abs=0.002)
