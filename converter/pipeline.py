@@ -1254,15 +1254,27 @@ def restore(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     example = torch.zeros(1, *input_shape)
     captured = trace_or_capture(model.eval(), example, payload["leaf_modules"])
     rebuilt = restructure(captured.module, captured.analysis, Plan.model_validate(payload["plan"]))
-    _add_fitted_biases(rebuilt, payload["state_dict"])
+    state = _without_constant_buffers(rebuilt, payload["state_dict"])
+    _add_fitted_biases(rebuilt, state)
     try:
-        rebuilt.load_state_dict(payload["state_dict"])
+        rebuilt.load_state_dict(state)
     except RuntimeError as exc:
         raise ModelLoadError(
             f"{path} does not fit model '{payload['model']}' with its plan "
             f"({str(exc).splitlines()[0]})"
         ) from None
     return rebuilt.eval()
+
+
+def _without_constant_buffers(
+    model: nn.Module, state: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """`state` less the model's non-persistent buffers (constants its code builds): some torch
+    versions' fx graphs save them anyway (torch 2.11 did, ResNet-56's shortcut kernels), and
+    another version's model then refuses the file."""
+    own = model.state_dict().keys()
+    constants = {name for name, _ in model.named_buffers()} - own
+    return {key: value for key, value in state.items() if key not in constants}
 
 
 def _add_fitted_biases(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -123,3 +123,30 @@ def test_the_final_decomposition_reuses_the_blocks_the_search_factorized(tmp_pat
     rerun_rows = [row for row in rerun.decomposition.layers if row.status == "decomposed"]
     assert rerun_rows and all(row.from_cache for row in rerun_rows)
     assert [row.rel_error for row in rerun_rows] == [row.rel_error for row in rows]
+
+
+def test_a_model_file_holding_constant_buffers_restores(tmp_path):
+    """torch 2.11's fx graphs save non-persistent buffers (ResNet-56's shortcut kernels); a
+    model file written there restores under another torch."""
+    from rankfold.converter.pipeline import restore, save_model
+
+    model, spec = load_model("resnet20")
+    config = CompressConfig(
+        model="resnet20",
+        ranks=RankPolicy(method="svd", macs_reduction=2.0, round_to=None),
+        latency={"enabled": False},
+    )
+    result = compress(model, torch.zeros(1, *spec.input_shape), config, spec)
+    save_model(result, tmp_path / "model.pt")
+    payload = torch.load(tmp_path / "model.pt", weights_only=False)
+    constants = {
+        name: buffer
+        for name, buffer in result.compressed.named_buffers()
+        if name not in result.compressed.state_dict()
+    }
+    assert sorted(constants) == ["layer2.0.shortcut.kernel", "layer3.0.shortcut.kernel"]
+    payload["state_dict"] = {**payload["state_dict"], **constants}
+    torch.save(payload, tmp_path / "model.pt")
+    x = torch.randn(2, *spec.input_shape)
+    with torch.no_grad():
+        assert torch.equal(restore(tmp_path / "model.pt")(x), result.compressed(x))
