@@ -106,7 +106,7 @@ from rankfold.passes.core import (
     atomic_path,
     atomic_write_json,
 )
-from rankfold.passes.correction import DEFAULT_CORRECTION_DAMPING, refit_last_stages
+from rankfold.passes.correction import DEFAULT_CORRECTION_DAMPING, refit_blocks
 from rankfold.passes.latency_gate import gate_plan, round_ranks
 from rankfold.passes.methods import get_method
 from rankfold.passes.plan import RankPolicy, budgeted_slots, resolve_round_to
@@ -1039,7 +1039,7 @@ def refit(result: CompressionResult, train: ImageData) -> None:
     inputs = (x for x, _ in batches(images, result.spec, config.search.batch_size))
     device = training_device(config.finetune.device) if config.refit_steps else None
     with progress_bar("refit blocks", total=len(names)) as advance:
-        refits = refit_last_stages(
+        refits = refit_blocks(
             result.original,
             result.compressed,
             names,

@@ -52,7 +52,7 @@ class Refit:
     after: float
 
 
-def refit_last_stages(
+def refit_blocks(
     original: fx.GraphModule,
     compressed: fx.GraphModule,
     names: Sequence[str],

@@ -19,7 +19,7 @@ from rankfold.converter import CompressConfig, compress, restore, validate
 from rankfold.passes import RankPolicy, analyze, decompose, get_method, trace
 from rankfold.passes.blocks import block_kernel, kernel_of
 from rankfold.passes.capture import analyze_captured
-from rankfold.passes.correction import refit_last_stages
+from rankfold.passes.correction import refit_blocks
 from rankfold.passes.latency_gate import gate_plan
 from rankfold.passes.methods import Cost, method_for_layer
 from rankfold.passes.search.cache import DecompositionCache
@@ -314,7 +314,7 @@ def test_last_stage_refit_corrects_conv1d_and_transposed_blocks():
     compressed, _ = decompose(gm, analysis, plan_of(analysis, policy, "mixed"))
     generator = torch.Generator().manual_seed(1)
     batches = [torch.randn(16, 8, 5, 5, generator=generator) for _ in range(3)]
-    refits = refit_last_stages(gm, compressed, ["up", "conv"], batches)
+    refits = refit_blocks(gm, compressed, ["up", "conv"], batches)
     assert set(refits) == {"up", "conv"}
     with torch.no_grad():
         x = torch.cat(batches)

@@ -13,7 +13,7 @@ from torch import nn
 
 from rankfold.passes import RankPolicy, analyze, decompose, trace
 from rankfold.passes.core import ConfigError, DataError
-from rankfold.passes.correction import refine_block, refit_last_stages
+from rankfold.passes.correction import refine_block, refit_blocks
 
 
 class Chain(nn.Module):
@@ -75,7 +75,7 @@ def test_refit_never_raises_a_blocks_output_error_and_reports_it(method, rank):
     names = ["conv1", "conv2", "conv3"]
     calibration = inputs(1)
     before = {name: layer_error(original, compressed, name, calibration) for name in names}
-    refits = refit_last_stages(original, compressed, names, calibration)
+    refits = refit_blocks(original, compressed, names, calibration)
     assert set(refits) == set(names)
     for name in names:
         after = layer_error(original, compressed, name, calibration)
@@ -108,9 +108,9 @@ def test_refinement_lowers_every_blocks_error_below_the_least_squares_refit(meth
     names = ["conv1", "conv2", "conv3"]
     calibration = inputs(1)
     original, least_squares = chain_and_blocks(method, rank)
-    plain = refit_last_stages(original, least_squares, names, calibration)
+    plain = refit_blocks(original, least_squares, names, calibration)
     original, refined = chain_and_blocks(method, rank)
-    refits = refit_last_stages(original, refined, names, calibration, refine_steps=300, seed=1)
+    refits = refit_blocks(original, refined, names, calibration, refine_steps=300, seed=1)
     for name in names:
         # What the refinement reports is what the corrected network computes.
         assert refits[name].after == pytest.approx(
@@ -124,7 +124,7 @@ def test_refinement_lowers_every_blocks_error_below_the_least_squares_refit(meth
         assert refits[name].after < 0.98 * plain[name].after, name
     # The same seed gives the same blocks.
     original, again = chain_and_blocks(method, rank)
-    refit_last_stages(original, again, names, calibration, refine_steps=300, seed=1)
+    refit_blocks(original, again, names, calibration, refine_steps=300, seed=1)
     for key, value in refined.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key
 
@@ -154,7 +154,7 @@ def test_refinement_is_undone_when_it_does_not_lower_the_error():
 def test_infinite_damping_keeps_the_fit():
     original, compressed = chain_and_blocks("cp", 4)
     kept = copy.deepcopy(compressed.state_dict())
-    refits = refit_last_stages(original, compressed, ["conv3"], inputs(1), damping=1e12)
+    refits = refit_blocks(original, compressed, ["conv3"], inputs(1), damping=1e12)
     assert refits["conv3"].after == pytest.approx(refits["conv3"].before, rel=1e-6)
     # conv2's block was not named: untouched.
     for key, value in kept.items():
@@ -166,13 +166,13 @@ def test_refit_rejects_another_graph_and_empty_data():
     original, compressed = chain_and_blocks("cp", 4)
     other = trace(nn.Sequential(nn.Conv2d(3, 4, 1)), torch.zeros(1, 3, 8, 8))
     with pytest.raises(ConfigError, match="not the original's"):
-        refit_last_stages(other, compressed, ["conv1"], inputs(1))
+        refit_blocks(other, compressed, ["conv1"], inputs(1))
     with pytest.raises(DataError, match="no calibration batches"):
-        refit_last_stages(original, compressed, ["conv1"], [])
+        refit_blocks(original, compressed, ["conv1"], [])
     with pytest.raises(ConfigError, match="damping"):
-        refit_last_stages(original, compressed, ["conv1"], inputs(1), damping=-1)
+        refit_blocks(original, compressed, ["conv1"], inputs(1), damping=-1)
     with pytest.raises(ConfigError, match="steps ≥ 0"):
-        refit_last_stages(original, compressed, ["conv1"], inputs(1), refine_steps=-1)
+        refit_blocks(original, compressed, ["conv1"], inputs(1), refine_steps=-1)
 
 
 def test_compress_refits_with_training_data_and_the_saved_model_restores(tmp_path):
