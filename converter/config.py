@@ -197,6 +197,9 @@ class CompressConfig(_Strict):
     refit: bool = True
     # Then every block's stages together: Adam steps on the same outputs (0: least squares only).
     refit_steps: int = Field(default=DEFAULT_REFINE_STEPS, ge=0)
+    # Then each segment's blocks together, on the segment's output (a residual unit through its
+    # ReLU; the last block through the output): Adam steps, 0 turns it off.
+    refit_segment_steps: int = Field(default=0, ge=0)
     recalibrate: bool = True
     statistics: StatisticsConfig = Field(default_factory=StatisticsConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
@@ -245,13 +248,13 @@ class CompressConfig(_Strict):
 
     @model_validator(mode="after")
     def _refit_steps_need_the_refit(self) -> CompressConfig:
-        default = type(self).model_fields["refit_steps"].default
-        if self.refit_steps != default and not self.refits:
-            why = "--refit" if self.train_data else "--train-data"
-            raise ConfigError(
-                f"--refit-steps (refit_steps) is read by the refit, which needs {why}; add it or "
-                "drop --refit-steps"
-            )
+        for key in ("refit_steps", "refit_segment_steps"):
+            flag = "--" + key.replace("_", "-")
+            if getattr(self, key) != type(self).model_fields[key].default and not self.refits:
+                why = "--refit" if self.train_data else "--train-data"
+                raise ConfigError(
+                    f"{flag} ({key}) is read by the refit, which needs {why}; add it or drop {flag}"
+                )
         return self
 
     @model_validator(mode="after")

@@ -297,6 +297,13 @@ OPTIONS: tuple[Option, ...] = (
         RECOVERY,
         int,
     ),
+    Option(
+        "refit_segment_steps",
+        "Refit: then Adam steps on each segment's blocks together, fitting the segment's output "
+        "(a residual unit through its ReLU; the last block through the output) (0: off).",
+        RECOVERY,
+        int,
+    ),
     Option("recalibrate", "Recalibrate BatchNorm (bias correction without BN).", RECOVERY, bool),
     Option(
         "finetune.epochs",

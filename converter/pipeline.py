@@ -64,6 +64,7 @@ from rankfold.converter.results import (
     RecalibrationCheck,
     Recovery,
     Refit,
+    RefitSegment,
     Report,
     SelectionReport,
     Sensitive,
@@ -559,7 +560,9 @@ def compress(
         raise ConfigError("reading data needs the model's spec (mean/std); pass spec=")
     if config.finetune.epochs > 0 and config.train_data is None:
         raise ConfigError("fine-tuning needs training data: pass --train-data")
-    if config.finetune.epochs > 0 or (config.refits and config.refit_steps):
+    if config.finetune.epochs > 0 or (
+        config.refits and (config.refit_steps or config.refit_segment_steps)
+    ):
         training_device(config.finetune.device)  # --finetune-device cuda without a GPU fails now
     if metric is not None and config.eval_data is not None:
         raise ConfigError(
@@ -1037,9 +1040,10 @@ def refit(result: CompressionResult, train: ImageData) -> None:
     names = [entry.name for entry in result.plan.decomposed()]
     images = train.subset(config.statistics.samples)
     inputs = (x for x, _ in batches(images, result.spec, config.search.batch_size))
-    device = training_device(config.finetune.device) if config.refit_steps else None
+    steps = config.refit_steps or config.refit_segment_steps
+    device = training_device(config.finetune.device) if steps else None
     with progress_bar("refit blocks", total=len(names)) as advance:
-        refits = refit_blocks(
+        done = refit_blocks(
             result.original,
             result.compressed,
             names,
@@ -1048,17 +1052,23 @@ def refit(result: CompressionResult, train: ImageData) -> None:
             refine_steps=config.refit_steps,
             device=device,
             seed=config.seed,
+            segment_steps=config.refit_segment_steps,
         )
     for row in result.decomposition.layers:
-        if row.name in refits:
-            row.extras["refit_error_before"] = refits[row.name].before
-            row.extras["refit_error_after"] = refits[row.name].after
+        if row.name in done.blocks:
+            row.extras["refit_error_before"] = done.blocks[row.name].before
+            row.extras["refit_error_after"] = done.blocks[row.name].after
     result.refit = Refit(
         images=len(images),
-        layers=len(refits),
+        layers=len(done.blocks),
         damping=DEFAULT_CORRECTION_DAMPING,
         seconds=time.perf_counter() - started,
         refine_steps=config.refit_steps,
+        segment_steps=config.refit_segment_steps,
+        segments=[
+            RefitSegment(blocks=list(blocks), error_before=refit.before, error_after=refit.after)
+            for blocks, refit in done.segments.items()
+        ],
     )
 
 

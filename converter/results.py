@@ -20,8 +20,9 @@ from rankfold.passes.core import ConfigError
 # 5: data-aware fits (layer statistics, per-layer output errors beside the weight-only fit's);
 # 6: how the model was captured (torch.fx or forward hooks) and the passes that needs skipped;
 # 7: named outputs (tuple/dict models), parity per output, the task metric's name; INT8 layers
-#    kept float by measured sensitivity (`QuantizedFile.sensitive`)
-SCHEMA_VERSION = 8
+#    kept float by measured sensitivity (`QuantizedFile.sensitive`); 8: the refit's refinement
+#    steps, recalibration judged by KL divergence; 9: the refit's segments
+SCHEMA_VERSION = 9
 
 
 class _Section(BaseModel):
@@ -128,15 +129,27 @@ class SelectionReport(BaseModel):
         return dict(self.model_extra or {})
 
 
+class RefitSegment(_Section):
+    """One segment refined on its output: its blocks, in graph order, and the segment output's
+    relative error before and after."""
+
+    blocks: list[str]
+    error_before: float
+    error_after: float
+
+
 class Refit(_Section):
     """The sequential correction: blocks refitted (last stage by least squares, then all stages
-    by `refine_steps` Adam steps), on how many images."""
+    by `refine_steps` Adam steps, then each segment's blocks by `segment_steps`), on how many
+    images."""
 
     images: int
     layers: int
     damping: float
     seconds: float
     refine_steps: int = 0
+    segment_steps: int = 0
+    segments: list[RefitSegment] = Field(default_factory=list)
 
 
 class RecalibrationCheck(_Section):
@@ -358,7 +371,7 @@ class Report(_Section):
     --eval-data for a classifier, a Python API metric's name, or None when none was computed
     (no evaluation data, or outputs top-1 cannot be read from and no metric given)."""
 
-    schema_version: Literal[8] = SCHEMA_VERSION
+    schema_version: Literal[9] = SCHEMA_VERSION
     model: str
     method: str
     target: dict[str, float] | None

@@ -140,6 +140,14 @@ def summary_lines(report: Report, out: Path) -> list[str]:
             f"{refit.images} training images; mean output error in the compressed network "
             f"{before:.3f} → {after:.3f}"
         )
+        if refit.segments:
+            first = sum(s.error_before for s in refit.segments) / len(refit.segments)
+            last = sum(s.error_after for s in refit.segments) / len(refit.segments)
+            lines.append(
+                f"refit: then {len(refit.segments)} segment(s) by {refit.segment_steps} steps on "
+                f"their outputs (stretches between points where one tensor carries everything on, "
+                f"e.g. a residual unit); mean segment output error {first:.3f} → {last:.3f}"
+            )
     check = report.recovery.recalibration_check
     if check is not None:
         verdict = "kept" if check.kept == "recalibrated" else "undone (the refitted model is kept)"

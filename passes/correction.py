@@ -20,18 +20,28 @@ least-squares fit; a refinement that does not lower the block's error on all the
 The last stage alone is a linear problem; the stages together are not, and this is where most of
 the remaining error goes at high compression (ResNet-56 at 4×: BENCHMARKS.md, issue #20).
 
+With `segment_steps`, the graph is also cut into segments at the points where one tensor carries
+everything later nodes read (in a ResNet: each residual unit's output after its ReLU), each
+segment ending right before the next block's segment begins (the last one at the output). After
+its blocks are refitted, a segment's blocks take Adam steps together so that the *segment's*
+output, from the compressed network's input to it, matches the original's: the objective then
+sees the BatchNorms, the ReLUs that discard part of a block's error and the residual sums, and
+one block can make up for another's error (block reconstruction, as BRECQ does for
+quantization). A segment whose error does not fall is left as it was.
+
 Both networks run once, side by side over one graph (the compressed network is the original
 with some modules swapped for blocks of the same name), so the cost is one forward pass of each
 on the calibration images, not one per block.
 
-Hand-written: the lockstep pass over two fx graphs, the closed-form refit and the block-wise
-refinement have no library.
+Hand-written: the lockstep pass over two fx graphs, the closed-form refit and the block- and
+segment-wise refinements have no library.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import fx, nn
@@ -46,10 +56,20 @@ REFINE_BATCH = 32  # calibration images per refinement step
 
 @dataclass(frozen=True)
 class Refit:
-    """One block's relative output error √(‖Y − Ŷ‖²/‖Y‖²) on the calibration data."""
+    """One block's (or segment's) relative output error √(‖Y − Ŷ‖²/‖Y‖²) on the calibration
+    data."""
 
     before: float
     after: float
+
+
+@dataclass(frozen=True)
+class Correction:
+    """What `refit_blocks` did: each block's output error before and after its refit, and each
+    refined segment's (keyed by the blocks it holds, in graph order)."""
+
+    blocks: dict[str, Refit]
+    segments: dict[tuple[str, ...], Refit]
 
 
 def refit_blocks(
@@ -63,22 +83,24 @@ def refit_blocks(
     refine_lr: float = DEFAULT_REFINE_LR,
     device: torch.device | None = None,
     seed: int = 0,
-) -> dict[str, Refit]:
+    segment_steps: int = 0,
+) -> Correction:
     """Refit the last stage of every named block of `compressed`, in the order the graph runs
-    them, then (with `refine_steps`) refine all its stages together; returns each block's
-    output error before and after. `inputs` are batches of network inputs, held in memory for
-    the pass. The least-squares step needs a last stage that is a linear map of channels (a 1×1
-    conv with stride 1, or a linear layer); the refinement takes any block. Blocks the graph
-    calls more than once, or that neither step applies to, are left alone and not reported.
-    The refinement runs on `device` (default: the CPU). `progress` is called once per named
-    block reached."""
+    them, then (with `refine_steps`) refine all its stages together, then (with
+    `segment_steps`) refine the blocks of each segment together on the segment's output.
+    `inputs` are batches of network inputs, held in memory for the pass. The least-squares step
+    needs a last stage that is a linear map of channels (a 1×1 conv with stride 1, or a linear
+    layer); the refinements take any block. Blocks the graph calls more than once, or that no
+    step applies to, are left alone and not reported. The refinements run on `device`
+    (default: the CPU). `progress` is called once per named block reached."""
     if not damping >= 0:
         raise ConfigError(f"correction damping must be ≥ 0, got {damping}; use e.g. 1e-3")
-    if refine_steps < 0 or not refine_lr > 0:
+    if refine_steps < 0 or segment_steps < 0 or not refine_lr > 0:
         raise ConfigError(
-            f"refinement needs steps ≥ 0 and a rate > 0, got {refine_steps} and {refine_lr}; "
-            f"use e.g. {DEFAULT_REFINE_STEPS} and {DEFAULT_REFINE_LR:g}"
+            f"refinement needs steps ≥ 0 and a rate > 0, got {refine_steps}, {segment_steps} "
+            f"and {refine_lr}; use e.g. {DEFAULT_REFINE_STEPS} and {DEFAULT_REFINE_LR:g}"
         )
+    device = device or torch.device("cpu")
     nodes_o, nodes_c = list(original.graph.nodes), list(compressed.graph.nodes)
     shape = [(n.op, str(n.target)) for n in nodes_o]
     if shape != [(n.op, str(n.target)) for n in nodes_c]:
@@ -103,6 +125,10 @@ def refit_blocks(
     values_o: dict[int, list] = {}  # position → the node's value on each chunk
     values_c: dict[int, list] = {}
     refits: dict[str, Refit] = {}
+    segments: dict[tuple[str, ...], Refit] = {}
+    ends = _segment_ends(nodes_o, last_use, wanted)
+    segment_input: list = chunks  # the compressed network's value where the segment starts
+    segment_start, segment_blocks = 0, []
     modes = [(m, m.training) for m in (*original.modules(), *compressed.modules())]
     original.eval()
     compressed.eval()
@@ -136,7 +162,7 @@ def refit_blocks(
                             values_o[index],
                             refine_steps,
                             refine_lr,
-                            device or torch.device("cpu"),
+                            device,
                             seed,
                         )
                         if refined is not None:
@@ -144,16 +170,83 @@ def refit_blocks(
                             refit = Refit(before, refined.after)
                     if refit is not None:
                         refits[target] = refit
+                        segment_blocks.append(target)
                 if node_o.op == "call_module" and target in names and progress is not None:
                     progress()
                 values_c[index] = _run(compressed, node_c, values_c, position, len(chunks))
+                if index in ends:
+                    if segment_steps and segment_blocks:
+                        segment = nodes_c[segment_start + 1 : index + 1]
+                        refined = refine_segment(
+                            compressed,
+                            segment,
+                            segment_blocks,
+                            segment_input,
+                            values_o[index],
+                            segment_steps,
+                            refine_lr,
+                            device,
+                            seed,
+                        )
+                        if refined is not None:
+                            segments[tuple(segment_blocks)], values_c[index] = refined
+                    segment_input, segment_start, segment_blocks = values_c[index], index, []
                 for used in {position[n] for n in node_o.all_input_nodes}:
                     if last_use[used] == index:
                         del values_o[used], values_c[used]
     finally:
         for module, mode in modes:
             module.training = mode
-    return refits
+    return Correction(refits, segments)
+
+
+def _segment_ends(nodes: list[fx.Node], last_use: dict[int, int], blocks: set[str]) -> set[int]:
+    """Where segments end: positions whose value alone carries everything later nodes read (no
+    earlier value is used after them) and that come right before a block or the output."""
+    ends, reach = set(), 0
+    for index, node in enumerate(nodes[:-1]):
+        following = nodes[index + 1]
+        starts_block = following.op == "call_module" and str(following.target) in blocks
+        if (
+            reach <= index
+            and node.op != "placeholder"
+            and (starts_block or following.op == "output")
+        ):
+            ends.add(index)
+        reach = max(reach, last_use.get(index, index))
+    return ends
+
+
+def _run_segment(gm: fx.GraphModule, segment: list[fx.Node], x: torch.Tensor) -> torch.Tensor:
+    """The segment's last value, from `x`, the value its first node reads (fx.Interpreter's
+    semantics on one batch)."""
+    env: dict[fx.Node, object] = {}
+    inside = set(segment)
+    for node in segment:
+        for used in node.all_input_nodes:
+            if used not in inside:
+                env[used] = x
+        args = fx.node.map_arg(node.args, env.__getitem__)
+        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+        value = _call(gm, node, args, kwargs)
+        if node.op == "get_attr" and isinstance(value, torch.Tensor):
+            value = value.to(x.device)  # a constant of the graph's own, not of a moved module
+        env[node] = value
+    return env[segment[-1]]
+
+
+def _call(gm: fx.GraphModule, node: fx.Node, args: tuple, kwargs: dict):
+    if node.op == "call_module":
+        return gm.get_submodule(str(node.target))(*args, **kwargs)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        self_obj, *rest = args
+        return getattr(self_obj, node.target)(*rest, **kwargs)
+    value = gm  # get_attr
+    for part in str(node.target).split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _arguments(node: fx.Node, values: dict, position: dict, count: int) -> list[tuple[tuple, dict]]:
@@ -169,21 +262,7 @@ def _arguments(node: fx.Node, values: dict, position: dict, count: int) -> list[
 
 def _run(gm: fx.GraphModule, node: fx.Node, values: dict, position: dict, count: int) -> list:
     """One graph node evaluated on every chunk (fx.Interpreter's semantics, chunk by chunk)."""
-    outputs = []
-    for args, kwargs in _arguments(node, values, position, count):
-        if node.op == "call_module":
-            outputs.append(gm.get_submodule(str(node.target))(*args, **kwargs))
-        elif node.op == "call_function":
-            outputs.append(node.target(*args, **kwargs))
-        elif node.op == "call_method":
-            self_obj, *rest = args
-            outputs.append(getattr(self_obj, node.target)(*rest, **kwargs))
-        else:  # get_attr
-            value = gm
-            for part in str(node.target).split("."):
-                value = getattr(value, part)
-            outputs.append(value)
-    return outputs
+    return [_call(gm, node, *arguments) for arguments in _arguments(node, values, position, count)]
 
 
 def _channel_rows(x: torch.Tensor, conv: bool) -> torch.Tensor:
@@ -261,6 +340,48 @@ def refine_block(
     relative error on all the chunks falls. None for a block without parameters, whose chunks
     are not single tensors, or whose targets are all zero."""
     parameters = [p for p in block.parameters() if p.is_floating_point()]
+    return _refine(parameters, [block], block, inputs, targets, steps, lr, device, seed)
+
+
+def refine_segment(
+    gm: fx.GraphModule,
+    segment: list[fx.Node],
+    blocks: Sequence[str],
+    inputs: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    steps: int,
+    lr: float,
+    device: torch.device,
+    seed: int = 0,
+) -> tuple[Refit, list[torch.Tensor]] | None:
+    """`refine_block` for a run of graph nodes: Adam on the named blocks' parameters so that the
+    segment's last value, computed from `inputs` (the value its first node reads), matches
+    `targets`. Returns the segment's error before and after and its outputs on every chunk."""
+    parameters = [
+        p for name in blocks for p in gm.get_submodule(name).parameters() if p.is_floating_point()
+    ]
+    modules = [gm.get_submodule(str(n.target)) for n in segment if n.op == "call_module"]
+    forward = partial(_run_segment, gm, segment)
+    refit = _refine(parameters, modules, forward, inputs, targets, steps, lr, device, seed)
+    if refit is None:
+        return None
+    with torch.no_grad():
+        return refit, [forward(x) for x in inputs]
+
+
+def _refine(
+    parameters: list[nn.Parameter],
+    modules: Sequence[nn.Module],
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    steps: int,
+    lr: float,
+    device: torch.device,
+    seed: int,
+) -> Refit | None:
+    """Adam on `parameters` to lower Σ‖forward(x) − y‖²; `modules` (all that `forward` runs)
+    move to `device` for it and back. Undone unless the error on all the chunks falls."""
     if not parameters or not all(isinstance(v, torch.Tensor) for v in (*inputs, *targets)):
         return None
     home = parameters[0].device
@@ -279,13 +400,14 @@ def refine_block(
     def error() -> float:
         with torch.no_grad():
             total = sum(
-                float((block(x.to(device)).double() - y.to(device).double()).square().sum())
+                float((forward(x.to(device)).double() - y.to(device).double()).square().sum())
                 for x, y in zip(inputs, targets, strict=True)
             )
         return total / energy
 
-    modes = [(m, m.training) for m in block.modules()]
-    block.to(device).eval()
+    modes = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.to(device).eval()
     try:
         before = error()
         optimizer = torch.optim.Adam(parameters, lr=lr)
@@ -299,7 +421,7 @@ def refine_block(
                 pick = torch.randint(count, (size,), generator=generator)
                 x, y = batch(pick, inputs), batch(pick, targets)
                 optimizer.zero_grad(set_to_none=True)
-                loss = (block(x) - y).square().sum() * scale
+                loss = (forward(x) - y).square().sum() * scale
                 loss.backward()
                 optimizer.step()
                 schedule.step()
@@ -310,7 +432,8 @@ def refine_block(
                     parameter.copy_(value.to(parameter.device))
             after = before
     finally:
-        block.to(home)
+        for module in modules:
+            module.to(home)
         for module, mode in modes:
             module.training = mode
     return Refit(before**0.5, after**0.5)

@@ -314,7 +314,7 @@ def test_last_stage_refit_corrects_conv1d_and_transposed_blocks():
     compressed, _ = decompose(gm, analysis, plan_of(analysis, policy, "mixed"))
     generator = torch.Generator().manual_seed(1)
     batches = [torch.randn(16, 8, 5, 5, generator=generator) for _ in range(3)]
-    refits = refit_blocks(gm, compressed, ["up", "conv"], batches)
+    refits = refit_blocks(gm, compressed, ["up", "conv"], batches).blocks
     assert set(refits) == {"up", "conv"}
     with torch.no_grad():
         x = torch.cat(batches)

@@ -75,7 +75,7 @@ def test_refit_never_raises_a_blocks_output_error_and_reports_it(method, rank):
     names = ["conv1", "conv2", "conv3"]
     calibration = inputs(1)
     before = {name: layer_error(original, compressed, name, calibration) for name in names}
-    refits = refit_blocks(original, compressed, names, calibration)
+    refits = refit_blocks(original, compressed, names, calibration).blocks
     assert set(refits) == set(names)
     for name in names:
         after = layer_error(original, compressed, name, calibration)
@@ -108,9 +108,9 @@ def test_refinement_lowers_every_blocks_error_below_the_least_squares_refit(meth
     names = ["conv1", "conv2", "conv3"]
     calibration = inputs(1)
     original, least_squares = chain_and_blocks(method, rank)
-    plain = refit_blocks(original, least_squares, names, calibration)
+    plain = refit_blocks(original, least_squares, names, calibration).blocks
     original, refined = chain_and_blocks(method, rank)
-    refits = refit_blocks(original, refined, names, calibration, refine_steps=300, seed=1)
+    refits = refit_blocks(original, refined, names, calibration, refine_steps=300, seed=1).blocks
     for name in names:
         # What the refinement reports is what the corrected network computes.
         assert refits[name].after == pytest.approx(
@@ -127,6 +127,68 @@ def test_refinement_lowers_every_blocks_error_below_the_least_squares_refit(meth
     refit_blocks(original, again, names, calibration, refine_steps=300, seed=1)
     for key, value in refined.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key
+
+
+class Unit(nn.Module):
+    """A stem conv, then one residual unit holding two convs: one segment each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, padding=1)
+        self.inner = nn.Conv2d(12, 12, 3, padding=1)
+        self.outer = nn.Conv2d(12, 12, 3, padding=1)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.outer(torch.relu(self.inner(x))) + x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_segments_are_cut_where_one_tensor_carries_everything():
+    torch.manual_seed(0)
+    model = Unit().eval()
+    gm = trace(model, torch.zeros(1, 3, 8, 8))
+    policy = RankPolicy(method="cp", rank=4, skip=["fc"], min_macs_share=0.0)
+    analysis = analyze(gm)
+    compressed, _ = decompose(gm, analysis, plan_of(analysis, policy, "unit"))
+    names = ["stem", "inner", "outer"]
+    done = refit_blocks(gm, compressed.eval(), names, inputs(1), segment_steps=20)
+    # The stem through its ReLU; the residual unit's two convs through the add, its ReLU and
+    # the classifier (the output comes next).
+    assert list(done.segments) == [("stem",), ("inner", "outer")]
+    assert set(done.blocks) == set(names)
+
+
+@pytest.mark.parametrize(("method", "rank"), [("cp", 4), ("tucker2", (3, 3))])
+def test_segment_refinement_brings_the_network_closer_to_the_original(method, rank):
+    names = ["conv1", "conv2", "conv3"]
+    calibration, held_out = inputs(1), torch.cat(inputs(2))
+    gaps = {}
+    for steps in (0, 300):
+        original, compressed = chain_and_blocks(method, rank)
+        done = refit_blocks(
+            original, compressed, names, calibration, refine_steps=300, seed=1, segment_steps=steps
+        )
+        with torch.no_grad():
+            logits = original(held_out)
+            gaps[steps] = float((compressed(held_out) - logits).norm() / logits.norm())
+        if steps:
+            # conv1 through its BN and ReLU, conv2 through the residual add and ReLU, conv3
+            # through the classifier: each segment's error on the calibration data falls.
+            assert list(done.segments) == [("conv1",), ("conv2",), ("conv3",)]
+            for segment, refit in done.segments.items():
+                assert refit.after < refit.before, segment
+            with torch.no_grad():
+                x = torch.cat(calibration)
+                last = float((compressed(x) - original(x)).norm() / original(x).norm())
+            # The last segment ends at the output: what it reports is the logits' error.
+            assert done.segments[("conv3",)].after == pytest.approx(last, rel=1e-4)
+        else:
+            assert done.segments == {}
+    # On inputs it never saw, the logits' relative error falls from 0.13 to 0.06 (measured,
+    # both methods): the segments see the ReLUs and sums that block-wise fits cannot.
+    assert gaps[300] < 0.7 * gaps[0]
 
 
 def test_refinement_is_undone_when_it_does_not_lower_the_error():
@@ -154,7 +216,7 @@ def test_refinement_is_undone_when_it_does_not_lower_the_error():
 def test_infinite_damping_keeps_the_fit():
     original, compressed = chain_and_blocks("cp", 4)
     kept = copy.deepcopy(compressed.state_dict())
-    refits = refit_blocks(original, compressed, ["conv3"], inputs(1), damping=1e12)
+    refits = refit_blocks(original, compressed, ["conv3"], inputs(1), damping=1e12).blocks
     assert refits["conv3"].after == pytest.approx(refits["conv3"].before, rel=1e-6)
     # conv2's block was not named: untouched.
     for key, value in kept.items():
@@ -173,6 +235,8 @@ def test_refit_rejects_another_graph_and_empty_data():
         refit_blocks(original, compressed, ["conv1"], inputs(1), damping=-1)
     with pytest.raises(ConfigError, match="steps ≥ 0"):
         refit_blocks(original, compressed, ["conv1"], inputs(1), refine_steps=-1)
+    with pytest.raises(ConfigError, match="steps ≥ 0"):
+        refit_blocks(original, compressed, ["conv1"], inputs(1), segment_steps=-1)
 
 
 def test_compress_refits_with_training_data_and_the_saved_model_restores(tmp_path):
@@ -202,6 +266,14 @@ def test_compress_refits_with_training_data_and_the_saved_model_restores(tmp_pat
     assert refitted.accuracy["refitted"] >= refitted.accuracy["decomposed"]
     assert not build_config({**settings, "refit": False}).refits
     assert not build_config({**settings, "train_data": None, "eval_data": None}).refits
+    assert refitted.refit.segments == [] and refitted.refit.segment_steps == 0
+    # With segment steps the report lists each segment's blocks and its output error, lower.
+    segmented = run(refit_segment_steps=30)
+    assert segmented.refit.segment_steps == 30
+    assert [s.blocks for s in segmented.refit.segments] == [[row.name] for row in rows]
+    for segment in segmented.refit.segments:
+        assert segment.error_after <= segment.error_before
+    assert any(s.error_after < s.error_before for s in segmented.refit.segments)
     # The refit gives bias-free last stages a bias; the saved model still loads.
     save_model(refitted, tmp_path / "model.pt")
     restored = restore(tmp_path / "model.pt")

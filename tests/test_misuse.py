@@ -256,6 +256,13 @@ CASES = [
         "--refit-steps (refit_steps) is read by the refit, which needs --train-data",
     ),
     (
+        "refit-segment-steps-without-data",
+        {},
+        ["compress", "digits-cnn", "--macs-reduction", "2", "--refit-segment-steps", "50", *COMMON],
+        "--refit-segment-steps (refit_segment_steps) is read by the refit, which needs "
+        "--train-data",
+    ),
+    (
         "bench-missing-baseline",
         {"model.onnx": "ONNX"},
         ["bench", "model.onnx", "--baseline", "nothere.onnx"],
