@@ -11,12 +11,15 @@ cifar10/test_lossless_1017.npz --finetune-epochs E`, everything else at its defa
 differ by one option:
 
 - `refit` (the default with training data): weight-only fit, the refit (last stage by least
-  squares, then all stages by Adam steps), BatchNorm recalibration kept only where it brings the
-  model closer to the original, then fine-tuning;
+  squares, then all stages by Adam steps, then for Tucker-2 each segment's blocks together),
+  BatchNorm recalibration kept only where it brings the model closer to the original, then
+  fine-tuning;
 - `last_stage`: `--refit-steps 0`, the refit of the last stage alone (the default before the
   refinement existed);
 - `segments`: `--refit-segment-steps 200`, the refit followed by each segment's blocks refined
-  together on the segment's output;
+  together on the segment's output (for every method);
+- `no_segments`: `--refit-segment-steps 0`, the refit without segments (Tucker-2's default
+  before they were on for it);
 - `weight_only`: `--no-refit` (fit, BatchNorm recalibration, fine-tuning), the pipeline before
   issue #20.
 
@@ -61,6 +64,7 @@ ARMS = {
     "refit": [],
     "last_stage": ["--refit-steps", "0"],
     "segments": ["--refit-segment-steps", "200"],
+    "no_segments": ["--refit-segment-steps", "0"],
     "weight_only": ["--no-refit"],
 }
 BATCHES = (1, 8)

@@ -1032,6 +1032,15 @@ def _judge(result: CompressionResult, images: ImageData, logits: bool) -> float:
     return error / max(reference, float(np.finfo(np.float32).tiny))
 
 
+def refit_segment_steps(config: CompressConfig, plan: Plan) -> int:
+    """--refit-segment-steps, or by default --refit-steps where a planned method refines its
+    segments (Tucker-2) and 0 elsewhere."""
+    if config.refit_segment_steps is not None:
+        return config.refit_segment_steps
+    asked = any(get_method(layer.method).refines_segments for layer in plan.decomposed())
+    return config.refit_steps if asked else 0
+
+
 def refit(result: CompressionResult, train: ImageData) -> None:
     """The sequential correction on the first statistics.samples training images, clean (the
     distribution the model is used on, as for the layer statistics)."""
@@ -1040,7 +1049,8 @@ def refit(result: CompressionResult, train: ImageData) -> None:
     names = [entry.name for entry in result.plan.decomposed()]
     images = train.subset(config.statistics.samples)
     inputs = (x for x, _ in batches(images, result.spec, config.search.batch_size))
-    steps = config.refit_steps or config.refit_segment_steps
+    segment_steps = refit_segment_steps(config, result.plan)
+    steps = config.refit_steps or segment_steps
     device = training_device(config.finetune.device) if steps else None
     with progress_bar("refit blocks", total=len(names)) as advance:
         done = refit_blocks(
@@ -1052,7 +1062,7 @@ def refit(result: CompressionResult, train: ImageData) -> None:
             refine_steps=config.refit_steps,
             device=device,
             seed=config.seed,
-            segment_steps=config.refit_segment_steps,
+            segment_steps=segment_steps,
         )
     for row in result.decomposition.layers:
         if row.name in done.blocks:
@@ -1064,7 +1074,8 @@ def refit(result: CompressionResult, train: ImageData) -> None:
         damping=DEFAULT_CORRECTION_DAMPING,
         seconds=time.perf_counter() - started,
         refine_steps=config.refit_steps,
-        segment_steps=config.refit_segment_steps,
+        segment_steps=segment_steps,
+        segments_by_default=config.refit_segment_steps is None and segment_steps > 0,
         segments=[
             RefitSegment(blocks=list(blocks), error_before=refit.before, error_after=refit.after)
             for blocks, refit in done.segments.items()

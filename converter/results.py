@@ -22,7 +22,7 @@ from rankfold.passes.core import ConfigError
 # 7: named outputs (tuple/dict models), parity per output, the task metric's name; INT8 layers
 #    kept float by measured sensitivity (`QuantizedFile.sensitive`); 8: the refit's refinement
 #    steps, recalibration judged by KL divergence; 9: the refit's segments
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 
 class _Section(BaseModel):
@@ -149,6 +149,8 @@ class Refit(_Section):
     seconds: float
     refine_steps: int = 0
     segment_steps: int = 0
+    # Whether segment_steps came from the default (a planned method asks for it), not the user.
+    segments_by_default: bool = False
     segments: list[RefitSegment] = Field(default_factory=list)
 
 
@@ -371,7 +373,7 @@ class Report(_Section):
     --eval-data for a classifier, a Python API metric's name, or None when none was computed
     (no evaluation data, or outputs top-1 cannot be read from and no metric given)."""
 
-    schema_version: Literal[9] = SCHEMA_VERSION
+    schema_version: Literal[10] = SCHEMA_VERSION
     model: str
     method: str
     target: dict[str, float] | None

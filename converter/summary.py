@@ -147,6 +147,11 @@ def summary_lines(report: Report, out: Path) -> list[str]:
                 f"refit: then {len(refit.segments)} segment(s) by {refit.segment_steps} steps on "
                 f"their outputs (stretches between points where one tensor carries everything on, "
                 f"e.g. a residual unit); mean segment output error {first:.3f} → {last:.3f}"
+                + (
+                    " (on by default for this plan's method; --refit-segment-steps 0 turns it off)"
+                    if refit.segments_by_default
+                    else ""
+                )
             )
     check = report.recovery.recalibration_check
     if check is not None:

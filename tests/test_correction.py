@@ -274,6 +274,16 @@ def test_compress_refits_with_training_data_and_the_saved_model_restores(tmp_pat
     for segment in segmented.refit.segments:
         assert segment.error_after <= segment.error_before
     assert any(s.error_after < s.error_before for s in segmented.refit.segments)
+    assert not segmented.refit.segments_by_default
+    # Tucker-2 asks for the segments: on by default, with the refit's steps; 0 turns them off.
+    tucker2 = {"method": "tucker2", "macs_reduction": 2}
+    by_default = run(ranks=tucker2, refit_steps=30)
+    assert by_default.refit.segment_steps == 30 and by_default.refit.segments_by_default
+    assert [s.blocks for s in by_default.refit.segments] == [
+        [row.name] for row in by_default.decomposition.layers if "refit_error_after" in row.extras
+    ]
+    assert run(ranks=tucker2, refit_steps=30, refit_segment_steps=0).refit.segments == []
+    assert run(ranks=tucker2, refit_steps=0).refit.segment_steps == 0
     # The refit gives bias-free last stages a bias; the saved model still loads.
     save_model(refitted, tmp_path / "model.pt")
     restored = restore(tmp_path / "model.pt")

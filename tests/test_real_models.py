@@ -66,8 +66,8 @@ def test_resnet20_each_method_at_2x(data_dir, tmp_path, method, request):
 
 
 def test_resnet20_tucker2_at_2x_recovers_to_80_percent(data_dir, tmp_path):
-    """Uniform Tucker-2 at 2× loses most accuracy; the refit (with recalibration where it helps)
-    and 1 distilled epoch win it back."""
+    """Uniform Tucker-2 at 2× loses most accuracy; the refit (with its segments, recalibration
+    where it helps) and 1 distilled epoch win it back."""
     # 2,048 training images, as cp_run: recalibration and the distilled epoch read 40 % of the
     # set, the refit and the recalibration check 1,024 images each as with all of it, and every
     # threshold below still holds with room.
@@ -84,6 +84,14 @@ def test_resnet20_tucker2_at_2x_recovers_to_80_percent(data_dir, tmp_path):
     assert abs(report["macs_reduction"] / 2 - 1) <= 0.05
     assert report["onnx"]["max_abs_diff"] <= 1e-4
     assert compressed["accuracy_decomposed"] + 0.2 < compressed["accuracy_refitted"]
+    # Tucker-2 refines segments by default: the stem and ResNet-20's 9 residual units, every
+    # block in one of them, each segment brought closer.
+    refit = report["recovery"]["refit"]
+    assert refit["segments_by_default"] and refit["segment_steps"] == refit["refine_steps"]
+    assert len(refit["segments"]) == 10 and refit["segments"][0]["blocks"] == ["conv1"]
+    in_segments = [block for segment in refit["segments"] for block in segment["blocks"]]
+    assert sorted(in_segments) == sorted(row["name"] for row in report["layers"] if row["method"])
+    assert all(s["error_after"] <= s["error_before"] for s in refit["segments"])
     check = report["recovery"]["recalibration_check"]
     assert check["images"] == 1024
     assert check["criterion"] == "divergence"

@@ -46,7 +46,7 @@ def test_validation_is_its_own_step_and_the_report_round_trips(result, tmp_path)
     assert validation.parity.passed and validation.parity.max_abs_diff <= 1e-4
     assert [row.batch for row in validation.latency] == [1, 2]
     report = result.to_report(artifacts, validation)
-    assert report.schema_version == 9
+    assert report.schema_version == 10
     assert report.macs_reduction == pytest.approx(2.0, rel=0.05)
     assert report.selection.selector == "uniform" and report.selection.latency_gate is None
     assert report.latency.per_batch[1].batch == 2
@@ -87,7 +87,7 @@ def test_a_report_of_another_schema_is_refused(result, tmp_path):
     report = result.to_report(artifacts, validate(result, artifacts))
     data = report.to_json()
     (tmp_path / "old.json").write_text(json.dumps({**data, "schema_version": 1}))
-    with pytest.raises(ConfigError, match="schema 1, this rankfold reads 9"):
+    with pytest.raises(ConfigError, match="schema 1, this rankfold reads 10"):
         Report.load(tmp_path / "old.json")
     (tmp_path / "odd.json").write_text(json.dumps({**data, "macs_reduction": "fast"}))
     with pytest.raises(ConfigError, match="does not match the report schema"):

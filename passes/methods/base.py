@@ -73,6 +73,10 @@ class Method(ABC):
     # Whether `fill` is mostly Python-level steps holding the GIL (then `decompose` runs layers
     # in worker processes rather than threads).
     gil_bound: bool = False
+    # Whether the refit refines, by default, the segments holding its blocks together on the
+    # segments' outputs (`refit_blocks(segment_steps=…)`): for blocks whose errors the per-block
+    # fit leaves large enough to compound through a residual unit.
+    refines_segments: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -30,6 +30,7 @@ class Tucker2Method(Method):
     name = "tucker2"
     rank_names = ("rank_out", "rank_in")
     layer_types = ("Conv2d", "Conv1d", "ConvTranspose2d", "Linear")
+    refines_segments = True
 
     def max_ranks(self, layer: LayerInfo) -> Ranks:
         return (layer.out_features, layer.in_features)
