@@ -21,7 +21,8 @@ from rankfold.passes.core import ConfigError
 # 6: how the model was captured (torch.fx or forward hooks) and the passes that needs skipped;
 # 7: named outputs (tuple/dict models), parity per output, the task metric's name; INT8 layers
 #    kept float by measured sensitivity (`QuantizedFile.sensitive`); 8: the refit's refinement
-#    steps, recalibration judged by KL divergence; 9: the refit's segments
+#    steps, recalibration judged by KL divergence; 9: the refit's segments; 10: whether they ran
+#    by default (`Refit.segments_by_default`)
 SCHEMA_VERSION = 10
 
 
