@@ -199,7 +199,8 @@ class CompressConfig(_Strict):
     refit_steps: int = Field(default=DEFAULT_REFINE_STEPS, ge=0)
     # Then each segment's blocks together, on the segment's output (a residual unit through its
     # ReLU; the last block through the output): Adam steps, 0 turns it off. None: as many as
-    # refit_steps where a planned method asks for it (Method.refines_segments: Tucker-2), else 0.
+    # refit_steps where a planned method asks for it (Method.refines_segments: tucker2,
+    # tucker2-cp), else 0.
     refit_segment_steps: int | None = Field(default=None, ge=0)
     recalibrate: bool = True
     statistics: StatisticsConfig = Field(default_factory=StatisticsConfig)

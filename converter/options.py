@@ -301,7 +301,7 @@ OPTIONS: tuple[Option, ...] = (
         "refit_segment_steps",
         "Refit: then Adam steps on each segment's blocks together, fitting the segment's output "
         "(a residual unit through its ReLU; the last block through the output) (default: as "
-        "--refit-steps where the plan has Tucker-2 blocks, else 0; 0: off).",
+        "--refit-steps where the plan has tucker2 or tucker2-cp blocks, else 0; 0: off).",
         RECOVERY,
         int,
     ),

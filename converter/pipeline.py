@@ -1034,7 +1034,7 @@ def _judge(result: CompressionResult, images: ImageData, logits: bool) -> float:
 
 def refit_segment_steps(config: CompressConfig, plan: Plan) -> int:
     """--refit-segment-steps, or by default --refit-steps where a planned method refines its
-    segments (Tucker-2) and 0 elsewhere."""
+    segments (tucker2, tucker2-cp) and 0 elsewhere."""
     if config.refit_segment_steps is not None:
         return config.refit_segment_steps
     asked = any(get_method(layer.method).refines_segments for layer in plan.decomposed())

@@ -191,6 +191,30 @@ def test_segment_refinement_brings_the_network_closer_to_the_original(method, ra
     assert gaps[300] < 0.7 * gaps[0]
 
 
+def test_segments_are_on_by_default_where_a_planned_method_asks_for_them():
+    from rankfold.converter import build_config
+    from rankfold.converter.pipeline import refit_segment_steps
+    from rankfold.passes.plan import LayerPlan, Plan
+
+    def plan(*methods: str | None) -> Plan:
+        layers = [
+            LayerPlan(name=f"conv{i}", type="Conv2d", method=m, ranks=[4, 4], reason="test")
+            for i, m in enumerate(methods)
+        ]
+        return Plan(model="m", method=methods[0] or "cp", layers=layers)
+
+    config = build_config({"model": "digits-cnn", "train_data": "t.npz", "refit_steps": 50})
+    assert refit_segment_steps(config, plan("tucker2", "cp")) == 50
+    assert refit_segment_steps(config, plan("tucker2-cp")) == 50
+    for method in ("cp", "cp-epc", "svd", "cp-lrf"):
+        assert refit_segment_steps(config, plan(method, None)) == 0
+    # The user's value wins either way.
+    given = config.model_copy(update={"refit_segment_steps": 7})
+    assert refit_segment_steps(given, plan("cp")) == 7
+    off = config.model_copy(update={"refit_segment_steps": 0})
+    assert refit_segment_steps(off, plan("tucker2")) == 0
+
+
 def test_refinement_is_undone_when_it_does_not_lower_the_error():
     torch.manual_seed(0)
     block = nn.Sequential(nn.Conv2d(3, 2, 1), nn.Conv2d(2, 4, 1))

@@ -42,6 +42,7 @@ class Tucker2CPMethod(Method):
 
     name = "tucker2-cp"
     gil_bound = True  # EPC's sweeps on the core: many small NumPy steps
+    refines_segments = True
     rank_names = ("rank_out", "rank_in", "rank")
     layer_types = ("Conv2d", "Conv1d", "ConvTranspose2d", "Linear")
 
