@@ -10,6 +10,7 @@ import torch
 from rich.console import Console
 
 from rankfold.converter import CompressConfig, Report, compress, validate, write_report
+from rankfold.converter.results import Refit, RefitSegment
 from rankfold.converter.summary import print_summary, shorten, summary_lines
 from rankfold.models import load_model
 from rankfold.passes import RankPolicy
@@ -61,6 +62,46 @@ def test_validation_is_its_own_step_and_the_report_round_trips(result, tmp_path)
     assert report.latency.threads == [1]
     assert [row.threads for row in report.latency.per_batch] == [1, 1]
     assert all("1 thread" in line for line in lines if line.startswith("latency (cpu"))
+
+
+def test_the_summary_says_how_the_refit_ran_and_whether_its_segments_were_the_default(
+    result, tmp_path
+):
+    artifacts = result.save(tmp_path)
+    report = result.to_report(artifacts, validate(result, artifacts))
+    first, second = report.layers[0].name, report.layers[1].name
+    rows = [
+        row.model_copy(update={"refit_error_before": 0.5, "refit_error_after": 0.25})
+        for row in report.layers
+    ]
+    segments = [
+        RefitSegment(blocks=[first], error_before=0.2, error_after=0.1),
+        RefitSegment(blocks=[second], error_before=0.4, error_after=0.3),
+    ]
+    refit = Refit(
+        images=64,
+        layers=len(rows),
+        damping=1e-3,
+        seconds=1.0,
+        refine_steps=50,
+        segment_steps=50,
+        segments=segments,
+    )
+
+    def refit_lines(**update) -> list[str]:
+        recovery = report.recovery.model_copy(update={"refit": refit.model_copy(update=update)})
+        changed = report.model_copy(update={"recovery": recovery, "layers": rows})
+        return [line for line in summary_lines(changed, tmp_path) if line.startswith("refit:")]
+
+    blocks, given = refit_lines()
+    assert f"{len(rows)} block(s)" in blocks and "all stages by 50 steps" in blocks
+    assert "0.500 → 0.250" in blocks
+    assert "2 segment(s) by 50 steps" in given and "0.300 → 0.200" in given
+    assert "by default" not in given
+    assert refit_lines(segments_by_default=True)[1].endswith(
+        "(on by default for this plan's method; --refit-segment-steps 0 turns it off)"
+    )
+    assert len(refit_lines(segments=[], segment_steps=0)) == 1
 
 
 def test_the_summary_fits_80_columns_without_wrapping(result, tmp_path):
