@@ -429,6 +429,7 @@ def methods() -> None:
         lambda method: (
             f"({', '.join(method.rank_names)}) {_first_line(method)} "
             f"[{', '.join(method.layer_types)}]"
+            + (" The refit refines its segments by default." if method.refines_segments else "")
         ),
     )
 

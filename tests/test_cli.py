@@ -392,6 +392,13 @@ def test_analyze_and_methods():
     result = invoke("methods")
     assert result.exit_code == 0
     assert all(name in result.output for name in ("svd", "tucker2", "cp"))
+    # The methods whose segments the refit refines by default say so, and only they.
+    says = {
+        line.split()[0]
+        for line in result.output.splitlines()
+        if line.endswith("The refit refines its segments by default.")
+    }
+    assert says == {"tucker2", "tucker2-cp"}
 
 
 @pytest.mark.slow
