@@ -10,7 +10,7 @@ For each model, method and MAC reduction, three `compress` runs (the public Pyth
 - `data_aware`: the whitened fit of `--data-aware` (each layer fitted to its output in the metric
   of its input second moment on the same images), then the same refit.
 
-All arms plan the same ranks (uniform selection under the budget does not read the data), so
+All arms plan the same ranks (`uniform` selection, which reads neither the data nor the weights), so
 they differ by the fit alone. Each model is scored on cifar10/test_lossless_1017.npz as
 `compress` returns it (decomposed, and refitted where the arm refits) and after BatchNorm
 recalibration (`recalibrate_bn` on the augmented training batches, as the pipeline does);
@@ -103,7 +103,7 @@ def run(args, model_name: str, method: str, reduction: float, arm: str, cache: P
     settings: dict[str, Any] = {
         "model": model_name,
         "weights": str(weights),
-        "ranks": {"method": method, "macs_reduction": reduction},
+        "ranks": {"method": method, "macs_reduction": reduction, "select": "uniform"},
         "train_data": str(shared_file(TRAIN)),
         "train_limit": args.train_limit,
         "recalibrate": False,  # recalibrated below, after the decomposed model is scored

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/data_aware_finetune.py [--model resnet56]
         [--methods cp-epc,cp,tucker2] [--reduction 4] [--epochs 6]
-        [--arms refit,weight_only] [--select uniform] [--pruning global|local|none]
+        [--arms refit,weight_only] [--select S] [--pruning global|local|none]
         [--mixup A] [--lr X]
 
 Each low-rank cell is one `rankfold compress` (a subprocess) on ResNet-56 (`--model resnet20`:
@@ -78,7 +78,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reduction", type=float, default=4.0)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--arms", default="refit,weight_only")
-    parser.add_argument("--select", default="uniform", help="rank selector of every arm")
+    parser.add_argument(
+        "--select", default="default", help="rank selector of every arm (default: the method's)"
+    )
     parser.add_argument("--pruning", choices=("global", "local", "none"), default="global")
     parser.add_argument(
         "--mixup",
@@ -118,7 +120,8 @@ def compress(args, base: Path, method: str, arm: str, out: Path) -> tuple[dict, 
         str(rankfold), "compress", args.model, "--weights", str(base / WEIGHTS[args.model]),
         "--method", method, "--macs-reduction", f"{args.reduction:g}",
         "--train-data", str(base / TRAIN), "--eval-data", str(base / TESTS["lossless_1017"]),
-        "--finetune-epochs", str(args.epochs), "--select", args.select, "--no-latency",
+        "--finetune-epochs", str(args.epochs), "--no-latency",
+        *(["--select", args.select] if args.select != "default" else []),
         "--search-cache-dir", str(args.work / "cache"), "--out", str(out), *ARMS[arm],
         *(["--mixup", f"{args.mixup:g}"] if args.mixup else []),
         *(["--lr", f"{args.lr:g}"] if args.lr else []),

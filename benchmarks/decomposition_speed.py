@@ -73,8 +73,13 @@ def worker(case: dict) -> dict:
     def config_for(name: str, cache: str) -> CompressConfig:
         return CompressConfig(
             model=name,
+            # Uniform ranks, as in every round before Tucker-2 planned by energy by default:
+            # the fits' speed is compared at the same ranks across rounds and code versions.
             ranks=RankPolicy(
-                method=case["method"], macs_reduction=case["reduction"], round_to=None
+                method=case["method"],
+                macs_reduction=case["reduction"],
+                round_to=None,
+                select="uniform",
             ),
             search={"cache_dir": Path(cache)},
             latency={"enabled": False},

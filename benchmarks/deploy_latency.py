@@ -56,6 +56,7 @@ def parse_args() -> argparse.Namespace:
         "--variants", default="plan,gate,gate+eff0.9,latency+gate,latency+cal", help="see above"
     )
     parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--select", default=None, help="rank selector (default: the method's)")
     parser.add_argument("--margin", type=float, default=0.05)
     parser.add_argument("--round-to", type=int, default=16, help="multiple ranks align to")
     parser.add_argument("--efficiency", type=float, default=0.9, help="gate+eff minimum")
@@ -140,7 +141,12 @@ def main(args: argparse.Namespace) -> None:
                         {
                             "model": name,
                             "weights": str(shared_file(weights)) if weights else None,
-                            "ranks": {"method": method, "round_to": args.round_to, **ranks},
+                            "ranks": {
+                                "method": method,
+                                "round_to": args.round_to,
+                                "select": args.select,
+                                **ranks,
+                            },
                             "latency": {
                                 "batch": batches,
                                 "threads": 1,
@@ -176,6 +182,7 @@ def main(args: argparse.Namespace) -> None:
         "batches": batches,
         "margin": args.margin,
         "round_to": args.round_to,
+        "select": args.select,
         "min_efficiency": args.efficiency,
         "warmup": args.warmup,
         "repeats": args.repeats,

@@ -430,6 +430,11 @@ def methods() -> None:
             f"({', '.join(method.rank_names)}) {_first_line(method)} "
             f"[{', '.join(method.layer_types)}]"
             + (" The refit refines its segments by default." if method.refines_segments else "")
+            + (
+                f" Budgets are planned by {method.budget_selector} unless --select says otherwise."
+                if method.budget_selector != "uniform"
+                else ""
+            )
         ),
     )
 

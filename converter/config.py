@@ -216,8 +216,8 @@ class CompressConfig(_Strict):
         # A budget without the gate plans MACs that onnxruntime may not turn into speed
         # (ResNet-56 CP at 3×: 1.12× faster without it, 2.42× with it).
         if self.latency.gate is None:
-            budget = any(getattr(self.ranks, key) for key in BUDGETS)
-            self.latency.gate = bool(self.latency.enabled and budget and self.plan is None)
+            budgeted = self.ranks.budgeted
+            self.latency.gate = bool(self.latency.enabled and budgeted and self.plan is None)
         return self
 
     @model_validator(mode="after")
@@ -231,7 +231,7 @@ class CompressConfig(_Strict):
 
     @model_validator(mode="after")
     def _output_selector_needs_training_images(self) -> CompressConfig:
-        if self.ranks.select == "output" and self.train_data is None and self.plan is None:
+        if self.ranks.selector == "output" and self.train_data is None and self.plan is None:
             raise ConfigError(
                 "--select output weighs every layer's error by its input statistics on "
                 "training images; pass --train-data (an .npz or ImageFolder)"
@@ -241,10 +241,10 @@ class CompressConfig(_Strict):
     @model_validator(mode="after")
     def _rel_error_needs_its_selector(self) -> CompressConfig:
         # Only a bound the user gave: the default is harmless under any selector.
-        if "rel_error" in self.ranks.model_fields_set and self.ranks.select != "error":
+        if "rel_error" in self.ranks.model_fields_set and self.ranks.selector != "error":
             raise ConfigError(
                 f"--rel-error (ranks.rel_error) is read by --select error only, not --select "
-                f"{self.ranks.select}; add --select error or drop --rel-error"
+                f"{self.ranks.selector}; add --select error or drop --rel-error"
             )
         return self
 
@@ -289,7 +289,7 @@ class CompressConfig(_Strict):
     @property
     def reads_moments(self) -> bool:
         """Whether planning reads the layers' input statistics (`--select output`)."""
-        return self.train_data is not None and self.ranks.select == "output" and self.plan is None
+        return self.train_data is not None and self.ranks.selector == "output" and self.plan is None
 
     @property
     def refits(self) -> bool:
@@ -315,7 +315,7 @@ def effective(config: CompressConfig) -> dict[str, Any]:
     # A printed config is shared like a report: a URL's password is not (libpq reads it from
     # PGPASSWORD or ~/.pgpass instead).
     data["search"]["storage"] = redacted(config.search.storage)
-    if config.ranks.select != "error":
+    if config.ranks.selector != "error":
         del data["ranks"]["rel_error"]  # unread there, and a given bound is then an error
     return data
 

@@ -232,7 +232,8 @@ OPTIONS: tuple[Option, ...] = (
     # ---- selection
     Option(
         "ranks.select",
-        "Rank selector: uniform, energy, error, output, vbmf, eps-search, pars.",
+        "Rank selector: uniform, energy, error, output, vbmf, eps-search, pars (default: energy "
+        "for tucker2 under a MACs or parameter budget, uniform otherwise).",
         SELECTION,
     ),
     Option("ranks.energy", "energy: retained energy of the unfoldings (0.95).", SELECTION, float),

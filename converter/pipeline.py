@@ -732,9 +732,9 @@ def check_task_options(outputs: OutputLayout, config: CompressConfig) -> None:
             f"--quantize checks INT8 by top-1 agreement with the float model, but {what}; "
             "drop --quantize"
         )
-    if get_selector(config.ranks.select).needs_calibration:
+    if get_selector(config.ranks.selector).needs_calibration:
         raise ConfigError(
-            f"--select {config.ranks.select} scores candidate plans by top-1 on training "
+            f"--select {config.ranks.selector} scores candidate plans by top-1 on training "
             f"images, but {what}; use --select uniform, energy, error or vbmf"
         )
 
@@ -856,7 +856,7 @@ def _choose_plan(
     if context.measured is None or config.latency.calibrate == 0:
         plan, selection = planned(policy)
         return plan, SelectionReport.model_validate(selection), context.cache
-    if policy.select == "pars" and config.search.storage is not None:
+    if policy.selector == "pars" and config.search.storage is not None:
         # A stored study is keyed by its budget; a calibrated one moves with timing noise, and
         # the next run could not resume the study.
         plan, selection = planned(policy)
@@ -868,7 +868,7 @@ def _choose_plan(
         return plan, SelectionReport.model_validate(selection), context.cache
     # Uniform allocation re-plans in milliseconds; a search would run again every round, so
     # the other selectors run once, at the reduction the uniform rounds found.
-    proxy = policy.select != "uniform"
+    proxy = policy.selector != "uniform"
 
     def planned_at(requested: float, select: str = "uniform") -> tuple[Plan, dict[str, Any]]:
         return planned(policy.model_copy(update={"latency_reduction": requested, "select": select}))
@@ -885,8 +885,8 @@ def _choose_plan(
         summary = calibration_summary(calibrated, config, proxy)
         plan, selection = calibrated.plan
         if proxy:
-            plan, selection = planned_at(calibrated.requested, policy.select)
-            summary["measured"] = timer(plan, f"{policy.select} plan").measured
+            plan, selection = planned_at(calibrated.requested, policy.selector)
+            summary["measured"] = timer(plan, f"{policy.selector} plan").measured
     selection["latency_calibration"] = summary
     return plan, SelectionReport.model_validate(selection), context.cache
 
@@ -904,7 +904,7 @@ def _planning_context(
     the progress display."""
     search = config.search
     calibration = None
-    if get_selector(config.ranks.select).needs_calibration and train is not None:
+    if get_selector(config.ranks.selector).needs_calibration and train is not None:
         calibration = calibration_from_dataset(
             train,
             spec,
@@ -1191,7 +1191,7 @@ def run_compress(
     out = prepare_output_dir(out_dir)  # an unwritable --out fails before minutes of work
     if config.latency.enabled:
         get_backend(config.latency.provider).check()  # an unusable provider fails before any work
-    if config.ranks.select == "pars":  # so does an unreachable study server
+    if config.ranks.selector == "pars":  # so does an unreachable study server
         check_storage(config.search.storage, config.search.workers)
     model, spec = load_model(
         config.model, config.weights, config.input_shape, config.mean, config.std

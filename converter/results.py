@@ -22,8 +22,9 @@ from rankfold.passes.core import ConfigError
 # 7: named outputs (tuple/dict models), parity per output, the task metric's name; INT8 layers
 #    kept float by measured sensitivity (`QuantizedFile.sensitive`); 8: the refit's refinement
 #    steps, recalibration judged by KL divergence; 9: the refit's segments; 10: whether they ran
-#    by default (`Refit.segments_by_default`)
-SCHEMA_VERSION = 10
+#    by default (`Refit.segments_by_default`); 11: whether the selector was the method's default
+#    (`SelectionReport.by_default`)
+SCHEMA_VERSION = 11
 
 
 class _Section(BaseModel):
@@ -114,6 +115,7 @@ class SelectionReport(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     selector: str
+    by_default: bool = False  # the method's default selector (`Method.budget_selector`)
     macs: int | None = None
     params: int | None = None
     macs_reduction: float | None = None
@@ -374,7 +376,7 @@ class Report(_Section):
     --eval-data for a classifier, a Python API metric's name, or None when none was computed
     (no evaluation data, or outputs top-1 cannot be read from and no metric given)."""
 
-    schema_version: Literal[10] = SCHEMA_VERSION
+    schema_version: Literal[11] = SCHEMA_VERSION
     model: str
     method: str
     target: dict[str, float] | None

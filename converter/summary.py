@@ -90,6 +90,13 @@ def summary_lines(report: Report, out: Path) -> list[str]:
         f"ONNX parity: max abs diff {onnx.max_abs_diff:.2e} (tolerance {onnx.atol:.0e} + "
         f"{onnx.rtol:.0e} × output scale)",
     ]
+    if report.selection.by_default:
+        lines.insert(
+            2,
+            f"ranks: chosen by {report.selection.selector}, the {report.method} "
+            "method's default under a budget (--select uniform keeps the same share of every "
+            "layer's cost)",
+        )
     if len(onnx.outputs) > 1:
         lines.append(
             "ONNX parity per output (max abs diff / output scale): "

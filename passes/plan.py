@@ -82,7 +82,8 @@ class RankPolicy(BaseModel):
     round_to: Annotated[int, Field(ge=0)] | Literal["auto"] | None = "auto"
     # How budgeted ranks are chosen: a registered selector (rankfold.passes.selectors; uniform
     # keeps the same fraction of every layer's cost, the others rank layers by a criterion).
-    select: str = "uniform"
+    # None: `selector` decides.
+    select: str | None = None
     # Without a budget: the per-layer criterion itself. With one, the criterion's threshold is
     # moved until the model fits the budget, so these values only matter without a budget.
     energy: float = Field(default=0.95, gt=0, le=1)  # retained energy of the unfoldings
@@ -90,6 +91,24 @@ class RankPolicy(BaseModel):
     epsilon: float = Field(default=0.01, ge=0, lt=1)  # eps-search: accuracy drop, a fraction
 
     _check = field_validator("rank")(classmethod(lambda cls, v: _check_rank_spec(v)))
+
+    @property
+    def budgeted(self) -> bool:
+        return any(
+            value is not None
+            for value in (self.macs_reduction, self.params_reduction, self.latency_reduction)
+        )
+
+    @property
+    def selector(self) -> str:
+        """The selector that plans: the one named, else the method's `budget_selector` under a
+        MACs or parameter budget with no global rank, else uniform (which also plans latency
+        budgets: measured times are flat over wide rank ranges)."""
+        if self.select is not None:
+            return self.select
+        if self.budgeted and self.rank is None and self.latency_reduction is None:
+            return get_method(self.method).budget_selector
+        return "uniform"
 
 
 class LayerPlan(BaseModel):

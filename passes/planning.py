@@ -30,11 +30,13 @@ class Selection:
     macs_reduction: float
     params_reduction: float
     details: dict[str, Any] = field(default_factory=dict)
+    by_default: bool = False  # the selector is the method's default, not one the user named
 
     def to_dict(self) -> dict[str, Any]:
         return {
             **self.details,
             "selector": self.selector,
+            "by_default": self.by_default,
             "macs": self.macs,
             "params": self.params,
             "macs_reduction": self.macs_reduction,
@@ -46,7 +48,8 @@ class Selection:
 def select_ranks(
     analysis: ModelAnalysis, policy: RankPolicy, context: PlanningContext | None = None
 ) -> Selection:
-    """Resolve per-layer methods and ranks into a Plan with the selector `policy.select` names.
+    """Resolve per-layer methods and ranks into a Plan with the selector `policy.selector` names
+    (the user's `select`, else the method's default).
 
     Explicit ranks, skips and unsupported layers are decided first (`draft_plan`); the selector
     fills the rest. `context` holds what selectors may read (the traced model, calibration data,
@@ -55,12 +58,19 @@ def select_ranks(
     """
     start = time.perf_counter()
     context = context or PlanningContext()
-    selector = get_selector(policy.select)
+    selector = get_selector(policy.selector)
     if policy.rank is not None and not selector.uses_global_rank:
         raise ConfigError(
             f"--select {selector.name} chooses every layer's ranks; drop --rank (ranks for "
             "single layers under 'layers' are kept)"
         )
+    draft = draft_plan(
+        analysis,
+        policy,
+        context.model_name,
+        global_rank=selector.uses_global_rank,
+        measured=context.measured,
+    )
     if selector.needs_calibration and context.calibration is None:
         raise ConfigError(
             f"--select {selector.name} needs calibration data; pass --train-data (labelled "
@@ -72,17 +82,16 @@ def select_ranks(
             "(or PlanningContext(moments=layer_statistics(...)))"
         )
     if selector.needs_kernels and context.gm is None:
+        if policy.select is None:
+            raise ConfigError(
+                f"{selector.name}, the {policy.method} method's selector under a budget, reads "
+                "the layers' weights; pass PlanningContext(gm=the traced model) or name a "
+                "selector (RankPolicy(select='uniform'))"
+            )
         raise ConfigError(
             f"--select {selector.name} reads the layers' weights; pass PlanningContext(gm=the "
             "traced model)"
         )
-    draft = draft_plan(
-        analysis,
-        policy,
-        context.model_name,
-        global_rank=selector.uses_global_rank,
-        measured=context.measured,
-    )
     if selector.needs_budget and draft.budget is None:
         raise ConfigError(
             f"--select {selector.name} searches under a budget; give --macs-reduction, "
@@ -105,6 +114,7 @@ def select_ranks(
     return Selection(
         plan=plan,
         selector=selector.name,
+        by_default=policy.select is None and selector.name != "uniform",
         seconds=time.perf_counter() - start,
         macs=cost.macs,
         params=cost.params,

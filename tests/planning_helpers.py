@@ -41,6 +41,8 @@ def resolve(
 
 def plan_of(analysis, policy, model_name: str = "model", measured=None) -> Plan:
     """The uniform/explicit plan, which needs no traced model."""
+    if policy.select is None:
+        policy = policy.model_copy(update={"select": "uniform"})
     context = PlanningContext(model_name=model_name, measured=measured)
     return select_ranks(analysis, policy, context).plan
 

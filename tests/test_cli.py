@@ -392,13 +392,15 @@ def test_analyze_and_methods():
     result = invoke("methods")
     assert result.exit_code == 0
     assert all(name in result.output for name in ("svd", "tucker2", "cp"))
-    # The methods whose segments the refit refines by default say so, and only they.
-    says = {
-        line.split()[0]
-        for line in result.output.splitlines()
-        if line.endswith("The refit refines its segments by default.")
-    }
-    assert says == {"tucker2", "tucker2-cp"}
+    # The methods whose segments the refit refines, or whose budgets another selector than
+    # uniform plans, by default say so, and only they.
+    lines = result.output.splitlines()
+
+    def saying(text: str) -> set[str]:
+        return {line.split()[0] for line in lines if text in line}
+
+    assert saying("The refit refines its segments by default.") == {"tucker2", "tucker2-cp"}
+    assert saying("Budgets are planned by energy unless --select") == {"tucker2"}
 
 
 @pytest.mark.slow

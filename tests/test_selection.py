@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from planning_helpers import plan_of, resolve
 from torch import nn
 
-from rankfold.passes import analyze, decompose, plan_cost, trace
+from rankfold.passes import analyze, decompose, plan_cost, select_ranks, trace
 from rankfold.passes.core import ConfigError, PlanError
 from rankfold.passes.methods import METHODS, method_for_layer
 from rankfold.passes.plan import RankPolicy
@@ -100,11 +100,28 @@ def test_cost_model_equals_counting_hook_for_every_registered_method(method_name
 
 def test_uniform_selector_is_select_ranks_and_stays_within_budget(traced):
     gm, analysis = traced
-    policy = RankPolicy(method="tucker2", macs_reduction=2.5, min_macs_share=0)
+    policy = RankPolicy(method="tucker2", macs_reduction=2.5, min_macs_share=0, select="uniform")
     plan, report = resolve(gm, analysis, policy, "net")
     assert plan == plan_of(analysis, policy, "net")
-    assert report["selector"] == "uniform"
+    assert report["selector"] == "uniform" and not report["by_default"]
     assert report["macs"] == plan_cost(analysis, plan).macs <= analysis.total_macs / 2.5
+
+
+def test_the_method_names_the_selector_of_a_budget_unless_the_user_does(traced):
+    gm, analysis = traced
+    budget = {"macs_reduction": 2.5, "min_macs_share": 0}
+    plan, report = resolve(gm, analysis, RankPolicy(method="tucker2", **budget), "net")
+    named, _ = resolve(gm, analysis, RankPolicy(method="tucker2", select="energy", **budget))
+    assert report["selector"] == "energy" and report["by_default"]
+    assert [layer.ranks for layer in plan.layers] == [layer.ranks for layer in named.layers]
+    assert report["macs"] <= analysis.total_macs / 2.5
+    # No budget-wide choice to make, a latency budget, or a method without a preference: uniform.
+    assert RankPolicy(method="tucker2", rank=0.5).selector == "uniform"
+    assert RankPolicy(method="tucker2", latency_reduction=2).selector == "uniform"
+    assert RankPolicy(method="cp", macs_reduction=2).selector == "uniform"
+    assert RankPolicy(method="tucker2", params_reduction=2).selector == "energy"
+    with pytest.raises(ConfigError, match=r"energy, the tucker2 method's selector under a budget"):
+        select_ranks(analysis, RankPolicy(method="tucker2", **budget))  # no weights to read
 
 
 @settings(
@@ -170,6 +187,29 @@ def test_energy_without_budget_finds_exact_tucker_ranks():
     assert plan.layers[0].ranks == [5, 3]
     assert min(report["layers"][0]["retained_energy"]) >= 0.999999
     assert "unfolding energy" in plan.layers[0].reason
+
+
+@pytest.mark.parametrize(
+    ("reduction", "ranks", "note"),
+    # One 64→64 3×3 conv: aligned Tucker-2 ranks give 8.47× (16, 16), 4.80× (16, 32), 2.77×
+    # (32, 32), 1.95× (32, 48) fewer MACs.
+    [(2.7, [32, 32], None), (4.0, None, "ranks not aligned: aligned ones reach only 4.80×")],
+)
+def test_energy_under_a_budget_aligns_ranks_unless_that_misses_it(reduction, ranks, note):
+    torch.manual_seed(0)
+    gm = trace(nn.Sequential(nn.Conv2d(64, 64, 3, padding=1)).eval(), torch.zeros(1, 64, 8, 8))
+    analysis = analyze(gm)
+    policy = RankPolicy(
+        method="tucker2", macs_reduction=reduction, round_to=16, min_macs_share=0, select="energy"
+    )
+    plan, _ = resolve(gm, analysis, policy)
+    achieved = analysis.total_macs / plan_cost(analysis, plan).macs
+    assert reduction <= achieved <= 1.05 * reduction
+    if ranks is not None:
+        assert plan.layers[0].ranks == ranks and "not aligned" not in plan.layers[0].reason
+    else:
+        assert note in plan.layers[0].reason
+        assert any(r % 16 for r in plan.layers[0].ranks)
 
 
 def test_energy_with_budget_keeps_at_least_the_common_threshold(traced):

@@ -77,6 +77,9 @@ class Method(ABC):
     # segments' outputs (`refit_blocks(segment_steps=…)`): for blocks whose errors the per-block
     # fit leaves large enough to compound through a residual unit.
     refines_segments: bool = False
+    # The selector that plans a MACs or parameter budget when the user names none
+    # (`RankPolicy.selector`): a registered selector's name.
+    budget_selector: str = "uniform"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from rankfold.passes.plan import Choices, CostModel, PlanDraft
+from rankfold.passes.plan import Choices, CostModel, PlanDraft, plan_cost
 
 if TYPE_CHECKING:
     from torch import nn
@@ -84,3 +85,25 @@ class Selector(ABC):
     @abstractmethod
     def choose(self, draft: PlanDraft, context: PlanningContext, advance: Advance) -> Choice:
         """Ranks for every slot of `draft`; with a budget, the plan must fit it."""
+
+
+def aligned_or_free(draft: PlanDraft, choose: Callable[[PlanDraft], Choice]) -> Choice:
+    """`choose` with ranks aligned to the slots' channel blocks (the fast ones); where a MACs or
+    parameter budget then misses by more than 5 % (blocks too coarse for this model), `choose`
+    again with free ranks, noted in every reason: exact budget first, speed second. A latency
+    budget keeps aligned ranks whatever the MACs."""
+    choice = choose(draft)
+    budget = draft.budget
+    if budget is None or budget.metric == "latency" or not any(s.block for s in draft.slots):
+        return choice
+    planned = draft.finish(choice.choices, choice.reasons)
+    achieved = budget.total / plan_cost(draft.analysis, planned).get(budget.metric)
+    if abs(achieved / budget.reduction - 1) <= 0.05:
+        return choice
+    free = dataclasses.replace(
+        draft, slots=[dataclasses.replace(slot, round_to=None) for slot in draft.slots]
+    )
+    choice = choose(free)
+    note = f" (ranks not aligned: aligned ones reach only {achieved:.2f}×)"
+    choice.reasons = [reason + note for reason in choice.reasons]
+    return choice

@@ -8,36 +8,25 @@ rank (or ratio) decides every layer.
 from __future__ import annotations
 
 import bisect
-import dataclasses
 
-from rankfold.passes.plan import PlanDraft, allocate, plan_cost
-from rankfold.passes.selectors.base import Advance, Choice, PlanningContext, Selector
+from rankfold.passes.plan import PlanDraft, allocate
+from rankfold.passes.selectors.base import (
+    Advance,
+    Choice,
+    PlanningContext,
+    Selector,
+    aligned_or_free,
+)
 
 
 class UniformSelector(Selector):
     name = "uniform"
-    summary = "every budgeted layer keeps the same fraction of its cost (the default)"
+    summary = "every budgeted layer keeps the same share of its cost (default, not for tucker2)"
     uses_global_rank = True
     needs_kernels = False
 
     def choose(self, draft: PlanDraft, context: PlanningContext, advance: Advance) -> Choice:
-        choice = _uniform(draft)
-        budget = draft.budget
-        # Aligned ranks are the fast ones: a latency budget keeps them whatever the MACs.
-        if budget is None or budget.metric == "latency" or not any(s.block for s in draft.slots):
-            return choice
-        planned = draft.finish(choice.choices, choice.reasons)
-        achieved = budget.total / plan_cost(draft.analysis, planned).get(budget.metric)
-        if abs(achieved / budget.reduction - 1) <= 0.05:
-            return choice
-        # Channel blocks too coarse for this model: exact budget first, speed second.
-        free = dataclasses.replace(
-            draft, slots=[dataclasses.replace(slot, round_to=None) for slot in draft.slots]
-        )
-        choice = _uniform(free)
-        note = f" (ranks not aligned: aligned ones reach only {achieved:.2f}×)"
-        choice.reasons = [reason + note for reason in choice.reasons]
-        return choice
+        return aligned_or_free(draft, _uniform)
 
 
 def _uniform(draft: PlanDraft) -> Choice:
