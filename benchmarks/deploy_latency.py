@@ -1,10 +1,12 @@
 """Deployment latency after the latency gate (issue #7): does saving MACs save time on ORT CPU?
 
 Grid: torchvision ResNet-18 (224², random init) and CIFAR ResNet-56 (the shared pretrained
-weights), each compressed with CP / CP-EPC / Tucker-2 at 2×, 3× and 4× fewer MACs (uniform
-allocation, ranks aligned to 16 channels where the layer is ≥ 4 blocks wide), in five variants,
-each one `run_compress` run (what `rankfold compress` does) with the options named:
-  plan         `--macs-reduction X --round-to 16`: the MAC-budgeted plan as it is;
+weights), each compressed with CP / CP-EPC / Tucker-2 at 2×, 3× and 4× fewer MACs (each
+method's default selector, or --select: uniform for CP, energy for Tucker-2; ranks aligned to 16
+channels where the layer is ≥ 4 blocks wide), in five variants, each one `run_compress` run
+(what `rankfold compress` does) with the options named:
+  plan         `--macs-reduction X --round-to 16 --no-latency-gate`: the MAC-budgeted plan as it
+               is (the gate is on by default with a budget);
   gate         plus `--latency-gate`: per-layer table at batch 1 and 8; each rank moves to its
                nearest multiple of 16 where the table says that is faster, then every layer whose
                block is not 5 % faster than the layer at both batch sizes reverts to the layer;
@@ -95,7 +97,7 @@ MODELS = {
 def variant_settings(variant: str, target: float, efficiency: float) -> tuple[dict, dict]:
     """The `ranks` and `latency` settings of a variant: the CLI options it stands for."""
     settings: dict[str, tuple[dict, dict]] = {
-        "plan": ({"macs_reduction": target}, {}),
+        "plan": ({"macs_reduction": target}, {"gate": False}),  # the gate is on by default
         "gate": ({"macs_reduction": target}, {"gate": True}),
         f"gate+eff{efficiency:g}": (
             {"macs_reduction": target},

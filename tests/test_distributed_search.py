@@ -165,8 +165,11 @@ def test_two_processes_on_postgres_finish_exactly_the_trials(postgres_url, digit
     others = [t for t in trials if t.state != optuna.trial.TrialState.COMPLETE]
     assert all(t.user_attrs.get("surplus") for t in others) and len(others) <= 2
     assert len({t.user_attrs["pid"] for t in complete}) == 2  # both processes ran trials
-    sampled = [tuple(sorted(t.params.items())) for t in complete if "seed" not in t.user_attrs]
-    assert len(set(sampled)) == len(sampled)  # the two samplers drew different configurations
+    # Not asserted: that the two processes never evaluate the same configuration. Their samplers
+    # are seeded apart, but optuna's GPSampler has no constant liar and warm-starts its
+    # acquisition search from the best finished trial: two processes sampling from the same
+    # finished trials can converge on the same point (4 distinct of 5 sampled, once in about ten
+    # CI runs).
     for name in "ab":  # each process reports the whole study, the same best trial
         report = json.loads((tmp_path / f"{name}.json").read_text())
         assert report["trials_complete"] == TRIALS and report["processes"] == 2
