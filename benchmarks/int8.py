@@ -107,7 +107,10 @@ def resnet18_rows(args: argparse.Namespace, work: Path) -> list[dict]:
     rows = []
     for method in args.methods_r18:
         for target in args.targets:
-            policy = RankPolicy(method=method, macs_reduction=target, round_to=round_to)
+            # Uniform: random weights have no spectra worth planning by (energy would read them).
+            policy = RankPolicy(
+                method=method, macs_reduction=target, round_to=round_to, select="uniform"
+            )
             plan = select_ranks(analysis, policy, PlanningContext(gm=original)).plan
             blocks = restructure(original, analysis, plan).eval()
             tag = f"r18_{method}_{target:g}x"

@@ -26,7 +26,7 @@ from rankfold.passes.selectors.chains import RankChains, unfoldings
 
 class EnergySelector(Selector):
     name = "energy"
-    summary = "smallest ranks keeping a share of each unfolding's energy (svd, tucker2; tucker2's default)"
+    summary = "smallest ranks keeping a share of each unfolding's energy (svd; tucker2, by default)"
 
     def choose(self, draft: PlanDraft, context: PlanningContext, advance: Advance) -> Choice:
         return energy_choice(draft, context.gm, draft.policy.energy)
