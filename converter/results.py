@@ -116,6 +116,7 @@ class SelectionReport(BaseModel):
 
     selector: str
     by_default: bool = False  # the method's default selector (`Method.budget_selector`)
+    default_fallback: str | None = None  # why uniform planned instead of the method's default
     macs: int | None = None
     params: int | None = None
     macs_reduction: float | None = None

@@ -97,6 +97,8 @@ def summary_lines(report: Report, out: Path) -> list[str]:
             "method's default under a budget (--select uniform keeps the same share of every "
             "layer's cost)",
         )
+    elif report.selection.default_fallback:
+        lines.insert(2, f"ranks: {report.selection.default_fallback}")
     if len(onnx.outputs) > 1:
         lines.append(
             "ONNX parity per output (max abs diff / output scale): "

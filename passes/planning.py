@@ -71,6 +71,13 @@ def select_ranks(
         global_rank=selector.uses_global_rank,
         measured=context.measured,
     )
+    fallback = None
+    if policy.select is None and not selector.plans(draft, context):
+        fallback = (
+            f"{selector.name}, the {policy.method} method's default, cannot plan every layer "
+            "(another method's among them): uniform planned the budget"
+        )
+        selector = get_selector("uniform")
     if selector.needs_calibration and context.calibration is None:
         raise ConfigError(
             f"--select {selector.name} needs calibration data; pass --train-data (labelled "
@@ -111,6 +118,8 @@ def select_ranks(
         plan = draft.finish([], [])
     cost = plan_cost(analysis, plan)
     details.pop("selector", None)
+    if fallback is not None:
+        details["default_fallback"] = fallback
     return Selection(
         plan=plan,
         selector=selector.name,

@@ -52,10 +52,14 @@ def test_validation_is_its_own_step_and_the_report_round_trips(result, tmp_path)
     # Tucker-2 under a budget plans by energy unless a selector is named.
     assert report.selection.selector == "energy" and report.selection.by_default
     assert report.selection.latency_gate is None
-    assert (
-        "ranks: chosen by energy, the tucker2 method's default under a budget"
-        in (summary_lines(report, tmp_path)[2])
+    lines = summary_lines(report, tmp_path)
+    assert lines[2].startswith("ranks: chosen by energy, the tucker2 method's default under a")
+    why = "energy, the tucker2 method's default, cannot plan every layer (…): uniform planned"
+    selection = report.selection.model_copy(
+        update={"selector": "uniform", "by_default": False, "default_fallback": why}
     )
+    gave_way = report.model_copy(update={"selection": selection})
+    assert summary_lines(gave_way, tmp_path)[2] == f"ranks: {why}"
     assert report.latency.per_batch[1].batch == 2
     write_report(result, report, tmp_path)
     assert (tmp_path / "layers.png").read_bytes()[:4] == b"\x89PNG"

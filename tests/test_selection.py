@@ -189,6 +189,22 @@ def test_energy_without_budget_finds_exact_tucker_ranks():
     assert "unfolding energy" in plan.layers[0].reason
 
 
+def test_the_method_s_selector_gives_way_to_uniform_where_it_cannot_plan_every_layer():
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)]
+    gm = trace(nn.Sequential(convs[0], nn.ReLU(), convs[1]).eval(), torch.zeros(1, 3, 16, 16))
+    analysis = analyze(gm)
+    mixed = {"macs_reduction": 2.0, "min_macs_share": 0, "layers": {"2": {"method": "cp"}}}
+    plan, report = resolve(gm, analysis, RankPolicy(method="tucker2", **mixed))
+    assert report["selector"] == "uniform" and not report["by_default"]
+    why = report["default_fallback"]
+    assert why.startswith("energy, the tucker2 method's default, cannot plan every layer")
+    assert [layer.method for layer in plan.layers] == ["tucker2", "cp"]
+    assert analysis.total_macs / plan_cost(analysis, plan).macs == pytest.approx(2.0, rel=0.05)
+    with pytest.raises(ConfigError, match="not cp"):  # named, energy is the user's choice
+        resolve(gm, analysis, RankPolicy(method="tucker2", select="energy", **mixed))
+
+
 @pytest.mark.parametrize(
     ("reduction", "ranks", "note"),
     # One 64→64 3×3 conv: aligned Tucker-2 ranks give 8.47× (16, 16), 4.80× (16, 32), 2.77×

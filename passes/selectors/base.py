@@ -78,6 +78,11 @@ class Selector(ABC):
     needs_statistics = False  # reads layer input statistics (context.moments)
     uses_cache = False  # factorizes candidates (context.cache)
 
+    def plans(self, draft: PlanDraft, context: PlanningContext) -> bool:
+        """Whether this selector can choose every slot of `draft` (a method's default selector
+        that cannot, e.g. energy with some layers planned by cp, gives way to uniform)."""
+        return True
+
     def steps(self, draft: PlanDraft, context: PlanningContext) -> int:
         """How many progress steps `choose` reports (0: no progress bar)."""
         return 0

@@ -21,12 +21,15 @@ from rankfold.passes.selectors.base import (
     Selector,
     aligned_or_free,
 )
-from rankfold.passes.selectors.chains import RankChains, unfoldings
+from rankfold.passes.selectors.chains import RankChains, has_unfoldings, unfoldings
 
 
 class EnergySelector(Selector):
     name = "energy"
     summary = "smallest ranks keeping a share of each unfolding's energy (svd; tucker2, by default)"
+
+    def plans(self, draft: PlanDraft, context: PlanningContext) -> bool:
+        return context.gm is None or has_unfoldings(draft, context.gm)
 
     def choose(self, draft: PlanDraft, context: PlanningContext, advance: Advance) -> Choice:
         return energy_choice(draft, context.gm, draft.policy.energy)
