@@ -239,6 +239,21 @@ class CompressConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _energy_is_read_without_a_budget(self) -> CompressConfig:
+        # Under a budget the threshold is bisected until the plan fits: a given one is unread.
+        given = "energy" in self.ranks.model_fields_set
+        if given and (self.ranks.selector != "energy" or self.ranks.budgeted):
+            why = (
+                "under a budget the threshold is found by bisection; drop --energy or the budget"
+                if self.ranks.selector == "energy"
+                else f"not --select {self.ranks.selector}; add --select energy or drop --energy"
+            )
+            raise ConfigError(
+                f"--energy (ranks.energy) is read by --select energy without a budget only, {why}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _rel_error_needs_its_selector(self) -> CompressConfig:
         # Only a bound the user gave: the default is harmless under any selector.
         if "rel_error" in self.ranks.model_fields_set and self.ranks.selector != "error":
@@ -315,8 +330,11 @@ def effective(config: CompressConfig) -> dict[str, Any]:
     # A printed config is shared like a report: a URL's password is not (libpq reads it from
     # PGPASSWORD or ~/.pgpass instead).
     data["search"]["storage"] = redacted(config.search.storage)
+    # Unread there, and a given value is then an error.
     if config.ranks.selector != "error":
-        del data["ranks"]["rel_error"]  # unread there, and a given bound is then an error
+        del data["ranks"]["rel_error"]
+    if config.ranks.selector != "energy" or config.ranks.budgeted:
+        del data["ranks"]["energy"]
     return data
 
 

@@ -236,7 +236,12 @@ OPTIONS: tuple[Option, ...] = (
         "for tucker2 under a MACs or parameter budget, uniform otherwise).",
         SELECTION,
     ),
-    Option("ranks.energy", "energy: retained energy of the unfoldings (0.95).", SELECTION, float),
+    Option(
+        "ranks.energy",
+        "--select energy without a budget: retained energy of the unfoldings (0.95).",
+        SELECTION,
+        float,
+    ),
     Option(
         "ranks.rel_error",
         "error: relative error bound per layer, 0.3 (cp-lrf: LRF-CPD ranks).",

@@ -116,6 +116,8 @@ SAMPLES: dict[str, tuple[list[str], Any]] = {
 # Other settings a sample changes on purpose.
 ALSO = {
     "ranks.rel_error": (["--select", "error"], {"ranks.select"}),
+    "ranks.energy": (["--select", "energy"], {"ranks.select"}),
+    "ranks.select": ([], {"ranks.energy"}),  # printed where it is read: energy, no budget
     "finetune.optimizer": ([], {"finetune.lr", "finetune.weight_decay"}),  # AdamW's defaults
     # INT8 calibrates on the training images.
     "quantize.dtype": (["--train-data", "some/file"], {"train_data"}),
@@ -211,6 +213,18 @@ def test_rel_error_without_the_error_selector_is_one_line_in_cli_and_file(tmp_pa
     path.write_text("model: m\nranks: {rel_error: 0.2, select: energy}\n")
     line = error_line(invoke("compress", "--config", path, "--print-config", "-"))
     assert "not --select energy" in line
+
+
+def test_energy_where_it_is_not_read_is_one_line_in_cli_and_file(tmp_path):
+    line = error_line(invoke("compress", "m", "--energy", "0.9", "--print-config", "-"))
+    assert "not --select uniform; add --select energy or drop --energy" in line
+    budget = ["--macs-reduction", "2", "--method", "tucker2"]  # energy, by default or named
+    for named in ([], ["--select", "energy"]):
+        line = error_line(invoke("compress", "m", *budget, *named, "--energy", "0.9"))
+        assert "under a budget the threshold is found by bisection" in line
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\nranks: {energy: 0.9, select: energy}\n")
+    assert "energy: 0.9" in invoke("compress", "--config", path, "--print-config", "-").output
 
 
 @pytest.mark.parametrize("section", ["search", "finetune"])
