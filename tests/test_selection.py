@@ -231,7 +231,9 @@ def test_energy_under_a_budget_aligns_ranks_unless_that_misses_it(reduction, ran
 def test_energy_with_budget_keeps_at_least_the_common_threshold(traced):
     gm, analysis = traced
     policy = RankPolicy(method="tucker2", select="energy", params_reduction=2.0, min_macs_share=0)
-    plan, report = resolve(gm, analysis, policy, "net")
+    steps: list[str] = []
+    plan, report = resolve(gm, analysis, policy, "net", progress=steps.append)
+    assert steps == [row["layer"] for row in report["layers"]]  # one step per layer's spectra
     assert plan_cost(analysis, plan).params <= analysis.total_params / 2.0
     kept = [min(row["retained_energy"]) for row in report["layers"] if row["ranks"]]
     assert kept and min(kept) >= report["threshold"] - 1e-9

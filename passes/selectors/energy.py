@@ -31,13 +31,19 @@ class EnergySelector(Selector):
     def plans(self, draft: PlanDraft, context: PlanningContext) -> bool:
         return context.gm is None or has_unfoldings(draft, context.gm)
 
+    def steps(self, draft: PlanDraft, context: PlanningContext) -> int:
+        return len(draft.slots)  # one spectrum each: seconds per wide Linear layer
+
     def choose(self, draft: PlanDraft, context: PlanningContext, advance: Advance) -> Choice:
-        return energy_choice(draft, context.gm, draft.policy.energy)
+        return energy_choice(draft, context.gm, draft.policy.energy, advance)
 
 
-def energy_choice(draft: PlanDraft, gm: fx.GraphModule, energy: float) -> Choice:
+def energy_choice(
+    draft: PlanDraft, gm: fx.GraphModule, energy: float, advance: Advance | None = None
+) -> Choice:
     """Smallest ranks keeping `energy` of every unfolding's squared singular values per layer;
-    with a budget, the common energy threshold that fits it, ranks aligned as uniform's are."""
+    with a budget, the common energy threshold that fits it, ranks aligned as uniform's are.
+    `advance(layer)` is called once per layer's spectra."""
     cumulative = []
     for slot in draft.slots:
         # A grouped conv keeps the same rank r in every group: the energy it keeps is the sum
@@ -48,6 +54,8 @@ def energy_choice(draft: PlanDraft, gm: fx.GraphModule, energy: float) -> Choice
             power = sum(np.linalg.svd(matrix, compute_uv=False) ** 2 for matrix in matrices)
             modes.append(np.cumsum(power) / max(power.sum(), 1e-300))
         cumulative.append(modes)
+        if advance is not None:
+            advance(slot.layer.name)
     budget = draft.budget
 
     def choose(aligned_or_not: PlanDraft) -> Choice:
