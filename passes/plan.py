@@ -2,11 +2,12 @@
 
 Per-layer settings follow a fixed precedence (global < module type < glob or parent name < exact
 name); keys are strings, never module objects. A budget (`macs_reduction`, `params_reduction`,
-or `latency_reduction` priced by a measured `CostModel`) is met by a uniform allocation: every
-budgeted layer keeps the same fraction of its own cost, the fraction found by bisection, then
-single rank steps close the remaining gap without exceeding it.
+or `latency_reduction` priced by a measured `CostModel`) is met by a selector
+(`RankPolicy.selector`: uniform keeps the same fraction of every layer's cost, energy a common
+share of its unfoldings' energy, …), its setting found by bisection, then single rank steps close
+the remaining gap without exceeding it.
 `draft_plan` and `allocate` are the shared machinery of every budgeted selector
-(`rankfold.passes.selection`): a draft decides all layers but the budgeted slots, and `allocate`
+(`rankfold.passes.selectors`): a draft decides all layers but the budgeted slots, and `allocate`
 fits one option per slot into the budget.
 """
 
