@@ -240,9 +240,7 @@ class CompressConfig(_Strict):
 
     @model_validator(mode="after")
     def _energy_is_read_without_a_budget(self) -> CompressConfig:
-        # Under a budget the threshold is bisected until the plan fits: a given one is unread.
-        given = "energy" in self.ranks.model_fields_set
-        if given and (self.ranks.selector != "energy" or self.ranks.budgeted):
+        if "energy" in self.ranks.model_fields_set and not self.ranks.reads_energy:
             why = (
                 "under a budget the threshold is found by bisection; drop --energy or the budget"
                 if self.ranks.selector == "energy"
@@ -333,7 +331,7 @@ def effective(config: CompressConfig) -> dict[str, Any]:
     # Unread there, and a given value is then an error.
     if config.ranks.selector != "error":
         del data["ranks"]["rel_error"]
-    if config.ranks.selector != "energy" or config.ranks.budgeted:
+    if not config.ranks.reads_energy:
         del data["ranks"]["energy"]
     return data
 

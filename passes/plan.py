@@ -101,6 +101,12 @@ class RankPolicy(BaseModel):
         )
 
     @property
+    def reads_energy(self) -> bool:
+        """Whether `energy` is read: by the energy selector without a budget (with one, the
+        threshold is bisected until the plan fits)."""
+        return self.selector == "energy" and not self.budgeted
+
+    @property
     def selector(self) -> str:
         """The selector that plans: the one named, else the method's `budget_selector` under a
         MACs or parameter budget with no global rank, else uniform (which also plans latency
