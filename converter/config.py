@@ -125,7 +125,9 @@ class QuantizeConfig(_Strict):
     # "sensitive" stops before the float layers would hold more than this share of the model's
     # conv/linear MACs.
     max_float_share: float = Field(default=0.25, gt=0, le=1)
-    calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
+    # auto: min/max and percentile ranges both calibrated, the file closer to the float one on
+    # held-out training images kept (rankfold.converter.quantization)
+    calibration: Literal["auto", "minmax", "entropy", "percentile"] = "auto"
     samples: int = Field(default=256, ge=1)  # training images the ranges are calibrated on
     # Rescale the channels between factorized stages before calibrating (exact in float).
     equalize: bool = True

@@ -48,6 +48,7 @@ from rankfold.converter.quantization import (
 )
 from rankfold.converter.report import plot_layers, plot_search
 from rankfold.converter.results import (
+    CalibrationPick,
     Capture,
     CompressedModel,
     EvalData,
@@ -340,9 +341,12 @@ class CompressionResult:
         def file(name: str) -> QuantizedFile:
             check = validation.quantized[name]
             agreement = check.agreement
+            pick = check.model.calibration_choice
             return QuantizedFile(
                 path=str(check.model.path),
                 opset=check.opset,
+                calibration=check.model.method,
+                calibration_pick=None if pick is None else CalibrationPick(**asdict(pick)),
                 quantized_nodes=check.model.quantized_nodes,
                 float_nodes=check.model.float_nodes,
                 equalized_edges=check.model.equalized_edges,
@@ -1222,9 +1226,9 @@ def run_compress(
         raise parity_error(validation.parity)
     for check in validation.quantized.values():
         if not check.agreement.passed:
-            raise agreement_error(
-                check.agreement, out / check.model.path.name, config.quantize.calibration
-            )
+            pick = check.model.calibration_choice
+            tried = [check.model.method] if pick is None else list(pick.errors)
+            raise agreement_error(check.agreement, out / check.model.path.name, tried)
     return result
 
 

@@ -5,6 +5,10 @@ calibration images, so every INT8 comparison is like for like. The images go thr
 preprocessing as evaluation (`rankfold.models.batches`: scale to [0, 1], normalise with the
 model's mean/std), clean: the deployed model sees clean images, and the ranges must cover them.
 
+`auto` ranges (the default) are chosen per file the same way: min/max and percentile ranges are
+both calibrated, and the file whose outputs stay closer to the float file's on the held-out
+training images is kept (`rankfold.runtime.quantize.CalibrationChoice`).
+
 `sensitive` in --float-layers is decided per file, after quantizing it
 (`rankfold.runtime.quantize.SensitiveSearch`): the layers that lose most SQNR are kept float
 until top-1 agreement with the float file reaches --min-agreement on the training images after
@@ -49,6 +53,7 @@ LAST_LINEAR = (
     "prediction directly; one small matrix, little time"
 )
 ASKED = "asked for (--float-layers)"
+HELD_OUT = "held-out training images"
 CALIBRATION_BATCH = 32
 
 
@@ -92,20 +97,23 @@ def quantize_export(
     spec: ModelSpec,
     held_out: ImageData | None = None,
 ) -> QuantizedModel:
-    """Write the INT8 copy of one exported file, calibrated on `calibration`; with `sensitive`
-    in the settings' float layers, agreement is measured on `held_out` (training images the
-    ranges were not calibrated on), else, when there are none, on `calibration`."""
+    """Write the INT8 copy of one exported file, calibrated on `calibration`; `auto` ranges are
+    chosen, and with `sensitive` in the settings' float layers agreement is measured, on
+    `held_out` (training images the ranges were not calibrated on), else, when there are none,
+    on `calibration`."""
+    images, label = (
+        (held_out, HELD_OUT)
+        if held_out is not None
+        else (calibration, "calibration images (no other training images)")
+    )
+    needed = settings.calibration == "auto" or SENSITIVE in settings.float_layers
+    judged = list(calibration_inputs(images, spec)) if needed else []
     search = None
     if SENSITIVE in settings.float_layers:
-        images, label = (
-            (held_out, "held-out training images")
-            if held_out is not None
-            else (calibration, "calibration images (no other training images)")
-        )
         search = SensitiveSearch(
             min_agreement=settings.min_agreement,
             max_float_share=settings.max_float_share,
-            images=list(calibration_inputs(images, spec)),
+            images=judged,
             images_label=label,
         )
     return quantize_int8(
@@ -120,6 +128,8 @@ def quantize_export(
         input_stages_only=[name for name, why in float_layers.items() if why == FIRST_CONV]
         if settings.stem_output
         else (),
+        held_out=judged,
+        held_out_label=label,
     )
 
 

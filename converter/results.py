@@ -24,7 +24,7 @@ from rankfold.passes.core import ConfigError
 #    steps, recalibration judged by KL divergence; 9: the refit's segments; 10: whether they ran
 #    by default (`Refit.segments_by_default`); 11: whether the selector was the method's default
 #    (`SelectionReport.by_default`)
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 
 
 class _Section(BaseModel):
@@ -272,11 +272,22 @@ class Sensitive(_Section):
     measured: list[SensitiveLayer]  # most SQNR lost first (empty when none was needed)
 
 
+class CalibrationPick(_Section):
+    """`--quant-calibration auto` on one file: each candidate's output error against the float
+    file (Σ‖y − ŷ‖² / Σ‖y‖² over every output) on `images`; the smallest was kept."""
+
+    errors: dict[str, float]
+    images: str
+    samples: int
+
+
 class QuantizedFile(_Section):
     """One INT8 file, checked against the float file it was quantized from."""
 
     path: str
     opset: int
+    calibration: str  # the method its activation ranges came from
+    calibration_pick: CalibrationPick | None = None  # with --quant-calibration auto
     quantized_nodes: int  # conv/linear nodes running in int8
     float_nodes: dict[str, str]  # ONNX conv/linear node kept float → its layer
     # conv → conv edges (factorized blocks' stages) rescaled before calibration
@@ -314,7 +325,7 @@ class Quantization(_Section):
 
     dtype: Literal["int8"]
     scheme: str = "QDQ; activations uint8 per tensor, weights int8 per output channel"
-    calibration: str  # minmax | entropy | percentile
+    calibration: str  # as asked: auto | minmax | entropy | percentile (each file's: its own)
     calibration_samples: int
     float_layers: dict[str, str]  # layer name or glob → why it stays float
     min_agreement: float  # the stated tolerance on top-1 agreement
@@ -377,7 +388,7 @@ class Report(_Section):
     --eval-data for a classifier, a Python API metric's name, or None when none was computed
     (no evaluation data, or outputs top-1 cannot be read from and no metric given)."""
 
-    schema_version: Literal[11] = SCHEMA_VERSION
+    schema_version: Literal[12] = SCHEMA_VERSION
     model: str
     method: str
     target: dict[str, float] | None

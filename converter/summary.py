@@ -8,7 +8,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from rankfold.converter.results import Report, Sensitive
+from rankfold.converter.results import CalibrationPick, Report, Sensitive
 from rankfold.converter.ui import console
 from rankfold.passes.analysis import ACTIVATION_PRODUCT_NOTE, ATTENTION_PRODUCTS_NOTE
 from rankfold.passes.latency_gate import threads_text
@@ -253,6 +253,17 @@ def summary_lines(report: Report, out: Path) -> list[str]:
     return lines
 
 
+def pick_text(chosen: str, pick: CalibrationPick) -> str:
+    """Which ranges `auto` kept, and every candidate's output error."""
+    others = ", ".join(
+        f"{method} {error:.3%}" for method, error in pick.errors.items() if method != chosen
+    )
+    return (
+        f"{chosen} ranges: output error {pick.errors[chosen]:.3%} of the float outputs' energy "
+        f"against {others} on {pick.samples} {pick.images}"
+    )
+
+
 def quantization_lines(report: Report) -> list[str]:
     """The INT8 files: what stayed float, agreement with the float files, accuracy, and the four
     models' timings."""
@@ -262,9 +273,14 @@ def quantization_lines(report: Report) -> list[str]:
     kept = ", ".join(quant.float_layers) or "none"
     # 7-bit weights: this CPU's int8 kernels saturate, or --quant-reduce-range asked for them.
     bits = "; weights in 7 bits" if quant.compressed.reduce_range else ""
+    ranges = (
+        "ranges chosen per file (auto)"
+        if quant.calibration == "auto"
+        else f"{quant.calibration} ranges"
+    )
     lines = [
-        f"INT8 ({quant.scheme}{bits}; {quant.calibration} ranges on {quant.calibration_samples} "
-        f"training images), kept float: {kept}"
+        f"INT8 ({quant.scheme}{bits}; {ranges} on {quant.calibration_samples} training images), "
+        f"kept float: {kept}"
     ]
     for label, file in (("compressed", quant.compressed), ("original", quant.original)):
         verdict = "ok" if file.passed else "FAILED"
@@ -275,6 +291,8 @@ def quantization_lines(report: Report) -> list[str]:
             f"(logits up to {file.logit_scale:.2g}), accuracy {_percent(file.accuracy)} "
             f"(float {_percent(file.float_accuracy)})"
         )
+        if file.calibration_pick is not None:
+            lines.append(f"INT8 {label}: {pick_text(file.calibration, file.calibration_pick)}")
         if file.sensitive is not None:
             lines.append(f"INT8 {label}: {sensitive_text(file.sensitive)}")
     for row in quant.latency or []:

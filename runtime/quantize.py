@@ -6,6 +6,11 @@ or percentile). Activations are uint8, not onnxruntime's default int8, because i
 fuses only u8 activations × s8 weights into QLinearConv/QLinearAdd on x86: with s8 activations
 most QDQ convs stay float between Quantize/Dequantize pairs and the model runs slower than float.
 
+With `method="auto"` the ranges are calibrated twice, by min/max and by percentile (onnxruntime's
+calibrators), and the file whose outputs differ least from the float model's on held-out images
+is kept: min/max ranges cover outliers at the cost of resolution, percentile ranges clip them,
+and which costs less depends on the model.
+
 Before calibration, every conv → conv edge (a factorized block's stages, with no nonlinearity
 between them) is equalized (`equalize_conv_chains`): each intermediate channel is rescaled, and
 the next stage compensates exactly, so that one per-tensor uint8 range serves all channels.
@@ -45,6 +50,7 @@ import contextlib
 import fnmatch
 import io
 import logging
+import math
 import platform
 import re
 import shutil
@@ -74,6 +80,9 @@ CALIBRATION_METHODS = {
     "entropy": CalibrationMethod.Entropy,
     "percentile": CalibrationMethod.Percentile,
 }
+# `auto` calibrates each of these and keeps the file whose outputs stay closest to the float
+# model's (entropy is left out: furthest from the float model in every cell measured, and slowest).
+AUTO_CALIBRATIONS = ("minmax", "percentile")
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
@@ -134,25 +143,47 @@ class SensitiveChoice:
 
 
 @dataclass
+class CalibrationChoice:
+    """What `method="auto"` measured: each candidate calibration's output error."""
+
+    errors: dict[str, float]  # method → Σ‖y − ŷ‖² / Σ‖y‖² over every output, INT8 vs float
+    images: str  # what the errors were measured on
+    samples: int
+
+    @property
+    def chosen(self) -> str:
+        return min(self.errors, key=self.errors.__getitem__)
+
+
+@dataclass
 class QuantizedModel:
     """What `quantize_int8` wrote."""
 
     path: Path
-    method: str  # calibration method
+    method: str  # calibration method of the written file's ranges
     samples: int  # calibration images
     quantized_nodes: int  # conv/linear nodes now int8
     float_nodes: dict[str, str] = field(default_factory=dict)  # ONNX node → its layer, kept float
     equalized_edges: int = 0  # conv → conv edges rescaled before calibration
     sensitive: SensitiveChoice | None = None  # with a SensitiveSearch
     reduce_range: bool = False  # weights in 7 bits (see the module docstring)
+    calibration_choice: CalibrationChoice | None = None  # with method "auto"
 
 
 class BatchReader(CalibrationDataReader):
-    """Feeds preprocessed float batches to onnxruntime's calibrator and counts the images."""
+    """Feeds preprocessed float batches to onnxruntime's calibrator and counts the images.
+
+    The batches are re-cut to one size, the largest dividing every batch's length: the
+    histogram calibrators (percentile, entropy) stack all batches of a tensor into one array
+    and fail on a short last batch. Ranges do not depend on how the images are batched."""
 
     def __init__(self, input_name: str, batches: Iterable[np.ndarray | torch.Tensor]) -> None:
         self.input_name = input_name
-        self._batches: Iterator[np.ndarray | torch.Tensor] = iter(batches)
+        given = [batch for batch in batches if len(batch)]
+        size = math.gcd(*(len(batch) for batch in given)) or 1
+        self._batches: Iterator[np.ndarray | torch.Tensor] = (
+            batch[start : start + size] for batch in given for start in range(0, len(batch), size)
+        )
         self.samples = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -228,21 +259,26 @@ def quantize_int8(
     sensitive: SensitiveSearch | None = None,
     reduce_range: bool | None = None,
     input_stages_only: Collection[str] = (),
+    held_out: Sequence[np.ndarray | torch.Tensor] = (),
+    held_out_label: str = "held-out images",
 ) -> QuantizedModel:
     """Write a statically quantized copy of `float_path` to `out_path`.
 
-    `calibration` yields preprocessed N×C×H×W float batches (as the model is fed); conv/linear
-    nodes of layers matching `float_layers` (names, globs or parents) stay float, but of the
-    factorized blocks of those also in `input_stages_only` the last stage is quantized; with
-    `equalize` the conv → conv edges are equalized first (`equalize_conv_chains`); with
-    `sensitive` the layers losing most SQNR are kept float too, as the module docstring says;
-    `reduce_range` (7-bit weights) defaults to `int8_dot_saturates()`. Raises DataError when
-    `calibration` (or the search's images) yields nothing, ConfigError for an unknown method or
-    a pattern that matches no layer.
+    `calibration` yields preprocessed N×C×H×W float batches (as the model is fed); `method`
+    "auto" calibrates each of `AUTO_CALIBRATIONS` and keeps the file whose outputs differ least
+    from the float model's on `held_out` (batches like `calibration`'s; without them, on the
+    calibration images); conv/linear nodes of layers matching `float_layers` (names, globs or
+    parents) stay float, but of the factorized blocks of those also in `input_stages_only` the
+    last stage is quantized; with `equalize` the conv → conv edges are equalized first
+    (`equalize_conv_chains`); with `sensitive` the layers losing most SQNR are kept float too,
+    as the module docstring says; `reduce_range` (7-bit weights) defaults to
+    `int8_dot_saturates()`. Raises DataError when `calibration` (or the search's images) yields
+    nothing, ConfigError for an unknown method or a pattern that matches no layer.
     """
-    if method not in CALIBRATION_METHODS:
+    if method != "auto" and method not in CALIBRATION_METHODS:
         raise ConfigError(
-            f"calibration method '{method}' is unknown; use one of {', '.join(CALIBRATION_METHODS)}"
+            f"calibration method '{method}' is unknown; use auto or one of "
+            f"{', '.join(CALIBRATION_METHODS)}"
         )
     source = Path(float_path)
     if not source.is_file():
@@ -273,7 +309,7 @@ def quantize_int8(
     calibration_batches = [first, *batches]
     if reduce_range is None:
         reduce_range = int8_dot_saturates()
-    reader = BatchReader(model.graph.input[0].name, calibration_batches)
+    input_name = model.graph.input[0].name
     pooled = pool_before_relu(model, excluded)
     equalized = equalize_conv_chains(model, calibration_batches) if equalize else 0
     target = Path(out_path)
@@ -284,11 +320,40 @@ def quantize_int8(
             onnx.save(model, str(float_file))
         else:
             shutil.copyfile(source, float_file)
-        ranges = work / "ranges.json"  # calibrated once, reused by every re-quantization
-        if method == "entropy":
-            _entropy_ranges(float_file, reader, ranges, work)
-        quantized = work / "int8.onnx"
-        _quantize(float_file, quantized, reader, method, excluded, ranges, reduce_range)
+        candidates = AUTO_CALIBRATIONS if method == "auto" else (method,)
+        for candidate in candidates:
+            # calibrated once per method, reused by every re-quantization
+            ranges = work / f"ranges.{candidate}.json"
+            reader = BatchReader(input_name, calibration_batches)
+            if candidate == "entropy":
+                _entropy_ranges(float_file, reader, ranges, work)
+            _quantize(
+                float_file,
+                work / f"{candidate}.onnx",
+                reader,
+                candidate,
+                excluded,
+                ranges,
+                reduce_range,
+            )
+        calibration_choice = None
+        if len(candidates) > 1:
+            judged, label = (
+                (held_out, held_out_label)
+                if len(held_out)
+                else (calibration_batches, "calibration images")
+            )
+            calibration_choice = CalibrationChoice(
+                errors={
+                    candidate: output_error(float_file, work / f"{candidate}.onnx", judged)
+                    for candidate in candidates
+                },
+                images=label,
+                samples=sum(len(batch) for batch in judged),
+            )
+            method = calibration_choice.chosen
+        ranges = work / f"ranges.{method}.json"
+        quantized = work / f"{method}.onnx"
         choice = None
         if sensitive is not None:
             choice = _keep_sensitive_float(
@@ -312,6 +377,7 @@ def quantize_int8(
         equalized_edges=equalized,
         sensitive=choice,
         reduce_range=reduce_range,
+        calibration_choice=calibration_choice,
     )
 
 
@@ -587,6 +653,26 @@ def _first_samples(
         taken.append(batch[: n - count])
         count += len(taken[-1])
     return taken
+
+
+def output_error(
+    float_file: Path, quantized: Path, batches: Sequence[np.ndarray | torch.Tensor]
+) -> float:
+    """Σ‖y − ŷ‖² / Σ‖y‖² over every output of the two files on `batches`: how far the INT8
+    outputs (logits, or a dense head's maps) are from the float ones, on any output shape."""
+    sessions = [
+        onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for path in (float_file, quantized)
+    ]
+    name = sessions[0].get_inputs()[0].name
+    error = energy = 0.0
+    for batch in batches:
+        feed = {name: as_input_array(batch)}
+        exact, rounded = (session.run(None, feed) for session in sessions)
+        for y, y_int8 in zip(exact, rounded, strict=True):
+            error += float(np.square(y.astype(np.float64) - y_int8).sum())
+            energy += float(np.square(y.astype(np.float64)).sum())
+    return error / energy if energy else 0.0
 
 
 def _top1(path: Path, batches: Sequence[np.ndarray | torch.Tensor]) -> np.ndarray:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -312,17 +312,17 @@ def check_agreement(
 
 
 def agreement_error(
-    report: AgreementReport, path: str | Path, calibration: str = "minmax"
+    report: AgreementReport, path: str | Path, tried: Collection[str] = ("minmax",)
 ) -> ValidationError:
-    """The one-line error for a quantized model that disagrees with its float model, which was
-    calibrated by `calibration` (the hint names the other methods)."""
+    """The one-line error for a quantized model that disagrees with its float model, whose
+    calibration tried the methods `tried` (the hint names the others)."""
     if report.passed:
         raise ValueError("agreement_error needs a failed AgreementReport; this one passed")
     from rankfold.runtime.quantize import (
         CALIBRATION_METHODS,
     )  # quantize imports onnxruntime's tools
 
-    others = " or ".join(method for method in CALIBRATION_METHODS if method != calibration)
+    others = " or ".join(method for method in CALIBRATION_METHODS if method not in tried)
     return ValidationError(
         f"{Path(path).name} predicts the float model's class on {report.top1_agreement:.1%} of "
         f"{report.samples} inputs, below the tolerance {report.min_agreement:.1%} (max logit "

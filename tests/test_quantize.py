@@ -44,9 +44,11 @@ from rankfold.passes.core import ConfigError, DataError
 from rankfold.runtime import SensitiveSearch, create_session, export_onnx
 from rankfold.runtime import quantize as quantize_module
 from rankfold.runtime.quantize import (
+    AUTO_CALIBRATIONS,
     BatchReader,
     compute_nodes,
     equalize_conv_chains,
+    output_error,
     pool_before_relu,
     quantize_int8,
 )
@@ -136,11 +138,51 @@ def test_entropy_calibration_clips_ranges_minmax_keeps_whole(digits, tmp_path):
     assert max(ratios) <= 1 + 1e-6 and min(ratios) <= 0.8
 
 
+def test_auto_calibration_keeps_the_candidate_closest_to_the_float_outputs(digits, tmp_path):
+    float_file = digits["root"] / "float.onnx"
+    # One stray pixel among ~5·10⁵ input values: min/max ranges stretch to cover it, a 99.999th
+    # percentile clips it; the held-out images have no such pixel. The batches end with short
+    # ones, which onnxruntime's histogram calibrators cannot stack (BatchReader re-cuts them).
+    clean = list(calibration_inputs(digits["train"], DIGITS_SPEC))
+    stray = clean[0][:1].clone()
+    stray[0, 0, 4, 4] = 60.0
+    calibration = [*clean * 6, stray]
+    held_out = list(calibration_inputs(digits["test"], DIGITS_SPEC))
+    files = {}
+    for method in AUTO_CALIBRATIONS:
+        files[method] = tmp_path / f"{method}.onnx"
+        quantize_int8(float_file, files[method], calibration, method=method, float_layers=[])
+    auto = quantize_int8(
+        float_file,
+        tmp_path / "auto.onnx",
+        calibration,
+        method="auto",
+        float_layers=[],
+        held_out=held_out,
+        held_out_label="test images",
+    )
+    pick = auto.calibration_choice
+    assert pick.images == "test images" and pick.samples == len(digits["test"])
+    errors = {method: output_error(float_file, files[method], held_out) for method in files}
+    assert pick.errors == pytest.approx(errors, rel=1e-9)
+    assert 0 < errors["percentile"] < 0.5 * errors["minmax"]
+    assert auto.method == pick.chosen == "percentile"
+    assert (tmp_path / "auto.onnx").read_bytes() == files[auto.method].read_bytes()
+    assert output_error(float_file, float_file, held_out) == 0.0
+    # Without held-out images the choice is made on the calibration images.
+    assert auto.samples == 6 * len(digits["train"]) + 1
+    fallback = quantize_int8(float_file, tmp_path / "a2.onnx", clean[:2], method="auto")
+    assert fallback.calibration_choice.images == "calibration images"
+    assert fallback.calibration_choice.samples == len(clean[0]) + len(clean[1])
+
+
 def test_an_agreement_error_suggests_the_calibrations_not_tried():
     failed = AgreementReport(0.949, 11.0, 30.0, 1017, 0.97)
-    message = str(agreement_error(failed, "/out/original.int8.onnx", "entropy"))
+    message = str(agreement_error(failed, "/out/original.int8.onnx", ["entropy"]))
     assert message.startswith("original.int8.onnx predicts the float model's class on 94.9% of")
     assert "try --quant-calibration minmax or percentile," in message and "\n" not in message
+    after_auto = str(agreement_error(failed, "/out/model.int8.onnx", ["minmax", "percentile"]))
+    assert "try --quant-calibration entropy," in after_auto
 
 
 @pytest.mark.parametrize("reduce_range", [True, False, None])
@@ -486,6 +528,15 @@ def test_cli_writes_checked_int8_files_and_four_way_latency(digits, tmp_path):
         assert sensitive.images == "held-out training images" and sensitive.samples == 128
         assert sensitive.agreement == sensitive.agreement_before >= MIN_AGREEMENT
     assert "INT8 compressed: sensitive layers: no layer needed" in result.output
+    # auto ranges (the default): both candidates measured on the held-out images, the closer kept
+    assert quant.calibration == "auto"
+    for file in (quant.original, quant.compressed):
+        pick = file.calibration_pick
+        assert set(pick.errors) == set(AUTO_CALIBRATIONS) and pick.samples == 128
+        assert pick.images == "held-out training images"
+        assert file.calibration == min(pick.errors, key=pick.errors.__getitem__)
+        assert 0 < pick.errors[file.calibration] < 0.05
+    assert f"INT8 compressed: {quant.compressed.calibration} ranges: output error" in result.output
     for file, name in (
         (quant.original, "original.int8.onnx"),
         (quant.compressed, "model.int8.onnx"),
@@ -543,7 +594,8 @@ def test_cli_writes_checked_int8_files_and_four_way_latency(digits, tmp_path):
     assert not failed.passed and failed.compressed.top1_agreement < 1.0
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 1 and len(lines) == 1 and "below the tolerance" in lines[0]
-    assert failed.calibration == "percentile" and failed.float_layers == {}
+    assert failed.calibration == failed.compressed.calibration == "percentile"
+    assert failed.compressed.calibration_pick is None and failed.float_layers == {}
     assert failed.compressed.sensitive is None  # 'none': no search either
     assert (strict / "model.int8.onnx").is_file()
 
@@ -704,6 +756,7 @@ def test_summary_warns_when_int8_is_not_faster_than_float():
     file = {
         "path": "model.int8.onnx",
         "opset": 17,
+        "calibration": "minmax",
         "quantized_nodes": 3,
         "float_nodes": {},
         "top1_agreement": 1.0,
