@@ -23,7 +23,8 @@ from rankfold.passes.core import ConfigError
 #    kept float by measured sensitivity (`QuantizedFile.sensitive`); 8: the refit's refinement
 #    steps, recalibration judged by KL divergence; 9: the refit's segments; 10: whether they ran
 #    by default (`Refit.segments_by_default`); 11: whether the selector was the method's default
-#    (`SelectionReport.by_default`)
+#    (`SelectionReport.by_default`); 12: each INT8 file's calibration, and what `auto` measured
+#    (`QuantizedFile.calibration_pick`)
 SCHEMA_VERSION = 12
 
 
