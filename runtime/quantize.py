@@ -89,6 +89,9 @@ SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
 # Calibration images the sensitivity is measured on (every activation of both models is held).
 SENSITIVITY_SAMPLES = 64
+# Images per calibration pass: onnxruntime's calibrators hold all activations of a pass, about
+# 0.1 GB per image for a 224² ResNet-50.
+CALIBRATION_PIECE = 16
 
 
 @dataclass(frozen=True)
@@ -173,26 +176,36 @@ class QuantizedModel:
 
 
 class BatchReader(CalibrationDataReader):
-    """Feeds preprocessed float batches to onnxruntime's calibrator and counts the images.
+    """Feeds preprocessed float batches to onnxruntime's calibrator in pieces of at most
+    `CALIBRATION_PIECE` images, and counts the images.
 
-    The batches are re-cut to one size, the largest dividing every batch's length: the
-    histogram calibrators (percentile, entropy) stack all batches of a tensor into one array
-    and fail on a short last batch. Ranges do not depend on how the images are batched."""
+    With `len` and `set_range` it is a strided reader: `quantize_static` (option
+    CalibStridedMinMax, for every method) and `_entropy_ranges` calibrate one piece per pass.
+    onnxruntime's calibrators hold every activation of a pass until they reduce it, so memory
+    stays at one piece's activations whatever the number of images; and the histogram
+    calibrators, which stack a pass's arrays into one, never see two sizes."""
 
     def __init__(self, input_name: str, batches: Iterable[np.ndarray | torch.Tensor]) -> None:
         self.input_name = input_name
-        given = [batch for batch in batches if len(batch)]
-        size = math.gcd(*(len(batch) for batch in given)) or 1
-        self._batches: Iterator[np.ndarray | torch.Tensor] = (
-            batch[start : start + size] for batch in given for start in range(0, len(batch), size)
-        )
+        self._pieces = [
+            batch[start : start + CALIBRATION_PIECE]
+            for batch in batches
+            for start in range(0, len(batch), CALIBRATION_PIECE)
+        ]
+        self._next, self._end = 0, len(self._pieces)
         self.samples = 0
 
+    def __len__(self) -> int:
+        return len(self._pieces)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._next, self._end = start_index, min(end_index, len(self._pieces))
+
     def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = next(self._batches, None)
-        if batch is None:
+        if self._next >= self._end:
             return None
-        array = as_input_array(batch)
+        array = as_input_array(self._pieces[self._next])
+        self._next += 1
         self.samples += len(array)
         return {self.input_name: array}
 
@@ -410,6 +423,7 @@ def _quantize(
             calibrate_method=CALIBRATION_METHODS[method],
             nodes_to_exclude=sorted(excluded),
             calibration_cache_path=ranges,
+            extra_options={"CalibStridedMinMax": 1},  # one BatchReader piece per pass
         )
 
 
@@ -431,7 +445,9 @@ def _entropy_ranges(float_file: Path, reader: BatchReader, ranges: Path, work: P
             calibrate_method=CalibrationMethod.Entropy,
             extra_options={"num_bins": ENTROPY_BINS, "num_quantized_bins": ENTROPY_LEVELS},
         )
-        calibrator.collect_data(reader)
+        for piece in range(len(reader)):
+            reader.set_range(piece, piece + 1)
+            calibrator.collect_data(reader)
         save_tensors_data(calibrator.compute_data(), ranges)
 
 
@@ -576,23 +592,48 @@ def layer_sensitivity(
     model the tensors around its Quantize/Dequantize pairs). A layer's input is its first node's,
     its output its last node's, or the following ReLU's when onnxruntime folded that ReLU into
     the quantized range (the conv's own output is then not kept). Layers whose tensors are not
-    quantized on both sides are left out."""
+    quantized on both sides are left out.
+
+    The images go through `CALIBRATION_PIECE` at a time and each tensor's SQNR is summed over
+    the pieces (10·log10 Σ‖x‖² / Σ‖x − x̂‖², the same number as qdq_loss_debug's
+    compute_activation_error over all images at once): collect_activations holds every saved
+    tensor of what it is given, both models' at 224² far more than the images."""
+    signal: dict[str, float] = {}
+    noise: dict[str, float] = {}
+    pieces = [
+        batch[start : start + CALIBRATION_PIECE]
+        for batch in batches
+        for start in range(0, len(batch), CALIBRATION_PIECE)
+    ]
     with tempfile.TemporaryDirectory(prefix="rankfold-sqnr-") as folder:
         work = Path(folder)
-        saved = {}
+        augmented = {}
         for name, path, ops in (
             ("float", float_file, [*COMPUTE_OPS, "Relu"]),
             ("int8", quantized, ["QuantizeLinear", "DequantizeLinear"]),
         ):
-            augmented = work / f"{name}.onnx"
-            qdq_debug.modify_model_output_intermediate_tensors(path, augmented, ops)
-            saved[name] = qdq_debug.collect_activations(
-                str(augmented), _Feed(model.graph.input[0].name, batches)
-            )
-    matched = qdq_debug.create_activation_matching(saved["int8"], saved["float"])
-    errors = qdq_debug.compute_activation_error(
-        {name: pair for name, pair in matched.items() if "float" in pair}
-    )
+            augmented[name] = work / f"{name}.onnx"
+            qdq_debug.modify_model_output_intermediate_tensors(path, augmented[name], ops)
+        for piece in pieces:
+            saved = {
+                name: qdq_debug.collect_activations(
+                    str(path), _Feed(model.graph.input[0].name, [piece])
+                )
+                for name, path in augmented.items()
+            }
+            matched = qdq_debug.create_activation_matching(saved["int8"], saved["float"])
+            for name, pair in matched.items():
+                if "float" not in pair:
+                    continue
+                exact = np.concatenate(pair["float"]).astype(np.float64)
+                rounded = np.concatenate(pair["post_qdq"]).astype(np.float64)
+                signal[name] = signal.get(name, 0.0) + float(np.square(exact).sum())
+                noise[name] = noise.get(name, 0.0) + float(np.square(exact - rounded).sum())
+    tiny = float(np.finfo(float).eps) ** 2  # onnxruntime floors both norms at eps
+    errors = {
+        name: {"xmodel_err": 10 * math.log10(max(signal[name], tiny) / max(noise[name], tiny))}
+        for name in signal
+    }
     by_name = {node.name: node for node in model.graph.node}
     consumers = _consumers(model.graph)
     rows = []

@@ -45,6 +45,7 @@ from rankfold.runtime import SensitiveSearch, create_session, export_onnx
 from rankfold.runtime import quantize as quantize_module
 from rankfold.runtime.quantize import (
     AUTO_CALIBRATIONS,
+    CALIBRATION_METHODS,
     BatchReader,
     compute_nodes,
     equalize_conv_chains,
@@ -200,6 +201,31 @@ def test_output_distance_counts_what_moves_the_predictions(tmp_path):
     assert output_distance(*paths, inputs) == pytest.approx(expected, rel=1e-5)
     assert output_distance(paths[0], paths[0], inputs, logits=True) == 0.0
     assert output_distance(paths[0], paths[0], inputs) == 0.0
+
+
+def test_calibration_reads_one_bounded_piece_per_pass(digits, tmp_path, monkeypatch):
+    reader = BatchReader("input", [torch.zeros(40, 1, 8, 8), torch.zeros(7, 1, 8, 8)])
+    assert len(reader) == 4  # pieces of 16, 16, 8 and 7 images
+    reader.set_range(1, 3)
+    assert [len(reader.get_next()["input"]) for _ in range(2)] == [16, 8]
+    assert reader.get_next() is None and reader.samples == 24
+    # Every calibrator takes the pieces one pass at a time (onnxruntime's strided calibration),
+    # so it holds one piece's activations whatever the number of images.
+    passes = []
+    set_range = BatchReader.set_range
+
+    def counted(self, start_index: int, end_index: int) -> None:
+        passes.append(end_index - start_index)
+        set_range(self, start_index, end_index)
+
+    monkeypatch.setattr(BatchReader, "set_range", counted)
+    calibration = list(calibration_inputs(digits["train"].subset(100), DIGITS_SPEC))
+    for method in CALIBRATION_METHODS:
+        passes.clear()
+        result = quantize_int8(
+            digits["root"] / "float.onnx", tmp_path / f"{method}.onnx", calibration, method=method
+        )
+        assert result.samples == 100 and passes == [1] * 7, method  # 32, 32, 32, 4 → 16s and 4
 
 
 def test_an_agreement_error_suggests_the_calibrations_not_tried():
@@ -612,7 +638,7 @@ def test_cli_writes_checked_int8_files_and_four_way_latency(digits, tmp_path):
         [str(a) for a in [
             "compress", "digits-cnn", "--weights", root / "digits.pt", "--rank", "8",
             "--train-data", root / "train.npz", "--eval-data", root / "test.npz",
-            "--quantize", "int8", "--float-layers", "none", "--quant-calibration", "percentile",
+            "--quantize", "int8", "--float-layers", "none", "--quant-calibration", "entropy",
             "--min-agreement", "1.0", "--no-latency", "--out", strict,
         ]],
     )  # fmt: skip
@@ -620,7 +646,7 @@ def test_cli_writes_checked_int8_files_and_four_way_latency(digits, tmp_path):
     assert not failed.passed and failed.compressed.top1_agreement < 1.0
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 1 and len(lines) == 1 and "below the tolerance" in lines[0]
-    assert failed.calibration == failed.compressed.calibration == "percentile"
+    assert failed.calibration == failed.compressed.calibration == "entropy"
     assert failed.compressed.calibration_pick is None and failed.float_layers == {}
     assert failed.compressed.sensitive is None  # 'none': no search either
     assert (strict / "model.int8.onnx").is_file()
