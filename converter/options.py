@@ -453,8 +453,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "quantize.calibration",
         "INT8 activation ranges: auto, minmax, entropy or percentile (auto: min/max and "
-        "percentile both calibrated, the file whose predictions stay closer to the float "
-        "model's on held-out training images kept).",
+        "percentile both calibrated, the file whose outputs stay closer to the float model's "
+        "on held-out training images kept).",
         DEPLOYMENT,
         flag="--quant-calibration",
     ),

@@ -244,7 +244,6 @@ class CompressionResult:
                         self.calibration,
                         self.spec,
                         self.held_out,
-                        logits=self.outputs is None or self.outputs.is_logits,
                     )
                     advance()
         return artifacts

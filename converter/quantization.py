@@ -6,9 +6,8 @@ preprocessing as evaluation (`rankfold.models.batches`: scale to [0, 1], normali
 model's mean/std), clean: the deployed model sees clean images, and the ranges must cover them.
 
 `auto` ranges (the default) are chosen per file on the same images: min/max and percentile ranges
-are both calibrated, and the file closer to the float file there is kept, by the recalibration
-check's criteria (KL divergence of the predicted distributions for a classifier, else relative
-output error; `rankfold.runtime.quantize.output_distance`).
+are both calibrated, and the file whose outputs are closer to the float file's there is kept
+(relative squared error of all outputs, `rankfold.runtime.quantize.output_error`).
 
 `sensitive` in --float-layers is decided per file, after quantizing it
 (`rankfold.runtime.quantize.SensitiveSearch`): the layers that lose most SQNR are kept float
@@ -97,13 +96,11 @@ def quantize_export(
     calibration: ImageData,
     spec: ModelSpec,
     held_out: ImageData | None = None,
-    logits: bool = True,
 ) -> QuantizedModel:
     """Write the INT8 copy of one exported file, calibrated on `calibration`; `auto` ranges are
     chosen, and with `sensitive` in the settings' float layers agreement is measured, on
     `held_out` (training images the ranges were not calibrated on), else, when there are none,
-    on `calibration`; `auto` compares the candidates by KL divergence where the model returns
-    `logits`, else by relative output error."""
+    on `calibration`."""
     images, label = (
         (held_out, HELD_OUT)
         if held_out is not None
@@ -133,7 +130,6 @@ def quantize_export(
         else (),
         held_out=judged,
         held_out_label=label,
-        logits=logits,
     )
 
 

@@ -274,12 +274,10 @@ class Sensitive(_Section):
 
 
 class CalibrationPick(_Section):
-    """`--quant-calibration auto` on one file: each candidate's distance from the float file on
-    `images` (mean KL divergence of the predicted distributions for a classifier, else
-    Σ‖y − ŷ‖² / Σ‖y‖² over every output); the smallest was kept."""
+    """`--quant-calibration auto` on one file: each candidate's output error against the float
+    file (Σ‖y − ŷ‖² / Σ‖y‖² over every output) on `images`; the smallest was kept."""
 
     errors: dict[str, float]
-    criterion: Literal["divergence", "output error"]
     images: str
     samples: int
 

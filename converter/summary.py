@@ -254,18 +254,13 @@ def summary_lines(report: Report, out: Path) -> list[str]:
 
 
 def pick_text(chosen: str, pick: CalibrationPick) -> str:
-    """Which ranges `auto` kept, and every candidate's distance from the float file."""
-    measure = (
-        "KL divergence from the float model's predictions"
-        if pick.criterion == "divergence"
-        else "output error, relative to the float outputs' energy,"
-    )
+    """Which ranges `auto` kept, and every candidate's output error."""
     others = ", ".join(
-        f"{method} {error:.2e}" for method, error in pick.errors.items() if method != chosen
+        f"{method} {error:.3%}" for method, error in pick.errors.items() if method != chosen
     )
     return (
-        f"{chosen} ranges: {measure} {pick.errors[chosen]:.2e} against {others} on "
-        f"{pick.samples} {pick.images}"
+        f"{chosen} ranges: output error {pick.errors[chosen]:.3%} of the float outputs' energy "
+        f"against {others} on {pick.samples} {pick.images}"
     )
 
 

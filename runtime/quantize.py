@@ -7,9 +7,9 @@ fuses only u8 activations × s8 weights into QLinearConv/QLinearAdd on x86: with
 most QDQ convs stay float between Quantize/Dequantize pairs and the model runs slower than float.
 
 With `method="auto"` the ranges are calibrated twice, by min/max and by percentile (onnxruntime's
-calibrators), and the file whose outputs are closest to the float model's on held-out images is
-kept (by KL divergence for a classifier's logits): min/max ranges cover outliers at the cost of
-resolution, percentile ranges clip them, and which costs less depends on the model.
+calibrators), and the file whose outputs are closest to the float model's on held-out images
+(`output_error`) is kept: min/max ranges cover outliers at the cost of resolution, percentile
+ranges clip them, and which costs less depends on the model.
 
 Before calibration, every conv → conv edge (a factorized block's stages, with no nonlinearity
 between them) is equalized (`equalize_conv_chains`): each intermediate channel is rescaled, and
@@ -147,12 +147,10 @@ class SensitiveChoice:
 
 @dataclass
 class CalibrationChoice:
-    """What `method="auto"` measured: each candidate calibration's distance from the float
-    model's outputs (`output_distance`)."""
+    """What `method="auto"` measured: each candidate calibration's `output_error`."""
 
-    errors: dict[str, float]  # method → its distance
-    criterion: str  # "divergence" (logits) | "output error"
-    images: str  # what the distances were measured on
+    errors: dict[str, float]  # method → its output error
+    images: str  # what the errors were measured on
     samples: int
 
     @property
@@ -276,19 +274,17 @@ def quantize_int8(
     input_stages_only: Collection[str] = (),
     held_out: Sequence[np.ndarray | torch.Tensor] = (),
     held_out_label: str = "held-out images",
-    logits: bool = False,
 ) -> QuantizedModel:
     """Write a statically quantized copy of `float_path` to `out_path`.
 
     `calibration` yields preprocessed N×C×H×W float batches (as the model is fed); `method`
     "auto" calibrates each of `AUTO_CALIBRATIONS` and keeps the file whose outputs are closest
     to the float model's on `held_out` (batches like `calibration`'s; without them, on the
-    calibration images), by `output_distance` (KL divergence where the model's one output is
-    `logits`); conv/linear nodes of layers matching `float_layers` (names, globs or
-    parents) stay float, but of the factorized blocks of those also in `input_stages_only` the
-    last stage is quantized; with `equalize` the conv → conv edges are equalized first
-    (`equalize_conv_chains`); with `sensitive` the layers losing most SQNR are kept float too,
-    as the module docstring says; `reduce_range` (7-bit weights) defaults to
+    calibration images) by `output_error`; conv/linear nodes of layers matching `float_layers`
+    (names, globs or parents) stay float, but of the factorized blocks of those also in
+    `input_stages_only` the last stage is quantized; with `equalize` the conv → conv edges are
+    equalized first (`equalize_conv_chains`); with `sensitive` the layers losing most SQNR are
+    kept float too, as the module docstring says; `reduce_range` (7-bit weights) defaults to
     `int8_dot_saturates()`. Raises DataError when `calibration` (or the search's images) yields
     nothing, ConfigError for an unknown method or a pattern that matches no layer.
     """
@@ -362,12 +358,9 @@ def quantize_int8(
             )
             calibration_choice = CalibrationChoice(
                 errors={
-                    candidate: output_distance(
-                        float_file, work / f"{candidate}.onnx", judged, logits
-                    )
+                    candidate: output_error(float_file, work / f"{candidate}.onnx", judged)
                     for candidate in candidates
                 },
-                criterion="divergence" if logits else "output error",
                 images=label,
                 samples=sum(len(batch) for batch in judged),
             )
@@ -703,43 +696,26 @@ def _first_samples(
     return taken
 
 
-def output_distance(
-    float_file: Path,
-    quantized: Path,
-    batches: Sequence[np.ndarray | torch.Tensor],
-    logits: bool = False,
+def output_error(
+    float_file: Path, quantized: Path, batches: Sequence[np.ndarray | torch.Tensor]
 ) -> float:
-    """How far the INT8 file's outputs are from the float file's on `batches`: with `logits`
-    (one N×classes output) the mean KL divergence of its predicted distribution from the float
-    one, which moves with the predictions only (a shift common to all logits costs nothing);
-    else Σ‖y − ŷ‖² / Σ‖y‖² over every output, for any output shape. The same criteria as the
-    pipeline's recalibration check."""
+    """Σ‖y − ŷ‖² / Σ‖y‖² over every output of the two files on `batches`: how far the INT8
+    outputs (logits, or a dense head's maps) are from the float ones, for any output shape. A
+    sum of squares over all images, so that no single image near a decision boundary decides
+    it (as one flipped prediction among a few hundred would a KL divergence or an agreement)."""
     sessions = [
         onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         for path in (float_file, quantized)
     ]
     name = sessions[0].get_inputs()[0].name
     error = energy = 0.0
-    samples = 0
     for batch in batches:
         feed = {name: as_input_array(batch)}
         exact, rounded = (session.run(None, feed) for session in sessions)
-        samples += len(exact[0])
-        if logits:
-            expected, actual = (_log_softmax(out[0].astype(np.float64)) for out in (exact, rounded))
-            error += float((np.exp(expected) * (expected - actual)).sum())
-            continue
         for y, y_int8 in zip(exact, rounded, strict=True):
             error += float(np.square(y.astype(np.float64) - y_int8).sum())
             energy += float(np.square(y.astype(np.float64)).sum())
-    if logits:
-        return error / samples if samples else 0.0
     return error / energy if energy else 0.0
-
-
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    shifted = z - z.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
 def _top1(path: Path, batches: Sequence[np.ndarray | torch.Tensor]) -> np.ndarray:

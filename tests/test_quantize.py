@@ -49,7 +49,7 @@ from rankfold.runtime.quantize import (
     BatchReader,
     compute_nodes,
     equalize_conv_chains,
-    output_distance,
+    output_error,
     pool_before_relu,
     quantize_int8,
 )
@@ -161,46 +161,36 @@ def test_auto_calibration_keeps_the_candidate_closest_to_the_float_outputs(digit
         float_layers=[],
         held_out=held_out,
         held_out_label="test images",
-        logits=True,
     )
     pick = auto.calibration_choice
     assert pick.images == "test images" and pick.samples == len(digits["test"])
-    assert pick.criterion == "divergence"
-    errors = {
-        method: output_distance(float_file, files[method], held_out, logits=True)
-        for method in files
-    }
+    errors = {method: output_error(float_file, files[method], held_out) for method in files}
     assert pick.errors == pytest.approx(errors, rel=1e-9)
     assert 0 < errors["percentile"] < 0.5 * errors["minmax"]
     assert auto.method == pick.chosen == "percentile"
     assert (tmp_path / "auto.onnx").read_bytes() == files[auto.method].read_bytes()
     assert auto.samples == 6 * len(digits["train"]) + 1
-    # Without held-out images the choice is made on the calibration images; without logits, by
-    # the relative output error.
+    # Without held-out images the choice is made on the calibration images.
     fallback = quantize_int8(float_file, tmp_path / "a2.onnx", clean[:2], method="auto")
     assert fallback.calibration_choice.images == "calibration images"
     assert fallback.calibration_choice.samples == len(clean[0]) + len(clean[1])
-    assert fallback.calibration_choice.criterion == "output error"
 
 
-def test_output_distance_counts_what_moves_the_predictions(tmp_path):
+def test_output_error_is_the_relative_squared_error_of_every_output(tmp_path):
     linear = nn.Linear(6, 4)
     shifted = nn.Linear(6, 4)
     shifted.load_state_dict(linear.state_dict())
     with torch.no_grad():
-        shifted.bias += 3.0  # every logit moves by 3: the same softmax
+        shifted.bias += 3.0
     paths = [tmp_path / "a.onnx", tmp_path / "b.onnx"]
     for module, path in zip((linear, shifted), paths):
         export_onnx(module, torch.zeros(1, 6), path)
     x = torch.randn(40, 6, generator=torch.Generator().manual_seed(0))
-    inputs = list(x.split(16))
-    assert output_distance(*paths, inputs, logits=True) == pytest.approx(0.0, abs=1e-12)
     with torch.no_grad():
         y = linear(x).double()
     expected = float((3.0**2 * y.numel()) / y.square().sum())
-    assert output_distance(*paths, inputs) == pytest.approx(expected, rel=1e-5)
-    assert output_distance(paths[0], paths[0], inputs, logits=True) == 0.0
-    assert output_distance(paths[0], paths[0], inputs) == 0.0
+    assert output_error(*paths, list(x.split(16))) == pytest.approx(expected, rel=1e-5)
+    assert output_error(paths[0], paths[0], list(x.split(16))) == 0.0
 
 
 def test_calibration_reads_one_bounded_piece_per_pass(digits, tmp_path, monkeypatch):
@@ -587,8 +577,8 @@ def test_cli_writes_checked_int8_files_and_four_way_latency(digits, tmp_path):
         assert set(pick.errors) == set(AUTO_CALIBRATIONS) and pick.samples == 128
         assert pick.images == "held-out training images"
         assert file.calibration == min(pick.errors, key=pick.errors.__getitem__)
-        assert pick.criterion == "divergence" and 0 < pick.errors[file.calibration] < 0.05
-    assert f"INT8 compressed: {quant.compressed.calibration} ranges: KL divergence" in result.output
+        assert 0 < pick.errors[file.calibration] < 0.05
+    assert f"INT8 compressed: {quant.compressed.calibration} ranges: output error" in result.output
     for file, name in (
         (quant.original, "original.int8.onnx"),
         (quant.compressed, "model.int8.onnx"),
