@@ -87,7 +87,7 @@ COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
 
-# Calibration images the sensitivity is measured on (every activation of both models is held).
+# Calibration images the sensitivity is measured on.
 SENSITIVITY_SAMPLES = 64
 # Images per calibration pass: onnxruntime's calibrators hold all activations of a pass, about
 # 0.1 GB per image for a 224² ResNet-50.
@@ -173,6 +173,15 @@ class QuantizedModel:
     calibration_choice: CalibrationChoice | None = None  # with method "auto"
 
 
+def _in_pieces(batches: Iterable[np.ndarray | torch.Tensor]) -> list[np.ndarray | torch.Tensor]:
+    """The batches cut into pieces of at most `CALIBRATION_PIECE` images, in order."""
+    return [
+        batch[start : start + CALIBRATION_PIECE]
+        for batch in batches
+        for start in range(0, len(batch), CALIBRATION_PIECE)
+    ]
+
+
 class BatchReader(CalibrationDataReader):
     """Feeds preprocessed float batches to onnxruntime's calibrator in pieces of at most
     `CALIBRATION_PIECE` images, and counts the images.
@@ -185,11 +194,7 @@ class BatchReader(CalibrationDataReader):
 
     def __init__(self, input_name: str, batches: Iterable[np.ndarray | torch.Tensor]) -> None:
         self.input_name = input_name
-        self._pieces = [
-            batch[start : start + CALIBRATION_PIECE]
-            for batch in batches
-            for start in range(0, len(batch), CALIBRATION_PIECE)
-        ]
+        self._pieces = _in_pieces(batches)
         self._next, self._end = 0, len(self._pieces)
         self.samples = 0
 
@@ -593,11 +598,6 @@ def layer_sensitivity(
     tensor of what it is given, both models' at 224² far more than the images."""
     signal: dict[str, float] = {}
     noise: dict[str, float] = {}
-    pieces = [
-        batch[start : start + CALIBRATION_PIECE]
-        for batch in batches
-        for start in range(0, len(batch), CALIBRATION_PIECE)
-    ]
     with tempfile.TemporaryDirectory(prefix="rankfold-sqnr-") as folder:
         work = Path(folder)
         augmented = {}
@@ -607,7 +607,7 @@ def layer_sensitivity(
         ):
             augmented[name] = work / f"{name}.onnx"
             qdq_debug.modify_model_output_intermediate_tensors(path, augmented[name], ops)
-        for piece in pieces:
+        for piece in _in_pieces(batches):
             saved = {
                 name: qdq_debug.collect_activations(
                     str(path), _Feed(model.graph.input[0].name, [piece])
