@@ -205,6 +205,10 @@ class CompressConfig(_Strict):
     # tucker2-cp), else 0.
     refit_segment_steps: int | None = Field(default=None, ge=0)
     recalibrate: bool = True
+    # Training images BatchNorm is re-estimated on: the first ones (an ImageFolder's cover every
+    # class), enough for the statistics and minutes, not hours, on an ImageNet-size folder; more
+    # than CIFAR's 5,085-image sets.
+    recalibrate_samples: int = Field(default=8192, ge=1)
     statistics: StatisticsConfig = Field(default_factory=StatisticsConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     resume: bool = False
@@ -272,6 +276,17 @@ class CompressConfig(_Strict):
                 raise ConfigError(
                     f"{flag} ({key}) is read by the refit, which needs {why}; add it or drop {flag}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _recalibration_samples_need_it(self) -> CompressConfig:
+        default = type(self).model_fields["recalibrate_samples"].default
+        if self.recalibrate_samples != default and not (self.recalibrate and self.train_data):
+            why = "--recalibrate" if self.train_data else "--train-data"
+            raise ConfigError(
+                "--recalibrate-samples is read by BatchNorm recalibration, which needs "
+                f"{why}; add it or drop --recalibrate-samples"
+            )
         return self
 
     @model_validator(mode="after")

@@ -313,6 +313,12 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("recalibrate", "Recalibrate BatchNorm (bias correction without BN).", RECOVERY, bool),
     Option(
+        "recalibrate_samples",
+        "Training images BatchNorm is recalibrated on, the first ones (8192).",
+        RECOVERY,
+        int,
+    ),
+    Option(
         "finetune.epochs",
         "Fine-tuning epochs after decomposition (0: none).",
         RECOVERY,

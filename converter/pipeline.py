@@ -11,13 +11,15 @@ is what the CLI calls.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -1087,6 +1089,16 @@ def refit(result: CompressionResult, train: ImageData) -> None:
     )
 
 
+Item = TypeVar("Item")
+
+
+def _advancing(items: Iterable[Item], advance: Callable[[], None]) -> Iterator[Item]:
+    """`items`, calling `advance` after each one is consumed."""
+    for item in items:
+        yield item
+        advance()
+
+
 # Training images that judge recalibration after a refit: their labels are read by neither step,
 # and the choice never looks at the evaluation data.
 JUDGING_IMAGES = 1024
@@ -1114,8 +1126,10 @@ def recover(result: CompressionResult, train: ImageData, workdir: Path) -> None:
             refitted_score = _judge(result, judge, logits)
         if has_batchnorm(result.compressed):
             # The original statistics came from augmented images (see training_batches).
-            inputs = training_batches(train, spec, 256, config.finetune.augment, config.seed)
-            recalibrate_bn(result.compressed, inputs)
+            images = train.subset(config.recalibrate_samples)
+            inputs = training_batches(images, spec, 256, config.finetune.augment, config.seed)
+            with progress_bar("recalibrate BatchNorm", total=math.ceil(len(images) / 256)) as step:
+                recalibrate_bn(result.compressed, _advancing(inputs, step))
             result.recalibration = "batchnorm"
         else:
             # Clean: bias correction matches the compressed model's channel means to the

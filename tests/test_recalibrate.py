@@ -240,3 +240,39 @@ def test_resnet20_statistics_need_the_training_augmentation(data_dir) -> None:
     recalibrate_bn(augmented, training_batches(train, spec, 256))
     assert torch_accuracy(clean, batches(test, spec)) < original - 0.015
     assert torch_accuracy(augmented, batches(test, spec)) == pytest.approx(original, abs=0.005)
+
+
+def test_compress_recalibrates_on_the_first_recalibrate_samples_images(tmp_path, monkeypatch):
+    import numpy as np
+
+    from rankfold.converter import build_config, compress, pipeline
+    from rankfold.models import load_model, train_digits_cnn
+    from rankfold.models.digits import digits_splits
+
+    train, _ = digits_splits()
+    np.savez(tmp_path / "train.npz", x=train.x[:300], y=train.y[:300])
+    trained = train_digits_cnn(epochs=1)
+    _, spec = load_model("digits-cnn")
+    seen = []
+    real_recalibrate = pipeline.recalibrate_bn
+
+    def counting(model, inputs):
+        return real_recalibrate(model, (seen.append(len(x)) or x for x in inputs))
+
+    monkeypatch.setattr(pipeline, "recalibrate_bn", counting)
+    for samples, expected in ((100, 100), (None, 300)):  # None: the default, 8192 > 300
+        settings = {
+            "model": "digits-cnn",
+            "ranks": {"method": "tucker2", "macs_reduction": 2},
+            "train_data": str(tmp_path / "train.npz"),
+            "refit": False,
+            "latency": {"enabled": False},
+            "search": {"cache_dir": str(tmp_path / "cache")},
+        }
+        if samples is not None:
+            settings["recalibrate_samples"] = samples
+        seen.clear()
+        result = compress(
+            copy.deepcopy(trained), torch.zeros(1, *spec.input_shape), build_config(settings), spec
+        )
+        assert result.recalibration == "batchnorm" and sum(seen) == expected
