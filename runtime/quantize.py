@@ -361,11 +361,11 @@ def quantize_int8(
                 if len(held_out)
                 else (calibration_batches, "calibration images")
             )
+            errors = output_errors(
+                float_file, [work / f"{candidate}.onnx" for candidate in candidates], judged
+            )
             calibration_choice = CalibrationChoice(
-                errors={
-                    candidate: output_error(float_file, work / f"{candidate}.onnx", judged)
-                    for candidate in candidates
-                },
+                errors=dict(zip(candidates, errors, strict=True)),
                 images=label,
                 samples=sum(len(batch) for batch in judged),
             )
@@ -703,19 +703,30 @@ def output_error(
     outputs (logits, or a dense head's maps) are from the float ones, for any output shape. A
     sum of squares over all images, so that no single image near a decision boundary decides
     it (as one flipped prediction among a few hundred would a KL divergence or an agreement)."""
-    sessions = [
+    return output_errors(float_file, [quantized], batches)[0]
+
+
+def output_errors(
+    float_file: Path, quantized: Sequence[Path], batches: Sequence[np.ndarray | torch.Tensor]
+) -> list[float]:
+    """`output_error` of each of `quantized`, the float file run once per batch for all."""
+    reference, *candidates = (
         onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        for path in (float_file, quantized)
-    ]
-    name = sessions[0].get_inputs()[0].name
-    error = energy = 0.0
+        for path in (float_file, *quantized)
+    )
+    name = reference.get_inputs()[0].name
+    errors = [0.0] * len(candidates)
+    energy = 0.0
     for batch in batches:
         feed = {name: as_input_array(batch)}
-        exact, rounded = (session.run(None, feed) for session in sessions)
-        for y, y_int8 in zip(exact, rounded, strict=True):
-            error += float(np.square(y.astype(np.float64) - y_int8).sum())
-            energy += float(np.square(y.astype(np.float64)).sum())
-    return error / energy if energy else 0.0
+        exact = [y.astype(np.float64) for y in reference.run(None, feed)]
+        energy += sum(float(np.square(y).sum()) for y in exact)
+        for index, session in enumerate(candidates):
+            rounded = session.run(None, feed)
+            errors[index] += sum(
+                float(np.square(y - y_int8).sum()) for y, y_int8 in zip(exact, rounded, strict=True)
+            )
+    return [error / energy if energy else 0.0 for error in errors]
 
 
 def _top1(path: Path, batches: Sequence[np.ndarray | torch.Tensor]) -> np.ndarray:
