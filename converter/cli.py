@@ -273,6 +273,8 @@ def compress(
     from rankfold.converter.summary import print_summary
 
     result = run_compress(settings, out)
+    if result.report is None:
+        return  # a torchrun rank other than 0: that rank reports
     print_summary(result.report, out)
     latency = result.report.latency
     if settings.latency.fail_if_slower and latency is not None and latency.slower:

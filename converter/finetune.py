@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
+from rankfold.converter.distributed import init_distributed
 from rankfold.converter.strict import config_error
 from rankfold.converter.ui import console, progress_bar
 from rankfold.models import ImageData, ModelSpec, normalize
@@ -223,7 +224,7 @@ def finetune(
     saved_flags = [(p, p.requires_grad) for p in student.parameters()]
     # Both models train on `device` and go back where the caller had them.
     homes = [(module, _device_of(module)) for module in (student, teacher) if module is not None]
-    rank, world, created_group = _init_distributed(device)
+    rank, world, created_group = init_distributed(device)
     try:
         if len(train) < world:
             raise DataError(
@@ -859,17 +860,6 @@ def _optimizer(parameters: list[nn.Parameter], config: FinetuneConfig) -> torch.
             nesterov=config.momentum > 0,
         )
     return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-
-
-def _init_distributed(device: torch.device) -> tuple[int, int, bool]:
-    """(rank, world size, whether we created the process group) from torchrun's environment."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, False
-    created = False
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        created = True
-    return dist.get_rank(), dist.get_world_size(), created
 
 
 def _amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:

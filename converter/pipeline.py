@@ -11,6 +11,7 @@ is what the CLI calls.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -33,6 +34,7 @@ from rankfold.converter.calibration import (
     export_as_deployed,
 )
 from rankfold.converter.config import CompressConfig
+from rankfold.converter.distributed import Handoff, launch_rank
 from rankfold.converter.finetune import (
     FinetuneResult,
     check_resume,
@@ -556,6 +558,9 @@ def compress(
 
     `spec` (input shape, classes, mean/std) is needed to read data. Fine-tuning checkpoints go to
     `workdir` (default: a temporary folder, so only `--resume` needs a fixed one).
+
+    Under torchrun (fine-tuning only) rank 0 does everything; the other ranks receive its model,
+    fine-tune it with it and return a result holding only that model, the plan and the reports.
     """
     check_finite(model)
     model.eval()
@@ -566,6 +571,13 @@ def compress(
         raise ConfigError("reading data needs the model's spec (mean/std); pass spec=")
     if config.finetune.epochs > 0 and config.train_data is None:
         raise ConfigError("fine-tuning needs training data: pass --train-data")
+    world = launch_rank()[1]
+    if world > 1 and config.finetune.epochs == 0:
+        # Every process would repeat the same compression and write the same --out.
+        raise ConfigError(
+            f"this is one of {world} torchrun processes, but only fine-tuning runs in several; "
+            "pass --finetune-epochs N, or run rankfold without torchrun"
+        )
     if config.finetune.epochs > 0 or (
         config.refits and (config.refit_steps or config.refit_segment_steps)
     ):
@@ -586,7 +598,36 @@ def compress(
         if workdir is None:
             raise ConfigError("--resume continues the fine-tuning in --out; pass workdir=")
         check_resume(Path(workdir) / "checkpoints", config.finetune, config.seed)
+    handoff = None
+    if world > 1:  # see converter/distributed.py: rank 0 compresses, every rank fine-tunes
+        handoff = Handoff.start(training_device(config.finetune.device))
     captured = trace_or_capture(model, example_inputs, config.leaf_modules)
+    if handoff is None:
+        return _compress_traced(
+            captured, example_inputs, config, spec, train, eval_data, workdir, metric
+        )
+    if handoff.rank != 0:
+        return _fine_tune_rank_zeros_model(
+            handoff, captured, example_inputs, config, spec, train, eval_data, workdir
+        )
+    with handoff, handoff.leading():
+        return _compress_traced(
+            captured, example_inputs, config, spec, train, eval_data, workdir, metric, handoff
+        )
+
+
+def _compress_traced(
+    captured: Captured,
+    example_inputs: torch.Tensor,
+    config: CompressConfig,
+    spec: ModelSpec | None,
+    train: ImageData | None,
+    eval_data: ImageData | None,
+    workdir: str | Path | None,
+    metric: TaskMetric | None = None,
+    handoff: Handoff | None = None,
+) -> CompressionResult:
+    """`compress` after its checks: plan, decompose, recover."""
     original, analysis = captured.module, captured.analysis
     with torch.no_grad():
         outputs = output_layout(original(example_inputs))
@@ -690,11 +731,8 @@ def compress(
         if result.metric is not None:
             result.accuracy["refitted"] = _accuracy(compressed, result)
     if train is not None:
-        if workdir is None:
-            with tempfile.TemporaryDirectory(prefix="rankfold-") as scratch:
-                recover(result, train, Path(scratch))
-        else:
-            recover(result, train, Path(workdir))
+        with _working_folder(workdir) as folder:
+            recover(result, train, folder, handoff)
         if train.skipped:
             console.print(
                 f"[yellow]left out {len(train.skipped)} unreadable training image(s) "
@@ -1110,10 +1148,13 @@ def judging_images(train: ImageData) -> ImageData:
     return train.take(np.arange(len(train) - count, len(train)))
 
 
-def recover(result: CompressionResult, train: ImageData, workdir: Path) -> None:
+def recover(
+    result: CompressionResult, train: ImageData, workdir: Path, handoff: Handoff | None = None
+) -> None:
     """BatchNorm recalibration on augmented training batches (bias correction without BN), kept
     after a refit only if it brings the model closer to the original on training images the
-    refit did not read (see `_judge`), then optional fine-tuning."""
+    refit did not read (see `_judge`), then optional fine-tuning (under torchrun, `handoff`
+    first sends the model to the other ranks, which fine-tune it with this one)."""
     config, spec = result.config, result.spec
     decomposed = [entry.name for entry in result.plan.decomposed()]
     if config.recalibrate and decomposed:
@@ -1164,20 +1205,76 @@ def recover(result: CompressionResult, train: ImageData, workdir: Path) -> None:
         if kept == "recalibrated":
             result.accuracy["recalibrated"] = _accuracy(result.compressed, result)
     if config.finetune.epochs > 0:
-        teacher = result.original if config.finetune.distill else None
-        result.finetuning = finetune(
-            result.compressed,
-            teacher,
-            train,
-            spec,
-            config.finetune,
-            workdir / "checkpoints",
-            eval_data=result.eval_data,
-            resume=config.resume,
-            decomposed_names=decomposed,
-            seed=config.seed,
-        )
+        if handoff is not None:
+            handoff.send(
+                {
+                    "plan": result.plan,
+                    "decomposition": result.decomposition,
+                    "selection": result.selection,
+                    "state_dict": result.compressed.state_dict(),
+                }
+            )
+        _fine_tune(result, train, workdir)
         result.accuracy["finetuned"] = _accuracy(result.compressed, result)
+
+
+def _fine_tune(result: CompressionResult, train: ImageData, workdir: Path) -> None:
+    """The recovery's fine-tuning, the same call on every rank of a torchrun launch."""
+    config = result.config
+    result.finetuning = finetune(
+        result.compressed,
+        result.original if config.finetune.distill else None,
+        train,
+        result.spec,
+        config.finetune,
+        workdir / "checkpoints",
+        eval_data=result.eval_data,
+        resume=config.resume,
+        decomposed_names=[entry.name for entry in result.plan.decomposed()],
+        seed=config.seed,
+    )
+
+
+def _fine_tune_rank_zeros_model(
+    handoff: Handoff,
+    captured: Captured,
+    example_inputs: torch.Tensor,
+    config: CompressConfig,
+    spec: ModelSpec | None,
+    train: ImageData,
+    eval_data: ImageData | None,
+    workdir: str | Path | None,
+) -> CompressionResult:
+    """A torchrun rank other than 0: rebuild the model rank 0 compressed and recovered, take part
+    in its fine-tuning, and return it; the measurements, files and report are rank 0's."""
+    with handoff:
+        payload = handoff.receive()
+        compressed = _rebuild(captured, payload["plan"], payload["state_dict"], "rank 0's model")
+        result = CompressionResult(
+            config,
+            spec,
+            captured.module,
+            compressed,
+            captured.analysis,
+            payload["plan"],
+            payload["decomposition"],
+            example_inputs,
+            selection=payload["selection"],
+            eval_data=eval_data,
+        )
+        with _working_folder(workdir) as folder:
+            _fine_tune(result, train, folder)
+    return result
+
+
+@contextlib.contextmanager
+def _working_folder(workdir: str | Path | None) -> Iterator[Path]:
+    """`workdir`, or a temporary folder when the caller gave none."""
+    if workdir is not None:
+        yield Path(workdir)
+        return
+    with tempfile.TemporaryDirectory(prefix="rankfold-") as scratch:
+        yield Path(scratch)
 
 
 # Everything a compress run publishes into --out (fine-tuning checkpoints stay apart, for --resume).
@@ -1204,7 +1301,8 @@ def run_compress(
     The output folder is transactional: every artefact is written into a staging folder inside
     it and published together at the end, so a run that fails or is interrupted leaves the
     previous complete run as it was. When parity fails, the report is still published, then a
-    ValidationError is raised.
+    ValidationError is raised. Under torchrun only rank 0 validates and writes; the other ranks
+    return their copy of the fine-tuned model without a report.
     """
     out = prepare_output_dir(out_dir)  # an unwritable --out fails before minutes of work
     if config.latency.enabled:
@@ -1216,6 +1314,8 @@ def run_compress(
     )
     example = torch.zeros(1, *spec.input_shape)
     result = compress(model, example, config, spec, workdir=out, metric=metric)
+    if launch_rank()[0] != 0:
+        return result  # rank 0 of the torchrun launch validates and writes --out
     with tempfile.TemporaryDirectory(prefix=".rankfold-staging-", dir=out) as staging:
         stage = Path(staging)
         try:
@@ -1292,15 +1392,27 @@ def restore(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         model, _ = load_model(payload["model"], None, input_shape)
     example = torch.zeros(1, *input_shape)
     captured = trace_or_capture(model.eval(), example, payload["leaf_modules"])
-    rebuilt = restructure(captured.module, captured.analysis, Plan.model_validate(payload["plan"]))
-    state = _without_constant_buffers(rebuilt, payload["state_dict"])
+    plan = Plan.model_validate(payload["plan"])
+    return _rebuild(captured, plan, payload["state_dict"], f"{path}", payload["model"])
+
+
+def _rebuild(
+    captured: Captured,
+    plan: Plan,
+    state: dict[str, torch.Tensor],
+    source: str,
+    model_name: str | None = None,
+) -> nn.Module:
+    """The traced model with `plan`'s blocks, holding the weights `state` (from `source`)."""
+    rebuilt = restructure(captured.module, captured.analysis, plan)
+    state = _without_constant_buffers(rebuilt, state)
     _add_fitted_biases(rebuilt, state)
     try:
         rebuilt.load_state_dict(state)
     except RuntimeError as exc:
+        model = "the model" if model_name is None else f"model '{model_name}'"
         raise ModelLoadError(
-            f"{path} does not fit model '{payload['model']}' with its plan "
-            f"({str(exc).splitlines()[0]})"
+            f"{source} does not fit {model} with its plan ({str(exc).splitlines()[0]})"
         ) from None
     return rebuilt.eval()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -15,7 +16,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-console = Console(stderr=True)
+# Under torchrun only rank 0 speaks: the other ranks wait for its model (converter/distributed.py).
+console = Console(stderr=True, quiet=int(os.environ.get("RANK", "0")) != 0)
 
 
 @contextmanager

@@ -1,15 +1,25 @@
-"""Two CPU processes under torchrun (gloo) train to the single-process result on the same data."""
+"""Two CPU processes under torchrun (gloo): fine-tuning trains to the single-process result on the
+same data, and `rankfold compress` compresses once, on rank 0, and fine-tunes on both."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
+
+from rankfold.converter.cli import app
+from rankfold.converter.pipeline import restore
+from rankfold.models import load_model, normalize
+from rankfold.models.digits import DigitsCNN, digits_splits
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
@@ -21,7 +31,7 @@ def _worker_module():
     return module
 
 
-def _torchrun(*args: str) -> subprocess.CompletedProcess:
+def _torchrun(*args: str, script: str | Path = WORKER) -> subprocess.CompletedProcess:
     env = {
         key: value
         for key, value in os.environ.items()
@@ -34,7 +44,8 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node=2",
-        str(WORKER),
+        *(["--no-python"] if script == "rankfold" else []),
+        str(Path(sys.executable).with_name("rankfold") if script == "rankfold" else script),
         *args,
     ]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -94,3 +105,69 @@ def test_resume_mid_epoch_under_torchrun_equals_uninterrupted(launched: Path) ->
             assert row["loss"] == pytest.approx(reference["loss"], rel=1e-6)
             assert row["train_accuracy"] == pytest.approx(reference["train_accuracy"], abs=1e-9)
             assert row["lr"] == pytest.approx(reference["lr"], rel=1e-12)
+
+
+@pytest.fixture(scope="module")
+def digits_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """digits.pt (an untrained DigitsCNN), train.npz and test.npz."""
+    folder = tmp_path_factory.mktemp("digits")
+    torch.manual_seed(0)
+    torch.save(DigitsCNN().state_dict(), folder / "digits.pt")
+    for name, split in zip(("train", "test"), digits_splits(), strict=True):
+        np.savez(folder / f"{name}.npz", x=split.x, y=split.y)
+    return folder
+
+
+def _torchrun_compress(files: Path, out: Path, *options: str) -> subprocess.CompletedProcess:
+    return _torchrun(
+        "compress", "digits-cnn", "--weights", str(files / "digits.pt"), "--method", "cp",
+        "--train-data", str(files / "train.npz"), "--eval-data", str(files / "test.npz"),
+        "--finetune-epochs", "1", "--no-latency", "--out", str(out), *options, script="rankfold",
+    )  # fmt: skip
+
+
+def test_compress_under_torchrun_compresses_on_rank_zero_and_writes_once(
+    digits_files: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    launch = _torchrun_compress(digits_files, out, "--macs-reduction", "2")
+    assert launch.returncode == 0, launch.stderr[-3000:]
+    log = launch.stdout + launch.stderr
+    # One decomposition, refit and recalibration (rank 0's), one summary: rank 1 only trained.
+    for bar in ("decompose", "refit blocks", "recalibrate BatchNorm"):
+        assert len(re.findall(rf"^{bar} ", log, flags=re.MULTILINE)) == 1, (bar, log[-3000:])
+    assert log.count("wrote ") == 1
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["recovery"]["finetune"]["history"]) == 1
+    # model.pt holds the fine-tuned model the report scored.
+    restored = restore(out, load_model("digits-cnn", digits_files / "digits.pt", None)[0])
+    spec = load_model("digits-cnn", None, None)[1]
+    test = np.load(digits_files / "test.npz")
+    with torch.no_grad():
+        predicted = restored(normalize(test["x"], spec)).argmax(1).numpy()
+    accuracy = float((predicted == test["y"]).mean())
+    assert accuracy == pytest.approx(report["compressed"]["accuracy_finetuned"], abs=1e-9)
+    assert report["compressed"]["accuracy_finetuned"] != report["compressed"]["accuracy_decomposed"]
+
+
+def test_rank_zero_failing_before_the_handoff_stops_the_other_ranks(
+    digits_files: Path, tmp_path: Path
+) -> None:
+    # The plan fails on rank 0 alone (the other ranks do not plan): they hear why, not hang.
+    launch = _torchrun_compress(digits_files, tmp_path / "out", "--macs-reduction", "1000")
+    assert launch.returncode != 0
+    assert "error: 1000× macs reduction is impossible" in launch.stderr
+    assert "error: rank 0 stopped before fine-tuning: 1000× macs reduction is impossible" in (
+        launch.stderr
+    )
+
+
+def test_torchrun_without_finetuning_is_a_one_line_error(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    result = CliRunner().invoke(
+        app, ["compress", "digits-cnn", "--macs-reduction", "2", "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 1
+    assert "only fine-tuning runs in several; pass --finetune-epochs N" in result.output
+    assert not (tmp_path / "o" / "report.json").exists()
