@@ -144,6 +144,7 @@ class FinetuneResult:
     resumed_from: int | None  # the completed epoch a resumed run continued from
     selected_by: str = "last epoch"  # or "validation split of N training images"
     device: str = "cpu"  # where it trained, e.g. "cuda:0 (NVIDIA H200)"
+    processes: int = 1  # torchrun processes it trained in (each on its own GPU with CUDA)
 
     @property
     def final_accuracy(self) -> float | None:
@@ -376,7 +377,8 @@ class _Trainer:
             precision = ""
             if self.amp_dtype is not None:
                 precision = f", {str(self.amp_dtype).removeprefix('torch.')} autocast"
-            console.print(f"fine-tuning on {self.device_label}{precision}")
+            processes = f" in {self.world} processes" if self.world > 1 else ""
+            console.print(f"fine-tuning on {self.device_label}{precision}{processes}")
         for epoch in range(state.epoch + 1, config.epochs + 1):
             start = time.perf_counter()
             # A run resumed mid-epoch reports the rate the epoch started with, as the first did.
@@ -413,7 +415,12 @@ class _Trainer:
 
         if self.validation is None:
             return FinetuneResult(
-                state.history, state.epoch, None, resumed_from, device=self.device_label
+                state.history,
+                state.epoch,
+                None,
+                resumed_from,
+                device=self.device_label,
+                processes=self.world,
             )
         if state.best_model is not None:
             self.student.load_state_dict(state.best_model)
@@ -425,6 +432,7 @@ class _Trainer:
             resumed_from,
             selected_by,
             self.device_label,
+            self.world,
         )
 
     def _train_epoch(

@@ -139,6 +139,8 @@ def test_compress_under_torchrun_compresses_on_rank_zero_and_writes_once(
     assert log.count("wrote ") == 1
     report = json.loads((out / "report.json").read_text())
     assert len(report["recovery"]["finetune"]["history"]) == 1
+    assert report["recovery"]["finetune"]["processes"] == 2
+    assert "fine-tuning on cpu in 2 processes" in log
     # model.pt holds the fine-tuned model the report scored.
     restored = restore(out, load_model("digits-cnn", digits_files / "digits.pt", None)[0])
     spec = load_model("digits-cnn", None, None)[1]
