@@ -697,9 +697,10 @@ class _Trainer:
             evaluated += f", validation {100 * row['validation_accuracy']:.2f} %" + (
                 " (best)" if improved else ""
             )
+        mixed = " (mixed images)" if self.config.mixup else ""
         console.print(
             f"epoch {row['epoch']}/{self.config.epochs}: loss {row['loss']:.4f}, train "
-            f"{100 * row['train_accuracy']:.2f} %{evaluated}, lr {row['lr']:.2e}, "
+            f"{100 * row['train_accuracy']:.2f} %{mixed}{evaluated}, lr {row['lr']:.2e}, "
             f"{row['seconds']:.0f} s"
         )
 

@@ -394,7 +394,7 @@ def test_train_only_decomposed_freezes_everything_else(tmp_path: Path) -> None:
         )
 
 
-def test_mixup_shows_teacher_and_student_the_same_mixed_images(tmp_path: Path) -> None:
+def test_mixup_shows_teacher_and_student_the_same_mixed_images(tmp_path: Path, capsys) -> None:
     seen: dict[float, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for concentration in (0.0, 0.5):
         student, teacher = tiny(0), tiny(1)
@@ -416,6 +416,8 @@ def test_mixup_shows_teacher_and_student_the_same_mixed_images(tmp_path: Path) -
         # The student mostly follows a random teacher here: its label accuracy is near chance
         # (exactly 0.25 on one GPU), so only that the step trained is checked.
         assert np.isfinite(result.history[0]["loss"]) and len(inputs["student"]) == 8
+        # The epoch line says what the training accuracy was scored on.
+        assert ("(mixed images)" in capsys.readouterr().err) == (concentration > 0)
     assert len(seen[0.5]) == 8  # 8 steps, each seen by both models
     draws = np.random.default_rng([0, 1, 1])  # the epoch's mixup generator (seed 0, epoch 1)
     for (plain, _), (mixed, teacher_input) in zip(seen[0.0], seen[0.5], strict=True):
