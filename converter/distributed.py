@@ -91,5 +91,5 @@ class Handoff:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self.created:
-            dist.destroy_process_group()
+        # The caller's own process group stays; ours goes, and the handoff's with it.
+        dist.destroy_process_group(None if self.created else self.group)
