@@ -54,11 +54,9 @@ class Handoff:
     sent: bool = False
 
     @classmethod
-    def start(cls, device: torch.device) -> Handoff | None:
-        """Join the launch's process group (None outside torchrun)."""
-        rank, world, created = init_distributed(device)
-        if world == 1:
-            return None
+    def start(cls, device: torch.device) -> Handoff:
+        """Join the process group of the torchrun launch this process is part of."""
+        rank, _, created = init_distributed(device)
         return cls(rank, created, dist.new_group(backend="gloo", timeout=HANDOFF_TIMEOUT))
 
     def send(self, payload: dict[str, Any]) -> None:
