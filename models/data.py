@@ -708,6 +708,21 @@ def _validated(x: np.ndarray, y: np.ndarray, spec: ModelSpec, source: str) -> Ar
     return ArrayDataset(x, y, source)
 
 
+def _folder_problem(root: Path, error: FileNotFoundError) -> str:
+    """Why `root` is no ImageFolder, and what to pass instead: a class folder given by
+    mistake holds its images directly."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    images = [p for p in root.iterdir() if p.is_file() and p.name.lower().endswith(IMG_EXTENSIONS)]
+    if images:
+        return (
+            f"it holds {len(images)} images directly but no class subfolders; an ImageFolder "
+            f"needs one subfolder of images per class (pass its parent, {root.parent}, if this "
+            "is one class)"
+        )
+    return f"{str(error).rstrip('.')}; an ImageFolder needs one subfolder of images per class"
+
+
 def _image_folder(
     root: Path,
     spec: ModelSpec,
@@ -727,9 +742,7 @@ def _image_folder(
         classes, class_to_idx = find_classes(str(root))
         samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
     except FileNotFoundError as exc:
-        raise DataError(
-            f"{root}: {exc}; an ImageFolder needs one subfolder of images per class"
-        ) from None
+        raise DataError(f"{root}: {_folder_problem(root, exc)}") from None
     if len(classes) > spec.num_classes:
         raise DataError(
             f"{root}: labels span [0, {len(classes) - 1}] ({len(classes)} class folders) but "

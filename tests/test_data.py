@@ -263,6 +263,8 @@ def test_image_folder_errors(tmp_path: Path) -> None:
     (empty_class / "b").mkdir()
     no_classes = tmp_path / "no_classes"
     no_classes.mkdir()
+    one_class = tmp_path / "folder" / "cat"
+    _write_folder(tmp_path / "folder", {"cat": [(1, 2, 3), (4, 5, 6)]}, size=32)
     broken = tmp_path / "broken"
     _write_folder(broken, {"a": [(1, 2, 3)]}, size=32)
     (broken / "a" / "bad.png").write_bytes(b"\x89PNG not really")
@@ -272,6 +274,12 @@ def test_image_folder_errors(tmp_path: Path) -> None:
     cases = [
         (empty_class, CIFAR_SPEC, "one subfolder of images per class"),
         (no_classes, CIFAR_SPEC, "one subfolder of images per class"),
+        (
+            one_class,
+            CIFAR_SPEC,
+            "holds 2 images directly but no class subfolders; an ImageFolder needs one "
+            f"subfolder of images per class (pass its parent, {one_class.parent},",
+        ),
         (broken, CIFAR_SPEC, "cannot read image"),
         (too_many, CIFAR_SPEC, "labels span [0, 10]"),
         (empty_class, spec4, "1- or 3-channel images"),
