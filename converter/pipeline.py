@@ -1341,7 +1341,7 @@ def run_compress(
     for check in validation.quantized.values():
         if not check.agreement.passed:
             pick = check.model.calibration_choice
-            tried = [check.model.method] if pick is None else list(pick.errors)
+            tried = [check.model.method] if pick is None else [*pick.errors, *pick.failed]
             raise agreement_error(check.agreement, out / check.model.path.name, tried)
     return result
 

@@ -24,8 +24,9 @@ from rankfold.passes.core import ConfigError
 #    steps, recalibration judged by KL divergence; 9: the refit's segments; 10: whether they ran
 #    by default (`Refit.segments_by_default`); 11: whether the selector was the method's default
 #    (`SelectionReport.by_default`); 12: each INT8 file's calibration, and what `auto` measured
-#    (`QuantizedFile.calibration_pick`)
-SCHEMA_VERSION = 12
+#    (`QuantizedFile.calibration_pick`); 13: the candidates `auto` could not calibrate
+#    (`CalibrationPick.failed`)
+SCHEMA_VERSION = 13
 
 
 class _Section(BaseModel):
@@ -280,6 +281,7 @@ class CalibrationPick(_Section):
     errors: dict[str, float]
     images: str
     samples: int
+    failed: dict[str, str] = {}  # candidate → why it could not calibrate this file
 
 
 class QuantizedFile(_Section):
@@ -389,7 +391,7 @@ class Report(_Section):
     --eval-data for a classifier, a Python API metric's name, or None when none was computed
     (no evaluation data, or outputs top-1 cannot be read from and no metric given)."""
 
-    schema_version: Literal[12] = SCHEMA_VERSION
+    schema_version: Literal[13] = SCHEMA_VERSION
     model: str
     method: str
     target: dict[str, float] | None

@@ -258,9 +258,11 @@ def pick_text(chosen: str, pick: CalibrationPick) -> str:
     others = ", ".join(
         f"{method} {error:.3%}" for method, error in pick.errors.items() if method != chosen
     )
+    measured = f"against {others} " if others else ""
+    failed = "".join(f"; {method} failed: {why}" for method, why in pick.failed.items())
     return (
         f"{chosen} ranges: output error {pick.errors[chosen]:.3%} of the float outputs' energy "
-        f"against {others} on {pick.samples} {pick.images}"
+        f"{measured}on {pick.samples} {pick.images}{failed}"
     )
 
 

@@ -83,6 +83,14 @@ CALIBRATION_METHODS = {
 # `auto` calibrates each of these and keeps the file whose outputs stay closest to the float
 # model's (entropy is left out: furthest from the float model in every cell measured, and slowest).
 AUTO_CALIBRATIONS = ("minmax", "percentile")
+# onnxruntime's histogram calibrators (percentile, entropy) bin each activation's values with
+# numpy, which refuses a range narrower than float32 can split into the bins: an activation that
+# is nearly constant over the calibration images (a saturated gate, an untrained squeeze-excite).
+HISTOGRAM_FAILURE = "Too many bins for data range"
+NEARLY_CONSTANT = (
+    "an activation is nearly constant over the calibration images, too narrow a range for "
+    "onnxruntime's histogram"
+)
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
@@ -152,6 +160,7 @@ class CalibrationChoice:
     errors: dict[str, float]  # method → its output error
     images: str  # what the errors were measured on
     samples: int
+    failed: dict[str, str] = field(default_factory=dict)  # method → why it could not calibrate
 
     @property
     def chosen(self) -> str:
@@ -338,24 +347,36 @@ def quantize_int8(
             onnx.save(model, str(float_file))
         else:
             shutil.copyfile(source, float_file)
-        candidates = AUTO_CALIBRATIONS if method == "auto" else (method,)
-        for candidate in candidates:
+        tried = AUTO_CALIBRATIONS if method == "auto" else (method,)
+        failed: dict[str, str] = {}
+        for candidate in tried:
             # calibrated once per method, reused by every re-quantization
             ranges = work / f"ranges.{candidate}.json"
             reader = BatchReader(input_name, calibration_batches)
-            if candidate == "entropy":
-                _entropy_ranges(float_file, reader, ranges, work)
-            _quantize(
-                float_file,
-                work / f"{candidate}.onnx",
-                reader,
-                candidate,
-                excluded,
-                ranges,
-                reduce_range,
+            try:
+                if candidate == "entropy":
+                    _entropy_ranges(float_file, reader, ranges, work)
+                _quantize(
+                    float_file,
+                    work / f"{candidate}.onnx",
+                    reader,
+                    candidate,
+                    excluded,
+                    ranges,
+                    reduce_range,
+                )
+            except ValueError as exc:
+                if HISTOGRAM_FAILURE not in str(exc):
+                    raise
+                failed[candidate] = NEARLY_CONSTANT
+        if method != "auto" and failed:
+            raise DataError(
+                f"{method} calibration of {source.name} failed: {NEARLY_CONSTANT}; calibrate "
+                "with --quant-calibration minmax (or auto, which then keeps minmax)"
             )
+        candidates = [candidate for candidate in tried if candidate not in failed]
         calibration_choice = None
-        if len(candidates) > 1:
+        if len(tried) > 1:
             judged, label = (
                 (held_out, held_out_label)
                 if len(held_out)
@@ -368,6 +389,7 @@ def quantize_int8(
                 errors=dict(zip(candidates, errors, strict=True)),
                 images=label,
                 samples=sum(len(batch) for batch in judged),
+                failed=failed,
             )
             method = calibration_choice.chosen
         ranges = work / f"ranges.{method}.json"

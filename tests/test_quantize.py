@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 from collections import OrderedDict
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,8 @@ from rankfold.converter.quantization import (
     quantize_export,
     sensitive_reasons,
 )
-from rankfold.converter.results import Report
+from rankfold.converter.results import CalibrationPick, Report
+from rankfold.converter.summary import pick_text
 from rankfold.models import (
     DIGITS_SPEC,
     ArrayDataset,
@@ -46,6 +48,7 @@ from rankfold.runtime import quantize as quantize_module
 from rankfold.runtime.quantize import (
     AUTO_CALIBRATIONS,
     CALIBRATION_METHODS,
+    NEARLY_CONSTANT,
     BatchReader,
     compute_nodes,
     equalize_conv_chains,
@@ -174,6 +177,50 @@ def test_auto_calibration_keeps_the_candidate_closest_to_the_float_outputs(digit
     fallback = quantize_int8(float_file, tmp_path / "a2.onnx", clean[:2], method="auto")
     assert fallback.calibration_choice.images == "calibration images"
     assert fallback.calibration_choice.samples == len(clean[0]) + len(clean[1])
+
+
+class Gated(nn.Module):
+    """x · gate(x) → conv, the gate 0.5 ± 1e-5 everywhere (an untrained squeeze-excite gate looks
+    like this): onnxruntime's histogram of it cannot be split into its bins in float32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Conv2d(3, 3, 1)
+        self.conv = nn.Conv2d(3, 2, 1)
+        with torch.no_grad():
+            self.gate.weight.mul_(1e-6)
+            self.gate.bias.fill_(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x * self.gate(x))
+
+
+def test_a_nearly_constant_activation_fails_percentile_in_one_line_and_auto_keeps_minmax(tmp_path):
+    model = Gated().eval()
+    float_file = tmp_path / "gate.onnx"
+    export_onnx(model, torch.zeros(1, 3, 8, 8), float_file)
+    calibration = list(
+        torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0)).split(8)
+    )
+    with pytest.raises(DataError) as error:
+        quantize_int8(float_file, tmp_path / "p.onnx", calibration, method="percentile")
+    message = str(error.value)
+    assert message == (
+        "percentile calibration of gate.onnx failed: an activation is nearly constant over the "
+        "calibration images, too narrow a range for onnxruntime's histogram; calibrate with "
+        "--quant-calibration minmax (or auto, which then keeps minmax)"
+    )
+    assert not (tmp_path / "p.onnx").exists()
+    auto = quantize_int8(float_file, tmp_path / "auto.onnx", calibration, method="auto")
+    pick = auto.calibration_choice
+    assert auto.method == "minmax" and list(pick.errors) == ["minmax"]
+    assert pick.failed == {"percentile": NEARLY_CONSTANT}
+    assert 0 <= pick.errors["minmax"] < 1e-3
+    text = pick_text(auto.method, CalibrationPick(**asdict(pick)))
+    assert text == (
+        f"minmax ranges: output error {pick.errors['minmax']:.3%} of the float outputs' energy "
+        f"on 16 calibration images; percentile failed: {NEARLY_CONSTANT}"
+    )
 
 
 def test_output_error_is_the_relative_squared_error_of_every_output(tmp_path):
