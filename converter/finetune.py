@@ -139,16 +139,21 @@ class FinetuneResult:
     seconds), the epoch whose weights were kept and how it was chosen."""
 
     history: list[dict[str, Any]]
-    best_epoch: int | None  # the epoch kept
+    best_epoch: int | None  # the epoch kept; 0: the model as it came, no epoch was better
     best_accuracy: float | None  # its validation accuracy (None: the last epoch was kept)
     resumed_from: int | None  # the completed epoch a resumed run continued from
     selected_by: str = "last epoch"  # or "validation split of N training images"
     device: str = "cpu"  # where it trained, e.g. "cuda:0 (NVIDIA H200)"
     processes: int = 1  # torchrun processes it trained in (each on its own GPU with CUDA)
+    # With a validation split, the model as it came (epoch 0), the first candidate.
+    validation_before: float | None = None
+    eval_before: float | None = None
 
     @property
     def final_accuracy(self) -> float | None:
         """Eval accuracy of the weights the model was left with."""
+        if self.best_epoch == 0:
+            return self.eval_before
         kept = [row for row in self.history if row["epoch"] == self.best_epoch]
         return kept[0]["eval_accuracy"] if kept else None
 
@@ -205,9 +210,13 @@ def finetune(
     resume: bool = False,
     decomposed_names: Sequence[str] = (),
     seed: int = 0,
+    validation: ImageData | None = None,
 ) -> FinetuneResult:
     """Train `student` in place; leave it with the weights of the last epoch, or with
-    `config.validation` of the training images held out, of the epoch best on them.
+    `config.validation` of the training images held out, of the epoch best on them, the model
+    as it came (epoch 0) included: fine-tuning a model already close to its teacher on few
+    images can lower its accuracy. `validation`: the held-out images, when the caller split
+    them off before (so that nothing it fitted read them); by default drawn here from `train`.
 
     `teacher` (the original model) is needed when `config.distill`. `decomposed_names` are the
     dotted names of the factorized blocks, needed for `train_only_decomposed`. Checkpoints go to
@@ -219,7 +228,8 @@ def finetune(
     if config.epochs == 0:
         return FinetuneResult([], None, None, None)
     _check_inputs(student, teacher, train, spec, config, eval_data)
-    train, validation = validation_split(train, config.validation, seed)
+    if validation is None:
+        train, validation = validation_split(train, config.validation, seed)
     directory = Path(checkpoint_dir)
     device = training_device(config.device, student)
     saved_flags = [(p, p.requires_grad) for p in student.parameters()]
@@ -368,6 +378,8 @@ class _Trainer:
             torch.manual_seed(self.seed + self.rank)
             random.seed(self.seed)
             np.random.seed(self.seed)
+            if self.validation is not None:
+                self._start_as_candidate(state)
             # An epoch-0 checkpoint: Ctrl-C during the first epoch still leaves one to resume.
             self._save_last(optimizer, scheduler, scaler, state)
         resumed_from = state.epoch if payload is not None else None
@@ -424,6 +436,11 @@ class _Trainer:
             )
         if state.best_model is not None:
             self.student.load_state_dict(state.best_model)
+        if state.best_epoch == 0:
+            self._note(
+                "no epoch beat the model before fine-tuning on the validation split "
+                f"({100 * state.best_accuracy:.2f} %); it is kept"
+            )
         selected_by = f"validation split of {len(self.validation)} training images"
         return FinetuneResult(
             state.history,
@@ -433,7 +450,24 @@ class _Trainer:
             selected_by,
             self.device_label,
             self.world,
+            state.validation_before,
+            state.eval_before,
         )
+
+    def _start_as_candidate(self, state: _RunState) -> None:
+        """The model as it came is epoch 0's candidate: an epoch must beat it to be kept."""
+        state.validation_before = self._evaluate(self.validation)
+        state.eval_before = None if self.eval_data is None else self._evaluate(self.eval_data)
+        state.best_epoch, state.best_accuracy = 0, state.validation_before
+        state.best_model = _cpu_state(self.student)
+        self._save_best(state)
+        if self.rank == 0:
+            evaluated = (
+                "" if state.eval_before is None else f", eval {100 * state.eval_before:.2f} %"
+            )
+            console.print(
+                f"before fine-tuning: validation {100 * state.validation_before:.2f} %{evaluated}"
+            )
 
     def _train_epoch(
         self,
@@ -591,6 +625,8 @@ class _Trainer:
             "best_epoch": state.best_epoch,
             "best_accuracy": state.best_accuracy,
             "best_model": state.best_model,
+            "validation_before": state.validation_before,
+            "eval_before": state.eval_before,
             "rng": _rng_state(self.device),
         }
         _save(payload, self.directory / LAST_CHECKPOINT)
@@ -655,6 +691,8 @@ class _Trainer:
         state.best_epoch = payload["best_epoch"]
         state.best_accuracy = payload["best_accuracy"]
         state.best_model = payload["best_model"]
+        state.validation_before = payload.get("validation_before")
+        state.eval_before = payload.get("eval_before")
 
     # ---- distributed and console helpers ------------------------------------------------------
 
@@ -715,6 +753,8 @@ class _RunState:
     best_epoch: int | None = None
     best_accuracy: float | None = None
     best_model: dict[str, torch.Tensor] | None = None
+    validation_before: float | None = None  # the model as it came, on the validation split
+    eval_before: float | None = None  # ... on the evaluation data
 
 
 def plot_history(

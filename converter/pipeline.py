@@ -41,6 +41,7 @@ from rankfold.converter.finetune import (
     finetune,
     plot_history,
     training_device,
+    validation_split,
 )
 from rankfold.converter.metric import TOP1, TaskMetric, top1
 from rankfold.converter.quantization import (
@@ -629,6 +630,7 @@ def _compress_traced(
 ) -> CompressionResult:
     """`compress` after its checks: plan, decompose, recover."""
     original, analysis = captured.module, captured.analysis
+    train, validation = held_out_split(config, train)
     with torch.no_grad():
         outputs = output_layout(original(example_inputs))
     if not outputs.is_logits:
@@ -732,7 +734,7 @@ def _compress_traced(
             result.accuracy["refitted"] = _accuracy(compressed, result)
     if train is not None:
         with _working_folder(workdir) as folder:
-            recover(result, train, folder, handoff)
+            recover(result, train, folder, handoff, validation)
         if train.skipped:
             console.print(
                 f"[yellow]left out {len(train.skipped)} unreadable training image(s) "
@@ -1149,12 +1151,17 @@ def judging_images(train: ImageData) -> ImageData:
 
 
 def recover(
-    result: CompressionResult, train: ImageData, workdir: Path, handoff: Handoff | None = None
+    result: CompressionResult,
+    train: ImageData,
+    workdir: Path,
+    handoff: Handoff | None = None,
+    validation: ImageData | None = None,
 ) -> None:
     """BatchNorm recalibration on augmented training batches (bias correction without BN), kept
     after a refit only if it brings the model closer to the original on training images the
-    refit did not read (see `_judge`), then optional fine-tuning (under torchrun, `handoff`
-    first sends the model to the other ranks, which fine-tune it with this one)."""
+    refit did not read (see `_judge`), then optional fine-tuning, its epoch chosen on
+    `validation` (`held_out_split`) when given (under torchrun, `handoff` first sends the model
+    to the other ranks, which fine-tune it with this one)."""
     config, spec = result.config, result.spec
     decomposed = [entry.name for entry in result.plan.decomposed()]
     if config.recalibrate and decomposed:
@@ -1214,11 +1221,25 @@ def recover(
                     "state_dict": result.compressed.state_dict(),
                 }
             )
-        _fine_tune(result, train, workdir)
+        _fine_tune(result, train, workdir, validation)
         result.accuracy["finetuned"] = _accuracy(result.compressed, result)
 
 
-def _fine_tune(result: CompressionResult, train: ImageData, workdir: Path) -> None:
+def held_out_split(
+    config: CompressConfig, train: ImageData | None
+) -> tuple[ImageData | None, ImageData | None]:
+    """(what the run fits on, the fine-tuning's validation split): with `--validation` the
+    split is drawn before anything reads the training images, so that the model before
+    fine-tuning, a candidate beside each epoch, is judged on images its refit never saw."""
+    settings = config.finetune
+    if train is None or settings.epochs == 0 or settings.validation == 0:
+        return train, None
+    return validation_split(train, settings.validation, config.seed)
+
+
+def _fine_tune(
+    result: CompressionResult, train: ImageData, workdir: Path, validation: ImageData | None
+) -> None:
     """The recovery's fine-tuning, the same call on every rank of a torchrun launch."""
     config = result.config
     result.finetuning = finetune(
@@ -1232,6 +1253,7 @@ def _fine_tune(result: CompressionResult, train: ImageData, workdir: Path) -> No
         resume=config.resume,
         decomposed_names=[entry.name for entry in result.plan.decomposed()],
         seed=config.seed,
+        validation=validation,
     )
 
 
@@ -1262,8 +1284,9 @@ def _fine_tune_rank_zeros_model(
             selection=payload["selection"],
             eval_data=eval_data,
         )
+        train, validation = held_out_split(config, train)
         with _working_folder(workdir) as folder:
-            _fine_tune(result, train, folder)
+            _fine_tune(result, train, folder, validation)
     return result
 
 

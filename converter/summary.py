@@ -74,6 +74,26 @@ def metric_line(report: Report) -> str:
     )
 
 
+def epoch_choice(finetune: dict | None) -> str | None:
+    """Which fine-tuning epoch a validation split chose, the model before it included."""
+    if not finetune or finetune.get("validation_before") is None:
+        return None
+    epochs = [row["validation_accuracy"] for row in finetune["history"]]
+    split = finetune["selected_by"]
+    before = finetune["validation_before"]
+    if finetune["best_epoch"] == 0:
+        return (
+            f"fine-tuning: no epoch beat the model before it on the {split} ({before:.2%}; "
+            f"epochs {max(epochs):.2%} at best), so that model is kept"
+            if epochs
+            else None
+        )
+    return (
+        f"fine-tuning: kept epoch {finetune['best_epoch']}/{len(epochs)}, best on the {split} "
+        f"({finetune['best_accuracy']:.2%}; {before:.2%} before fine-tuning)"
+    )
+
+
 def _value(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
@@ -90,6 +110,9 @@ def summary_lines(report: Report, out: Path) -> list[str]:
         f"ONNX parity: max abs diff {onnx.max_abs_diff:.2e} (tolerance {onnx.atol:.0e} + "
         f"{onnx.rtol:.0e} × output scale)",
     ]
+    chosen = epoch_choice(report.recovery.finetune)
+    if chosen:
+        lines.insert(3, chosen)
     if report.selection.by_default:
         lines.insert(
             2,

@@ -17,6 +17,7 @@ from rankfold.converter import calibration
 from rankfold.converter.calibration import TOLERANCE
 from rankfold.converter.cli import app
 from rankfold.converter.pipeline import restore
+from rankfold.converter.summary import epoch_choice
 from rankfold.models.digits import DigitsCNN, digits_splits
 from rankfold.runtime import create_session, get_backend
 from rankfold.runtime.latency import LatencyResult, compare_latency, onnx_macs
@@ -447,6 +448,25 @@ def _compress(digits, out: Path, *extra: str):
         "--no-latency",
         *extra,
     )
+
+
+def test_a_validation_split_is_held_out_from_the_refit_and_judges_the_model_before_it(
+    digits, tmp_path
+):
+    out = tmp_path / "o"
+    data = ("--train-data", digits["data"], "--finetune-epochs", "2", "--validation", "0.25")
+    result = _compress(digits, out, *data)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    tuned, held = report["recovery"]["finetune"], round(0.25 * 360)
+    assert tuned["selected_by"] == f"validation split of {held} training images"
+    # Drawn before anything fitted: the refit read only the other images.
+    assert report["recovery"]["refit"]["images"] == 360 - held
+    candidates = [tuned["validation_before"]] + [
+        row["validation_accuracy"] for row in tuned["history"]
+    ]
+    assert tuned["best_epoch"] == candidates.index(max(candidates))
+    assert epoch_choice(tuned) in " ".join(result.output.split())
 
 
 def test_bad_model_and_weights(digits, tmp_path):

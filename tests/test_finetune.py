@@ -23,6 +23,7 @@ from rankfold.converter.finetune import (
     plot_history,
     training_device,
 )
+from rankfold.converter.summary import epoch_choice
 from rankfold.models import ArrayDataset, ModelSpec
 from rankfold.passes.blocks import FactorizedBlock
 from rankfold.passes.core import ConfigError, DataError
@@ -215,13 +216,44 @@ def test_the_best_epoch_is_chosen_on_held_out_training_images(tmp_path: Path) ->
     student, teacher = tiny(0), tiny(1)
     settings = config(epochs=4, distill=False, validation=0.25)
     result = finetune(student, teacher, TRAIN, SPEC, settings, tmp_path, eval_data=EVAL)
-    held = [row["validation_accuracy"] for row in result.history]
-    assert result.best_accuracy == max(held) and result.best_epoch == 1 + held.index(max(held))
+    # The model as it came is epoch 0's candidate; a later epoch must beat it to be kept.
+    held = [result.validation_before] + [row["validation_accuracy"] for row in result.history]
+    assert result.best_accuracy == max(held) and result.best_epoch == held.index(max(held))
     assert result.selected_by == "validation split of 32 training images"
     best = torch.load(tmp_path / BEST_CHECKPOINT, weights_only=True)
     assert best["epoch"] == result.best_epoch
     for key, value in student.state_dict().items():
         assert torch.equal(value, best["model"][key])
+
+
+def test_the_model_before_fine_tuning_is_kept_when_no_epoch_beats_it(tmp_path, capsys) -> None:
+    """A teacher-matched student fine-tuned at a rate that wrecks it: every epoch scores below
+    the start on the validation split, so the student leaves with the weights it came with."""
+    student, teacher = tiny(1), tiny(1)
+    trained = finetune(
+        student, None, TRAIN, SPEC, config(epochs=4, distill=False), tmp_path / "pre"
+    )
+    teacher.load_state_dict(student.state_dict())
+    before = {key: value.clone() for key, value in student.state_dict().items()}
+    settings = config(epochs=2, lr=50.0, validation=0.25)
+    result = finetune(student, teacher, TRAIN, SPEC, settings, tmp_path / "ft", eval_data=EVAL)
+    assert trained.history[-1]["train_accuracy"] > 0.8 and result.validation_before > 0.8
+    assert all(row["validation_accuracy"] < result.validation_before for row in result.history)
+    assert result.best_epoch == 0 and result.best_accuracy == result.validation_before
+    for key, value in before.items():
+        assert torch.equal(value, student.state_dict()[key]), key
+    assert result.final_accuracy == result.eval_before > 0.8
+    out = capsys.readouterr().err
+    assert f"before fine-tuning: validation {100 * result.validation_before:.2f} %" in out
+    assert "no epoch beat the model before fine-tuning on the validation split" in out
+    best = torch.load(tmp_path / "ft" / BEST_CHECKPOINT, weights_only=True)
+    assert best["epoch"] == 0
+    # The summary says which model the split chose.
+    line = epoch_choice(result.to_dict())
+    assert line.startswith(
+        "fine-tuning: no epoch beat the model before it on the validation split of 32 training "
+        f"images ({result.validation_before:.2%}; epochs "
+    ) and line.endswith("at best), so that model is kept")
 
 
 def test_the_evaluation_labels_influence_no_weight(tmp_path: Path) -> None:
