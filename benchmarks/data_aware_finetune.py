@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/data_aware_finetune.py [--model resnet56]
         [--methods cp-epc,cp,tucker2] [--reduction 4] [--epochs 6]
         [--arms refit,weight_only] [--select S] [--pruning global|local|none]
-        [--mixup A] [--lr X]
+        [--mixup A] [--lr X] [--validation S]
 
 Each low-rank cell is one `rankfold compress` (a subprocess) on ResNet-56 (`--model resnet20`:
 ResNet-20) with its real weights, `--train-data cifar10/train_lossless_5085.npz --eval-data
@@ -31,7 +31,8 @@ The pruning arm is Torch-Pruning's documented CIFAR recipe (group-norm importanc
 pruning, GroupNormPruner stepping until the MAC target is reached; `--pruning local` prunes every
 layer by the same share instead, `--methods none` runs the pruning arm alone), run through its
 public API, with rankfold's fine-tuning (the same epochs, data, distillation and defaults as the
-low-rank arms; `--mixup A` and `--lr X` change them for every arm, pruning too). The option-A
+low-rank arms; `--mixup A`, `--lr X` and `--validation S` change them for every arm, pruning
+too). The option-A
 shortcut of these ResNets is a fixed channel-padding map, so the residual stream's channels are
 coupled across each stage through it; only each block's inner channels (conv1's outputs) are
 pruned, as in L1-norm filter pruning on these networks. MACs of every arm are counted by
@@ -91,6 +92,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--lr", type=float, default=None, help="fine-tuning rate of every arm (default: rankfold's)"
     )
+    parser.add_argument(
+        "--validation",
+        type=float,
+        default=0.0,
+        help="every arm keeps the epoch (0: the model before fine-tuning) best on this share of "
+        "the training images, held out (0: the last epoch)",
+    )
     parser.add_argument("--latency-repeats", type=int, default=50)
     parser.add_argument("--data", type=Path, default=None, help="RANKFOLD_DATA folder")
     parser.add_argument("--work", type=Path, default=Path("/tmp/rankfold-data-aware-finetune"))
@@ -123,8 +131,7 @@ def compress(args, base: Path, method: str, arm: str, out: Path) -> tuple[dict, 
         "--finetune-epochs", str(args.epochs), "--no-latency",
         *(["--select", args.select] if args.select != "default" else []),
         "--search-cache-dir", str(args.work / "cache"), "--out", str(out), *ARMS[arm],
-        *(["--mixup", f"{args.mixup:g}"] if args.mixup else []),
-        *(["--lr", f"{args.lr:g}"] if args.lr else []),
+        *(part for name, value in finetune_changes(args) for part in (f"--{name}", f"{value:g}")),
     ]  # fmt: skip
     if (out / "report.json").is_file():
         print(f"reusing {out}", flush=True)
@@ -247,7 +254,7 @@ def main() -> None:
     methods = [] if args.methods == "none" else args.methods.split(",")
     runs = [(m, arm) for arm in args.arms.split(",") for m in methods]
     for method, arm in runs:
-        mixed = "".join(f"-{k}{v:g}" for k, v in (("mixup", args.mixup), ("lr", args.lr)) if v)
+        mixed = "".join(f"-{name}{value:g}" for name, value in finetune_changes(args))
         label = arm + finetune_label(args)
         out = args.work / f"{args.model}-{method}-{args.reduction:g}-{arm}-{args.select}{mixed}"
         report, seconds, command = compress(args, base, method, arm, out)
@@ -290,10 +297,7 @@ def main() -> None:
                 original,
                 train,
                 spec,
-                finetune_config(
-                    {"epochs": args.epochs, "mixup": args.mixup}
-                    | ({"lr": args.lr} if args.lr else {})
-                ),
+                finetune_config({"epochs": args.epochs} | dict(finetune_changes(args))),
                 checkpoints,
                 eval_data=tests["lossless_1017"],
             )
@@ -325,11 +329,15 @@ def main() -> None:
     print(table(rows, latency["original"]))
 
 
+def finetune_changes(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """The fine-tuning settings given that differ from rankfold's defaults, by option name."""
+    given = (("mixup", args.mixup), ("lr", args.lr), ("validation", args.validation))
+    return [(name, value) for name, value in given if value]
+
+
 def finetune_label(args: argparse.Namespace) -> str:
     """What the arms' fine-tuning changes from rankfold's defaults, e.g. " + mixup 1, lr 0.003"."""
-    changes = [
-        f"{name} {value:g}" for name, value in (("mixup", args.mixup), ("lr", args.lr)) if value
-    ]
+    changes = [f"{name} {value:g}" for name, value in finetune_changes(args)]
     return f" + {', '.join(changes)}" if changes else ""
 
 
