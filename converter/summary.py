@@ -84,9 +84,7 @@ def epoch_choice(finetune: dict | None) -> str | None:
     if finetune["best_epoch"] == 0:
         return (
             f"fine-tuning: no epoch beat the model before it on the {split} ({before:.2%}; "
-            f"epochs {max(epochs):.2%} at best), so that model is kept"
-            if epochs
-            else None
+            f"epochs {max(epochs, default=before):.2%} at best), so that model is kept"
         )
     return (
         f"fine-tuning: kept epoch {finetune['best_epoch']}/{len(epochs)}, best on the {split} "
