@@ -279,6 +279,30 @@ class CompressConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _finetune_settings_need_epochs(self) -> CompressConfig:
+        # Settings read by the fine-tuning alone (augment and device are read by recalibration
+        # and the refit too); a written-out config restates their defaults, which is no request.
+        settings = self.finetune
+        if settings.epochs > 0:
+            return self
+        # The rate and decay default by optimizer: compared with the chosen optimizer's.
+        plain, by_optimizer = FinetuneConfig(), FinetuneConfig(optimizer=settings.optimizer)
+        for key in sorted(settings.model_fields_set - {"epochs", "augment", "device"}):
+            defaults = by_optimizer if key in ("lr", "weight_decay") else plain
+            if getattr(settings, key) != getattr(defaults, key):
+                name = key.replace("_", "-")
+                flag = (
+                    f"--{name}/--no-{name}"
+                    if isinstance(getattr(defaults, key), bool)
+                    else f"--{name}"
+                )
+                raise ConfigError(
+                    f"{flag} (finetune.{key}) is read by the fine-tuning, which runs with "
+                    f"--finetune-epochs N; add it or drop {flag}"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _recalibration_samples_need_it(self) -> CompressConfig:
         default = type(self).model_fields["recalibrate_samples"].default
         if self.recalibrate_samples != default and not (self.recalibrate and self.train_data):

@@ -58,7 +58,9 @@ def run_demo(
         eval_data=test_file,
         train_data=train_file,
         ranks=RankPolicy(method=method, macs_reduction=macs_reduction),
-        finetune=FinetuneConfig(epochs=finetune_epochs, lr=DEMO_LR, batch_size=64),
+        finetune=FinetuneConfig(epochs=finetune_epochs, lr=DEMO_LR, batch_size=64)
+        if finetune_epochs
+        else FinetuneConfig(epochs=0),
         # Where onnxruntime's per-node cost outweighs a layer's saved MACs, the gate keeps the
         # layer whole, so the deployed model is faster, not only smaller.
         latency=LatencyConfig(batch=[1, 32], gate=latency_gate, threads=threads),

@@ -118,7 +118,29 @@ ALSO = {
     "ranks.rel_error": (["--select", "error"], {"ranks.select"}),
     "ranks.energy": (["--select", "energy"], {"ranks.select"}),
     "ranks.select": ([], {"ranks.energy"}),  # printed where it is read: energy, no budget
-    "finetune.optimizer": ([], {"finetune.lr", "finetune.weight_decay"}),  # AdamW's defaults
+    # Settings read by the fine-tuning alone need it to run.
+    **{
+        f"finetune.{key}": (["--finetune-epochs", "1"], {"finetune.epochs"})
+        for key in (
+            "lr",
+            "batch_size",
+            "momentum",
+            "weight_decay",
+            "distill",
+            "temperature",
+            "alpha",
+            "mixup",
+            "train_only_decomposed",
+            "amp",
+            "eval_batch_size",
+            "checkpoint_every",
+            "validation",
+        )
+    },
+    "finetune.optimizer": (
+        ["--finetune-epochs", "1"],
+        {"finetune.epochs", "finetune.lr", "finetune.weight_decay"},  # AdamW's defaults
+    ),
     # INT8 calibrates on the training images.
     "quantize.dtype": (["--train-data", "some/file"], {"train_data"}),
     # The refit's steps are read only with training data (the refit is on by default).

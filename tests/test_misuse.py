@@ -256,6 +256,36 @@ CASES = [
         "--refit-steps (refit_steps) is read by the refit, which needs --train-data",
     ),
     (
+        "validation-without-fine-tuning",
+        {"t.npz": "not read"},
+        [
+            "compress",
+            "digits-cnn",
+            "--macs-reduction",
+            "2",
+            "--train-data",
+            "t.npz",
+            "--validation",
+            "0.1",
+            *COMMON,
+        ],
+        "--validation (finetune.validation) is read by the fine-tuning, which runs with "
+        "--finetune-epochs N; add it or drop --validation",
+    ),
+    (
+        "optimizer-without-fine-tuning",
+        {},
+        ["compress", "digits-cnn", "--macs-reduction", "2", "--optimizer", "adamw", *COMMON],
+        "--optimizer (finetune.optimizer) is read by the fine-tuning, which runs with "
+        "--finetune-epochs N",
+    ),
+    (
+        "no-distill-without-fine-tuning",
+        {},
+        ["compress", "digits-cnn", "--macs-reduction", "2", "--no-distill", *COMMON],
+        "--distill/--no-distill (finetune.distill) is read by the fine-tuning",
+    ),
+    (
         "recalibrate-samples-without-recalibration",
         {"t.npz": "not read"},
         [
