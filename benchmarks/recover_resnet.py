@@ -115,7 +115,8 @@ def main(args: argparse.Namespace) -> None:
                 **settings,
                 "plan": str(work / "decomposed" / "plan.json") if stage != "decomposed" else None,
                 "train_data": str(shared_file(TRAIN)) if train else None,
-                "finetune": {**settings["finetune"], "epochs": epochs},
+                # The fine-tuning's settings are refused where nothing reads them.
+                "finetune": {**settings["finetune"], "epochs": epochs} if epochs else {},
             }
         )
         configs[stage], start = config, time.perf_counter()
