@@ -380,24 +380,29 @@ def _macs(value: int) -> str:
     return str(value)
 
 
+LAYER_TABLE_WIDTH = 80
+
+
 def layer_table(report: Report) -> Table:
-    """One row per layer, at most 80 columns wide: MACs in k/M/G, a skipped layer's reason cut
-    to its first clause (report.json has the whole text), no cell wrapping, horizontal rules
-    only (vertical borders would take 16 of the 80 columns)."""
+    """One row per layer, at most LAYER_TABLE_WIDTH columns wide: MACs in k/M/G, a skipped
+    layer's reason cut to its first clause (report.json has the whole text), no cell wrapping,
+    horizontal rules only (vertical borders would take 16 of the 80 columns). The method, rank,
+    MACs and error columns keep their full width; long layer names and statuses are cut instead
+    (left to rich, a torchvision model's "layer4.0.downsample.0" squeezed the error column to
+    "0.…")."""
     table = Table(
         title=f"{report.model} — {report.method}", title_justify="left", box=box.SIMPLE_HEAD
     )
-    for column, justify in (
+    columns = (
         ("layer", "left"),
         ("method", "left"),
         ("rank", "right"),
         ("MACs", "right"),
         ("error", "right"),
         ("status", "left"),
-    ):
-        table.add_column(column, justify=justify, no_wrap=True)
-    for row in report.layers:
-        table.add_row(
+    )
+    rows = [
+        (
             row.name,
             row.method or "-",
             "×".join(map(str, row.rank or [])) or "-",
@@ -405,6 +410,27 @@ def layer_table(report: Report) -> Table:
             "-" if row.rel_error is None else f"{row.rel_error:.3f}",
             shorten(row.reason) if row.status == "skipped" else row.status,
         )
+        for row in report.layers
+    ]
+    widest = [
+        max([len(header), *(len(cells[index]) for cells in rows)])
+        for index, (header, _) in enumerate(columns)
+    ]
+    # What the layer and status columns may share: the SIMPLE_HEAD frame takes one character at
+    # the edge and three per column (padding and separator).
+    left = LAYER_TABLE_WIDTH - (1 + 3 * len(columns)) - sum(widest[1:5])
+    layer = min(widest[0], max(left - min(widest[5], len("decomposed")), len("layer")))
+    caps = {0: layer, 5: max(left - layer, len("status"))}
+    for index, (header, justify) in enumerate(columns):
+        table.add_column(
+            header,
+            justify=justify,
+            no_wrap=True,
+            min_width=None if index in caps else widest[index],
+            max_width=caps.get(index),
+        )
+    for cells in rows:
+        table.add_row(*cells)
     return table
 
 

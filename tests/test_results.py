@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from rich.console import Console
 
 from rankfold.converter import CompressConfig, Report, compress, validate, write_report
 from rankfold.converter.results import Refit, RefitSegment
-from rankfold.converter.summary import print_summary, shorten, summary_lines
+from rankfold.converter.summary import layer_table, print_summary, shorten, summary_lines
 from rankfold.models import load_model
 from rankfold.passes import RankPolicy
 from rankfold.passes.core import ConfigError
@@ -201,3 +202,33 @@ def test_a_model_file_holding_constant_buffers_restores(tmp_path):
     x = torch.randn(2, *spec.input_shape)
     with torch.no_grad():
         assert torch.equal(restore(tmp_path / "model.pt")(x), result.compressed(x))
+
+
+def test_the_layer_table_cuts_names_and_statuses_never_numbers():
+    """A torchvision model's long layer names and a long status squeezed the numeric columns to
+    "tuck…" and "0.…"; now those keep their width and the table stays within 80 columns."""
+    layer = SimpleNamespace(
+        name="layer4.0.downsample.0.a.very.long.name",
+        method="tucker2-cp",
+        rank=[208, 208],
+        original_macs=115_605_504,
+        macs=29_360_128,
+        rel_error=0.8931,
+        status="decomposed",
+        reason="",
+    )
+    skipped = SimpleNamespace(
+        name="fc", method=None, rank=None, original_macs=512_000, macs=512_000,
+        rel_error=None, status="skipped", reason="reverted by latency gate: block 2 ms vs 1 ms",
+    )  # fmt: skip
+    report = SimpleNamespace(
+        model="torchvision:resnet18", method="tucker2-cp", layers=[layer, skipped]
+    )
+    console = Console(file=io.StringIO(), width=80)
+    console.print(layer_table(report))
+    lines = console.file.getvalue().splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= 80
+    row = next(line for line in lines if "layer4" in line)
+    assert "tucker2-cp" in row and "208×208" in row and "116M→29.4M" in row and "0.893" in row
+    assert "layer4.0.downsample.0.a.very.long.name" not in row and "…" in row
+    assert "reverted" in next(line for line in lines if " fc " in line)
