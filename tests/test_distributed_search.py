@@ -14,7 +14,9 @@ import sys
 import textwrap
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import optuna
@@ -69,7 +71,9 @@ def digits(tmp_path_factory) -> dict[str, Path]:
 
 
 # One worker: waits for the start signal, searches, writes its selection report. With a stall
-# number it hangs inside its n-th trial's evaluation (heartbeat running), for the test to kill.
+# number it hangs inside its n-th trial's evaluation (heartbeat running), for the test to kill;
+# with a worker's name to wait for, its evaluations after the first wait until that worker has
+# stalled (else a fast worker could take every trial before the other reached its n-th).
 WORKER = textwrap.dedent(
     """
     import json, sys, time
@@ -78,7 +82,7 @@ WORKER = textwrap.dedent(
     torch.set_num_threads(1)
     from rankfold.passes import PlanningContext, RankPolicy, analyze, select_ranks, trace
     from rankfold.passes.search import Evaluator, SearchConfig
-    job, settings, folder, name, stall = sys.argv[1:]
+    job, settings, folder, name, stall, waits_for = sys.argv[1:]
     folder = Path(folder)
     payload = torch.load(job, weights_only=False)
     gm = trace(payload["gm"], torch.zeros(1, 1, 8, 8))  # pickling drops the traced shapes
@@ -98,6 +102,14 @@ WORKER = textwrap.dedent(
                 time.sleep(3600)
             return evaluate(self, choices)
         Evaluator.evaluate = stalling
+    if waits_for:
+        evaluate, calls = Evaluator.evaluate, []
+        def waiting(self, choices):
+            calls.append(1)
+            while len(calls) > 1 and not (folder / f"{waits_for}.stalled").exists():
+                time.sleep(0.05)
+            return evaluate(self, choices)
+        Evaluator.evaluate = waiting
     (folder / f"{name}.ready").touch()
     while not (folder / "go").exists():
         time.sleep(0.05)
@@ -107,7 +119,13 @@ WORKER = textwrap.dedent(
 )
 
 
-def _start_workers(job: Path, folder: Path, settings: dict, stalls: dict[str, int]):
+def _start_workers(
+    job: Path,
+    folder: Path,
+    settings: dict,
+    stalls: dict[str, int],
+    waits: Mapping[str, str] = MappingProxyType({}),
+):
     (folder / "worker.py").write_text(WORKER)
     processes = {
         name: subprocess.Popen(
@@ -119,6 +137,7 @@ def _start_workers(job: Path, folder: Path, settings: dict, stalls: dict[str, in
                 str(folder),
                 name,
                 str(stall),
+                waits.get(name, ""),
             ]
         )  # fmt: skip
         for name, stall in stalls.items()
@@ -187,7 +206,13 @@ def test_a_killed_worker_s_trial_is_failed_by_heartbeat_and_redone(
         else request.getfixturevalue("postgres_url")
     )
     settings = _settings(url, tmp_path)
-    processes = _start_workers(digits["job"], tmp_path, settings, {"victim": 2, "survivor": 0})
+    processes = _start_workers(
+        digits["job"],
+        tmp_path,
+        settings,
+        {"victim": 2, "survivor": 0},
+        waits={"survivor": "victim"},
+    )
     try:
         _wait_for(lambda: (tmp_path / "victim.stalled").exists(), processes)
     finally:
