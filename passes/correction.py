@@ -18,7 +18,10 @@ With `refine_steps`, every block is then refined as a whole: all its stages take
 same objective (minibatches of the calibration images, a cosine-decayed rate), starting from the
 least-squares fit; a refinement that does not lower the block's error on all the images is undone.
 The last stage alone is a linear problem; the stages together are not, and this is where most of
-the remaining error goes at high compression (ResNet-56 at 4×: BENCHMARKS.md, issue #20).
+the remaining error goes at high compression (ResNet-56 at 4×: BENCHMARKS.md, issue #20). A
+block whose stages are all linear layers or 1×1 convs is one affine map per position, so its
+objective is a quadratic in that map over the input's moments: its steps are exact full-batch
+steps from moments summed once, whatever the number of images and positions.
 
 With `segment_steps`, the graph is also cut into segments at the points where one tensor carries
 everything later nodes read (in a ResNet: each residual unit's output after its ReLU), each
@@ -200,6 +203,38 @@ def refit_blocks(
     return Correction(refits, segments)
 
 
+def pass_bytes_per_image(gm: fx.GraphModule, example: torch.Tensor) -> int:
+    """The most bytes a node-by-node pass over `gm` (the refit's, bias correction's) holds at
+    once per input image: each value lives until its last reader has run, for all the images.
+    `example` is one batch of inputs; the count is divided by its size."""
+    sizes: dict[fx.Node, int] = {}
+
+    def size(value: object) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, tuple | list):
+            return sum(map(size, value))
+        return sum(map(size, value.values())) if isinstance(value, dict) else 0
+
+    class Sizes(fx.Interpreter):
+        def run_node(self, node: fx.Node):
+            value = super().run_node(node)
+            if node.op != "get_attr":  # the model's own tensors, not per image
+                sizes[node] = size(value)
+            return value
+
+    with torch.no_grad():
+        Sizes(gm).run(example)
+    nodes = list(gm.graph.nodes)
+    last_use = {used: node for node in nodes for used in node.all_input_nodes}
+    held = peak = 0
+    for node in nodes:
+        held += sizes.get(node, 0)
+        peak = max(peak, held)
+        held -= sum(sizes.get(used, 0) for used in node.all_input_nodes if last_use[used] is node)
+    return -(-peak // max(len(example), 1))
+
+
 def _segment_ends(nodes: list[fx.Node], last_use: dict[int, int], blocks: set[str]) -> set[int]:
     """Where segments end: positions whose value alone carries everything later nodes read (no
     earlier value is used after them) and that come right before a block or the output."""
@@ -340,7 +375,123 @@ def refine_block(
     relative error on all the chunks falls. None for a block without parameters, whose chunks
     are not single tensors, or whose targets are all zero."""
     parameters = [p for p in block.parameters() if p.is_floating_point()]
+    if _moments_are_cheaper(block, inputs, targets):
+        return _refine_from_moments(block, parameters, inputs, targets, steps, lr)
     return _refine(parameters, [block], block, inputs, targets, steps, lr, device, seed)
+
+
+def _acts_per_position(block: nn.Module) -> bool:
+    """Whether every stage is a linear layer, or every stage a 1×1 conv (stride 1, no padding):
+    then the block is one affine map of each position's channels."""
+    stages = list(block.children()) if isinstance(block, nn.Sequential) else []
+    if stages and all(isinstance(stage, nn.Linear) for stage in stages):
+        return True
+    return bool(stages) and all(
+        isinstance(stage, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+        and set(stage.kernel_size) == set(stage.stride) == {1}
+        and (stage.padding == "valid" or set(stage.padding) == {0})
+        for stage in stages
+    )
+
+
+def _moments_are_cheaper(
+    block: nn.Module, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]
+) -> bool:
+    """Whether a per-position block's step on moments costs less than a minibatch step. The
+    former runs the block forward and back on C+1 probe rows and multiplies the (C+1)² moment
+    by the (C+1)×O map; the latter runs it forward and back on REFINE_BATCH images' positions
+    (many at 224², as few as 49 in a 224² network's last stage, where a 3,072-wide input makes
+    moments dearer)."""
+    tensors = all(isinstance(v, torch.Tensor) for v in (*inputs, *targets))
+    if not (tensors and inputs and _acts_per_position(block)):
+        return False
+    first = block[0]
+    width = first.in_features if isinstance(first, nn.Linear) else first.in_channels
+    outputs = targets[0][0].numel() * width // inputs[0][0].numel()  # O: targets' channels
+    macs = sum(stage.weight.numel() for stage in block)  # per position
+    positions = inputs[0][0].numel() // width
+    moments = (width + 1) * (3 * macs + (width + 1) * outputs)
+    minibatch = 3 * min(REFINE_BATCH, sum(len(x) for x in inputs)) * positions * macs
+    return moments < minibatch
+
+
+MOMENT_ROWS = 1 << 16  # positions per float64 slice while the moments are summed
+
+
+def _refine_from_moments(
+    block: nn.Sequential,
+    parameters: list[nn.Parameter],
+    inputs: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    steps: int,
+    lr: float,
+) -> Refit | None:
+    """`refine_block` for a block that acts on each position alone. Its output is x·A + b, so
+    Σ‖block(x) − y‖² = E − 2⟨B, ZᵀY⟩ + ⟨B, ZᵀZ·B⟩ with B = [A; b] and Z = [x, 1]: one pass sums
+    the moments, then every Adam step takes the exact gradient over all the images at a cost
+    independent of their number (instead of minibatches of whole images, which on 224² inputs
+    cost seconds a step). Hand-written: no library refines a factorized map on moments."""
+    conv = not isinstance(block[0], nn.Linear)
+    width = block[0].in_channels if conv else block[0].in_features
+    gram = torch.zeros(width + 1, width + 1, dtype=torch.float64)
+    cross, energy = None, 0.0
+    for x, y in zip(inputs, targets, strict=True):
+        z_rows, y_rows = _channel_rows(x, conv), _channel_rows(y, conv)
+        for start in range(0, len(z_rows), MOMENT_ROWS):
+            z = z_rows[start : start + MOMENT_ROWS]
+            z = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], 1)
+            rows = y_rows[start : start + MOMENT_ROWS]
+            gram += z.T @ z
+            cross = z.T @ rows if cross is None else cross + z.T @ rows
+            energy += float((rows * rows).sum())
+    if not parameters or cross is None or energy == 0:
+        return None
+    home = parameters[0]
+    probe = torch.cat([torch.eye(width), torch.zeros(1, width)]).to(home.device, home.dtype)
+    if conv:
+        probe = probe.reshape(width + 1, width, *[1] * (block[0].weight.dim() - 2))
+
+    def affine() -> torch.Tensor:
+        """The block's map read off a probe: its value at the unit vectors minus its value at 0
+        gives A's rows, its value at 0 gives b."""
+        out = block(probe).reshape(width + 1, -1)
+        return torch.cat([out[:-1] - out[-1], out[-1:]])
+
+    def error() -> float:
+        """The relative error, in float64 (the steps' float32 loss drops the constant E, which
+        would cancel most of its digits)."""
+        b = affine().double()
+        value = energy - 2 * float((b * cross).sum()) + float((b * (gram @ b)).sum())
+        return max(value, 0.0) / energy
+
+    gram32, cross32 = gram.to(home.dtype) / energy, cross.to(home.dtype) / energy
+    saved = [p.detach().clone() for p in parameters]
+    modes = [(m, m.training) for m in block.modules()]
+    block.eval()
+    try:
+        with torch.no_grad():
+            before = error()
+        optimizer = torch.optim.Adam(parameters, lr=lr)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+        with torch.enable_grad():
+            for _ in range(steps):
+                optimizer.zero_grad(set_to_none=True)
+                b = affine()
+                # The gradient 2(G·B − ZᵀY) without the second (C+1)²×O product that
+                # differentiating ⟨B, G·B⟩ would take.
+                (b * (2 * (gram32 @ b.detach() - cross32))).sum().backward()
+                optimizer.step()
+                schedule.step()
+        with torch.no_grad():
+            after = error()
+            if not after < before:
+                for parameter, value in zip(parameters, saved, strict=True):
+                    parameter.copy_(value)
+                after = before
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    return Refit(before**0.5, after**0.5)
 
 
 def refine_segment(

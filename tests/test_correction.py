@@ -13,7 +13,7 @@ from torch import nn
 
 from rankfold.passes import RankPolicy, analyze, decompose, trace
 from rankfold.passes.core import ConfigError, DataError
-from rankfold.passes.correction import refine_block, refit_blocks
+from rankfold.passes.correction import pass_bytes_per_image, refine_block, refit_blocks
 
 
 class Chain(nn.Module):
@@ -237,6 +237,64 @@ def test_refinement_is_undone_when_it_does_not_lower_the_error():
     assert refit.after == pytest.approx((error / energy) ** 0.5, rel=1e-4)
 
 
+@pytest.mark.parametrize("stage", ["linear", "conv1x1"])
+def test_a_block_acting_per_position_is_refined_on_moments_as_well_as_on_minibatches(stage):
+    """Per-position blocks take exact full-batch steps from the input's moments; the result
+    matches the minibatch refinement's and the errors it reports are the data's."""
+    torch.manual_seed(0)
+    mixing = torch.randn(12, 12) * torch.logspace(0, -2, 12)  # correlated channels
+    layer = nn.Linear(12, 20)
+    x = [torch.randn(4, 6, 6, 12) @ mixing for _ in range(3)]
+    with torch.no_grad():
+        y = [layer(chunk) + 0.05 * torch.randn(4, 6, 6, 20) for chunk in x]
+    block = nn.Sequential(nn.Linear(12, 4, bias=False), nn.Linear(4, 20))
+    if stage == "conv1x1":
+        x = [chunk.movedim(-1, 1) for chunk in x]
+        y = [chunk.movedim(-1, 1) for chunk in y]
+        block = nn.Sequential(nn.Conv2d(12, 4, 1, bias=False), nn.Conv2d(4, 20, 1))
+    # Any stage but a linear or a 1×1 conv sends a block down the minibatch path.
+    minibatch = nn.Sequential(*copy.deepcopy(block), nn.Identity())
+    cpu = torch.device("cpu")
+    reseeded, resampled = copy.deepcopy(block), copy.deepcopy(minibatch)
+    exact = refine_block(block, x, y, steps=300, lr=1e-2, device=cpu)
+    sampled = refine_block(minibatch, x, y, steps=300, lr=1e-2, device=cpu)
+    # Full-batch steps draw nothing: another seed gives the same weights, unlike minibatches.
+    refine_block(reseeded, x, y, steps=300, lr=1e-2, device=cpu, seed=1)
+    refine_block(resampled, x, y, steps=300, lr=1e-2, device=cpu, seed=1)
+    assert all(map(torch.equal, block.parameters(), reseeded.parameters()))
+    assert not all(map(torch.equal, minibatch.parameters(), resampled.parameters()))
+    assert exact.before == pytest.approx(sampled.before, rel=1e-6)
+    assert exact.after < 0.6 * exact.before
+    assert exact.after <= 1.02 * sampled.after
+    with torch.no_grad():
+        error = sum(float((block(a) - b).double().square().sum()) for a, b in zip(x, y))
+    energy = sum(float(b.double().square().sum()) for b in y)
+    assert exact.after == pytest.approx((error / energy) ** 0.5, rel=1e-6)
+
+
+def test_a_wide_block_on_few_positions_keeps_minibatches():
+    """On moments a step costs (C+1) rows' worth of the block and a (C+1)²×O product: with a
+    wide input and one position per image, minibatches are cheaper, and drawn (seeded)."""
+    torch.manual_seed(0)
+    x = [torch.randn(8, 256) for _ in range(2)]
+    y = [torch.randn(8, 16) for _ in range(2)]
+    blocks = [nn.Sequential(nn.Linear(256, 4, bias=False), nn.Linear(4, 16)) for _ in range(2)]
+    blocks[1].load_state_dict(blocks[0].state_dict())
+    for seed, block in enumerate(blocks):
+        refine_block(block, x, y, steps=5, lr=1e-2, device=torch.device("cpu"), seed=seed)
+    assert not all(map(torch.equal, blocks[0].parameters(), blocks[1].parameters()))
+
+
+def test_a_pass_holds_each_value_until_its_last_reader_has_run():
+    """conv 3→8 → ReLU → 1×1 conv 8→4 on 5×5 images: the ReLU's input and output (800 bytes
+    an image each) are held together, the network's input is already freed."""
+    gm = trace(
+        nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval(),
+        torch.zeros(1, 3, 5, 5),
+    )
+    assert pass_bytes_per_image(gm, torch.zeros(2, 3, 5, 5)) == 2 * 8 * 25 * 4
+
+
 def test_infinite_damping_keeps_the_fit():
     original, compressed = chain_and_blocks("cp", 4)
     kept = copy.deepcopy(compressed.state_dict())
@@ -308,6 +366,14 @@ def test_compress_refits_with_training_data_and_the_saved_model_restores(tmp_pat
     ]
     assert run(ranks=tucker2, refit_steps=30, refit_segment_steps=0).refit.segments == []
     assert run(ranks=tucker2, refit_steps=0).refit.segment_steps == 0
+    # The activations of both networks for all the images must fit in --refit-memory-mb.
+    per_image = 2 * pass_bytes_per_image(
+        refitted.compressed, refitted.example_input.repeat(2, 1, 1, 1)
+    )
+    capped = run(refit_steps=0, refit_memory_mb=1)
+    assert capped.refit.images == (1 << 20) // per_image < 128
+    assert capped.refit.images + capped.refit.images_left_out == 128
+    assert refitted.refit.images_left_out == 0
     # The refit gives bias-free last stages a bias; the saved model still loads.
     save_model(refitted, tmp_path / "model.pt")
     restored = restore(tmp_path / "model.pt")
