@@ -162,6 +162,9 @@ class QuantizeConfig(_Strict):
         return self
 
 
+DEFAULT_REFIT_MEMORY_MB = 4096
+
+
 class StatisticsConfig(_Strict):
     """Data-aware fits (`data_aware`, with training data): each layer is fitted to its output
     on the first `samples` training images (their input second moments) instead of to its
@@ -204,6 +207,9 @@ class CompressConfig(_Strict):
     # refit_steps where a planned method asks for it (Method.refines_segments: tucker2,
     # tucker2-cp), else 0.
     refit_segment_steps: int | None = Field(default=None, ge=0)
+    # Activations the refit (both networks) and bias correction hold, for all their images at
+    # once: fewer images are read where more would not fit (224² models, about 10 MiB an image).
+    refit_memory_mb: int = Field(default=DEFAULT_REFIT_MEMORY_MB, ge=1)
     recalibrate: bool = True
     # Training images BatchNorm is re-estimated on: the first ones (an ImageFolder's cover every
     # class), enough for the statistics and minutes, not hours, on an ImageNet-size folder; more
@@ -276,6 +282,18 @@ class CompressConfig(_Strict):
                 raise ConfigError(
                     f"{flag} ({key}) is read by the refit, which needs {why}; add it or drop {flag}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _refit_memory_needs_a_pass(self) -> CompressConfig:
+        if self.refit_memory_mb != DEFAULT_REFIT_MEMORY_MB and not (
+            self.train_data and (self.refit or self.recalibrate)
+        ):
+            why = "--refit or --recalibrate" if self.train_data else "--train-data"
+            raise ConfigError(
+                "--refit-memory-mb (refit_memory_mb) is read by the refit and bias correction, "
+                f"which need {why}; add it or drop --refit-memory-mb"
+            )
         return self
 
     @model_validator(mode="after")

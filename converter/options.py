@@ -311,6 +311,13 @@ OPTIONS: tuple[Option, ...] = (
         RECOVERY,
         int,
     ),
+    Option(
+        "refit_memory_mb",
+        "Memory for the activations the refit and bias correction hold for all their images "
+        "(4096); fewer images are read where more would not fit.",
+        RECOVERY,
+        int,
+    ),
     Option("recalibrate", "Recalibrate BatchNorm (bias correction without BN).", RECOVERY, bool),
     Option(
         "recalibrate_samples",

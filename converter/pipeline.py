@@ -113,7 +113,11 @@ from rankfold.passes.core import (
     atomic_path,
     atomic_write_json,
 )
-from rankfold.passes.correction import DEFAULT_CORRECTION_DAMPING, refit_blocks
+from rankfold.passes.correction import (
+    DEFAULT_CORRECTION_DAMPING,
+    pass_bytes_per_image,
+    refit_blocks,
+)
 from rankfold.passes.latency_gate import gate_plan, round_ranks
 from rankfold.passes.methods import get_method
 from rankfold.passes.plan import RankPolicy, budgeted_slots, resolve_round_to
@@ -194,6 +198,8 @@ class CompressionResult:
     refit: Refit | None = None  # when the last stages were refitted
     recalibration: str | None = None  # "batchnorm" | "bias" when recovery ran
     recalibration_check: RecalibrationCheck | None = None  # after a refit
+    recalibration_images: int | None = None  # bias correction's
+    recalibration_images_left_out: int = 0  # by --refit-memory-mb
     finetuning: FinetuneResult | None = None
     statistics: StatisticsRun | None = None  # data-aware fits: the layer statistics used
     report: Report | None = None  # set by `run_compress` (see `to_report`)
@@ -290,6 +296,8 @@ class CompressionResult:
                 refit=self.refit,
                 recalibration=self.recalibration,
                 recalibration_check=self.recalibration_check,
+                recalibration_images=self.recalibration_images,
+                recalibration_images_left_out=self.recalibration_images_left_out,
                 finetune=None if self.finetuning is None else self.finetuning.to_dict(),
             ),
             macs_reduction=analysis.total_macs / cost.macs,
@@ -1093,7 +1101,8 @@ def refit(result: CompressionResult, train: ImageData) -> None:
     started = time.perf_counter()
     config = result.config
     names = [entry.name for entry in result.plan.decomposed()]
-    images = train.subset(config.statistics.samples)
+    wanted = min(config.statistics.samples, len(train))
+    images = train.subset(images_that_fit(result, wanted, networks=2))
     inputs = (x for x, _ in batches(images, result.spec, config.search.batch_size))
     segment_steps = refit_segment_steps(config, result.plan)
     steps = config.refit_steps or segment_steps
@@ -1116,6 +1125,8 @@ def refit(result: CompressionResult, train: ImageData) -> None:
             row.extras["refit_error_after"] = done.blocks[row.name].after
     result.refit = Refit(
         images=len(images),
+        images_left_out=wanted - len(images),
+        memory_mb=config.refit_memory_mb,
         layers=len(done.blocks),
         damping=DEFAULT_CORRECTION_DAMPING,
         seconds=time.perf_counter() - started,
@@ -1129,6 +1140,15 @@ def refit(result: CompressionResult, train: ImageData) -> None:
     )
 
 
+def images_that_fit(result: CompressionResult, wanted: int, networks: int) -> int:
+    """How many of `wanted` images a node-by-node pass over `networks` copies of the model
+    (the refit runs the original beside the compressed one) can hold within
+    --refit-memory-mb; at least one."""
+    example = torch.zeros(2, *result.spec.input_shape)
+    per_image = networks * pass_bytes_per_image(result.compressed, example)
+    return max(1, min(wanted, (result.config.refit_memory_mb << 20) // max(per_image, 1)))
+
+
 Item = TypeVar("Item")
 
 
@@ -1138,6 +1158,8 @@ def _advancing(items: Iterable[Item], advance: Callable[[], None]) -> Iterator[I
         yield item
         advance()
 
+
+BIAS_CORRECTION_IMAGES = 2048  # the first ones: enough for per-channel means
 
 # Training images that judge recalibration after a refit: their labels are read by neither step,
 # and the choice never looks at the evaluation data.
@@ -1183,9 +1205,19 @@ def recover(
             # Clean: bias correction matches the compressed model's channel means to the
             # original's on the same inputs, so no training statistics are involved, and clean
             # images are the distribution the model is used on.
-            inputs = batches(train, spec, batch_size=256)
-            correct_bias(result.original, result.compressed, decomposed, inputs, max_batches=8)
+            wanted = min(BIAS_CORRECTION_IMAGES, len(train))
+            images = train.subset(images_that_fit(result, wanted, networks=1))
+            with progress_bar("bias correction", total=len(decomposed)) as advance:
+                correct_bias(
+                    result.original,
+                    result.compressed,
+                    decomposed,
+                    batches(images, spec, batch_size=256),
+                    progress=advance,
+                )
             result.recalibration = "bias"
+            result.recalibration_images = len(images)
+            result.recalibration_images_left_out = wanted - len(images)
         kept = "recalibrated"
         if judge is not None:
             recalibrated_score = _judge(result, judge, logits)

@@ -25,8 +25,9 @@ from rankfold.passes.core import ConfigError
 #    by default (`Refit.segments_by_default`); 11: whether the selector was the method's default
 #    (`SelectionReport.by_default`); 12: each INT8 file's calibration, and what `auto` measured
 #    (`QuantizedFile.calibration_pick`); 13: the candidates `auto` could not calibrate
-#    (`CalibrationPick.failed`)
-SCHEMA_VERSION = 13
+#    (`CalibrationPick.failed`); 14: images the refit and bias correction left out for memory
+#    (`Refit.images_left_out`, `Recovery.recalibration_images_left_out`)
+SCHEMA_VERSION = 14
 
 
 class _Section(BaseModel):
@@ -150,6 +151,10 @@ class Refit(_Section):
     images."""
 
     images: int
+    # Of the first statistics.samples training images, those whose activations would not fit
+    # in memory_mb (--refit-memory-mb).
+    images_left_out: int = 0
+    memory_mb: int | None = None
     layers: int
     damping: float
     seconds: float
@@ -180,6 +185,9 @@ class Recovery(_Section):
     refit: Refit | None = None
     recalibration: str | None = None  # "batchnorm" | "bias"
     recalibration_check: RecalibrationCheck | None = None
+    # Bias correction: the training images it read, and those --refit-memory-mb left out.
+    recalibration_images: int | None = None
+    recalibration_images_left_out: int = 0
     finetune: dict[str, Any] | None = None
 
 
@@ -391,7 +399,7 @@ class Report(_Section):
     --eval-data for a classifier, a Python API metric's name, or None when none was computed
     (no evaluation data, or outputs top-1 cannot be read from and no metric given)."""
 
-    schema_version: Literal[13] = SCHEMA_VERSION
+    schema_version: Literal[14] = SCHEMA_VERSION
     model: str
     method: str
     target: dict[str, float] | None

@@ -96,6 +96,14 @@ def _value(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
+def _left_out(count: int, memory_mb: int | None) -> str:
+    """The note on images a node-by-node pass left out for memory."""
+    if not count:
+        return ""
+    limit = f"--refit-memory-mb {memory_mb}" if memory_mb else "--refit-memory-mb"
+    return f" ({count} more left out: their activations would exceed {limit}; raise it for them)"
+
+
 def summary_lines(report: Report, out: Path) -> list[str]:
     """What happened, one fact a line: the headline, cost, accuracy at each stage, parity,
     latency."""
@@ -167,8 +175,8 @@ def summary_lines(report: Report, out: Path) -> list[str]:
         )
         lines.append(
             f"refit: {len(refitted)} block(s) refitted in graph order ({how}) on "
-            f"{refit.images} training images; mean output error in the compressed network "
-            f"{before:.3f} → {after:.3f}"
+            f"{refit.images} training images{_left_out(refit.images_left_out, refit.memory_mb)}; "
+            f"mean output error in the compressed network {before:.3f} → {after:.3f}"
         )
         if refit.segments:
             first = sum(s.error_before for s in refit.segments) / len(refit.segments)
@@ -183,6 +191,11 @@ def summary_lines(report: Report, out: Path) -> list[str]:
                     else ""
                 )
             )
+    recovery = report.recovery
+    if recovery.recalibration == "bias" and recovery.recalibration_images_left_out:
+        left_out = _left_out(recovery.recalibration_images_left_out, None)
+        read = recovery.recalibration_images
+        lines.append(f"bias correction on {read} training images{left_out}")
     check = report.recovery.recalibration_check
     if check is not None:
         verdict = "kept" if check.kept == "recalibrated" else "undone (the refitted model is kept)"

@@ -15,7 +15,7 @@ and gradient-free:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import fx, nn
@@ -88,6 +88,7 @@ def correct_bias(
     layer_names: Sequence[str],
     inputs: Iterable[Batch],
     max_batches: int | None = None,
+    progress: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Match each named layer's per-channel output mean in `compressed` to the one in `original`.
 
@@ -98,7 +99,8 @@ def correct_bias(
     they run, and each is measured after the layers before it were corrected, so a correction never
     compensates a shift that an upstream correction already removed. Returns each layer's largest
     absolute shift. `inputs` yields tensors or `(inputs, labels)` pairs; they are held in memory
-    (up to `max_batches`) because the compressed model is run once per layer.
+    (up to `max_batches`) because the compressed model is run once per layer; `progress` is
+    called after each layer is corrected.
     """
     _check_max_batches(max_batches)
     if not layer_names:
@@ -115,8 +117,9 @@ def correct_bias(
 
     reference = _channel_means(original, "original", order, cached, stop_after=None)
     shifts: dict[str, float] = {}
-    for name in order:
-        measured = _channel_means(compressed, "compressed", [name], cached, stop_after=name)[name]
+
+    def correct(name: str, measured: torch.Tensor) -> torch.Tensor:
+        """Shift the layer's bias by reference − measured; return the shift."""
         if measured.shape != reference[name].shape:
             raise ConfigError(
                 f"layer '{name}' has {reference[name].numel()} output channels in the original "
@@ -132,7 +135,89 @@ def correct_bias(
         with torch.no_grad():
             stage.bias.add_(shift.to(stage.bias.dtype).to(stage.bias.device))
         shifts[name] = float(shift.abs().max())
+        if progress is not None:
+            progress()
+        return shift
+
+    if _runs_each_once(compressed, order):
+        _correct_in_one_pass(compressed, order, cached, correct)
+    else:
+        for name in order:
+            correct(name, _channel_means(compressed, "compressed", [name], cached, name)[name])
     return {name: shifts[name] for name in layer_names}
+
+
+def _runs_each_once(model: nn.Module, names: Sequence[str]) -> bool:
+    """Whether `model` is a graph with one input that calls each named module at one node."""
+    if not isinstance(model, fx.GraphModule):
+        return False
+    nodes = list(model.graph.nodes)
+    calls = [str(n.target) for n in nodes if n.op == "call_module"]
+    inputs = [n for n in nodes if n.op == "placeholder"]
+    return len(inputs) == 1 and all(calls.count(name) == 1 for name in names)
+
+
+def _correct_in_one_pass(
+    gm: fx.GraphModule,
+    names: Sequence[str],
+    inputs: list[torch.Tensor],
+    correct: Callable[[str, torch.Tensor], torch.Tensor],
+) -> None:
+    """The layer-by-layer correction in one pass over the graph: every node runs on all the
+    batches before the next, so each named layer's mean is measured, its bias corrected and its
+    outputs shifted by as much before any later node reads them. The same result as one forward
+    pass per layer, at the cost of one, holding each live value for all the batches."""
+    interpreter = fx.Interpreter(gm)  # for its op dispatch; the pass keeps its own environment
+    nodes = list(gm.graph.nodes)
+    last_use = {used: node for node in nodes for used in node.all_input_nodes}
+    values: dict[fx.Node, list] = {}
+    device = _device_of(gm)
+    modes = [(module, module.training) for module in gm.modules()]
+    try:
+        gm.eval()
+        with torch.no_grad():
+            for node in nodes:
+                if node.op == "output":
+                    break
+                if node.op == "placeholder":
+                    values[node] = [x.to(device) for x in inputs]
+                    continue
+                run = getattr(interpreter, node.op)
+                outputs = []
+                for index in range(len(inputs)):
+                    args, kwargs = fx.node.map_arg(
+                        (node.args, node.kwargs), lambda n, i=index: values[n][i]
+                    )
+                    outputs.append(run(node.target, args, kwargs))
+                if node.op == "call_module" and str(node.target) in names:
+                    outputs = _shifted(gm, str(node.target), outputs, correct)
+                values[node] = outputs
+                for used in node.all_input_nodes:
+                    if last_use[used] is node:
+                        del values[used]
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+def _shifted(
+    gm: fx.GraphModule,
+    name: str,
+    outputs: list[torch.Tensor],
+    correct: Callable[[str, torch.Tensor], torch.Tensor],
+) -> list[torch.Tensor]:
+    """Correct layer `name` from its `outputs` on all the batches; return them shifted."""
+    module = gm.get_submodule(name)
+    last = module[-1] if isinstance(module, nn.Sequential) and len(module) else module
+    channel_dim = 1 if isinstance(last, nn.modules.conv._ConvNd) else -1
+    total, count = 0, 0
+    for output in outputs:
+        flat = output.to(torch.float64).movedim(channel_dim, -1)
+        flat = flat.reshape(-1, flat.shape[-1])
+        total, count = total + flat.sum(0).cpu(), count + len(flat)
+    shift = correct(name, total / count)
+    shape = [-1] + [1] * (outputs[0].dim() - 2) if channel_dim == 1 else [-1]
+    return [output + shift.to(output).reshape(shape) for output in outputs]
 
 
 def _channel_means(

@@ -146,6 +146,7 @@ ALSO = {
     # The refit's steps are read only with training data (the refit is on by default).
     "refit_steps": (["--train-data", "t.npz"], {"train_data"}),
     "refit_segment_steps": (["--train-data", "t.npz"], {"train_data"}),
+    "refit_memory_mb": (["--train-data", "t.npz"], {"train_data"}),
     "recalibrate_samples": (["--train-data", "t.npz"], {"train_data"}),
     # Settings of data-aware fits are read only with training data and --data-aware.
     **{

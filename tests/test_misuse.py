@@ -256,6 +256,13 @@ CASES = [
         "--refit-steps (refit_steps) is read by the refit, which needs --train-data",
     ),
     (
+        "refit-memory-without-data",
+        {},
+        ["compress", "digits-cnn", "--macs-reduction", "2", "--refit-memory-mb", "64", *COMMON],
+        "--refit-memory-mb (refit_memory_mb) is read by the refit and bias correction, which "
+        "need --train-data",
+    ),
+    (
         "validation-without-fine-tuning",
         {"t.npz": "not read"},
         [

@@ -197,8 +197,17 @@ def test_bias_correction_matches_channel_means_of_a_low_rank_model() -> None:
     with torch.no_grad():
         logit_error_before = sum(float((compressed(x) - original(x)).pow(2).mean()) for x in data)
 
-    found = correct_bias(original, compressed, ["conv1", "conv2"], data, max_batches=4)
+    corrected = []
+    found = correct_bias(
+        original,
+        compressed,
+        ["conv1", "conv2"],
+        data,
+        max_batches=4,
+        progress=lambda: corrected.append(len(corrected)),
+    )
 
+    assert corrected == [0, 1]  # the progress bar moves once per layer
     assert isinstance(compressed.conv2[-1].bias, nn.Parameter)
     for name in ("conv1", "conv2"):
         assert found[name] > 1e-3  # low rank really did shift the means
@@ -208,6 +217,40 @@ def test_bias_correction_matches_channel_means_of_a_low_rank_model() -> None:
     with torch.no_grad():
         logit_error_after = sum(float((compressed(x) - original(x)).pow(2).mean()) for x in data)
     assert logit_error_after < logit_error_before
+
+
+class _Opaque(nn.Module):
+    """A model that is no graph: bias correction then runs it once per layer."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def test_bias_correction_in_one_pass_over_the_graph_equals_one_pass_per_layer() -> None:
+    torch.manual_seed(4)
+    original, compressed = _decomposed(SmallPlain(bias=True), "cp", 3)
+    data = _inputs(seed=5)
+    per_layer = _Opaque(copy.deepcopy(compressed))
+    passes: list[int] = []
+    counter = compressed.register_forward_pre_hook(lambda *_: passes.append(1))
+    graph = correct_bias(original, compressed, ["conv1", "conv2"], data)
+    counter.remove()
+    assert passes == []  # the graph ran node by node, not as whole forward passes
+    names = ["inner.conv1", "inner.conv2"]
+    opaque = correct_bias(_Opaque(original), per_layer, names, data)
+    assert list(graph.values()) == pytest.approx(list(opaque.values()), rel=1e-5)
+    assert min(graph.values()) > 1e-3
+    for name in ("conv1", "conv2"):
+        torch.testing.assert_close(
+            compressed.get_submodule(name)[-1].bias,
+            per_layer.inner.get_submodule(name)[-1].bias,
+            atol=1e-6,
+            rtol=0,
+        )
 
 
 def test_bias_correction_bad_inputs() -> None:
@@ -276,3 +319,37 @@ def test_compress_recalibrates_on_the_first_recalibrate_samples_images(tmp_path,
             copy.deepcopy(trained), torch.zeros(1, *spec.input_shape), build_config(settings), spec
         )
         assert result.recalibration == "batchnorm" and sum(seen) == expected
+
+
+def test_compress_corrects_biases_on_the_images_whose_activations_fit(tmp_path):
+    """A BN-free model: bias correction reads the first training images, as many as the node-by-
+    node pass can hold within --refit-memory-mb."""
+    import numpy as np
+
+    from rankfold.converter import build_config, compress
+    from rankfold.models.spec import ModelSpec
+    from rankfold.passes.correction import pass_bytes_per_image
+
+    generator = np.random.default_rng(0)
+    x = generator.integers(0, 256, (300, 3, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "train.npz", x=x, y=generator.integers(0, 5, 300))
+    spec = ModelSpec("small", (3, 8, 8), 5, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    torch.manual_seed(0)
+    model = SmallPlain(bias=True).eval()
+    example = torch.zeros(1, 3, 8, 8)
+    settings = {
+        "model": "small",
+        "ranks": {"method": "tucker2", "rank": [3, 3], "skip": ["fc"], "min_macs_share": 0},
+        "train_data": str(tmp_path / "train.npz"),
+        "refit": False,
+        "latency": {"enabled": False},
+        "search": {"cache_dir": str(tmp_path / "cache")},
+    }
+    whole = compress(copy.deepcopy(model), example, build_config(settings), spec)
+    assert whole.recalibration == "bias"
+    assert (whole.recalibration_images, whole.recalibration_images_left_out) == (300, 0)
+    capped = build_config({**settings, "refit_memory_mb": 1})
+    result = compress(copy.deepcopy(model), example, capped, spec)
+    fits = (1 << 20) // pass_bytes_per_image(result.compressed, torch.zeros(2, 3, 8, 8))
+    assert result.recalibration_images == fits < 300
+    assert result.recalibration_images_left_out == 300 - fits
