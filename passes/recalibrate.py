@@ -207,17 +207,27 @@ def _shifted(
     correct: Callable[[str, torch.Tensor], torch.Tensor],
 ) -> list[torch.Tensor]:
     """Correct layer `name` from its `outputs` on all the batches; return them shifted."""
-    module = gm.get_submodule(name)
-    last = module[-1] if isinstance(module, nn.Sequential) and len(module) else module
-    channel_dim = 1 if isinstance(last, nn.modules.conv._ConvNd) else -1
+    channel_dim = _channel_dim(gm.get_submodule(name))
     total, count = 0, 0
     for output in outputs:
-        flat = output.to(torch.float64).movedim(channel_dim, -1)
-        flat = flat.reshape(-1, flat.shape[-1])
+        flat = _channel_rows(output, channel_dim)
         total, count = total + flat.sum(0).cpu(), count + len(flat)
     shift = correct(name, total / count)
     shape = [-1] + [1] * (outputs[0].dim() - 2) if channel_dim == 1 else [-1]
     return [output + shift.to(output).reshape(shape) for output in outputs]
+
+
+def _channel_dim(module: nn.Module) -> int:
+    """The channel axis of a layer's outputs, a property of a block's last stage (conv: 1;
+    linear: the last)."""
+    last = module[-1] if isinstance(module, nn.Sequential) and len(module) else module
+    return 1 if isinstance(last, nn.modules.conv._ConvNd) else -1
+
+
+def _channel_rows(output: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """One float64 row of channels per sample and position."""
+    values = output.to(torch.float64).movedim(channel_dim, -1)
+    return values.reshape(-1, values.shape[-1])
 
 
 def _channel_means(
@@ -233,11 +243,10 @@ def _channel_means(
     handles = []
 
     def hook_for(name: str, module: nn.Module):
-        channel_dim = 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
+        channel_dim = _channel_dim(module)
 
         def hook(_module: nn.Module, _args: object, output: torch.Tensor) -> None:
-            values = output.detach().to(torch.float64).movedim(channel_dim, -1)
-            flat = values.reshape(-1, values.shape[-1])
+            flat = _channel_rows(output.detach(), channel_dim)
             sums[name] = sums.get(name, 0) + flat.sum(0).cpu()
             counts[name] += flat.shape[0]
             if name == stop_after:
@@ -247,9 +256,7 @@ def _channel_means(
 
     for name in names:
         module = _module_at(model, name, which)
-        # The channel axis is a property of the block's last stage (conv: dim 1; linear: last).
-        last = module[-1] if isinstance(module, nn.Sequential) and len(module) else module
-        handles.append(module.register_forward_hook(hook_for(name, last)))
+        handles.append(module.register_forward_hook(hook_for(name, module)))
     device = _device_of(model)
     modes = [(module, module.training) for module in model.modules()]
     try:
