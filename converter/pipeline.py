@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 
 from rankfold.converter.calibration import (
     PlanTimer,
@@ -1143,9 +1143,11 @@ def refit(result: CompressionResult, train: ImageData) -> None:
 def images_that_fit(result: CompressionResult, wanted: int, networks: int) -> int:
     """How many of `wanted` images a node-by-node pass over `networks` copies of the model
     (the refit runs the original beside the compressed one) can hold within
-    --refit-memory-mb; at least one."""
-    example = torch.zeros(2, *result.spec.input_shape)
-    per_image = networks * pass_bytes_per_image(result.compressed, example)
+    --refit-memory-mb; at least one. A model captured by hooks is no graph: its bias
+    correction runs forward passes, a batch at a time, and reads them all."""
+    if not isinstance(result.compressed, fx.GraphModule):
+        return wanted
+    per_image = networks * pass_bytes_per_image(result.compressed, result.example_input)
     return max(1, min(wanted, (result.config.refit_memory_mb << 20) // max(per_image, 1)))
 
 

@@ -44,10 +44,10 @@ class Gate(nn.Module):
 
 
 class Net(nn.Module):
-    def __init__(self, middle):
+    def __init__(self, middle, bn=True):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
-        self.bn = nn.BatchNorm2d(32)
+        self.bn = nn.BatchNorm2d(32) if bn else nn.Identity()
         self.middle = middle
         self.conv2 = nn.Conv2d(32, 32, 3, padding=1)
         self.fc = nn.Linear(32, 4)
@@ -64,6 +64,11 @@ def shaped():
 def gated():
     torch.manual_seed(0)
     return Net(Gate())
+
+
+def shaped_without_bn():
+    torch.manual_seed(0)
+    return Net(Halve(), bn=False)
 '''
 
 # Per-sample MACs of `shaped` on 3×16×16: conv1 at 16×16, conv2 at 8×8 (after Halve), fc.
@@ -118,6 +123,32 @@ def test_shape_dependent_model_compresses_through_the_capture_path(tmp_path):
     (onnx_out,) = session.run(None, {"input": x.numpy()})
     with torch.no_grad():
         np.testing.assert_allclose(onnx_out, model(x).numpy(), atol=1e-5)
+
+
+def test_a_model_without_bn_on_the_capture_path_corrects_biases_on_every_image(tmp_path):
+    """No graph to walk node by node: bias correction runs the model once per layer, a batch at
+    a time, so --refit-memory-mb caps nothing."""
+    generator = np.random.default_rng(0)
+    x = generator.integers(0, 256, (300, 3, 16, 16), dtype=np.uint8)
+    np.savez(tmp_path / "train.npz", x=x, y=generator.integers(0, 4, 300))
+    result = _compress(
+        tmp_path,
+        "shaped_without_bn",
+        "--method",
+        "tucker2",
+        "--skip",
+        "fc",
+        "--train-data",
+        str(tmp_path / "train.npz"),
+        "--refit-memory-mb",
+        "1",
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["capture"]["path"] == "forward hooks"
+    recovery = report["recovery"]
+    assert recovery["recalibration"] == "bias" and recovery["refit"] is None
+    assert (recovery["recalibration_images"], recovery["recalibration_images_left_out"]) == (300, 0)
 
 
 @pytest.mark.parametrize(
