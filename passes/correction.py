@@ -300,9 +300,9 @@ def _run(gm: fx.GraphModule, node: fx.Node, values: dict, position: dict, count:
     return [_call(gm, node, *arguments) for arguments in _arguments(node, values, position, count)]
 
 
-def _channel_rows(x: torch.Tensor, conv: bool) -> torch.Tensor:
-    """Channel vectors as float64 rows (conv: one per position)."""
-    return (x.movedim(1, -1) if conv else x).reshape(-1, x.shape[1 if conv else -1]).double()
+def _channel_rows(x: torch.Tensor, conv: bool, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Channel vectors as rows (conv: one per position)."""
+    return (x.movedim(1, -1) if conv else x).reshape(-1, x.shape[1 if conv else -1]).to(dtype)
 
 
 def _refit(block: nn.Module, targets: list, head_args: list[tuple], damping: float) -> Refit | None:
@@ -415,7 +415,7 @@ def _moments_are_cheaper(
     return moments < minibatch
 
 
-MOMENT_ROWS = 1 << 16  # positions per float64 slice while the moments are summed
+MOMENT_ROWS = 1 << 16  # positions converted to float64 at a time while the moments are summed
 
 
 def _refine_from_moments(
@@ -436,11 +436,12 @@ def _refine_from_moments(
     gram = torch.zeros(width + 1, width + 1, dtype=torch.float64)
     cross, energy = None, 0.0
     for x, y in zip(inputs, targets, strict=True):
-        z_rows, y_rows = _channel_rows(x, conv), _channel_rows(y, conv)
+        z_rows = _channel_rows(x, conv, torch.float32)
+        y_rows = _channel_rows(y, conv, torch.float32)
         for start in range(0, len(z_rows), MOMENT_ROWS):
-            z = z_rows[start : start + MOMENT_ROWS]
+            z = z_rows[start : start + MOMENT_ROWS].double()
             z = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], 1)
-            rows = y_rows[start : start + MOMENT_ROWS]
+            rows = y_rows[start : start + MOMENT_ROWS].double()
             gram += z.T @ z
             cross = z.T @ rows if cross is None else cross + z.T @ rows
             energy += float((rows * rows).sum())
