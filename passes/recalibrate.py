@@ -98,8 +98,9 @@ def correct_bias(
     outputs of the same inputs through each model. Layers are corrected one at a time in the order
     they run, and each is measured after the layers before it were corrected, so a correction never
     compensates a shift that an upstream correction already removed. Returns each layer's largest
-    absolute shift. `inputs` yields tensors or `(inputs, labels)` pairs; they are held in memory
-    (up to `max_batches`) because the compressed model is run once per layer; `progress` is
+    absolute shift. `inputs` yields tensors or `(inputs, labels)` pairs, held in memory (up to
+    `max_batches`): a graph calling each layer once is corrected in one pass that holds each
+    live value for all of them, any other model by one forward pass per layer. `progress` is
     called after each layer is corrected.
     """
     _check_max_batches(max_batches)
@@ -168,6 +169,7 @@ def _correct_in_one_pass(
     outputs shifted by as much before any later node reads them. The same result as one forward
     pass per layer, at the cost of one, holding each live value for all the batches."""
     interpreter = fx.Interpreter(gm)  # for its op dispatch; the pass keeps its own environment
+    corrected = set(names)
     nodes = list(gm.graph.nodes)
     last_use = {used: node for node in nodes for used in node.all_input_nodes}
     values: dict[fx.Node, list] = {}
@@ -189,7 +191,7 @@ def _correct_in_one_pass(
                         (node.args, node.kwargs), lambda n, i=index: values[n][i]
                     )
                     outputs.append(run(node.target, args, kwargs))
-                if node.op == "call_module" and str(node.target) in names:
+                if node.op == "call_module" and str(node.target) in corrected:
                     outputs = _shifted(gm, str(node.target), outputs, correct)
                 values[node] = outputs
                 for used in node.all_input_nodes:
