@@ -19,9 +19,12 @@ same objective (minibatches of the calibration images, a cosine-decayed rate), s
 least-squares fit; a refinement that does not lower the block's error on all the images is undone.
 The last stage alone is a linear problem; the stages together are not, and this is where most of
 the remaining error goes at high compression (ResNet-56 at 4×: BENCHMARKS.md, issue #20). A
-block whose stages are all linear layers or 1×1 convs is one affine map per position, so its
-objective is a quadratic in that map over the input's moments: its steps are exact full-batch
-steps from moments summed once, whatever the number of images and positions.
+block whose stages are all linear layers or 1×1 convs is one affine map per position, and a
+block of 2-D convs with one spatial stage (Tucker-2, CP) one affine map of each output position's
+input patch, so its objective is a quadratic in that map over the moments of what the positions
+read: its steps are exact full-batch steps from moments summed once, whatever the number of
+images and positions (taken where that is cheaper than a minibatch step, and for patches only
+where a minibatch step is dear: on 224² inputs, not on 32²).
 
 With `segment_steps`, the graph is also cut into segments at the points where one tensor carries
 everything later nodes read (in a ResNet: each residual unit's output after its ReLU), each
@@ -375,87 +378,179 @@ def refine_block(
     relative error on all the chunks falls. None for a block without parameters, whose chunks
     are not single tensors, or whose targets are all zero."""
     parameters = [p for p in block.parameters() if p.is_floating_point()]
-    if _moments_are_cheaper(block, inputs, targets):
-        return _refine_from_moments(block, parameters, inputs, targets, steps, lr)
+    form = _affine_form(block)
+    if _moments_are_cheaper(form, inputs, targets):
+        return _refine_from_moments(form, block, parameters, inputs, targets, steps, lr)
     return _refine(parameters, [block], block, inputs, targets, steps, lr, device, seed)
 
 
-def _acts_per_position(block: nn.Module) -> bool:
-    """Whether every stage is a linear layer, or every stage a 1×1 conv (stride 1, no padding):
-    then the block is one affine map of each position's channels."""
+@dataclass(frozen=True)
+class _AffineForm:
+    """A block that is one affine map of what each output position reads: its channels, or, for
+    a block of 2-D convs with one spatial stage, its input patch (unfold's order). `rows` gives
+    those inputs one row per output position; `run` maps `probe` (the unit inputs, then zero)
+    to the map's value at each."""
+
+    width: int  # features per row
+    rows: Callable[[torch.Tensor], torch.Tensor]
+    probe: torch.Tensor
+    run: Callable[[torch.Tensor], torch.Tensor]
+    probe_macs: int  # the block's MACs on one probe row
+    image_macs: Callable[[torch.Tensor], int]  # its MACs on one image of this input
+    conv: bool  # channels on axis 1 (else last)
+    spatial: bool  # reads a patch (else one position)
+
+
+def _affine_form(block: nn.Module) -> _AffineForm | None:
+    """The block as one affine map per output position, or None. Per position: every stage a
+    linear layer, or every stage a 1×1 conv (stride 1, no padding). Per patch: 2-D convs with
+    zero padding, all 1×1 (stride 1, no padding) but one; the stages before that one have no
+    bias where it pads, since its padding reads zeros where a bias would have put a value."""
     stages = list(block.children()) if isinstance(block, nn.Sequential) else []
-    if stages and all(isinstance(stage, nn.Linear) for stage in stages):
-        return True
-    return bool(stages) and all(
-        isinstance(stage, nn.Conv1d | nn.Conv2d | nn.Conv3d)
-        and set(stage.kernel_size) == set(stage.stride) == {1}
-        and (stage.padding == "valid" or set(stage.padding) == {0})
-        for stage in stages
+    if not stages:
+        return None
+    if all(isinstance(stage, nn.Linear) for stage in stages):
+        width = stages[0].in_features
+        macs = sum(stage.weight.numel() for stage in stages)
+        return _AffineForm(
+            width,
+            lambda x: x.reshape(-1, width),
+            torch.cat([torch.eye(width), torch.zeros(1, width)]),
+            block,
+            macs,
+            lambda x: macs * (x[0].numel() // width),
+            False,
+            False,
+        )
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    if not all(isinstance(stage, convs) and stage.padding_mode == "zeros" for stage in stages):
+        return None
+    if any(isinstance(stage.padding, str) and stage.padding != "valid" for stage in stages):
+        return None
+
+    def pointwise(stage: nn.Module) -> bool:
+        return set(stage.kernel_size) == set(stage.stride) == {1} and (
+            stage.padding == "valid" or set(stage.padding) == {0}
+        )
+
+    spatial = [i for i, stage in enumerate(stages) if not pointwise(stage)]
+    width = stages[0].in_channels
+    if not spatial:
+        macs = sum(stage.weight.numel() for stage in stages)
+        probe = torch.cat([torch.eye(width), torch.zeros(1, width)])
+        return _AffineForm(
+            width,
+            lambda x: _channel_rows(x, True, x.dtype),
+            probe.reshape(width + 1, width, *[1] * (stages[0].weight.dim() - 2)),
+            block,
+            macs,
+            lambda x: macs * (x[0].numel() // width),
+            True,
+            False,
+        )
+    (at,) = spatial if len(spatial) == 1 else (None,)
+    if at is None or not all(isinstance(stage, nn.Conv2d) for stage in stages):
+        return None
+    patch = stages[at]
+    padding = (0, 0) if patch.padding == "valid" else tuple(patch.padding)
+    if any(padding) and any(stage.bias is not None for stage in stages[:at]):
+        return None
+    (kh, kw), (dh, dw) = patch.kernel_size, patch.dilation
+    features = width * kh * kw
+    probe = torch.zeros(features + 1, width, dh * (kh - 1) + 1, dw * (kw - 1) + 1)
+    index = torch.arange(features)
+    probe[index, index // (kh * kw), index // kw % kh * dh, index % kw * dw] = 1
+    before = sum(stage.weight.numel() for stage in stages[:at])
+    after = sum(stage.weight.numel() for stage in stages[at:])
+    unfold = nn.Unfold(patch.kernel_size, patch.dilation, padding, patch.stride)
+
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        return unfold(x).transpose(1, 2).reshape(-1, features)
+
+    def run(z: torch.Tensor) -> torch.Tensor:
+        for i, stage in enumerate(stages):
+            if i == at:  # the probe is one patch: no padding, one output position
+                z = nn.functional.conv2d(
+                    z, stage.weight, stage.bias, 1, 0, stage.dilation, stage.groups
+                )
+            else:
+                z = stage(z)
+        return z
+
+    def image_macs(x: torch.Tensor) -> int:
+        return before * x[0, 0].numel() + after * (unfold(x[:1, :1]).shape[-1])
+
+    return _AffineForm(
+        features, rows, probe, run, before * probe[0, 0].numel() + after, image_macs, True, True
     )
 
 
+DEAR_STEP_MACS = 10**9  # a minibatch step's MACs from which a patch block may take moments
+MAX_MOMENT_WIDTH = 8192  # a (width+1)² float64 moment of at most 0.5 GiB
+
+
 def _moments_are_cheaper(
-    block: nn.Module, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]
+    form: _AffineForm | None, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]
 ) -> bool:
-    """Whether a per-position block's step on moments costs less than a minibatch step. The
-    former runs the block forward and back on C+1 probe rows and multiplies the (C+1)² moment
-    by the (C+1)×O map; the latter runs it forward and back on REFINE_BATCH images' positions
-    (many at 224², as few as 49 in a 224² network's last stage, where a 3,072-wide input makes
-    moments dearer)."""
+    """Whether an affine block's step on moments costs less than a minibatch step. The former
+    runs the block forward and back on width+1 probe rows and multiplies the (width+1)² moment
+    by the (width+1)×O map; the latter runs it forward and back on REFINE_BATCH images (at 224²
+    a second or more, as few as 49 positions in a 224² network's last stage, where a 3,072-wide
+    input makes moments dearer). Patch blocks take moments only where a minibatch step is also
+    dear (DEAR_STEP_MACS, about 10 ms here): on 32² inputs, where every CIFAR figure in
+    BENCHMARKS.md was measured, their steps stay minibatches."""
     tensors = all(isinstance(v, torch.Tensor) for v in (*inputs, *targets))
-    if not (tensors and inputs and _acts_per_position(block)):
+    if form is None or not (tensors and inputs) or form.width > MAX_MOMENT_WIDTH:
         return False
-    first = block[0]
-    width = first.in_features if isinstance(first, nn.Linear) else first.in_channels
-    outputs = targets[0][0].numel() * width // inputs[0][0].numel()  # O: targets' channels
-    macs = sum(stage.weight.numel() for stage in block)  # per position
-    positions = inputs[0][0].numel() // width
-    moments = (width + 1) * (3 * macs + (width + 1) * outputs)
-    minibatch = 3 * min(REFINE_BATCH, sum(len(x) for x in inputs)) * positions * macs
-    return moments < minibatch
+    outputs = targets[0].shape[1 if form.conv else -1]
+    positions = len(form.rows(inputs[0][:1]))
+    if positions * outputs != targets[0][0].numel():
+        return False
+    moments = (form.width + 1) * (3 * form.probe_macs + (form.width + 1) * outputs)
+    minibatch = 3 * min(REFINE_BATCH, sum(len(x) for x in inputs)) * form.image_macs(inputs[0])
+    return moments < minibatch and (not form.spatial or minibatch >= DEAR_STEP_MACS)
 
 
-MOMENT_ROWS = 1 << 16  # positions converted to float64 at a time while the moments are summed
+MOMENT_ELEMENTS = 1 << 24  # row entries converted to float64 at a time (128 MiB) for the moments
 
 
 def _refine_from_moments(
-    block: nn.Sequential,
+    form: _AffineForm,
+    block: nn.Module,
     parameters: list[nn.Parameter],
     inputs: Sequence[torch.Tensor],
     targets: Sequence[torch.Tensor],
     steps: int,
     lr: float,
 ) -> Refit | None:
-    """`refine_block` for a block that acts on each position alone. Its output is x·A + b, so
-    Σ‖block(x) − y‖² = E − 2⟨B, ZᵀY⟩ + ⟨B, ZᵀZ·B⟩ with B = [A; b] and Z = [x, 1]: one pass sums
-    the moments, then every Adam step takes the exact gradient over all the images at a cost
-    independent of their number (instead of minibatches of whole images, which on 224² inputs
-    cost seconds a step). Hand-written: no library refines a factorized map on moments."""
-    conv = not isinstance(block[0], nn.Linear)
-    width = block[0].in_channels if conv else block[0].in_features
+    """`refine_block` for a block that is one affine map per output position. Its output is
+    z·A + b with z what the position reads (`form.rows`), so Σ‖block(x) − y‖² = E − 2⟨B, ZᵀY⟩ +
+    ⟨B, ZᵀZ·B⟩ with B = [A; b] and Z = [z, 1]: one pass sums the moments, then every Adam step
+    takes the exact gradient over all the images at a cost independent of their number
+    (instead of minibatches of whole images, which on 224² inputs cost seconds a step).
+    Hand-written: no library refines a factorized map on moments."""
+    width = form.width
     gram = torch.zeros(width + 1, width + 1, dtype=torch.float64)
     cross, energy = None, 0.0
     for x, y in zip(inputs, targets, strict=True):
-        z_rows = _channel_rows(x, conv, torch.float32)
-        y_rows = _channel_rows(y, conv, torch.float32)
-        for start in range(0, len(z_rows), MOMENT_ROWS):
-            z = z_rows[start : start + MOMENT_ROWS].double()
+        images = max(1, MOMENT_ELEMENTS // (len(form.rows(x[:1])) * width))
+        for start in range(0, len(x), images):
+            part = slice(start, start + images)
+            z = form.rows(x[part]).double()
             z = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], 1)
-            rows = y_rows[start : start + MOMENT_ROWS].double()
+            rows = _channel_rows(y[part], form.conv)
             gram += z.T @ z
             cross = z.T @ rows if cross is None else cross + z.T @ rows
             energy += float((rows * rows).sum())
     if not parameters or cross is None or energy == 0:
         return None
     home = parameters[0]
-    probe = torch.cat([torch.eye(width), torch.zeros(1, width)]).to(home.device, home.dtype)
-    if conv:
-        probe = probe.reshape(width + 1, width, *[1] * (block[0].weight.dim() - 2))
+    probe = form.probe.to(home.device, home.dtype)
 
     def affine() -> torch.Tensor:
-        """The block's map read off a probe: its value at the unit vectors minus its value at 0
+        """The block's map read off a probe: its value at the unit inputs minus its value at 0
         gives A's rows, its value at 0 gives b."""
-        out = block(probe).reshape(width + 1, -1)
+        out = form.run(probe).reshape(width + 1, -1)
         return torch.cat([out[:-1] - out[-1], out[-1:]])
 
     def error() -> float:

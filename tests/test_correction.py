@@ -11,7 +11,7 @@ import torch
 from planning_helpers import compress_digits, plan_of
 from torch import nn
 
-from rankfold.passes import RankPolicy, analyze, decompose, trace
+from rankfold.passes import RankPolicy, analyze, correction, decompose, trace
 from rankfold.passes.core import ConfigError, DataError
 from rankfold.passes.correction import pass_bytes_per_image, refine_block, refit_blocks
 
@@ -270,6 +270,83 @@ def test_a_block_acting_per_position_is_refined_on_moments_as_well_as_on_minibat
         error = sum(float((block(a) - b).double().square().sum()) for a, b in zip(x, y))
     energy = sum(float(b.double().square().sum()) for b in y)
     assert exact.after == pytest.approx((error / energy) ** 0.5, rel=1e-6)
+
+
+PATCH_BLOCKS = {
+    # Tucker-2: 1×1 → 3×3 (stride 2, padded) → 1×1
+    "tucker2": lambda: nn.Sequential(
+        nn.Conv2d(6, 4, 1, bias=False), nn.Conv2d(4, 5, 3, 2, 1), nn.Conv2d(5, 8, 1)
+    ),
+    # CP: 1×1 → depthwise 3×3 (dilated, padded) → 1×1
+    "cp": lambda: nn.Sequential(
+        nn.Conv2d(6, 5, 1, bias=False),
+        nn.Conv2d(5, 5, 3, padding=2, dilation=2, groups=5),
+        nn.Conv2d(5, 8, 1),
+    ),
+    # a stride-2 1×1 (a downsampling shortcut's SVD) reads one position of every other
+    "svd-stride2": lambda: nn.Sequential(nn.Conv2d(6, 3, 1, 2), nn.Conv2d(3, 8, 1)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PATCH_BLOCKS))
+def test_a_block_acting_per_patch_is_refined_on_patch_moments(kind, monkeypatch):
+    """A block of convs with one spatial stage is one affine map of each output position's input
+    patch: where a minibatch step is dear it takes exact full-batch steps from the patches'
+    moments, reports the data's own errors and lands no worse than minibatches."""
+    monkeypatch.setattr(correction, "DEAR_STEP_MACS", 0)  # these 12×12 inputs are cheap
+    torch.manual_seed(0)
+    mixing = torch.randn(6, 6) * torch.logspace(0, -2, 6)
+    x = [torch.einsum("nchw,cd->ndhw", torch.randn(4, 6, 12, 12), mixing) for _ in range(3)]
+    layer = {
+        "tucker2": nn.Conv2d(6, 8, 3, 2, 1),
+        "cp": nn.Conv2d(6, 8, 3, padding=2, dilation=2),
+        "svd-stride2": nn.Conv2d(6, 8, 1, 2),
+    }[kind]
+    with torch.no_grad():
+        y = [layer(chunk) for chunk in x]
+        y = [chunk + 0.05 * torch.randn_like(chunk) for chunk in y]
+    block = PATCH_BLOCKS[kind]()
+    minibatch = nn.Sequential(*copy.deepcopy(block), nn.Identity())
+    reseeded = copy.deepcopy(block)
+    cpu = torch.device("cpu")
+    exact = refine_block(block, x, y, steps=300, lr=1e-2, device=cpu)
+    sampled = refine_block(minibatch, x, y, steps=300, lr=1e-2, device=cpu)
+    refine_block(reseeded, x, y, steps=300, lr=1e-2, device=cpu, seed=1)
+    assert all(map(torch.equal, block.parameters(), reseeded.parameters()))  # drew nothing
+    assert exact.before == pytest.approx(sampled.before, rel=1e-6)
+    assert exact.after < 0.6 * exact.before
+    assert exact.after <= 1.02 * sampled.after
+    with torch.no_grad():
+        error = sum(float((block(a) - b).double().square().sum()) for a, b in zip(x, y))
+    energy = sum(float(b.double().square().sum()) for b in y)
+    assert exact.after == pytest.approx((error / energy) ** 0.5, rel=1e-6)
+
+
+def test_patch_blocks_keep_minibatches_where_a_step_is_cheap_or_padding_would_meet_a_bias():
+    """On small inputs a patch block's minibatch step costs milliseconds and stays the path; a
+    first stage with a bias before a padded conv is not one affine map of the patch (the padding
+    reads zeros, not the bias), so it keeps minibatches wherever it runs."""
+    torch.manual_seed(0)
+    x = [torch.randn(4, 6, 12, 12) for _ in range(2)]
+    y = [torch.randn(4, 8, 6, 6) for _ in range(2)]
+    cheap = [PATCH_BLOCKS["tucker2"]() for _ in range(2)]
+    biased = [
+        nn.Sequential(nn.Conv2d(6, 4, 1), nn.Conv2d(4, 5, 3, 2, 1), nn.Conv2d(5, 8, 1))
+        for _ in range(2)
+    ]
+    for pair in (cheap, biased):
+        pair[1].load_state_dict(pair[0].state_dict())
+    cpu = torch.device("cpu")
+    for seed in range(2):
+        refine_block(cheap[seed], x, y, steps=5, lr=1e-2, device=cpu, seed=seed)
+    assert not all(map(torch.equal, cheap[0].parameters(), cheap[1].parameters()))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(correction, "DEAR_STEP_MACS", 0)
+        for seed in range(2):
+            refine_block(
+                biased[seed], x, y, steps=5, lr=1e-2, device=torch.device("cpu"), seed=seed
+            )
+    assert not all(map(torch.equal, biased[0].parameters(), biased[1].parameters()))
 
 
 def test_a_wide_block_on_few_positions_keeps_minibatches():
