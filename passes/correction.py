@@ -45,12 +45,15 @@ segment-wise refinements have no library.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import fx, nn
+from torch.nn import functional
+from torch.nn.modules.utils import _pair
 
 from rankfold.passes.core import ConfigError, DataError
 
@@ -381,7 +384,8 @@ def refine_block(
     form = _affine_form(block)
     if _moments_are_cheaper(form, inputs, targets):
         return _refine_from_moments(form, block, parameters, inputs, targets, steps, lr)
-    return _refine(parameters, [block], block, inputs, targets, steps, lr, device, seed)
+    reach = _module_reach(block, _Reach.identity())
+    return _refine(parameters, [block], block, inputs, targets, steps, lr, device, seed, reach)
 
 
 @dataclass(frozen=True)
@@ -590,6 +594,197 @@ def _refine_from_moments(
     return Refit(before**0.5, after**0.5)
 
 
+CROP_SIDE = 8  # output positions per side of a step's window: a CIFAR ResNet's last stage
+
+
+@dataclass(frozen=True)
+class _Reach:
+    """The input positions a value's position i reads, per spatial axis: from i·stride − lo to
+    i·stride + hi."""
+
+    stride: tuple[int, int]
+    lo: tuple[int, int]
+    hi: tuple[int, int]
+
+    @staticmethod
+    def identity() -> _Reach:
+        return _Reach((1, 1), (0, 0), (0, 0))
+
+    def then(self, kernel, stride, padding, dilation) -> _Reach:
+        """After a sliding window (a conv or a pool) on this value."""
+        k, t, p, d = _pair(kernel), _pair(stride), _pair(padding), _pair(dilation)
+        return _Reach(
+            (self.stride[0] * t[0], self.stride[1] * t[1]),
+            tuple(self.lo[i] + p[i] * self.stride[i] for i in range(2)),
+            tuple(self.hi[i] + (d[i] * (k[i] - 1) - p[i]) * self.stride[i] for i in range(2)),
+        )
+
+
+POINTWISE_MODULES = (
+    nn.BatchNorm2d,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.SiLU,
+    nn.GELU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Identity,
+    nn.Dropout,
+)
+POINTWISE_FUNCTIONS = {
+    operator.add,
+    operator.mul,
+    operator.sub,
+    operator.truediv,
+    torch.add,
+    torch.mul,
+    torch.relu,
+    torch.sigmoid,
+    functional.relu,
+    functional.relu6,
+    functional.silu,
+    functional.gelu,
+    functional.hardswish,
+    functional.hardsigmoid,
+}
+POINTWISE_METHODS = {"add", "add_", "mul", "mul_", "sub", "relu", "relu_", "sigmoid", "contiguous"}
+
+
+def _module_reach(module: nn.Module, reach: _Reach) -> _Reach | None:
+    """`reach` carried through `module`, or None where it is not a known conv, pool or
+    position-wise module."""
+    if isinstance(module, POINTWISE_MODULES):
+        return reach
+    if isinstance(module, nn.Sequential):
+        for child in module:
+            if (reach := _module_reach(child, reach)) is None:
+                return None
+        return reach
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            return None
+        return reach.then(module.kernel_size, module.stride, module.padding, module.dilation)
+    if isinstance(module, nn.MaxPool2d | nn.AvgPool2d) and not module.ceil_mode:
+        dilation = module.dilation if isinstance(module, nn.MaxPool2d) else 1
+        return reach.then(module.kernel_size, module.stride, module.padding, dilation)
+    return None
+
+
+def _segment_reach(gm: fx.GraphModule, segment: list[fx.Node]) -> _Reach | None:
+    """Which input positions each output position of the segment reads, or None where a node
+    is not a known conv, pool or position-wise operation (a global pool, a norm over
+    positions, a reshape)."""
+    inside, reaches = set(segment), {}
+    for node in segment:
+        if node.op == "get_attr":
+            continue  # a constant: reads no input position
+        found = [reaches.get(n) if n in inside else _Reach.identity() for n in node.all_input_nodes]
+        found = [r for r in found if r is not None]
+        if not found or len({r.stride for r in found}) != 1:
+            return None
+        joined = _Reach(
+            found[0].stride,
+            tuple(max(r.lo[i] for r in found) for i in range(2)),
+            tuple(max(r.hi[i] for r in found) for i in range(2)),
+        )
+        if node.op == "call_module":
+            reaches[node] = _module_reach(gm.get_submodule(str(node.target)), joined)
+        elif node.op == "call_function" and node.target in POINTWISE_FUNCTIONS:
+            reaches[node] = joined
+        elif node.op == "call_function" and node.target is torch.cat:
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+            reaches[node] = joined if dim == 1 else None
+        elif node.op == "call_method" and node.target in POINTWISE_METHODS:
+            reaches[node] = joined
+        else:
+            return None
+        if reaches[node] is None:
+            return None
+    return reaches.get(segment[-1])
+
+
+@dataclass(frozen=True)
+class _Crops:
+    """Windows of CROP_SIDE² output positions and the input positions they read."""
+
+    reach: _Reach
+    inputs: tuple[int, int]  # the input's spatial size
+    outputs: tuple[int, int]  # the output's
+
+    @property
+    def share(self) -> float:
+        """Whole outputs over a window's: scales a window's error to an image's."""
+        sides = [min(CROP_SIDE, n) for n in self.outputs]
+        return self.outputs[0] * self.outputs[1] / (sides[0] * sides[1])
+
+    def draw(self, generator: torch.Generator) -> tuple[tuple, tuple, tuple]:
+        """(the input window, the slice of the window's output that is exact, the output
+        window), as indices of a (C, H, W) input, an (N, C, H, W) output and a (C, H, W)
+        target. The input window starts at a multiple of the stride, so the convs inside read
+        the positions they read on the whole image."""
+        read, kept, written = [], [], []
+        for axis in range(2):
+            side = min(CROP_SIDE, self.outputs[axis])
+            first = int(torch.randint(self.outputs[axis] - side + 1, (1,), generator=generator))
+            stride = self.reach.stride[axis]
+            start = max(0, first * stride - self.reach.lo[axis]) // stride * stride
+            stop = min(self.inputs[axis], (first + side - 1) * stride + self.reach.hi[axis] + 1)
+            offset = first - start // stride
+            read.append(slice(start, stop))
+            kept.append(slice(offset, offset + side))
+            written.append(slice(first, first + side))
+        return (slice(None), *read), (slice(None), slice(None), *kept), (slice(None), *written)
+
+
+def _crops(
+    reach: _Reach | None,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    modules: Sequence[nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    size: int,
+    device: torch.device,
+) -> _Crops | None:
+    """Windows for the steps where a step on `size` whole images is dear (DEAR_STEP_MACS), the
+    reach is known, the outputs are larger than a window, and windows drawn on one image give
+    its whole output's values there (checked: a reach that missed an operation fails it)."""
+    if reach is None or x.dim() != 4 or y.dim() != 4 or max(y.shape[2:]) <= CROP_SIDE:
+        return None
+    image = x[:1].to(device)
+    macs = 0
+
+    def count(module: nn.Module, args: tuple, out: object) -> None:
+        nonlocal macs
+        if isinstance(module, nn.Conv2d | nn.Linear) and isinstance(out, torch.Tensor):
+            macs += out.numel() * module.weight[0].numel()
+
+    hooks = [m.register_forward_hook(count) for module in modules for m in module.modules()]
+    try:
+        with torch.no_grad():
+            whole = forward(image)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if 3 * size * macs < DEAR_STEP_MACS or whole.shape != y[:1].shape:
+        return None
+    crops = _Crops(reach, tuple(x.shape[2:]), tuple(y.shape[2:]))
+    generator = torch.Generator().manual_seed(0)
+    tolerance = 1e-4 * float(whole.abs().max()) + 1e-6
+    try:
+        with torch.no_grad():
+            for _ in range(4):
+                read, kept, written = crops.draw(generator)
+                window = forward(image[(slice(None), *read)])[kept]
+                if not torch.allclose(window, whole[(slice(None), *written)], atol=tolerance):
+                    return None
+    except (RuntimeError, IndexError, ValueError):  # the window did not even run
+        return None
+    return crops
+
+
 def refine_segment(
     gm: fx.GraphModule,
     segment: list[fx.Node],
@@ -609,7 +804,8 @@ def refine_segment(
     ]
     modules = [gm.get_submodule(str(n.target)) for n in segment if n.op == "call_module"]
     forward = partial(_run_segment, gm, segment)
-    refit = _refine(parameters, modules, forward, inputs, targets, steps, lr, device, seed)
+    reach = _segment_reach(gm, segment)
+    refit = _refine(parameters, modules, forward, inputs, targets, steps, lr, device, seed, reach)
     if refit is None:
         return None
     with torch.no_grad():
@@ -626,9 +822,13 @@ def _refine(
     lr: float,
     device: torch.device,
     seed: int,
+    reach: _Reach | None = None,
 ) -> Refit | None:
     """Adam on `parameters` to lower Σ‖forward(x) − y‖²; `modules` (all that `forward` runs)
-    move to `device` for it and back. Undone unless the error on all the chunks falls."""
+    move to `device` for it and back. Undone unless the error on all the chunks falls. Where
+    a step on whole images is dear and `reach` (which input positions an output position
+    reads) is known and checked exact, each step reads one CROP_SIDE² window of the outputs
+    and the input positions they read."""
     if not parameters or not all(isinstance(v, torch.Tensor) for v in (*inputs, *targets)):
         return None
     home = parameters[0].device
@@ -639,10 +839,10 @@ def _refine(
     if energy == 0:
         return None
 
-    def batch(pick: torch.Tensor, chunks: Sequence[torch.Tensor]) -> torch.Tensor:
+    def batch(pick: torch.Tensor, chunks: Sequence[torch.Tensor], window=...) -> torch.Tensor:
         chunk = torch.searchsorted(starts, pick, right=True) - 1
-        rows = [chunks[c][r] for c, r in zip(chunk.tolist(), (pick - starts[chunk]).tolist())]
-        return torch.stack(rows).to(device)
+        at = zip(chunk.tolist(), (pick - starts[chunk]).tolist())
+        return torch.stack([chunks[c][r][window] for c, r in at]).to(device)
 
     def error() -> float:
         with torch.no_grad():
@@ -663,12 +863,20 @@ def _refine(
         count = int(sizes.sum())
         size = min(REFINE_BATCH, count)
         scale = count / (size * energy)  # the batch's share of the whole error
+        crops = _crops(reach, forward, modules, inputs[0], targets[0], size, device)
+        windows = torch.Generator().manual_seed(seed)
         with torch.enable_grad():
             for _ in range(steps):
                 pick = torch.randint(count, (size,), generator=generator)
-                x, y = batch(pick, inputs), batch(pick, targets)
+                if crops is None:
+                    x, y = batch(pick, inputs), batch(pick, targets)
+                    out = forward(x)
+                else:
+                    read, kept, written = crops.draw(windows)
+                    x, y = batch(pick, inputs, read), batch(pick, targets, written)
+                    out = forward(x)[kept]
                 optimizer.zero_grad(set_to_none=True)
-                loss = (forward(x) - y).square().sum() * scale
+                loss = (out - y).square().sum() * scale * (crops.share if crops else 1)
                 loss.backward()
                 optimizer.step()
                 schedule.step()

@@ -8,6 +8,8 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from planning_helpers import compress_digits, plan_of
 from torch import nn
 
@@ -523,3 +525,109 @@ def test_recalibration_after_a_refit_is_kept_only_if_it_brings_the_model_closer(
     assert check.divergence_recalibrated > 10 * check.divergence_refitted
     assert wrecked.accuracy.get("recalibrated") is None
     assert divergence(wrecked) == pytest.approx(check.divergence_refitted, rel=1e-6)
+
+
+class StridedUnit(nn.Module):
+    """conv → BN → ReLU → conv, plus a strided 1×1 shortcut (and an optional squeeze-excite
+    gate, which reads every position)."""
+
+    def __init__(self, kernels, strides, dilations, pool=False, gate=False) -> None:
+        super().__init__()
+        layers, width = [], 4
+        for kernel, stride, dilation in zip(kernels, strides, dilations, strict=True):
+            padding = dilation * (kernel - 1) // 2
+            layers += [nn.Conv2d(width, 6, kernel, stride, padding, dilation), nn.BatchNorm2d(6)]
+            layers.append(nn.ReLU())
+            width = 6
+        if pool:
+            layers.append(nn.MaxPool2d(3, 1, 1))
+        self.body = nn.Sequential(*layers)
+        self.shortcut = nn.Conv2d(4, 6, 1, int(np.prod(strides)))
+        self.gate = nn.AdaptiveAvgPool2d(1) if gate else None
+
+    def forward(self, x):
+        out = self.body(x) + self.shortcut(x)
+        return out * self.gate(out).sigmoid() if self.gate is not None else out.relu()
+
+
+def segment_of(module: nn.Module, size: int):
+    gm = trace(module.eval(), torch.zeros(1, 4, size, size))
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    return gm, nodes
+
+
+@given(
+    kernels=st.lists(st.sampled_from([1, 3, 5]), min_size=1, max_size=3),
+    data=st.data(),
+    size=st.integers(9, 30),
+    pool=st.booleans(),
+)
+@settings(max_examples=40, deadline=None)
+def test_windows_give_the_whole_images_values(kernels, data, size, pool):
+    """Every window the steps draw, run through the segment, gives the whole image's output
+    at its positions exactly: its input starts at a multiple of the stride and covers all
+    that the kept positions read (strides, dilations, a pool and a shortcut included)."""
+    strides = data.draw(st.lists(st.sampled_from([1, 2]), min_size=len(kernels), max_size=3))
+    dilations = data.draw(st.lists(st.sampled_from([1, 2]), min_size=len(kernels), max_size=3))
+    strides, dilations = strides[: len(kernels)], dilations[: len(kernels)]
+    torch.manual_seed(0)
+    gm, segment = segment_of(StridedUnit(kernels, strides, dilations, pool), size)
+    reach = correction._segment_reach(gm, segment)
+    assert reach is not None and reach.stride == (int(np.prod(strides)),) * 2
+    x = torch.randn(1, 4, size, size)
+    with torch.no_grad():
+        whole = gm(x)
+    crops = correction._Crops(reach, (size, size), tuple(whole.shape[2:]))
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        read, kept, written = crops.draw(generator)
+        with torch.no_grad():
+            window = correction._run_segment(gm, segment, x[(slice(None), *read)])[kept]
+        torch.testing.assert_close(window, whole[(slice(None), *written)], rtol=1e-5, atol=1e-5)
+
+
+def test_steps_on_dear_images_read_windows_and_still_lower_the_error(monkeypatch):
+    """With a step on whole images counted dear, a segment's steps read CROP_SIDE² windows of
+    its outputs (the first conv sees at most 12×12 inputs, not 24×24), and the segment's error
+    on the whole images still falls."""
+    monkeypatch.setattr(correction, "DEAR_STEP_MACS", 0)
+    torch.manual_seed(0)
+    gm, segment = segment_of(StridedUnit([3, 3], [1, 1], [1, 1]), 24)
+    target_unit = copy.deepcopy(gm)
+    with torch.no_grad():
+        for parameter in target_unit.parameters():
+            parameter.add_(0.2 * torch.randn_like(parameter))
+        x = [torch.randn(8, 4, 24, 24) for _ in range(2)]
+        y = [target_unit(chunk) for chunk in x]
+    seen = []
+    first = gm.get_submodule("body.0")
+    hook = first.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[-1]))
+    blocks = ["body.0", "body.3"]
+    cpu = torch.device("cpu")
+    refit, outputs = correction.refine_segment(gm, segment, blocks, x, y, 60, 1e-2, cpu)
+    hook.remove()
+    # every step's window: 8 outputs and the two 3×3 convs' margins (less at an edge)
+    assert sum(1 for side in seen if side <= 12) >= 60
+    assert refit.after < 0.8 * refit.before
+    with torch.no_grad():
+        error = sum(float((gm(a) - b).double().square().sum()) for a, b in zip(x, y))
+    energy = sum(float(b.double().square().sum()) for b in y)
+    assert refit.after == pytest.approx((error / energy) ** 0.5, rel=1e-5)
+
+
+def test_operations_that_read_every_position_keep_whole_images(monkeypatch):
+    """A squeeze-excite gate (a global pool) has no reach, so steps take whole images; and a
+    reach that misses an operation's margin fails the check on a drawn window."""
+    monkeypatch.setattr(correction, "DEAR_STEP_MACS", 0)
+    torch.manual_seed(0)
+    gm, segment = segment_of(StridedUnit([3], [1], [1], gate=True), 20)
+    assert correction._segment_reach(gm, segment) is None
+    gm, segment = segment_of(StridedUnit([3], [1], [1]), 20)
+    x, forward = torch.randn(2, 4, 20, 20), partial(correction._run_segment, gm, segment)
+    with torch.no_grad():
+        y = forward(x)
+    cpu = torch.device("cpu")
+    right = correction._segment_reach(gm, segment)
+    assert correction._crops(right, forward, [gm], x, y, 2, cpu) is not None
+    wrong = correction._Reach((1, 1), (0, 0), (0, 0))  # as if the 3×3 conv were 1×1
+    assert correction._crops(wrong, forward, [gm], x, y, 2, cpu) is None
