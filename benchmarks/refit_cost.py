@@ -1,13 +1,13 @@
 """The refit's cost on 224² models: this checkout's CLI against an older one's, side by side.
 
-    python benchmarks/refit_cost.py --old-cli /tmp/rankfold-old/.venv/bin/rankfold
+    python benchmarks/refit_cost.py --old-cli /tmp/rankfold-old/.venv/bin/rankfold [--model M]
 
 Each case runs `rankfold compress` (one model, method and MAC reduction, the refit on the first
 --images training images of the CIFAR-10 JPEG folder, resized to the model's 224² input) with
 each checkout's CLI, one after the other under `flock /tmp/rankfold-bench.lock`; an old run is
 stopped after --old-limit seconds. The report gives the refit's seconds and every block's output
-error before and after it; the wall time is the whole command's. Writes
-benchmarks/results/refit_cost.json (after every case) and prints a Markdown table.
+error before and after it (and every refined segment's); the wall time is the whole command's.
+Writes benchmarks/results/refit_cost.json (after every case) and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ DATA = Path(os.environ.get("RANKFOLD_DATA", ROOT.parent / "shared" / "data"))
 CASES = [
     ("torchvision:convnext_tiny", "svd", 2.0, 20, ["--refit-memory-mb", "8192"]),
     ("torchvision:convnext_tiny", "svd", 2.0, None, []),
+    # Tucker-2 blocks and residual-unit segments (refined by default for Tucker-2)
+    ("torchvision:resnet50", "tucker2", 2.0, 20, []),
+    ("torchvision:resnet50", "tucker2", 2.0, None, []),
 ]
 
 
@@ -84,6 +87,7 @@ def run_case(cli: str, case: dict, images: int, limit: float, extra: list[str]) 
         data = json.loads(report.read_text())
     refit = data["recovery"]["refit"]
     rows = [row for row in data["layers"] if row.get("refit_error_after") is not None]
+    segments = refit.get("segments") or []
     return {
         "exit": process.returncode,
         "wall_s": wall,
@@ -94,6 +98,14 @@ def run_case(cli: str, case: dict, images: int, limit: float, extra: list[str]) 
         "mean_error_before": statistics.fmean(row["refit_error_before"] for row in rows),
         "mean_error_after": statistics.fmean(row["refit_error_after"] for row in rows),
         "errors_after": {row["name"]: row["refit_error_after"] for row in rows},
+        "segments": len(segments),
+        "segment_steps": refit.get("segment_steps"),
+        "mean_segment_error_before": (
+            statistics.fmean(s["error_before"] for s in segments) if segments else None
+        ),
+        "mean_segment_error_after": (
+            statistics.fmean(s["error_after"] for s in segments) if segments else None
+        ),
     }
 
 
@@ -112,14 +124,16 @@ def main() -> None:
     parser.add_argument("--old-cli", help="the older checkout's `rankfold` executable")
     parser.add_argument("--old-limit", type=float, default=1800.0)
     parser.add_argument("--images", type=int, default=256)
-    parser.add_argument("--cases", type=int, default=len(CASES), help="run the first N cases")
+    parser.add_argument("--model", help="only the cases of this model (e.g. torchvision:resnet50)")
     parser.add_argument("--out", default="benchmarks/results/refit_cost.json")
     args = parser.parse_args()
     new_cli = shutil.which("rankfold", path=str(Path(sys.executable).parent))
     if new_cli is None:
         parser.error(f"no rankfold executable beside {sys.executable}; run it from the venv")
     rows = []
-    for model, method, reduction, steps, new_extra in CASES[: args.cases]:
+    for model, method, reduction, steps, new_extra in CASES:
+        if args.model and model != args.model:
+            continue
         case = {"model": model, "method": method, "reduction": reduction, "steps": steps}
         new = run_case(new_cli, case, args.images, 6 * 3600, new_extra)
         old = run_case(args.old_cli, case, args.images, args.old_limit, []) if args.old_cli else {}
@@ -129,15 +143,17 @@ def main() -> None:
         (ROOT / args.out).write_text(json.dumps(rows, indent=2) + "\n")
     print(
         "| model | method | MACs | refit steps | refit images old / new | refit old | refit new "
-        "| command old | command new | mean block error before → after, old | … new | blocks |"
+        "| command old | command new | mean block error before → after, old | … new | blocks "
+        "| mean segment error before → after, old | … new | segments |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         old, new = row["old"], row["new"]
         errors = [
-            f"{side['mean_error_before']:.3f} → {side['mean_error_after']:.3f}"
-            if "mean_error_after" in side
+            f"{side[f'mean_{kind}before']:.3f} → {side[f'mean_{kind}after']:.3f}"
+            if side.get(f"mean_{kind}after") is not None
             else "–"
+            for kind in ("error_", "segment_error_")
             for side in (old, new)
         ]
         print(
@@ -145,7 +161,7 @@ def main() -> None:
             f"{row['steps'] or 'default'} | {old.get('refit_images', '–')} / "
             f"{new.get('refit_images', '–')} | {cell(old, 'refit_s')} | {cell(new, 'refit_s')} | "
             f"{cell(old, 'wall_s')} | {cell(new, 'wall_s')} | {errors[0]} | {errors[1]} | "
-            f"{new.get('blocks', '')} |"
+            f"{new.get('blocks', '')} | {errors[2]} | {errors[3]} | {new.get('segments', '')} |"
         )
 
 
