@@ -33,14 +33,17 @@ its blocks are refitted, a segment's blocks take Adam steps together so that the
 output, from the compressed network's input to it, matches the original's: the objective then
 sees the BatchNorms, the ReLUs that discard part of a block's error and the residual sums, and
 one block can make up for another's error (block reconstruction, as BRECQ does for
-quantization). A segment whose error does not fall is left as it was.
+quantization). A segment whose error does not fall is left as it was. Where a step on whole
+images is dear (224² inputs), each step reads a window of CROP_SIDE² output positions and the
+input positions they read (a segment or block is local: its reach through the convs, pools and
+position-wise operations bounds what an output position reads), checked exact on drawn windows.
 
 Both networks run once, side by side over one graph (the compressed network is the original
 with some modules swapped for blocks of the same name), so the cost is one forward pass of each
 on the calibration images, not one per block.
 
-Hand-written: the lockstep pass over two fx graphs, the closed-form refit and the block- and
-segment-wise refinements have no library.
+Hand-written: the lockstep pass over two fx graphs, the closed-form refit, the block- and
+segment-wise refinements, their moments and their windows have no library.
 """
 
 from __future__ import annotations
