@@ -125,19 +125,27 @@ def main() -> None:
     parser.add_argument("--old-limit", type=float, default=1800.0)
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--model", help="only the cases of this model (e.g. torchvision:resnet50)")
+    parser.add_argument("--cases", type=int, help="run the first N cases (of --model's)")
+    parser.add_argument(
+        "--options", default="", help="more options for both CLIs, e.g. '--no-latency'"
+    )
     parser.add_argument("--out", default="benchmarks/results/refit_cost.json")
     args = parser.parse_args()
     new_cli = shutil.which("rankfold", path=str(Path(sys.executable).parent))
     if new_cli is None:
         parser.error(f"no rankfold executable beside {sys.executable}; run it from the venv")
     rows = []
-    for model, method, reduction, steps, new_extra in CASES:
-        if args.model and model != args.model:
-            continue
+    chosen = [case for case in CASES if args.model in (None, case[0])][: args.cases]
+    for model, method, reduction, steps, new_extra in chosen:
         case = {"model": model, "method": method, "reduction": reduction, "steps": steps}
-        new = run_case(new_cli, case, args.images, 6 * 3600, new_extra)
-        old = run_case(args.old_cli, case, args.images, args.old_limit, []) if args.old_cli else {}
-        case["new_options"] = new_extra
+        common = args.options.split()
+        new = run_case(new_cli, case, args.images, 6 * 3600, common + new_extra)
+        old = (
+            run_case(args.old_cli, case, args.images, args.old_limit, common)
+            if args.old_cli
+            else {}
+        )
+        case["new_options"], case["options"] = new_extra, common
         rows.append({**case, "images": args.images, "new": new, "old": old})
         print(json.dumps({**case, "new": new, "old": old}), flush=True)
         (ROOT / args.out).write_text(json.dumps(rows, indent=2) + "\n")
