@@ -414,25 +414,13 @@ def _affine_form(block: nn.Module) -> _AffineForm | None:
     zero padding, all 1×1 (stride 1, no padding) but one; the stages before that one have no
     bias where it pads, since its padding reads zeros where a bias would have put a value."""
     stages = list(block.children()) if isinstance(block, nn.Sequential) else []
-    if not stages:
-        return None
-    if all(isinstance(stage, nn.Linear) for stage in stages):
-        width = stages[0].in_features
-        macs = sum(stage.weight.numel() for stage in stages)
-        return _AffineForm(
-            width,
-            lambda x: x.reshape(-1, width),
-            torch.cat([torch.eye(width), torch.zeros(1, width)]),
-            block,
-            macs,
-            lambda x: macs * (x[0].numel() // width),
-            False,
-            False,
-        )
     convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    if not all(isinstance(stage, convs) and stage.padding_mode == "zeros" for stage in stages):
-        return None
-    if any(isinstance(stage.padding, str) and stage.padding != "valid" for stage in stages):
+    linear = bool(stages) and all(isinstance(stage, nn.Linear) for stage in stages)
+    if not linear and not (
+        stages
+        and all(isinstance(stage, convs) and stage.padding_mode == "zeros" for stage in stages)
+        and not any(isinstance(s.padding, str) and s.padding != "valid" for s in stages)
+    ):
         return None
 
     def pointwise(stage: nn.Module) -> bool:
@@ -440,19 +428,19 @@ def _affine_form(block: nn.Module) -> _AffineForm | None:
             stage.padding == "valid" or set(stage.padding) == {0}
         )
 
-    spatial = [i for i, stage in enumerate(stages) if not pointwise(stage)]
-    width = stages[0].in_channels
+    spatial = [] if linear else [i for i, stage in enumerate(stages) if not pointwise(stage)]
+    width = stages[0].in_features if linear else stages[0].in_channels
     if not spatial:
         macs = sum(stage.weight.numel() for stage in stages)
         probe = torch.cat([torch.eye(width), torch.zeros(1, width)])
         return _AffineForm(
             width,
-            lambda x: _channel_rows(x, True, x.dtype),
+            lambda x: _channel_rows(x, not linear, x.dtype),
             probe.reshape(width + 1, width, *[1] * (stages[0].weight.dim() - 2)),
             block,
             macs,
             lambda x: macs * (x[0].numel() // width),
-            True,
+            not linear,
             False,
         )
     (at,) = spatial if len(spatial) == 1 else (None,)
@@ -504,7 +492,7 @@ def _moments_are_cheaper(
     by the (width+1)×O map; the latter runs it forward and back on REFINE_BATCH images (at 224²
     a second or more, as few as 49 positions in a 224² network's last stage, where a 3,072-wide
     input makes moments dearer). Patch blocks take moments only where a minibatch step is also
-    dear (DEAR_STEP_MACS, about 10 ms here): on 32² inputs, where every CIFAR figure in
+    dear (DEAR_STEP_MACS): on 32² inputs, where every CIFAR figure in
     BENCHMARKS.md was measured, their steps stay minibatches."""
     tensors = all(isinstance(v, torch.Tensor) for v in (*inputs, *targets))
     if form is None or not (tensors and inputs) or form.width > MAX_MOMENT_WIDTH:
