@@ -22,9 +22,9 @@ the remaining error goes at high compression (ResNet-56 at 4×: BENCHMARKS.md, i
 block whose stages are all linear layers or 1×1 convs is one affine map per position, and a
 block of 2-D convs with one spatial stage (Tucker-2, CP) one affine map of each output position's
 input patch, so its objective is a quadratic in that map over the moments of what the positions
-read: its steps are exact full-batch steps from moments summed once, whatever the number of
-images and positions (taken where that is cheaper than a minibatch step, and for patches only
-where a minibatch step is dear: on 224² inputs, not on 32²).
+read: it is refined on moments summed once, whatever the number of images and positions, by
+L-BFGS on the exact loss (taken where a step costs less than a minibatch step, and for patches
+only where a minibatch step is dear: on 224² inputs, not on 32²).
 
 With `segment_steps`, the graph is also cut into segments at the points where one tensor carries
 everything later nodes read (in a ResNet: each residual unit's output after its ReLU), each
@@ -99,7 +99,9 @@ def refit_blocks(
 ) -> Correction:
     """Refit the last stage of every named block of `compressed`, in the order the graph runs
     them, then (with `refine_steps`) refine all its stages together, then (with
-    `segment_steps`) refine the blocks of each segment together on the segment's output.
+    `segment_steps`) refine the blocks of each segment together on the segment's output
+    (`refine_lr` is the rate of their Adam steps; a block refined on moments takes L-BFGS
+    steps, which need none).
     `inputs` are batches of network inputs, held in memory for the pass. The least-squares step
     needs a last stage that is a linear map of channels (a 1×1 conv with stride 1, or a linear
     layer); the refinements take any block. Blocks the graph calls more than once, or that no
@@ -380,13 +382,15 @@ def refine_block(
     seed: int = 0,
 ) -> Refit | None:
     """Adam on all of `block`'s parameters to lower Σ‖block(x) − y‖² over the chunks of
-    (`inputs`, `targets`), REFINE_BATCH images a step; the block is left as it was unless its
-    relative error on all the chunks falls. None for a block without parameters, whose chunks
-    are not single tensors, or whose targets are all zero."""
+    (`inputs`, `targets`), REFINE_BATCH images a step, or, for a block that is one affine map of
+    what each output position reads, L-BFGS on exact moments (at most about `steps` evaluations;
+    no rate); the block is left as it was unless its relative error on all the chunks falls.
+    None for a block without parameters, whose chunks are not single tensors, or whose targets
+    are all zero."""
     parameters = [p for p in block.parameters() if p.is_floating_point()]
     form = _affine_form(block)
     if _moments_are_cheaper(form, inputs, targets):
-        return _refine_from_moments(form, block, parameters, inputs, targets, steps, lr)
+        return _refine_from_moments(form, block, parameters, inputs, targets, steps)
     reach = _module_reach(block, _Reach.identity())
     return _refine(parameters, [block], block, inputs, targets, steps, lr, device, seed, reach)
 
@@ -506,6 +510,7 @@ def _moments_are_cheaper(
     return moments < minibatch and (not form.spatial or minibatch >= DEAR_STEP_MACS)
 
 
+LBFGS_HISTORY = 10  # past steps kept: 2·10 copies of a block's parameters
 MOMENT_ELEMENTS = 1 << 24  # row entries converted to float64 at a time (128 MiB) for the moments
 
 
@@ -516,13 +521,14 @@ def _refine_from_moments(
     inputs: Sequence[torch.Tensor],
     targets: Sequence[torch.Tensor],
     steps: int,
-    lr: float,
 ) -> Refit | None:
     """`refine_block` for a block that is one affine map per output position. Its output is
     z·A + b with z what the position reads (`form.rows`), so Σ‖block(x) − y‖² = E − 2⟨B, ZᵀY⟩ +
-    ⟨B, ZᵀZ·B⟩ with B = [A; b] and Z = [z, 1]: one pass sums the moments, then every Adam step
-    takes the exact gradient over all the images at a cost independent of their number
-    (instead of minibatches of whole images, which on 224² inputs cost seconds a step).
+    ⟨B, ZᵀZ·B⟩ with B = [A; b] and Z = [z, 1]: one pass sums the moments, then every step
+    takes the exact loss and gradient over all the images at a cost independent of their
+    number (instead of minibatches of whole images, which on 224² inputs cost seconds a step).
+    Exact, noiseless values are what a quasi-Newton method with a line search wants: torch's
+    L-BFGS, where Adam's per-coordinate steps of about its rate overshoot or crawl.
     Hand-written: no library refines a factorized map on moments."""
     width = form.width
     gram = torch.zeros(width + 1, width + 1, dtype=torch.float64)
@@ -562,17 +568,26 @@ def _refine_from_moments(
     try:
         with torch.no_grad():
             before = error()
-        optimizer = torch.optim.Adam(parameters, lr=lr)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-        with torch.enable_grad():
-            for _ in range(steps):
-                optimizer.zero_grad(set_to_none=True)
-                b = affine()
-                # The gradient 2(G·B − ZᵀY) without the second (C+1)²×O product that
-                # differentiating ⟨B, G·B⟩ would take.
-                (b * (2 * (gram32 @ b.detach() - cross32))).sum().backward()
-                optimizer.step()
-                schedule.step()
+        optimizer = torch.optim.LBFGS(
+            parameters,
+            max_iter=steps,
+            max_eval=steps,
+            history_size=LBFGS_HISTORY,
+            line_search_fn="strong_wolfe",
+        )
+
+        def loss() -> torch.Tensor:
+            """The relative error less its constant 1, with the gradient 2(G·B − ZᵀY)/E taken
+            without the second (C+1)²×O product that differentiating ⟨B, G·B⟩ would take."""
+            optimizer.zero_grad(set_to_none=True)
+            b = affine()
+            spread = gram32 @ b.detach()
+            (b * (2 * (spread - cross32))).sum().backward()
+            return (b.detach() * (spread - 2 * cross32)).sum()
+
+        if steps:
+            with torch.enable_grad():
+                optimizer.step(loss)
         with torch.no_grad():
             after = error()
             if not after < before:

@@ -15,7 +15,12 @@ from torch import nn
 
 from rankfold.passes import RankPolicy, analyze, correction, decompose, trace
 from rankfold.passes.core import ConfigError, DataError
-from rankfold.passes.correction import pass_bytes_per_image, refine_block, refit_blocks
+from rankfold.passes.correction import (
+    DEFAULT_REFINE_STEPS,
+    pass_bytes_per_image,
+    refine_block,
+    refit_blocks,
+)
 
 
 class Chain(nn.Module):
@@ -257,8 +262,32 @@ def test_a_block_acting_per_position_is_refined_on_moments_as_well_as_on_minibat
     assert_moments_match_minibatches(block, x, y)
 
 
+def test_refinement_on_moments_reaches_the_reduced_rank_optimum():
+    """A per-position block Linear(C→r) → Linear(r→N, bias) can at best be the reduced-rank
+    regression of y on x: the least-squares fit's values cut to their top r singular values.
+    Refined on moments with the default 200 steps, a block started at random reaches that
+    optimum's error (Adam at the default rate was at 4.4 times it after 400 steps)."""
+    torch.manual_seed(0)
+    width, rank, outputs = 16, 3, 12
+    mixing = torch.randn(width, width) * torch.logspace(0, -2, width)
+    x = [torch.randn(32, 4, 4, width) @ mixing + 0.5 for _ in range(2)]
+    truth = torch.randn(width, outputs)
+    y = [chunk @ truth + 0.3 * torch.randn(32, 4, 4, outputs) + 1.0 for chunk in x]
+    block = nn.Sequential(nn.Linear(width, rank, bias=False), nn.Linear(rank, outputs))
+    result = refine_block(block, x, y, DEFAULT_REFINE_STEPS, 1e-3, torch.device("cpu"))
+    z = torch.cat(x).reshape(-1, width).double()
+    target = torch.cat(y).reshape(-1, outputs).double()
+    centred_z, centred_y = z - z.mean(0), target - target.mean(0)
+    fitted = centred_z @ torch.linalg.lstsq(centred_z, centred_y).solution
+    spectrum = torch.linalg.svdvals(fitted)
+    optimum = (centred_y - fitted).square().sum() + spectrum[rank:].square().sum()
+    best = float(optimum / target.square().sum()) ** 0.5
+    assert result.before > 2 * best
+    assert result.after == pytest.approx(best, rel=1e-3)
+
+
 def assert_moments_match_minibatches(block: nn.Sequential, x: list, y: list) -> None:
-    """`block` refined on moments lands no worse than the same block on minibatches (an
+    """`block` refined on moments lands lower than the same block on minibatches (an
     Identity stage sends it down that path), reports the data's own errors, and draws nothing:
     another seed gives the same weights, unlike minibatches."""
     minibatch = nn.Sequential(*copy.deepcopy(block), nn.Identity())
@@ -272,7 +301,7 @@ def assert_moments_match_minibatches(block: nn.Sequential, x: list, y: list) -> 
     assert not all(map(torch.equal, minibatch.parameters(), resampled.parameters()))
     assert exact.before == pytest.approx(sampled.before, rel=1e-6)
     assert exact.after < 0.6 * exact.before
-    assert exact.after <= 1.02 * sampled.after
+    assert exact.after < 0.97 * sampled.after
     with torch.no_grad():
         error = sum(float((block(a) - b).double().square().sum()) for a, b in zip(x, y))
     energy = sum(float(b.double().square().sum()) for b in y)
@@ -299,7 +328,7 @@ PATCH_BLOCKS = {
 def test_a_block_acting_per_patch_is_refined_on_patch_moments(kind, monkeypatch):
     """A block of convs with one spatial stage is one affine map of each output position's input
     patch: where a minibatch step is dear it takes exact full-batch steps from the patches'
-    moments, reports the data's own errors and lands no worse than minibatches."""
+    moments, reports the data's own errors and lands below minibatches."""
     monkeypatch.setattr(correction, "DEAR_STEP_MACS", 0)  # these 12×12 inputs are cheap
     torch.manual_seed(0)
     mixing = torch.randn(6, 6) * torch.logspace(0, -2, 6)
