@@ -1123,6 +1123,7 @@ def refit(result: CompressionResult, train: ImageData) -> None:
         if row.name in done.blocks:
             row.extras["refit_error_before"] = done.blocks[row.name].before
             row.extras["refit_error_after"] = done.blocks[row.name].after
+            row.extras["refit_steps_read"] = done.blocks[row.name].read
     result.refit = Refit(
         images=len(images),
         images_left_out=wanted - len(images),
@@ -1134,7 +1135,12 @@ def refit(result: CompressionResult, train: ImageData) -> None:
         segment_steps=segment_steps,
         segments_by_default=config.refit_segment_steps is None and segment_steps > 0,
         segments=[
-            RefitSegment(blocks=list(blocks), error_before=refit.before, error_after=refit.after)
+            RefitSegment(
+                blocks=list(blocks),
+                error_before=refit.before,
+                error_after=refit.after,
+                steps_read=refit.read,
+            )
             for blocks, refit in done.segments.items()
         ],
     )

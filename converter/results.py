@@ -26,8 +26,11 @@ from rankfold.passes.core import ConfigError
 #    (`SelectionReport.by_default`); 12: each INT8 file's calibration, and what `auto` measured
 #    (`QuantizedFile.calibration_pick`); 13: the candidates `auto` could not calibrate
 #    (`CalibrationPick.failed`); 14: images the refit and bias correction left out for memory
-#    (`Refit.images_left_out`, `Recovery.recalibration_images_left_out`)
-SCHEMA_VERSION = 14
+#    (`Refit.images_left_out`, `Recovery.recalibration_images_left_out`); 15: what each block's
+#    and segment's refinement steps read (moments, windows or whole images)
+SCHEMA_VERSION = 15
+
+StepsRead = Literal["moments", "windows", "images"]
 
 
 class _Section(BaseModel):
@@ -137,12 +140,13 @@ class SelectionReport(BaseModel):
 
 
 class RefitSegment(_Section):
-    """One segment refined on its output: its blocks, in graph order, and the segment output's
-    relative error before and after."""
+    """One segment refined on its output: its blocks, in graph order, the segment output's
+    relative error before and after, and what its steps read (windows or whole images)."""
 
     blocks: list[str]
     error_before: float
     error_after: float
+    steps_read: StepsRead | None = None
 
 
 class Refit(_Section):
@@ -392,6 +396,9 @@ class LayerRow(BaseModel):
     # activations, on the refit's images, before and after refitting.
     refit_error_before: float | None = None
     refit_error_after: float | None = None
+    # What its refinement's steps read: the moments of what each output position reads (exact
+    # over all the images), windows of the images, or whole images; None: no refinement ran.
+    refit_steps_read: StepsRead | None = None
 
 
 class Report(_Section):
@@ -399,7 +406,7 @@ class Report(_Section):
     --eval-data for a classifier, a Python API metric's name, or None when none was computed
     (no evaluation data, or outputs top-1 cannot be read from and no metric given)."""
 
-    schema_version: Literal[14] = SCHEMA_VERSION
+    schema_version: Literal[15] = SCHEMA_VERSION
     model: str
     method: str
     target: dict[str, float] | None

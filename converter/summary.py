@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 from rich import box
@@ -11,6 +13,7 @@ from rich.table import Table
 from rankfold.converter.results import CalibrationPick, Report, Sensitive
 from rankfold.converter.ui import console
 from rankfold.passes.analysis import ACTIVATION_PRODUCT_NOTE, ATTENTION_PRODUCTS_NOTE
+from rankfold.passes.correction import CROP_SIDE
 from rankfold.passes.latency_gate import threads_text
 from rankfold.runtime.latency import format_speedup
 
@@ -104,6 +107,22 @@ def _left_out(count: int, memory_mb: int | None) -> str:
     return f" ({count} more left out: their activations would exceed {limit}; raise it for them)"
 
 
+STEPS_READ = {
+    "moments": "exact moments",
+    "windows": f"{CROP_SIDE}×{CROP_SIDE}-output windows",
+    "images": "whole images",
+}
+
+
+def _steps_read(reads: Iterable[str | None]) -> str:
+    """What the refinement's steps read: " on whole images", or ": 40 on exact moments, 12 on
+    whole images" where they differ."""
+    counts = Counter(read for read in reads if read is not None)
+    if len(counts) <= 1:
+        return "".join(f" on {STEPS_READ[read]}" for read in counts)
+    return ": " + ", ".join(f"{n} on {STEPS_READ[read]}" for read, n in counts.most_common())
+
+
 def summary_lines(report: Report, out: Path) -> list[str]:
     """What happened, one fact a line: the headline, cost, accuracy at each stage, parity,
     latency."""
@@ -170,6 +189,7 @@ def summary_lines(report: Report, out: Path) -> list[str]:
         refit = report.recovery.refit
         how = (
             f"last stage by least squares, then all stages by {refit.refine_steps} steps"
+            f"{_steps_read(row.refit_steps_read for row in refitted)}"
             if refit.refine_steps
             else "last stage by least squares"
         )
@@ -182,9 +202,10 @@ def summary_lines(report: Report, out: Path) -> list[str]:
             first = sum(s.error_before for s in refit.segments) / len(refit.segments)
             last = sum(s.error_after for s in refit.segments) / len(refit.segments)
             lines.append(
-                f"refit: then {len(refit.segments)} segment(s) by {refit.segment_steps} steps on "
-                f"their outputs (stretches between points where one tensor carries everything on, "
-                f"e.g. a residual unit); mean segment output error {first:.3f} → {last:.3f}"
+                f"refit: then {len(refit.segments)} segment(s) by {refit.segment_steps} steps"
+                f"{_steps_read(s.steps_read for s in refit.segments)}, fitting their outputs "
+                "(stretches between points where one tensor carries everything on, e.g. a "
+                f"residual unit); mean segment output error {first:.3f} → {last:.3f}"
                 + (
                     " (on by default for this plan's method; --refit-segment-steps 0 turns it off)"
                     if refit.segments_by_default

@@ -52,6 +52,7 @@ import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Literal
 
 import torch
 from torch import fx, nn
@@ -69,10 +70,13 @@ REFINE_BATCH = 32  # calibration images per refinement step
 @dataclass(frozen=True)
 class Refit:
     """One block's (or segment's) relative output error √(‖Y − Ŷ‖²/‖Y‖²) on the calibration
-    data."""
+    data, and what its refinement's steps read: the moments of what each output position reads
+    (exact over all the images), windows of REFINE_BATCH images, or whole images (None where
+    no refinement ran)."""
 
     before: float
     after: float
+    read: Literal["moments", "windows", "images"] | None = None
 
 
 @dataclass(frozen=True)
@@ -181,7 +185,7 @@ def refit_blocks(
                         )
                         if refined is not None:
                             before = refit.before if refit is not None else refined.before
-                            refit = Refit(before, refined.after)
+                            refit = Refit(before, refined.after, refined.read)
                     if refit is not None:
                         refits[target] = refit
                         segment_blocks.append(target)
@@ -597,7 +601,7 @@ def _refine_from_moments(
     finally:
         for module, mode in modes:
             module.training = mode
-    return Refit(before**0.5, after**0.5)
+    return Refit(before**0.5, after**0.5, "moments")
 
 
 CROP_SIDE = 8  # output positions per side of a step's window: a CIFAR ResNet's last stage
@@ -897,4 +901,4 @@ def _refine(
             module.to(home)
         for module, mode in modes:
             module.training = mode
-    return Refit(before**0.5, after**0.5)
+    return Refit(before**0.5, after**0.5, "images" if crops is None else "windows")

@@ -299,6 +299,7 @@ def assert_moments_match_minibatches(block: nn.Sequential, x: list, y: list) -> 
     refine_block(resampled, x, y, steps=300, lr=1e-2, device=cpu, seed=1)
     assert all(map(torch.equal, block.parameters(), reseeded.parameters()))
     assert not all(map(torch.equal, minibatch.parameters(), resampled.parameters()))
+    assert exact.read == "moments" and sampled.read in ("images", "windows")
     assert exact.before == pytest.approx(sampled.before, rel=1e-6)
     assert exact.after < 0.6 * exact.before
     assert exact.after < 0.97 * sampled.after
@@ -444,6 +445,8 @@ def test_compress_refits_with_training_data_and_the_saved_model_restores(tmp_pat
     assert rows and refitted.refit.layers == len(rows) and refitted.refit.images == 128
     for row in rows:
         assert row.extras["refit_error_after"] <= row.extras["refit_error_before"]
+    # The digits CNN's blocks and segments are cheap on whole 8×8 images: their steps read them.
+    assert {row.extras["refit_steps_read"] for row in rows} == {"images"}
     assert refitted.accuracy["refitted"] >= refitted.accuracy["decomposed"]
     assert not build_config({**settings, "refit": False}).refits
     assert not build_config({**settings, "train_data": None, "eval_data": None}).refits
@@ -454,6 +457,7 @@ def test_compress_refits_with_training_data_and_the_saved_model_restores(tmp_pat
     assert [s.blocks for s in segmented.refit.segments] == [[row.name] for row in rows]
     for segment in segmented.refit.segments:
         assert segment.error_after <= segment.error_before
+    assert {s.steps_read for s in segmented.refit.segments} == {"images"}
     assert any(s.error_after < s.error_before for s in segmented.refit.segments)
     assert not segmented.refit.segments_by_default
     # Tucker-2 asks for the segments: on by default, with the refit's steps; 0 turns them off.
@@ -472,6 +476,11 @@ def test_compress_refits_with_training_data_and_the_saved_model_restores(tmp_pat
     capped = run(refit_steps=0, refit_memory_mb=1)
     assert capped.refit.images == (1 << 20) // per_image < 128
     assert capped.refit.images + capped.refit.images_left_out == 128
+    assert all(
+        row.extras["refit_steps_read"] is None
+        for row in capped.decomposition.layers
+        if "refit_error_after" in row.extras
+    )
     assert refitted.refit.images_left_out == 0
     # The refit gives bias-free last stages a bias; the saved model still loads.
     save_model(refitted, tmp_path / "model.pt")
@@ -628,6 +637,7 @@ def test_steps_on_dear_images_read_windows_and_still_lower_the_error(monkeypatch
     hook.remove()
     # every step's window: 8 outputs and the two 3×3 convs' margins (less at an edge)
     assert sum(1 for side in seen if side <= 12) >= 60
+    assert refit.read == "windows"
     assert refit.after < 0.8 * refit.before
     with torch.no_grad():
         error = sum(float((gm(a) - b).double().square().sum()) for a, b in zip(x, y))

@@ -48,7 +48,7 @@ def test_validation_is_its_own_step_and_the_report_round_trips(result, tmp_path)
     assert validation.parity.passed and validation.parity.max_abs_diff <= 1e-4
     assert [row.batch for row in validation.latency] == [1, 2]
     report = result.to_report(artifacts, validation)
-    assert report.schema_version == 14
+    assert report.schema_version == 15
     assert report.macs_reduction == pytest.approx(2.0, rel=0.05)
     # Tucker-2 under a budget plans by energy unless a selector is named.
     assert report.selection.selector == "energy" and report.selection.by_default
@@ -81,13 +81,16 @@ def test_the_summary_says_how_the_refit_ran_and_whether_its_segments_were_the_de
     artifacts = result.save(tmp_path)
     report = result.to_report(artifacts, validate(result, artifacts))
     first, second = report.layers[0].name, report.layers[1].name
+    reads = ["moments", *["images"] * (len(report.layers) - 1)]
     rows = [
-        row.model_copy(update={"refit_error_before": 0.5, "refit_error_after": 0.25})
-        for row in report.layers
+        row.model_copy(
+            update={"refit_error_before": 0.5, "refit_error_after": 0.25, "refit_steps_read": read}
+        )
+        for row, read in zip(report.layers, reads, strict=True)
     ]
     segments = [
-        RefitSegment(blocks=[first], error_before=0.2, error_after=0.1),
-        RefitSegment(blocks=[second], error_before=0.4, error_after=0.3),
+        RefitSegment(blocks=[first], error_before=0.2, error_after=0.1, steps_read="windows"),
+        RefitSegment(blocks=[second], error_before=0.4, error_after=0.3, steps_read="windows"),
     ]
     refit = Refit(
         images=64,
@@ -107,7 +110,9 @@ def test_the_summary_says_how_the_refit_ran_and_whether_its_segments_were_the_de
     blocks, given = refit_lines()
     assert f"{len(rows)} block(s)" in blocks and "all stages by 50 steps" in blocks
     assert "0.500 → 0.250" in blocks
-    assert "2 segment(s) by 50 steps" in given and "0.300 → 0.200" in given
+    assert f"by 50 steps: {len(rows) - 1} on whole images, 1 on exact moments)" in blocks
+    assert "2 segment(s) by 50 steps on 8×8-output windows," in given
+    assert "0.300 → 0.200" in given
     assert "by default" not in given
     assert refit_lines(segments_by_default=True)[1].endswith(
         "(on by default for this plan's method; --refit-segment-steps 0 turns it off)"
@@ -139,7 +144,7 @@ def test_a_report_of_another_schema_is_refused(result, tmp_path):
     report = result.to_report(artifacts, validate(result, artifacts))
     data = report.to_json()
     (tmp_path / "old.json").write_text(json.dumps({**data, "schema_version": 1}))
-    with pytest.raises(ConfigError, match="schema 1, this rankfold reads 14"):
+    with pytest.raises(ConfigError, match="schema 1, this rankfold reads 15"):
         Report.load(tmp_path / "old.json")
     (tmp_path / "odd.json").write_text(json.dumps({**data, "macs_reduction": "fast"}))
     with pytest.raises(ConfigError, match="does not match the report schema"):
