@@ -1373,7 +1373,7 @@ def run_compress(
     if config.ranks.selector == "pars":  # so does an unreachable study server
         check_storage(config.search.storage, config.search.workers)
     model, spec = load_model(
-        config.model, config.weights, config.input_shape, config.mean, config.std
+        config.model, config.weights, config.input_shape, config.mean, config.std, config.seed
     )
     example = torch.zeros(1, *spec.input_shape)
     result = compress(model, example, config, spec, workdir=out, metric=metric)

@@ -97,8 +97,10 @@ def load_model(
     input_shape: Sequence[int] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    seed: int = 0,
 ) -> tuple[nn.Module, ModelSpec]:
-    """Build model `name` in eval mode, float32, randomly initialised unless `weights` is given.
+    """Build model `name` in eval mode, float32, randomly initialised from `seed` (the same
+    weights every run; the global random state is left as it was) unless `weights` is given.
 
     `name` is a registered name (resnet20/32/44/56/110, digits-cnn), "torchvision:NAME" (a
     classifier), "torchvision:segmentation.NAME", "torchvision:detection.NAME.backbone" or
@@ -107,6 +109,19 @@ def load_model(
     scale) replace the spec's normalisation, which a bare factory leaves at 0 and 1.
     """
     shape = None if input_shape is None else _checked_shape(input_shape)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, spec = _build(name, shape)
+    if shape is not None:
+        spec = _with_shape(spec, shape)
+    if mean is not None or std is not None:
+        spec = _with_normalization(spec, mean, std)
+    if weights is not None:
+        load_weights(model, weights, name)
+    return model.float().eval(), spec
+
+
+def _build(name: str, shape: tuple[int, int, int] | None) -> tuple[nn.Module, ModelSpec]:
     if name.startswith(TORCHVISION_PREFIX + SEGMENTATION):
         model, spec = _segmentation(name[len(TORCHVISION_PREFIX + SEGMENTATION) :])
     elif name.startswith(TORCHVISION_PREFIX + DETECTION):
@@ -120,13 +135,7 @@ def load_model(
         model, spec = _from_file(name, shape)
     else:
         raise ModelLoadError(f"unknown model '{name}'; {_suggest(name)}")
-    if shape is not None:
-        spec = _with_shape(spec, shape)
-    if mean is not None or std is not None:
-        spec = _with_normalization(spec, mean, std)
-    if weights is not None:
-        load_weights(model, weights, name)
-    return model.float().eval(), spec
+    return model, spec
 
 
 def _torchvision(arch: str) -> tuple[nn.Module, ModelSpec]:

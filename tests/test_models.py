@@ -155,6 +155,22 @@ def test_torchvision_spec() -> None:
     assert model.classifier[-1].out_features == 1000
 
 
+def test_random_weights_come_from_the_seed_and_leave_the_global_state_alone() -> None:
+    """Without weights a model is the same every run for one seed (a latency study or a
+    benchmark compares like with like), another seed gives other weights, and the caller's
+    random stream is not consumed."""
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first = load_model("resnet20")[0].state_dict()
+    assert torch.equal(torch.rand(3), expected_next)
+    again = load_model("resnet20")[0].state_dict()
+    other = load_model("resnet20", seed=1)[0].state_dict()
+    weight = "layer1.0.conv1.weight"
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    assert not torch.allclose(first[weight], other[weight])
+
+
 def test_list_models() -> None:
     names = list_models()
     assert names[:6] == [*CIFAR_NAMES, "digits-cnn"]
