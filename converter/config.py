@@ -221,7 +221,8 @@ class CompressConfig(_Strict):
     export: ExportConfig = Field(default_factory=ExportConfig)
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
-    seed: int = 0  # the only seed: factorizations, the search's sampler, fine-tuning
+    # the only seed: factorizations, the search's sampler, fine-tuning, random weights
+    seed: int = 0
 
     @model_validator(mode="after")
     def _gate_by_default(self) -> CompressConfig:
