@@ -1120,10 +1120,10 @@ def refit(result: CompressionResult, train: ImageData) -> None:
             segment_steps=segment_steps,
         )
     for row in result.decomposition.layers:
-        if row.name in done.blocks:
-            row.extras["refit_error_before"] = done.blocks[row.name].before
-            row.extras["refit_error_after"] = done.blocks[row.name].after
-            row.extras["refit_steps_read"] = done.blocks[row.name].read
+        if (block := done.blocks.get(row.name)) is not None:
+            row.extras["refit_error_before"] = block.before
+            row.extras["refit_error_after"] = block.after
+            row.extras["refit_steps_read"] = block.read
     result.refit = Refit(
         images=len(images),
         images_left_out=wanted - len(images),

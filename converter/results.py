@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rankfold.passes.core import ConfigError
+from rankfold.passes.correction import StepsRead
 
 # 2: typed sections; 3: latency intervals, threads, the slower flag; 4: INT8 quantization;
 # 5: data-aware fits (layer statistics, per-layer output errors beside the weight-only fit's);
@@ -29,8 +30,6 @@ from rankfold.passes.core import ConfigError
 #    (`Refit.images_left_out`, `Recovery.recalibration_images_left_out`); 15: what each block's
 #    and segment's refinement steps read (moments, windows or whole images)
 SCHEMA_VERSION = 15
-
-StepsRead = Literal["moments", "windows", "images"]
 
 
 class _Section(BaseModel):

@@ -65,6 +65,7 @@ DEFAULT_CORRECTION_DAMPING = 1e-3
 DEFAULT_REFINE_STEPS = 200
 DEFAULT_REFINE_LR = 1e-3
 REFINE_BATCH = 32  # calibration images per refinement step
+StepsRead = Literal["moments", "windows", "images"]
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class Refit:
 
     before: float
     after: float
-    read: Literal["moments", "windows", "images"] | None = None
+    read: StepsRead | None = None
 
 
 @dataclass(frozen=True)
