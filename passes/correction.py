@@ -58,6 +58,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional
 from torch.nn.modules.utils import _pair
+from torch.utils.flop_counter import FlopCounterMode
 
 from rankfold.passes.core import ConfigError, DataError
 
@@ -201,6 +202,7 @@ def refit_blocks(
                             segment,
                             segment_blocks,
                             segment_input,
+                            values_c[index],
                             values_o[index],
                             segment_steps,
                             refine_lr,
@@ -397,24 +399,68 @@ def refine_block(
     if _moments_are_cheaper(form, inputs, targets):
         return _refine_from_moments(form, block, parameters, inputs, targets, steps)
     reach = _module_reach(block, _Reach.identity())
-    return _refine(parameters, [block], block, inputs, targets, steps, lr, device, seed, reach)
+    refined = _refine(parameters, [block], block, inputs, targets, steps, lr, device, seed, reach)
+    return None if refined is None else refined[0]
 
 
 @dataclass(frozen=True)
 class _AffineForm:
     """A block that is one affine map of what each output position reads: its channels, or, for
     a block of 2-D convs with one spatial stage, its input patch (unfold's order). `rows` gives
-    those inputs one row per output position; `run` maps `probe` (the unit inputs, then zero)
-    to the map's value at each."""
+    those inputs one row per output position; `factors` gives the map as B = P·Q (Q None: B =
+    P) with B = [A; b], the position's output being z·A + b, built from the stages' weights
+    (differentiable), P ending where the last stage begins, so that products with B can go
+    through the last stage's narrower input."""
 
     width: int  # features per row
     rows: Callable[[torch.Tensor], torch.Tensor]
-    probe: torch.Tensor
-    run: Callable[[torch.Tensor], torch.Tensor]
-    probe_macs: int  # the block's MACs on one probe row
-    image_macs: Callable[[torch.Tensor], int]  # its MACs on one image of this input
+    factors: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]
+    factor_macs: int  # MACs of building the factors and B from them
+    inner: int  # P's columns
+    image_macs: Callable[[torch.Tensor], int]  # the block's MACs on one image of this input
     conv: bool  # channels on axis 1 (else last)
     spatial: bool  # reads a patch (else one position)
+
+
+def _pointwise_map(stage: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A linear layer or a pointwise conv as z ↦ z·M + c on channel rows (M block-diagonal for
+    a grouped conv)."""
+    if isinstance(stage, nn.Linear):
+        return stage.weight.T, stage.bias
+    weight = stage.weight.reshape(stage.groups, -1, stage.weight.shape[1]).transpose(1, 2)
+    return torch.block_diag(*weight.unbind(0)), stage.bias
+
+
+def _patch_map(
+    before: torch.Tensor | None, bias: torch.Tensor | None, stage: nn.Conv2d, width: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The spatial stage after the channel map z ↦ z·before + bias (None: identity, zero) as
+    one map of the `width` input channels' patch, rows in unfold's order (channel, then kernel
+    row, then column). A grouped kernel only meets its group's channels."""
+    groups, (kh, kw) = stage.groups, stage.kernel_size
+    kernel = stage.weight.reshape(groups, stage.out_channels // groups, -1, kh, kw)
+    if before is None:
+        spread = torch.eye(groups, dtype=kernel.dtype, device=kernel.device)
+        matrix = torch.einsum("gabij,gh->hbijga", kernel, spread)
+    else:
+        matrix = torch.einsum("cgb,gabij->cijga", before.reshape(width, groups, -1), kernel)
+    matrix = matrix.reshape(width * kh * kw, stage.out_channels)
+    if bias is not None:  # only where the stage reads no padding (checked by `_affine_form`)
+        carried = torch.einsum("gb,gabij->ga", bias.reshape(groups, -1), kernel).flatten()
+        bias = carried if stage.bias is None else carried + stage.bias
+    return matrix, stage.bias if bias is None else bias
+
+
+def _then(
+    matrix: torch.Tensor | None, bias: torch.Tensor | None, stage: nn.Module
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """z ↦ (z·matrix + bias)·M + c for a pointwise `stage` (None: identity, zero)."""
+    following, added = _pointwise_map(stage)
+    if matrix is not None:
+        matrix = matrix @ following
+    if bias is not None:
+        bias = bias @ following if added is None else bias @ following + added
+    return (following if matrix is None else matrix), (added if bias is None else bias)
 
 
 def _affine_form(block: nn.Module) -> _AffineForm | None:
@@ -439,53 +485,79 @@ def _affine_form(block: nn.Module) -> _AffineForm | None:
 
     spatial = [] if linear else [i for i, stage in enumerate(stages) if not pointwise(stage)]
     width = stages[0].in_features if linear else stages[0].in_channels
-    if not spatial:
+    if len(spatial) > 1 or (spatial and not all(isinstance(s, nn.Conv2d) for s in stages)):
+        return None
+    at = spatial[0] if spatial else None
+    features = width
+    if at is not None:
+        patch = stages[at]
+        padding = (0, 0) if patch.padding == "valid" else tuple(patch.padding)
+        if any(padding) and any(stage.bias is not None for stage in stages[:at]):
+            return None
+        features = width * patch.kernel_size[0] * patch.kernel_size[1]
+        unfold = nn.Unfold(patch.kernel_size, patch.dilation, padding, patch.stride)
+    head = len(stages) if at == len(stages) - 1 else len(stages) - 1  # P's stages
+
+    def factors() -> tuple[torch.Tensor, torch.Tensor | None]:
+        matrix, bias = None, None
+        for i, stage in enumerate(stages[:head]):
+            if i == at:
+                matrix, bias = _patch_map(matrix, bias, stage, width)
+            else:
+                matrix, bias = _then(matrix, bias, stage)
+        like = stages[0].weight
+        if matrix is None:
+            matrix = torch.eye(features, dtype=like.dtype, device=like.device)
+        if bias is None:
+            bias = torch.zeros(matrix.shape[1], dtype=like.dtype, device=like.device)
+        if head == len(stages):
+            return torch.cat([matrix, bias[None]]), None
+        last, last_bias = _pointwise_map(stages[-1])
+        if last_bias is None:
+            last_bias = torch.zeros(last.shape[1], dtype=last.dtype, device=last.device)
+        corner = torch.zeros(features + 1, 1, dtype=matrix.dtype, device=matrix.device)
+        corner[-1] = 1
+        return (
+            torch.cat([torch.cat([matrix, bias[None]]), corner], 1),
+            torch.cat([last, last_bias[None]]),
+        )
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        first, second = factors()
+        if second is not None:
+            first @ second
+    inner = first.shape[1]
+
+    if at is None:
         macs = sum(stage.weight.numel() for stage in stages)
-        probe = torch.cat([torch.eye(width), torch.zeros(1, width)])
         return _AffineForm(
             width,
             lambda x: _channel_rows(x, not linear, x.dtype),
-            probe.reshape(width + 1, width, *[1] * (stages[0].weight.dim() - 2)),
-            block,
-            macs,
+            factors,
+            counter.get_total_flops() // 2,
+            inner,
             lambda x: macs * (x[0].numel() // width),
             not linear,
             False,
         )
-    (at,) = spatial if len(spatial) == 1 else (None,)
-    if at is None or not all(isinstance(stage, nn.Conv2d) for stage in stages):
-        return None
-    patch = stages[at]
-    padding = (0, 0) if patch.padding == "valid" else tuple(patch.padding)
-    if any(padding) and any(stage.bias is not None for stage in stages[:at]):
-        return None
-    (kh, kw), (dh, dw) = patch.kernel_size, patch.dilation
-    features = width * kh * kw
-    probe = torch.zeros(features + 1, width, dh * (kh - 1) + 1, dw * (kw - 1) + 1)
-    index = torch.arange(features)
-    probe[index, index // (kh * kw), index // kw % kh * dh, index % kw * dw] = 1
     before = sum(stage.weight.numel() for stage in stages[:at])
     after = sum(stage.weight.numel() for stage in stages[at:])
-    unfold = nn.Unfold(patch.kernel_size, patch.dilation, padding, patch.stride)
 
     def rows(x: torch.Tensor) -> torch.Tensor:
         return unfold(x).transpose(1, 2).reshape(-1, features)
-
-    def run(z: torch.Tensor) -> torch.Tensor:
-        for i, stage in enumerate(stages):
-            if i == at:  # the probe is one patch: no padding, one output position
-                z = nn.functional.conv2d(
-                    z, stage.weight, stage.bias, 1, 0, stage.dilation, stage.groups
-                )
-            else:
-                z = stage(z)
-        return z
 
     def image_macs(x: torch.Tensor) -> int:
         return before * x[0, 0].numel() + after * (unfold(x[:1, :1]).shape[-1])
 
     return _AffineForm(
-        features, rows, probe, run, before * probe[0, 0].numel() + after, image_macs, True, True
+        features,
+        rows,
+        factors,
+        counter.get_total_flops() // 2,
+        inner,
+        image_macs,
+        True,
+        True,
     )
 
 
@@ -497,12 +569,12 @@ def _moments_are_cheaper(
     form: _AffineForm | None, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]
 ) -> bool:
     """Whether an affine block's step on moments costs less than a minibatch step. The former
-    runs the block forward and back on width+1 probe rows and multiplies the (width+1)² moment
-    by the (width+1)×O map; the latter runs it forward and back on REFINE_BATCH images (at 224²
-    a second or more, as few as 49 positions in a 224² network's last stage, where a 3,072-wide
-    input makes moments dearer). Patch blocks take moments only where a minibatch step is also
-    dear (DEAR_STEP_MACS): on 32² inputs, where every CIFAR figure in
-    BENCHMARKS.md was measured, their steps stay minibatches."""
+    builds the map from its factors, forward and back, and multiplies the (width+1)² moment by
+    it (through P where P is the narrower); the latter runs the block forward and back on
+    REFINE_BATCH images (at 224² a second or more, as few as 49 positions in a 224² network's
+    last stage, where a 3,072-wide input makes moments dearer). Patch blocks take moments only
+    where a minibatch step is also dear (DEAR_STEP_MACS): on 32² inputs, where every CIFAR
+    figure in BENCHMARKS.md was measured, their steps stay minibatches."""
     tensors = all(isinstance(v, torch.Tensor) for v in (*inputs, *targets))
     if form is None or not (tensors and inputs) or form.width > MAX_MOMENT_WIDTH:
         return False
@@ -510,7 +582,11 @@ def _moments_are_cheaper(
     positions = len(form.rows(inputs[0][:1]))
     if positions * outputs != targets[0][0].numel():
         return False
-    moments = (form.width + 1) * (3 * form.probe_macs + (form.width + 1) * outputs)
+    rows = form.width + 1
+    product = rows * rows * min(form.inner, outputs)
+    if form.inner < outputs:
+        product += rows * form.inner * outputs
+    moments = 3 * form.factor_macs + product
     minibatch = 3 * min(REFINE_BATCH, sum(len(x) for x in inputs)) * form.image_macs(inputs[0])
     return moments < minibatch and (not form.spatial or minibatch >= DEAR_STEP_MACS)
 
@@ -536,28 +612,34 @@ def _refine_from_moments(
     L-BFGS, where Adam's per-coordinate steps of about its rate overshoot or crawl.
     Hand-written: no library refines a factorized map on moments."""
     width = form.width
-    gram = torch.zeros(width + 1, width + 1, dtype=torch.float64)
-    cross, energy = None, 0.0
+    gram = torch.zeros(width, width, dtype=torch.float64)
+    sums = torch.zeros(width, dtype=torch.float64)
+    count, cross, output_sums, energy = 0, None, None, 0.0
     for x, y in zip(inputs, targets, strict=True):
         images = max(1, MOMENT_ELEMENTS // (len(form.rows(x[:1])) * width))
         for start in range(0, len(x), images):
             part = slice(start, start + images)
             z = form.rows(x[part]).double()
-            z = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], 1)
             rows = _channel_rows(y[part], form.conv)
             gram += z.T @ z
-            cross = z.T @ rows if cross is None else cross + z.T @ rows
+            sums += z.sum(0)
+            count += len(z)
+            products, totals = z.T @ rows, rows.sum(0)
+            cross = products if cross is None else cross + products
+            output_sums = totals if output_sums is None else output_sums + totals
             energy += float((rows * rows).sum())
     if not parameters or cross is None or energy == 0:
         return None
+    # The moments of Z = [z, 1]: the column of ones adds the sums and the count.
+    gram = torch.cat(
+        [torch.cat([gram, sums[:, None]], 1), torch.cat([sums, sums.new_tensor([count])])[None]]
+    )
+    cross = torch.cat([cross, output_sums[None]])
     home = parameters[0]
-    probe = form.probe.to(home.device, home.dtype)
 
     def affine() -> torch.Tensor:
-        """The block's map read off a probe: its value at the unit inputs minus its value at 0
-        gives A's rows, its value at 0 gives b."""
-        out = form.run(probe).reshape(width + 1, -1)
-        return torch.cat([out[:-1] - out[-1], out[-1:]])
+        first, second = form.factors()
+        return first if second is None else first @ second
 
     def error() -> float:
         """The relative error, in float64 (the steps' float32 loss drops the constant E, which
@@ -583,10 +665,15 @@ def _refine_from_moments(
 
         def loss() -> torch.Tensor:
             """The relative error less its constant 1, with the gradient 2(G·B − ZᵀY)/E taken
-            without the second (C+1)²×O product that differentiating ⟨B, G·B⟩ would take."""
+            without differentiating through the (C+1)²-sized product G·B, which goes through
+            P where P is the narrower factor."""
             optimizer.zero_grad(set_to_none=True)
-            b = affine()
-            spread = gram32 @ b.detach()
+            first, second = form.factors()
+            b = first if second is None else first @ second
+            if second is None or second.shape[0] >= second.shape[1]:
+                spread = gram32 @ b.detach()
+            else:
+                spread = (gram32 @ first.detach()) @ second.detach()
             (b * (2 * (spread - cross32))).sum().backward()
             return (b.detach() * (spread - 2 * cross32)).sum()
 
@@ -801,6 +888,7 @@ def refine_segment(
     segment: list[fx.Node],
     blocks: Sequence[str],
     inputs: Sequence[torch.Tensor],
+    outputs: Sequence[torch.Tensor],
     targets: Sequence[torch.Tensor],
     steps: int,
     lr: float,
@@ -808,19 +896,18 @@ def refine_segment(
     seed: int = 0,
 ) -> tuple[Refit, list[torch.Tensor]] | None:
     """`refine_block` for a run of graph nodes: Adam on the named blocks' parameters so that the
-    segment's last value, computed from `inputs` (the value its first node reads), matches
-    `targets`. Returns the segment's error before and after and its outputs on every chunk."""
+    segment's last value, computed from `inputs` (the value its first node reads; `outputs`
+    is that value now), matches `targets`. Returns the segment's error before and after and
+    its outputs on every chunk."""
     parameters = [
         p for name in blocks for p in gm.get_submodule(name).parameters() if p.is_floating_point()
     ]
     modules = [gm.get_submodule(str(n.target)) for n in segment if n.op == "call_module"]
     forward = partial(_run_segment, gm, segment)
     reach = _segment_reach(gm, segment)
-    refit = _refine(parameters, modules, forward, inputs, targets, steps, lr, device, seed, reach)
-    if refit is None:
-        return None
-    with torch.no_grad():
-        return refit, [forward(x) for x in inputs]
+    return _refine(
+        parameters, modules, forward, inputs, targets, steps, lr, device, seed, reach, outputs
+    )
 
 
 def _refine(
@@ -834,12 +921,15 @@ def _refine(
     device: torch.device,
     seed: int,
     reach: _Reach | None = None,
-) -> Refit | None:
+    outputs: Sequence[torch.Tensor] | None = None,
+) -> tuple[Refit, list[torch.Tensor] | None] | None:
     """Adam on `parameters` to lower Σ‖forward(x) − y‖²; `modules` (all that `forward` runs)
     move to `device` for it and back. Undone unless the error on all the chunks falls. Where
     a step on whole images is dear and `reach` (which input positions an output position
     reads) is known and checked exact, each step reads one CROP_SIDE² window of the outputs
-    and the input positions they read."""
+    and the input positions they read. Given `outputs` (forward's values on `inputs` now), the
+    error before is read from them, and the values after are returned beside the Refit (one
+    pass over the images where the error passes alone would take two; None without)."""
     if not parameters or not all(isinstance(v, torch.Tensor) for v in (*inputs, *targets)):
         return None
     home = parameters[0].device
@@ -855,19 +945,29 @@ def _refine(
         at = zip(chunk.tolist(), (pick - starts[chunk]).tolist())
         return torch.stack([chunks[c][r][window] for c, r in at]).to(device)
 
-    def error() -> float:
+    def distance(out: torch.Tensor, y: torch.Tensor) -> float:
+        return float((out.double() - y.to(out.device).double()).square().sum())
+
+    def error(kept: list[torch.Tensor] | None = None) -> float:
+        """The relative squared error now, keeping the outputs in `kept` if given."""
+        total = 0.0
         with torch.no_grad():
-            total = sum(
-                float((forward(x.to(device)).double() - y.to(device).double()).square().sum())
-                for x, y in zip(inputs, targets, strict=True)
-            )
+            for x, y in zip(inputs, targets, strict=True):
+                out = forward(x.to(device))
+                total += distance(out, y)
+                if kept is not None:
+                    kept.append(out.to(home))
         return total / energy
 
     modes = [(m, m.training) for module in modules for m in module.modules()]
     for module in modules:
         module.to(device).eval()
     try:
-        before = error()
+        if outputs is None:
+            before = error()
+        else:
+            pairs = zip(outputs, targets, strict=True)
+            before = sum(distance(out, y) for out, y in pairs) / energy
         optimizer = torch.optim.Adam(parameters, lr=lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
         generator = torch.Generator().manual_seed(seed)
@@ -891,15 +991,16 @@ def _refine(
                 loss.backward()
                 optimizer.step()
                 schedule.step()
-        after = error()
+        kept = None if outputs is None else []
+        after = error(kept)
         if not after < before:
             with torch.no_grad():
                 for parameter, value in zip(parameters, saved, strict=True):
                     parameter.copy_(value.to(parameter.device))
-            after = before
+            after, kept = before, None if outputs is None else list(outputs)
     finally:
         for module in modules:
             module.to(home)
         for module, mode in modes:
             module.training = mode
-    return Refit(before**0.5, after**0.5, "images" if crops is None else "windows")
+    return Refit(before**0.5, after**0.5, "images" if crops is None else "windows"), kept

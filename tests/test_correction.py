@@ -633,7 +633,9 @@ def test_steps_on_dear_images_read_windows_and_still_lower_the_error(monkeypatch
     hook = first.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[-1]))
     blocks = ["body.0", "body.3"]
     cpu = torch.device("cpu")
-    refit, outputs = correction.refine_segment(gm, segment, blocks, x, y, 60, 1e-2, cpu)
+    with torch.no_grad():
+        now = [gm(chunk) for chunk in x]
+    refit, outputs = correction.refine_segment(gm, segment, blocks, x, now, y, 60, 1e-2, cpu)
     hook.remove()
     # every step's window: 8 outputs and the two 3×3 convs' margins (less at an edge)
     assert sum(1 for side in seen if side <= 12) >= 60
@@ -643,6 +645,29 @@ def test_steps_on_dear_images_read_windows_and_still_lower_the_error(monkeypatch
         error = sum(float((gm(a) - b).double().square().sum()) for a, b in zip(x, y))
     energy = sum(float(b.double().square().sum()) for b in y)
     assert refit.after == pytest.approx((error / energy) ** 0.5, rel=1e-5)
+    before = sum(float((a - b).double().square().sum()) for a, b in zip(now, y))
+    assert refit.before == pytest.approx((before / energy) ** 0.5, rel=1e-6)
+    with torch.no_grad():  # the values returned are the refined segment's
+        assert all(torch.equal(out, gm(a)) for out, a in zip(outputs, x, strict=True))
+
+
+def test_a_segment_that_cannot_improve_is_kept_and_returns_its_values():
+    """A segment already equal to its targets keeps its weights, and what it returns is the
+    values it was given (no step's values leak out)."""
+    torch.manual_seed(0)
+    gm, segment = segment_of(StridedUnit([3, 3], [1, 1], [1, 1]), 12)
+    x = [torch.randn(4, 4, 12, 12) for _ in range(2)]
+    with torch.no_grad():
+        y = [gm(chunk) for chunk in x]
+    kept = copy.deepcopy(gm.state_dict())
+    now = [chunk.clone() for chunk in y]
+    cpu = torch.device("cpu")
+    refit, outputs = correction.refine_segment(
+        gm, segment, ["body.0", "body.3"], x, now, y, 10, 1e-2, cpu
+    )
+    assert refit.before == refit.after < 1e-6
+    assert all(torch.equal(value, gm.state_dict()[key]) for key, value in kept.items())
+    assert all(torch.equal(out, chunk) for out, chunk in zip(outputs, now, strict=True))
 
 
 def test_operations_that_read_every_position_keep_whole_images(monkeypatch):
