@@ -1063,27 +1063,40 @@ def _accuracy(module: nn.Module, result: CompressionResult) -> float | None:
     return None if result.metric is None else result.metric(module)
 
 
-def _judge(result: CompressionResult, images: ImageData, logits: bool) -> float:
+def _judge(
+    result: CompressionResult, images: ImageData, expected: list[torch.Tensor] | None
+) -> float:
     """How far the compressed model is from the original on `images`: the mean KL divergence
-    of their predicted distributions (`logits`), else the relative squared error of all the
-    outputs. Lower is closer."""
+    of their predicted distributions, given the original's log-probabilities on each batch
+    (`expected`, from `_log_probabilities`), else the relative squared error of all the
+    outputs (the original run again: a dense output is too large to keep). Lower is closer."""
     error = reference = 0.0
     with torch.no_grad():
-        if logits:
-            for x, _ in batches(images, result.spec):
-                expected = torch.log_softmax(result.original(x).double(), 1)
+        if expected is not None:
+            pairs = zip(batches(images, result.spec), expected, strict=True)
+            for (x, _), original in pairs:
                 actual = torch.log_softmax(result.compressed(x).double(), 1)
                 error += float(
-                    torch.nn.functional.kl_div(actual, expected, log_target=True, reduction="sum")
+                    torch.nn.functional.kl_div(actual, original, log_target=True, reduction="sum")
                 )
             return error / len(images)
         for x, _ in batches(images, result.spec):
-            expected = named_outputs(result.original(x))
+            wanted = named_outputs(result.original(x))
             actual = named_outputs(result.compressed(x))
-            for (_, a), (_, b) in zip(expected, actual):
+            for (_, a), (_, b) in zip(wanted, actual):
                 error += float((b - a).square().sum())
                 reference += float(a.square().sum())
     return error / max(reference, float(np.finfo(np.float32).tiny))
+
+
+def _log_probabilities(result: CompressionResult, images: ImageData) -> list[torch.Tensor]:
+    """The original's log-probabilities on each batch of `images`, which `_judge` compares
+    with the compressed model's before and after the recalibration."""
+    with torch.no_grad():
+        return [
+            torch.log_softmax(result.original(x).double(), 1)
+            for x, _ in batches(images, result.spec)
+        ]
 
 
 def refit_segment_steps(config: CompressConfig, plan: Plan) -> int:
@@ -1201,7 +1214,8 @@ def recover(
         logits = result.outputs is None or result.outputs.is_logits
         if judge is not None:
             refitted = {k: v.clone() for k, v in result.compressed.state_dict().items()}
-            refitted_score = _judge(result, judge, logits)
+            expected = _log_probabilities(result, judge) if logits else None
+            refitted_score = _judge(result, judge, expected)
         if has_batchnorm(result.compressed):
             # The original statistics came from augmented images (see training_batches).
             images = train.subset(config.recalibrate_samples)
@@ -1228,7 +1242,7 @@ def recover(
             result.recalibration_images_left_out = wanted - len(images)
         kept = "recalibrated"
         if judge is not None:
-            recalibrated_score = _judge(result, judge, logits)
+            recalibrated_score = _judge(result, judge, expected)
             if not recalibrated_score < refitted_score:
                 kept = "refitted"
                 result.compressed.load_state_dict(refitted)
