@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +99,7 @@ def run_case(cli: str, case: dict, images: int, limit: float, extra: list[str]) 
         "mean_error_before": statistics.fmean(row["refit_error_before"] for row in rows),
         "mean_error_after": statistics.fmean(row["refit_error_after"] for row in rows),
         "errors_after": {row["name"]: row["refit_error_after"] for row in rows},
+        "blocks_read": dict(Counter(row.get("refit_steps_read") for row in rows)),
         "segments": len(segments),
         "segment_steps": refit.get("segment_steps"),
         "mean_segment_error_before": (
