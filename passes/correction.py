@@ -174,9 +174,8 @@ def refit_blocks(
                     head_inputs = [
                         args for args, _ in _arguments(node_c, values_c, position, len(chunks))
                     ]
-                    refit = _refit(block, values_o[index], head_inputs, damping)
                     if refine_steps:
-                        refined = refine_block(
+                        refit = refine_block(
                             block,
                             [args[0] for args in head_inputs],
                             values_o[index],
@@ -184,10 +183,10 @@ def refit_blocks(
                             refine_lr,
                             device,
                             seed,
+                            damping,
                         )
-                        if refined is not None:
-                            before = refit.before if refit is not None else refined.before
-                            refit = Refit(before, refined.after, refined.read)
+                    else:
+                        refit = _refit(block, values_o[index], head_inputs, damping)
                     if refit is not None:
                         refits[target] = refit
                         segment_blocks.append(target)
@@ -323,19 +322,29 @@ def _channel_rows(x: torch.Tensor, conv: bool, dtype: torch.dtype = torch.float6
     return (x.movedim(1, -1) if conv else x).reshape(-1, x.shape[1 if conv else -1]).to(dtype)
 
 
-def _refit(block: nn.Module, targets: list, head_args: list[tuple], damping: float) -> Refit | None:
+def _last_stage(block: nn.Module) -> nn.Linear | nn.Conv1d | nn.Conv2d | None:
+    """The block's last stage where it is a linear map of channels that least squares can
+    refit: a linear layer, or a 1×1 conv with stride 1, no padding and no groups."""
     if not isinstance(block, nn.Sequential) or len(block) < 2:
         return None
-    *head, last = list(block)
-    conv = isinstance(last, nn.Conv1d | nn.Conv2d)
-    if conv and not (
+    last = block[-1]
+    if isinstance(last, nn.Linear):
+        return last
+    if isinstance(last, nn.Conv1d | nn.Conv2d) and (
         set(last.kernel_size) == set(last.stride) == {1}
         and (last.padding == "valid" or set(last.padding) == {0})
         and last.groups == 1
     ):
+        return last
+    return None
+
+
+def _refit(block: nn.Module, targets: list, head_args: list[tuple], damping: float) -> Refit | None:
+    last = _last_stage(block)
+    if last is None:
         return None
-    if not conv and not isinstance(last, nn.Linear):
-        return None
+    head = list(block)[:-1]
+    conv = not isinstance(last, nn.Linear)
 
     def features(args: tuple) -> torch.Tensor:
         (z,) = args
@@ -347,13 +356,24 @@ def _refit(block: nn.Module, targets: list, head_args: list[tuple], damping: flo
     gram = torch.zeros(width, width, dtype=torch.float64)
     cross = torch.zeros(width, last.weight.shape[0], dtype=torch.float64)
     energy = 0.0
-    for args, y in zip(head_args, targets, strict=True):
-        z = _channel_rows(features(args), conv)
-        z = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], 1)
-        rows = _channel_rows(y, conv)
-        gram += z.T @ z
-        cross += z.T @ rows
-        energy += float((rows * rows).sum())
+    with torch.no_grad():
+        for args, y in zip(head_args, targets, strict=True):
+            z = _channel_rows(features(args), conv)
+            z = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], 1)
+            rows = _channel_rows(y, conv)
+            gram += z.T @ z
+            cross += z.T @ rows
+            energy += float((rows * rows).sum())
+    return _solve_last_stage(last, gram, cross, energy, damping)
+
+
+def _solve_last_stage(
+    last: nn.Module, gram: torch.Tensor, cross: torch.Tensor, energy: float, damping: float
+) -> Refit:
+    """Set `last` (weight and bias, a bias added if it had none) to the damped least-squares
+    fit B* from the moments of its inputs Z = [z, 1] (gram ZᵀZ, cross ZᵀY, energy ‖Y‖²); kept as
+    it was where B* is not closer."""
+    width = len(gram)
     weight = last.weight.detach().double().reshape(last.weight.shape[0], -1)
     bias = last.bias.detach().double() if last.bias is not None else torch.zeros(len(weight))
     start = torch.cat([weight.T, bias[None]], 0)  # (R+1)×O: Y ≈ Z·B
@@ -387,20 +407,29 @@ def refine_block(
     lr: float,
     device: torch.device,
     seed: int = 0,
+    damping: float | None = None,
 ) -> Refit | None:
     """Adam on all of `block`'s parameters to lower Σ‖block(x) − y‖² over the chunks of
     (`inputs`, `targets`), REFINE_BATCH images a step, or, for a block that is one affine map of
     what each output position reads, L-BFGS on exact moments (at most about `steps` evaluations;
     no rate); the block is left as it was unless its relative error on all the chunks falls.
-    None for a block without parameters, whose chunks are not single tensors, or whose targets
-    are all zero."""
-    parameters = [p for p in block.parameters() if p.is_floating_point()]
+    With `damping`, the last stage is first refitted by least squares (as `refit_blocks` does;
+    from the moments where the steps take them), and the error before is the block's before
+    that. None for a block without parameters, whose chunks are not single tensors, or whose
+    targets are all zero."""
     form = _affine_form(block)
     if _moments_are_cheaper(form, inputs, targets):
-        return _refine_from_moments(form, block, parameters, inputs, targets, steps)
+        return _refine_from_moments(form, block, inputs, targets, steps, damping)
+    fitted = None
+    if damping is not None:
+        fitted = _refit(block, list(targets), [(x,) for x in inputs], damping)
+    parameters = [p for p in block.parameters() if p.is_floating_point()]
     reach = _module_reach(block, _Reach.identity())
     refined = _refine(parameters, [block], block, inputs, targets, steps, lr, device, seed, reach)
-    return None if refined is None else refined[0]
+    if refined is None:
+        return fitted
+    before = fitted.before if fitted is not None else refined[0].before
+    return Refit(before, refined[0].after, refined[0].read)
 
 
 @dataclass(frozen=True)
@@ -598,10 +627,10 @@ MOMENT_ELEMENTS = 1 << 24  # row entries converted to float64 at a time (128 MiB
 def _refine_from_moments(
     form: _AffineForm,
     block: nn.Module,
-    parameters: list[nn.Parameter],
     inputs: Sequence[torch.Tensor],
     targets: Sequence[torch.Tensor],
     steps: int,
+    damping: float | None,
 ) -> Refit | None:
     """`refine_block` for a block that is one affine map per output position. Its output is
     z·A + b with z what the position reads (`form.rows`), so Σ‖block(x) − y‖² = E − 2⟨B, ZᵀY⟩ +
@@ -609,7 +638,9 @@ def _refine_from_moments(
     takes the exact loss and gradient over all the images at a cost independent of their
     number (instead of minibatches of whole images, which on 224² inputs cost seconds a step).
     Exact, noiseless values are what a quasi-Newton method with a line search wants: torch's
-    L-BFGS, where Adam's per-coordinate steps of about its rate overshoot or crawl.
+    L-BFGS, where Adam's per-coordinate steps of about its rate overshoot or crawl. The
+    least-squares refit of the last stage (with `damping`) reads the same moments: its inputs
+    are Z·P, P the map up to it.
     Hand-written: no library refines a factorized map on moments."""
     width = form.width
     gram = torch.zeros(width, width, dtype=torch.float64)
@@ -628,13 +659,22 @@ def _refine_from_moments(
             cross = products if cross is None else cross + products
             output_sums = totals if output_sums is None else output_sums + totals
             energy += float((rows * rows).sum())
-    if not parameters or cross is None or energy == 0:
+    if cross is None or energy == 0:
         return None
     # The moments of Z = [z, 1]: the column of ones adds the sums and the count.
     gram = torch.cat(
         [torch.cat([gram, sums[:, None]], 1), torch.cat([sums, sums.new_tensor([count])])[None]]
     )
     cross = torch.cat([cross, output_sums[None]])
+    fitted, last = None, _last_stage(block)
+    if damping is not None and last is not None:
+        with torch.no_grad():
+            head = form.factors()[0].double()
+        spread = gram @ head
+        fitted = _solve_last_stage(last, head.T @ spread, head.T @ cross, energy, damping)
+    parameters = [p for p in block.parameters() if p.is_floating_point()]
+    if not parameters:
+        return fitted
     home = parameters[0]
 
     def affine() -> torch.Tensor:
@@ -689,7 +729,7 @@ def _refine_from_moments(
     finally:
         for module, mode in modes:
             module.training = mode
-    return Refit(before**0.5, after**0.5, "moments")
+    return Refit(fitted.before if fitted else before**0.5, after**0.5, "moments")
 
 
 CROP_SIDE = 8  # output positions per side of a step's window: a CIFAR ResNet's last stage

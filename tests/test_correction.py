@@ -345,6 +345,32 @@ def test_a_block_acting_per_patch_is_refined_on_patch_moments(kind, monkeypatch)
     assert_moments_match_minibatches(PATCH_BLOCKS[kind](), x, y)
 
 
+@pytest.mark.parametrize("kind", ["tucker2", "cp"])
+def test_the_least_squares_refit_from_patch_moments_is_the_one_from_features(kind, monkeypatch):
+    """A block refined on moments takes its last stage's least-squares refit from the same
+    moments (its inputs are the patches times the map up to it): the stage and the errors
+    equal those of the refit on the features themselves."""
+    monkeypatch.setattr(correction, "DEAR_STEP_MACS", 0)
+    torch.manual_seed(0)
+    x = [torch.randn(4, 6, 12, 12) for _ in range(3)]
+    layer = (
+        nn.Conv2d(6, 8, 3, 2, 1) if kind == "tucker2" else nn.Conv2d(6, 8, 3, padding=2, dilation=2)
+    )
+    with torch.no_grad():
+        y = [layer(chunk) + 0.05 * torch.randn_like(layer(chunk)) for chunk in x]
+    from_moments, from_features = PATCH_BLOCKS[kind](), PATCH_BLOCKS[kind]()
+    from_features.load_state_dict(from_moments.state_dict())
+    cpu = torch.device("cpu")
+    moments = refine_block(from_moments, x, y, steps=0, lr=1e-3, device=cpu, damping=1e-3)
+    features = correction._refit(from_features, y, [(chunk,) for chunk in x], 1e-3)
+    assert moments.read == "moments"
+    assert moments.before == pytest.approx(features.before, rel=1e-6)
+    assert moments.after == pytest.approx(features.after, rel=1e-5)
+    assert features.after < 0.9 * features.before
+    for a, b in zip(from_moments[-1].parameters(), from_features[-1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_patch_blocks_keep_minibatches_where_a_step_is_cheap_or_padding_would_meet_a_bias():
     """On small inputs a patch block's minibatch step costs milliseconds and stays the path; a
     first stage with a bias before a padded conv is not one affine map of the patch (the padding
