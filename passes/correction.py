@@ -16,7 +16,8 @@ whose refit would raise it is left as it was).
 
 With `refine_steps`, every block is then refined as a whole: all its stages take Adam steps on the
 same objective (minibatches of the calibration images, a cosine-decayed rate), starting from the
-least-squares fit; a refinement that does not lower the block's error on all the images is undone.
+least-squares fit; a refinement that does not lower the block's error on all the images is undone,
+and one that has not lowered it after a quarter of its steps starts again at a tenth of the rate.
 The last stage alone is a linear problem; the stages together are not, and this is where most of
 the remaining error goes at high compression (ResNet-56 at 4×: BENCHMARKS.md, issue #20). A
 block whose stages are all linear layers or 1×1 convs is one affine map per position, and a
@@ -58,6 +59,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional
 from torch.nn.modules.utils import _pair
+from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
 from rankfold.passes.core import ConfigError, DataError
@@ -732,6 +734,7 @@ def _refine_from_moments(
     return Refit(fitted.before if fitted else before**0.5, after**0.5, "moments")
 
 
+BACKED_OFF_RATE = 0.1  # of the rate, for the steps after a quarter that did not lower the error
 CROP_SIDE = 8  # output positions per side of a step's window: a CIFAR ResNet's last stage
 
 
@@ -964,12 +967,15 @@ def _refine(
     outputs: Sequence[torch.Tensor] | None = None,
 ) -> tuple[Refit, list[torch.Tensor] | None] | None:
     """Adam on `parameters` to lower Σ‖forward(x) − y‖²; `modules` (all that `forward` runs)
-    move to `device` for it and back. Undone unless the error on all the chunks falls. Where
-    a step on whole images is dear and `reach` (which input positions an output position
-    reads) is known and checked exact, each step reads one CROP_SIDE² window of the outputs
-    and the input positions they read. Given `outputs` (forward's values on `inputs` now), the
-    error before is read from them, and the values after are returned beside the Refit (one
-    pass over the images where the error passes alone would take two; None without)."""
+    move to `device` for it and back. Undone unless the error on all the chunks falls; where it
+    has not fallen after a quarter of the steps (the rate overshoots a start that is already
+    close, as on 224² segments), the rest start again from the start at BACKED_OFF_RATE times
+    the rate. Where a step on whole images is dear and `reach` (which input positions an
+    output position reads) is known and checked exact, each step reads one CROP_SIDE² window
+    of the outputs and the input positions they read. Given `outputs` (forward's values on
+    `inputs` now), the error before is read from them, and the values after are returned
+    beside the Refit (one pass over the images where the error passes alone would take two;
+    None without)."""
     if not parameters or not all(isinstance(v, torch.Tensor) for v in (*inputs, *targets)):
         return None
     home = parameters[0].device
@@ -1008,8 +1014,17 @@ def _refine(
         else:
             pairs = zip(outputs, targets, strict=True)
             before = sum(distance(out, y) for out, y in pairs) / energy
-        optimizer = torch.optim.Adam(parameters, lr=lr)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+
+        def restore() -> None:
+            with torch.no_grad():
+                for parameter, value in zip(parameters, saved, strict=True):
+                    parameter.copy_(value.to(parameter.device))
+
+        def adam(rate: float, count: int) -> tuple[torch.optim.Adam, LRScheduler]:
+            optimizer = torch.optim.Adam(parameters, lr=rate)
+            return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, count)
+
+        optimizer, schedule = adam(lr, steps)
         generator = torch.Generator().manual_seed(seed)
         count = int(sizes.sum())
         size = min(REFINE_BATCH, count)
@@ -1017,7 +1032,10 @@ def _refine(
         crops = _crops(reach, forward, modules, inputs[0], targets[0], size, device)
         windows = torch.Generator().manual_seed(seed)
         with torch.enable_grad():
-            for _ in range(steps):
+            for step in range(steps):
+                if step == steps // 4 > 0 and not error() < before:
+                    restore()
+                    optimizer, schedule = adam(lr * BACKED_OFF_RATE, steps - step)
                 pick = torch.randint(count, (size,), generator=generator)
                 if crops is None:
                     x, y = batch(pick, inputs), batch(pick, targets)
@@ -1034,9 +1052,7 @@ def _refine(
         kept = None if outputs is None else []
         after = error(kept)
         if not after < before:
-            with torch.no_grad():
-                for parameter, value in zip(parameters, saved, strict=True):
-                    parameter.copy_(value.to(parameter.device))
+            restore()
             after, kept = before, None if outputs is None else list(outputs)
     finally:
         for module in modules:

@@ -244,6 +244,25 @@ def test_refinement_is_undone_when_it_does_not_lower_the_error():
     assert refit.after == pytest.approx((error / energy) ** 0.5, rel=1e-4)
 
 
+def test_a_rate_that_overshoots_a_close_start_is_backed_off_after_a_quarter(monkeypatch):
+    """Started near its target, a block whose rate overshoots has a higher error after a quarter
+    of its steps; the rest start again at a tenth of the rate and end below the start (without
+    the back-off, at the same rate throughout, the refinement is undone)."""
+    torch.manual_seed(0)
+    x = [torch.randn(64, 12) for _ in range(2)]
+    truth = nn.Sequential(nn.Linear(12, 4, bias=False), nn.Linear(4, 20), nn.Identity())
+    with torch.no_grad():
+        y = [truth(chunk) + 0.3 * torch.randn(64, 20) for chunk in x]
+        for parameter in truth.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    cpu = torch.device("cpu")
+    backed_off = refine_block(copy.deepcopy(truth), x, y, steps=40, lr=0.3, device=cpu)
+    assert backed_off.after < 0.96 * backed_off.before
+    monkeypatch.setattr(correction, "BACKED_OFF_RATE", 1.0)
+    same_rate = refine_block(copy.deepcopy(truth), x, y, steps=40, lr=0.3, device=cpu)
+    assert same_rate.after == same_rate.before == backed_off.before
+
+
 @pytest.mark.parametrize("stage", ["linear", "conv1x1"])
 def test_a_block_acting_per_position_is_refined_on_moments_as_well_as_on_minibatches(stage):
     """Per-position blocks take exact full-batch steps from the input's moments; the result
