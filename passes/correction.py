@@ -679,14 +679,15 @@ def _refine_from_moments(
         return fitted
     home = parameters[0]
 
-    def affine() -> torch.Tensor:
+    def affine() -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The factors P, Q and the map B = P·Q."""
         first, second = form.factors()
-        return first if second is None else first @ second
+        return first, second, first if second is None else first @ second
 
     def error() -> float:
         """The relative error, in float64 (the steps' float32 loss drops the constant E, which
         would cancel most of its digits)."""
-        b = affine().double()
+        b = affine()[2].double()
         value = energy - 2 * float((b * cross).sum()) + float((b * (gram @ b)).sum())
         return max(value, 0.0) / energy
 
@@ -710,8 +711,7 @@ def _refine_from_moments(
             without differentiating through the (C+1)²-sized product G·B, which goes through
             P where P is the narrower factor."""
             optimizer.zero_grad(set_to_none=True)
-            first, second = form.factors()
-            b = first if second is None else first @ second
+            first, second, b = affine()
             if second is None or second.shape[0] >= second.shape[1]:
                 spread = gram32 @ b.detach()
             else:
