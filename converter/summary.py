@@ -12,7 +12,11 @@ from rich.table import Table
 
 from rankfold.converter.results import CalibrationPick, Report, Sensitive
 from rankfold.converter.ui import console
-from rankfold.passes.analysis import ACTIVATION_PRODUCT_NOTE, ATTENTION_PRODUCTS_NOTE
+from rankfold.passes.analysis import (
+    ACTIVATION_PRODUCT_NOTE,
+    ATTENTION_PRODUCTS_NOTE,
+    FIXED_KERNEL_NOTE,
+)
 from rankfold.passes.correction import CROP_SIDE
 from rankfold.passes.latency_gate import threads_text
 from rankfold.runtime.latency import format_speedup
@@ -243,7 +247,18 @@ def summary_lines(report: Report, out: Path) -> list[str]:
             f"products of activations (attention scores and weighted sums): {len(products)} "
             f"call(s), {sum(products.values()):,} MACs counted, no weights to decompose"
         )
-    functional = {k: v for k, v in original.functional_macs.items() if k not in products}
+    fixed = {k: v for k, v in original.functional_macs.items() if k.endswith(FIXED_KERNEL_NOTE)}
+    if fixed:
+        calls = ", ".join(
+            f"{name.removesuffix(FIXED_KERNEL_NOTE)}{macs:,}" for name, macs in fixed.items()
+        )
+        lines.append(
+            f"fixed kernels: functional calls on buffers, not parameters, counted in the MACs "
+            f"({calls}); nothing trained there to decompose"
+        )
+    functional = {
+        k: v for k, v in original.functional_macs.items() if k not in products and k not in fixed
+    }
     if functional:
         calls = ", ".join(f"{name} {macs:,}" for name, macs in functional.items())
         lines.append(

@@ -271,7 +271,13 @@ def einsum_macs(
 def _functional_macs(gm: fx.GraphModule) -> dict[str, int]:
     """MACs of conv and matrix-product calls that are not modules, from the traced shapes (a
     model that calls F.conv2d would otherwise report a reduction larger than it gets)."""
-    found = {}
+    found: dict[str, int] = {}
+
+    def add(node: fx.Node, operands: Sequence, macs: int, key: str | None = None) -> None:
+        fixed = _fixed_operand(gm, operands)
+        key = fixed_kernel_key(fixed) if fixed is not None else key or node.name
+        found[key] = found.get(key, 0) + macs
+
     from_input: set[fx.Node] = set()  # nodes whose value depends on the model's input
     for node in gm.graph.nodes:
         if node.op == "placeholder" or any(arg in from_input for arg in node.all_input_nodes):
@@ -290,24 +296,48 @@ def _functional_macs(gm: fx.GraphModule) -> dict[str, int]:
             meta = getattr(weight, "meta", {}).get("tensor_meta")
             first = getattr(node.args[0], "meta", {}).get("tensor_meta")
             if node.target in CONV_FUNCTIONS and meta is not None:
-                found[node.name] = conv_macs(out, meta.shape)
+                add(node, [weight], conv_macs(out, meta.shape))
             elif meta is not None and first is not None:
-                found[node.name] = transposed_conv_macs(first.shape, meta.shape)
+                add(node, [weight], transposed_conv_macs(first.shape, meta.shape))
         elif node.target is torch.einsum and isinstance(node.args[0], str):
             operands = node.args[1] if isinstance(node.args[1], list | tuple) else node.args[1:]
             metas = [getattr(op, "meta", {}).get("tensor_meta") for op in operands]
             if None not in metas:
                 macs = einsum_macs(node.args[0], [meta.shape for meta in metas], out)
                 if macs is not None:
-                    found[_product_key(node, operands, from_input)] = macs
+                    add(node, operands, macs, _product_key(node, operands, from_input))
         elif node.target in MATMUL_FUNCTIONS:
             first = (
                 node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
             )
             if first is None:
                 continue
-            found[_product_key(node, node.args[:2], from_input)] = matmul_macs(out, first.shape)
+            key = _product_key(node, node.args[:2], from_input)
+            add(node, node.args[:2], matmul_macs(out, first.shape), key)
     return found
+
+
+FIXED_KERNEL_NOTE = "(fixed kernel: a buffer, not a parameter)"
+
+
+def fixed_kernel_key(tensor_name: str) -> str:
+    """The report's name for a functional conv or product whose weight is a buffer (option-A
+    shortcuts' 0/1 kernels, blur filters; to torch.fx also a tensor constant): the module
+    holding it. Nothing trained there to decompose, so the summary does not ask for a module."""
+    owner = tensor_name.rpartition(".")[0] or tensor_name
+    return f"{owner} {FIXED_KERNEL_NOTE}"
+
+
+def _fixed_operand(gm: fx.GraphModule, operands: Sequence) -> str | None:
+    """The qualified name of the first operand read straight from a buffer or tensor constant
+    (a get_attr that is not a parameter)."""
+    for operand in operands:
+        if isinstance(operand, fx.Node) and operand.op == "get_attr":
+            module, _, name = operand.target.rpartition(".")
+            value = getattr(gm.get_submodule(module), name)
+            if not isinstance(value, nn.Parameter):
+                return operand.target
+    return None
 
 
 ACTIVATION_PRODUCT_NOTE = "(product of activations)"

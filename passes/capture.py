@@ -14,6 +14,7 @@ before planning, so such a model fails early.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ from rankfold.passes.analysis import (
     attention_macs,
     conv_macs,
     einsum_macs,
+    fixed_kernel_key,
     layer_info,
     matmul_macs,
     transposed_conv_macs,
@@ -80,10 +82,11 @@ def trace_or_capture(
 class _FunctionalCalls(TorchFunctionMode):
     """Counts convs and matrix products called outside a hooked module (F.conv2d, x @ w)."""
 
-    def __init__(self) -> None:
+    def __init__(self, buffers: dict[int, str]) -> None:
         super().__init__()
         self.inside = 0  # depth of hooked module calls
         self.found: dict[str, int] = {}
+        self.buffers = buffers  # id of each buffer tensor → its qualified name
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 (torch's)
         kwargs = kwargs or {}
@@ -91,12 +94,14 @@ class _FunctionalCalls(TorchFunctionMode):
         if self.inside == 0 and isinstance(out, torch.Tensor):
             if func in CONV_FUNCTIONS:
                 weight = args[1] if len(args) > 1 else kwargs["weight"]
-                self._add(func, conv_macs(tuple(out.shape), tuple(weight.shape)))
+                macs = conv_macs(tuple(out.shape), tuple(weight.shape))
+                self._add(func, macs, [weight])
             elif func in TRANSPOSED_CONV_FUNCTIONS:
                 weight = args[1] if len(args) > 1 else kwargs["weight"]
-                self._add(func, transposed_conv_macs(tuple(args[0].shape), tuple(weight.shape)))
+                macs = transposed_conv_macs(tuple(args[0].shape), tuple(weight.shape))
+                self._add(func, macs, [weight])
             elif func in _MATMULS and isinstance(args[0], torch.Tensor):
-                self._add(func, matmul_macs(tuple(out.shape), tuple(args[0].shape)))
+                self._add(func, matmul_macs(tuple(out.shape), tuple(args[0].shape)), args[:2])
             elif func is torch.einsum and isinstance(args[0], str):
                 operands = args[1] if isinstance(args[1], list | tuple) else args[1:]
                 macs = einsum_macs(args[0], [t.shape for t in operands], tuple(out.shape))
@@ -107,7 +112,12 @@ class _FunctionalCalls(TorchFunctionMode):
                 self._add(func, 2 * math.prod(query.shape[1:]) * key.shape[-2])
         return out
 
-    def _add(self, func: Any, macs: int) -> None:
+    def _add(self, func: Any, macs: int, operands: Sequence = ()) -> None:
+        fixed = [self.buffers[id(t)] for t in operands if id(t) in self.buffers]
+        if fixed:
+            key = fixed_kernel_key(fixed[0])
+            self.found[key] = self.found.get(key, 0) + macs
+            return
         base = getattr(func, "__name__", "matmul").strip("_")
         index = sum(1 for key in self.found if key.split("_")[0] == base)
         self.found[base if index == 0 else f"{base}_{index}"] = macs
@@ -120,7 +130,7 @@ def analyze_captured(model: nn.Module, example_input: torch.Tensor) -> ModelAnal
     nn.MultiheadAttention calls, counted as `analyze` counts them."""
     seen: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
     attention: dict[str, int] = {}
-    counter = _FunctionalCalls()
+    counter = _FunctionalCalls({id(b): name for name, b in model.named_buffers()})
     handles = []
 
     def enter(_module: nn.Module, _args: Any) -> None:

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from rankfold.converter import restore
 from rankfold.converter.cli import app
 from rankfold.passes import analyze, trace
+from rankfold.passes.analysis import fixed_kernel_key
 from rankfold.passes.attention import split_attention
 from rankfold.passes.capture import FX_ONLY_PASSES, analyze_captured, trace_or_capture
 from rankfold.passes.cleanup import cleanup
@@ -174,19 +175,33 @@ def test_a_branch_on_tensor_values_fails_before_planning(tmp_path, monkeypatch, 
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
 
 
+class _Blur(nn.Module):
+    """A depthwise box filter: a functional conv on a buffer, nothing to train."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+        self.register_buffer("kernel", torch.ones(channels, 1, 3, 3) / 9)
+
+    def forward(self, x):
+        return F.conv2d(x, self.kernel, padding=1, groups=self.channels)
+
+
 class _Mixed(nn.Module):
-    """Module convs and linears, a functional conv, a linear called twice and attention."""
+    """Module convs and linears, functional convs (on a parameter and on a buffer), a linear
+    called twice and attention."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.blur = _Blur(8)
         self.kernel = nn.Parameter(torch.randn(8, 8, 3, 3))
         self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
         self.proj = nn.Linear(8, 8)
         self.head = nn.Linear(8, 4)
 
     def forward(self, x):
-        h = F.conv2d(self.conv(x), self.kernel, padding=1)
+        h = F.conv2d(self.blur(self.conv(x)), self.kernel, padding=1)
         tokens = h.flatten(2).transpose(1, 2)
         tokens, _ = self.attention(tokens, tokens, tokens)
         tokens = self.proj(self.proj(tokens))
@@ -203,6 +218,10 @@ def test_hooks_find_what_the_fx_graph_finds():
     assert sum(captured.functional.values()) == sum(traced.functional.values())
     assert captured.total_macs == traced.total_macs and captured.total_params == traced.total_params
     assert captured.functional["conv2d"] == 6 * 6 * 8 * 8 * 9
+    # A conv on a buffer is named by the module holding it, on both paths.
+    fixed = fixed_kernel_key("blur.kernel")
+    assert fixed == "blur (fixed kernel: a buffer, not a parameter)"
+    assert captured.functional[fixed] == traced.functional[fixed] == 6 * 6 * 8 * 9
 
 
 def test_a_leaf_holding_the_shape_branch_keeps_the_fx_passes(tmp_path):

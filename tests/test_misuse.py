@@ -534,9 +534,11 @@ class Functional(nn.Module):
         self.conv = nn.Conv2d(3, 16, 3, padding=1)
         self.kernel = nn.Parameter(torch.randn(16, 16, 3, 3) * 0.1)
         self.fc = nn.Linear(16, 4)
+        self.register_buffer("average", torch.ones(16, 1, 2, 2) / 4)
 
     def forward(self, x):
         h = torch.nn.functional.conv2d(self.conv(x), self.kernel, padding=1)
+        h = torch.nn.functional.conv2d(h, self.average, stride=2, groups=16)
         return self.fc(h.mean((2, 3)))
 
 
@@ -548,12 +550,20 @@ def functional():
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     functional = report["original"]["functional_macs"]
-    assert functional == {"conv2d": 8 * 8 * 16 * 16 * 9}
+    fixed = "average (fixed kernel: a buffer, not a parameter)"
+    assert functional == {"conv2d": 8 * 8 * 16 * 16 * 9, fixed: 4 * 4 * 16 * 4}
     modules = sum(row["original_macs"] for row in report["layers"])
-    assert report["original"]["macs"] == modules + functional["conv2d"]
-    after = sum(row["macs"] for row in report["layers"]) + functional["conv2d"]
+    assert report["original"]["macs"] == modules + sum(functional.values())
+    after = sum(row["macs"] for row in report["layers"]) + sum(functional.values())
     assert report["macs_reduction"] == pytest.approx(report["original"]["macs"] / after)
-    assert "not decomposable: 1 functional call(s)" in result.output
+    # Only the conv on a parameter is sent to be made a module; the buffer's is explained.
+    assert "not decomposable: 1 functional call(s) counted in the MACs (conv2d 147,456)" in (
+        result.output
+    )
+    assert "fixed kernels: functional calls on buffers, not parameters, counted in the MACs " in (
+        result.output
+    )
+    assert "(average 1,024); nothing trained there to decompose" in result.output
 
 
 def test_resume_with_other_settings_fails_before_any_work(tmp_path, monkeypatch):
