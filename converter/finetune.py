@@ -10,9 +10,10 @@ purpose: CP blocks (1×1, depthwise, 1×1) diverged at SGD lr 0.01 and 3e-3 on R
 was the best rate tried for both CP and Tucker-2 (2 epochs on the 5,085 CIFAR training images: CP
 87.8 → 91.8 %, Tucker-2 67.6 → 87.0 % on 500 test images, original 91.0).
 
-Device: `device` "auto" trains on CUDA when torch sees a GPU (bfloat16 autocast unless `amp` is
-off), else on the CPU; student and teacher go back to where the caller had them, checkpoints hold
-CPU tensors, and each epoch is scored in float32, as the model is deployed.
+Device: `device` "auto" trains on CUDA when torch sees a GPU, else on the CPU (bfloat16 autocast on
+CUDA and on CPUs with AMX, whose bfloat16 convs outrun float32 ones, unless `amp` is off); student
+and teacher go back to where the caller had them, checkpoints hold CPU tensors, and each epoch is
+scored in float32, as the model is deployed.
 
 Reproducibility: each epoch's shuffling and augmentation come from a NumPy generator seeded by
 (seed, epoch), and the model, optimizer, scheduler and torch RNG states are checkpointed at every
@@ -102,7 +103,7 @@ class FinetuneConfig(BaseModel):
     mixup: float = Field(default=0.0, ge=0)
     augment: Augment = "auto"  # auto: cifar for 3×32×32 inputs
     train_only_decomposed: bool = False
-    amp: bool = True  # mixed precision, on CUDA only
+    amp: bool = True  # bfloat16 autocast on CUDA and on CPUs with AMX (see `_amp_dtype`)
     # auto: CUDA when torch sees a GPU (or the student's own accelerator), else the CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_batch_size: int = Field(default=256, ge=1)
@@ -148,6 +149,7 @@ class FinetuneResult:
     # With a validation split, the model as it came (epoch 0), the first candidate.
     validation_before: float | None = None
     eval_before: float | None = None
+    precision: str = "float32"  # or "bfloat16 autocast" (CUDA, AMX CPUs), "float16 autocast"
 
     @property
     def final_accuracy(self) -> float | None:
@@ -341,6 +343,9 @@ class _Trainer:
         self.rank, self.world = rank, world
         self.augment = augments(config.augment, spec)
         self.amp_dtype = _amp_dtype(device, config.amp)
+        self.precision = "float32"
+        if self.amp_dtype is not None:
+            self.precision = f"{str(self.amp_dtype).removeprefix('torch.')} autocast"
         self.device_label = str(device)
         if device.type == "cuda":
             self.device_label += f" ({torch.cuda.get_device_name(device)})"
@@ -386,9 +391,7 @@ class _Trainer:
 
         frozen = _frozen_modules(self.student, decomposed) if config.train_only_decomposed else []
         if self.rank == 0 and state.epoch < config.epochs:
-            precision = ""
-            if self.amp_dtype is not None:
-                precision = f", {str(self.amp_dtype).removeprefix('torch.')} autocast"
+            precision = "" if self.amp_dtype is None else f", {self.precision}"
             processes = f" in {self.world} processes" if self.world > 1 else ""
             console.print(f"fine-tuning on {self.device_label}{precision}{processes}")
         for epoch in range(state.epoch + 1, config.epochs + 1):
@@ -433,6 +436,7 @@ class _Trainer:
                 resumed_from,
                 device=self.device_label,
                 processes=self.world,
+                precision=self.precision,
             )
         if state.best_model is not None:
             self.student.load_state_dict(state.best_model)
@@ -452,6 +456,7 @@ class _Trainer:
             self.world,
             state.validation_before,
             state.eval_before,
+            self.precision,
         )
 
     def _start_as_candidate(self, state: _RunState) -> None:
@@ -714,7 +719,7 @@ class _Trainer:
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def _progress(self, description: str, total: int) -> contextlib.AbstractContextManager:
         if self.rank != 0:
@@ -912,10 +917,24 @@ def _optimizer(parameters: list[nn.Parameter], config: FinetuneConfig) -> torch.
 
 
 def _amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    if not enabled or device.type != "cuda":
+    """bfloat16 autocast on a GPU or a CPU with bfloat16 matrix units (AMX); float16 on GPUs
+    without bfloat16; None (float32) when off or elsewhere."""
+    if not enabled:
+        return None
+    if device.type == "cpu":
+        return torch.bfloat16 if native_bfloat16_cpu() else None
+    if device.type != "cuda":
         return None
     # bfloat16 keeps float32's range (no loss scaling); float16 on GPUs without it.
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def native_bfloat16_cpu() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AMX tiles: Intel Xeon since
+    Sapphire Rapids), where oneDNN's bfloat16 convs outrun float32 ones (BENCHMARKS.md). torch
+    says so only through a private helper; without it, no."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if callable(probe) else False
 
 
 def training_device(choice: str, student: nn.Module | None = None) -> torch.device:

@@ -352,7 +352,12 @@ OPTIONS: tuple[Option, ...] = (
         RECOVERY,
     ),
     Option("finetune.train_only_decomposed", "Train only the factorized blocks.", RECOVERY, bool),
-    Option("finetune.amp", "Mixed precision on CUDA.", RECOVERY, bool),
+    Option(
+        "finetune.amp",
+        "bfloat16 autocast on CUDA and on CPUs with AMX (off: float32).",
+        RECOVERY,
+        bool,
+    ),
     Option(
         "finetune.device",
         "Where fine-tuning and the refit's steps run: auto (CUDA when torch sees a GPU), cpu or "

@@ -16,6 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import rankfold.converter.finetune as finetune_module
 from rankfold.converter.cli import app
 from rankfold.converter.pipeline import restore
 from rankfold.models import load_model, normalize
@@ -139,8 +140,13 @@ def test_compress_under_torchrun_compresses_on_rank_zero_and_writes_once(
     assert log.count("wrote ") == 1
     report = json.loads((out / "report.json").read_text())
     assert len(report["recovery"]["finetune"]["history"]) == 1
-    assert report["recovery"]["finetune"]["processes"] == 2
-    assert "fine-tuning on cpu in 2 processes" in log
+    finetuned = report["recovery"]["finetune"]
+    assert finetuned["processes"] == 2
+    # bfloat16 autocast on a CPU with AMX, float32 elsewhere; the line says which.
+    native = finetune_module.native_bfloat16_cpu()
+    assert finetuned["precision"] == ("bfloat16 autocast" if native else "float32")
+    precision = ", bfloat16 autocast" if native else ""
+    assert f"fine-tuning on cpu{precision} in 2 processes" in log
     # model.pt holds the fine-tuned model the report scored.
     restored = restore(out, load_model("digits-cnn", digits_files / "digits.pt", None)[0])
     spec = load_model("digits-cnn", None, None)[1]

@@ -13,6 +13,7 @@ import torch
 from planning_helpers import plan_of
 from torch import nn
 
+import rankfold.converter.finetune as finetune_module
 from rankfold.converter.finetune import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
@@ -479,6 +480,39 @@ def test_the_training_device_follows_the_setting_and_the_machine(monkeypatch) ->
     assert training_device("auto", tiny(0)) == torch.device("cuda", 0)
     assert training_device("cuda") == torch.device("cuda", 0)
     assert training_device("cpu", tiny(0)) == torch.device("cpu")
+
+
+def test_mixed_precision_follows_the_device(monkeypatch) -> None:
+    cpu = torch.device("cpu")
+    for native, expected in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(finetune_module, "native_bfloat16_cpu", lambda native=native: native)
+        assert finetune_module._amp_dtype(cpu, True) is expected
+        assert finetune_module._amp_dtype(cpu, False) is None
+
+
+def test_bfloat16_autocast_on_a_cpu_trains_in_it_and_scores_in_float32(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """Forced on (autocast runs on any CPU; it is the default only with AMX): the training
+    passes compute in bfloat16, the input check, the epochs' scoring and the weights stay
+    float32, the model still learns, and the run and its result say which precision it used."""
+    monkeypatch.setattr(finetune_module, "native_bfloat16_cpu", lambda: True)
+    student = tiny(0)
+    dtypes: dict[bool, set] = {True: set(), False: set()}
+    student.block.register_forward_hook(lambda m, a, out: dtypes[m.training].add(out.dtype))
+    settings = config(epochs=4, distill=False)
+    result = finetune(student, None, TRAIN, SPEC, settings, tmp_path / "bf16", eval_data=EVAL)
+    assert dtypes == {True: {torch.bfloat16}, False: {torch.float32}}
+    assert result.precision == "bfloat16 autocast"
+    assert "fine-tuning on cpu, bfloat16 autocast" in capsys.readouterr().err
+    assert all(
+        p.dtype == torch.float32 for p in student.state_dict().values() if p.is_floating_point()
+    )
+    assert result.history[-1]["eval_accuracy"] >= 0.7
+    off = finetune(
+        tiny(0), None, TRAIN, SPEC, config(epochs=1, amp=False, distill=False), tmp_path / "off"
+    )
+    assert off.precision == "float32"
 
 
 def test_both_models_train_on_the_chosen_device_and_come_back(tmp_path: Path, capsys) -> None:
