@@ -1,6 +1,7 @@
 """The refit's cost on 224² models: this checkout's CLI against an older one's, side by side.
 
     python benchmarks/refit_cost.py --old-cli /tmp/rankfold-old/.venv/bin/rankfold [--model M]
+        [--steps N|default] [--cases N]
 
 Each case runs `rankfold compress` (one model, method and MAC reduction, the refit on the first
 --images training images of the CIFAR-10 JPEG folder, resized to the model's 224² input) with
@@ -129,6 +130,9 @@ def main() -> None:
     parser.add_argument("--model", help="only the cases of this model (e.g. torchvision:resnet50)")
     parser.add_argument("--cases", type=int, help="run the first N cases (of --model's)")
     parser.add_argument(
+        "--steps", help="only the cases with this many refit steps ('default': the default's)"
+    )
+    parser.add_argument(
         "--options", default="", help="more options for both CLIs, e.g. '--no-latency'"
     )
     parser.add_argument("--out", default="benchmarks/results/refit_cost.json")
@@ -137,7 +141,14 @@ def main() -> None:
     if new_cli is None:
         parser.error(f"no rankfold executable beside {sys.executable}; run it from the venv")
     rows = []
-    chosen = [case for case in CASES if args.model in (None, case[0])][: args.cases]
+    if args.steps not in (None, "default") and not args.steps.isdigit():
+        parser.error("--steps takes a whole number or 'default'")
+    steps = None if args.steps in (None, "default") else int(args.steps)
+    chosen = [
+        case
+        for case in CASES
+        if args.model in (None, case[0]) and (args.steps is None or case[3] == steps)
+    ][: args.cases]
     for model, method, reduction, steps, new_extra in chosen:
         case = {"model": model, "method": method, "reduction": reduction, "steps": steps}
         common = args.options.split()
