@@ -73,6 +73,8 @@ def main() -> None:
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu_bf16_finetune.json"
     )
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     cli = Path(sys.executable).with_name("rankfold")
     rows = []
     with tempfile.TemporaryDirectory() as work:
