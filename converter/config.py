@@ -300,13 +300,16 @@ class CompressConfig(_Strict):
     @model_validator(mode="after")
     def _finetune_settings_need_epochs(self) -> CompressConfig:
         # Settings read by the fine-tuning alone (augment and device are read by recalibration
-        # and the refit too); a written-out config restates their defaults, which is no request.
+        # and the refit too, amp by the refit's steps); a written-out config restates their
+        # defaults, which is no request.
         settings = self.finetune
         if settings.epochs > 0:
             return self
+        refit_steps = self.refits and (self.refit_steps > 0 or bool(self.refit_segment_steps))
+        shared = {"epochs", "augment", "device"} | ({"amp"} if refit_steps else set())
         # The rate and decay default by optimizer: compared with the chosen optimizer's.
         plain, by_optimizer = FinetuneConfig(), FinetuneConfig(optimizer=settings.optimizer)
-        for key in sorted(settings.model_fields_set - {"epochs", "augment", "device"}):
+        for key in sorted(settings.model_fields_set - shared):
             defaults = by_optimizer if key in ("lr", "weight_decay") else plain
             if getattr(settings, key) != getattr(defaults, key):
                 name = key.replace("_", "-")
@@ -315,10 +318,13 @@ class CompressConfig(_Strict):
                     if isinstance(getattr(defaults, key), bool)
                     else f"--{name}"
                 )
-                raise ConfigError(
-                    f"{flag} (finetune.{key}) is read by the fine-tuning, which runs with "
-                    f"--finetune-epochs N; add it or drop {flag}"
+                readers = (
+                    "the fine-tuning and the refit's Adam steps, which run with --finetune-epochs "
+                    "N or with --train-data and --refit-steps above 0; add one"
+                    if key == "amp"
+                    else "the fine-tuning, which runs with --finetune-epochs N; add it"
                 )
+                raise ConfigError(f"{flag} (finetune.{key}) is read by {readers} or drop {flag}")
         return self
 
     @model_validator(mode="after")

@@ -103,7 +103,9 @@ class FinetuneConfig(BaseModel):
     mixup: float = Field(default=0.0, ge=0)
     augment: Augment = "auto"  # auto: cifar for 3×32×32 inputs
     train_only_decomposed: bool = False
-    amp: bool = True  # bfloat16 autocast on CUDA and on CPUs with AMX (see `_amp_dtype`)
+    # bfloat16 autocast on CUDA and on CPUs with AMX (see `_amp_dtype`); the refit's Adam
+    # steps read it too (`refit_autocast`).
+    amp: bool = True
     # auto: CUDA when torch sees a GPU (or the student's own accelerator), else the CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_batch_size: int = Field(default=256, ge=1)
@@ -927,6 +929,13 @@ def _amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
         return None
     # bfloat16 keeps float32's range (no loss scaling); float16 on GPUs without it.
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def refit_autocast(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """The dtype the refit's Adam steps autocast to: bfloat16 where fine-tuning takes it, else
+    None (float32); never float16, whose range the refit's unscaled losses would need a scaler
+    for."""
+    return torch.bfloat16 if _amp_dtype(device, enabled) == torch.bfloat16 else None
 
 
 def native_bfloat16_cpu() -> bool:

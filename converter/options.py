@@ -354,7 +354,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("finetune.train_only_decomposed", "Train only the factorized blocks.", RECOVERY, bool),
     Option(
         "finetune.amp",
-        "bfloat16 autocast on CUDA and on CPUs with AMX (off: float32).",
+        "bfloat16 autocast for fine-tuning and the refit's Adam steps, on CUDA and on CPUs "
+        "with AMX (off: float32).",
         RECOVERY,
         bool,
     ),

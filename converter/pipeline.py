@@ -40,6 +40,7 @@ from rankfold.converter.finetune import (
     check_resume,
     finetune,
     plot_history,
+    refit_autocast,
     training_device,
     validation_split,
 )
@@ -1120,6 +1121,7 @@ def refit(result: CompressionResult, train: ImageData) -> None:
     segment_steps = refit_segment_steps(config, result.plan)
     steps = config.refit_steps or segment_steps
     device = training_device(config.finetune.device) if steps else None
+    autocast = refit_autocast(device, config.finetune.amp) if device is not None else None
     with progress_bar("refit blocks", total=len(names)) as advance:
         done = refit_blocks(
             result.original,
@@ -1131,6 +1133,7 @@ def refit(result: CompressionResult, train: ImageData) -> None:
             device=device,
             seed=config.seed,
             segment_steps=segment_steps,
+            autocast=autocast,
         )
     for row in result.decomposition.layers:
         if (block := done.blocks.get(row.name)) is not None:
@@ -1147,6 +1150,7 @@ def refit(result: CompressionResult, train: ImageData) -> None:
         refine_steps=config.refit_steps,
         segment_steps=segment_steps,
         segments_by_default=config.refit_segment_steps is None and segment_steps > 0,
+        precision="float32" if autocast is None else "bfloat16 autocast",
         segments=[
             RefitSegment(
                 blocks=list(blocks),

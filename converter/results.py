@@ -166,6 +166,9 @@ class Refit(_Section):
     # Whether segment_steps came from the default (a planned method asks for it), not the user.
     segments_by_default: bool = False
     segments: list[RefitSegment] = Field(default_factory=list)
+    # The Adam steps' forward passes: "bfloat16 autocast" where fine-tuning's --amp picks
+    # bfloat16 (CUDA, CPUs with AMX); errors, least squares and moments stay float32/64.
+    precision: str = "float32"
 
 
 class RecalibrationCheck(_Section):

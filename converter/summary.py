@@ -197,10 +197,15 @@ def summary_lines(report: Report, out: Path) -> list[str]:
             if refit.refine_steps
             else "last stage by least squares"
         )
+        lowered = (
+            f"; Adam steps in {refit.precision} (--no-amp: float32)"
+            if refit.precision != "float32"
+            else ""
+        )
         lines.append(
             f"refit: {len(refitted)} block(s) refitted in graph order ({how}) on "
             f"{refit.images} training images{_left_out(refit.images_left_out, refit.memory_mb)}; "
-            f"mean output error in the compressed network {before:.3f} → {after:.3f}"
+            f"mean output error in the compressed network {before:.3f} → {after:.3f}{lowered}"
         )
         if refit.segments:
             first = sum(s.error_before for s in refit.segments) / len(refit.segments)

@@ -104,6 +104,7 @@ def refit_blocks(
     device: torch.device | None = None,
     seed: int = 0,
     segment_steps: int = 0,
+    autocast: torch.dtype | None = None,
 ) -> Correction:
     """Refit the last stage of every named block of `compressed`, in the order the graph runs
     them, then (with `refine_steps`) refine all its stages together, then (with
@@ -114,7 +115,9 @@ def refit_blocks(
     needs a last stage that is a linear map of channels (a 1×1 conv with stride 1, or a linear
     layer); the refinements take any block. Blocks the graph calls more than once, or that no
     step applies to, are left alone and not reported. The refinements run on `device`
-    (default: the CPU). `progress` is called once per named block reached."""
+    (default: the CPU), their Adam steps under `autocast` to that dtype if given (errors,
+    least squares and moments stay in float32 or float64). `progress` is called once per named
+    block reached."""
     if not damping >= 0:
         raise ConfigError(f"correction damping must be ≥ 0, got {damping}; use e.g. 1e-3")
     if refine_steps < 0 or segment_steps < 0 or not refine_lr > 0:
@@ -186,6 +189,7 @@ def refit_blocks(
                             device,
                             seed,
                             damping,
+                            autocast,
                         )
                     else:
                         refit = _refit(block, values_o[index], head_inputs, damping)
@@ -209,6 +213,7 @@ def refit_blocks(
                             refine_lr,
                             device,
                             seed,
+                            autocast,
                         )
                         if refined is not None:
                             segments[tuple(segment_blocks)], values_c[index] = refined
@@ -410,6 +415,7 @@ def refine_block(
     device: torch.device,
     seed: int = 0,
     damping: float | None = None,
+    autocast: torch.dtype | None = None,
 ) -> Refit | None:
     """Adam on all of `block`'s parameters to lower Σ‖block(x) − y‖² over the chunks of
     (`inputs`, `targets`), REFINE_BATCH images a step, or, for a block that is one affine map of
@@ -417,8 +423,9 @@ def refine_block(
     no rate); the block is left as it was unless its relative error on all the chunks falls.
     With `damping`, the last stage is first refitted by least squares (as `refit_blocks` does;
     from the moments where the steps take them), and the error before is the block's before
-    that. None for a block without parameters, whose chunks are not single tensors, or whose
-    targets are all zero."""
+    that. `autocast`: the dtype the Adam steps' forward passes run in (None: float32). None
+    for a block without parameters, whose chunks are not single tensors, or whose targets are
+    all zero."""
     form = _affine_form(block)
     if _moments_are_cheaper(form, inputs, targets):
         return _refine_from_moments(form, block, inputs, targets, steps, damping)
@@ -427,7 +434,9 @@ def refine_block(
         fitted = _refit(block, list(targets), [(x,) for x in inputs], damping)
     parameters = [p for p in block.parameters() if p.is_floating_point()]
     reach = _module_reach(block, _Reach.identity())
-    refined = _refine(parameters, [block], block, inputs, targets, steps, lr, device, seed, reach)
+    refined = _refine(
+        parameters, [block], block, inputs, targets, steps, lr, device, seed, reach, None, autocast
+    )
     if refined is None:
         return fitted
     before = fitted.before if fitted is not None else refined[0].before
@@ -937,6 +946,7 @@ def refine_segment(
     lr: float,
     device: torch.device,
     seed: int = 0,
+    autocast: torch.dtype | None = None,
 ) -> tuple[Refit, list[torch.Tensor]] | None:
     """`refine_block` for a run of graph nodes: Adam on the named blocks' parameters so that the
     segment's last value, computed from `inputs` (the value its first node reads; `outputs`
@@ -949,7 +959,18 @@ def refine_segment(
     forward = partial(_run_segment, gm, segment)
     reach = _segment_reach(gm, segment)
     return _refine(
-        parameters, modules, forward, inputs, targets, steps, lr, device, seed, reach, outputs
+        parameters,
+        modules,
+        forward,
+        inputs,
+        targets,
+        steps,
+        lr,
+        device,
+        seed,
+        reach,
+        outputs,
+        autocast,
     )
 
 
@@ -965,6 +986,7 @@ def _refine(
     seed: int,
     reach: _Reach | None = None,
     outputs: Sequence[torch.Tensor] | None = None,
+    autocast: torch.dtype | None = None,
 ) -> tuple[Refit, list[torch.Tensor] | None] | None:
     """Adam on `parameters` to lower Σ‖forward(x) − y‖²; `modules` (all that `forward` runs)
     move to `device` for it and back. Undone unless the error on all the chunks falls; where it
@@ -975,7 +997,9 @@ def _refine(
     of the outputs and the input positions they read. Given `outputs` (forward's values on
     `inputs` now), the error before is read from them, and the values after are returned
     beside the Refit (one pass over the images where the error passes alone would take two;
-    None without)."""
+    None without). With `autocast` the steps' forward passes run in that dtype (bfloat16 where
+    the hardware multiplies it natively) and the loss in float32; the error that decides what is
+    kept is always float32's."""
     if not parameters or not all(isinstance(v, torch.Tensor) for v in (*inputs, *targets)):
         return None
     home = parameters[0].device
@@ -1031,21 +1055,23 @@ def _refine(
         scale = count / (size * energy)  # the batch's share of the whole error
         crops = _crops(reach, forward, modules, inputs[0], targets[0], size, device)
         windows = torch.Generator().manual_seed(seed)
+        lowered = torch.autocast(device.type, dtype=autocast, enabled=autocast is not None)
         with torch.enable_grad():
             for step in range(steps):
                 if step == steps // 4 > 0 and not error() < before:
                     restore()
                     optimizer, schedule = adam(lr * BACKED_OFF_RATE, steps - step)
                 pick = torch.randint(count, (size,), generator=generator)
-                if crops is None:
-                    x, y = batch(pick, inputs), batch(pick, targets)
-                    out = forward(x)
-                else:
-                    read, kept, written = crops.draw(windows)
-                    x, y = batch(pick, inputs, read), batch(pick, targets, written)
-                    out = forward(x)[kept]
+                with lowered:
+                    if crops is None:
+                        x, y = batch(pick, inputs), batch(pick, targets)
+                        out = forward(x)
+                    else:
+                        read, kept, written = crops.draw(windows)
+                        x, y = batch(pick, inputs, read), batch(pick, targets, written)
+                        out = forward(x)[kept]
                 optimizer.zero_grad(set_to_none=True)
-                loss = (out - y).square().sum() * scale * (crops.share if crops else 1)
+                loss = (out.float() - y).square().sum() * scale * (crops.share if crops else 1)
                 loss.backward()
                 optimizer.step()
                 schedule.step()

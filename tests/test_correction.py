@@ -136,6 +136,46 @@ def test_refinement_lowers_every_blocks_error_below_the_least_squares_refit(meth
         assert torch.equal(again.state_dict()[key], value), key
 
 
+def test_steps_in_bfloat16_autocast_still_lower_every_error_and_keep_float32_weights():
+    """The Adam steps' forward passes in bfloat16 (as on CPUs with AMX): the errors that decide
+    what is kept are float32's, so every block and segment still ends below its start."""
+    names = ["conv1", "conv2", "conv3"]
+    calibration = inputs(1)
+    runs = {}
+    for dtype in (None, torch.bfloat16):
+        original, compressed = chain_and_blocks("cp", 4)
+        runs[dtype] = (
+            compressed,
+            refit_blocks(
+                original,
+                compressed,
+                names,
+                calibration,
+                refine_steps=300,
+                seed=1,
+                segment_steps=100,
+                autocast=dtype,
+            ),
+        )
+        for segment, refit in runs[dtype][1].segments.items():
+            assert refit.after < refit.before, segment
+        # Reported in float32: the last segment's error is the logits' the network computes.
+        with torch.no_grad():
+            x = torch.cat(calibration)
+            logits = original(x)
+            last = float((compressed(x) - logits).norm() / logits.norm())
+        assert runs[dtype][1].segments[("conv3",)].after == pytest.approx(last, rel=1e-4)
+        assert all(p.dtype == torch.float32 for p in compressed.parameters())
+    float32, lowered = (runs[d][1] for d in (None, torch.bfloat16))
+    for name in names:
+        # Each block ends within 1 % of the float32 steps' error (measured within 0.01 %)...
+        assert lowered.blocks[name].after < 1.01 * float32.blocks[name].after, name
+        assert lowered.blocks[name].after < lowered.blocks[name].before, name
+    # ...by other steps: the forward passes did run in bfloat16.
+    weights = runs[torch.bfloat16][0].state_dict()
+    assert any(not torch.equal(v, weights[k]) for k, v in runs[None][0].state_dict().items())
+
+
 class Unit(nn.Module):
     """A stem conv, then one residual unit holding two convs: one segment each."""
 
@@ -533,6 +573,35 @@ def test_compress_refits_with_training_data_and_the_saved_model_restores(tmp_pat
     x = torch.randn(4, *refitted.example_input.shape[1:])
     with torch.no_grad():
         assert torch.allclose(restored(x), refitted.compressed(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_the_refit_steps_in_bfloat16_where_fine_tuning_would_unless_amp_is_off(
+    tmp_path, monkeypatch, amx
+):
+    from rankfold.converter import finetune
+    from rankfold.models.digits import digits_splits
+
+    monkeypatch.setattr(finetune, "native_bfloat16_cpu", lambda: amx)
+    _, test = digits_splits()
+    np.savez(tmp_path / "digits.npz", x=test.x[:64], y=test.y[:64])
+    settings = {
+        "model": "digits-cnn",
+        "ranks": {"method": "cp", "macs_reduction": 2},
+        "train_data": str(tmp_path / "digits.npz"),
+        "refit_steps": 20,
+        "recalibrate": False,
+        "latency": {"enabled": False},
+        "search": {"cache_dir": str(tmp_path / "cache")},
+    }
+    default = compress_digits(settings)
+    assert default.refit.precision == ("bfloat16 autocast" if amx else "float32")
+    # --no-amp needs no fine-tuning where the refit's steps read it.
+    assert compress_digits(settings, finetune={"amp": False}).refit.precision == "float32"
+    lowered = [
+        row.extras for row in default.decomposition.layers if "refit_error_after" in row.extras
+    ]
+    assert lowered and all(e["refit_error_after"] <= e["refit_error_before"] for e in lowered)
 
 
 def test_recalibration_after_a_refit_is_kept_only_if_it_brings_the_model_closer(

@@ -287,6 +287,25 @@ CASES = [
         "--finetune-epochs N",
     ),
     (
+        "no-amp-without-fine-tuning-or-refit-steps",
+        {"t.npz": "not read"},
+        [
+            "compress",
+            "digits-cnn",
+            "--macs-reduction",
+            "2",
+            "--train-data",
+            "t.npz",
+            "--refit-steps",
+            "0",
+            "--no-amp",
+            *COMMON,
+        ],
+        "--amp/--no-amp (finetune.amp) is read by the fine-tuning and the refit's Adam steps, "
+        "which run with --finetune-epochs N or with --train-data and --refit-steps above 0; add "
+        "one or drop --amp/--no-amp",
+    ),
+    (
         "no-distill-without-fine-tuning",
         {},
         ["compress", "digits-cnn", "--macs-reduction", "2", "--no-distill", *COMMON],

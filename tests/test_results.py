@@ -118,6 +118,10 @@ def test_the_summary_says_how_the_refit_ran_and_whether_its_segments_were_the_de
         "(on by default for this plan's method; --refit-segment-steps 0 turns it off)"
     )
     assert len(refit_lines(segments=[], segment_steps=0)) == 1
+    assert "Adam steps in" not in blocks  # float32, the default, goes unsaid
+    assert refit_lines(precision="bfloat16 autocast")[0].endswith(
+        "0.500 → 0.250; Adam steps in bfloat16 autocast (--no-amp: float32)"
+    )
 
 
 def test_the_summary_fits_80_columns_without_wrapping(result, tmp_path):
