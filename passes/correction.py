@@ -435,7 +435,17 @@ def refine_block(
     parameters = [p for p in block.parameters() if p.is_floating_point()]
     reach = _module_reach(block, _Reach.identity())
     refined = _refine(
-        parameters, [block], block, inputs, targets, steps, lr, device, seed, reach, None, autocast
+        parameters,
+        [block],
+        block,
+        inputs,
+        targets,
+        steps,
+        lr,
+        device,
+        seed,
+        reach,
+        autocast=autocast,
     )
     if refined is None:
         return fitted
