@@ -250,7 +250,7 @@ def finetune(
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
         for module, _ in homes:
-            module.to(device)
+            module.to(device, memory_format=_layout(device))
         trainable = _select_trainable(student, config, decomposed_names)
         with _isolated_rng(device):
             return _Trainer(
@@ -269,7 +269,7 @@ def finetune(
             ).run(trainable, resume, decomposed_names)
     finally:
         for module, home in homes:
-            module.to(home)
+            module.to(home, memory_format=torch.contiguous_format)
         for parameter, flag in saved_flags:
             parameter.requires_grad_(flag)
         student.eval()
@@ -531,6 +531,7 @@ class _Trainer:
                         mixup_weights(mixing, len(indices), config.mixup)[local][kept]
                     ).to(self.device)
                     x = mix(x, weights)
+                x = _in_layout(x, self.device)
                 with self._autocast():
                     logits, per_example = self._loss(model, x, y, weights)
                 # Sum over this rank's share of the global batch, scaled so that DDP's average
@@ -602,7 +603,7 @@ class _Trainer:
             for images, labels, _ in read_groups(data, parts):
                 if not len(labels):
                     continue
-                x = normalize(images, self.spec).to(self.device)
+                x = _in_layout(normalize(images, self.spec).to(self.device), self.device)
                 y = torch.from_numpy(labels).to(self.device)
                 correct = (self.student(x).argmax(1) == y).sum()
                 totals += torch.tensor([float(correct), len(y)], dtype=torch.float64)
@@ -964,6 +965,20 @@ def training_device(choice: str, student: nn.Module | None = None) -> torch.devi
             "--finetune-device auto or cpu"
         )
     return torch.device("cpu")
+
+
+def _layout(device: torch.device) -> torch.memory_format:
+    """The layout both models train in: channels-last on a CPU, where oneDNN's convs run
+    faster on it (BENCHMARKS.md), and as they come elsewhere (CUDA: not measured here)."""
+    return torch.channels_last if device.type == "cpu" else torch.preserve_format
+
+
+def _in_layout(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch of images in the models' layout (other inputs as they are)."""
+    layout = _layout(device)
+    return (
+        x.contiguous(memory_format=layout) if x.ndim == 4 and layout != torch.preserve_format else x
+    )
 
 
 def _device_of(module: nn.Module) -> torch.device:

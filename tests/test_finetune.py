@@ -539,6 +539,38 @@ def test_both_models_train_on_the_chosen_device_and_come_back(tmp_path: Path, ca
     assert {t.device.type for t in [*saved["model"].values(), *momentum]} == {"cpu"}
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA keeps the models' layout")
+def test_on_a_cpu_both_models_train_channels_last_and_come_back_contiguous(tmp_path: Path) -> None:
+    """oneDNN's convs run faster on channels-last tensors: the student's and the teacher's
+    conv weights and the image batches take that layout while fine-tuning on a CPU (the epochs'
+    scoring too), and the models come back as they were."""
+    student, teacher = tiny(0), tiny(1)
+    seen: dict[str, list[tuple[int, bool]]] = {"student": [], "teacher": []}
+    for name, module in (("student", student), ("teacher", teacher)):
+        module.conv1.register_forward_pre_hook(
+            lambda m, args, name=name: seen[name].append(
+                (
+                    len(args[0]),
+                    args[0].is_contiguous(memory_format=torch.channels_last)
+                    and m.weight.is_contiguous(memory_format=torch.channels_last),
+                )
+            )
+        )
+    settings = config(alpha=0.0)  # the random teacher runs, its term weighs nothing
+    result = finetune(student, teacher, TRAIN, SPEC, settings, tmp_path, eval_data=EVAL)
+    # The input check's two images run first, before the run moves the models.
+    assert seen["student"][0] == (2, False)
+    assert {last for _, last in seen["student"][1:]} == {True}
+    assert len(seen["student"]) > 3 * len(TRAIN) // 16  # every step and every scoring batch
+    assert {last for _, last in seen["teacher"]} == {True}
+    for module in (student, teacher):
+        assert all(p.is_contiguous() for p in module.parameters())
+    assert result.history[-1]["eval_accuracy"] >= 0.7
+    # The checkpoint loads into a model of either layout.
+    saved = torch.load(tmp_path / LAST_CHECKPOINT, weights_only=True)
+    tiny(2).load_state_dict(saved["model"])
+
+
 def test_zero_epochs_is_a_no_op(tmp_path: Path) -> None:
     student = tiny(0)
     before = copy.deepcopy(student.state_dict())
