@@ -2,10 +2,11 @@
 the CLI.
 
     .venv/bin/python benchmarks/cpu_bfloat16.py [--stage finetune|refit] [--rounds 2]
-        [--out FILE]
+        [--old-cli PATH] [--out FILE]
 
-Each case is one `rankfold compress` run twice per round, `--amp` and `--no-amp` in turn, the same
-plan (a first run fills the decomposition cache both then read) and the same images. Stage
+Each case is one `rankfold compress` run twice per round, `--amp` and `--no-amp` in turn (with
+`--old-cli`: an older checkout's CLI and this one's, both with their defaults), the same plan (a
+first run fills the decomposition cache both then read) and the same images. Stage
 `finetune` (the default):
 
 - ResNet-20 (real weights), cp-epc at 3× fewer MACs, the refit and recalibration as by default,
@@ -112,6 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", choices=("finetune", "refit"), default="finetune")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--old-cli", type=Path, help="compare this older `rankfold` with ours")
     parser.add_argument("--out", type=Path, help="default: results/cpu_bf16_STAGE.json")
     args = parser.parse_args()
     if args.rounds < 1:
@@ -119,6 +121,9 @@ def main() -> None:
     out = args.out or ROOT / "benchmarks" / "results" / f"cpu_bf16_{args.stage}.json"
     cases = FINETUNE_CASES if args.stage == "finetune" else REFIT_CASES
     cli = Path(sys.executable).with_name("rankfold")
+    variants = {"--amp": (cli, ["--amp"]), "--no-amp": (cli, ["--no-amp"])}
+    if args.old_cli:
+        variants = {"old CLI": (args.old_cli, []), "this CLI": (cli, [])}
     rows = []
     with tempfile.TemporaryDirectory() as work:
         cache = Path(work) / "cache"
@@ -126,21 +131,22 @@ def main() -> None:
             warm = [*arguments, "--no-amp"]
             run(cli, args.stage, warm, Path(work) / "warm", cache)  # fills the cache
             for round_ in range(1, args.rounds + 1):
-                for flag in ("--amp", "--no-amp"):
+                for flag, (which, options) in variants.items():
                     where = Path(work) / f"{flag}{round_}"
-                    result = run(cli, args.stage, [*arguments, flag], where, cache)
+                    result = run(which, args.stage, [*arguments, *options], where, cache)
                     rows.append({"case": name, "flag": flag, "round": round_, **result})
                     print(json.dumps(rows[-1]), flush=True)
     summary = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "machine": platform.processor() or platform.machine(),
         "stage": args.stage,
+        "old_cli": None if args.old_cli is None else str(args.old_cli),
         "rows": rows,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))
     table = finetune_table if args.stage == "finetune" else refit_table
-    for line in table(cases, rows):
+    for line in table(cases, variants, rows):
         print(line)
 
 
@@ -148,13 +154,13 @@ def percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.2f} %"
 
 
-def finetune_table(cases: dict, rows: list[dict]) -> list[str]:
+def finetune_table(cases: dict, variants: dict, rows: list[dict]) -> list[str]:
     lines = [
         "| case | flag | precision | epoch seconds, rounds | eval top-1, rounds |",
         "|---|---|---|---|---|",
     ]
     for name in cases:
-        for flag in ("--amp", "--no-amp"):
+        for flag in variants:
             mine = [r for r in rows if r["case"] == name and r["flag"] == flag]
             seconds = " / ".join(f"{r['epoch_seconds']:.1f}" for r in mine)
             accuracy = " / ".join(percent(r["eval_accuracy"]) for r in mine)
@@ -162,14 +168,14 @@ def finetune_table(cases: dict, rows: list[dict]) -> list[str]:
     return lines
 
 
-def refit_table(cases: dict, rows: list[dict]) -> list[str]:
+def refit_table(cases: dict, variants: dict, rows: list[dict]) -> list[str]:
     lines = [
         "| case | flag | precision | refit seconds, rounds | command seconds, rounds | mean "
         "block error after | mean segment error after | refitted top-1 |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name in cases:
-        for flag in ("--amp", "--no-amp"):
+        for flag in variants:
             mine = [r for r in rows if r["case"] == name and r["flag"] == flag]
 
             def each(key: str, form: str, mine=mine) -> str:
