@@ -176,6 +176,30 @@ def test_steps_in_bfloat16_autocast_still_lower_every_error_and_keep_float32_wei
     assert any(not torch.equal(v, weights[k]) for k, v in runs[None][0].state_dict().items())
 
 
+def test_steps_on_a_cpu_run_channels_last_and_the_blocks_come_back_contiguous():
+    names = ["conv1", "conv2", "conv3"]
+    original, compressed = chain_and_blocks("cp", 4)
+    layouts: list[bool] = []
+    for name in names:
+        for stage in compressed.get_submodule(name).children():
+            stage.register_forward_pre_hook(
+                lambda m, args: (
+                    layouts.append(
+                        args[0].is_contiguous(memory_format=torch.channels_last)
+                        and m.weight.is_contiguous(memory_format=torch.channels_last)
+                    )
+                    if torch.is_grad_enabled()
+                    else None
+                )
+            )
+    done = refit_blocks(
+        original, compressed, names, inputs(1), refine_steps=20, seed=1, segment_steps=10
+    )
+    assert layouts and set(layouts) == {True}  # every step's every stage
+    assert len(done.segments) == 3
+    assert all(p.is_contiguous() for p in compressed.parameters())
+
+
 class Unit(nn.Module):
     """A stem conv, then one residual unit holding two convs: one segment each."""
 
