@@ -68,6 +68,7 @@ from rankfold.models.data import (
     read_groups,
 )
 from rankfold.passes.core import ConfigError, DataError, atomic_path
+from rankfold.passes.search.calibration import conv_layout, fast_layout
 from rankfold.runtime.export import eval_mode
 
 matplotlib.use("Agg")  # files only; no display here or in CI
@@ -250,7 +251,7 @@ def finetune(
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
         for module, _ in homes:
-            module.to(device, memory_format=_layout(device))
+            module.to(device, memory_format=conv_layout(device))
         trainable = _select_trainable(student, config, decomposed_names)
         with _isolated_rng(device):
             return _Trainer(
@@ -531,7 +532,7 @@ class _Trainer:
                         mixup_weights(mixing, len(indices), config.mixup)[local][kept]
                     ).to(self.device)
                     x = mix(x, weights)
-                x = _in_layout(x, self.device)
+                x = fast_layout(x, self.device)
                 with self._autocast():
                     logits, per_example = self._loss(model, x, y, weights)
                 # Sum over this rank's share of the global batch, scaled so that DDP's average
@@ -603,7 +604,7 @@ class _Trainer:
             for images, labels, _ in read_groups(data, parts):
                 if not len(labels):
                     continue
-                x = _in_layout(normalize(images, self.spec).to(self.device), self.device)
+                x = fast_layout(normalize(images, self.spec).to(self.device), self.device)
                 y = torch.from_numpy(labels).to(self.device)
                 correct = (self.student(x).argmax(1) == y).sum()
                 totals += torch.tensor([float(correct), len(y)], dtype=torch.float64)
@@ -965,20 +966,6 @@ def training_device(choice: str, student: nn.Module | None = None) -> torch.devi
             "--finetune-device auto or cpu"
         )
     return torch.device("cpu")
-
-
-def _layout(device: torch.device) -> torch.memory_format:
-    """The layout both models train in: channels-last on a CPU, where oneDNN's convs run
-    faster on it (BENCHMARKS.md), and as they come elsewhere (CUDA: not measured here)."""
-    return torch.channels_last if device.type == "cpu" else torch.preserve_format
-
-
-def _in_layout(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A batch of images in the models' layout (other inputs as they are)."""
-    layout = _layout(device)
-    return (
-        x.contiguous(memory_format=layout) if x.ndim == 4 and layout != torch.preserve_format else x
-    )
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -63,6 +63,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
 from rankfold.passes.core import ConfigError, DataError
+from rankfold.passes.search.calibration import conv_layout, fast_layout
 
 DEFAULT_CORRECTION_DAMPING = 1e-3
 DEFAULT_REFINE_STEPS = 200
@@ -1020,15 +1021,10 @@ def _refine(
     if energy == 0:
         return None
 
-    # oneDNN's CPU convs run faster on channels-last tensors, as fine-tuning's do.
-    keep = torch.preserve_format
-    layout = torch.channels_last if device.type == "cpu" else keep
-
     def batch(pick: torch.Tensor, chunks: Sequence[torch.Tensor], window=...) -> torch.Tensor:
         chunk = torch.searchsorted(starts, pick, right=True) - 1
         at = zip(chunk.tolist(), (pick - starts[chunk]).tolist())
-        x = torch.stack([chunks[c][r][window] for c, r in at]).to(device)
-        return x.contiguous(memory_format=layout) if x.ndim == 4 and layout != keep else x
+        return fast_layout(torch.stack([chunks[c][r][window] for c, r in at]).to(device), device)
 
     def distance(out: torch.Tensor, y: torch.Tensor) -> float:
         return float((out.double() - y.to(out.device).double()).square().sum())
@@ -1046,7 +1042,7 @@ def _refine(
 
     modes = [(m, m.training) for module in modules for m in module.modules()]
     for module in modules:
-        module.to(device, memory_format=layout).eval()
+        module.to(device, memory_format=conv_layout(device)).eval()
     try:
         if outputs is None:
             before = error()

@@ -47,7 +47,16 @@ class Calibration:
         return h.hexdigest()
 
 
-def fast_layout(x: torch.Tensor) -> torch.Tensor:
-    # oneDNN's convolutions run about twice as fast on channels-last tensors on CPU (measured on
-    # ResNet-56, 1 thread); results are the same up to float rounding.
-    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+def conv_layout(device: torch.device | None = None) -> torch.memory_format:
+    """The layout convs run fastest in: channels-last on a CPU (oneDNN's convolutions run about
+    twice as fast on it, BENCHMARKS.md; results the same up to float rounding); elsewhere
+    tensors keep theirs (CUDA: not measured here). No device: the CPU."""
+    return torch.channels_last if device is None or device.type == "cpu" else torch.preserve_format
+
+
+def fast_layout(x: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """A batch of images in `conv_layout(device)` (other inputs as they are)."""
+    layout = conv_layout(device)
+    return (
+        x.contiguous(memory_format=layout) if x.ndim == 4 and layout != torch.preserve_format else x
+    )
