@@ -68,7 +68,7 @@ from rankfold.models.data import (
     read_groups,
 )
 from rankfold.passes.core import ConfigError, DataError, atomic_path
-from rankfold.passes.search.calibration import conv_layout, fast_layout
+from rankfold.passes.layout import fast_layout, in_conv_layout
 from rankfold.runtime.export import eval_mode
 
 matplotlib.use("Agg")  # files only; no display here or in CI
@@ -251,9 +251,9 @@ def finetune(
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
         for module, _ in homes:
-            module.to(device, memory_format=conv_layout(device))
+            module.to(device)
         trainable = _select_trainable(student, config, decomposed_names)
-        with _isolated_rng(device):
+        with _isolated_rng(device), in_conv_layout((student, teacher)):
             return _Trainer(
                 student,
                 teacher,
@@ -270,7 +270,7 @@ def finetune(
             ).run(trainable, resume, decomposed_names)
     finally:
         for module, home in homes:
-            module.to(home, memory_format=torch.contiguous_format)
+            module.to(home)
         for parameter, flag in saved_flags:
             parameter.requires_grad_(flag)
         student.eval()

@@ -22,6 +22,7 @@ from torch import nn
 
 from rankfold.models import ImageData, ModelSpec, batches
 from rankfold.passes.core import ValidationError
+from rankfold.passes.layout import in_conv_layout
 from rankfold.runtime import torch_accuracy
 from rankfold.runtime.export import eval_mode
 
@@ -37,7 +38,7 @@ class TaskMetric:
     data: Iterable[Any]  # re-iterable (a DataLoader, a list of batches): it is read every call
 
     def __call__(self, module: nn.Module) -> float:
-        with eval_mode(module), torch.no_grad():
+        with eval_mode(module), torch.no_grad(), in_conv_layout((module,)):
             raw = self.score(module, self.data)
         try:
             value = float(raw)

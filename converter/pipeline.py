@@ -120,6 +120,7 @@ from rankfold.passes.correction import (
     refit_blocks,
 )
 from rankfold.passes.latency_gate import gate_plan, round_ranks
+from rankfold.passes.layout import in_conv_layout
 from rankfold.passes.methods import get_method
 from rankfold.passes.plan import RankPolicy, budgeted_slots, resolve_round_to
 from rankfold.passes.recalibrate import correct_bias, has_batchnorm, recalibrate_bn
@@ -1209,66 +1210,10 @@ def recover(
     refit did not read (see `_judge`), then optional fine-tuning, its epoch chosen on
     `validation` (`held_out_split`) when given (under torchrun, `handoff` first sends the model
     to the other ranks, which fine-tune it with this one)."""
-    config, spec = result.config, result.spec
-    decomposed = [entry.name for entry in result.plan.decomposed()]
-    if config.recalibrate and decomposed:
-        # A refitted block's outputs are fitted to the original's, which recalibration may undo;
-        # a continuous distance decides, not top-1, which 1,024 images resolve to a few images.
-        judge = judging_images(train) if result.refit is not None else None
-        logits = result.outputs is None or result.outputs.is_logits
-        if judge is not None:
-            refitted = {k: v.clone() for k, v in result.compressed.state_dict().items()}
-            expected = _log_probabilities(result, judge) if logits else None
-            refitted_score = _judge(result, judge, expected)
-        if has_batchnorm(result.compressed):
-            # The original statistics came from augmented images (see training_batches).
-            images = train.subset(config.recalibrate_samples)
-            inputs = training_batches(images, spec, 256, config.finetune.augment, config.seed)
-            with progress_bar("recalibrate BatchNorm", total=math.ceil(len(images) / 256)) as step:
-                recalibrate_bn(result.compressed, _advancing(inputs, step))
-            result.recalibration = "batchnorm"
-        else:
-            # Clean: bias correction matches the compressed model's channel means to the
-            # original's on the same inputs, so no training statistics are involved, and clean
-            # images are the distribution the model is used on.
-            wanted = min(BIAS_CORRECTION_IMAGES, len(train))
-            images = train.subset(images_that_fit(result, wanted, networks=1))
-            with progress_bar("bias correction", total=len(decomposed)) as advance:
-                correct_bias(
-                    result.original,
-                    result.compressed,
-                    decomposed,
-                    batches(images, spec, batch_size=256),
-                    progress=advance,
-                )
-            result.recalibration = "bias"
-            result.recalibration_images = len(images)
-            result.recalibration_images_left_out = wanted - len(images)
-        kept = "recalibrated"
-        if judge is not None:
-            recalibrated_score = _judge(result, judge, expected)
-            if not recalibrated_score < refitted_score:
-                kept = "refitted"
-                result.compressed.load_state_dict(refitted)
-            scores = (
-                {
-                    "divergence_refitted": refitted_score,
-                    "divergence_recalibrated": recalibrated_score,
-                }
-                if logits
-                else {
-                    "output_error_refitted": refitted_score,
-                    "output_error_recalibrated": recalibrated_score,
-                }
-            )
-            result.recalibration_check = RecalibrationCheck(
-                images=len(judge),
-                criterion="divergence" if logits else "output error",
-                kept=kept,
-                **scores,
-            )
-        if kept == "recalibrated":
-            result.accuracy["recalibrated"] = _accuracy(result.compressed, result)
+    config = result.config
+    if config.recalibrate and result.plan.decomposed():
+        with in_conv_layout((result.original, result.compressed)):
+            _recalibrate(result, train)
     if config.finetune.epochs > 0:
         if handoff is not None:
             handoff.send(
@@ -1281,6 +1226,70 @@ def recover(
             )
         _fine_tune(result, train, workdir, validation)
         result.accuracy["finetuned"] = _accuracy(result.compressed, result)
+
+
+def _recalibrate(result: CompressionResult, train: ImageData) -> None:
+    """BatchNorm recalibration (bias correction without BN), kept after a refit only if it
+    brings the model closer to the original on training images the refit did not read."""
+    config, spec = result.config, result.spec
+    decomposed = [entry.name for entry in result.plan.decomposed()]
+    # A refitted block's outputs are fitted to the original's, which recalibration may undo;
+    # a continuous distance decides, not top-1, which 1,024 images resolve to a few images.
+    judge = judging_images(train) if result.refit is not None else None
+    logits = result.outputs is None or result.outputs.is_logits
+    if judge is not None:
+        refitted = {k: v.clone() for k, v in result.compressed.state_dict().items()}
+        expected = _log_probabilities(result, judge) if logits else None
+        refitted_score = _judge(result, judge, expected)
+    if has_batchnorm(result.compressed):
+        # The original statistics came from augmented images (see training_batches).
+        images = train.subset(config.recalibrate_samples)
+        inputs = training_batches(images, spec, 256, config.finetune.augment, config.seed)
+        with progress_bar("recalibrate BatchNorm", total=math.ceil(len(images) / 256)) as step:
+            recalibrate_bn(result.compressed, _advancing(inputs, step))
+        result.recalibration = "batchnorm"
+    else:
+        # Clean: bias correction matches the compressed model's channel means to the
+        # original's on the same inputs, so no training statistics are involved, and clean
+        # images are the distribution the model is used on.
+        wanted = min(BIAS_CORRECTION_IMAGES, len(train))
+        images = train.subset(images_that_fit(result, wanted, networks=1))
+        with progress_bar("bias correction", total=len(decomposed)) as advance:
+            correct_bias(
+                result.original,
+                result.compressed,
+                decomposed,
+                batches(images, spec, batch_size=256),
+                progress=advance,
+            )
+        result.recalibration = "bias"
+        result.recalibration_images = len(images)
+        result.recalibration_images_left_out = wanted - len(images)
+    kept = "recalibrated"
+    if judge is not None:
+        recalibrated_score = _judge(result, judge, expected)
+        if not recalibrated_score < refitted_score:
+            kept = "refitted"
+            result.compressed.load_state_dict(refitted)
+        scores = (
+            {
+                "divergence_refitted": refitted_score,
+                "divergence_recalibrated": recalibrated_score,
+            }
+            if logits
+            else {
+                "output_error_refitted": refitted_score,
+                "output_error_recalibrated": recalibrated_score,
+            }
+        )
+        result.recalibration_check = RecalibrationCheck(
+            images=len(judge),
+            criterion="divergence" if logits else "output error",
+            kept=kept,
+            **scores,
+        )
+    if kept == "recalibrated":
+        result.accuracy["recalibrated"] = _accuracy(result.compressed, result)
 
 
 def held_out_split(

@@ -63,7 +63,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
 from rankfold.passes.core import ConfigError, DataError
-from rankfold.passes.search.calibration import conv_layout, fast_layout
+from rankfold.passes.layout import fast_layout, in_conv_layout
 
 DEFAULT_CORRECTION_DAMPING = 1e-3
 DEFAULT_REFINE_STEPS = 200
@@ -159,7 +159,8 @@ def refit_blocks(
     original.eval()
     compressed.eval()
     try:
-        with torch.no_grad():
+        # The passes over both networks run on the CPU, in its fast layout.
+        with torch.no_grad(), in_conv_layout((original, compressed)):
             seen_input = False
             for index, (node_o, node_c) in enumerate(zip(nodes_o, nodes_c, strict=True)):
                 if node_o.op == "output":
@@ -1042,58 +1043,59 @@ def _refine(
 
     modes = [(m, m.training) for module in modules for m in module.modules()]
     for module in modules:
-        module.to(device, memory_format=conv_layout(device)).eval()
+        module.to(device).eval()
     try:
-        if outputs is None:
-            before = error()
-        else:
-            pairs = zip(outputs, targets, strict=True)
-            before = sum(distance(out, y) for out, y in pairs) / energy
+        with in_conv_layout(modules):
+            if outputs is None:
+                before = error()
+            else:
+                pairs = zip(outputs, targets, strict=True)
+                before = sum(distance(out, y) for out, y in pairs) / energy
 
-        def restore() -> None:
-            with torch.no_grad():
-                for parameter, value in zip(parameters, saved, strict=True):
-                    parameter.copy_(value.to(parameter.device))
+            def restore() -> None:
+                with torch.no_grad():
+                    for parameter, value in zip(parameters, saved, strict=True):
+                        parameter.copy_(value.to(parameter.device))
 
-        def adam(rate: float, count: int) -> tuple[torch.optim.Adam, LRScheduler]:
-            optimizer = torch.optim.Adam(parameters, lr=rate)
-            return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, count)
+            def adam(rate: float, count: int) -> tuple[torch.optim.Adam, LRScheduler]:
+                optimizer = torch.optim.Adam(parameters, lr=rate)
+                return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, count)
 
-        optimizer, schedule = adam(lr, steps)
-        generator = torch.Generator().manual_seed(seed)
-        count = int(sizes.sum())
-        size = min(REFINE_BATCH, count)
-        scale = count / (size * energy)  # the batch's share of the whole error
-        crops = _crops(reach, forward, modules, inputs[0], targets[0], size, device)
-        windows = torch.Generator().manual_seed(seed)
-        lowered = torch.autocast(device.type, dtype=autocast, enabled=autocast is not None)
-        with torch.enable_grad():
-            for step in range(steps):
-                if step == steps // 4 > 0 and not error() < before:
-                    restore()
-                    optimizer, schedule = adam(lr * BACKED_OFF_RATE, steps - step)
-                pick = torch.randint(count, (size,), generator=generator)
-                with lowered:
-                    if crops is None:
-                        x, y = batch(pick, inputs), batch(pick, targets)
-                        out = forward(x)
-                    else:
-                        read, kept, written = crops.draw(windows)
-                        x, y = batch(pick, inputs, read), batch(pick, targets, written)
-                        out = forward(x)[kept]
-                optimizer.zero_grad(set_to_none=True)
-                loss = (out.float() - y).square().sum() * scale * (crops.share if crops else 1)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-        kept = None if outputs is None else []
-        after = error(kept)
-        if not after < before:
-            restore()
-            after, kept = before, None if outputs is None else list(outputs)
+            optimizer, schedule = adam(lr, steps)
+            generator = torch.Generator().manual_seed(seed)
+            count = int(sizes.sum())
+            size = min(REFINE_BATCH, count)
+            scale = count / (size * energy)  # the batch's share of the whole error
+            crops = _crops(reach, forward, modules, inputs[0], targets[0], size, device)
+            windows = torch.Generator().manual_seed(seed)
+            lowered = torch.autocast(device.type, dtype=autocast, enabled=autocast is not None)
+            with torch.enable_grad():
+                for step in range(steps):
+                    if step == steps // 4 > 0 and not error() < before:
+                        restore()
+                        optimizer, schedule = adam(lr * BACKED_OFF_RATE, steps - step)
+                    pick = torch.randint(count, (size,), generator=generator)
+                    with lowered:
+                        if crops is None:
+                            x, y = batch(pick, inputs), batch(pick, targets)
+                            out = forward(x)
+                        else:
+                            read, kept, written = crops.draw(windows)
+                            x, y = batch(pick, inputs, read), batch(pick, targets, written)
+                            out = forward(x)[kept]
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = (out.float() - y).square().sum() * scale * (crops.share if crops else 1)
+                    loss.backward()
+                    optimizer.step()
+                    schedule.step()
+            kept = None if outputs is None else []
+            after = error(kept)
+            if not after < before:
+                restore()
+                after, kept = before, None if outputs is None else list(outputs)
     finally:
         for module in modules:
-            module.to(home, memory_format=torch.contiguous_format)
+            module.to(home)
         for module, mode in modes:
             module.training = mode
     return Refit(before**0.5, after**0.5, "images" if crops is None else "windows"), kept

@@ -22,6 +22,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from rankfold.passes.core import ConfigError, DataError
+from rankfold.passes.layout import in_conv_layout
 
 Batch = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor]
 
@@ -58,7 +59,7 @@ def recalibrate_bn(
             bn.momentum = None  # cumulative moving average: every batch weighs the same
             bn.train()
         seen = 0
-        with torch.no_grad():
+        with torch.no_grad(), in_conv_layout((model,)):
             for x in _limited(inputs, max_batches):
                 model(_input_of(x).to(device))
                 seen += 1
@@ -116,7 +117,6 @@ def correct_bias(
         _module_at(original, name, "original")
     order = _execution_order(compressed, layer_names)
 
-    reference = _channel_means(original, "original", order, cached, stop_after=None)
     shifts: dict[str, float] = {}
 
     def correct(name: str, measured: torch.Tensor) -> torch.Tensor:
@@ -140,11 +140,13 @@ def correct_bias(
             progress()
         return shift
 
-    if _runs_each_once(compressed, order):
-        _correct_in_one_pass(compressed, order, cached, correct)
-    else:
-        for name in order:
-            correct(name, _channel_means(compressed, "compressed", [name], cached, name)[name])
+    with in_conv_layout((original, compressed)):
+        reference = _channel_means(original, "original", order, cached, stop_after=None)
+        if _runs_each_once(compressed, order):
+            _correct_in_one_pass(compressed, order, cached, correct)
+        else:
+            for name in order:
+                correct(name, _channel_means(compressed, "compressed", [name], cached, name)[name])
     return {name: shifts[name] for name in layer_names}
 
 

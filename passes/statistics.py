@@ -35,6 +35,7 @@ from torch import fx, nn
 
 from rankfold.passes.blocks import kernel_of, set_kernel
 from rankfold.passes.core import ConfigError, DecompositionError
+from rankfold.passes.layout import in_conv_layout
 
 STATISTICS_FORMAT = 1
 DEFAULT_DAMPING = 0.01
@@ -239,7 +240,7 @@ def collect_statistics(
     was_training = gm.training
     gm.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), in_conv_layout((gm,)):
             for batch in inputs:
                 gm(batch)
                 if progress is not None:

@@ -8,7 +8,7 @@ forward pass over a calibration split.
 """
 
 from rankfold.passes.search.cache import CachedBlock, DecompositionCache, default_cache_dir
-from rankfold.passes.search.calibration import Calibration, fast_layout
+from rankfold.passes.search.calibration import Calibration
 from rankfold.passes.search.config import SearchConfig
 from rankfold.passes.search.evaluator import (
     Evaluator,
@@ -39,7 +39,6 @@ __all__ = [
     "default_cache_dir",
     "check_storage",
     "fail_orphaned_trials",
-    "fast_layout",
     "journal_lease",
     "journal_path",
     "open_storage",

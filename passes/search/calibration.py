@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from rankfold.passes.core import ConfigError, DataError
+from rankfold.passes.layout import fast_layout
 
 
 @dataclass
@@ -45,18 +46,3 @@ class Calibration:
         for tensor in (self.inputs, self.labels, self.bn_inputs):
             h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
-
-
-def conv_layout(device: torch.device | None = None) -> torch.memory_format:
-    """The layout convs run fastest in: channels-last on a CPU (oneDNN's convolutions run about
-    twice as fast on it, BENCHMARKS.md; results the same up to float rounding); elsewhere
-    tensors keep theirs (CUDA: not measured here). No device: the CPU."""
-    return torch.channels_last if device is None or device.type == "cpu" else torch.preserve_format
-
-
-def fast_layout(x: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
-    """A batch of images in `conv_layout(device)` (other inputs as they are)."""
-    layout = conv_layout(device)
-    return (
-        x.contiguous(memory_format=layout) if x.ndim == 4 and layout != torch.preserve_format else x
-    )

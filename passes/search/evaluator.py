@@ -15,11 +15,12 @@ from torch import nn
 
 from rankfold.passes.analysis import ModelAnalysis
 from rankfold.passes.capture import recompiled
+from rankfold.passes.layout import fast_layout
 from rankfold.passes.methods import Method, Ranks
 from rankfold.passes.plan import Choices, PlanDraft
 from rankfold.passes.recalibrate import correct_bias, has_batchnorm, recalibrate_bn
 from rankfold.passes.search.cache import DecompositionCache
-from rankfold.passes.search.calibration import Calibration, fast_layout
+from rankfold.passes.search.calibration import Calibration
 from rankfold.passes.search.config import SearchConfig
 
 if TYPE_CHECKING:
