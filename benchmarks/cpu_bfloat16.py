@@ -2,11 +2,12 @@
 the CLI.
 
     .venv/bin/python benchmarks/cpu_bfloat16.py [--stage finetune|refit] [--rounds 2]
-        [--old-cli PATH] [--out FILE]
+        [--old-cli PATH [--no-amp]] [--out FILE]
 
 Each case is one `rankfold compress` run twice per round, `--amp` and `--no-amp` in turn (with
-`--old-cli`: an older checkout's CLI and this one's, both with their defaults), the same plan (a
-first run fills the decomposition cache both then read) and the same images. Stage
+`--old-cli`: an older checkout's CLI and this one's, both with their defaults, or both with
+`--no-amp`: float32 as on any CPU without AMX), the same plan (a first run fills the
+decomposition cache both then read) and the same images. Stage
 `finetune` (the default):
 
 - ResNet-20 (real weights), cp-epc at 3× fewer MACs, the refit and recalibration as by default,
@@ -114,16 +115,22 @@ def main() -> None:
     parser.add_argument("--stage", choices=("finetune", "refit"), default="finetune")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--old-cli", type=Path, help="compare this older `rankfold` with ours")
+    parser.add_argument(
+        "--no-amp", action="store_true", help="with --old-cli: both CLIs in float32 (--no-amp)"
+    )
     parser.add_argument("--out", type=Path, help="default: results/cpu_bf16_STAGE.json")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
+    if args.no_amp and not args.old_cli:
+        parser.error("--no-amp compares two CLIs in float32: give --old-cli too")
     out = args.out or ROOT / "benchmarks" / "results" / f"cpu_bf16_{args.stage}.json"
     cases = FINETUNE_CASES if args.stage == "finetune" else REFIT_CASES
     cli = Path(sys.executable).with_name("rankfold")
     variants = {"--amp": (cli, ["--amp"]), "--no-amp": (cli, ["--no-amp"])}
     if args.old_cli:
-        variants = {"old CLI": (args.old_cli, []), "this CLI": (cli, [])}
+        both = ["--no-amp"] if args.no_amp else []
+        variants = {"old CLI": (args.old_cli, both), "this CLI": (cli, both)}
     rows = []
     with tempfile.TemporaryDirectory() as work:
         cache = Path(work) / "cache"
@@ -141,6 +148,7 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "stage": args.stage,
         "old_cli": None if args.old_cli is None else str(args.old_cli),
+        "no_amp": args.no_amp,
         "rows": rows,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -120,7 +120,7 @@ from rankfold.passes.correction import (
     refit_blocks,
 )
 from rankfold.passes.latency_gate import gate_plan, round_ranks
-from rankfold.passes.layout import in_conv_layout
+from rankfold.passes.layout import channels_last_allowed, in_conv_layout, runs_channels_last
 from rankfold.passes.methods import get_method
 from rankfold.passes.plan import RankPolicy, budgeted_slots, resolve_round_to
 from rankfold.passes.recalibrate import correct_bias, has_batchnorm, recalibrate_bn
@@ -613,18 +613,26 @@ def compress(
     if world > 1:  # see converter/distributed.py: rank 0 compresses, every rank fine-tunes
         handoff = Handoff.start(training_device(config.finetune.device))
     captured = trace_or_capture(model, example_inputs, config.leaf_modules)
-    if handoff is None:
-        return _compress_traced(
-            captured, example_inputs, config, spec, train, eval_data, workdir, metric
+    channels_last = runs_channels_last(captured.module, example_inputs)
+    if not channels_last:
+        console.print(
+            "[yellow]the model's forward does not run on channels-last tensors (a feature map "
+            "viewed flat? torch.flatten takes any layout): its passes run contiguous, slower on "
+            "a CPU[/yellow]"
         )
-    if handoff.rank != 0:
-        return _fine_tune_rank_zeros_model(
-            handoff, captured, example_inputs, config, spec, train, eval_data, workdir
-        )
-    with handoff, handoff.leading():
-        return _compress_traced(
-            captured, example_inputs, config, spec, train, eval_data, workdir, metric, handoff
-        )
+    with channels_last_allowed(channels_last):
+        if handoff is None:
+            return _compress_traced(
+                captured, example_inputs, config, spec, train, eval_data, workdir, metric
+            )
+        if handoff.rank != 0:
+            return _fine_tune_rank_zeros_model(
+                handoff, captured, example_inputs, config, spec, train, eval_data, workdir
+            )
+        with handoff, handoff.leading():
+            return _compress_traced(
+                captured, example_inputs, config, spec, train, eval_data, workdir, metric, handoff
+            )
 
 
 def _compress_traced(

@@ -741,7 +741,8 @@ def _refine_from_moments(
             return (b.detach() * (spread - 2 * cross32)).sum()
 
         if steps:
-            with torch.enable_grad():
+            # torch's L-BFGS views every gradient flat, which a channels-last weight's is not.
+            with torch.enable_grad(), in_conv_layout((block,), torch.contiguous_format):
                 optimizer.step(loss)
         with torch.no_grad():
             after = error()

@@ -13,9 +13,15 @@ from planning_helpers import plan_of
 from torch import fx, nn
 
 from rankfold.converter.metric import TaskMetric
-from rankfold.passes import RankPolicy, analyze, decompose, trace
+from rankfold.passes import RankPolicy, analyze, correction, decompose, trace
 from rankfold.passes.correction import refit_blocks
-from rankfold.passes.layout import in_conv_layout
+from rankfold.passes.layout import (
+    channels_last_allowed,
+    conv_layout,
+    fast_layout,
+    in_conv_layout,
+    runs_channels_last,
+)
 from rankfold.passes.recalibrate import correct_bias, recalibrate_bn
 from rankfold.passes.statistics import collect_statistics
 
@@ -105,12 +111,17 @@ PASSES: dict[str, Callable[[fx.GraphModule, fx.GraphModule], object]] = {
 }
 
 
-@pytest.mark.parametrize("name", PASSES)
-def test_every_inference_pass_runs_channels_last_and_returns_contiguous_models(name: str) -> None:
+def original_and_compressed() -> tuple[fx.GraphModule, fx.GraphModule]:
     original = net()
     analysis = analyze(original)
     policy = RankPolicy(method="tucker2", rank=(8, 8), skip=["fc"], min_macs_share=0.0)
     compressed, _ = decompose(original, analysis, plan_of(analysis, policy, "net"))
+    return original, compressed
+
+
+@pytest.mark.parametrize("name", PASSES)
+def test_every_inference_pass_runs_channels_last_and_returns_contiguous_models(name: str) -> None:
+    original, compressed = original_and_compressed()
     seen_original, seen_compressed = watch_layouts(original), watch_layouts(compressed)
     reference = copy.deepcopy(compressed)
     result = PASSES[name](original, compressed)
@@ -130,3 +141,92 @@ def test_every_inference_pass_runs_channels_last_and_returns_contiguous_models(n
             not torch.equal(a, b)
             for a, b in zip(compressed.state_dict().values(), reference.state_dict().values())
         )
+
+
+def test_the_refit_takes_moment_steps_on_blocks_inside_its_channels_last_pass(monkeypatch) -> None:
+    """torch's L-BFGS views gradients flat: the moment steps of a Tucker-2 block (whose 3×3
+    core the pass holds channels-last) run on contiguous weights, and lower the error."""
+    monkeypatch.setattr(correction, "DEAR_STEP_MACS", 0)  # these 8×8 inputs are cheap
+    original, compressed = original_and_compressed()
+    done = refit_blocks(original, compressed, ["conv1", "conv2"], images(1), refine_steps=20)
+    assert {refit.read for refit in done.blocks.values()} == {"moments"}
+    assert all(refit.after < refit.before for refit in done.blocks.values())
+    assert all(p.is_contiguous() for p in compressed.parameters())
+
+
+def test_a_model_that_views_a_feature_map_flat_runs_contiguous() -> None:
+    class Viewing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * 8 * 8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.conv(x).view(len(x), -1))
+
+    x = images(0)[0]
+    assert runs_channels_last(net(), x)
+    assert not runs_channels_last(Viewing(), x)
+    with channels_last_allowed(False):
+        assert conv_layout() == torch.preserve_format and fast_layout(x) is x
+        assert runs_channels_last(Viewing(), x)
+    assert conv_layout() == torch.channels_last
+
+
+class ContiguousKernel(nn.Module):
+    """Stands for a C++/CUDA extension op that checks its input is contiguous, as many do."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.stride(1) == 1:  # channels innermost
+            raise RuntimeError("expected a contiguous tensor")
+        return torch.relu(x)
+
+
+class DigitsWithKernel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
+        self.kernel = ContiguousKernel()
+        self.conv2 = nn.Conv2d(32, 32, 3, padding=1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.kernel(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_compress_runs_a_model_that_needs_contiguous_tensors_contiguous_and_says_so(
+    tmp_path, capsys
+) -> None:
+    from rankfold.converter import build_config, compress
+    from rankfold.models import load_model
+    from rankfold.models.digits import digits_splits
+
+    _, spec = load_model("digits-cnn")
+    _, test = digits_splits()
+    np.savez(tmp_path / "digits.npz", x=test.x[:64], y=test.y[:64])
+    config = build_config(
+        {
+            "model": "digits-cnn",
+            "ranks": {"method": "tucker2", "macs_reduction": 2, "select": "uniform"},
+            "train_data": str(tmp_path / "digits.npz"),
+            "eval_data": str(tmp_path / "digits.npz"),
+            "refit_steps": 5,
+            "finetune": {"epochs": 1},
+            "latency": {"enabled": False},
+            "search": {"cache_dir": str(tmp_path / "cache")},
+            "leaf_modules": ["kernel"],
+        }
+    )
+    torch.manual_seed(0)
+    model = DigitsWithKernel().eval()
+    layouts = watch_layouts(model)
+    result = compress(model, torch.zeros(1, *spec.input_shape), config, spec, tmp_path / "work")
+    assert "does not run on channels-last tensors" in capsys.readouterr().err
+    # conv1's one input channel makes its weight either layout: conv2 shows what ran. The probe
+    # ran it channels-last, every other pass contiguous.
+    conv2 = layouts[1::2]
+    assert len(conv2) > 3 and conv2.count(True) == 1
+    assert result.refit is not None and result.refit.layers == 2
+    assert {"original", "refitted", "finetuned"} <= set(result.accuracy)
+    assert conv_layout() == torch.channels_last  # the next run decides afresh

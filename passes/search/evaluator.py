@@ -15,7 +15,7 @@ from torch import nn
 
 from rankfold.passes.analysis import ModelAnalysis
 from rankfold.passes.capture import recompiled
-from rankfold.passes.layout import fast_layout
+from rankfold.passes.layout import conv_layout, fast_layout
 from rankfold.passes.methods import Method, Ranks
 from rankfold.passes.plan import Choices, PlanDraft
 from rankfold.passes.recalibrate import correct_bias, has_batchnorm, recalibrate_bn
@@ -43,7 +43,7 @@ class Evaluator:
         reference_logits: torch.Tensor | None = None,
     ) -> None:
         self.original = copy.deepcopy(gm).eval()  # private: the layout change must not leak
-        self.original.to(memory_format=torch.channels_last)
+        self.original.to(memory_format=conv_layout())
         self.analysis = analysis
         self.calibration = calibration
         self.cache = cache
@@ -59,7 +59,7 @@ class Evaluator:
         for name, (method, ranks) in choices.items():
             original = self.original.get_submodule(name)
             block, _ = self.cache.block(original, self.analysis.layer(name), method, ranks)
-            model.set_submodule(name, block.to(memory_format=torch.channels_last))
+            model.set_submodule(name, block.to(memory_format=conv_layout()))
         return recompiled(model).eval()
 
     def recalibrate(self, model: nn.Module, names: Sequence[str]) -> None:
