@@ -75,14 +75,16 @@ def in_conv_layout(
 
 
 def runs_channels_last(model: nn.Module, example: torch.Tensor) -> bool:
-    """Whether `model` runs in `conv_layout()`: not one whose forward views a feature map flat
-    (`x.view(n, -1)` where `torch.flatten` would do), which needs contiguous activations."""
+    """Whether `model` runs on `example` in `conv_layout()`: not one whose forward needs
+    contiguous activations (an extension op that checks for them, a `view` merging channels
+    with rows). Any failure counts: the contiguous layout is the safe one, and a model that
+    fails in both fails again where the run first calls it."""
     if conv_layout() == torch.preserve_format:
         return True
     try:
         # A GraphModule prints the failing line of its code to stderr before it raises.
         with torch.no_grad(), in_conv_layout((model,)), redirect_stderr(io.StringIO()):
             model(example)
-    except RuntimeError:
+    except Exception:
         return False
     return True
