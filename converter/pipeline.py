@@ -616,9 +616,9 @@ def compress(
     channels_last = runs_channels_last(captured.module, example_inputs)
     if not channels_last:
         console.print(
-            "[yellow]the model's forward does not run on channels-last tensors (a feature map "
-            "viewed flat? torch.flatten takes any layout): its passes run contiguous, slower on "
-            "a CPU[/yellow]"
+            "[yellow]the model's forward does not run on channels-last tensors (an op that "
+            "needs contiguous inputs, or a view that merges channels with rows?): its passes "
+            "run in the contiguous layout, slower on a CPU[/yellow]"
         )
     with channels_last_allowed(channels_last):
         if handoff is None:
