@@ -5,8 +5,9 @@ classifier, or a user's own score (mean IoU, mAP, …) through the Python API.
     result = compress(model, example, config, metric=metric)
 
 `score(model, data)` gets `data` as given, so its targets can be anything the task needs (masks,
-boxes); it is called with the model in eval mode under `torch.no_grad()`, on the original, the
-decomposed and each recovered model, and on model.onnx through an nn.Module that runs the file in
+boxes); it is called with the model in eval mode under `torch.no_grad()` (on a CPU its convs
+run channels-last; the outputs it reads are contiguous), on the original, the decomposed and
+each recovered model, and on model.onnx through an nn.Module that runs the file in
 onnxruntime and returns the PyTorch model's output structure (tensors on the CPU).
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from rankfold.models import ImageData, ModelSpec, batches
 from rankfold.passes.core import ValidationError
@@ -38,8 +40,14 @@ class TaskMetric:
     data: Iterable[Any]  # re-iterable (a DataLoader, a list of batches): it is read every call
 
     def __call__(self, module: nn.Module) -> float:
-        with eval_mode(module), torch.no_grad(), in_conv_layout((module,)):
-            raw = self.score(module, self.data)
+        # The model runs channels-last where that is faster; the score reads its outputs in the
+        # layout it was written for (a `view` of a channels-last map can fail).
+        handle = module.register_forward_hook(_contiguous_outputs)
+        try:
+            with eval_mode(module), torch.no_grad(), in_conv_layout((module,)):
+                raw = self.score(module, self.data)
+        finally:
+            handle.remove()
         try:
             value = float(raw)
         except (TypeError, ValueError):
@@ -50,6 +58,10 @@ class TaskMetric:
                 "score function return a float"
             )
         return value
+
+
+def _contiguous_outputs(_module: nn.Module, _args: object, output: Any) -> Any:
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.contiguous(), output)
 
 
 @dataclass(frozen=True)

@@ -230,3 +230,22 @@ def test_compress_runs_a_model_that_needs_contiguous_tensors_contiguous_and_says
     assert result.refit is not None and result.refit.layers == 2
     assert {"original", "refitted", "finetuned"} <= set(result.accuracy)
     assert conv_layout() == torch.channels_last  # the next run decides afresh
+
+
+def test_a_task_metric_reads_contiguous_outputs_of_a_channels_last_run() -> None:
+    """A user's score written for the contiguous layout (here a `view` that merges channels
+    with rows, which a channels-last map refuses) gets outputs it can read, while the model
+    itself runs channels-last."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+    seen = watch_layouts(model)
+
+    def score(m: nn.Module, data: list[torch.Tensor]) -> float:
+        return float(sum(m(x).view(len(x), 8 * 8, 8).amax(-1).mean() for x in data))
+
+    with torch.no_grad():
+        expected = score(model, images(1))
+    value = TaskMetric("peak", score, images(1))(model)
+    assert value == pytest.approx(expected, rel=1e-5)
+    assert seen[-2:] == [True, True]  # the metric's two batches ran channels-last
+    assert not model._forward_hooks  # the output hook is gone
