@@ -605,6 +605,9 @@ def compress(
     eval_data = None
     if config.eval_data is not None:
         eval_data = open_dataset(config.eval_data, spec, config.eval_limit, config)
+        note_class_folders(eval_data, spec, "top-1")
+    if train is not None and config.finetune.epochs > 0:
+        note_class_folders(train, spec, "fine-tuning's label loss")
     if config.resume and config.finetune.epochs > 0:
         if workdir is None:
             raise ConfigError("--resume continues the fine-tuning in --out; pass workdir=")
@@ -855,6 +858,19 @@ def capture_report(captured: Captured, config: CompressConfig) -> Capture:
         fx_module=error.module,
         skipped_passes=skipped,
     )
+
+
+def note_class_folders(data: ImageData, spec: ModelSpec, reader: str) -> None:
+    """A note where an ImageFolder has fewer class folders than the model has classes: its
+    labels are the folders' sorted positions, which are the model's class indices only if the
+    folders are all of its classes in its order (e.g. a 10-folder subset of ImageNet is not)."""
+    classes = getattr(data, "classes", None)
+    if classes and len(classes) < spec.num_classes:
+        console.print(
+            f"[yellow]{data.root}: {len(classes)} class folders for a model of "
+            f"{spec.num_classes} classes; {reader} reads folder i (sorted by name) as class i, "
+            "right only if the folders are the model's classes in its order[/yellow]"
+        )
 
 
 def open_dataset(

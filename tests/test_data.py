@@ -352,3 +352,17 @@ def test_digits_splits() -> None:
     again, _ = digits_splits(0)
     other, _ = digits_splits(1)
     assert np.array_equal(again.x, train.x) and not np.array_equal(other.x, train.x)
+
+
+def test_fewer_class_folders_than_model_classes_get_a_note(tmp_path: Path, capsys) -> None:
+    """Folder i is read as class i: right for all of a model's classes in its order, a silent
+    mismatch for a subset of them (10 ImageNet synsets before a 1,000-class model)."""
+    from rankfold.converter.pipeline import note_class_folders
+
+    _write_folder(tmp_path / "three", {str(d): [(255, 255, 255)] for d in range(3)}, size=8)
+    _write_folder(tmp_path / "ten", {str(d): [(255, 255, 255)] for d in range(10)}, size=8)
+    note_class_folders(load_dataset(tmp_path / "ten", DIGITS_SPEC), DIGITS_SPEC, "top-1")
+    assert capsys.readouterr().err == ""
+    note_class_folders(load_dataset(tmp_path / "three", DIGITS_SPEC), DIGITS_SPEC, "top-1")
+    err = " ".join(capsys.readouterr().err.split())
+    assert "3 class folders for a model of 10 classes; top-1 reads folder i" in err
