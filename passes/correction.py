@@ -55,9 +55,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
-import numpy as np
 import torch
-from scipy.linalg.blas import dsyrk
 from torch import fx, nn
 from torch.nn import functional
 from torch.nn.modules.utils import _pair
@@ -364,7 +362,7 @@ def _refit(block: nn.Module, targets: list, head_args: list[tuple], damping: flo
         return z
 
     width = last.weight.shape[1] + 1
-    gram = np.zeros((width, width), order="F")
+    gram = torch.zeros(width, width, dtype=torch.float64)
     cross = torch.zeros(width, last.weight.shape[0], dtype=torch.float64)
     energy = 0.0
     with torch.no_grad():
@@ -372,21 +370,10 @@ def _refit(block: nn.Module, targets: list, head_args: list[tuple], damping: flo
             z = _channel_rows(features(args), conv)
             z = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], 1)
             rows = _channel_rows(y, conv)
-            gram = _add_gram(gram, z)
+            gram += z.T @ z
             cross += z.T @ rows
             energy += float((rows * rows).sum())
-    return _solve_last_stage(last, _symmetric(gram), cross, energy, damping)
-
-
-def _add_gram(gram: np.ndarray, rows: torch.Tensor) -> np.ndarray:
-    """gram + rowsᵀ·rows in float64, in the upper triangle only: BLAS's symmetric rank-k update
-    does half the products of a matrix product (in place for a Fortran-ordered gram)."""
-    return dsyrk(1.0, rows.detach().double().numpy().T, beta=1.0, c=gram, lower=0, overwrite_c=1)
-
-
-def _symmetric(gram: np.ndarray) -> torch.Tensor:
-    """The full matrix from `_add_gram`'s upper triangle."""
-    return torch.from_numpy(np.triu(gram) + np.triu(gram, 1).T)
+    return _solve_last_stage(last, gram, cross, energy, damping)
 
 
 def _solve_last_stage(
@@ -679,7 +666,7 @@ def _refine_from_moments(
     are Z·P, P the map up to it.
     Hand-written: no library refines a factorized map on moments."""
     width = form.width
-    gram = np.zeros((width, width), order="F")
+    gram = torch.zeros(width, width, dtype=torch.float64)
     sums = torch.zeros(width, dtype=torch.float64)
     count, cross, output_sums, energy = 0, None, None, 0.0
     for x, y in zip(inputs, targets, strict=True):
@@ -688,7 +675,7 @@ def _refine_from_moments(
             part = slice(start, start + images)
             z = form.rows(x[part]).double()
             rows = _channel_rows(y[part], form.conv)
-            gram = _add_gram(gram, z)
+            gram += z.T @ z
             sums += z.sum(0)
             count += len(z)
             products, totals = z.T @ rows, rows.sum(0)
@@ -698,7 +685,6 @@ def _refine_from_moments(
     if cross is None or energy == 0:
         return None
     # The moments of Z = [z, 1]: the column of ones adds the sums and the count.
-    gram = _symmetric(gram)
     gram = torch.cat(
         [torch.cat([gram, sums[:, None]], 1), torch.cat([sums, sums.new_tensor([count])])[None]]
     )

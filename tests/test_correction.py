@@ -824,15 +824,3 @@ def test_operations_that_read_every_position_keep_whole_images(monkeypatch):
     assert correction._crops(right, forward, [gm], x, y, 2, cpu) is not None
     wrong = correction._Reach((1, 1), (0, 0), (0, 0))  # as if the 3×3 conv were 1×1
     assert correction._crops(wrong, forward, [gm], x, y, 2, cpu) is None
-
-
-def test_the_moments_gram_from_symmetric_updates_is_the_matrix_product():
-    """The refit sums ZᵀZ by BLAS's symmetric rank-k update (half the products), chunk by
-    chunk, in float64: the same matrix as the product, to rounding."""
-    generator = torch.Generator().manual_seed(0)
-    chunks = [torch.randn(n, 37, generator=generator) for n in (500, 1, 240)]
-    gram = np.zeros((37, 37), order="F")
-    for z in chunks:
-        gram = correction._add_gram(gram, z)
-    expected = sum(z.double().T @ z.double() for z in chunks)
-    torch.testing.assert_close(correction._symmetric(gram), expected, rtol=1e-12, atol=1e-10)
