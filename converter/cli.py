@@ -9,6 +9,7 @@ import inspect
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -81,13 +82,10 @@ def _friendly(func):
         except RankfoldError as exc:
             typer.secho(f"error: {exc}", fg="red", err=True)
             raise typer.Exit(code=1) from None
-        except KeyboardInterrupt:
-            typer.secho(
-                "interrupted; the output folder still holds its previous complete run "
-                "(fine-tuning can continue with --resume)",
-                fg="yellow",
-                err=True,
-            )
+        except KeyboardInterrupt as exc:
+            # A command that writes says what it left in the message it raises with.
+            left = f"; {exc.args[0]}" if exc.args else ""
+            typer.secho(f"interrupted{left}", fg="yellow", err=True)
             raise typer.Exit(code=130) from None
         except Exception as exc:
             if os.environ.get(DEBUG_ENV) == "1":
@@ -269,10 +267,19 @@ def compress(
         else:
             atomic_write_text(print_config, text)
         return
+    from rankfold.converter.finetune import LAST_CHECKPOINT
     from rankfold.converter.pipeline import run_compress
     from rankfold.converter.summary import print_summary
 
-    result = run_compress(settings, out)
+    started = time.time()
+    try:
+        result = run_compress(settings, out)
+    except KeyboardInterrupt:
+        left = "the output folder still holds its previous complete run"
+        checkpoint = out / "checkpoints" / LAST_CHECKPOINT
+        if checkpoint.is_file() and checkpoint.stat().st_mtime >= started:
+            left += f"; the fine-tuning continues from {checkpoint} with --resume"
+        raise KeyboardInterrupt(left) from None
     if result.report is None:
         return  # a torchrun rank other than 0: that rank reports
     print_summary(result.report, out)

@@ -8,6 +8,7 @@ preset < config file (`--config run.yaml`) < command-line options.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,11 +23,13 @@ from pydantic import (
 )
 
 from rankfold.converter.finetune import FinetuneConfig
+from rankfold.converter.options import OPTIONS
 from rankfold.converter.strict import config_error
 from rankfold.passes.core import ConfigError, ProviderError
 from rankfold.passes.correction import DEFAULT_REFINE_STEPS
 from rankfold.passes.plan import RankPolicy
 from rankfold.passes.search import SearchConfig, redacted
+from rankfold.passes.selectors import SELECTORS, get_selector
 from rankfold.runtime.backends import get_backend
 
 
@@ -328,6 +331,100 @@ class CompressConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _settings_this_run_reads(self) -> CompressConfig:
+        # A value other than the default that nothing in this run reads would look like a
+        # request the run honoured (a written-out config restates the defaults: no request).
+        for path, reader, remedy in self._unread_settings():
+            node, *parents = self, *path.split(".")[:-1]
+            for part in parents:
+                node = getattr(node, part)
+            key = path.rsplit(".", 1)[-1]
+            default = type(node).model_fields[key].get_default(call_default_factory=True)
+            if getattr(node, key) != default:
+                flag = FLAGS.get(path, path)
+                raise ConfigError(f"{flag} ({path}) is read by {reader}; {remedy} or drop {flag}")
+        return self
+
+    def _unread_settings(self) -> Iterator[tuple[str, str, str]]:
+        """(config path, who would read it, how to make it read) of the settings this run
+        leaves unread."""
+        latency, ranks = self.latency, self.ranks
+        budget = "--macs-reduction, --params-reduction or --latency-reduction"
+        rules: list[tuple[tuple[str, ...], str, str, bool]] = [
+            (
+                tuple(f"quantize.{key}" for key in QuantizeConfig.model_fields if key != "dtype"),
+                "INT8 quantization",
+                "add --quantize int8",
+                self.quantize.dtype is not None,
+            ),
+            (
+                ("latency.warmup", "latency.repeats", "latency.fail_if_slower"),
+                "the latency measurement, which --no-latency turns off",
+                "drop --no-latency",
+                latency.enabled,
+            ),
+            (
+                ("latency.batch", "latency.threads"),
+                "the latency measurement and the latency gate, both off in this run",
+                "drop --no-latency",
+                bool(latency.enabled or latency.gate or ranks.latency_reduction),
+            ),
+            (
+                ("latency.gate_margin", "latency.gate_efficiency", "latency.cache_dir"),
+                "the latency gate, off in this run (on with a budget and the latency measurement)",
+                "add --latency-gate",
+                bool(latency.gate or ranks.latency_reduction),
+            ),
+            (
+                ("latency.calibrate",),
+                "a latency budget's planning",
+                "add --latency-reduction",
+                bool(ranks.latency_reduction),
+            ),
+            (
+                ("ranks.round_to",),
+                "a budget's planning and the latency gate",
+                f"add {budget}" if self.plan is None else "drop --plan",
+                # None and 0 turn the alignment off: no request, whatever plans.
+                ranks.round_to in (None, 0)
+                or (self.plan is None and bool(ranks.budgeted or latency.gate)),
+            ),
+            (("eval_limit",), "the evaluation", "add --eval-data", bool(self.eval_data)),
+            (("train_limit",), "the recovery", "add --train-data", bool(self.train_data)),
+            (
+                ("data.crop_ratio", "data.workers", "data.skip_bad_images"),
+                "the data loading",
+                "add --train-data or --eval-data",
+                bool(self.train_data or self.eval_data),
+            ),
+            (
+                ("statistics.data_aware", "finetune.device"),
+                "the passes on training images",
+                "add --train-data",
+                bool(self.train_data),
+            ),
+            (
+                ("resume",),
+                "the fine-tuning",
+                "add --finetune-epochs N",
+                self.finetune.epochs > 0,
+            ),
+        ]
+        selector = ranks.selector if self.plan is None else "none (--plan)"
+        reads = get_selector(ranks.selector).reads if self.plan is None else frozenset()
+        paths = [f"search.{key}" for key in SearchConfig.model_fields] + ["ranks.epsilon"]
+        for path in paths:
+            readers = [name for name, each in SELECTORS.items() if path in each.reads]
+            if readers:
+                names = " or ".join(f"--select {name}" for name in readers)
+                rules.append(
+                    ((path,), f"{names}, not --select {selector}", f"add {names}", path in reads)
+                )
+        for paths, reader, remedy, read in rules:
+            if not read:
+                yield from ((path, reader, remedy) for path in paths)
+
+    @model_validator(mode="after")
     def _recalibration_samples_need_it(self) -> CompressConfig:
         default = type(self).model_fields["recalibrate_samples"].default
         if self.recalibrate_samples != default and not (self.recalibrate and self.train_data):
@@ -375,6 +472,9 @@ class CompressConfig(_Strict):
         """Whether the blocks' last stages are refitted to the original layers' outputs."""
         return self.train_data is not None and self.refit
 
+
+# Config path → its `rankfold compress` flag, for messages.
+FLAGS = {option.path: option.name for option in OPTIONS}
 
 # Keys that moved: a file still using one gets told where it went.
 MOVED = {"search.seed": "seed", "finetune.seed": "seed"}

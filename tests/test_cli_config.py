@@ -158,6 +158,60 @@ ALSO = {
     },
     # A budget turns the latency gate on while latency is measured (the default).
     **{f"ranks.{b}": ([], {"latency.gate"}) for b in BUDGETS},
+    # Settings read only when what reads them runs (`CompressConfig._unread_settings`).
+    "ranks.round_to": (
+        ["--macs-reduction", "2"],
+        {"ranks.macs_reduction", "latency.gate"},
+    ),
+    "eval_limit": (["--eval-data", "e.npz"], {"eval_data"}),
+    "train_limit": (["--train-data", "t.npz"], {"train_data"}),
+    **{
+        f"data.{key}": (["--eval-data", "e.npz"], {"eval_data"})
+        for key in ("crop_ratio", "workers", "skip_bad_images")
+    },
+    "statistics.data_aware": (["--train-data", "t.npz"], {"train_data"}),
+    "finetune.device": (["--train-data", "t.npz"], {"train_data"}),
+    "resume": (["--finetune-epochs", "1"], {"finetune.epochs"}),
+    **{
+        f"quantize.{key}": (
+            ["--quantize", "int8", "--train-data", "t.npz"],
+            {"quantize.dtype", "train_data"},
+        )
+        for key in (
+            "float_layers",
+            "max_float_share",
+            "calibration",
+            "samples",
+            "equalize",
+            "min_agreement",
+            "reduce_range",
+            "stem_output",
+        )
+    },
+    **{
+        f"search.{key}": (["--select", "pars"], {"ranks.select"})
+        for key in (
+            "trials",
+            "sampler",
+            "proxy",
+            "storage",
+            "study_name",
+            "workers",
+            "heartbeat",
+            "calib_samples",
+            "bn_samples",
+            "timeout",
+        )
+    },
+    "ranks.epsilon": (["--select", "eps-search"], {"ranks.select"}),
+    **{
+        f"latency.{key}": (["--latency-gate"], {"latency.gate"})
+        for key in ("gate_margin", "gate_efficiency", "cache_dir")
+    },
+    "latency.calibrate": (
+        ["--latency-reduction", "2"],
+        {"ranks.latency_reduction", "latency.gate"},
+    ),
 }
 
 

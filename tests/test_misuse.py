@@ -201,6 +201,46 @@ CASES = [
         + ["--max-float-share", "0.5", *COMMON],
         "--float-layers has no 'sensitive'",
     ),
+    # Each a setting that nothing in the run reads: refused, not silently ignored.
+    (
+        "int8-setting-without-int8",
+        {},
+        ["compress", "digits-cnn", "--rank", "4", "--quant-samples", "64", *COMMON],
+        "--quant-samples (quantize.samples) is read by INT8 quantization; add --quantize int8 "
+        "or drop --quant-samples",
+    ),
+    (
+        "pars-setting-under-another-selector",
+        {},
+        ["compress", "digits-cnn", "--macs-reduction", "2", "--trials", "5", *COMMON],
+        "--trials (search.trials) is read by --select pars, not --select energy; add --select "
+        "pars or drop --trials",
+    ),
+    (
+        "timing-setting-without-timing",
+        {},
+        ["compress", "digits-cnn", "--rank", "4", "--repeats", "3", *COMMON],
+        "--repeats (latency.repeats) is read by the latency measurement, which --no-latency "
+        "turns off",
+    ),
+    (
+        "resume-without-fine-tuning",
+        {},
+        ["compress", "digits-cnn", "--rank", "4", "--resume", *COMMON],
+        "--resume (resume) is read by the fine-tuning; add --finetune-epochs N or drop --resume",
+    ),
+    (
+        "eval-limit-without-eval-data",
+        {},
+        ["compress", "digits-cnn", "--rank", "4", "--eval-limit", "10", *COMMON],
+        "--eval-limit (eval_limit) is read by the evaluation; add --eval-data or drop --eval-limit",
+    ),
+    (
+        "round-to-without-a-budget",
+        {},
+        ["compress", "digits-cnn", "--rank", "4", "--round-to", "8", *COMMON],
+        "--round-to (ranks.round_to) is read by a budget's planning and the latency gate",
+    ),
     (
         "rel-error-without-error-selector",
         {},
@@ -508,6 +548,7 @@ def test_interrupting_a_rerun_keeps_the_previous_run(tmp_path, monkeypatch):
     result = runner.invoke(app, ["compress", "digits-cnn", "--rank", "2", *COMMON])
     assert result.exit_code == 130
     assert "still holds its previous complete run" in result.output
+    assert "--resume" not in result.output  # nothing was fine-tuned: nothing to resume
     assert (tmp_path / "out" / "report.json").read_bytes() == before
     assert not (tmp_path / "out" / "plan.json").read_text().count('"ranks": [\n        2')
     assert os.listdir(tmp_path / "out").count("report.json") == 1

@@ -77,6 +77,9 @@ class Selector(ABC):
     needs_budget = False  # only works under a whole-model budget
     needs_statistics = False  # reads layer input statistics (context.moments)
     uses_cache = False  # factorizes candidates (context.cache)
+    # The settings it reads beyond the budget, as dotted config paths (`search.trials`): a
+    # given value is refused under a selector that reads none of them.
+    reads: frozenset[str] = frozenset()
 
     def plans(self, draft: PlanDraft, context: PlanningContext) -> bool:
         """Whether this selector can choose every slot of `draft` (a method's default selector

@@ -29,6 +29,9 @@ class EpsSearchSelector(Selector):
     summary = "per layer, the smallest rank costing at most ε accuracy on calibration data"
     needs_calibration = True
     uses_cache = True
+    reads = frozenset(
+        {"ranks.epsilon", "search.workers", "search.calib_samples", "search.bn_samples"}
+    )
 
     def steps(self, draft: PlanDraft, context: PlanningContext) -> int:
         return len(draft.slots)

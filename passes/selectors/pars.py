@@ -78,6 +78,21 @@ class ParsSelector(Selector):
     needs_calibration = True
     needs_budget = True
     uses_cache = True
+    reads = frozenset(
+        f"search.{key}"
+        for key in (
+            "trials",
+            "sampler",
+            "proxy",
+            "storage",
+            "study_name",
+            "workers",
+            "heartbeat",
+            "calib_samples",
+            "bn_samples",
+            "timeout",
+        )
+    )
 
     def steps(self, draft: PlanDraft, context: PlanningContext) -> int:
         return context.search.trials
