@@ -216,6 +216,7 @@ def finetune(
     decomposed_names: Sequence[str] = (),
     seed: int = 0,
     validation: ImageData | None = None,
+    origin: Mapping[str, Any] | None = None,
 ) -> FinetuneResult:
     """Train `student` in place; leave it with the weights of the last epoch, or with
     `config.validation` of the training images held out, of the epoch best on them, the model
@@ -227,8 +228,9 @@ def finetune(
     dotted names of the factorized blocks, needed for `train_only_decomposed`. Checkpoints go to
     `checkpoint_dir` (finetune_last.pt every epoch, finetune_best.pt at each new best); with
     `resume` a run continues from finetune_last.pt. Ctrl-C leaves the last complete checkpoint and
-    re-raises. `seed` fixes shuffling, augmentation and the RNGs. The student is returned in eval
-    mode.
+    re-raises. `seed` fixes shuffling, augmentation and the RNGs. `origin`: plain data on what
+    made the student (settings, file digests), kept in the checkpoints; a resumed run must
+    give the same. The student is returned in eval mode.
     """
     if config.epochs == 0:
         return FinetuneResult([], None, None, None)
@@ -267,6 +269,7 @@ def finetune(
                 device,
                 rank,
                 world,
+                origin or {},
             ).run(trainable, resume, decomposed_names)
     finally:
         for module, home in homes:
@@ -296,12 +299,53 @@ def validation_split(
     return train.take(keep), train.take(hold)
 
 
-def check_resume(checkpoint_dir: str | Path, config: FinetuneConfig, seed: int) -> None:
+def check_resume(
+    checkpoint_dir: str | Path,
+    config: FinetuneConfig,
+    seed: int,
+    origin: Mapping[str, Any] | None = None,
+    data: Mapping[str, str | None] | None = None,
+) -> None:
     """Before any other work: the checkpoint `--resume` will continue from is readable and was
-    made with these settings (a missing one is fine: the run then starts from epoch 0)."""
+    made with these settings, from the same `origin` (see `finetune`) and, where `data` gives
+    their fingerprints ("train", "eval"), on the same data (a missing checkpoint is fine: the
+    run then starts from epoch 0)."""
     path = Path(checkpoint_dir) / LAST_CHECKPOINT
     if path.is_file():
-        _check_settings(path, _load_checkpoint(path), {**config.model_dump(), "seed": seed})
+        payload = _load_checkpoint(path)
+        _check_origin(path, payload, dict(origin or {}))
+        _check_settings(path, payload, {**config.model_dump(), "seed": seed})
+        if data is not None:
+            _check_data(path, payload, data)
+
+
+def _check_origin(path: Path, payload: dict[str, Any], ours: dict[str, Any]) -> None:
+    """A checkpoint fine-tuned from another compressed model would be published as this run's."""
+    theirs = payload.get("origin")
+    if theirs is None:
+        raise ConfigError(
+            f"{path} does not record the compression it was fine-tuned from (an older rankfold "
+            "wrote it); start over without --resume"
+        )
+    changed = [
+        f"{key}: {theirs.get(key)!r} (now {ours.get(key)!r})"
+        for key in sorted(theirs.keys() | ours.keys())
+        if theirs.get(key) != ours.get(key)
+    ]
+    if changed:
+        raise ConfigError(
+            f"{path} was fine-tuned from another compression ({'; '.join(changed[:3])}); "
+            "resume with the same settings and files, or start over without --resume"
+        )
+
+
+def _check_data(path: Path, payload: dict[str, Any], ours: Mapping[str, str | None]) -> None:
+    for key, which in (("train", "training"), ("eval", "evaluation")):
+        if payload["data"][key] != ours[key]:
+            raise ConfigError(
+                f"{path} was made with other {which} data; resume with the same data, or "
+                "start over without --resume"
+            )
 
 
 def _check_settings(path: Path, payload: dict[str, Any], ours: dict[str, Any]) -> None:
@@ -335,11 +379,14 @@ class _Trainer:
         device: torch.device,
         rank: int,
         world: int,
+        origin: Mapping[str, Any],
     ) -> None:
         self.student, self.train, self.spec, self.config = student, train, spec, config
         self.seed = seed
-        # What a resumed run must share with the checkpoint's: the settings and the seed.
+        # What a resumed run must share with the checkpoint's: the settings and the seed, and
+        # what made the student.
         self.settings = {**config.model_dump(), "seed": seed}
+        self.origin = dict(origin)
         self.teacher = teacher if config.distill else None
         self.directory, self.eval_data, self.device = directory, eval_data, device
         self.validation = validation
@@ -623,6 +670,7 @@ class _Trainer:
             "partial": state.partial,  # that epoch's loss sum, correct, examples so far
             "epoch_lr": state.epoch_lr,
             "config": self.settings,
+            "origin": self.origin,
             "data": self.fingerprint,
             "world_size": self.world,
             # On the CPU, so that a checkpoint written on a GPU loads on any machine.
@@ -670,19 +718,17 @@ class _Trainer:
 
     def _restore(self, payload, optimizer, scheduler, scaler, state: _RunState) -> None:
         path = self.directory / LAST_CHECKPOINT
+        _check_origin(path, payload, self.origin)
         _check_settings(path, payload, self.settings)
-        for key, which in (("train", "training"), ("eval", "evaluation")):
-            if payload["data"][key] != self.fingerprint[key]:
-                raise ConfigError(
-                    f"{path} was made with other {which} data; resume with the same data, or "
-                    "start over without --resume"
-                )
+        _check_data(path, payload, self.fingerprint)
         try:
             self.student.load_state_dict(payload["model"])
-        except RuntimeError as exc:
+        except RuntimeError:
+            # Same settings and files: the plan moved, which only timings do.
             raise ConfigError(
-                f"{path} holds weights of another model ({str(exc).splitlines()[0]}); resume "
-                "with the same model and plan, or start over without --resume"
+                f"{path} holds weights of another plan than this run's (the latency gate's "
+                "timings moved a layer?); start over without --resume, or with --plan to fix "
+                "the plan"
             ) from None
         if payload["world_size"] != self.world:
             self._note(

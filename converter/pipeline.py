@@ -92,6 +92,7 @@ from rankfold.models import (
     first_images,
     load_dataset,
     load_model,
+    sha256_file,
     training_batches,
 )
 from rankfold.models import normalize as normalize_images
@@ -611,7 +612,14 @@ def compress(
     if config.resume and config.finetune.epochs > 0:
         if workdir is None:
             raise ConfigError("--resume continues the fine-tuning in --out; pass workdir=")
-        check_resume(Path(workdir) / "checkpoints", config.finetune, config.seed)
+        fine_tuned = held_out_split(config, train)[0]
+        check_resume(
+            Path(workdir) / "checkpoints",
+            config.finetune,
+            config.seed,
+            fine_tuning_origin(config),
+            {"train": fine_tuned.fingerprint(), "eval": eval_data and eval_data.fingerprint()},
+        )
     handoff = None
     if world > 1:  # see converter/distributed.py: rank 0 compresses, every rank fine-tunes
         handoff = Handoff.start(training_device(config.finetune.device))
@@ -1345,7 +1353,45 @@ def _fine_tune(
         decomposed_names=[entry.name for entry in result.plan.decomposed()],
         seed=config.seed,
         validation=validation,
+        origin=fine_tuning_origin(config),
     )
+
+
+# Settings that do not change the model fine-tuning starts from: the fine-tuning's own (its
+# checkpoint compares them itself), the evaluation's, the export's, INT8's, the timing's
+# (the gate's decisions are its own settings' and the timings') and where caches live.
+_NOT_ORIGIN: dict[str, Any] = {
+    "finetune": True,
+    "resume": True,
+    "eval_data": True,
+    "eval_limit": True,
+    "export": True,
+    "quantize": True,
+    "latency": {"enabled", "warmup", "repeats", "fail_if_slower", "cache_dir"},
+    "data": {"workers"},
+    "search": {"cache_dir", "heartbeat"},
+}
+
+
+def fine_tuning_origin(config: CompressConfig) -> dict[str, Any]:
+    """What decides the model fine-tuning starts from, as flat plain data: the settings (by
+    config path) and the contents of the files read (weights, --plan, a model file). A
+    checkpoint resumed from another origin would be published as this run's model."""
+    origin: dict[str, Any] = {}
+
+    def flatten(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                flatten(f"{prefix}{key}.", item)
+        else:
+            origin[prefix.removesuffix(".")] = value
+
+    flatten("", config.model_dump(mode="json", exclude=_NOT_ORIGIN))
+    model_file = config.model.rpartition(":")[0] if ".py:" in config.model else None
+    for name, path in (("weights", config.weights), ("plan", config.plan), ("model", model_file)):
+        if path is not None and Path(path).is_file():
+            origin[f"the {name} file's contents"] = sha256_file(path)[:16]
+    return origin
 
 
 def _fine_tune_rank_zeros_model(

@@ -605,3 +605,56 @@ def test_fail_if_slower_exits_1_with_the_report_written(tmp_path):
     (row,) = report["latency"]["per_batch"]
     assert report["latency"]["slower"] is True and row["verdict"] == "slower"
     assert row["speedup_high"] < 1.0
+
+
+def test_resume_refuses_a_checkpoint_fine_tuned_from_another_compression(
+    digits, tmp_path, monkeypatch
+):
+    """A checkpoint trained from another compressed model would be published as this run's:
+    changed settings or weights are refused before any tracing; the same ones resume."""
+    weights = tmp_path / "digits.pt"
+    weights.write_bytes(digits["weights"].read_bytes())
+    out = tmp_path / "run"
+    args = ["compress", "digits-cnn", "--weights", weights, "--rank", "4", "--no-latency"]
+    args += ["--train-data", digits["data"], "--refit-steps", "0", "--finetune-epochs", "1"]
+    args += ["--seed", "0", "--out", out]
+    assert invoke(*args).exit_code == 0
+    report = (out / "report.json").read_bytes()
+
+    def no_tracing(*_args, **_kwargs):
+        raise AssertionError("traced before the resume check")
+
+    monkeypatch.setattr("rankfold.converter.pipeline.trace_or_capture", no_tracing)
+    result = invoke(*args, "--resume", "--stats-samples", "128")
+    assert result.exit_code == 1
+    assert "was fine-tuned from another compression (statistics.samples: 1024 (now 128))" in (
+        error_line(result)
+    )
+    result = invoke(*args, "--resume", "--no-recalibrate")
+    assert "(recalibrate: True (now False))" in error_line(result)
+    other = DigitsCNN()
+    torch.save(other.state_dict(), weights)
+    assert "the weights file's contents: " in error_line(invoke(*args, "--resume"))
+    assert (out / "report.json").read_bytes() == report
+    monkeypatch.undo()
+    weights.write_bytes(digits["weights"].read_bytes())
+    result = invoke(*args, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "resuming fine-tuning after epoch 1/1" in result.output
+
+
+def test_an_interrupt_after_fine_tuning_names_the_checkpoint_to_resume_from(
+    digits, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("rankfold.converter.pipeline.validate", interrupted)
+    args = ["compress", "digits-cnn", "--weights", digits["weights"], "--rank", "4"]
+    args += ["--no-latency", "--train-data", digits["data"], "--refit-steps", "0"]
+    result = runner.invoke(app, [str(a) for a in [*args, "--finetune-epochs", "1"]])
+    assert result.exit_code == 130
+    checkpoint = Path("out") / "checkpoints" / "finetune_last.pt"
+    assert f"the fine-tuning continues from {checkpoint} with --resume" in result.output
