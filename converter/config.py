@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from rankfold.converter.finetune import FinetuneConfig
+from rankfold.converter.finetune import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, FinetuneConfig
 from rankfold.converter.options import OPTIONS
 from rankfold.converter.strict import config_error
 from rankfold.passes.core import ConfigError, ProviderError
@@ -232,9 +232,13 @@ class CompressConfig(_Strict):
         # A budget without the gate plans MACs that onnxruntime may not turn into speed
         # (ResNet-56 CP at 3×: 1.12× faster without it, 2.42× with it).
         if self.latency.gate is None:
-            budgeted = self.ranks.budgeted
-            self.latency.gate = bool(self.latency.enabled and budgeted and self.plan is None)
+            self.latency.gate = self.gate_default
         return self
+
+    @property
+    def gate_default(self) -> bool:
+        """The latency gate unless set: on where latency is measured and a budget plans."""
+        return bool(self.latency.enabled and self.ranks.budgeted and self.plan is None)
 
     @model_validator(mode="after")
     def _quantization_needs_calibration_images(self) -> CompressConfig:
@@ -499,6 +503,15 @@ def effective(config: CompressConfig) -> dict[str, Any]:
         del data["ranks"]["rel_error"]
     if not config.ranks.reads_energy:
         del data["ranks"]["energy"]
+    # Defaults that follow other settings stay unset where they took the default: a file
+    # read back with another optimizer or latency setting then gets that one's defaults.
+    settings = config.finetune
+    if settings.lr == DEFAULT_LR[settings.optimizer]:
+        data["finetune"]["lr"] = None
+    if settings.weight_decay == DEFAULT_WEIGHT_DECAY[settings.optimizer]:
+        data["finetune"]["weight_decay"] = None
+    if config.latency.gate == config.gate_default:
+        data["latency"]["gate"] = None
     return data
 
 

@@ -137,10 +137,8 @@ ALSO = {
             "validation",
         )
     },
-    "finetune.optimizer": (
-        ["--finetune-epochs", "1"],
-        {"finetune.epochs", "finetune.lr", "finetune.weight_decay"},  # AdamW's defaults
-    ),
+    # AdamW's own rate and decay: printed unset, as SGD's were.
+    "finetune.optimizer": (["--finetune-epochs", "1"], {"finetune.epochs"}),
     # INT8 calibrates on the training images.
     "quantize.dtype": (["--train-data", "some/file"], {"train_data"}),
     # The refit's steps are read only with training data (the refit is on by default).
@@ -156,13 +154,11 @@ ALSO = {
         )
         for key in ("samples", "damping", "memory_mb")
     },
-    # A budget turns the latency gate on while latency is measured (the default).
-    **{f"ranks.{b}": ([], {"latency.gate"}) for b in BUDGETS},
+    # A budget turns the latency gate on while latency is measured (the default): printed
+    # unset, as without the budget.
+    **{f"ranks.{b}": ([], set()) for b in BUDGETS},
     # Settings read only when what reads them runs (`CompressConfig._unread_settings`).
-    "ranks.round_to": (
-        ["--macs-reduction", "2"],
-        {"ranks.macs_reduction", "latency.gate"},
-    ),
+    "ranks.round_to": (["--macs-reduction", "2"], {"ranks.macs_reduction"}),
     "eval_limit": (["--eval-data", "e.npz"], {"eval_data"}),
     "train_limit": (["--train-data", "t.npz"], {"train_data"}),
     **{
@@ -208,10 +204,7 @@ ALSO = {
         f"latency.{key}": (["--latency-gate"], {"latency.gate"})
         for key in ("gate_margin", "gate_efficiency", "cache_dir")
     },
-    "latency.calibrate": (
-        ["--latency-reduction", "2"],
-        {"ranks.latency_reduction", "latency.gate"},
-    ),
+    "latency.calibrate": (["--latency-reduction", "2"], {"ranks.latency_reduction"}),
 }
 
 
@@ -266,7 +259,8 @@ def test_error_selector_round_trips_its_bound(tmp_path):
 
 def test_presets_sit_below_the_file_and_the_options(tmp_path):
     fast = PRESETS["fast"][1]
-    assert printed("m", "--preset", "fast")["latency"]["gate"] is fast["latency"]["gate"] is True
+    assert build_config(printed("m", "--preset", "fast")).latency.gate is True
+    assert fast["latency"]["gate"] is True
     path = tmp_path / "run.yaml"
     path.write_text("model: m\nranks: {macs_reduction: 3}\nlatency: {gate: false}\n")
     config = printed("--preset", "fast", "--config", path)
@@ -332,3 +326,23 @@ def test_help_imports_no_torch(command):
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.splitlines()[-1] == "[]"
+
+
+def test_a_printed_config_leaves_defaults_that_follow_other_settings_unset(tmp_path):
+    """Read back with another optimizer or latency setting, a file gets that one's defaults,
+    as the same options without the file would."""
+    path = tmp_path / "run.yaml"
+    args = ["m", "--macs-reduction", "2", "--finetune-epochs", "1", "--no-latency"]
+    assert invoke("compress", *args, "--print-config", path).exit_code == 0
+    written = load_config_file(path)
+    assert written["finetune"]["lr"] is None and written["latency"]["gate"] is None
+    for extra in (["--optimizer", "adamw"], ["--latency"]):
+        with_file = printed("--config", path, *extra)
+        without = printed(*args, *extra)
+        assert with_file == without
+        assert with_file["finetune"]["lr"] is None and with_file["latency"]["gate"] is None
+    resolved = build_config(printed("--config", path, "--optimizer", "adamw", "--latency"))
+    assert (resolved.finetune.lr, resolved.finetune.weight_decay) == (3e-4, 0.05)
+    assert resolved.latency.gate is True
+    # A value set apart from the default is kept as set.
+    assert printed(*args, "--lr", "0.05")["finetune"]["lr"] == 0.05
