@@ -489,7 +489,7 @@ def build_config(data: dict[str, Any], source: str = "configuration") -> Compres
     try:
         return CompressConfig.model_validate(data)
     except ValidationError as exc:
-        raise config_error(exc, CompressConfig, source, MOVED) from None
+        raise config_error(exc, CompressConfig, source, MOVED, FLAGS) from None
 
 
 def effective(config: CompressConfig) -> dict[str, Any]:

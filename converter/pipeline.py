@@ -540,6 +540,8 @@ def backend_round_to(config: CompressConfig) -> int | None:
 
 def prepare_output_dir(out_dir: str | Path) -> Path:
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file, not a folder; choose a folder for the outputs")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):

@@ -39,10 +39,14 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
 
 
 def config_error(
-    exc: ValidationError, model: type[BaseModel], source: str, moved: dict[str, str] | None = None
+    exc: ValidationError,
+    model: type[BaseModel],
+    source: str,
+    moved: dict[str, str] | None = None,
+    flags: dict[str, str] | None = None,
 ) -> ConfigError:
     """One line for the first problem, with a did-you-mean for unrecognised keys (`moved`: old
-    dotted key → its new place)."""
+    dotted key → its new place; `flags`: dotted key → the command-line flag that sets it)."""
     # A misspelt key also shows up as a missing one: report the misspelling.
     error = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
     loc = tuple(error["loc"])
@@ -57,4 +61,6 @@ def config_error(
     if error["type"] == "missing":
         return ConfigError(f"{source}: missing required setting '{where}'")
     message = error["msg"].removeprefix("Value error, ")
-    return ConfigError(f"{source}: invalid value for '{where}': {message}")
+    flag = (flags or {}).get(where)
+    named = f"{flag} ({where})" if flag else f"'{where}'"
+    return ConfigError(f"{source}: invalid value for {named}: {message}")

@@ -201,6 +201,18 @@ CASES = [
         + ["--max-float-share", "0.5", *COMMON],
         "--float-layers has no 'sensitive'",
     ),
+    (
+        "budget-out-of-range-names-its-flag",
+        {},
+        ["compress", "digits-cnn", "--macs-reduction", "0.5", *COMMON],
+        "invalid value for --macs-reduction (ranks.macs_reduction): Input should be greater than 1",
+    ),
+    (
+        "out-is-a-file",
+        {"afile": "not a folder"},
+        ["compress", "digits-cnn", "--rank", "4", "--no-latency", "--out", "afile"],
+        "--out afile is a file, not a folder; choose a folder for the outputs",
+    ),
     # Each a setting that nothing in the run reads: refused, not silently ignored.
     (
         "int8-setting-without-int8",
