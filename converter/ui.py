@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -17,7 +18,14 @@ from rich.progress import (
 )
 
 # Under torchrun only rank 0 speaks: the other ranks wait for its model (converter/distributed.py).
-console = Console(stderr=True, quiet=int(os.environ.get("RANK", "0")) != 0)
+# Written to a file or a pipe (a log, CI), rich would cut tables to 80 columns; a terminal's own
+# width and COLUMNS still rule. No emoji: ":factory" in a model name is not ":factory:".
+console = Console(
+    stderr=True,
+    quiet=int(os.environ.get("RANK", "0")) != 0,
+    width=None if sys.stderr.isatty() or "COLUMNS" in os.environ else 200,
+    emoji=False,
+)
 
 
 @contextmanager

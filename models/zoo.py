@@ -285,7 +285,8 @@ def _from_file(name: str, input_shape: tuple[int, int, int] | None) -> tuple[nn.
     if declared is None and input_shape is None:
         raise ModelLoadError(
             f"model '{name}' has no input shape; add RANKFOLD_SPEC = {{'input_shape': [C, H, W], "
-            "'num_classes': N, 'mean': [...], 'std': [...]}} to the file or pass --input-shape"
+            "'num_classes': N, 'mean': [...], 'std': [...]} to the file (only input_shape is "
+            "required) or pass --input-shape"
         )
     if declared is None:
         # Only the shape is known: read the class count off the model, and leave inputs as is.
@@ -298,7 +299,7 @@ def _from_file(name: str, input_shape: tuple[int, int, int] | None) -> tuple[nn.
             std=(1.0,) * channels,
             description=f"{factory_name}() from {path}",
         )
-    spec = _declared_spec(declared, name, path)
+    spec = _declared_spec(declared, name, path, model)
     if input_shape is not None:
         spec = _with_shape(spec, input_shape)
     num_classes, logits = _output_classes(model, spec.input_shape, name)
@@ -339,22 +340,33 @@ def _importable_dir(folder: Path) -> Iterator[None]:
             sys.path.remove(str(folder))
 
 
-def _declared_spec(declared: object, name: str, path: Path) -> ModelSpec:
-    fix = f"RANKFOLD_SPEC in {path.name} must be a dict with keys {', '.join(SPEC_KEYS)}"
+def _declared_spec(declared: object, name: str, path: Path, model: nn.Module) -> ModelSpec:
+    """The spec RANKFOLD_SPEC declares: input_shape required; num_classes read off the model,
+    mean and std 0 and 1 (inputs as read; --mean/--std set them) where it leaves them out."""
+    fix = (
+        f"RANKFOLD_SPEC in {path.name} must be a dict with input_shape and optionally "
+        f"{', '.join(k for k in SPEC_KEYS if k != 'input_shape')}, description"
+    )
     if not isinstance(declared, dict):
         raise ModelLoadError(f"{fix}, got a {type(declared).__name__}")
-    missing = [k for k in SPEC_KEYS if k not in declared]
     unknown = sorted(set(declared) - {*SPEC_KEYS, "description"})
-    if missing or unknown:
-        raise ModelLoadError(
-            f"{fix} (and optionally description); missing {missing or 'none'}, "
-            f"unknown {unknown or 'none'}"
-        )
+    if "input_shape" not in declared or unknown:
+        missing = "input_shape" if "input_shape" not in declared else "none"
+        raise ModelLoadError(f"{fix}; missing {missing}, unknown {unknown or 'none'}")
+    values = dict(declared)
+    try:
+        shape = _checked_shape(values["input_shape"])
+    except ConfigError as exc:
+        raise ModelLoadError(f"RANKFOLD_SPEC in {path.name} is invalid: {exc}") from None
+    if "num_classes" not in values:
+        values["num_classes"] = _output_classes(model, shape, name)[0]
+    values.setdefault("mean", (0.0,) * shape[0])
+    values.setdefault("std", (1.0,) * shape[0])
     try:
         return ModelSpec(
             name=name,
-            description=declared.get("description", ""),
-            **{k: declared[k] for k in SPEC_KEYS},
+            description=values.get("description", ""),
+            **{k: values[k] for k in SPEC_KEYS},
         )
     except ValueError as exc:
         raise ModelLoadError(f"RANKFOLD_SPEC in {path.name} is invalid: {exc}") from None

@@ -312,9 +312,20 @@ def test_user_file_without_spec_reads_classes(tmp_path: Path) -> None:
     assert "add RANKFOLD_SPEC" in _one_line(error) and "--input-shape" in str(error.value)
 
 
+def test_user_file_spec_may_give_the_input_shape_alone(tmp_path: Path) -> None:
+    """As with --input-shape alone: classes read off the model, inputs as read unless
+    --mean/--std say otherwise."""
+    path = _user_file(tmp_path, spec='RANKFOLD_SPEC = {"input_shape": [1, 6, 6]}')
+    _, spec = load_model(f"{path}:build")
+    assert (spec.input_shape, spec.num_classes) == ((1, 6, 6), 4)
+    assert (spec.mean, spec.std) == ((0.0,), (1.0,))
+    _, normalised = load_model(f"{path}:build", mean=(0.5,), std=(0.25,))
+    assert (normalised.mean, normalised.std) == ((0.5,), (0.25,))
+
+
 def test_user_file_errors(tmp_path: Path) -> None:
     path = _user_file(tmp_path)
-    bad_spec = _user_file(tmp_path, spec='RANKFOLD_SPEC = {"input_shape": [1, 6, 6]}', name="b.py")
+    bad_spec = _user_file(tmp_path, spec='RANKFOLD_SPEC = {"num_classes": 4}', name="b.py")
     wrong_classes = _user_file(
         tmp_path, spec=USER_SPEC.replace('"num_classes": 4', '"num_classes": 7'), name="c.py"
     )
@@ -330,7 +341,7 @@ def test_user_file_errors(tmp_path: Path) -> None:
         (f"{path}:nan_model", "NaN or infinite values in conv.weight", ""),
         (f"{path}:shapes", "returns dict for one input, not tensors", "tuple, list or dict"),
         (f"{path}:linear_only", "fails on a 1×1×6×6 input", "RuntimeError"),
-        (f"{bad_spec}:build", "missing ['num_classes', 'mean', 'std']", ""),
+        (f"{bad_spec}:build", "missing input_shape, unknown none", ""),
         (f"{wrong_classes}:build", "outputs 4 classes but RANKFOLD_SPEC says 7", ""),
         (f"{bad_mean}:build", "RANKFOLD_SPEC in d.py is invalid", "one value per input channel"),
         (f"{syntax}:build", "importing", "raised SyntaxError"),
