@@ -658,3 +658,23 @@ def test_an_interrupt_after_fine_tuning_names_the_checkpoint_to_resume_from(
     assert result.exit_code == 130
     checkpoint = Path("out") / "checkpoints" / "finetune_last.pt"
     assert f"the fine-tuning continues from {checkpoint} with --resume" in result.output
+
+
+def test_tables_keep_their_columns_in_a_pipe():
+    """A log or a pipe gets whole tables (rich would cut them to 80 columns), and a model
+    file's ':factory' is not read as an emoji code."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    script = "from rankfold.converter.cli import app; app()"
+    done = subprocess.run(
+        [sys.executable, "-c", script, "analyze", "resnet20"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    assert "│ layer3.2.conv2 │ Conv2d │ 64×8×8" in done.stderr
+    assert "2,359,296" in done.stderr and "…" not in done.stderr
