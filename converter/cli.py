@@ -269,11 +269,19 @@ def compress(
         return
     from rankfold.converter.finetune import LAST_CHECKPOINT
     from rankfold.converter.pipeline import run_compress
+    from rankfold.converter.results import Report
     from rankfold.converter.summary import print_summary
+    from rankfold.passes.core import ValidationError
 
     started = time.time()
     try:
         result = run_compress(settings, out)
+    except ValidationError:
+        # Parity or INT8 agreement failed after the run was published: its summary first.
+        report = out / "report.json"
+        if report.is_file() and report.stat().st_mtime >= started:
+            print_summary(Report.load(report), out)
+        raise
     except KeyboardInterrupt:
         left = "the output folder still holds its previous complete run"
         checkpoint = out / "checkpoints" / LAST_CHECKPOINT
@@ -285,8 +293,6 @@ def compress(
     print_summary(result.report, out)
     latency = result.report.latency
     if settings.latency.fail_if_slower and latency is not None and latency.slower:
-        from rankfold.passes.core import ValidationError
-
         raise ValidationError(
             f"the compressed model is measurably slower than the original ({out}/report.json, "
             "latency.per_batch); plan with the latency gate or a smaller reduction"

@@ -326,7 +326,8 @@ def agreement_error(
     return ValidationError(
         f"{Path(path).name} predicts the float model's class on {report.top1_agreement:.1%} of "
         f"{report.samples} inputs, below the tolerance {report.min_agreement:.1%} (max logit "
-        f"diff {report.max_logit_diff:.2g} on logits up to {report.logit_scale:.2g}); keep the "
-        f"sensitive layers in float (--float-layers), try --quant-calibration {others}, or lower "
-        "--min-agreement"
+        f"diff {report.max_logit_diff:.2g} on logits up to {report.logit_scale:.2g}); keep more "
+        "layers in float (--float-layers NAME, or a larger --max-float-share for 'sensitive'), "
+        f"calibrate on more images (--quant-samples), try --quant-calibration {others}, or "
+        "lower --min-agreement"
     )

@@ -683,6 +683,9 @@ def test_cli_writes_checked_int8_files_and_four_way_latency(digits, tmp_path):
     assert not failed.passed and failed.compressed.top1_agreement < 1.0
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 1 and len(lines) == 1 and "below the tolerance" in lines[0]
+    # The published run's summary comes before the error, as for a run that passes.
+    assert result.output.index(f"wrote {strict}/") < result.output.index("error:")
+    assert "INT8" in result.output.split("error:")[0]
     assert failed.calibration == failed.compressed.calibration == "entropy"
     assert failed.compressed.calibration_pick is None and failed.float_layers == {}
     assert failed.compressed.sensitive is None  # 'none': no search either
