@@ -1282,6 +1282,7 @@ def _recalibrate(result: CompressionResult, train: ImageData) -> None:
         with progress_bar("recalibrate BatchNorm", total=math.ceil(len(images) / 256)) as step:
             recalibrate_bn(result.compressed, _advancing(inputs, step))
         result.recalibration = "batchnorm"
+        result.recalibration_images = len(images)
     else:
         # Clean: bias correction matches the compressed model's channel means to the
         # original's on the same inputs, so no training statistics are involved, and clean
@@ -1320,6 +1321,7 @@ def _recalibrate(result: CompressionResult, train: ImageData) -> None:
             images=len(judge),
             criterion="divergence" if logits else "output error",
             kept=kept,
+            refit_images_among_them=max(0, result.refit.images + len(judge) - len(train)),
             **scores,
         )
     if kept == "recalibrated":

@@ -28,8 +28,10 @@ from rankfold.passes.correction import StepsRead
 #    (`QuantizedFile.calibration_pick`); 13: the candidates `auto` could not calibrate
 #    (`CalibrationPick.failed`); 14: images the refit and bias correction left out for memory
 #    (`Refit.images_left_out`, `Recovery.recalibration_images_left_out`); 15: what each block's
-#    and segment's refinement steps read (moments, windows or whole images)
-SCHEMA_VERSION = 15
+#    and segment's refinement steps read (moments, windows or whole images); 16: the refit's
+#    images among those the recalibration check read (`RecalibrationCheck.
+#    refit_images_among_them`), and the images BatchNorm recalibration read
+SCHEMA_VERSION = 16
 
 
 class _Section(BaseModel):
@@ -185,13 +187,17 @@ class RecalibrationCheck(_Section):
     output_error_refitted: float | None = None
     output_error_recalibrated: float | None = None
     kept: Literal["recalibrated", "refitted"]
+    # With fewer training images than the refit reads plus these, some are the refit's own:
+    # the check then favours the refitted model.
+    refit_images_among_them: int = 0
 
 
 class Recovery(_Section):
     refit: Refit | None = None
     recalibration: str | None = None  # "batchnorm" | "bias"
     recalibration_check: RecalibrationCheck | None = None
-    # Bias correction: the training images it read, and those --refit-memory-mb left out.
+    # The training images recalibration read, and those --refit-memory-mb left out of bias
+    # correction.
     recalibration_images: int | None = None
     recalibration_images_left_out: int = 0
     finetune: dict[str, Any] | None = None
@@ -408,7 +414,7 @@ class Report(_Section):
     --eval-data for a classifier, a Python API metric's name, or None when none was computed
     (no evaluation data, or outputs top-1 cannot be read from and no metric given)."""
 
-    schema_version: Literal[15] = SCHEMA_VERSION
+    schema_version: Literal[16] = SCHEMA_VERSION
     model: str
     method: str
     target: dict[str, float] | None

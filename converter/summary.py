@@ -241,6 +241,11 @@ def summary_lines(report: Report, out: Path) -> list[str]:
                 f"training images refitted {check.output_error_refitted:.4f}, recalibrated "
                 f"{check.output_error_recalibrated:.4f}"
             )
+        if check.refit_images_among_them:
+            scores += (
+                f" ({check.refit_images_among_them} of them read by the refit: too few training "
+                "images to hold them apart, which favours the refitted model)"
+            )
         lines.append(f"recalibration after the refit {verdict}: {scores}")
     products = {
         name: macs

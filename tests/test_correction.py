@@ -669,6 +669,8 @@ def test_recalibration_after_a_refit_is_kept_only_if_it_brings_the_model_closer(
     honest = run()
     check = honest.recalibration_check
     assert check.images == 300 and honest.recalibration == "batchnorm"
+    # All 300 images are judged, the refit's first 128 among them: said, not hidden.
+    assert check.refit_images_among_them == 128 and honest.recalibration_images == 300
     assert check.criterion == "divergence" and check.divergence_refitted > 0
     closer = check.divergence_recalibrated < check.divergence_refitted
     assert (check.kept == "recalibrated") == closer
