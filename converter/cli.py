@@ -369,7 +369,7 @@ def bench(
     from rich.table import Table
 
     from rankfold.converter.ui import console, progress_bar
-    from rankfold.converter.validation import onnx_input_shape
+    from rankfold.converter.validation import onnx_input_shape, onnx_output_shapes
     from rankfold.passes.core import ConfigError, ExportError, ProviderError, atomic_write_json
     from rankfold.runtime.latency import (
         BENCH_COLUMNS,
@@ -394,6 +394,11 @@ def bench(
             raise ExportError(
                 f"{flag} {other} takes inputs of shape {onnx_input_shape(other)} but "
                 f"{onnx_path} takes {shape}; compare exports of the same model"
+            )
+        if onnx_output_shapes(other) != onnx_output_shapes(onnx_path):
+            raise ExportError(
+                f"{flag} {other} has outputs of shapes {onnx_output_shapes(other)} but "
+                f"{onnx_path} {onnx_output_shapes(onnx_path)}; compare exports of the same model"
             )
     models = 2 if int8 is None else 4
     runs = len(providers) * len(counts) * len(sizes) * models * repeats

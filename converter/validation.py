@@ -14,16 +14,31 @@ from rankfold.passes.core import ConfigError, ExportError
 from rankfold.runtime import check_onnx, check_parity, onnx_accuracy
 
 
-def onnx_input_shape(path: str | Path) -> tuple[int, int, int]:
-    """The (C, H, W) of the model's single input; the batch axis may be dynamic."""
+def _graph(path: str | Path) -> onnx.GraphProto:
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"{path} not found; pass an .onnx file")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        return onnx.load(str(path), load_external_data=False).graph
     except Exception as exc:  # protobuf raises several types on a bad file
         raise ExportError(f"{path} is not a readable ONNX model ({type(exc).__name__})") from None
-    dims = model.graph.input[0].type.tensor_type.shape.dim[1:]
+
+
+def onnx_output_shapes(path: str | Path) -> list[tuple[int | None, ...]]:
+    """Each output's shape past the batch axis (None where a dimension is not fixed)."""
+    return [
+        tuple(
+            d.dim_value if d.HasField("dim_value") else None
+            for d in output.type.tensor_type.shape.dim[1:]
+        )
+        for output in _graph(path).output
+    ]
+
+
+def onnx_input_shape(path: str | Path) -> tuple[int, int, int]:
+    """The (C, H, W) of the model's single input; the batch axis may be dynamic."""
+    path = Path(path)
+    dims = _graph(path).input[0].type.tensor_type.shape.dim[1:]
     if len(dims) != 3 or any(not d.HasField("dim_value") for d in dims):
         raise ExportError(f"{path} must take one N×C×H×W input with fixed C, H, W")
     return tuple(int(d.dim_value) for d in dims)

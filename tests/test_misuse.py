@@ -420,6 +420,12 @@ CASES = [
         "--baseline other.onnx takes inputs of shape (3, 8, 8) but model.onnx takes (1, 8, 8)",
     ),
     (
+        "bench-baseline-of-another-model",
+        {"model.onnx": "ONNX", "other.onnx": "ONNX8"},
+        ["bench", "model.onnx", "--baseline", "other.onnx"],
+        "--baseline other.onnx has outputs of shapes [(288,)] but model.onnx [(144,)]",
+    ),
+    (
         "unknown-selector",
         {},
         ["compress", "digits-cnn", "--select", "vbfm", "--macs-reduction", "2", *COMMON],
@@ -437,9 +443,10 @@ CASES = [
 def _materialise(folder: Path, files: dict[str, object], plan: dict) -> None:
     for name, content in files.items():
         path = folder / name
-        if content in ("ONNX", "ONNX3"):
+        if content in ("ONNX", "ONNX3", "ONNX8"):
             channels = 3 if content == "ONNX3" else 1
-            model = nn.Sequential(nn.Conv2d(channels, 4, 3), nn.Flatten()).eval()
+            width = 8 if content == "ONNX8" else 4  # ONNX8: another model's outputs
+            model = nn.Sequential(nn.Conv2d(channels, width, 3), nn.Flatten()).eval()
             export_onnx(model, torch.zeros(1, channels, 8, 8), path)
         elif isinstance(content, bytes):
             path.write_bytes(np.random.default_rng(0).bytes(4096))
