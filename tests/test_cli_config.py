@@ -17,6 +17,7 @@ from rankfold.converter.cli import app
 from rankfold.converter.config import BUDGETS, CompressConfig, build_config, load_config_file
 from rankfold.converter.options import OPTIONS, Option
 from rankfold.converter.presets import PRESETS
+from rankfold.passes.selectors import get_selector
 
 runner = CliRunner()
 ARGUMENTS = {"model"}  # config paths set by a positional argument, not a flag
@@ -184,21 +185,7 @@ ALSO = {
             "stem_output",
         )
     },
-    **{
-        f"search.{key}": (["--select", "pars"], {"ranks.select"})
-        for key in (
-            "trials",
-            "sampler",
-            "proxy",
-            "storage",
-            "study_name",
-            "workers",
-            "heartbeat",
-            "calib_samples",
-            "bn_samples",
-            "timeout",
-        )
-    },
+    **{path: (["--select", "pars"], {"ranks.select"}) for path in get_selector("pars").reads},
     "ranks.epsilon": (["--select", "eps-search"], {"ranks.select"}),
     **{
         f"latency.{key}": (["--latency-gate"], {"latency.gate"})
