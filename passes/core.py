@@ -98,8 +98,13 @@ class OutputError(RankfoldError):
 
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
+    A device or a pipe (/dev/null, /dev/stdout, a FIFO) is yielded itself, written in place:
+    a rename would put a regular file where it was."""
     target = Path(path)
+    if target.exists() and not target.is_file() and not target.is_dir():
+        yield target
+        return
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)

@@ -333,3 +333,20 @@ def test_a_printed_config_leaves_defaults_that_follow_other_settings_unset(tmp_p
     assert resolved.latency.gate is True
     # A value set apart from the default is kept as set.
     assert printed(*args, "--lr", "0.05")["finetune"]["lr"] == 0.05
+
+
+def test_print_config_to_a_pipe_writes_into_it_and_leaves_it_a_pipe(tmp_path):
+    """A rename over /dev/null or a FIFO would replace the device with a regular file."""
+    import os
+    import stat
+    import threading
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    read: list[str] = []
+    reader = threading.Thread(target=lambda: read.append(fifo.read_text()), daemon=True)
+    reader.start()
+    assert invoke("compress", "m", "--seed", "3", "--print-config", fifo).exit_code == 0
+    reader.join(timeout=30)
+    assert read and yaml.safe_load(read[0])["seed"] == 3
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
