@@ -34,6 +34,9 @@ from rankfold.converter.presets import describe, preset_settings
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    # Docstring lines are joined into paragraphs (in "rich" mode each source line break stays,
+    # and a re-wrapped paragraph breaks mid-sentence).
+    rich_markup_mode="markdown",
     help="Compress trained CNNs with low-rank tensor decompositions; export and validate ONNX.",
 )
 

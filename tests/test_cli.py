@@ -678,3 +678,13 @@ def test_tables_keep_their_columns_in_a_pipe():
     )
     assert "│ layer3.2.conv2 │ Conv2d │ 64×8×8" in done.stderr
     assert "2,359,296" in done.stderr and "…" not in done.stderr
+
+
+def test_help_paragraphs_are_wrapped_as_paragraphs():
+    """A docstring's line breaks are not kept: re-wrapped at the terminal's width they would
+    break sentences in two ("… interval" / "of its")."""
+    lines = [line.strip() for line in invoke("bench", "--help").output.splitlines()]
+    start = next(i for i, line in enumerate(lines) if line.startswith("Columns:"))
+    end = lines.index("", start)
+    assert end - start >= 3
+    assert all(len(line) > 60 for line in lines[start : end - 1]), lines[start:end]
