@@ -260,7 +260,7 @@ def compress(
     )
     if merged.get("model") is None:
         raise ConfigError("give MODEL, or a --config file that names its model")
-    settings = build_config(merged, source=str(config) if config else "options")
+    settings = build_config(merged, source=f"{config} and the options" if config else "options")
     if print_config is not None:
         import yaml
 
@@ -321,7 +321,10 @@ def validate(
     """Check an exported model: ONNX checker, parity with the PyTorch model beside it, accuracy."""
     from rankfold.converter.ui import console
     from rankfold.converter.validation import validate_export
+    from rankfold.passes.core import ConfigError
 
+    if eval_limit is not None and eval_data is None:
+        raise ConfigError("--eval-limit is read with --eval-data; add it or drop --eval-limit")
     result = validate_export(onnx_path, eval_data, model, eval_limit, provider, atol, rtol)
     for key, value in result.items():
         console.print(f"{key}: {value}")

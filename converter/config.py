@@ -154,6 +154,15 @@ class QuantizeConfig(_Strict):
         return []
 
     @model_validator(mode="after")
+    def _stem_output_needs_auto(self) -> QuantizeConfig:
+        if self.stem_output and "auto" not in self.float_layers:
+            raise ConfigError(
+                "--quant-stem-output quantizes the last stage of a factorized first conv that "
+                "'auto' keeps float, and --float-layers has no 'auto'; add it or drop the option"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _cap_needs_the_search(self) -> QuantizeConfig:
         # A cap other than the default (a printed config holds the default; it binds nothing).
         default = type(self).model_fields["max_float_share"].default
@@ -335,6 +344,24 @@ class CompressConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _plan_fixes_the_ranks(self) -> CompressConfig:
+        # By value: a written-out config of a --plan run restates the rank defaults.
+        if self.plan is None:
+            return self
+        defaults = RankPolicy()
+        given = sorted(
+            name
+            for name in type(self.ranks).model_fields
+            if name != "round_to" and getattr(self.ranks, name) != getattr(defaults, name)
+        )
+        if given:
+            raise ConfigError(
+                f"--plan replays {self.plan}, which fixes every layer's method and ranks; drop "
+                f"the rank settings ({', '.join('ranks.' + name for name in given)})"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _settings_this_run_reads(self) -> CompressConfig:
         # A value other than the default that nothing in this run reads would look like a
         # request the run honoured (a written-out config restates the defaults: no request).
@@ -344,6 +371,8 @@ class CompressConfig(_Strict):
                 node = getattr(node, part)
             key = path.rsplit(".", 1)[-1]
             default = type(node).model_fields[key].get_default(call_default_factory=True)
+            if path == "latency.gate":  # resolved by `_gate_by_default` already
+                default = self.gate_default
             if getattr(node, key) != default:
                 flag = FLAGS.get(path, path)
                 raise ConfigError(f"{flag} ({path}) is read by {reader}; {remedy} or drop {flag}")
@@ -362,7 +391,13 @@ class CompressConfig(_Strict):
                 self.quantize.dtype is not None,
             ),
             (
-                ("latency.warmup", "latency.repeats", "latency.fail_if_slower"),
+                ("latency.warmup", "latency.repeats"),
+                "the latency measurement and a latency budget's calibration, both off here",
+                "drop --no-latency",
+                bool(latency.enabled or (ranks.latency_reduction and latency.calibrate)),
+            ),
+            (
+                ("latency.fail_if_slower",),
                 "the latency measurement, which --no-latency turns off",
                 "drop --no-latency",
                 latency.enabled,
@@ -374,8 +409,23 @@ class CompressConfig(_Strict):
                 bool(latency.enabled or latency.gate or ranks.latency_reduction),
             ),
             (
-                ("latency.gate_margin", "latency.gate_efficiency", "latency.cache_dir"),
-                "the latency gate, off in this run (on with a budget and the latency measurement)",
+                ("latency.gate",),
+                "the latency gate, which does not run with --plan (the plan is replayed)",
+                "drop --plan",
+                self.plan is None,
+            ),
+            (
+                ("latency.gate_margin", "latency.gate_efficiency"),
+                "the latency gate, which does not run with --plan (the plan is replayed)"
+                if self.plan is not None
+                else "the latency gate, off in this run (on with a budget and the latency "
+                "measurement)",
+                "drop --plan" if self.plan is not None else "add --latency-gate",
+                self.plan is None and bool(latency.gate),
+            ),
+            (
+                ("latency.cache_dir",),
+                "the latency gate and a latency budget",
                 "add --latency-gate",
                 bool(latency.gate or ranks.latency_reduction),
             ),
@@ -402,10 +452,17 @@ class CompressConfig(_Strict):
                 bool(self.train_data or self.eval_data),
             ),
             (
-                ("statistics.data_aware", "finetune.device"),
+                ("statistics.data_aware",),
                 "the passes on training images",
                 "add --train-data",
                 bool(self.train_data),
+            ),
+            (
+                ("finetune.device",),
+                "the refit's steps and the fine-tuning",
+                "add --train-data with the refit's steps or --finetune-epochs N",
+                self.finetune.epochs > 0
+                or (self.refits and bool(self.refit_steps or self.refit_segment_steps)),
             ),
             (
                 ("resume",),
@@ -534,14 +591,23 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def layered(*layers: dict[str, Any]) -> dict[str, Any]:
-    """Merge settings lowest first (preset, file, options). A layer that gives a budget replaces
-    the lower layers' budget, so `--preset fast --latency-reduction 2` has one budget."""
+    """Merge settings lowest first (preset, file, options). A layer that gives a budget or a
+    global rank replaces the lower layers' budget and rank, so `--preset fast --latency-reduction
+    2` has one budget and `--preset fast --rank 0.5` none; one that gives a plan replaces their
+    rank settings and gate, which the plan makes moot (the channel alignment aside)."""
     result: dict[str, Any] = {}
     for layer in layers:
         ranks, below = layer.get("ranks"), result.get("ranks")
-        if isinstance(ranks, dict) and isinstance(below, dict):
-            if any(ranks.get(key) is not None for key in BUDGETS):
-                result["ranks"] = {k: v for k, v in below.items() if k not in BUDGETS}
+        if isinstance(below, dict):
+            if layer.get("plan") is not None:
+                result["ranks"] = {k: v for k, v in below.items() if k == "round_to"}
+                gate = result.get("latency", {})
+                if isinstance(gate, dict) and "gate" in gate:  # the gate plans; a plan is replayed
+                    result["latency"] = {k: v for k, v in gate.items() if k != "gate"}
+            elif isinstance(ranks, dict) and any(
+                ranks.get(key) is not None for key in (*BUDGETS, "rank")
+            ):
+                result["ranks"] = {k: v for k, v in below.items() if k not in (*BUDGETS, "rank")}
         result = merge(result, layer)
     return result
 

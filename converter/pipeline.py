@@ -917,13 +917,7 @@ def _choose_plan(
     One path: `select_ranks` plans, then Plan → Plan refinements: measured rank rounding and
     the latency gate, then (for a latency budget) calibration against whole-model timings.
     """
-    if config.plan is not None:
-        ignored = sorted(config.ranks.model_fields_set - {"round_to"})
-        if ignored:
-            raise ConfigError(
-                f"--plan replays {config.plan}, which fixes every layer's method and ranks; drop "
-                f"the rank settings ({', '.join('ranks.' + name for name in ignored)})"
-            )
+    if config.plan is not None:  # its rank settings were checked with the config
         # decompose checks the plan against this model before it factorizes anything.
         chosen = SelectionReport(selector="plan file", path=str(config.plan))
         return Plan.load(config.plan), chosen, None

@@ -232,8 +232,9 @@ def summary_lines(report: Report, out: Path) -> list[str]:
         if check.criterion == "divergence":
             scores = (
                 f"KL divergence from the original on the last {check.images} training images "
-                f"refitted {check.divergence_refitted:.4f}, recalibrated "
-                f"{check.divergence_recalibrated:.4f}"
+                # A divergence rounds to a tiny negative number where the models agree.
+                f"refitted {max(check.divergence_refitted, 0.0):.4f}, recalibrated "
+                f"{max(check.divergence_recalibrated, 0.0):.4f}"
             )
         else:
             scores = (

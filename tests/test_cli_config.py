@@ -350,3 +350,26 @@ def test_print_config_to_a_pipe_writes_into_it_and_leaves_it_a_pipe(tmp_path):
     reader.join(timeout=30)
     assert read and yaml.safe_load(read[0])["seed"] == 3
     assert stat.S_ISFIFO(fifo.stat().st_mode)
+
+
+def test_legitimate_combinations_are_not_refused(tmp_path):
+    """What reads a setting in these runs: the latency budget's calibration times its plans
+    (--repeats) without --no-latency's measurement; a preset's budget and gate give way to a
+    global rank or a plan typed above it; a --plan run's printed config replays."""
+    assert (
+        printed("m", "--latency-reduction", "1.5", "--no-latency", "--repeats", "5")["latency"][
+            "repeats"
+        ]
+        == 5
+    )
+    ranked = printed("m", "--preset", "fast", "--rank", "0.5")
+    assert ranked["ranks"]["rank"] == 0.5 and ranked["ranks"]["macs_reduction"] is None
+    budget = tmp_path / "budget.yaml"
+    budget.write_text("ranks:\n  method: cp\n  macs_reduction: 2\n")
+    ranked = printed("m", "--config", budget, "--rank", "8")
+    assert ranked["ranks"]["rank"] == 8 and ranked["ranks"]["macs_reduction"] is None
+    planned = printed("m", "--preset", "fast", "--plan", "p.json")
+    assert planned["ranks"]["select"] is None and planned["latency"]["gate"] is None
+    path = tmp_path / "run.yaml"
+    assert invoke("compress", "m", "--plan", "p.json", "--print-config", path).exit_code == 0
+    assert printed("--config", path)["plan"] == "p.json"

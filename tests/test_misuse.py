@@ -104,14 +104,6 @@ CASES = [
         "give --rank or --macs-reduction, not both",
     ),
     (
-        # A budget from the config file and --rank on the command line: not the CLI winning
-        # silently, a conflict naming both.
-        "rank-over-config-budget",
-        {"c.yaml": "ranks:\n  method: cp\n  macs_reduction: 2\n"},
-        ["compress", "digits-cnn", "--config", "c.yaml", "--rank", "8", *COMMON],
-        "give --rank or --macs-reduction, not both",
-    ),
-    (
         "layer-rank-typo",
         {},
         ["compress", "digits-cnn", "--layer-rank", "cnv2=4", "--rank", "8", *COMMON],
@@ -213,6 +205,41 @@ CASES = [
         ["compress", "digits-cnn", "--rank", "4", "--no-latency", "--out", "afile"],
         "--out afile is a file, not a folder; choose a folder for the outputs",
     ),
+    (
+        "gate-asked-for-with-a-plan",
+        {"p.json": "PLAN"},
+        ["compress", "digits-cnn", "--plan", "p.json", "--latency-gate", *COMMON],
+        "--latency-gate (latency.gate) is read by the latency gate, which does not run with "
+        "--plan (the plan is replayed); drop --plan or drop --latency-gate",
+    ),
+    (
+        "gate-margin-under-a-latency-budget-without-the-gate",
+        {},
+        ["compress", "digits-cnn", "--latency-reduction", "1.5", "--gate-margin", "0.3"]
+        + ["--calibrate", "0", *COMMON],
+        "--gate-margin (latency.gate_margin) is read by the latency gate, off in this run",
+    ),
+    (
+        "device-without-steps-or-fine-tuning",
+        {"t.npz": "not read"},
+        ["compress", "digits-cnn", "--rank", "4", "--train-data", "t.npz", "--refit-steps", "0"]
+        + ["--refit-segment-steps", "0", "--finetune-device", "cpu", *COMMON],
+        "--finetune-device (finetune.device) is read by the refit's steps and the fine-tuning",
+    ),
+    (
+        "stem-output-without-auto",
+        {"t.npz": "not read"},
+        ["compress", "digits-cnn", "--rank", "4", "--quantize", "int8", "--train-data", "t.npz"]
+        + ["--float-layers", "none", "--quant-stem-output", *COMMON],
+        "--quant-stem-output quantizes the last stage of a factorized first conv that 'auto' "
+        "keeps float, and --float-layers has no 'auto'",
+    ),
+    (
+        "validate-eval-limit-without-data",
+        {"model.onnx": "ONNX"},
+        ["validate", "model.onnx", "--eval-limit", "10"],
+        "--eval-limit is read with --eval-data; add it or drop --eval-limit",
+    ),
     # Each a setting that nothing in the run reads: refused, not silently ignored.
     (
         "int8-setting-without-int8",
@@ -232,8 +259,8 @@ CASES = [
         "timing-setting-without-timing",
         {},
         ["compress", "digits-cnn", "--rank", "4", "--repeats", "3", *COMMON],
-        "--repeats (latency.repeats) is read by the latency measurement, which --no-latency "
-        "turns off",
+        "--repeats (latency.repeats) is read by the latency measurement and a latency "
+        "budget's calibration, both off here",
     ),
     (
         "resume-without-fine-tuning",
