@@ -349,6 +349,7 @@ def quantize_int8(
             shutil.copyfile(source, float_file)
         tried = AUTO_CALIBRATIONS if method == "auto" else (method,)
         failed: dict[str, str] = {}
+        read: dict[str, int] = {}  # images each candidate's calibration read
         for candidate in tried:
             # calibrated once per method, reused by every re-quantization
             ranges = work / f"ranges.{candidate}.json"
@@ -369,6 +370,7 @@ def quantize_int8(
                 if HISTOGRAM_FAILURE not in str(exc):
                     raise
                 failed[candidate] = NEARLY_CONSTANT
+            read[candidate] = reader.samples
         if method != "auto" and failed:
             raise DataError(
                 f"{method} calibration of {source.name} failed: {NEARLY_CONSTANT}; calibrate "
@@ -411,7 +413,7 @@ def quantize_int8(
     return QuantizedModel(
         path=target,
         method=method,
-        samples=reader.samples,
+        samples=read[method],
         quantized_nodes=len(nodes) - len(excluded),
         float_nodes=excluded,
         equalized_edges=equalized,

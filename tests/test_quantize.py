@@ -214,6 +214,7 @@ def test_a_nearly_constant_activation_fails_percentile_in_one_line_and_auto_keep
     auto = quantize_int8(float_file, tmp_path / "auto.onnx", calibration, method="auto")
     pick = auto.calibration_choice
     assert auto.method == "minmax" and list(pick.errors) == ["minmax"]
+    assert auto.samples == 16  # what minmax read, not where the failed percentile stopped
     assert pick.failed == {"percentile": NEARLY_CONSTANT}
     assert 0 <= pick.errors["minmax"] < 1e-3
     text = pick_text(auto.method, CalibrationPick(**asdict(pick)))
