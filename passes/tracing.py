@@ -7,6 +7,7 @@ tries the capture path, see `rankfold.passes.capture`).
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from collections.abc import Sequence
 
@@ -15,7 +16,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from rankfold.passes.attention import split_attention
-from rankfold.passes.core import SymbolicTraceError, TraceError
+from rankfold.passes.core import ConfigError, SymbolicTraceError, TraceError
 
 
 class _RecordingTracer(fx.Tracer):
@@ -64,6 +65,19 @@ def _defaults(model: nn.Module) -> dict[str, object] | None:
     return optional or None
 
 
+def _check_leaf_names(model: nn.Module, leaf_modules: Sequence[str]) -> None:
+    """A leaf name that names no module would keep nothing whole, silently."""
+    names = [name for name, _ in model.named_modules() if name]
+    for leaf in leaf_modules:
+        if leaf not in names:
+            close = difflib.get_close_matches(leaf, names, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else "`rankfold analyze` lists them"
+            raise ConfigError(
+                f"--leaf {leaf} names no module of {type(model).__name__} (it takes dotted "
+                f"module names, not globs); {hint}"
+            )
+
+
 def trace(
     model: nn.Module, example_input: torch.Tensor, leaf_modules: Sequence[str] = ()
 ) -> fx.GraphModule:
@@ -74,6 +88,7 @@ def trace(
     Linear calls. Otherwise the returned GraphModule shares its submodules with `model`; passes
     deep-copy before they change anything.
     """
+    _check_leaf_names(model, leaf_modules)
     model = split_attention(model, leaf_modules)
     tracer = _RecordingTracer(leaf_modules)
     try:

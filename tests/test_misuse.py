@@ -240,6 +240,12 @@ CASES = [
         ["validate", "model.onnx", "--eval-limit", "10"],
         "--eval-limit is read with --eval-data; add it or drop --eval-limit",
     ),
+    (
+        "leaf-naming-no-module",
+        {},
+        ["compress", "digits-cnn", "--rank", "4", "--leaf", "conv*", *COMMON],
+        "--leaf conv* names no module of DigitsCNN (it takes dotted module names, not globs)",
+    ),
     # Each a setting that nothing in the run reads: refused, not silently ignored.
     (
         "int8-setting-without-int8",
