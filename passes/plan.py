@@ -159,9 +159,16 @@ class Plan(BaseModel):
             )
         try:
             return cls.model_validate(json.loads(path.read_text()))
-        except (json.JSONDecodeError, ValidationError) as exc:
+        except json.JSONDecodeError as exc:
             first = str(exc).splitlines()[0]
             raise ConfigError(f"plan file {path} is not a valid rankfold plan ({first})") from None
+        except ValidationError as exc:
+            error = exc.errors()[0]  # where, and what was there
+            where = ".".join(str(part) for part in error["loc"])
+            raise ConfigError(
+                f"plan file {path} is not a valid rankfold plan ({where}: {error['msg']}, got "
+                f"{error['input']!r})"
+            ) from None
 
 
 def _matches(key: str, layer: LayerInfo) -> int:
@@ -519,7 +526,13 @@ def check_plan(plan: Plan, analysis: ModelAnalysis) -> None:
             f"the plan was made for another architecture (model '{plan.model}'); this model's "
             "layers differ: make the plan with this model"
         )
-    if sorted(entry.name for entry in plan.layers) != sorted(names):
+    listed = [entry.name for entry in plan.layers]
+    repeated = sorted({name for name in listed if listed.count(name) > 1})
+    if repeated:
+        raise PlanError(
+            f"the plan names layers {repeated[:3]} more than once; keep one entry per layer"
+        )
+    if sorted(listed) != sorted(names):
         missing = sorted(set(names) - {entry.name for entry in plan.layers})
         extra = sorted({entry.name for entry in plan.layers} - set(names))
         raise PlanError(

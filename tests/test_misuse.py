@@ -246,6 +246,18 @@ CASES = [
         ["compress", "digits-cnn", "--rank", "4", "--leaf", "conv*", *COMMON],
         "--leaf conv* names no module of DigitsCNN (it takes dotted module names, not globs)",
     ),
+    (
+        "plan-with-a-layer-twice",
+        {"plan.json": "PLAN+conv2"},
+        ["compress", "digits-cnn", "--plan", "plan.json", *COMMON],
+        "the plan names layers ['conv2'] more than once; keep one entry per layer",
+    ),
+    (
+        "plan-with-a-text-rank",
+        {"plan.json": 'PLAN:ranks=["four"]'},
+        ["compress", "digits-cnn", "--plan", "plan.json", *COMMON],
+        "is not a valid rankfold plan (layers.1.ranks.0: Input should be a valid integer",
+    ),
     # Each a setting that nothing in the run reads: refused, not silently ignored.
     (
         "int8-setting-without-int8",
@@ -489,6 +501,8 @@ def _materialise(folder: Path, files: dict[str, object], plan: dict) -> None:
                 key, _, value = content.partition(":")[2].partition("=")
                 entry = next(e for e in edited["layers"] if e["name"] == "conv2")
                 entry[key] = json.loads(value) if value.startswith("[") else value
+            if content == "PLAN+conv2":  # conv2's entry twice
+                edited["layers"].append(next(e for e in edited["layers"] if e["name"] == "conv2"))
             path.write_text(json.dumps(edited))
         else:
             path.write_text(content)
