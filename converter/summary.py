@@ -16,6 +16,7 @@ from rankfold.passes.analysis import (
     ACTIVATION_PRODUCT_NOTE,
     ATTENTION_PRODUCTS_NOTE,
     FIXED_KERNEL_NOTE,
+    LEAF_NOTE,
 )
 from rankfold.passes.correction import CROP_SIDE
 from rankfold.passes.latency_gate import threads_text
@@ -267,8 +268,17 @@ def summary_lines(report: Report, out: Path) -> list[str]:
             f"fixed kernels: functional calls on buffers, not parameters, counted in the MACs "
             f"({calls}); nothing trained there to decompose"
         )
+    leaves = {k: v for k, v in original.functional_macs.items() if k.endswith(LEAF_NOTE)}
+    if leaves:
+        kept = ", ".join(f"{name.removesuffix(LEAF_NOTE)}{macs:,}" for name, macs in leaves.items())
+        lines.append(
+            f"leaf modules kept whole (--leaf), their layers counted in the MACs: {kept}; "
+            "nothing inside them is decomposed"
+        )
     functional = {
-        k: v for k, v in original.functional_macs.items() if k not in products and k not in fixed
+        k: v
+        for k, v in original.functional_macs.items()
+        if k not in products and k not in fixed and k not in leaves
     }
     if functional:
         calls = ", ".join(f"{name} {macs:,}" for name, macs in functional.items())

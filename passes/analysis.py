@@ -126,8 +126,9 @@ class ModelAnalysis:
     total_params: int  # every parameter of the model
     total_macs: int  # conv + linear MACs, modules and functional calls
     # Functional convs and matrix products (F.conv2d, F.linear, matmul, …): node name → MACs,
-    # and nn.MultiheadAttention modules (see `_attention_macs`). Counted in total_macs (they are
-    # part of the model's cost) but not decomposable.
+    # nn.MultiheadAttention modules (see `_attention_macs`) and leaf modules' layers (see
+    # `_leaf_macs`). Counted in total_macs (they are part of the model's cost) but not
+    # decomposable.
     functional: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def layer(self, name: str) -> LayerInfo:
@@ -218,7 +219,7 @@ def analyze(gm: fx.GraphModule) -> ModelAnalysis:
         for name, nodes in calls.items()
     ]
     total_params = sum(p.numel() for p in gm.parameters())
-    functional = {**_functional_macs(gm), **_attention_macs(gm)}
+    functional = {**_functional_macs(gm), **_attention_macs(gm), **_leaf_macs(gm)}
     total_macs = sum(info.macs for info in layers) + sum(functional.values())
     return ModelAnalysis(tuple(layers), total_params, total_macs, functional)
 
@@ -378,6 +379,49 @@ def _attention_macs(gm: fx.GraphModule) -> dict[str, int]:
             module, *(meta.shape for meta in metas)
         )
     return found
+
+
+LEAF_NOTE = "(a leaf module, kept whole)"
+
+
+def _leaf_macs(gm: fx.GraphModule) -> dict[str, int]:
+    """MACs of the convs and linear layers inside modules torch.fx called whole (`--leaf`
+    containers): run once on zeros of the call's traced shapes, their layers counted by hooks.
+    Without this a leaf's layers would drop out of the model's MACs."""
+    found = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        if isinstance(module, (*LAYER_TYPES, nn.MultiheadAttention)):
+            continue
+        inner = [(n, m) for n, m in module.named_modules() if n and isinstance(m, LAYER_TYPES)]
+        metas = [getattr(arg, "meta", {}).get("tensor_meta") for arg in node.args]
+        if not inner or not metas or None in metas or node.kwargs:
+            continue
+        found[f"{node.target} {LEAF_NOTE}"] = _macs_inside(module, inner, metas)
+    return found
+
+
+def _macs_inside(module: nn.Module, inner: list[tuple[str, nn.Module]], metas: list) -> int:
+    """The summed MACs of `inner` layers over one call of `module` on zeros of these shapes."""
+    counted: list[int] = []
+
+    def count(name: str, sub: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        in_shape, out_shape = tuple(inputs[0].shape[1:]), tuple(output.shape[1:])
+        counted.append(layer_info(name, sub, in_shape, out_shape, calls=1).macs)
+
+    hooks = [
+        sub.register_forward_hook(lambda m, i, o, name=name: count(name, m, i, o))
+        for name, sub in inner
+    ]
+    try:
+        with torch.no_grad():
+            module(*(torch.zeros(meta.shape, dtype=meta.dtype) for meta in metas))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sum(counted)
 
 
 def attention_kept_key(name: str, module: nn.MultiheadAttention) -> str:

@@ -265,3 +265,19 @@ def test_a_wrong_input_shape_is_one_line_on_either_path(path):
     message = str(caught.value)
     assert "\n" not in message
     assert "fails on an input of shape (1, 3, 16, 16)" in message and "--input-shape" in message
+
+
+def test_a_leaf_container_s_layers_stay_in_the_model_s_macs():
+    """--leaf keeps a module whole; its convs are not decomposed but still cost MACs."""
+    from rankfold.models import load_model
+    from rankfold.passes import analyze, trace
+    from rankfold.passes.analysis import LEAF_NOTE
+
+    model, spec = load_model("resnet20")
+    example = torch.zeros(1, *spec.input_shape)
+    whole = analyze(trace(model, example))
+    leaf = analyze(trace(model, example, ["layer1.0"]))
+    assert leaf.total_macs == whole.total_macs == 40_813_184
+    kept = {name: macs for name, macs in leaf.functional.items() if name.endswith(LEAF_NOTE)}
+    assert kept == {f"layer1.0 {LEAF_NOTE}": 2 * 2_359_296}
+    assert "layer1.0.conv1" not in [layer.name for layer in leaf.layers]
