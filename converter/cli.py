@@ -391,7 +391,7 @@ def bench(
         raise ConfigError(
             "--int8 and --baseline-int8 go together: pass model.int8.onnx and original.int8.onnx"
         )
-    shape = onnx_input_shape(onnx_path)
+    shape, outputs = onnx_input_shape(onnx_path), onnx_output_shapes(onnx_path)
     others = [("--baseline", baseline)]
     if int8 is not None:
         others += [("--int8", int8), ("--baseline-int8", baseline_int8)]
@@ -401,10 +401,10 @@ def bench(
                 f"{flag} {other} takes inputs of shape {onnx_input_shape(other)} but "
                 f"{onnx_path} takes {shape}; compare exports of the same model"
             )
-        if onnx_output_shapes(other) != onnx_output_shapes(onnx_path):
+        if (theirs := onnx_output_shapes(other)) != outputs:
             raise ExportError(
-                f"{flag} {other} has outputs of shapes {onnx_output_shapes(other)} but "
-                f"{onnx_path} {onnx_output_shapes(onnx_path)}; compare exports of the same model"
+                f"{flag} {other} has outputs of shapes {theirs} but {onnx_path} {outputs}; "
+                "compare exports of the same model"
             )
     models = 2 if int8 is None else 4
     runs = len(providers) * len(counts) * len(sizes) * models * repeats
