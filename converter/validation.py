@@ -54,7 +54,7 @@ def validate_export(
     rtol: float = 1e-5,
 ) -> dict[str, Any]:
     """ONNX full check; parity against the PyTorch model saved beside it; accuracy on data."""
-    from rankfold.converter.pipeline import read_model_file, restore
+    from rankfold.converter.pipeline import note_class_folders, read_model_file, restore
 
     result: dict[str, Any] = {"path": str(onnx_path), "opset": check_onnx(onnx_path)}
     model_file = Path(onnx_path).parent / "model.pt"
@@ -74,6 +74,7 @@ def validate_export(
                 "beside the ONNX file"
             )
         data = load_dataset(eval_data, spec, limit=eval_limit)
+        note_class_folders(data, spec, "top-1")
         result["samples"] = len(data)
         result["accuracy"] = onnx_accuracy(onnx_path, batches(data, spec), provider=provider)
     if payload is not None and not compare:

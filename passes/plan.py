@@ -540,6 +540,13 @@ def check_plan(plan: Plan, analysis: ModelAnalysis) -> None:
             f"{missing[:3]} and names layers {extra[:3]} the model does not have; make the plan "
             "with this model"
         )
+    for entry in plan.layers:
+        if not entry.decompose and entry.ranks is not None:
+            raise PlanError(
+                f"plan entry '{entry.name}' has ranks {entry.ranks} but no method: to keep the "
+                "layer whole set its ranks to null too (and its reason to yours), to decompose "
+                "it name a method"
+            )
     for entry in plan.decomposed():
         layer = analysis.layer(entry.name)
         method = get_method(entry.method)

@@ -177,6 +177,19 @@ def test_validate_reports_accuracy_and_parity(compressed, digits):
     assert "parity_passed: True" in result.output
 
 
+def test_validate_notes_fewer_class_folders_than_classes(compressed, tmp_path):
+    from PIL import Image
+
+    for digit in range(3):
+        (tmp_path / "three" / str(digit)).mkdir(parents=True)
+        Image.new("L", (8, 8), 40 * digit).save(tmp_path / "three" / str(digit) / "a.png")
+    result = invoke("validate", compressed / "model.onnx", "--eval-data", tmp_path / "three")
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "3 class folders for a model of 10 classes; top-1 reads folder i" in output
+    assert "samples: 3" in output
+
+
 def test_bench_prints_table_and_writes_json(compressed, tmp_path):
     result = invoke(
         "bench",

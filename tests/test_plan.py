@@ -204,6 +204,7 @@ def test_plan_for_another_model_is_refused(traced, tmp_path):
         ({"ranks": [100000]}, r"rank 100000 for layer 'features.0' \(cp\) is impossible"),
         ({"method": "tucker2"}, r"tucker2 takes 2 rank\(s\) .* was given \[4\]; give 2"),
         ({"method": "svdd"}, r"unknown method 'svdd' \(did you mean 'svd'\?\)"),
+        ({"method": None}, r"plan entry 'features.0' has ranks \[4\] but no method: to keep"),
     ],
 )
 def test_a_hand_edited_plan_is_refused_before_surgery(traced, edit, message):
