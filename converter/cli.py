@@ -85,6 +85,8 @@ def _friendly(func):
         except RankfoldError as exc:
             typer.secho(f"error: {exc}", fg="red", err=True)
             raise typer.Exit(code=1) from None
+        except typer.Exit:  # an exit code the command chose, after saying why
+            raise
         except KeyboardInterrupt as exc:
             # A command that writes says what it left in the message it raises with.
             left = f"; {exc.args[0]}" if exc.args else ""
@@ -318,18 +320,19 @@ def validate(
         float, typer.Option(help="Parity tolerance relative to the largest output.")
     ] = 1e-5,
 ) -> None:
-    """Check an exported model: ONNX checker, parity with the PyTorch model beside it, accuracy."""
-    from rankfold.converter.ui import console
+    """Check an exported model: ONNX checker, parity with the PyTorch model beside it, accuracy.
+    The results go to stdout, one `key: value` line each; a failed parity check exits 1."""
     from rankfold.converter.validation import validate_export
     from rankfold.passes.core import ConfigError
+    from rankfold.runtime.validate import parity_error
 
     if eval_limit is not None and eval_data is None:
         raise ConfigError("--eval-limit is read with --eval-data; add it or drop --eval-limit")
-    result = validate_export(onnx_path, eval_data, model, eval_limit, provider, atol, rtol)
+    result, parity = validate_export(onnx_path, eval_data, model, eval_limit, provider, atol, rtol)
     for key, value in result.items():
-        console.print(f"{key}: {value}")
-    if result.get("parity_passed") is False:
-        raise typer.Exit(code=1)
+        typer.echo(f"{key}: {value}")
+    if parity is not None and not parity.passed:
+        raise parity_error(parity)
 
 
 @app.command()

@@ -11,7 +11,7 @@ import torch
 from rankfold.models import batches, first_images, load_dataset, load_model
 from rankfold.models import normalize as normalize_images
 from rankfold.passes.core import ConfigError, ExportError
-from rankfold.runtime import check_onnx, check_parity, onnx_accuracy
+from rankfold.runtime import ParityReport, check_onnx, check_parity, onnx_accuracy
 
 
 def _graph(path: str | Path) -> onnx.GraphProto:
@@ -52,8 +52,9 @@ def validate_export(
     provider: str,
     atol: float,
     rtol: float = 1e-5,
-) -> dict[str, Any]:
-    """ONNX full check; parity against the PyTorch model saved beside it; accuracy on data."""
+) -> tuple[dict[str, Any], ParityReport | None]:
+    """ONNX full check; parity against the PyTorch model saved beside it; accuracy on data.
+    Returns the results to print and the parity report (None where nothing was compared)."""
     from rankfold.converter.pipeline import note_class_folders, read_model_file, restore
 
     result: dict[str, Any] = {"path": str(onnx_path), "opset": check_onnx(onnx_path)}
@@ -82,6 +83,7 @@ def validate_export(
             f"skipped: {model_file} holds the weights model.onnx was exported from, not "
             f"{Path(onnx_path).name}'s"
         )
+    parity = None
     if compare:
         compressed = restore(model_file)
         if data is not None:
@@ -101,4 +103,4 @@ def validate_export(
                 f"({'passed' if o.passed else 'FAILED'})"
                 for o in parity.outputs
             )
-    return result
+    return result, parity

@@ -177,6 +177,14 @@ def test_validate_reports_accuracy_and_parity(compressed, digits):
     assert "parity_passed: True" in result.output
 
 
+def test_validate_prints_results_on_stdout_and_a_parity_failure_as_one_error(compressed):
+    result = invoke("validate", compressed / "model.onnx", "--atol", "1e-12", "--rtol", "0")
+    assert result.exit_code == 1
+    assert "parity_passed: False" in result.stdout and "max_abs_diff: " in result.stdout
+    assert error_line(result).startswith("error: ONNX output differs from PyTorch: max abs diff")
+    assert "internal error" not in result.output and "error:" not in result.stdout
+
+
 def test_validate_notes_fewer_class_folders_than_classes(compressed, tmp_path):
     from PIL import Image
 
