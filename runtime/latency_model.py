@@ -15,6 +15,15 @@ convs, as a layer sits between its neighbours, and the time of that context (tim
 per shape) is taken off. (Not from onnxruntime's profiler: its per-node times carry ~2 µs of its
 own per node, as much as a small conv's.)
 
+Two things make a probe of a few µs trustworthy (BENCHMARKS.md, the latency table's noise): a
+small layer that keeps its input's shape (most of a ResNet's) is timed as a chain of copies
+doing at least `CHAIN_MACS` of work, its time divided by the copies, so the noisy context and
+overhead taken off weigh little; and every probe is timed in `SESSIONS` sessions, one after
+the other, and the median session kept, since a thread pool's speed differs more between
+sessions than between the runs of one. A block is never priced more than `MAX_EFFICIENCY`
+times its MAC reduction faster than its layer (the best blocks measured come near 1): a faster
+time is the noise left where no chain can be built (a stride-2 conv).
+
 With `precision="int8"` every probe (layer, block and context alike) is quantized as
 `--quantize int8` quantizes the model (`rankfold.runtime.quantize`, calibrated on the probe's own
 random input), so the gate and a latency budget plan for the INT8 deployment: a block faster than
@@ -53,7 +62,13 @@ from rankfold.runtime.latency import median_interval, time_runs
 from rankfold.runtime.quantize import quantize_int8
 from rankfold.runtime.session import create_session
 
-CACHE_FORMAT = "rankfold-latency-2"  # 2: convs timed in context
+CACHE_FORMAT = "rankfold-latency-3"  # 2: convs timed in context; 3: small ones as chains
+# A shape-preserving layer's probe repeats it until the chain does this much work (a tenth of a
+# millisecond or so on one CPU core), at most MAX_COPIES times.
+CHAIN_MACS = 16_000_000
+MAX_COPIES = 16
+SESSIONS = 3
+MAX_EFFICIENCY = 2.0
 CACHE_ENV = "RANKFOLD_LATENCY_CACHE"
 TIMED_CONVS = ("Conv1d", "Conv2d", "ConvTranspose2d")
 # Opset 19: Pad's "wrap" mode (circular padding) needs it; Conv/Gemm/MatMul are unchanged.
@@ -114,10 +129,11 @@ def layer_module(layer: LayerInfo) -> nn.Module:
 
 
 def module_to_onnx(
-    module: nn.Module, input_shape: Sequence[int], context: bool = False
+    module: nn.Module, input_shape: Sequence[int], context: bool = False, copies: int = 1
 ) -> onnx.ModelProto:
     """A conv (`TIMED_CONVS`), a Linear, or a Sequential of them as an ONNX graph with a
-    symbolic batch axis.
+    symbolic batch axis; with `copies` > 1, that many of it one after the other (each with its
+    own weights, as the layers of a model have; the module must keep its input's shape).
 
     With `context` (image inputs only) the graph is CONTEXT_IN → module → CONTEXT_OUT, two
     depthwise 1×1 convs standing in for the layers around it in a model.
@@ -126,7 +142,7 @@ def module_to_onnx(
     the TorchScript one is deprecated; these graphs have the same Conv/Gemm/MatMul nodes
     the exporter writes, in ~1 ms.
     """
-    layers = list(module) if isinstance(module, nn.Sequential) else [module]
+    layers = (list(module) if isinstance(module, nn.Sequential) else [module]) * copies
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
     shape = list(input_shape)
@@ -291,12 +307,21 @@ def _linear_nodes(
     return [*shape[:-1], linear.out_features]
 
 
+def chain_copies(layer: LayerInfo, batch: int) -> int:
+    """How many copies of `layer` (or of a block for it) one probe chains: enough for
+    `CHAIN_MACS` of work, at most `MAX_COPIES`; one where the layer changes its input's shape."""
+    if tuple(layer.in_shape) != tuple(layer.out_shape):
+        return 1
+    return max(1, min(MAX_COPIES, CHAIN_MACS // max(layer.macs * batch, 1)))
+
+
 class LatencyTable:
     """Measured milliseconds of layers and their factorized blocks, cached per machine/provider.
 
-    `block_ms` / `layer_ms` time on first use and read the cache afterwards. Timing: `warmup`
-    untimed runs, then the median of `repeats` samples, each sample the mean of enough runs to
-    last `min_sample_ms` (tiny layers run in microseconds, below the timer's noise).
+    `block_ms` / `layer_ms` time on first use and read the cache afterwards. Timing, in each of
+    `SESSIONS` sessions: `warmup` untimed runs, then the median of `repeats` samples, each
+    sample the mean of enough runs to last `min_sample_ms` (tiny layers run in microseconds,
+    below the timer's noise); the median session is kept.
     """
 
     def __init__(
@@ -349,7 +374,17 @@ class LatencyTable:
         """Milliseconds per run of `method_name`'s block for `layer` at `ranks`."""
         method: Method = get_method(method_name)
         ranks = tuple(int(r) for r in ranks)
-        return self._lookup(layer, method.name, ranks, batch, lambda: method.build(layer, ranks))
+        measured = self._lookup(
+            layer, method.name, ranks, batch, lambda: method.build(layer, ranks)
+        )
+        return max(measured, self._fastest_plausible(layer, method, ranks, batch))
+
+    def _fastest_plausible(
+        self, layer: LayerInfo, method: Method, ranks: Ranks, batch: int
+    ) -> float:
+        """The layer's time scaled by the block's share of its MACs, over `MAX_EFFICIENCY`."""
+        share = method.cost(layer, ranks).macs / max(layer.macs, 1)
+        return self.layer_ms(layer, batch) * share / MAX_EFFICIENCY
 
     def speedup_range(
         self, layer: LayerInfo, method_name: str, ranks: Sequence[int], batch: int
@@ -364,7 +399,9 @@ class LatencyTable:
         block_range = self.ranges.get(self.key(layer, name, ranks, batch))
         if layer_range is None or block_range is None:
             return None
-        return layer_range[0] / block_range[1], layer_range[1] / block_range[0]
+        floor = self._fastest_plausible(layer, get_method(name), ranks, batch)
+        block_low, block_high = (max(ms, floor) for ms in block_range)
+        return layer_range[0] / block_high, layer_range[1] / block_low
 
     def key(self, layer: LayerInfo, block: str, ranks: Ranks, batch: int) -> str:
         return json.dumps(
@@ -381,14 +418,17 @@ class LatencyTable:
             # Fixed random weights (reruns time the same graph), without touching the caller's RNG.
             # Only a blocked layout needs neighbours; a linear layer has no image input.
             context = self.backend.blocked_layout and len(layer.in_shape) == 3
+            copies = chain_copies(layer, batch)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
-                model = module_to_onnx(build().eval(), layer.in_shape, context=context)
+                model = module_to_onnx(build().eval(), layer.in_shape, context, copies)
             shape = (batch, *layer.in_shape)
             raw, low, high = self._time(model, shape)
             around = self.context_ms(layer.in_shape, layer.out_shape, batch) if context else 0.0
             # Floor at 1 % of the raw time: the overhead estimate is itself noisy.
-            net = [max(ms - self.overhead_ms() - around, 0.01 * ms) for ms in (raw, low, high)]
+            net = [
+                max(ms - self.overhead_ms() - around, 0.01 * ms) / copies for ms in (raw, low, high)
+            ]
             self.entries[key] = net[0]
             self.ranges[key] = (net[1], net[2])
             self.measured += 1
@@ -426,15 +466,20 @@ class LatencyTable:
     def _time(
         self, model: onnx.ModelProto, shape: tuple[int, ...], quantize: bool = True
     ) -> tuple[float, float, float]:
-        """Median ms of the samples and the interval of that median (the median twice when
-        one sample cannot bound it). An int8 table quantizes the probe first."""
+        """The median of `SESSIONS` sessions' median ms, and the range of those medians (the
+        interval of their median). An int8 table quantizes the probe first."""
         x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
         with tempfile.TemporaryDirectory(prefix="rankfold-latency-") as folder:
             path = Path(folder) / "probe.onnx"
             onnx.save(model, str(path))
             if quantize and self.precision == "int8":
                 path = quantize_int8(path, Path(folder) / "probe.int8.onnx", [x]).path
-            session = create_session(path, self.provider, self.threads)
+            medians = [self._session_median(path, x) for _ in range(SESSIONS)]
+        median = statistics.median(medians)
+        return (median, *(median_interval(medians) or (median, median)))
+
+    def _session_median(self, path: Path, x: np.ndarray) -> float:
+        session = create_session(path, self.provider, self.threads)
         device = self.backend.device
         # I/O binding keeps inputs and outputs on the provider's device, so a CUDA time is the
         # kernels' time, not host↔device copies; on CPU it is the plain run.
@@ -445,9 +490,7 @@ class LatencyTable:
         # The warm-up runs, timed as one sample, size the samples to last `min_sample_ms`.
         (first,) = time_runs(run, 0, 1, inner=max(self.warmup, 1))
         inner = min(1000, max(1, math.ceil(self.min_sample_ms / max(first, 1e-4))))
-        samples = time_runs(run, 0, self.repeats, inner=inner)
-        median = statistics.median(samples)
-        return (median, *(median_interval(samples) or (median, median)))
+        return statistics.median(time_runs(run, 0, self.repeats, inner=inner))
 
     def _read_cache(self) -> None:
         """Merge the cache file's entries and ranges into this table's (ours win)."""

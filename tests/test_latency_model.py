@@ -33,10 +33,15 @@ from rankfold.runtime.latency import (
     onnx_macs,
 )
 from rankfold.runtime.latency_model import (
+    CHAIN_MACS,
     CONTEXT_IN,
     CONTEXT_OUT,
+    MAX_COPIES,
+    MAX_EFFICIENCY,
+    SESSIONS,
     LatencyMetric,
     LatencyTable,
+    chain_copies,
     layer_module,
     module_to_onnx,
 )
@@ -164,6 +169,77 @@ def test_context_probe_is_the_block_between_two_depthwise_convs(table: LatencyTa
     # Linear layers have no layout to keep: their probes carry no context.
     linear = module_to_onnx(nn.Linear(12, 3), (12,), context=True)
     assert [node.op_type for node in linear.graph.node] == ["Gemm"]
+
+
+def test_a_small_shape_keeping_layer_is_timed_as_a_chain_of_copies() -> None:
+    """Its probe chains copies (each with its own weights) for CHAIN_MACS of work at most
+    MAX_COPIES; a layer that changes the shape, or is large enough alone, is one copy."""
+    small = conv_layer(channels=(16, 16), hw=8)  # 147,456 MACs
+    assert chain_copies(small, 1) == MAX_COPIES
+    assert chain_copies(conv_layer(channels=(64, 64), hw=8), 1) == CHAIN_MACS // 2_359_296
+    assert chain_copies(conv_layer(channels=(64, 64), hw=8), 8) == 1
+    assert chain_copies(conv_layer(channels=(16, 32), hw=8), 1) == 1  # changes the channels
+    assert chain_copies(conv_layer(channels=(16, 16), hw=8, stride=2), 1) == 1
+    torch.manual_seed(0)
+    block = get_method("tucker2").build(small, (4, 4)).eval()
+    probe = module_to_onnx(block, small.in_shape, copies=3)
+    assert sum(node.op_type == "Conv" for node in probe.graph.node) == 3 * len(block)
+    x = torch.randn(2, *small.in_shape)
+    session = onnxruntime.InferenceSession(
+        probe.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    with torch.no_grad():
+        expected = block(block(block(x))).numpy()
+    np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], expected, atol=1e-4)
+
+
+def test_a_chained_probe_is_divided_by_its_copies_and_timed_in_several_sessions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each probe runs in SESSIONS sessions and keeps the median one, its interval their
+    range; a chain's net time is per copy."""
+    sessions: list[int] = []
+    medians = iter([0.5, 0.1, 0.3] * 10)  # ms of each session's runs, in order
+
+    def session_median(self, path, x) -> float:
+        sessions.append(int(np.prod(x.shape)))
+        return next(medians)
+
+    monkeypatch.setattr(LatencyTable, "_session_median", session_median)
+    monkeypatch.setattr(LatencyTable, "overhead_ms", lambda self: 0.0)
+    monkeypatch.setattr(LatencyTable, "context_ms", lambda self, *shapes: 0.0)
+    table = LatencyTable("cpu", cache_dir=tmp_path, threads=1)
+    layer = conv_layer(channels=(16, 16), hw=8)
+    assert table.layer_ms(layer, 1) == pytest.approx(0.3 / MAX_COPIES)
+    assert len(sessions) == SESSIONS
+    key = table.key(layer, "original", (), 1)
+    assert table.ranges[key] == pytest.approx((0.1 / MAX_COPIES, 0.5 / MAX_COPIES))
+
+
+def test_no_block_is_priced_beyond_its_plausible_speed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A block timed near zero (the context's noise taken off a probe of a few µs) is priced at
+    MAX_EFFICIENCY × its MAC reduction faster than its layer, and its speedup interval with it."""
+    times = {"original": 0.04, "tucker2": 1e-6}
+
+    def lookup(self, layer, block, ranks, batch, build) -> float:
+        key = self.key(layer, block, ranks, batch)
+        self.ranges[key] = (times[block] * 0.9, times[block] * 1.1)
+        return times[block]
+
+    monkeypatch.setattr(LatencyTable, "_lookup", lookup)
+    table = LatencyTable("cpu", cache_dir=tmp_path, threads=1)
+    layer = conv_layer(channels=(64, 32), hw=8, stride=2)
+    share = get_method("tucker2").cost(layer, (8, 8)).macs / layer.macs
+    assert table.block_ms(layer, "tucker2", (8, 8), 1) == pytest.approx(
+        0.04 * share / MAX_EFFICIENCY
+    )
+    low, high = table.speedup_range(layer, "tucker2", (8, 8), 1)
+    assert high == pytest.approx(0.04 * 1.1 / (0.04 * share / MAX_EFFICIENCY))
+    assert low == pytest.approx(0.04 * 0.9 / (0.04 * share / MAX_EFFICIENCY))
+    times["tucker2"] = 0.03  # a time above the bound is kept as measured
+    assert table.block_ms(layer, "tucker2", (16, 16), 1) == 0.03
 
 
 def test_probe_graph_for_linear_blocks() -> None:
