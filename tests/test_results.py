@@ -11,7 +11,7 @@ import torch
 from rich.console import Console
 
 from rankfold.converter import CompressConfig, Report, compress, validate, write_report
-from rankfold.converter.results import Refit, RefitSegment
+from rankfold.converter.results import LatencyGate, Refit, RefitSegment
 from rankfold.converter.summary import layer_table, print_summary, shorten, summary_lines
 from rankfold.models import load_model
 from rankfold.passes import RankPolicy
@@ -28,6 +28,42 @@ def result():
         latency={"batch": [1, 2], "repeats": 3, "warmup": 1, "gate": False, "threads": 1},
     )
     return compress(model, torch.zeros(1, *spec.input_shape), config, spec)
+
+
+def test_a_budget_the_gate_cut_is_a_warning_and_the_written_files_are_all_named(result, tmp_path):
+    """The gate (on by default with a budget) may keep most layers whole where blocks are not
+    faster at the deployment's threads: the summary says the budget was missed and how to act;
+    the files line names the plots this run wrote."""
+    report = result.to_report(result.save(tmp_path), validate(result, result.save(tmp_path)))
+    gate = LatencyGate(
+        provider="cpu", batch=[1], threads=[None], gate=True, margin=0.05, min_efficiency=0.0,
+        round_to=16, rounded=[], reverted=["conv2"], measurements=4, cache="c.json",
+    )  # fmt: skip
+    cut = report.model_copy(
+        update={
+            "selection": report.selection.model_copy(update={"latency_gate": gate}),
+            "macs_reduction": 1.01,
+        }
+    )
+    warnings = [line for line in summary_lines(cut, tmp_path) if line.startswith("WARNING")]
+    assert warnings == [
+        "WARNING: 1.01× fewer MACs of the 2× asked: the latency gate (on by default with a "
+        "budget) kept 1 planned layer(s) whole, their blocks not faster at batch 1, all cores; "
+        "give the deployment's --threads and --batch (one thread per request is --threads 1), "
+        "or --no-latency-gate to keep the budget whatever the speed"
+    ]
+    near = cut.model_copy(update={"macs_reduction": 1.85})  # within what the gate may shave
+    assert not any(line.startswith("WARNING") for line in summary_lines(near, tmp_path))
+    assert summary_lines(report, tmp_path)[-1] == (
+        f"wrote {tmp_path}/: model.onnx original.onnx plan.json model.pt report.json layers.png"
+    )
+    trained = report.model_copy(
+        update={
+            "recovery": report.recovery.model_copy(update={"finetune": {"history": [{}]}}),
+            "selection": report.selection.model_copy(update={"selector": "pars"}),
+        }
+    )
+    assert summary_lines(trained, tmp_path)[-1].endswith("layers.png search.png finetune.png")
 
 
 def test_save_writes_files_and_measures_nothing(result, tmp_path):
