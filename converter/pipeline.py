@@ -12,6 +12,7 @@ is what the CLI calls.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import tempfile
@@ -137,6 +138,7 @@ from rankfold.runtime import (
     get_backend,
     onnx_accuracy,
     parity_error,
+    stamp_metadata,
 )
 from rankfold.runtime.latency import SideBySide, time_side_by_side
 from rankfold.runtime.latency_model import LatencyMetric, LatencyTable
@@ -243,6 +245,9 @@ class CompressionResult:
         )
         if counts is not None:
             artifacts.cleanup = {"original": self.original_cleanup, "compressed": counts}
+        contract = deployment_metadata(self.config, self.spec, tuple(self.example_input.shape[1:]))
+        for path in (artifacts.original_onnx, artifacts.model_onnx):
+            stamp_metadata(path, contract)
         if self.config.quantize.dtype is not None:
             pairs = (
                 ("original", artifacts.original_onnx, out / "original.int8.onnx"),
@@ -259,6 +264,7 @@ class CompressionResult:
                         self.spec,
                         self.held_out,
                     )
+                    stamp_metadata(target, contract)  # the quantizer drops the float file's
                     advance()
         return artifacts
 
@@ -337,6 +343,9 @@ class CompressionResult:
                 skipped_images=sorted(self.eval_data.skipped),
             ),
             quantization=self._quantization_report(validation),
+            deployment=deployment_metadata(
+                self.config, self.spec, tuple(self.example_input.shape[1:])
+            ),
             statistics=None
             if self.statistics is None
             else StatisticsSummary(
@@ -515,6 +524,39 @@ def validate(result: CompressionResult, artifacts: Artifacts) -> Validation:
         quantized=quantized,
         four_way=four_way,
     )
+
+
+def deployment_metadata(
+    config: CompressConfig, spec: ModelSpec | None, input_shape: tuple[int, ...]
+) -> dict[str, str]:
+    """What a deployer must feed the ONNX files, as their metadata_props: the per-sample input
+    shape and, for a model with a spec, the normalisation and the resize/crop the run's data
+    went through (`rankfold.models.data`)."""
+    contract = {
+        "rankfold.model": config.model,
+        "rankfold.input_shape": json.dumps(list(input_shape)),
+    }
+    if spec is None:
+        contract["rankfold.preprocessing"] = "inputs as given: no normalisation recorded"
+        return contract
+    height, width = spec.input_shape[1:]
+    channels = {1: "grayscale", 3: "RGB"}.get(spec.channels, f"{spec.channels} channels")
+    ratio = config.data.crop_ratio
+    contract.update(
+        {
+            "rankfold.num_classes": str(spec.num_classes),
+            "rankfold.mean": json.dumps(list(spec.mean)),
+            "rankfold.std": json.dumps(list(spec.std)),
+            "rankfold.crop_ratio": repr(ratio),
+            "rankfold.preprocessing": (
+                f"{channels} pixels in 0..255, float32 N×{spec.channels}×{height}×{width}, "
+                "x = (pixels / 255 - mean) / std per channel; an image of another size: its "
+                f"shorter side resized to {height}/{ratio:g} (bilinear, antialiased), then "
+                f"center-cropped to {height}×{width}"
+            ),
+        }
+    )
+    return contract
 
 
 def write_report(result: CompressionResult, report: Report, out_dir: str | Path) -> None:

@@ -30,8 +30,9 @@ from rankfold.passes.correction import StepsRead
 #    (`Refit.images_left_out`, `Recovery.recalibration_images_left_out`); 15: what each block's
 #    and segment's refinement steps read (moments, windows or whole images); 16: the refit's
 #    images among those the recalibration check read (`RecalibrationCheck.
-#    refit_images_among_them`), and the images BatchNorm recalibration read
-SCHEMA_VERSION = 16
+#    refit_images_among_them`), and the images BatchNorm recalibration read; 17: the input
+#    contract stamped into every ONNX file (`Report.deployment`)
+SCHEMA_VERSION = 17
 
 
 class _Section(BaseModel):
@@ -414,7 +415,7 @@ class Report(_Section):
     --eval-data for a classifier, a Python API metric's name, or None when none was computed
     (no evaluation data, or outputs top-1 cannot be read from and no metric given)."""
 
-    schema_version: Literal[16] = SCHEMA_VERSION
+    schema_version: Literal[17] = SCHEMA_VERSION
     model: str
     method: str
     target: dict[str, float] | None
@@ -433,6 +434,8 @@ class Report(_Section):
     eval_data: EvalData | None = None
     quantization: Quantization | None = None
     statistics: StatisticsSummary | None = None  # None: weight-only fits
+    # The metadata_props every ONNX file of the run carries (input shape, normalisation, crop).
+    deployment: dict[str, str] = {}
     layers: list[LayerRow]
 
     def to_json(self) -> dict[str, Any]:

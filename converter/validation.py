@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import onnx
 import torch
 
-from rankfold.models import batches, first_images, load_dataset, load_model
+from rankfold.models import ModelSpec, batches, first_images, load_dataset, load_model
 from rankfold.models import normalize as normalize_images
+from rankfold.models.data import DEFAULT_CROP_RATIO
 from rankfold.passes.core import ConfigError, ExportError
-from rankfold.runtime import ParityReport, check_onnx, check_parity, onnx_accuracy
+from rankfold.runtime import (
+    ParityReport,
+    check_onnx,
+    check_parity,
+    onnx_accuracy,
+    read_metadata,
+)
 
 
 def _graph(path: str | Path) -> onnx.GraphProto:
@@ -44,6 +52,20 @@ def onnx_input_shape(path: str | Path) -> tuple[int, int, int]:
     return tuple(int(d.dim_value) for d in dims)
 
 
+def stamped_spec(contract: dict[str, str]) -> ModelSpec | None:
+    """The model's input contract from the metadata `compress` stamps into its ONNX files
+    (`deployment_metadata`), or None where it is not recorded."""
+    if "rankfold.mean" not in contract:
+        return None
+    return ModelSpec(
+        name=contract.get("rankfold.model", "model"),
+        input_shape=tuple(json.loads(contract["rankfold.input_shape"])),
+        num_classes=int(contract["rankfold.num_classes"]),
+        mean=tuple(json.loads(contract["rankfold.mean"])),
+        std=tuple(json.loads(contract["rankfold.std"])),
+    )
+
+
 def validate_export(
     onnx_path: Path,
     eval_data: Path | None,
@@ -67,14 +89,17 @@ def validate_export(
     # model.pt records the normalisation the model was compressed with (--mean/--std included).
     mean, std = (payload.get("mean"), payload.get("std")) if compare else (None, None)
     spec = load_model(name, None, onnx_input_shape(onnx_path), mean, std)[1] if name else None
+    contract = read_metadata(onnx_path)  # what `compress` stamped: the run's preprocessing
     data = None
     if eval_data is not None:
+        spec = spec or stamped_spec(contract)
         if spec is None:
             raise ConfigError(
-                "accuracy needs the model's preprocessing: pass --model NAME, or keep model.pt "
-                "beside the ONNX file"
+                "accuracy needs the model's preprocessing, which this ONNX file does not record: "
+                "pass --model NAME, or keep model.pt beside the ONNX file"
             )
-        data = load_dataset(eval_data, spec, limit=eval_limit)
+        ratio = float(contract.get("rankfold.crop_ratio", DEFAULT_CROP_RATIO))
+        data = load_dataset(eval_data, spec, limit=eval_limit, crop_ratio=ratio)
         note_class_folders(data, spec, "top-1")
         result["samples"] = len(data)
         result["accuracy"] = onnx_accuracy(onnx_path, batches(data, spec), provider=provider)

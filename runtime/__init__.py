@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rankfold.runtime.backends import BACKENDS, Backend, get_backend
-from rankfold.runtime.export import check_onnx, export_onnx
+from rankfold.runtime.export import check_onnx, export_onnx, read_metadata, stamp_metadata
 from rankfold.runtime.latency import (
     LatencyResult,
     SideBySide,
@@ -50,6 +50,8 @@ __all__ = [
     "compare_latency",
     "create_session",
     "export_onnx",
+    "read_metadata",
+    "stamp_metadata",
     "get_backend",
     "measure_latency",
     "onnx_accuracy",

@@ -72,6 +72,30 @@ def export_onnx(
     return target
 
 
+def stamp_metadata(path: str | Path, properties: dict[str, str]) -> None:
+    """Set `properties` in the ONNX file's metadata_props (replacing those keys), rewriting the
+    file atomically: how a deployer learns the input contract from the file alone."""
+    model = onnx.load(str(path))
+    kept = [prop for prop in model.metadata_props if prop.key not in properties]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.helper.set_model_props(model, {**{prop.key: prop.value for prop in kept}, **properties})
+    try:
+        with atomic_path(Path(path)) as tmp:
+            onnx.save(model, str(tmp))
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write {path} ({exc.strerror or exc}); free disk space or choose a "
+            "writable output directory"
+        ) from None
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The ONNX file's metadata_props (without loading its weights)."""
+    model = onnx.load(str(path), load_external_data=False)
+    return {prop.key: prop.value for prop in model.metadata_props}
+
+
 def check_onnx(path: str | Path) -> int:
     """Run onnx's full checker (with shape inference) on `path`; return its ai.onnx opset."""
     file = Path(path)

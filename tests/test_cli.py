@@ -177,6 +177,29 @@ def test_validate_reports_accuracy_and_parity(compressed, digits):
     assert "parity_passed: True" in result.output
 
 
+def test_every_onnx_file_records_its_input_contract_and_validate_reads_it(
+    compressed, digits, tmp_path
+):
+    """A deployer gets the preprocessing from the file alone; `validate` on a lone model.onnx
+    scores it with that contract."""
+    from rankfold.runtime import read_metadata
+
+    contract = read_metadata(compressed / "model.onnx")
+    assert json.loads(contract["rankfold.input_shape"]) == [1, 8, 8]
+    assert json.loads(contract["rankfold.mean"]) == pytest.approx([0.3054], abs=1e-4)
+    assert json.loads(contract["rankfold.std"]) == pytest.approx([0.3760], abs=1e-4)
+    assert contract["rankfold.num_classes"] == "10" and contract["rankfold.model"] == "digits-cnn"
+    assert "x = (pixels / 255 - mean) / std" in contract["rankfold.preprocessing"]
+    assert read_metadata(compressed / "original.onnx") == contract
+    report = json.loads((compressed / "report.json").read_text())
+    assert report["deployment"] == contract
+    alone = tmp_path / "model.onnx"
+    alone.write_bytes((compressed / "model.onnx").read_bytes())
+    result = invoke("validate", alone, "--eval-data", digits["data"])
+    assert result.exit_code == 0, result.output
+    assert f"accuracy: {report['onnx']['accuracy']}" in result.stdout
+
+
 def test_validate_prints_results_on_stdout_and_a_parity_failure_as_one_error(compressed):
     result = invoke("validate", compressed / "model.onnx", "--atol", "1e-12", "--rtol", "0")
     assert result.exit_code == 1

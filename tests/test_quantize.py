@@ -43,7 +43,7 @@ from rankfold.models import (
 from rankfold.passes import analyze, trace
 from rankfold.passes.blocks import FactorizedBlock
 from rankfold.passes.core import ConfigError, DataError
-from rankfold.runtime import SensitiveSearch, create_session, export_onnx
+from rankfold.runtime import SensitiveSearch, create_session, export_onnx, read_metadata
 from rankfold.runtime import quantize as quantize_module
 from rankfold.runtime.quantize import (
     AUTO_CALIBRATIONS,
@@ -632,6 +632,7 @@ def test_cli_writes_checked_int8_files_and_four_way_latency(digits, tmp_path):
         (quant.compressed, "model.int8.onnx"),
     ):
         assert file.path == str(out / name) and (out / name).is_file()
+        assert read_metadata(out / "model.onnx").items() <= read_metadata(out / name).items()
         assert set(file.float_nodes.values()) == {"conv1", "fc"}
         assert file.samples == len(digits["test"]) and file.top1_agreement >= MIN_AGREEMENT
         assert abs(file.accuracy - file.float_accuracy) <= 0.03

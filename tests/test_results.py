@@ -84,7 +84,7 @@ def test_validation_is_its_own_step_and_the_report_round_trips(result, tmp_path)
     assert validation.parity.passed and validation.parity.max_abs_diff <= 1e-4
     assert [row.batch for row in validation.latency] == [1, 2]
     report = result.to_report(artifacts, validation)
-    assert report.schema_version == 16
+    assert report.schema_version == 17
     assert report.macs_reduction == pytest.approx(2.0, rel=0.05)
     # Tucker-2 under a budget plans by energy unless a selector is named.
     assert report.selection.selector == "energy" and report.selection.by_default
@@ -184,7 +184,7 @@ def test_a_report_of_another_schema_is_refused(result, tmp_path):
     report = result.to_report(artifacts, validate(result, artifacts))
     data = report.to_json()
     (tmp_path / "old.json").write_text(json.dumps({**data, "schema_version": 1}))
-    with pytest.raises(ConfigError, match="schema 1, this rankfold reads 16"):
+    with pytest.raises(ConfigError, match="schema 1, this rankfold reads 17"):
         Report.load(tmp_path / "old.json")
     (tmp_path / "odd.json").write_text(json.dumps({**data, "macs_reduction": "fast"}))
     with pytest.raises(ConfigError, match="does not match the report schema"):
