@@ -10,7 +10,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from rankfold.converter.results import CalibrationPick, Report, Sensitive
+from rankfold.converter.results import CalibrationPick, Report, SelectionReport, Sensitive
 from rankfold.converter.ui import console
 from rankfold.passes.analysis import (
     ACTIVATION_PRODUCT_NOTE,
@@ -130,6 +130,24 @@ def _steps_read(reads: Iterable[str | None]) -> str:
     return ": " + ", ".join(f"{n} on {STEPS_READ[read]}" for read, n in counts.most_common())
 
 
+def search_line(selection: SelectionReport) -> str:
+    """What a PARS search did: its trials (resumed ones apart), study, best trial and cost."""
+    search = selection.details
+    best = search["best"]
+    resumed = search["trials_resumed"]
+    study = f"study '{search['study_name']}'" + (
+        f" in {search['storage']}" if search.get("storage") else ""
+    )
+    return (
+        f"ranks: pars search ({search['sampler']} sampler, {search['proxy']} proxy), "
+        f"{search['trials_complete']} trials"
+        + (f" ({resumed} resumed from {study})" if resumed else f" ({study})")
+        + f"; best trial {best['trial']}, proxy {best['proxy']:.4f}; "
+        f"{search['decompositions_computed']} decompositions computed in "
+        f"{selection.seconds or 0:.0f} s"
+    )
+
+
 def gate_shortfall(report: Report) -> str | None:
     """A warning where the latency gate kept so many layers whole that a MACs or parameter
     budget is far from met (the selectors meet it within ±5 %), naming the ways out."""
@@ -177,6 +195,8 @@ def summary_lines(report: Report, out: Path) -> list[str]:
         )
     elif report.selection.default_fallback:
         lines.insert(2, f"ranks: {report.selection.default_fallback}")
+    elif report.selection.selector == "pars":
+        lines.insert(2, search_line(report.selection))
     if len(onnx.outputs) > 1:
         lines.append(
             "ONNX parity per output (max abs diff / output scale): "

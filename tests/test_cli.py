@@ -416,7 +416,7 @@ def test_latency_calibration_leaves_a_stored_search_resumable(digits, tmp_path, 
 
     monkeypatch.setattr(calibration, "compare_latency", no_timing)
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    for _ in range(2):  # the second run resumes the same study
+    for resumed in ("", "2 resumed from "):  # the second run resumes the same study
         out = tmp_path / "pars"
         result = invoke(
             "compress", "digits-cnn", "--weights", digits["weights"], "--method", "tucker2",
@@ -426,6 +426,14 @@ def test_latency_calibration_leaves_a_stored_search_resumable(digits, tmp_path, 
         )  # fmt: skip
         assert result.exit_code == 0, result.output
         assert "latency calibration skipped: a --storage study is keyed" in result.output
+        # The summary says what the search did (and that a finished study ran nothing again).
+        output = " ".join(result.output.split())
+        assert (
+            f"ranks: pars search (gp sampler, accuracy proxy), 2 trials ({resumed}study 's' in "
+            f"{storage}); best trial " in output
+        )
+        assert "search.png" in output.split("wrote ")[-1]
+    assert "; 0 decompositions computed in" in output
     selection = json.loads((out / "report.json").read_text())["selection"]
     assert selection["selector"] == "pars" and "skipped" in selection["latency_calibration"]
     assert selection["latency_ms"]["reduction"] >= 1.3 * (1 - 1e-9)

@@ -425,9 +425,18 @@ def test_pars_resumes_after_a_kill(digits, tmp_path):
     before = {t.number: t.value for t in _completed(storage, "k")}
     target = len(before) + 3
     search = SearchConfig(**{**settings, "trials": target})
+    steps = []
     plan, report = resolve(
-        gm, analysis, _policy(select="pars", macs_reduction=3.0), "digits", calibration, search
+        gm,
+        analysis,
+        _policy(select="pars", macs_reduction=3.0),
+        "digits",
+        calibration,
+        search,
+        progress=steps.append,
     )
+    # The bar counts the study's trials: the resumed ones first, then this run's.
+    assert len(steps) == target and steps.count("resumed trial") == len(before)
     study = optuna.load_study(study_name="k", storage=open_storage(storage))
     states = [t.state for t in study.get_trials()]
     assert states.count(optuna.trial.TrialState.COMPLETE) == target == report["trials_complete"]

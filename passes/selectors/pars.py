@@ -410,8 +410,12 @@ def pars_search(
             study.enqueue_trial(uniform, user_attrs={"seed": "uniform"})
             for label, choices in list(seeds)[: search.trials - 1]:
                 study.enqueue_trial(space.shares_of(choices), user_attrs={"seed": label})
-        resumed = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-
+        earlier = {
+            t.number for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        }
+        resumed = len(earlier)
+        for _ in range(min(resumed, search.trials)):  # the bar counts the study's trials
+            advance("resumed trial")
         reported = [resumed]
 
         def report_progress(current: optuna.Study) -> None:
@@ -496,7 +500,10 @@ def pars_search(
         },
         "best": _trial_row(best),
         "pareto": pareto_front(table),
-        "decompositions_computed": int(sum(r.get("decompositions") or 0 for r in table)),
+        # By this run's trials: a resumed study's earlier trials decomposed in earlier runs.
+        "decompositions_computed": int(
+            sum(r.get("decompositions") or 0 for r in table if r["trial"] not in earlier)
+        ),
         "table": table,
         "seconds": time.perf_counter() - start,
     }
