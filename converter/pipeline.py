@@ -551,8 +551,9 @@ def deployment_metadata(
             "rankfold.preprocessing": (
                 f"{channels} pixels in 0..255, float32 N×{spec.channels}×{height}×{width}, "
                 "x = (pixels / 255 - mean) / std per channel; an image of another size: its "
-                f"shorter side resized to {height}/{ratio:g} (bilinear, antialiased), then "
-                f"center-cropped to {height}×{width}"
+                f"shorter side resized to {round(min(height, width) / ratio)} (= "
+                f"{min(height, width)} / {ratio:g}; bilinear, antialiased), then center-cropped "
+                f"to {height}×{width}"
             ),
         }
     )
