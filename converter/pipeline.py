@@ -113,6 +113,7 @@ from rankfold.passes.core import (
     ModelLoadError,
     OutputError,
     PlanError,
+    ValidationError,
     atomic_path,
     atomic_write_json,
 )
@@ -1539,11 +1540,23 @@ def run_compress(
         publish(stage, out)
     if not validation.parity.passed:
         raise parity_error(validation.parity)
-    for check in validation.quantized.values():
-        if not check.agreement.passed:
-            pick = check.model.calibration_choice
-            tried = [check.model.method] if pick is None else [*pick.errors, *pick.failed]
-            raise agreement_error(check.agreement, out / check.model.path.name, tried)
+    # The deployed file first; every failing file is named.
+    failed = [
+        validation.quantized[name]
+        for name in ("compressed", "original")
+        if name in validation.quantized and not validation.quantized[name].agreement.passed
+    ]
+    if failed:
+        check = failed[0]
+        pick = check.model.calibration_choice
+        tried = [check.model.method] if pick is None else [*pick.errors, *pick.failed]
+        error = agreement_error(check.agreement, out / check.model.path.name, tried)
+        for other in failed[1:]:
+            error = ValidationError(
+                f"{error}; {other.model.path.name} fails too "
+                f"({other.agreement.top1_agreement:.1%} agreement)"
+            )
+        raise error
     return result
 
 

@@ -433,7 +433,7 @@ def quantization_lines(report: Report) -> list[str]:
         lines.append(
             f"INT8 {label}: top-1 agreement {file.top1_agreement:.2%} with its float model on "
             f"{file.samples} {quant.agreement_data} images (tolerance ≥ "
-            f"{quant.min_agreement:.0%}, {verdict}), max logit diff {file.max_logit_diff:.2g} "
+            f"{quant.min_agreement:.1%}, {verdict}), max logit diff {file.max_logit_diff:.2g} "
             f"(logits up to {file.logit_scale:.2g}), accuracy {_percent(file.accuracy)} "
             f"(float {_percent(file.float_accuracy)})"
         )
@@ -471,7 +471,7 @@ def sensitive_text(choice: Sensitive) -> str:
         }[choice.outcome]
         return (
             f"sensitive layers: {verdict} (top-1 agreement {choice.agreement_before:.1%} {where}, "
-            f"target {choice.min_agreement:.0%})"
+            f"target {choice.min_agreement:.1%})"
         )
     layers = ", ".join(
         f"{row.layer} ({row.sqnr_in_db:.1f} → {row.sqnr_out_db:.1f} dB SQNR)"
@@ -485,7 +485,7 @@ def sensitive_text(choice: Sensitive) -> str:
     }[choice.outcome]
     return (
         f"kept float as most sensitive: {layers}; top-1 agreement {choice.agreement_before:.1%} → "
-        f"{choice.agreement:.1%} {where} (target {choice.min_agreement:.0%}, {stop}); "
+        f"{choice.agreement:.1%} {where} (target {choice.min_agreement:.1%}, {stop}); "
         f"{choice.float_share:.1%} of the MACs float"
     )
 

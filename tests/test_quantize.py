@@ -685,6 +685,12 @@ def test_cli_writes_checked_int8_files_and_four_way_latency(digits, tmp_path):
     assert not failed.passed and failed.compressed.top1_agreement < 1.0
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 1 and len(lines) == 1 and "below the tolerance" in lines[0]
+    # The deployed file is named first, and the original too where it fails as well.
+    assert lines[0].startswith("error: model.int8.onnx predicts the float model's class on ")
+    if failed.original.top1_agreement < 1.0:
+        agreement = f"{failed.original.top1_agreement:.1%}"
+        assert lines[0].endswith(f"; original.int8.onnx fails too ({agreement} agreement)")
+    assert "(tolerance ≥ 100.0%, FAILED)" in " ".join(result.output.split())
     # The published run's summary comes before the error, as for a run that passes.
     assert result.output.index(f"wrote {strict}/") < result.output.index("error:")
     assert "INT8" in result.output.split("error:")[0]
