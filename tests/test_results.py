@@ -47,13 +47,22 @@ def test_a_budget_the_gate_cut_is_a_warning_and_the_written_files_are_all_named(
     )
     warnings = [line for line in summary_lines(cut, tmp_path) if line.startswith("WARNING")]
     assert warnings == [
-        "WARNING: 1.01× fewer MACs of the 2× asked: the latency gate (on by default with a "
-        "budget) kept 1 planned layer(s) whole, their blocks not faster at batch 1, all cores; "
-        "give the deployment's --threads and --batch (one thread per request is --threads 1), "
-        "or --no-latency-gate to keep the budget whatever the speed"
+        "WARNING: 1.01× fewer MACs of the 2× asked: the latency gate kept 1 planned layer(s) "
+        "whole, their blocks not faster at batch 1, all cores; give the deployment's --threads "
+        "and --batch (one thread per request is --threads 1), or --no-latency-gate to keep the "
+        "budget whatever the speed"
     ]
-    near = cut.model_copy(update={"macs_reduction": 1.85})  # within what the gate may shave
+    near = cut.model_copy(update={"macs_reduction": 1.92})  # within the selectors' ±5 %
     assert not any(line.startswith("WARNING") for line in summary_lines(near, tmp_path))
+    # Timed INT8 on the deployment's one thread: the warning says so and asks for no --threads.
+    int8 = gate.model_copy(update={"precision": "int8", "threads": [1]})
+    one_thread = cut.model_copy(
+        update={"selection": cut.selection.model_copy(update={"latency_gate": int8})}
+    )
+    (warning,) = [line for line in summary_lines(one_thread, tmp_path) if "WARNING" in line]
+    assert "their INT8 blocks not faster at batch 1, 1 thread; check --threads and --batch" in (
+        warning
+    )
     assert summary_lines(report, tmp_path)[-1] == (
         f"wrote {tmp_path}/: model.onnx original.onnx plan.json model.pt report.json layers.png"
     )
