@@ -7,8 +7,10 @@ tries the capture path, see `rankfold.passes.capture`).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
+import io
 from collections.abc import Sequence
 
 import torch
@@ -113,7 +115,8 @@ def trace(
     was_training = gm.training
     gm.eval()
     try:
-        with torch.no_grad():
+        # A failing generated forward prints its own traceback to stderr; the error below says it.
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(example_input)
     except Exception as exc:
         root = exc

@@ -267,6 +267,24 @@ def test_a_wrong_input_shape_is_one_line_on_either_path(path):
     assert "fails on an input of shape (1, 3, 16, 16)" in message and "--input-shape" in message
 
 
+def test_a_failing_assert_in_a_traced_forward_prints_no_traceback(capfd):
+    """torch.fx prints the generated code's traceback when it raises (a ViT's image-size
+    assert); the one-line error is all the user sees."""
+
+    class Checked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            torch._assert(x.shape[-1] == 32, "Wrong image width!")
+            return self.conv(x)
+
+    with pytest.raises(TraceError, match="Wrong image width!"):
+        trace_or_capture(Checked(), torch.zeros(1, 3, 16, 16))
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_a_leaf_container_s_layers_stay_in_the_model_s_macs():
     """--leaf keeps a module whole; its convs are not decomposed but still cost MACs."""
     from rankfold.models import load_model
