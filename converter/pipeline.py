@@ -246,7 +246,9 @@ class CompressionResult:
         )
         if counts is not None:
             artifacts.cleanup = {"original": self.original_cleanup, "compressed": counts}
-        contract = deployment_metadata(self.config, self.spec, tuple(self.example_input.shape[1:]))
+        contract = deployment_metadata(
+            self.config, self.spec, tuple(self.example_input.shape[1:]), self.outputs
+        )
         for path in (artifacts.original_onnx, artifacts.model_onnx):
             stamp_metadata(path, contract)
         if self.config.quantize.dtype is not None:
@@ -345,7 +347,7 @@ class CompressionResult:
             ),
             quantization=self._quantization_report(validation),
             deployment=deployment_metadata(
-                self.config, self.spec, tuple(self.example_input.shape[1:])
+                self.config, self.spec, tuple(self.example_input.shape[1:]), self.outputs
             ),
             statistics=None
             if self.statistics is None
@@ -528,11 +530,16 @@ def validate(result: CompressionResult, artifacts: Artifacts) -> Validation:
 
 
 def deployment_metadata(
-    config: CompressConfig, spec: ModelSpec | None, input_shape: tuple[int, ...]
+    config: CompressConfig,
+    spec: ModelSpec | None,
+    input_shape: tuple[int, ...],
+    outputs: OutputLayout | None = None,
 ) -> dict[str, str]:
     """What a deployer must feed the ONNX files, as their metadata_props: the per-sample input
-    shape and, for a model with a spec, the normalisation and the resize/crop the run's data
-    went through (`rankfold.models.data`)."""
+    shape and, for a model with a spec, the normalisation and, for a classifier (one logits
+    output), its classes and the resize/crop the run's images went through
+    (`rankfold.models.data`); other tasks resize their own way (detection and segmentation do
+    not crop)."""
     contract = {
         "rankfold.model": config.model,
         "rankfold.input_shape": json.dumps(list(input_shape)),
@@ -543,21 +550,20 @@ def deployment_metadata(
     height, width = spec.input_shape[1:]
     channels = {1: "grayscale", 3: "RGB"}.get(spec.channels, f"{spec.channels} channels")
     ratio = config.data.crop_ratio
-    contract.update(
-        {
-            "rankfold.num_classes": str(spec.num_classes),
-            "rankfold.mean": json.dumps(list(spec.mean)),
-            "rankfold.std": json.dumps(list(spec.std)),
-            "rankfold.crop_ratio": repr(ratio),
-            "rankfold.preprocessing": (
-                f"{channels} pixels in 0..255, float32 N×{spec.channels}×{height}×{width}, "
-                "x = (pixels / 255 - mean) / std per channel; an image of another size: its "
-                f"shorter side resized to {round(min(height, width) / ratio)} (= "
-                f"{min(height, width)} / {ratio:g}; bilinear, antialiased), then center-cropped "
-                f"to {height}×{width}"
-            ),
-        }
+    contract["rankfold.mean"] = json.dumps(list(spec.mean))
+    contract["rankfold.std"] = json.dumps(list(spec.std))
+    contract["rankfold.preprocessing"] = (
+        f"{channels} pixels in 0..255, float32 N×{spec.channels}×{height}×{width}, "
+        "x = (pixels / 255 - mean) / std per channel"
     )
+    if outputs is None or outputs.is_logits:
+        contract["rankfold.num_classes"] = str(spec.num_classes)
+        contract["rankfold.crop_ratio"] = repr(ratio)
+        contract["rankfold.preprocessing"] += (
+            f"; an image of another size: its shorter side resized to "
+            f"{round(min(height, width) / ratio)} (= {min(height, width)} / {ratio:g}; bilinear, "
+            f"antialiased), then center-cropped to {height}×{width}"
+        )
     return contract
 
 

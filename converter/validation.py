@@ -55,7 +55,7 @@ def onnx_input_shape(path: str | Path) -> tuple[int, int, int]:
 def stamped_spec(contract: dict[str, str]) -> ModelSpec | None:
     """The model's input contract from the metadata `compress` stamps into its ONNX files
     (`deployment_metadata`), or None where it is not recorded."""
-    if "rankfold.mean" not in contract:
+    if "rankfold.num_classes" not in contract:  # not a classifier's, or not stamped
         return None
     return ModelSpec(
         name=contract.get("rankfold.model", "model"),

@@ -193,6 +193,18 @@ def test_every_onnx_file_records_its_input_contract_and_validate_reads_it(
     assert read_metadata(compressed / "original.onnx") == contract
     report = json.loads((compressed / "report.json").read_text())
     assert report["deployment"] == contract
+    # A segmentation or detection model's outputs are no classes, and it is not center-cropped.
+    from rankfold.converter.config import CompressConfig
+    from rankfold.converter.pipeline import deployment_metadata
+    from rankfold.models import load_model
+    from rankfold.runtime.outputs import OutputLayout
+
+    maps = OutputLayout(names=("out", "aux"), shapes=((21, 8, 8), (21, 8, 8)))
+    spec = load_model("digits-cnn")[1]
+    other = deployment_metadata(CompressConfig(model="digits-cnn"), spec, (1, 8, 8), maps)
+    assert "rankfold.num_classes" not in other and "rankfold.crop_ratio" not in other
+    assert other["rankfold.mean"] == contract["rankfold.mean"]
+    assert "crop" not in other["rankfold.preprocessing"]
     alone = tmp_path / "model.onnx"
     alone.write_bytes((compressed / "model.onnx").read_bytes())
     result = invoke("validate", alone, "--eval-data", digits["data"])
