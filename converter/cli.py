@@ -122,6 +122,7 @@ def analyze(
     import torch
     from rich.table import Table
 
+    from rankfold.converter.summary import functional_notes
     from rankfold.converter.ui import console
     from rankfold.models import load_model
     from rankfold.passes.capture import trace_or_capture
@@ -153,6 +154,8 @@ def analyze(
             f"{layer.macs / max(result.total_macs, 1):.1%}",
         )
     console.print(table)
+    for note in functional_notes(result.functional):  # MACs the rows above do not hold
+        console.print(note, soft_wrap=True)
     if json_out is not None:
         atomic_write_json(
             json_out,

@@ -148,6 +148,50 @@ def search_line(selection: SelectionReport) -> str:
     )
 
 
+def functional_notes(functional: dict[str, int]) -> list[str]:
+    """What the model's MACs count beyond its Conv/Linear layers (`ModelAnalysis.functional`):
+    products of activations, fixed kernels, leaf modules' layers, other functional calls."""
+    notes: list[str] = []
+    products = {
+        name: macs
+        for name, macs in functional.items()
+        if name.endswith((ATTENTION_PRODUCTS_NOTE, ACTIVATION_PRODUCT_NOTE))
+    }
+    if products:
+        notes.append(
+            f"products of activations (attention scores and weighted sums): {len(products)} "
+            f"call(s), {sum(products.values()):,} MACs counted, no weights to decompose"
+        )
+    fixed = {k: v for k, v in functional.items() if k.endswith(FIXED_KERNEL_NOTE)}
+    if fixed:
+        calls = ", ".join(
+            f"{name.removesuffix(FIXED_KERNEL_NOTE)}{macs:,}" for name, macs in fixed.items()
+        )
+        notes.append(
+            f"fixed kernels: functional calls on buffers, not parameters, counted in the MACs "
+            f"({calls}); nothing trained there to decompose"
+        )
+    leaves = {k: v for k, v in functional.items() if k.endswith(LEAF_NOTE)}
+    if leaves:
+        kept = ", ".join(f"{name.removesuffix(LEAF_NOTE)}{macs:,}" for name, macs in leaves.items())
+        notes.append(
+            f"leaf modules kept whole (--leaf), their layers counted in the MACs: {kept}; "
+            "nothing inside them is decomposed"
+        )
+    others = {
+        k: v
+        for k, v in functional.items()
+        if k not in products and k not in fixed and k not in leaves
+    }
+    if others:
+        calls = ", ".join(f"{name} {macs:,}" for name, macs in others.items())
+        notes.append(
+            f"not decomposable: {len(others)} functional call(s) counted in "
+            f"the MACs ({calls}); make them Conv2d/Linear modules to compress them"
+        )
+    return notes
+
+
 def gate_shortfall(report: Report) -> str | None:
     """A warning where the latency gate kept so many layers whole that a MACs or parameter
     budget is far from met (the selectors meet it within ±5 %), naming the ways out."""
@@ -299,43 +343,7 @@ def summary_lines(report: Report, out: Path) -> list[str]:
                 "images to hold them apart, which favours the refitted model)"
             )
         lines.append(f"recalibration after the refit {verdict}: {scores}")
-    products = {
-        name: macs
-        for name, macs in original.functional_macs.items()
-        if name.endswith((ATTENTION_PRODUCTS_NOTE, ACTIVATION_PRODUCT_NOTE))
-    }
-    if products:
-        lines.append(
-            f"products of activations (attention scores and weighted sums): {len(products)} "
-            f"call(s), {sum(products.values()):,} MACs counted, no weights to decompose"
-        )
-    fixed = {k: v for k, v in original.functional_macs.items() if k.endswith(FIXED_KERNEL_NOTE)}
-    if fixed:
-        calls = ", ".join(
-            f"{name.removesuffix(FIXED_KERNEL_NOTE)}{macs:,}" for name, macs in fixed.items()
-        )
-        lines.append(
-            f"fixed kernels: functional calls on buffers, not parameters, counted in the MACs "
-            f"({calls}); nothing trained there to decompose"
-        )
-    leaves = {k: v for k, v in original.functional_macs.items() if k.endswith(LEAF_NOTE)}
-    if leaves:
-        kept = ", ".join(f"{name.removesuffix(LEAF_NOTE)}{macs:,}" for name, macs in leaves.items())
-        lines.append(
-            f"leaf modules kept whole (--leaf), their layers counted in the MACs: {kept}; "
-            "nothing inside them is decomposed"
-        )
-    functional = {
-        k: v
-        for k, v in original.functional_macs.items()
-        if k not in products and k not in fixed and k not in leaves
-    }
-    if functional:
-        calls = ", ".join(f"{name} {macs:,}" for name, macs in functional.items())
-        lines.append(
-            f"not decomposable: {len(functional)} functional call(s) counted in "
-            f"the MACs ({calls}); make them Conv2d/Linear modules to compress them"
-        )
+    lines.extend(functional_notes(original.functional_macs))
     gate = report.selection.latency_gate
     if gate is not None:
         where = (

@@ -454,6 +454,12 @@ def test_latency_calibration_leaves_a_stored_search_resumable(digits, tmp_path, 
 def test_analyze_and_methods():
     result = invoke("analyze", "digits-cnn")
     assert result.exit_code == 0 and "conv2" in result.output and "MACs" in result.output
+    # MACs the layer rows do not hold are named below them, as in compress's summary.
+    result = invoke("analyze", "resnet20")
+    assert "40,813,184 MACs" in result.output
+    assert "fixed kernels: functional calls on buffers, not parameters, counted in the MACs " in (
+        " ".join(result.output.split())
+    )
     result = invoke("methods")
     assert result.exit_code == 0
     assert all(name in result.output for name in ("svd", "tucker2", "cp"))
