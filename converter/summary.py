@@ -25,6 +25,9 @@ from rankfold.runtime.latency import format_speedup
 REASON_WIDTH = 24  # the table's reason cell; the full text stays in report.json
 # A budget reached below this share was cut by the gate: the selectors meet it within ±5 %.
 BUDGET_SHORTFALL = 0.95
+# Outputs whose largest value is under this multiple of --atol pass parity almost whatever the
+# export did.
+TINY_OUTPUTS = 10.0
 
 
 def _percent(value: float | None) -> str:
@@ -246,6 +249,14 @@ def summary_lines(report: Report, out: Path) -> list[str]:
         lines.insert(2, f"ranks: {report.selection.default_fallback}")
     elif report.selection.selector == "pars":
         lines.insert(2, search_line(report.selection))
+    tiny = [o for o in onnx.outputs if o.scale < TINY_OUTPUTS * onnx.atol]
+    if tiny:
+        names = ", ".join(f"{o.name} {o.scale:.1e}" for o in tiny)
+        lines.append(
+            f"WARNING: outputs far below the parity tolerance (largest |output|: {names}; "
+            f"--atol {onnx.atol:.0e}): the check cannot tell a wrong export here (random or "
+            "untrained weights?); pass a smaller --atol or trained --weights"
+        )
     if len(onnx.outputs) > 1:
         lines.append(
             "ONNX parity per output (max abs diff / output scale): "

@@ -75,6 +75,20 @@ def test_a_budget_the_gate_cut_is_a_warning_and_the_written_files_are_all_named(
     assert summary_lines(trained, tmp_path)[-1].endswith("layers.png search.png finetune.png")
 
 
+def test_outputs_too_small_for_the_parity_tolerance_are_a_warning(result, tmp_path):
+    """A random-init model whose logits are ~1e-15 passes any parity check: the summary says so."""
+    report = result.to_report(result.save(tmp_path), validate(result, result.save(tmp_path)))
+    assert report.onnx.outputs and report.onnx.outputs[0].scale > 10 * report.onnx.atol
+    assert not any("parity tolerance" in line for line in summary_lines(report, tmp_path))
+    tiny = report.onnx.outputs[0].model_copy(update={"scale": 3.5e-15, "max_abs_diff": 4.5e-21})
+    quiet = report.model_copy(update={"onnx": report.onnx.model_copy(update={"outputs": [tiny]})})
+    (warning,) = [line for line in summary_lines(quiet, tmp_path) if "parity tolerance" in line]
+    assert warning.startswith(
+        "WARNING: outputs far below the parity tolerance (largest |output|: logits 3.5e-15; "
+        "--atol 1e-04): the check cannot tell a wrong export here"
+    )
+
+
 def test_save_writes_files_and_measures_nothing(result, tmp_path):
     artifacts = result.save(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
