@@ -530,13 +530,14 @@ def _macs(value: int) -> str:
 LAYER_TABLE_WIDTH = 80
 
 
-def layer_table(report: Report) -> Table:
-    """One row per layer, at most LAYER_TABLE_WIDTH columns wide: MACs in k/M/G, a skipped
-    layer's reason cut to its first clause (report.json has the whole text), no cell wrapping,
-    horizontal rules only (vertical borders would take 16 of the 80 columns). The method, rank,
-    MACs and error columns keep their full width; long layer names and statuses are cut instead
-    (left to rich, a torchvision model's "layer4.0.downsample.0" squeezed the error column to
-    "0.…")."""
+def layer_table(report: Report, width: int = LAYER_TABLE_WIDTH) -> Table:
+    """One row per layer, at most `width` (at least LAYER_TABLE_WIDTH) columns wide: MACs in
+    k/M/G, a skipped layer's reason cut to its first clause and to the room left (report.json
+    has the whole text), no cell wrapping, horizontal rules only (vertical borders would take 16
+    of 80 columns). The method, rank, MACs and error columns keep their full width; long layer
+    names and statuses are cut instead (left to rich, a torchvision model's
+    "layer4.0.downsample.0" squeezed the error column to "0.…")."""
+    width = max(width, LAYER_TABLE_WIDTH)
     table = Table(
         title=f"{report.model} — {report.method}", title_justify="left", box=box.SIMPLE_HEAD
     )
@@ -555,7 +556,9 @@ def layer_table(report: Report) -> Table:
             "×".join(map(str, row.rank or [])) or "-",
             f"{_macs(row.original_macs)}→{_macs(row.macs)}",
             "-" if row.rel_error is None else f"{row.rel_error:.3f}",
-            shorten(row.reason) if row.status == "skipped" else row.status,
+            shorten(row.reason, REASON_WIDTH + width - LAYER_TABLE_WIDTH)
+            if row.status == "skipped"
+            else row.status,
         )
         for row in report.layers
     ]
@@ -565,7 +568,7 @@ def layer_table(report: Report) -> Table:
     ]
     # What the layer and status columns may share: the SIMPLE_HEAD frame takes one character at
     # the edge and three per column (padding and separator).
-    left = LAYER_TABLE_WIDTH - (1 + 3 * len(columns)) - sum(widest[1:5])
+    left = width - (1 + 3 * len(columns)) - sum(widest[1:5])
     layer = min(widest[0], max(left - min(widest[5], len("decomposed")), len("layer")))
     caps = {0: layer, 5: max(left - layer, len("status"))}
     for index, (header, justify) in enumerate(columns):
@@ -582,7 +585,8 @@ def layer_table(report: Report) -> Table:
 
 
 def print_summary(report: Report, out: Path, target: Console = console) -> None:
-    """The per-layer table, then the summary lines, on the console (stderr)."""
-    target.print(layer_table(report))
+    """The per-layer table (as wide as the console), then the summary lines, on the console
+    (stderr)."""
+    target.print(layer_table(report, target.width))
     for line in summary_lines(report, out):
         target.print(line, soft_wrap=True)  # a log file keeps each fact on one line

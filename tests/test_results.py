@@ -300,3 +300,11 @@ def test_the_layer_table_cuts_names_and_statuses_never_numbers():
     assert "tucker2-cp" in row and "208×208" in row and "116M→29.4M" in row and "0.893" in row
     assert "layer4.0.downsample.0.a.very.long.name" not in row and "…" in row
     assert "reverted" in next(line for line in lines if " fc " in line)
+    # A wider console (a wide terminal, or a log: 200 columns) shows names and reasons whole.
+    wide = Console(file=io.StringIO(), width=200)
+    wide.print(layer_table(report, wide.width))
+    lines = wide.file.getvalue().splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= 200
+    wide_row, fc_row = (next(line for line in lines if key in line) for key in ("layer4", " fc "))
+    assert "layer4.0.downsample.0.a.very.long.name" in wide_row
+    assert "reverted by latency gate: block 2 ms vs 1 ms" in fc_row
