@@ -504,7 +504,7 @@ def sensitive_text(choice: Sensitive) -> str:
     )
     stop = {
         "reached": "target reached",
-        "cap": f"stopped at the cap of {choice.max_float_share:.0%} of the MACs",
+        "cap": f"no other layer fits the cap of {choice.max_float_share:.0%} of the MACs",
         "exhausted": "no layer left",
     }[choice.outcome]
     return (

@@ -143,7 +143,7 @@ class SensitiveChoice:
     agreement_before: float
     agreement: float  # after the layers below were kept float
     float_share: float  # conv/linear MACs in float at the end, all float layers included
-    # "reached" (with no layer or after some), "cap" (the next layer would pass the share),
+    # "reached" (with no layer or after some), "cap" (every layer left would pass the share),
     # "exhausted" (no layer left to keep float)
     outcome: str
     layers: list[LayerSensitivity] = field(default_factory=list)  # most sensitive first
@@ -519,8 +519,8 @@ def _keep_sensitive_float(
     choice.outcome = "exhausted"
     for row in choice.layers:
         if choice.float_share + row.mac_share > search.max_float_share:
-            choice.outcome = "cap"
-            break
+            choice.outcome = "cap"  # a less sensitive, smaller layer may still fit
+            continue
         chosen = dict.fromkeys(candidates[row.layer], row.layer)
         trial = quantized.with_name("trial.onnx")
         _quantize(float_file, trial, None, method, {**excluded, **chosen}, ranges, reduce_range)
