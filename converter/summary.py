@@ -35,8 +35,11 @@ def _percent(value: float | None) -> str:
 
 
 def headline(report: Report) -> str:
-    """What the run did in one line, e.g. "2.4× fewer MACs, 1.9–2.1× faster, −0.2 pt"."""
+    """What the run did in one line, e.g. "2.4× fewer MACs, 1.9–2.1× faster, −0.2 pt"; a
+    parameter budget's reduction first where one was asked."""
     parts = [f"{report.macs_reduction:.1f}× fewer MACs"]
+    if "params_reduction" in (report.target or {}):
+        parts.insert(0, f"{report.params_reduction:.1f}× fewer params")
     latency = report.latency
     if latency is not None:
         verdicts = {row.verdict for row in latency.per_batch}

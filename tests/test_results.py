@@ -68,6 +68,11 @@ def test_a_budget_the_gate_cut_is_a_warning_and_the_written_files_are_all_named(
     assert "their INT8 blocks not faster at batch 1, 1 thread; check --threads and --batch" in (
         warning
     )
+    # A parameter budget leads the headline with what it asked for.
+    by_params = report.model_copy(update={"target": {"params_reduction": 2.0}})
+    assert summary_lines(by_params, tmp_path)[0].startswith(
+        f"{report.params_reduction:.1f}× fewer params, {report.macs_reduction:.1f}× fewer MACs, "
+    )
     assert summary_lines(report, tmp_path)[-1] == (
         f"wrote {tmp_path}/: model.onnx original.onnx plan.json model.pt report.json layers.png"
     )
