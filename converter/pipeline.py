@@ -161,6 +161,7 @@ class Artifacts:
     cleanup: dict[str, dict[str, int]] | None  # what the export clean-up did, per model
     # With --quantize: "original" → original.int8.onnx, "compressed" → model.int8.onnx.
     quantized: dict[str, QuantizedModel] = field(default_factory=dict)
+    deployment: dict[str, str] = field(default_factory=dict)  # every ONNX file's metadata_props
 
 
 @dataclass
@@ -246,7 +247,7 @@ class CompressionResult:
         )
         if counts is not None:
             artifacts.cleanup = {"original": self.original_cleanup, "compressed": counts}
-        contract = deployment_metadata(
+        contract = artifacts.deployment = deployment_metadata(
             self.config, self.spec, tuple(self.example_input.shape[1:]), self.outputs
         )
         for path in (artifacts.original_onnx, artifacts.model_onnx):
@@ -346,9 +347,7 @@ class CompressionResult:
                 skipped_images=sorted(self.eval_data.skipped),
             ),
             quantization=self._quantization_report(validation),
-            deployment=deployment_metadata(
-                self.config, self.spec, tuple(self.example_input.shape[1:]), self.outputs
-            ),
+            deployment=artifacts.deployment,
             statistics=None
             if self.statistics is None
             else StatisticsSummary(
